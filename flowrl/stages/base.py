@@ -1,0 +1,73 @@
+"""Stage `base`: the model every later stage starts from.
+
+Shapes family: pretrain the DiT by flow matching, then score it with the
+judge on the held-out sets. Qwen-Image family: nothing is trained; the given
+pretrained weights are validated and referenced so later stages (and the
+lineage) point at exactly them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from PIL import Image
+
+from flowrl.config import FlowRLConfig
+from flowrl.models import count_parameters, create_model, save_checkpoint
+from flowrl.pretrain import pretrain
+from flowrl.stages.common import StageResult, commit_stage, flat_metrics, stage_context
+from flowrl.tracking import Tracker
+
+STAGE = "base"
+SECTIONS = ("run.seed", "world", "model", "sampler", "eval", "base")
+
+
+def run_base(
+    config: FlowRLConfig,
+    *,
+    output_root: str | None = None,
+    tracker: Tracker | None = None,
+    progress: bool = True,
+) -> StageResult:
+    """Run the stage and commit its artifact; returns where it is."""
+    if config.model.family == "qwen_image":
+        return _reference_pretrained(config, output_root, tracker)
+    with stage_context(STAGE, config, SECTIONS, {}, output_root=output_root, tracker=tracker) as ctx:
+        from flowrl.evaluation import evaluate_shapes
+
+        start = time.perf_counter()
+        model = create_model(config, seed=config.run.seed)
+        trained = pretrain(
+            model, config.base, config.world.resolution, config.run.seed,
+            log=ctx.tracker.log_metrics, progress=progress,
+        )
+        train_s = time.perf_counter() - start
+        report = evaluate_shapes(trained, config)
+        metrics = {
+            **report.metrics,
+            "parameters": count_parameters(trained),
+            "train_s": round(train_s, 1),
+            "eval_s": round(report.wall_s, 1),
+            "wall_s": round(time.perf_counter() - start, 1),
+        }
+        save_checkpoint(trained, ctx.staging)
+        Image.fromarray(report.grid).save(ctx.staging / "grid.png")
+        ctx.tracker.log_metrics(flat_metrics(metrics))
+        ctx.tracker.log_image(report.grid, "grid.png")
+        return commit_stage(ctx, STAGE, SECTIONS, {}, metrics, output_root)
+
+
+def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker: Tracker | None) -> StageResult:
+    """Validate production weights and write a reference to them."""
+    from flowrl.models.qwen_image import validate_pretrained
+
+    q = config.model.qwen_image
+    sources = {"t2i": q.pretrained, "edit": q.edit_pretrained or q.pretrained}
+    summaries = {task: validate_pretrained(path) for task, path in sources.items()}
+    with stage_context(STAGE, config, SECTIONS, {}, output_root=output_root, tracker=tracker) as ctx:
+        reference = {"family": "qwen_image", "pretrained": sources, "components": summaries}
+        (ctx.staging / "reference.json").write_text(json.dumps(reference, indent=2, sort_keys=True, default=str))
+        metrics = {"validated": 1, "parameters": {t: s.get("parameters", {}) for t, s in summaries.items()}}
+        ctx.tracker.set_tags({f"flowrl.pretrained.{t}": p for t, p in sources.items()})
+        return commit_stage(ctx, STAGE, SECTIONS, {}, metrics, output_root)

@@ -1,0 +1,1 @@
+"""Flyte tasks: thin typed wrappers around flowrl.stages."""

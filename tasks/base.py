@@ -1,0 +1,21 @@
+"""Flyte task for stage `base`."""
+
+from flytekit import Resources, task
+from flytekit.types.file import FlyteFile
+
+from flowrl.config import load_config
+from flowrl.stages.base import run_base
+from tasks.types import StageArtifact
+
+
+@task(requests=Resources(cpu="2", mem="8Gi"), retries=1)
+def validate_config(config: FlyteFile) -> FlyteFile:
+    """Fail the workflow on a bad config before any stage starts."""
+    load_config(config.download())
+    return config
+
+
+@task(requests=Resources(cpu="2", mem="8Gi"), retries=1)
+def base(config: FlyteFile) -> StageArtifact:
+    result = run_base(load_config(config.download()), progress=False)
+    return StageArtifact(stage=result.stage, version=result.version, uri=result.uri, mlflow_run_id=result.run_id)

@@ -1,0 +1,98 @@
+"""The artifact store: write-once versions, manifest last, checksums verified."""
+
+import json
+
+import pytest
+
+from flowrl.storage import (
+    MANIFEST,
+    ArtifactError,
+    ArtifactStore,
+    artifact_version,
+    code_version,
+    fetch,
+    read_manifest,
+)
+
+
+def _stage_files(tmp_path, content=b"weights"):
+    staging = tmp_path / "staging"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "model.bin").write_bytes(content)
+    (staging / "sub" / "metrics.json").write_text('{"a": 1}')
+    return staging
+
+
+def test_commit_then_fetch_roundtrip(tmp_path):
+    store = ArtifactStore(str(tmp_path / "root"))
+    staging = _stage_files(tmp_path)
+    uri = store.commit(staging, stage="base", version="v1", config_hash="h", inputs={"x": "s3://a/b"})
+    assert uri == str(tmp_path / "root" / "base" / "v1")
+    manifest = read_manifest(uri)
+    assert manifest.stage == "base" and manifest.inputs == {"x": "s3://a/b"}
+    assert set(manifest.files) == {"model.bin", "sub/metrics.json"}
+    assert manifest.code_version == code_version()
+    local = fetch(uri)
+    assert (local / "model.bin").read_bytes() == b"weights"
+    copy = fetch(uri, tmp_path / "copy")
+    assert (copy / "sub" / "metrics.json").read_text() == '{"a": 1}'
+
+
+def test_versions_are_write_once(tmp_path):
+    store = ArtifactStore(str(tmp_path / "root"))
+    uri = store.commit(_stage_files(tmp_path), stage="base", version="v1", config_hash="h", inputs={})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.bin").write_bytes(b"different")
+    assert store.commit(other, stage="base", version="v1", config_hash="h", inputs={}) == uri
+    assert (fetch(uri) / "model.bin").read_bytes() == b"weights"
+
+
+def test_incomplete_version_is_not_read(tmp_path):
+    store = ArtifactStore(str(tmp_path / "root"))
+    partial = tmp_path / "root" / "base" / "v2"
+    partial.mkdir(parents=True)
+    (partial / "model.bin").write_bytes(b"half")
+    assert not store.exists("base", "v2")
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        fetch(str(partial))
+
+
+def test_checksum_mismatch_is_detected(tmp_path):
+    store = ArtifactStore(str(tmp_path / "root"))
+    uri = store.commit(_stage_files(tmp_path), stage="base", version="v1", config_hash="h", inputs={})
+    (tmp_path / "root" / "base" / "v1" / "model.bin").write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match="checksum mismatch for model.bin"):
+        fetch(uri)
+
+
+def test_old_manifest_format_is_refused(tmp_path):
+    store = ArtifactStore(str(tmp_path / "root"))
+    uri = store.commit(_stage_files(tmp_path), stage="base", version="v1", config_hash="h", inputs={})
+    path = tmp_path / "root" / "base" / "v1" / MANIFEST
+    data = json.loads(path.read_text())
+    data["format"] = 0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="manifest format 0"):
+        read_manifest(uri)
+
+
+@pytest.mark.parametrize("stage,version", [("../x", "v"), ("base", ".."), ("base", "a/b"), ("", "v")])
+def test_names_cannot_escape_the_root(tmp_path, stage, version):
+    with pytest.raises(ArtifactError, match="invalid artifact"):
+        ArtifactStore(str(tmp_path)).uri(stage, version)
+
+
+def test_stage_may_not_write_manifest(tmp_path):
+    staging = _stage_files(tmp_path)
+    (staging / MANIFEST).write_text("{}")
+    with pytest.raises(ArtifactError, match="may not write its own"):
+        ArtifactStore(str(tmp_path / "root")).commit(staging, stage="b", version="v", config_hash="h", inputs={})
+
+
+def test_version_is_content_derived():
+    a = artifact_version("grpo", "cfg1", "code1", {"base": "u1", "rm": "u2"})
+    assert a == artifact_version("grpo", "cfg1", "code1", {"rm": "u2", "base": "u1"})
+    assert a != artifact_version("grpo", "cfg2", "code1", {"base": "u1", "rm": "u2"})
+    assert a != artifact_version("grpo", "cfg1", "code1", {"base": "u9", "rm": "u2"})
+    assert a != artifact_version("opd", "cfg1", "code1", {"base": "u1", "rm": "u2"})
