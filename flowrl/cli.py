@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import sys
+import time
+from pathlib import Path
 
 from flowrl.config import ConfigError, describe_fields, load_config
 from flowrl.models import CheckpointError
@@ -27,6 +31,10 @@ def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="artifact root, a directory or fsspec URI (default: run.artifact_root)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument(
+        "--results", default=None, metavar="FILE",
+        help="also write the metrics, wall time and machine to FILE (results/*.json)",
+    )
     return p
 
 
@@ -65,15 +73,44 @@ def _dispatch(args) -> int:
     if args.command == "validate":
         print(f"{args.config}: ok")
         return 0
+    start = time.perf_counter()
     if args.command == "base":
         from flowrl.stages.base import run_base
 
         result = run_base(config, output_root=args.output, tracker=_tracker(args), progress=not args.no_progress)
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
+    if args.results:
+        write_results(args.results, args, result, time.perf_counter() - start)
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
     print(result.uri)
     return 0
+
+
+def machine_info() -> dict[str, object]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def write_results(path: str, args, result, wall_s: float) -> None:
+    """A committed results file: the stage's metrics.json plus how it was made."""
+    payload = {
+        "command": f"flowrl {args.command} --config {args.config}",
+        "artifact_uri": result.uri,
+        "wall_s_total": round(wall_s, 1),
+        "machine": machine_info(),
+        "metrics": result.metrics,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,17 +7,20 @@ models are evaluated beside it (the bench relies on this).
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from flowrl.config import SamplerConfig
+from flowrl.config import FlowRLConfig, SamplerConfig
 from flowrl.models.base import FlowModel
 from flowrl.sampling import sample
 
 
-def per_sample_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """[len(seeds), *shape] standard normal noise, one generator per sample."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+def per_sample_noise(model: FlowModel, seeds: list[int]) -> torch.Tensor:
+    """[len(seeds), *latent] initial noise, one generator per sample."""
+    return torch.cat([model.prepare_noise(1, torch.Generator().manual_seed(s)) for s in seeds])
 
 
 @torch.no_grad()
@@ -43,7 +46,7 @@ def generate(
             null_cond=model.null_condition(cond),
             guidance_scale=sampler.guidance_scale,
             renorm_dim=model.cfg_renorm_dim,
-            initial_noise=per_sample_noise(seeds[start:stop], model.latent_shape()),
+            initial_noise=per_sample_noise(model, seeds[start:stop]),
         )
         out.append(model.decode_latents(traj.final))
     return torch.cat(out)
@@ -65,3 +68,55 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 2, scale: int = 1) -> 
         r, c = divmod(i, ncols)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
     return grid
+
+
+@dataclass(frozen=True)
+class ShapesReport:
+    """The judge's view of one model on the held-out sets."""
+
+    metrics: dict[str, float]
+    grid: np.ndarray  # [H, W, 3] uint8: T2I samples, then (source, output) edit pairs
+    wall_s: float
+
+
+def heldout_sets(config: FlowRLConfig) -> tuple[list, list]:
+    """The fixed held-out T2I prompts and edit instructions (seeded by eval.seed)."""
+    from flowrl.shapes.edits import make_edit_set
+    from flowrl.shapes.prompts import make_t2i_set
+
+    ev = config.eval
+    return make_t2i_set(ev.seed, ev.t2i_per_category), make_edit_set(ev.seed, ev.edit_per_kind)
+
+
+def evaluate_shapes(model: FlowModel, config: FlowRLConfig, grid_items: int = 12) -> ShapesReport:
+    """Sample the held-out sets with the deployment sampler and judge them."""
+    from flowrl.shapes import judge
+    from flowrl.shapes.render import render_batch
+
+    start = time.perf_counter()
+    t2i_set, edit_set = heldout_sets(config)
+    res, ev = config.world.resolution, config.eval
+    t2i_seeds = [ev.seed * 1_000_003 + i for i in range(len(t2i_set))]
+    edit_seeds = [ev.seed * 1_000_003 + 500_000 + i for i in range(len(edit_set))]
+    t2i_images = generate(model, [e.prompt for e in t2i_set], t2i_seeds, config.sampler, batch_size=ev.batch_size)
+    sources = render_batch([e.source for e in edit_set], res)
+    edit_images = generate(
+        model, [e.instruction for e in edit_set], edit_seeds, config.sampler, sources=sources, batch_size=ev.batch_size
+    )
+    metrics = judge.evaluate(
+        t2i_specs=[e.spec for e in t2i_set], t2i_images=to_uint8(t2i_images),
+        edit_specs=[e.spec for e in edit_set], edit_sources=to_uint8(sources), edit_outputs=to_uint8(edit_images),
+    )
+    n_t, n_e = len(t2i_set), len(edit_set)
+    metrics["fidelity"] = (metrics["t2i/fidelity"] * n_t + metrics["edit/fidelity"] * n_e) / (n_t + n_e)
+    grid = _report_grid(t2i_images, t2i_set, sources, edit_images, grid_items)
+    return ShapesReport(metrics=metrics, grid=grid, wall_s=time.perf_counter() - start)
+
+
+def _report_grid(t2i_images, t2i_set, sources, edit_images, n: int) -> np.ndarray:
+    """One row of T2I samples spread over the categories, then rows of edit pairs."""
+    step_t = max(1, len(t2i_set) // n)
+    t2i = to_uint8(t2i_images[::step_t][:n])
+    step_e = max(1, len(edit_images) // (n // 2))
+    pairs = torch.stack([sources[::step_e][: n // 2], edit_images[::step_e][: n // 2]], dim=1).flatten(0, 1)
+    return image_grid(np.concatenate([t2i, to_uint8(pairs)]), ncols=n, scale=4)

@@ -200,9 +200,7 @@ def sample(
     """Run the ODE (noise_level 0) or SDE sampler over ``sigmas``."""
     batch = cond.batch_size
     if initial_noise is None:
-        initial_noise = torch.randn(
-            (batch, *model.latent_shape()), generator=generator, dtype=torch.float32
-        )
+        initial_noise = model.prepare_noise(batch, generator)
     x = initial_noise
     t_guard = float(sigmas[1]) if len(sigmas) > 2 else 0.5
     states, logps, cond_logps = [x], [], []

@@ -1,14 +1,15 @@
-"""Flyte task for stage `base`."""
+"""Flyte tasks for config validation and stage `base`."""
 
 from flytekit import Resources, task
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from flowrl.stages.base import run_base
+from flowrl.stages.common import flat_metrics
 from tasks.types import StageArtifact
 
 
-@task(requests=Resources(cpu="2", mem="8Gi"), retries=1)
+@task(requests=Resources(cpu="1", mem="1Gi"))
 def validate_config(config: FlyteFile) -> FlyteFile:
     """Fail the workflow on a bad config before any stage starts."""
     load_config(config.download())
@@ -17,5 +18,8 @@ def validate_config(config: FlyteFile) -> FlyteFile:
 
 @task(requests=Resources(cpu="2", mem="8Gi"), retries=1)
 def base(config: FlyteFile) -> StageArtifact:
-    result = run_base(load_config(config.download()), progress=False)
-    return StageArtifact(stage=result.stage, version=result.version, uri=result.uri, mlflow_run_id=result.run_id)
+    result = run_base(load_config(config.download()))
+    return StageArtifact(
+        stage=result.stage, version=result.version, uri=result.uri,
+        mlflow_run_id=result.run_id, metrics=flat_metrics(result.metrics),
+    )

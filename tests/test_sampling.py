@@ -42,6 +42,9 @@ class LinearFlow:
     def latent_shape(self):
         return (self.dim,)
 
+    def prepare_noise(self, batch_size, generator=None):
+        return torch.randn(batch_size, self.dim, generator=generator)
+
     def encode_images(self, images):
         return images.flatten(1)
 

@@ -81,6 +81,10 @@ class FlowModel(Protocol):
         """The N + 1 sigmas (1 -> 0) this family samples with; families with a
         resolution-dependent shift (Qwen-Image) ignore ``shift``."""
 
+    def prepare_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Initial noise [B, *latent] drawn the way the family's reference
+        pipeline draws it, so a seed gives the same image as there."""
+
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one latent, without the batch dimension."""
 

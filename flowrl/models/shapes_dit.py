@@ -35,6 +35,30 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def axial_rope(grid: int, head_dim: int, base: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [grid * grid, head_dim / 2] of a 2D rotary embedding: the first
+    half of each head's pairs rotates with the row, the second with the column.
+
+    Image and source tokens of the same cell get the same rotation, so their
+    attention score does not depend on where the cell is: what lets an edit
+    copy an untouched cell from the source, as Qwen-Image's MSRoPE does.
+    """
+    pairs = head_dim // 2
+    per_axis = pairs // 2
+    freqs = base ** (-torch.arange(per_axis, dtype=torch.float32) / per_axis)  # [P/2]
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    angles = torch.cat(
+        [rows.reshape(-1, 1).float() * freqs, cols.reshape(-1, 1).float() * freqs], dim=-1
+    )  # [N, P]
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x [B, H, L, Dh] by per-token angles [L, Dh/2]."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # [B, H, L, Dh/2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with adaLN shift/scale/gate modulation."""
 
@@ -50,12 +74,15 @@ class Block(nn.Module):
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # h: [B, L, D], c: [B, D], mask: [B, 1, 1, L] (True = attend)
+    def forward(
+        self, h: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        # h: [B, L, D], c: [B, D], mask: [B, 1, 1, L] (True = attend), cos/sin: [L, D/H/2]
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c))[:, None].chunk(6, -1)
         x = self.norm1(h) * (1 + scale1) + shift1
         b, length, d = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, L, D/H]
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, D/H]
         h = h + gate1 * self.proj(att.transpose(1, 2).reshape(b, length, d))
         x = self.norm2(h) * (1 + scale2) + shift2
@@ -86,6 +113,9 @@ class ShapesDiT(nn.Module):
         self.out_modulation = nn.Linear(width, 2 * width)
         self.patch_out = nn.Linear(width, config.head_channels * patch * patch)
         self.conv_out = nn.Conv2d(config.head_channels, 3, kernel_size=3, padding=1)
+        cos, sin = axial_rope(self.grid, width // config.heads)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def _patchify(self, img: torch.Tensor) -> torch.Tensor:
         # [B, C, H, W] -> [B, N, C * p * p]
@@ -96,6 +126,13 @@ class ShapesDiT(nn.Module):
         # [B, N, C * p * p] -> [B, C, H, W]
         p = self.config.patch
         return F.fold(tokens.transpose(1, 2), self.resolution, kernel_size=p, stride=p)
+
+    def _rotations(self, n_text: int, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token rotations: none for text, the cell's for image and source tokens."""
+        pairs = self.rope_cos.shape[1]
+        cos = torch.cat([torch.ones(n_text, pairs)] + [self.rope_cos] * n_images)
+        sin = torch.cat([torch.zeros(n_text, pairs)] + [self.rope_sin] * n_images)
+        return cos, sin
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, source: torch.Tensor | None
@@ -112,8 +149,9 @@ class ShapesDiT(nn.Module):
             masks.append(torch.ones(image.shape[:2], dtype=torch.bool))
         h = torch.cat(parts, dim=1)  # [B, L, D]
         mask = torch.cat(masks, dim=1)[:, None, None, :]  # [B, 1, 1, L]
+        cos, sin = self._rotations(tokens.shape[1], len(parts) - 1)  # [L, D/H/2]
         for block in self.blocks:
-            h = block(h, c, mask)
+            h = block(h, c, mask, cos, sin)
         n_text = tokens.shape[1]
         h = h[:, n_text : n_text + image.shape[1]]  # image tokens only
         shift, scale = self.out_modulation(F.silu(c))[:, None].chunk(2, -1)
@@ -159,6 +197,9 @@ class ShapesFlowModel:
 
     def schedule(self, num_steps: int, shift: float = 1.0) -> torch.Tensor:
         return flow_match_sigmas(num_steps, shift=shift)
+
+    def prepare_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn((batch_size, *self.latent_shape()), generator=generator)
 
     def latent_shape(self) -> tuple[int, ...]:
         return (3, self.net.resolution, self.net.resolution)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from PIL import Image
 
 from flowrl.config import FlowRLConfig
-from flowrl.models import count_parameters, create_model, save_checkpoint
+from flowrl.models import CheckpointError, count_parameters, create_model, save_checkpoint
 from flowrl.pretrain import pretrain
 from flowrl.stages.common import StageResult, commit_stage, flat_metrics, stage_context
 from flowrl.tracking import Tracker
@@ -64,10 +65,28 @@ def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker
 
     q = config.model.qwen_image
     sources = {"t2i": q.pretrained, "edit": q.edit_pretrained or q.pretrained}
-    summaries = {task: validate_pretrained(path) for task, path in sources.items()}
+    try:
+        summaries = {task: validate_pretrained(_local_weights(path), task=task) for task, path in sources.items()}
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(f"model.qwen_image: {exc}") from None
     with stage_context(STAGE, config, SECTIONS, {}, output_root=output_root, tracker=tracker) as ctx:
         reference = {"family": "qwen_image", "pretrained": sources, "components": summaries}
         (ctx.staging / "reference.json").write_text(json.dumps(reference, indent=2, sort_keys=True, default=str))
-        metrics = {"validated": 1, "parameters": {t: s.get("parameters", {}) for t, s in summaries.items()}}
+        metrics = {
+            f"{task}/{name}/num_parameters": info["num_parameters"]
+            for task, summary in summaries.items()
+            for name, info in summary["components"].items()
+            if "num_parameters" in info
+        }
+        ctx.tracker.log_metrics(metrics)
         ctx.tracker.set_tags({f"flowrl.pretrained.{t}": p for t, p in sources.items()})
         return commit_stage(ctx, STAGE, SECTIONS, {}, metrics, output_root)
+
+
+def _local_weights(path: str) -> str:
+    """A local directory as is; a hub id is downloaded to the local HF cache."""
+    if Path(path).exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=path)

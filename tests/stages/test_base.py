@@ -1,0 +1,126 @@
+"""Stage `base` on the smoke config: plain function, CLI and Flyte paths."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from flowrl.config import load_config
+from flowrl.models import load_checkpoint
+from flowrl.stages.base import run_base
+from flowrl.storage import fetch, read_manifest
+from tests.conftest import ROOT, write_config
+
+EXPECTED_FILES = {"model.safetensors", "model.json", "metrics.json", "grid.png"}
+
+
+def test_base_writes_checkpoint_metrics_grid_and_tracks(smoke_config):
+    config = load_config(smoke_config)
+    result = run_base(config, progress=False)
+    manifest = read_manifest(result.uri)
+    assert set(manifest.files) == EXPECTED_FILES
+    assert manifest.extra["mlflow_run_id"] == result.run_id
+    local = fetch(result.uri)
+    metrics = json.loads((local / "metrics.json").read_text())
+    for key in ("t2i/alignment", "t2i/alignment/counting", "edit/accuracy", "edit/identity", "fidelity", "wall_s"):
+        assert key in metrics
+    run = MlflowClient(config.run.tracking_uri).get_run(result.run_id)
+    assert run.data.tags["flowrl.artifact_uri"] == result.uri
+    assert "t2i/alignment" in run.data.metrics and "train/loss" in run.data.metrics
+    assert run.data.params["base.steps"] == str(config.base.steps)
+    model = load_checkpoint(local, expected_family="shapes")
+    assert model.net.config == config.model.shapes
+
+
+def test_base_is_deterministic_and_write_once(tmp_path):
+    a = run_base(load_config(write_config(tmp_path / "a")), progress=False)
+    b = run_base(load_config(write_config(tmp_path / "b")), progress=False)
+    assert a.version == b.version  # same config + code -> same content-derived version
+    wa = load_file(fetch(a.uri) / "model.safetensors")
+    wb = load_file(fetch(b.uri) / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=0, rtol=0)
+    assert json.loads((fetch(a.uri) / "metrics.json").read_text())["t2i/alignment"] == a.metrics["t2i/alignment"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def test_cli_prints_output_location_last(tmp_path, smoke_config):
+    out = tmp_path / "cli-artifacts"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowrl.cli", "base", "--config", str(smoke_config), "--output", str(out), "--no-progress"],
+        capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(str(out / "base"))
+    assert (fetch(last) / "model.safetensors").is_file()
+
+
+def test_cli_bad_config_is_one_line_error(tmp_path):
+    bad = write_config(tmp_path, base={"lr": "fast"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowrl.cli", "base", "--config", str(bad)],
+        capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "base.lr: expected float > 0, got 'fast'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
+    pyflyte = os.path.join(os.path.dirname(sys.executable), "pyflyte")
+    proc = subprocess.run(
+        [pyflyte, "run", "pipelines/post_train.py", "post_train", "--config", str(smoke_config)],
+        capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifests = list((tmp_path / "artifacts" / "base").glob("*/manifest.json"))
+    assert len(manifests) == 1
+    assert manifests[0].parent.name in proc.stdout
+
+
+def test_qwen_image_base_validates_and_references_weights(tmp_path):
+    from tests.models.tiny_qwen_image import build_tiny_qwen_image
+
+    weights = tmp_path / "qwen-tiny"
+    build_tiny_qwen_image(weights, task="edit")
+    path = write_config(
+        tmp_path, scenario="qwen_image.yaml",
+        model={"family": "qwen_image", "qwen_image": {"pretrained": str(weights), "edit_pretrained": str(weights),
+                                                      "height": 32, "width": 64, "dtype": "float32"}},
+    )
+    result = run_base(load_config(path), progress=False)
+    reference = json.loads((fetch(result.uri) / "reference.json").read_text())
+    assert reference["pretrained"] == {"t2i": str(weights), "edit": str(weights)}
+    assert reference["components"]["edit"]["components"]["transformer"]["num_parameters"] > 0
+    assert result.metrics["t2i/transformer/num_parameters"] > 0
+
+
+def test_qwen_image_base_names_missing_component(tmp_path):
+    import shutil
+
+    from flowrl.models import CheckpointError
+    from tests.models.tiny_qwen_image import build_tiny_qwen_image
+
+    weights = tmp_path / "qwen-tiny"
+    build_tiny_qwen_image(weights, task="edit")
+    shutil.rmtree(weights / "vae")
+    path = write_config(tmp_path, scenario="qwen_image.yaml", model={"family": "qwen_image", "qwen_image": {"pretrained": str(weights)}})
+    try:
+        run_base(load_config(path), progress=False)
+    except CheckpointError as exc:
+        assert "vae" in str(exc)
+    else:
+        raise AssertionError("a missing vae/ was accepted")
+    assert not (tmp_path / "artifacts").exists()
