@@ -8,7 +8,7 @@ CONFIG ?= configs/shapes.yaml
 # The CPU wheel of torch; GPU images install a CUDA build instead (images/).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv run test test-gpu base lint clean
+.PHONY: venv run test test-gpu base clean results/base_shapes.json
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -35,3 +35,7 @@ base: venv
 
 clean:
 	rm -rf artifacts mlflow.db mlartifacts .pytest_cache
+
+# The committed measurement of the base stage (results/base_shapes.json).
+results/base_shapes.json: venv
+	$(VENV)/bin/flowrl base --config configs/shapes.yaml --results $@

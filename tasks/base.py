@@ -1,5 +1,7 @@
 """Flyte tasks for config validation and stage `base`."""
 
+import json
+
 from flytekit import Resources, task
 from flytekit.types.file import FlyteFile
 
@@ -19,6 +21,7 @@ def validate_config(config: FlyteFile) -> FlyteFile:
 @task(requests=Resources(cpu="2", mem="8Gi"), retries=1)
 def base(config: FlyteFile) -> StageArtifact:
     result = run_base(load_config(config.download()))
+    print(json.dumps(result.metrics, indent=2, sort_keys=True))
     return StageArtifact(
         stage=result.stage, version=result.version, uri=result.uri,
         mlflow_run_id=result.run_id, metrics=flat_metrics(result.metrics),

@@ -1,6 +1,5 @@
 """Deterministic evaluation sampling and the judge-based report."""
 
-import dataclasses
 
 import numpy as np
 import torch

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from flowrl.config import FlowRLConfig, ShapesModelConfig, from_dict, ConfigError
+from flowrl.config import ConfigError, FlowRLConfig, ShapesModelConfig, from_dict
 from flowrl.models.base import Condition, FlowModel
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -29,8 +29,8 @@ class CheckpointError(RuntimeError):
 
 
 def create_model(config: FlowRLConfig, seed: int = 0) -> FlowModel:
-    """A freshly initialised trainable model (the shapes family only: Qwen-Image
-    is never trained from scratch here, it is loaded with :func:`load_pretrained`)."""
+    """A freshly initialised trainable model. Only the shapes family: Qwen-Image
+    is never trained from scratch, it is loaded with ``QwenImageModel.from_pretrained``."""
     if config.model.family != "shapes":
         raise ValueError(f"model.family {config.model.family!r} cannot be created from scratch")
     from flowrl.models.shapes_dit import ShapesFlowModel

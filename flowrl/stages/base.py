@@ -34,7 +34,7 @@ def run_base(
     """Run the stage and commit its artifact; returns where it is."""
     if config.model.family == "qwen_image":
         return _reference_pretrained(config, output_root, tracker)
-    with stage_context(STAGE, config, SECTIONS, {}, output_root=output_root, tracker=tracker) as ctx:
+    with stage_context(STAGE, config, SECTIONS, {}, tracker=tracker) as ctx:
         from flowrl.evaluation import evaluate_shapes
 
         start = time.perf_counter()
@@ -69,7 +69,7 @@ def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker
         summaries = {task: validate_pretrained(_local_weights(path), task=task) for task, path in sources.items()}
     except (FileNotFoundError, ValueError) as exc:
         raise CheckpointError(f"model.qwen_image: {exc}") from None
-    with stage_context(STAGE, config, SECTIONS, {}, output_root=output_root, tracker=tracker) as ctx:
+    with stage_context(STAGE, config, SECTIONS, {}, tracker=tracker) as ctx:
         reference = {"family": "qwen_image", "pretrained": sources, "components": summaries}
         (ctx.staging / "reference.json").write_text(json.dumps(reference, indent=2, sort_keys=True, default=str))
         metrics = {

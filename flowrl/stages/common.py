@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +11,7 @@ from typing import Iterator
 from flowrl.config import FlowRLConfig
 from flowrl.models import set_torch_threads
 from flowrl.storage import ArtifactStore, StagingDir, artifact_version, code_version
-from flowrl.tracking import NullTracker, Tracker, make_tracker
-
-log = logging.getLogger("flowrl")
+from flowrl.tracking import Tracker, make_tracker
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,6 @@ def stage_context(
     sections: tuple[str, ...],
     inputs: dict[str, str],
     *,
-    output_root: str | None = None,
     tracker: Tracker | None = None,
 ) -> Iterator[StageContext]:
     """Open the stage's tracking run and staging directory.
