@@ -40,16 +40,6 @@ T2I_PROMPTS = ["a red circle left of a blue square", "two green triangles"]
 EDIT_PROMPTS = ["make the circle purple", "remove the square and add an orange triangle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The models are tiny: intra-op threads only add synchronisation, which
-    made this file ~100x slower on a busy 2-core machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return build_tiny_qwen_image(tmp_path_factory.mktemp("tiny_qwen_image"), task="edit")

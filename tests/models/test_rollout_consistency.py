@@ -10,14 +10,6 @@ from flowrl.sampling import gaussian_log_prob, sample, sde_step_mean
 from tests.models.tiny_qwen_image import build_tiny_qwen_image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return build_tiny_qwen_image(tmp_path_factory.mktemp("tiny_qwen_rollout"), task="edit")

@@ -14,14 +14,6 @@ from flowrl.shapes import make_edit_set, render_batch
 TINY = {"model": {"shapes": {"width": 32, "depth": 2, "heads": 2, "head_channels": 4}}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def model():
     """A tiny model whose adaLN gates are not zero (at init every block is the
