@@ -80,6 +80,9 @@ def _dispatch(args) -> int:
         result = run_base(config, output_root=args.output, tracker=_tracker(args), progress=not args.no_progress)
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
+    if result.reused:
+        print(f"flowrl {args.command}: reusing the complete artifact {result.uri} "
+              "(same config, code and inputs)", file=sys.stderr)
     if args.results:
         write_results(args.results, args, result, time.perf_counter() - start)
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
@@ -102,8 +105,14 @@ def machine_info() -> dict[str, object]:
 
 def write_results(path: str, args, result, wall_s: float) -> None:
     """A committed results file: the stage's metrics.json plus how it was made."""
+    from flowrl.storage import code_version, read_manifest
+
     payload = {
-        "command": f"flowrl {args.command} --config {args.config}",
+        "config_hash": read_manifest(result.uri).config_hash,
+        "command": " ".join(["flowrl", *sys.argv[1:]]),
+        "code_version": code_version(),
+        "version": result.version,
+        "reused": result.reused,
         "artifact_uri": result.uri,
         "wall_s_total": round(wall_s, 1),
         "machine": machine_info(),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,9 +29,12 @@ class ConfigError(ValueError):
     """A configuration problem; the message starts with the key path."""
 
 
-def param(default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None) -> Any:
-    """A documented config field with optional numeric bounds."""
+def param(default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None, nonempty: bool = False) -> Any:
+    """A documented config field with optional numeric bounds (or, for
+    strings, ``nonempty``)."""
     bounds = {k: v for k, v in dict(gt=gt, ge=ge, lt=lt, le=le).items() if v is not None}
+    if nonempty:
+        bounds["nonempty"] = True
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples / nested dataclasses for config defaults")
     return field(default=default, metadata={"doc": doc, "bounds": bounds})
@@ -48,18 +52,20 @@ def section(factory: type, doc: str) -> Any:
 class RunConfig:
     """Where a run writes and how it is identified."""
 
-    name: str = param("shapes", "Run name; the MLflow experiment is named after it.")
+    name: str = param("shapes", "Run name; the MLflow experiment is named after it.", nonempty=True)
     seed: int = param(0, "Global seed: every stage derives its own seeds from it.", ge=0)
     artifact_root: str = param(
         "artifacts",
         "Root of the artifact store: a local directory (relative to the working "
         "directory) or a fsspec URI such as s3://bucket/prefix.",
+        nonempty=True,
     )
     tracking_uri: str = param(
         "sqlite:///mlflow.db",
         "MLflow tracking URI: a local sqlite store by default, or http(s)://host:port.",
+        nonempty=True,
     )
-    torch_threads: int = param(2, "CPU threads torch may use (0 = torch's default).", ge=0)
+    torch_threads: int | None = param(2, "CPU threads torch may use (null: torch's own default).", ge=1)
 
 
 @dataclass(frozen=True)
@@ -90,8 +96,8 @@ class QwenImageModelConfig:
     """Production family: diffusers Qwen-Image / Qwen-Image-Edit weights."""
 
     pretrained: str = param("", "Local directory in the diffusers layout, or a hub id.")
-    edit_pretrained: str = param(
-        "", "Weights used for the edit task (Qwen-Image-Edit); empty = same as pretrained."
+    edit_pretrained: str | None = param(
+        None, "Weights used for the edit task (Qwen-Image-Edit); null: the same as pretrained."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = param("bfloat16", "Compute dtype.")
     height: int = param(1024, "Image height in pixels (multiple of 16).", ge=16)
@@ -142,7 +148,9 @@ class BaseConfig:
     lr: float = param(1e-3, "Peak AdamW learning rate.", gt=0)
     warmup_steps: int = param(100, "Linear warm-up steps.", ge=0)
     weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
-    ema_decay: float = param(0.99, "EMA decay of the weights that are saved (0 = no EMA).", ge=0, lt=1)
+    ema_decay: float = param(
+        0.99, "EMA decay of the saved weights (0 saves the raw weights: an average over one step).", ge=0, lt=1
+    )
     edit_fraction: float = param(0.5, "Fraction of each batch that is edit triples.", ge=0, le=1)
     cond_dropout: float = param(0.1, "Probability of dropping the prompt (trains the CFG null branch).", ge=0, lt=1)
     grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
@@ -204,6 +212,11 @@ def check_consistency(config: FlowRLConfig) -> None:
         raise ConfigError(
             f"model.shapes.heads: {m.shapes.heads} does not divide model.shapes.width {m.shapes.width}"
         )
+    if (m.shapes.width // m.shapes.heads) % 4:
+        raise ConfigError(
+            f"model.shapes.heads: head size width/heads = {m.shapes.width // m.shapes.heads} "
+            "must be a multiple of 4 (2D rotary embedding)"
+        )
     if config.world.resolution % m.shapes.patch:
         raise ConfigError(
             f"model.shapes.patch: {m.shapes.patch} does not divide world.resolution {config.world.resolution}"
@@ -223,7 +236,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {_show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(map(str, set(data) - set(fields)))
     if unknown:
         raise ConfigError(
             f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})"
@@ -246,6 +259,8 @@ def _convert(tp: Any, value: Any, key: str, meta: Any) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"{key}: only Optional[X] unions are supported in configs, got {tp}")
         if value is None:
             return None
         return _convert(args[0], value, key, meta)
@@ -259,6 +274,10 @@ def _convert(tp: Any, value: Any, key: str, meta: Any) -> Any:
 
 def _scalar(tp: type, value: Any, key: str, bounds: dict[str, float]) -> Any:
     expected = f"{tp.__name__}{_describe(bounds)}"
+    if tp is str and bounds.get("nonempty"):
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key}: expected a non-empty string, got {_show(value)}")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected bool, got {_show(value)}")
@@ -278,8 +297,10 @@ def _scalar(tp: type, value: Any, key: str, bounds: dict[str, float]) -> Any:
 
 
 def _in_bounds(value: float, b: dict[str, float]) -> bool:
-    if isinstance(value, float) and value != value:  # NaN is never in range
-        return not b
+    if isinstance(value, float) and not math.isfinite(value):  # NaN and inf are never valid
+        return False
+    if isinstance(value, str):
+        return True
     return (
         ("gt" not in b or value > b["gt"])
         and ("ge" not in b or value >= b["ge"])
@@ -289,6 +310,7 @@ def _in_bounds(value: float, b: dict[str, float]) -> bool:
 
 
 def _describe(b: dict[str, float]) -> str:
+    b = {k: v for k, v in b.items() if k != "nonempty"}
     if not b:
         return ""
     lo = f"({b['gt']}" if "gt" in b else f"[{b['ge']}" if "ge" in b else None

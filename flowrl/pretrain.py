@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from flowrl.config import BaseConfig
 from flowrl.models.base import Condition, FlowModel
+from flowrl.models.shapes_dit import ShapesFlowModel
 from flowrl.shapes.edits import EDIT_KINDS, sample_edit
 from flowrl.shapes.prompts import T2I_CATEGORIES, sample_t2i
 from flowrl.shapes.render import render_batch
@@ -93,13 +94,13 @@ def lr_at(step: int, cfg: BaseConfig) -> float:
 
 
 def pretrain(
-    model: FlowModel,
+    model: ShapesFlowModel,
     cfg: BaseConfig,
     resolution: int,
     seed: int,
     log: Callable[[dict[str, float], int], None] | None = None,
     progress: bool = True,
-) -> FlowModel:
+) -> ShapesFlowModel:
     """Train ``model`` in place; return the model holding the weights to save
     (the EMA copy when ``cfg.ema_decay`` > 0)."""
     net = model.net
@@ -134,7 +135,7 @@ def pretrain(
     net.eval()
     if ema is None:
         return model
-    return type(model)(ema.shadow, cfg_renorm=model.cfg_renorm_dim is not None)
+    return ShapesFlowModel(ema.shadow, cfg_renorm=model.cfg_renorm_dim is not None)
 
 
 def _step_loss(model, batch: TrainingBatch, x0, t, noise, cond_dropout: float, gen) -> torch.Tensor:

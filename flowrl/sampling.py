@@ -3,7 +3,7 @@
 Conventions: ``x_t = (1 - t) x_0 + t * eps``, velocity ``v = eps - x_0``,
 sampling runs from t = 1 to t = 0 over a schedule ``sigmas`` of N + 1 values
 (the last one 0). Every function here is free of I/O and model state except
-:func:`guided_velocity` and :func:`sample`, which call a :class:`FlowModel`.
+:func:`cfg_velocity` and :func:`sample`, which call a :class:`FlowModel`.
 
 The SDE step is the Flow-GRPO form (DESIGN.md section 3): with
 ``dt = t' - t < 0`` and noise level ``a``,
@@ -184,6 +184,12 @@ class Trajectory:
         return self.states[:, -1]
 
 
+def largest_sigma_below_one(sigmas: torch.Tensor) -> float:
+    """The SDE guard value: the largest schedule sigma below 1 (0 for a
+    one-step schedule, where ``1 - t`` at t = 1 then reads as 1)."""
+    return float(sigmas[sigmas < 1.0].max())
+
+
 @torch.no_grad()
 def sample(
     model: FlowModel,
@@ -202,17 +208,17 @@ def sample(
     if initial_noise is None:
         initial_noise = model.prepare_noise(batch, generator)
     x = initial_noise
-    t_guard = float(sigmas[1]) if len(sigmas) > 2 else 0.5
+    t_guard = largest_sigma_below_one(sigmas)
     states, logps, cond_logps = [x], [], []
     for n in range(len(sigmas) - 1):
-        t = torch.full((batch,), float(sigmas[n]))
-        t_next = torch.full((batch,), float(sigmas[n + 1]))
+        t = torch.full((batch,), float(sigmas[n]), device=x.device)
+        t_next = torch.full((batch,), float(sigmas[n + 1]), device=x.device)
         vel = cfg_velocity(model, x, t, cond, null_cond, guidance_scale, renorm_dim)
         if noise_level == 0.0:
             x = euler_step(x, vel.guided, t, t_next)
         else:
             step = sde_step_mean(x, vel.guided, t, t_next, noise_level, t_guard)
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
             x_next = step.mean + torch.as_tensor(step.std).reshape(-1, *[1] * (x.ndim - 1)) * z
             logps.append(gaussian_log_prob(x_next, step.mean, step.std))
             cond_step = sde_step_mean(x, vel.cond, t, t_next, noise_level, t_guard)

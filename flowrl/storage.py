@@ -5,7 +5,8 @@ its files into a local staging directory, then :meth:`ArtifactStore.commit`
 uploads them and writes ``manifest.json`` *last*: a version without a valid
 manifest is incomplete and never read. Versions are content-derived (stage,
 config hash, code version, input versions), so the same inputs give the same
-URI, which is what makes Flyte's cache and reruns stable.
+URI: reruns find the finished version instead of redoing it, and a cache
+keyed on the URI (Flyte's) stays stable.
 """
 
 from __future__ import annotations
@@ -80,14 +81,23 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols
 
 
-def read_manifest(uri: str) -> Manifest:
+def _fs_and_path(uri: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem to use for ``uri`` (``fs`` when given, so a store's
+    storage options apply) and the path inside it."""
+    url_fs, path = fsspec.core.url_to_fs(uri)
+    return (fs or url_fs), path
+
+
+def read_manifest(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> Manifest:
     """The manifest of the complete artifact at ``uri`` (any fsspec URI)."""
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = _fs_and_path(uri, fs)
     path = _join(root, MANIFEST)
     if not fs.exists(path):
         raise ArtifactError(f"{uri}: no {MANIFEST}: the artifact does not exist or is incomplete")
     try:
         data = json.loads(fs.cat_file(path))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         if data.get("format") != MANIFEST_FORMAT:
             raise ArtifactError(
                 f"{uri}/{MANIFEST}: manifest format {data.get('format')!r}, expected {MANIFEST_FORMAT}"
@@ -118,7 +128,7 @@ class ArtifactStore:
 
     def read_manifest(self, uri: str) -> Manifest:
         """The manifest of a complete version, or ArtifactError naming the URI."""
-        return read_manifest(uri)
+        return read_manifest(uri, self.fs)
 
     def exists(self, stage: str, version: str) -> bool:
         try:
@@ -170,6 +180,7 @@ class ArtifactStore:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=".manifest-")
             with os.fdopen(fd, "wb") as fh:
                 fh.write(blob)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the artifact's other files are not
             os.replace(tmp, final)
         else:
             # object stores: a single PUT is atomic
@@ -177,16 +188,21 @@ class ArtifactStore:
 
     def fetch(self, uri: str, local_dir: str | Path | None = None, verify: bool = True) -> Path:
         """A local directory holding the complete artifact at ``uri``, checksums verified."""
-        return fetch(uri, local_dir, verify)
+        return fetch(uri, local_dir, verify, self.fs)
 
 
-def fetch(uri: str, local_dir: str | Path | None = None, verify: bool = True) -> Path:
+def fetch(
+    uri: str,
+    local_dir: str | Path | None = None,
+    verify: bool = True,
+    fs: fsspec.AbstractFileSystem | None = None,
+) -> Path:
     """A local directory holding the complete artifact at ``uri``, checksums verified.
 
     Local artifacts are read in place; remote ones are downloaded first.
     """
-    manifest = read_manifest(uri)
-    fs, src = fsspec.core.url_to_fs(uri)
+    manifest = read_manifest(uri, fs)
+    fs, src = _fs_and_path(uri, fs)
     if local_dir is None and _is_local(fs):
         local = Path(src)
     else:

@@ -18,8 +18,14 @@ import numpy as np
 
 from flowrl.config import FlowRLConfig
 
-# Names never logged as params, whatever section they appear in.
-_SECRET_MARKERS = ("secret", "password", "token", "credential", "access_key")
+# Keys never logged as params, whatever section they appear in: these names,
+# or any key ending in "_" + one of them (api_token, aws_secret_access_key...).
+_SECRET_NAMES = ("secret", "password", "token", "credentials", "access_key", "secret_key", "api_key")
+
+
+def _is_secret(key: str) -> bool:
+    key = key.lower()
+    return any(key == name or key.endswith("_" + name) for name in _SECRET_NAMES)
 
 
 def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -27,7 +33,7 @@ def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
-        if any(m in key.lower() for m in _SECRET_MARKERS):
+        if _is_secret(key):
             continue
         if isinstance(value, dict):
             flat.update(flatten_params(value, path + "."))

@@ -24,5 +24,5 @@ def base(config: FlyteFile) -> StageArtifact:
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
     return StageArtifact(
         stage=result.stage, version=result.version, uri=result.uri,
-        mlflow_run_id=result.run_id, metrics=flat_metrics(result.metrics),
+        mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics),
     )

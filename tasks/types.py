@@ -9,7 +9,7 @@ class StageArtifact:
 
     The bytes live in flowrl's artifact store at ``uri`` (write-once, manifest
     written last); Flyte passes this reference between tasks. ``version`` is
-    content-derived, so Flyte's cache keyed on it is stable across reruns.
+    content-derived: the same config, code and inputs give the same URI.
     """
 
     stage: str

@@ -40,6 +40,11 @@ def test_yaml_maps_one_to_one():
         ({"sampler": {"cfg_renorm": "yes"}}, "sampler.cfg_renorm: expected bool, got 'yes'"),
         ({"base": 3}, "base: expected a mapping, got 3"),
         ({"base": {"lr": float("nan")}}, "base.lr: expected float > 0, got nan"),
+        ({"base": {"lr": float("inf")}}, "base.lr: expected float > 0, got inf"),
+        ({"run": {"name": ""}}, "run.name: expected a non-empty string, got ''"),
+        ({"run": {"artifact_root": "  "}}, "run.artifact_root: expected a non-empty string"),
+        ({"run": {"torch_threads": 0}}, "run.torch_threads: expected int >= 1, got 0"),
+        ({"base": {True: 1, "lr": 0.1}}, "base.True: unknown key"),
     ],
 )
 def test_bad_values_name_the_key(data, message):
@@ -55,6 +60,9 @@ def test_cross_key_rules(tmp_path):
         load_config(path)
     path.write_text("model:\n  family: qwen_image\n")
     with pytest.raises(ConfigError, match="model.qwen_image.pretrained: required"):
+        load_config(path)
+    path.write_text("model:\n  shapes:\n    width: 40\n    heads: 4\n")
+    with pytest.raises(ConfigError, match=r"model.shapes.heads: head size width/heads = 10 must be a multiple of 4"):
         load_config(path)
     path.write_text("model:\n  shapes:\n    patch: 5\n")
     with pytest.raises(ConfigError, match="model.shapes.patch: 5 does not divide world.resolution 32"):

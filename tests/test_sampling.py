@@ -112,6 +112,13 @@ def test_sde_mean_at_zero_noise_is_euler():
     assert torch.all(step.std == 0)
 
 
+def test_guard_is_the_largest_sigma_below_one():
+    from flowrl.sampling import largest_sigma_below_one
+
+    assert largest_sigma_below_one(torch.tensor([1.0, 0.75, 0.5, 0.0])) == 0.75
+    assert largest_sigma_below_one(torch.tensor([1.0, 0.0])) == 0.0  # one step: 1 - t reads as 1
+
+
 def test_sde_sigma_guards_t_equal_one():
     s = sde_sigma(torch.tensor([1.0, 0.5]), noise_level=0.7, t_guard=0.9)
     torch.testing.assert_close(s, torch.tensor([0.7 * math.sqrt(1.0 / 0.1), 0.7]))
@@ -119,16 +126,25 @@ def test_sde_sigma_guards_t_equal_one():
 
 
 def test_log_prob_matches_float64_gaussian():
+    """Mean, std and density re-derived in float64 from DESIGN.md section 3,
+    independently of the code under test (including the t = 1 guard)."""
     g = torch.Generator().manual_seed(3)
     x, v = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
-    t, t_next = torch.tensor([1.0, 0.6, 0.2]), torch.tensor([0.8, 0.4, 0.0])
-    step = sde_step_mean(x, v, t, t_next, noise_level=0.7, t_guard=0.8)
+    t, t_next = torch.tensor([1.0, 0.6, 0.2]), torch.tensor([0.8, 0.45, 0.0])
+    a, guard = 0.7, 0.8
+    step = sde_step_mean(x, v, t, t_next, noise_level=a, t_guard=guard)
     x_next = step.mean + step.std[:, None, None, None] * torch.randn(x.shape, generator=g)
     ours = gaussian_log_prob(x_next, step.mean, step.std)
-    ref = torch.distributions.Normal(
-        step.mean.double(), step.std.double()[:, None, None, None]
-    ).log_prob(x_next.double()).flatten(1).mean(1)
-    torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=0)
+    for i in range(3):
+        ti, dt = float(t[i]), float(t_next[i] - t[i])
+        sigma = a * math.sqrt(ti / (1 - (guard if ti == 1.0 else ti)))
+        xd, vd = x[i].double(), v[i].double()
+        mean = xd * (1 + sigma**2 / (2 * ti) * dt) + vd * (1 + sigma**2 * (1 - ti) / (2 * ti)) * dt
+        std = sigma * math.sqrt(-dt)
+        torch.testing.assert_close(step.mean[i].double(), mean, atol=1e-5, rtol=0)
+        assert abs(float(step.std[i]) - std) < 1e-6
+        density = (-((x_next[i].double() - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).mean()
+        assert abs(float(ours[i]) - float(density)) < 1e-4
 
 
 def test_guided_velocity_and_renorm():

@@ -66,6 +66,22 @@ def test_checksum_mismatch_is_detected(tmp_path):
         fetch(uri)
 
 
+def test_manifest_is_readable_by_others(tmp_path):
+    store = ArtifactStore(str(tmp_path / "root"))
+    store.commit(_stage_files(tmp_path), stage="base", version="v1", config_hash="h", inputs={})
+    mode = (tmp_path / "root" / "base" / "v1" / MANIFEST).stat().st_mode & 0o777
+    assert mode == 0o644
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "not json", '{"format": 1}'])
+def test_malformed_manifest_is_an_artifact_error(tmp_path, content):
+    store = ArtifactStore(str(tmp_path / "root"))
+    uri = store.commit(_stage_files(tmp_path), stage="base", version="v1", config_hash="h", inputs={})
+    (tmp_path / "root" / "base" / "v1" / MANIFEST).write_text(content)
+    with pytest.raises(ArtifactError, match="unreadable manifest"):
+        read_manifest(uri)
+
+
 def test_old_manifest_format_is_refused(tmp_path):
     store = ArtifactStore(str(tmp_path / "root"))
     uri = store.commit(_stage_files(tmp_path), stage="base", version="v1", config_hash="h", inputs={})

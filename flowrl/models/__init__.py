@@ -53,14 +53,19 @@ def save_checkpoint(model: FlowModel, directory: str | Path) -> None:
     meta = {
         "family": "shapes",
         "resolution": model.net.resolution,
-        "cfg_renorm": model.cfg_renorm_dim is not None,
         "shapes": dataclasses.asdict(model.net.config),
     }
     (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
-def load_checkpoint(directory: str | Path, expected_family: str | None = None) -> FlowModel:
-    """Rebuild a model saved by :func:`save_checkpoint` (safetensors only, never pickle)."""
+def load_checkpoint(
+    directory: str | Path, expected_family: str | None = None, cfg_renorm: bool = False
+) -> FlowModel:
+    """Rebuild a model saved by :func:`save_checkpoint` (safetensors only, never pickle).
+
+    ``cfg_renorm`` is the caller's ``sampler.cfg_renorm``: a sampling choice,
+    so it is not stored with the weights.
+    """
     from flowrl.models.shapes_dit import ShapesDiT, ShapesFlowModel
 
     directory = Path(directory)
@@ -91,13 +96,14 @@ def load_checkpoint(directory: str | Path, expected_family: str | None = None) -
     except RuntimeError as exc:
         raise CheckpointError(f"{weights_path}: weights do not fit the model: {exc}") from None
     net.eval()
-    return ShapesFlowModel(net, cfg_renorm=bool(meta.get("cfg_renorm", False)))
+    return ShapesFlowModel(net, cfg_renorm=cfg_renorm)
 
 
 def count_parameters(model: FlowModel) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def set_torch_threads(n: int) -> None:
-    if n > 0:
+def set_torch_threads(n: int | None) -> None:
+    """Cap torch's intra-op threads (None leaves torch's default)."""
+    if n is not None:
         torch.set_num_threads(n)

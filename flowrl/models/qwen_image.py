@@ -459,7 +459,7 @@ class QwenImageModel:
             img_shapes=[shapes] * batch,
             return_dict=False,
         )[0]  # [B, N (+ S), 64]
-        return out[:, :num_tokens].to(x.dtype)  # [B, N, 64]
+        return out[:, :num_tokens].to(x.device, x.dtype)  # [B, N, 64]
 
 
 # --------------------------------------------------------------------------- validation

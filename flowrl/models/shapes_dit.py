@@ -23,14 +23,16 @@ from flowrl.models.base import Condition
 from flowrl.sampling import flow_match_sigmas
 from flowrl.shapes import vocab
 
-# x-prediction divides by t; below this t the division is clamped.
+# x-prediction divides by t; below this t the division is clamped (as JiT
+# does), in training and sampling alike. A uniform schedule of up to 20
+# steps never evaluates the model below it.
 _MIN_T_FOR_X_PRED = 0.05
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of t in [0, 1] -> [B, dim]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = (t.float() * 1000.0)[:, None] * freqs[None]  # [B, half]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -129,24 +131,26 @@ class ShapesDiT(nn.Module):
 
     def _rotations(self, n_text: int, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token rotations: none for text, the cell's for image and source tokens."""
-        pairs = self.rope_cos.shape[1]
-        cos = torch.cat([torch.ones(n_text, pairs)] + [self.rope_cos] * n_images)
-        sin = torch.cat([torch.zeros(n_text, pairs)] + [self.rope_sin] * n_images)
+        pairs, device = self.rope_cos.shape[1], self.rope_cos.device
+        cos = torch.cat([torch.ones(n_text, pairs, device=device)] + [self.rope_cos] * n_images)
+        sin = torch.cat([torch.zeros(n_text, pairs, device=device)] + [self.rope_sin] * n_images)
         return cos, sin
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, source: torch.Tensor | None
     ) -> torch.Tensor:
         # x: [B, 3, H, W] state, t: [B], tokens: [B, T] (0 = pad), source: [B, 3, H, W] or None
+        tokens = tokens.to(x.device)
         text_mask = tokens != 0  # [B, T]
         text = self.word(tokens) + self.text_pos[:, : tokens.shape[1]]  # [B, T, D]
         pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
         c = self.time_mlp(timestep_embedding(t, self.config.width)) + self.text_pool(pooled)  # [B, D]
         image = self.patch_in(self._patchify(x)) + self.image_pos  # [B, N, D]
-        parts, masks = [text, image], [text_mask, torch.ones(image.shape[:2], dtype=torch.bool)]
+        image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)  # [B, N]
+        parts, masks = [text, image], [text_mask, image_mask]
         if source is not None:
             parts.append(self.source_in(self._patchify(source)) + self.image_pos + self.source_type)
-            masks.append(torch.ones(image.shape[:2], dtype=torch.bool))
+            masks.append(image_mask)
         h = torch.cat(parts, dim=1)  # [B, L, D]
         mask = torch.cat(masks, dim=1)[:, None, None, :]  # [B, 1, 1, L]
         cos, sin = self._rotations(tokens.shape[1], len(parts) - 1)  # [L, D/H/2]

@@ -8,7 +8,9 @@ lineage) point at exactly them.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from PIL import Image
 from flowrl.config import FlowRLConfig
 from flowrl.models import CheckpointError, count_parameters, create_model, save_checkpoint
 from flowrl.pretrain import pretrain
-from flowrl.stages.common import StageResult, commit_stage, flat_metrics, stage_context
+from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
 from flowrl.tracking import Tracker
 
 STAGE = "base"
@@ -31,9 +33,13 @@ def run_base(
     tracker: Tracker | None = None,
     progress: bool = True,
 ) -> StageResult:
-    """Run the stage and commit its artifact; returns where it is."""
+    """Run the stage and commit its artifact; returns where it is (an
+    identical earlier run's artifact is returned as is)."""
     if config.model.family == "qwen_image":
         return _reference_pretrained(config, output_root, tracker)
+    done = committed_result(STAGE, config, SECTIONS, {}, output_root)
+    if done is not None:
+        return done
     with stage_context(STAGE, config, SECTIONS, {}, tracker=tracker) as ctx:
         from flowrl.evaluation import evaluate_shapes
 
@@ -64,13 +70,22 @@ def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker
     from flowrl.models.qwen_image import validate_pretrained
 
     q = config.model.qwen_image
-    sources = {"t2i": q.pretrained, "edit": q.edit_pretrained or q.pretrained}
-    try:
-        summaries = {task: validate_pretrained(_local_weights(path), task=task) for task, path in sources.items()}
-    except (FileNotFoundError, ValueError) as exc:
-        raise CheckpointError(f"model.qwen_image: {exc}") from None
-    with stage_context(STAGE, config, SECTIONS, {}, tracker=tracker) as ctx:
-        reference = {"family": "qwen_image", "pretrained": sources, "components": summaries}
+    keys = {"t2i": "pretrained", "edit": "edit_pretrained" if q.edit_pretrained else "pretrained"}
+    sources = {task: getattr(q, key) for task, key in keys.items()}
+    local = {task: _local_weights(sources[task], f"model.qwen_image.{keys[task]}") for task in keys}
+    summaries = {}
+    for task, path in local.items():
+        try:
+            summaries[task] = validate_pretrained(path, task=task)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CheckpointError(f"model.qwen_image.{keys[task]}: {exc}") from None
+    # the weights are this stage's inputs: a changed checkpoint at the same path is a new version
+    inputs = {f"pretrained.{task}": f"{path}#{weights_fingerprint(path)}" for task, path in local.items()}
+    done = committed_result(STAGE, config, SECTIONS, inputs, output_root)
+    if done is not None:
+        return done
+    with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
+        reference = {"family": "qwen_image", "pretrained": sources, "resolved": inputs, "components": summaries}
         (ctx.staging / "reference.json").write_text(json.dumps(reference, indent=2, sort_keys=True, default=str))
         metrics = {
             f"{task}/{name}/num_parameters": info["num_parameters"]
@@ -80,13 +95,38 @@ def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker
         }
         ctx.tracker.log_metrics(metrics)
         ctx.tracker.set_tags({f"flowrl.pretrained.{t}": p for t, p in sources.items()})
-        return commit_stage(ctx, STAGE, SECTIONS, {}, metrics, output_root)
+        return commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)
 
 
-def _local_weights(path: str) -> str:
-    """A local directory as is; a hub id is downloaded to the local HF cache."""
-    if Path(path).exists():
-        return path
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _local_weights(path: str, key: str) -> str:
+    """A local directory as is; a hub id ("org/name") is downloaded to the
+    local Hugging Face cache, whose snapshot path names the exact revision."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return str(local.resolve())
+    if not _HUB_ID.match(path):
+        raise CheckpointError(f"{key}: {path} does not exist")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id=path)
+    try:
+        return snapshot_download(repo_id=path)
+    except Exception as exc:  # network, auth and not-found errors all end the stage here
+        raise CheckpointError(
+            f"{key}: {path!r} is not a local directory and downloading it from the hub failed: {exc}"
+        ) from None
+
+
+def weights_fingerprint(path: str) -> str:
+    """Hash of a weights directory's file listing (names, sizes) and its JSON
+    configs: cheap for tens of GB, and changes when the checkpoint does."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = file.relative_to(root).as_posix()
+        digest.update(f"{rel}:{file.stat().st_size}\n".encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]

@@ -16,13 +16,45 @@ from flowrl.tracking import Tracker, make_tracker
 
 @dataclass(frozen=True)
 class StageResult:
-    """A committed stage output: where it is and which tracking run made it."""
+    """A committed stage output: where it is and which tracking run made it.
+
+    ``reused`` is True when the version already existed complete and the
+    stage returned it without running.
+    """
 
     stage: str
     version: str
     uri: str
-    run_id: str
+    run_id: str | None
     metrics: dict
+    reused: bool = False
+
+
+def stage_version(stage: str, config: FlowRLConfig, sections: tuple[str, ...], inputs: dict[str, str]) -> str:
+    """The content-derived version: stage, its config sections, code, inputs."""
+    return artifact_version(stage, config.section_hash(*sections), code_version(), inputs)
+
+
+def committed_result(
+    stage: str,
+    config: FlowRLConfig,
+    sections: tuple[str, ...],
+    inputs: dict[str, str],
+    output_root: str | None = None,
+) -> StageResult | None:
+    """The already complete output of this exact stage run, if there is one.
+
+    Stages call this first, so a rerun with nothing changed costs a manifest
+    read instead of the stage's work.
+    """
+    store = ArtifactStore(output_root or config.run.artifact_root)
+    version = stage_version(stage, config, sections, inputs)
+    if not store.exists(stage, version):
+        return None
+    uri = store.uri(stage, version)
+    manifest = store.read_manifest(uri)
+    metrics = json.loads((store.fetch(uri) / "metrics.json").read_text())
+    return StageResult(stage, version, uri, manifest.extra.get("mlflow_run_id"), metrics, reused=True)
 
 
 @dataclass
@@ -52,7 +84,7 @@ def stage_context(
     """
     set_torch_threads(config.run.torch_threads)
     config_hash = config.section_hash(*sections)
-    version = artifact_version(stage, config_hash, code_version(), inputs)
+    version = stage_version(stage, config, sections, inputs)
     tracker = tracker if tracker is not None else make_tracker(config)
     tags = {"flowrl.version": version, "flowrl.config_hash": config_hash, "flowrl.code_version": code_version()}
     tags.update({f"flowrl.input.{k}": v for k, v in inputs.items()})
@@ -71,10 +103,10 @@ def commit_stage(
     """Write metrics.json, upload everything, write the manifest last, tag the run."""
     (ctx.staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     store = ArtifactStore(output_root or ctx.config.run.artifact_root)
-    run_id = ctx.tracker.run_id or ""
+    run_id = ctx.tracker.run_id
     uri = store.commit(
         ctx.staging, stage=stage, version=ctx.version, config_hash=ctx.config.section_hash(*sections),
-        inputs=inputs, extra={"mlflow_run_id": run_id},
+        inputs=inputs, extra={"mlflow_run_id": run_id} if run_id else {},
     )
     ctx.tracker.set_tags({"flowrl.artifact_uri": uri})
     return StageResult(stage=stage, version=ctx.version, uri=uri, run_id=run_id, metrics=metrics)

@@ -48,6 +48,39 @@ def test_base_is_deterministic_and_write_once(tmp_path):
     assert json.loads((fetch(a.uri) / "metrics.json").read_text())["t2i/alignment"] == a.metrics["t2i/alignment"]
 
 
+def test_rerun_reuses_the_complete_artifact(smoke_config):
+    config = load_config(smoke_config)
+    first = run_base(config, progress=False)
+    again = run_base(config, progress=False)
+    assert again.reused and not first.reused
+    assert (again.uri, again.version, again.run_id) == (first.uri, first.version, first.run_id)
+    assert again.metrics == json.loads(json.dumps(first.metrics))
+    runs = MlflowClient(config.run.tracking_uri).search_runs(
+        [MlflowClient(config.run.tracking_uri).get_experiment_by_name(config.run.name).experiment_id]
+    )
+    assert len(runs) == 1  # the rerun did no work and logged nothing
+
+
+def test_failed_stage_leaves_nothing_complete(smoke_config, monkeypatch):
+    import flowrl.evaluation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("judge crashed")
+
+    monkeypatch.setattr(flowrl.evaluation, "evaluate_shapes", broken)
+    config = load_config(smoke_config)
+    try:
+        run_base(config, progress=False)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the failure was swallowed")
+    assert not list((smoke_config.parent / "artifacts").rglob("manifest.json"))
+    client = MlflowClient(config.run.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(config.run.name).experiment_id])
+    assert run.info.status == "FAILED"
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
@@ -88,6 +121,7 @@ def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
     manifests = list((tmp_path / "artifacts" / "base").glob("*/manifest.json"))
     assert len(manifests) == 1
     assert manifests[0].parent.name in proc.stdout
+    assert '"t2i/alignment"' in proc.stdout and '"edit/accuracy"' in proc.stdout  # the metrics are printed
 
 
 def test_qwen_image_base_validates_and_references_weights(tmp_path):
@@ -107,6 +141,33 @@ def test_qwen_image_base_validates_and_references_weights(tmp_path):
     assert result.metrics["t2i/transformer/num_parameters"] > 0
 
 
+def test_qwen_image_base_versions_follow_the_weights(tmp_path):
+    from tests.models.tiny_qwen_image import build_tiny_qwen_image
+
+    weights = tmp_path / "qwen-tiny"
+    build_tiny_qwen_image(weights, task="edit")
+    path = write_config(tmp_path, scenario="qwen_image.yaml",
+                        model={"family": "qwen_image", "qwen_image": {"pretrained": str(weights)}})
+    first = run_base(load_config(path), progress=False)
+    assert run_base(load_config(path), progress=False).reused
+    (weights / "transformer" / "extra-notes.json").write_text('{"changed": true}')
+    changed = run_base(load_config(path), progress=False)
+    assert not changed.reused and changed.version != first.version
+
+
+def test_qwen_image_base_missing_local_path_names_the_key(tmp_path):
+    from flowrl.models import CheckpointError
+
+    path = write_config(tmp_path, scenario="qwen_image.yaml",
+                        model={"family": "qwen_image", "qwen_image": {"pretrained": str(tmp_path / "nope")}})
+    try:
+        run_base(load_config(path), progress=False)
+    except CheckpointError as exc:
+        assert str(exc).startswith("model.qwen_image.pretrained: ") and "does not exist" in str(exc)
+    else:
+        raise AssertionError("a missing weights directory was accepted")
+
+
 def test_qwen_image_base_names_missing_component(tmp_path):
     import shutil
 
@@ -120,7 +181,7 @@ def test_qwen_image_base_names_missing_component(tmp_path):
     try:
         run_base(load_config(path), progress=False)
     except CheckpointError as exc:
-        assert "vae" in str(exc)
+        assert str(exc).startswith("model.qwen_image.pretrained: ") and "vae" in str(exc)
     else:
         raise AssertionError("a missing vae/ was accepted")
     assert not (tmp_path / "artifacts").exists()
