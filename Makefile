@@ -8,7 +8,7 @@ CONFIG ?= configs/shapes.yaml
 # The CPU wheel of torch; GPU images install a CUDA build instead (images/).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv run test test-gpu base clean results/base_shapes.json
+.PHONY: venv run test test-gpu base bench clean results/base_shapes.json
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -39,3 +39,7 @@ clean:
 # The committed measurement of the base stage (results/base_shapes.json).
 results/base_shapes.json: venv
 	$(VENV)/bin/flowrl base --config configs/shapes.yaml --results $@
+
+# Benchmarks: measure and write results/*.json (they assert nothing).
+bench: venv
+	$(PY) -m bench.reward_server --output results/reward_server_bench.json

@@ -1,0 +1,149 @@
+"""Training and evaluating reward models on annotation data.
+
+The same backbone trains either pointwise (cross-entropy on one Likert
+column; reward = expected level) or pairwise (Bradley-Terry on the expected
+levels of the two images). Evaluation is on a held-out split of prompts:
+ordering accuracy on pairs and Spearman correlation with the judge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from flowrl.rewards.annotations import decode_png
+from flowrl.rewards.backbone import ScoreBackbone
+from flowrl.rewards.losses import bradley_terry_loss, expected_score, pointwise_loss
+
+PREFERENCE_VALUE = {"a": 1.0, "b": 0.0, "tie": 0.5}
+
+
+def _images(column: pd.Series) -> torch.Tensor:
+    """PNG bytes -> float [N, 3, H, W] in [0, 1]."""
+    arrays = np.stack([decode_png(b) for b in column])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
+
+
+@dataclass(frozen=True)
+class PointwiseData:
+    images: torch.Tensor  # [N, 3, H, W]
+    sources: torch.Tensor | None  # [N, 3, H, W] for edits
+    prompts: list[str]
+    labels: torch.Tensor  # [N] levels 1..5
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, column: str) -> "PointwiseData":
+        edits = frame["source_image"].notna().all() and len(frame) > 0
+        return cls(
+            images=_images(frame["image"]),
+            sources=_images(frame["source_image"]) if edits else None,
+            prompts=list(frame["prompt"]),
+            labels=torch.tensor(frame[column].to_numpy(), dtype=torch.long),
+        )
+
+
+@dataclass(frozen=True)
+class PairwiseData:
+    images_a: torch.Tensor
+    images_b: torch.Tensor
+    sources: torch.Tensor | None
+    prompts: list[str]
+    preference: torch.Tensor  # [N] 1 = a, 0 = b, 0.5 = tie
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> "PairwiseData":
+        edits = frame["source_image"].notna().all() and len(frame) > 0
+        return cls(
+            images_a=_images(frame["image_a"]),
+            images_b=_images(frame["image_b"]),
+            sources=_images(frame["source_image"]) if edits else None,
+            prompts=list(frame["prompt"]),
+            preference=torch.tensor([PREFERENCE_VALUE[p] for p in frame["preference"]]),
+        )
+
+
+def split_by_prompt(frame: pd.DataFrame, heldout_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train / held-out rows with no prompt on both sides."""
+    prompts = np.array(sorted(frame["prompt"].unique()))
+    rng = np.random.default_rng(seed)
+    heldout = set(rng.choice(prompts, size=max(1, int(round(len(prompts) * heldout_fraction))), replace=False))
+    mask = frame["prompt"].isin(heldout).to_numpy()
+    return frame[~mask].reset_index(drop=True), frame[mask].reset_index(drop=True)
+
+
+def _rows(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, n, (batch_size,), generator=gen)
+
+
+def _sub(x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if x is None else x[idx]
+
+
+def pointwise_step_loss(backbone: ScoreBackbone, data: PointwiseData, idx: torch.Tensor) -> torch.Tensor:
+    logits = backbone.level_logits(data.images[idx], [data.prompts[i] for i in idx], _sub(data.sources, idx))
+    return pointwise_loss(logits, data.labels[idx])
+
+
+def pairwise_step_loss(backbone: ScoreBackbone, data: PairwiseData, idx: torch.Tensor) -> torch.Tensor:
+    prompts = [data.prompts[i] for i in idx]
+    src = _sub(data.sources, idx)
+    reward_a = expected_score(backbone.level_logits(data.images_a[idx], prompts, src))
+    reward_b = expected_score(backbone.level_logits(data.images_b[idx], prompts, src))
+    return bradley_terry_loss(reward_a, reward_b, data.preference[idx])
+
+
+def fit(
+    backbone: ScoreBackbone,
+    step_loss: Callable[[torch.Tensor], torch.Tensor],
+    n_rows: int,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log: Callable[[dict[str, float], int], None] | None = None,
+) -> list[float]:
+    """AdamW on ``step_loss(row indices)``; returns the loss per step."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(backbone.parameters(), lr=lr, weight_decay=0.01)
+    losses = []
+    for step in range(steps):
+        loss = step_loss(_rows(n_rows, batch_size, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log is not None and step % 50 == 0:
+            log({"train/loss": loss.item()}, step)
+    return losses
+
+
+@torch.no_grad()
+def rewards_of(
+    backbone: ScoreBackbone, images: torch.Tensor, prompts: list[str], sources: torch.Tensor | None, batch: int = 256
+) -> torch.Tensor:
+    """Expected levels [N] in batches."""
+    out = []
+    for s in range(0, len(prompts), batch):
+        src = None if sources is None else sources[s : s + batch]
+        out.append(expected_score(backbone.level_logits(images[s : s + batch], prompts[s : s + batch], src)))
+    return torch.cat(out)
+
+
+def ordering_accuracy(reward_a: torch.Tensor, reward_b: torch.Tensor, preference: torch.Tensor) -> float:
+    """Share of non-tied pairs the rewards order as ``preference`` does."""
+    decided = preference != 0.5
+    if not decided.any():
+        raise ValueError("no decided pairs to score")
+    agree = (reward_a > reward_b) == (preference == 1.0)
+    return float(agree[decided].float().mean())
+
+
+def spearman(scores: torch.Tensor, reference: np.ndarray) -> float:
+    return float(spearmanr(scores.numpy(), reference).statistic)
