@@ -20,9 +20,10 @@ from pathlib import Path
 
 from flowrl.config import ConfigError, describe_fields, load_config
 from flowrl.models import CheckpointError
+from flowrl.rewards.annotations import AnnotationError
 from flowrl.storage import ArtifactError
 
-USER_ERRORS = (ConfigError, ArtifactError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ArtifactError, CheckpointError, AnnotationError, FileNotFoundError)
 
 
 def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowrl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _stage_parser(sub, "base", "pretrain the shapes model, or validate Qwen-Image weights")
+    p = _stage_parser(sub, "annotate", "build the annotation datasets (simulated annotators on the shapes world)")
+    p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
+    p = _stage_parser(sub, "reward-model", "train the reward models on the annotation datasets")
+    p.add_argument("--annotations", required=True, metavar="URI", help="the annotate stage's artifact")
     v = sub.add_parser("validate", help="check a config file and exit")
     v.add_argument("--config", required=True)
     sub.add_parser("config-doc", help="print every config key with its default and meaning")
@@ -78,6 +83,14 @@ def _dispatch(args) -> int:
         from flowrl.stages.base import run_base
 
         result = run_base(config, output_root=args.output, tracker=_tracker(args), progress=not args.no_progress)
+    elif args.command == "annotate":
+        from flowrl.stages.annotate import run_annotate
+
+        result = run_annotate(config, args.base, output_root=args.output, tracker=_tracker(args))
+    elif args.command == "reward-model":
+        from flowrl.stages.reward_model import run_reward_model
+
+        result = run_reward_model(config, args.annotations, output_root=args.output, tracker=_tracker(args))
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
     if result.reused:

@@ -158,6 +158,40 @@ class BaseConfig:
 
 
 @dataclass(frozen=True)
+class AnnotateConfig:
+    """Stage `annotate`: candidate images and simulated annotators (shapes world)."""
+
+    seed: int = param(101, "Seed of the annotation prompts (disjoint use from eval.seed).", ge=0)
+    t2i_per_category: int = param(300, "Fresh T2I prompts per category.", ge=1)
+    edits_per_kind: int = param(300, "Fresh edit instructions per kind.", ge=1)
+    model_samples: int = param(2, "Base-model samples per prompt added to the rendered candidates.", ge=0)
+    annotators: int = param(8, "Simulated annotators in the pool.", ge=1)
+    bias_std: float = param(0.3, "Std of an annotator's bias, in Likert levels.", ge=0)
+    noise_min: float = param(0.3, "Smallest annotator noise std, in Likert levels.", ge=0)
+    noise_max: float = param(0.7, "Largest annotator noise std, in Likert levels.", ge=0)
+    labels_per_image: int = param(2, "Annotators labelling each image (pointwise).", ge=1)
+    pairs_per_prompt: int = param(4, "Judged pairs per prompt (pairwise).", ge=0)
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """Stage `reward_model`: pointwise scorers per criterion, and a pairwise one to compare."""
+
+    backbone: Literal["shapes"] = param("shapes", "Scorer backbone trained by this stage (vlm: see flowrl.rewards.vlm).")
+    width: int = param(96, "Scorer width.", ge=8)
+    depth: int = param(4, "Scorer transformer blocks.", ge=1)
+    heads: int = param(4, "Scorer attention heads.", ge=1)
+    steps: int = param(3000, "Optimizer steps per model.", ge=1)
+    batch_size: int = param(64, "Rows per step.", ge=1)
+    lr: float = param(1e-3, "AdamW learning rate.", gt=0)
+    heldout_fraction: float = param(0.2, "Share of prompts held out for the metrics.", gt=0, lt=1)
+    on_bad_row: Literal["fail", "skip"] = param("fail", "Bad annotation rows: fail the stage, or skip them (counted).")
+    t2i_criteria: tuple[str, ...] = param(("alignment", "quality", "fidelity"), "Likert columns with a T2I pointwise model.")
+    edit_criteria: tuple[str, ...] = param(("alignment",), "Likert columns with an edit pointwise model.")
+    pairwise: bool = param(True, "Also train the pairwise (Bradley-Terry) model per task, for comparison.")
+
+
+@dataclass(frozen=True)
 class FlowRLConfig:
     """A whole scenario: one YAML file."""
 
@@ -167,6 +201,8 @@ class FlowRLConfig:
     sampler: SamplerConfig = section(SamplerConfig, "Deployment sampler.")
     eval: EvalConfig = section(EvalConfig, "Held-out evaluation sets.")
     base: BaseConfig = section(BaseConfig, "Stage base.")
+    annotate: AnnotateConfig = section(AnnotateConfig, "Stage annotate.")
+    reward_model: RewardModelConfig = section(RewardModelConfig, "Stage reward_model.")
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the given sections (what a stage's output depends on)."""
@@ -220,6 +256,22 @@ def check_consistency(config: FlowRLConfig) -> None:
     if config.world.resolution % m.shapes.patch:
         raise ConfigError(
             f"model.shapes.patch: {m.shapes.patch} does not divide world.resolution {config.world.resolution}"
+        )
+    r = config.reward_model
+    if r.width % r.heads or (r.width // r.heads) % 4:
+        raise ConfigError(
+            f"reward_model.heads: {r.heads} must divide reward_model.width {r.width} into heads of a multiple of 4"
+        )
+    for key in ("t2i_criteria", "edit_criteria"):
+        for name in getattr(r, key):
+            if name not in ("alignment", "quality", "fidelity"):
+                raise ConfigError(f"reward_model.{key}: unknown criterion {name!r} (alignment, quality, fidelity)")
+    a = config.annotate
+    if a.noise_min > a.noise_max:
+        raise ConfigError(f"annotate.noise_min: {a.noise_min} is above annotate.noise_max {a.noise_max}")
+    if a.labels_per_image > a.annotators:
+        raise ConfigError(
+            f"annotate.labels_per_image: {a.labels_per_image} is more than annotate.annotators {a.annotators}"
         )
     if m.family == "qwen_image":
         q = m.qwen_image

@@ -1,0 +1,83 @@
+"""Stage `annotate`: the annotation datasets the reward models learn from.
+
+Shapes world: candidates per fresh prompt (base-model samples plus clean,
+perturbed and degraded renderings) labelled by simulated annotators.
+Production brings its own human labels in the same schema (see
+:mod:`flowrl.rewards.annotations`); this stage is where they would be
+validated and versioned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flowrl.config import FlowRLConfig
+from flowrl.evaluation import generate, to_uint8
+from flowrl.models import load_checkpoint
+from flowrl.rewards.shapes_annotators import annotator_pool
+from flowrl.rewards.shapes_dataset import Candidates, add_model_samples, annotate, draw_candidates
+from flowrl.stages.common import StageResult, commit_stage, committed_result, stage_context
+from flowrl.shapes.render import to_tensor
+from flowrl.storage import fetch
+from flowrl.tracking import Tracker
+
+STAGE = "annotate"
+SECTIONS = ("run.seed", "world", "sampler", "annotate")
+
+
+def _model_samples(model, candidates: list[Candidates], config: FlowRLConfig) -> list[list[np.ndarray]]:
+    """``annotate.model_samples`` deployment-sampler images per prompt, in order."""
+    k = config.annotate.model_samples
+    samples: list[list[np.ndarray]] = [[] for _ in candidates]
+    for offset, task in enumerate(("t2i", "edit")):
+        rows = [i for i, c in enumerate(candidates) if c.task == task for _ in range(k)]
+        if not rows:
+            continue
+        seeds = [config.annotate.seed * 1_000_003 + offset * 500_000 + j for j in range(len(rows))]
+        sources = to_tensor(np.stack([candidates[i].source for i in rows])) if task == "edit" else None
+        images = generate(
+            model, [candidates[i].prompt for i in rows], seeds, config.sampler,
+            sources=sources, batch_size=config.eval.batch_size,
+        )
+        for i, image in zip(rows, to_uint8(images)):
+            samples[i].append(image)
+    return samples
+
+
+def run_annotate(
+    config: FlowRLConfig,
+    base_uri: str,
+    *,
+    output_root: str | None = None,
+    tracker: Tracker | None = None,
+) -> StageResult:
+    inputs = {"base": base_uri}
+    done = committed_result(STAGE, config, SECTIONS, inputs, output_root)
+    if done is not None:
+        return done
+    model = load_checkpoint(fetch(base_uri), expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
+    with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
+        a = config.annotate
+        rng = np.random.default_rng([config.run.seed, a.seed])
+        candidates = draw_candidates(rng, a.t2i_per_category, a.edits_per_kind, config.world.resolution)
+        if a.model_samples:
+            candidates = add_model_samples(candidates, _model_samples(model, candidates, config))
+        pool = annotator_pool(rng, a.annotators, a.bias_std, (a.noise_min, a.noise_max))
+        pointwise, pairwise = annotate(candidates, pool, rng, a.labels_per_image, a.pairs_per_prompt)
+        pointwise.to_parquet(ctx.staging / "pointwise.parquet")
+        pairwise.to_parquet(ctx.staging / "pairwise.parquet")
+        metrics = _summary(pointwise, pairwise)
+        ctx.tracker.log_metrics(metrics)
+        return commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)
+
+
+def _summary(pointwise, pairwise) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for task, rows in pointwise.groupby("task"):
+        metrics[f"{task}/pointwise_rows"] = float(len(rows))
+        for column in ("alignment", "quality", "fidelity"):
+            metrics[f"{task}/mean_{column}"] = float(rows[column].mean())
+    for task, rows in pairwise.groupby("task"):
+        metrics[f"{task}/pairwise_rows"] = float(len(rows))
+        metrics[f"{task}/tie_rate"] = float((rows["preference"] == "tie").mean())
+    return metrics

@@ -1,0 +1,134 @@
+"""Stage `reward_model`: train the reward models on the annotation datasets.
+
+Per task, one pointwise scorer per configured Likert criterion (reward =
+expected level) and, for comparison, one pairwise (Bradley-Terry) scorer on
+the preference pairs. Metrics on held-out prompts: ordering accuracy on the
+judge's preference between two images of the same prompt, and Spearman
+correlation of the reward with the judge's latent score (shapes world).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from flowrl.config import FlowRLConfig
+from flowrl.rewards.annotations import decode_png, load_annotations
+from flowrl.rewards.shapes_annotators import Annotator, Latents, latents_for
+from flowrl.rewards.shapes_scorer import ScorerArch, ShapesScorer
+from flowrl.rewards.training import (
+    PREFERENCE_VALUE,
+    PairwiseData,
+    PointwiseData,
+    fit,
+    ordering_accuracy,
+    pairwise_step_loss,
+    pointwise_step_loss,
+    rewards_of,
+    spearman,
+    split_by_prompt,
+)
+from flowrl.shapes.edits import parse_edit
+from flowrl.shapes.prompts import parse_t2i
+from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
+from flowrl.storage import fetch
+from flowrl.tracking import Tracker
+
+STAGE = "reward_model"
+SECTIONS = ("run.seed", "world", "reward_model")
+_JUDGE_AS_ANNOTATOR = Annotator("judge", bias=0.0, noise=0.0)
+
+
+def _judge_latents(frame: pd.DataFrame, image_column: str) -> list[Latents]:
+    """The judge's latents of each row's image (held-out evaluation only)."""
+    images = np.stack([decode_png(b) for b in frame[image_column]])
+    if frame["task"].iloc[0] == "t2i":
+        return latents_for(images, [parse_t2i(p) for p in frame["prompt"]])
+    sources = np.stack([decode_png(b) for b in frame["source_image"]])
+    return latents_for(images, [parse_edit(p) for p in frame["prompt"]], sources)
+
+
+@torch.no_grad()
+def _evaluate(scorer: ShapesScorer, points: pd.DataFrame, pairs: pd.DataFrame, criterion: str) -> dict[str, float]:
+    """Spearman with the judge's ``criterion`` latent; ordering accuracy on the judge's preferences."""
+    scorer.eval()
+    unique = points.drop_duplicates("image").reset_index(drop=True)
+    data = PointwiseData.from_frame(unique, criterion)
+    judge_scores = np.array([getattr(lat, criterion) for lat in _judge_latents(unique, "image")])
+    rewards = rewards_of(scorer, data.images, data.prompts, data.sources)
+    pair_data = PairwiseData.from_frame(pairs)
+    lat_a, lat_b = _judge_latents(pairs, "image_a"), _judge_latents(pairs, "image_b")
+    rng = np.random.default_rng(0)
+    judged = torch.tensor([PREFERENCE_VALUE[_JUDGE_AS_ANNOTATOR.prefer(a, b, rng)] for a, b in zip(lat_a, lat_b)])
+    reward_a = rewards_of(scorer, pair_data.images_a, pair_data.prompts, pair_data.sources)
+    reward_b = rewards_of(scorer, pair_data.images_b, pair_data.prompts, pair_data.sources)
+    return {
+        "spearman": spearman(rewards, judge_scores),
+        "pairwise_accuracy": ordering_accuracy(reward_a, reward_b, judged),
+        "heldout_images": float(len(unique)),
+        "heldout_pairs": float(len(pairs)),
+    }
+
+
+def _new_scorer(config: FlowRLConfig, seed: int) -> ShapesScorer:
+    r = config.reward_model
+    torch.manual_seed(seed)
+    return ShapesScorer(ScorerArch(width=r.width, depth=r.depth, heads=r.heads), config.world.resolution)
+
+
+def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pairs: pd.DataFrame) -> dict:
+    r = config.reward_model
+    seed = config.run.seed
+    train_p, held_p = split_by_prompt(points[points.task == task].reset_index(drop=True), r.heldout_fraction, seed)
+    train_q, held_q = split_by_prompt(pairs[pairs.task == task].reset_index(drop=True), r.heldout_fraction, seed)
+    criteria = r.t2i_criteria if task == "t2i" else r.edit_criteria
+    log = lambda metrics, step: ctx.tracker.log_metrics({f"{task}/{k}": v for k, v in metrics.items()}, step)
+    metrics: dict = {}
+    for criterion in criteria:
+        start = time.perf_counter()
+        scorer = _new_scorer(config, seed)
+        data = PointwiseData.from_frame(train_p, criterion)
+        fit(scorer, lambda idx: pointwise_step_loss(scorer, data, idx), len(data.prompts),
+            steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)
+        scorer.save(ctx.staging / task / f"pointwise_{criterion}")
+        metrics[f"pointwise_{criterion}"] = {**_evaluate(scorer, held_p, held_q, criterion),
+                                             "train_s": round(time.perf_counter() - start, 1)}
+    if r.pairwise:
+        start = time.perf_counter()
+        scorer = _new_scorer(config, seed)
+        data = PairwiseData.from_frame(train_q)
+        fit(scorer, lambda idx: pairwise_step_loss(scorer, data, idx), len(data.prompts),
+            steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)
+        scorer.save(ctx.staging / task / "pairwise")
+        metrics["pairwise"] = {**_evaluate(scorer, held_p, held_q, "alignment"),
+                               "train_s": round(time.perf_counter() - start, 1)}
+    return metrics
+
+
+def run_reward_model(
+    config: FlowRLConfig,
+    annotations_uri: str,
+    *,
+    output_root: str | None = None,
+    tracker: Tracker | None = None,
+) -> StageResult:
+    inputs = {"annotations": annotations_uri}
+    done = committed_result(STAGE, config, SECTIONS, inputs, output_root)
+    if done is not None:
+        return done
+    local = fetch(annotations_uri)
+    policy = config.reward_model.on_bad_row
+    points, point_report = load_annotations(local / "pointwise.parquet", "pointwise", policy)
+    pairs, pair_report = load_annotations(local / "pairwise.parquet", "pairwise", policy)
+    with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
+        metrics: dict = {
+            "skipped_rows": {"pointwise": point_report.rows - point_report.kept,
+                             "pairwise": pair_report.rows - pair_report.kept},
+        }
+        for task in ("t2i", "edit"):
+            metrics[task] = _train_task(ctx, config, task, points, pairs)
+        ctx.tracker.log_metrics(flat_metrics(metrics))
+        return commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)

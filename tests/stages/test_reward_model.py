@@ -1,0 +1,54 @@
+"""Stage `reward_model` on the smoke config."""
+
+import pandas as pd
+import pytest
+
+from flowrl.config import load_config
+from flowrl.rewards.annotations import AnnotationError
+from flowrl.rewards.shapes_scorer import ShapesScorer
+from flowrl.stages.annotate import run_annotate
+from flowrl.stages.base import run_base
+from flowrl.stages.reward_model import run_reward_model
+from flowrl.storage import ArtifactStore, fetch, read_manifest
+
+
+@pytest.fixture(scope="module")
+def annotations(tmp_path_factory):
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path_factory.mktemp("rm"))
+    config = load_config(path)
+    return config, run_annotate(config, run_base(config, progress=False).uri)
+
+
+def test_reward_model_trains_every_model_and_reports_both_paradigms(annotations):
+    config, annotated = annotations
+    result = run_reward_model(config, annotated.uri)
+    assert read_manifest(result.uri).inputs == {"annotations": annotated.uri}
+    local = fetch(result.uri)
+    for task, criteria in (("t2i", config.reward_model.t2i_criteria), ("edit", config.reward_model.edit_criteria)):
+        for name in [f"pointwise_{c}" for c in criteria] + ["pairwise"]:
+            ShapesScorer.load(local / task / name)  # loads back
+            m = result.metrics[task][name]
+            assert -1.0 <= m["spearman"] <= 1.0 and 0.0 <= m["pairwise_accuracy"] <= 1.0
+    assert result.metrics["skipped_rows"] == {"pointwise": 0, "pairwise": 0}
+
+
+def test_bad_rows_fail_or_are_skipped_by_config(annotations, tmp_path):
+    config, annotated = annotations
+    local = fetch(annotated.uri)
+    frame = pd.read_parquet(local / "pointwise.parquet")
+    frame.loc[2, "quality"] = 9
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    frame.to_parquet(staging / "pointwise.parquet")
+    (staging / "pairwise.parquet").write_bytes((local / "pairwise.parquet").read_bytes())
+    store = ArtifactStore(config.run.artifact_root)
+    bad_uri = store.commit(staging, stage="annotate", version="with-bad-row", config_hash="x", inputs={})
+    with pytest.raises(AnnotationError, match="row 2: quality: score must be an integer in 1..5, got 9"):
+        run_reward_model(config, bad_uri)
+    import dataclasses
+
+    skipping = dataclasses.replace(config, reward_model=dataclasses.replace(config.reward_model, on_bad_row="skip"))
+    result = run_reward_model(skipping, bad_uri)
+    assert result.metrics["skipped_rows"] == {"pointwise": 1, "pairwise": 0}
