@@ -181,7 +181,10 @@ class RewardModelConfig:
     width: int = param(96, "Scorer width.", ge=8)
     depth: int = param(4, "Scorer transformer blocks.", ge=1)
     heads: int = param(4, "Scorer attention heads.", ge=1)
-    steps: int = param(3000, "Optimizer steps per model.", ge=1)
+    steps: int = param(3000, "Optimizer steps of the alignment and pairwise models.", ge=1)
+    easy_steps: int = param(
+        800, "Optimizer steps of the quality and fidelity models (texture and structure learn much faster).", ge=1
+    )
     batch_size: int = param(64, "Rows per step.", ge=1)
     lr: float = param(1e-3, "AdamW learning rate.", gt=0)
     heldout_fraction: float = param(0.2, "Share of prompts held out for the metrics.", gt=0, lt=1)

@@ -146,8 +146,12 @@ class ArtifactStore:
         config_hash: str,
         inputs: dict[str, str],
         extra: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> str:
         """Upload every file of ``staging_dir``, then the manifest; return the URI.
+
+        ``code`` is the code version the version was derived from (default:
+        the code as it is now).
 
         Write-once: if the version is already complete it is left untouched
         (same version = same inputs, config and code).
@@ -166,7 +170,7 @@ class ArtifactStore:
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(path), target)
         manifest = Manifest(
-            stage=stage, version=version, config_hash=config_hash, code_version=code_version(),
+            stage=stage, version=version, config_hash=config_hash, code_version=code or code_version(),
             inputs=dict(inputs), files=files, created_unix=time.time(), extra=dict(extra or {}),
         )
         self._write_manifest(uri, manifest)

@@ -30,9 +30,11 @@ class StageResult:
     reused: bool = False
 
 
-def stage_version(stage: str, config: FlowRLConfig, sections: tuple[str, ...], inputs: dict[str, str]) -> str:
+def stage_version(
+    stage: str, config: FlowRLConfig, sections: tuple[str, ...], inputs: dict[str, str], code: str | None = None
+) -> str:
     """The content-derived version: stage, its config sections, code, inputs."""
-    return artifact_version(stage, config.section_hash(*sections), code_version(), inputs)
+    return artifact_version(stage, config.section_hash(*sections), code or code_version(), inputs)
 
 
 def committed_result(
@@ -65,6 +67,7 @@ class StageContext:
     staging: Path
     tracker: Tracker
     version: str
+    code: str
 
 
 @contextmanager
@@ -84,12 +87,13 @@ def stage_context(
     """
     set_torch_threads(config.run.torch_threads)
     config_hash = config.section_hash(*sections)
-    version = stage_version(stage, config, sections, inputs)
+    code = code_version()  # fixed at the start: edits to the source mid-run do not change it
+    version = stage_version(stage, config, sections, inputs, code)
     tracker = tracker if tracker is not None else make_tracker(config)
-    tags = {"flowrl.version": version, "flowrl.config_hash": config_hash, "flowrl.code_version": code_version()}
+    tags = {"flowrl.version": version, "flowrl.config_hash": config_hash, "flowrl.code_version": code}
     tags.update({f"flowrl.input.{k}": v for k, v in inputs.items()})
     with tracker.stage_run(stage, config, tags=tags), StagingDir(stage) as staging:
-        yield StageContext(config=config, staging=staging, tracker=tracker, version=version)
+        yield StageContext(config=config, staging=staging, tracker=tracker, version=version, code=code)
 
 
 def commit_stage(
@@ -106,7 +110,7 @@ def commit_stage(
     run_id = ctx.tracker.run_id
     uri = store.commit(
         ctx.staging, stage=stage, version=ctx.version, config_hash=ctx.config.section_hash(*sections),
-        inputs=inputs, extra={"mlflow_run_id": run_id} if run_id else {},
+        inputs=inputs, extra={"mlflow_run_id": run_id} if run_id else {}, code=ctx.code,
     )
     ctx.tracker.set_tags({"flowrl.artifact_uri": uri})
     return StageResult(stage=stage, version=ctx.version, uri=uri, run_id=run_id, metrics=metrics)

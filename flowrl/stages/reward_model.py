@@ -91,8 +91,9 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
         start = time.perf_counter()
         scorer = _new_scorer(config, seed)
         data = PointwiseData.from_frame(train_p, criterion)
+        steps = r.steps if criterion == "alignment" else r.easy_steps
         fit(scorer, lambda idx: pointwise_step_loss(scorer, data, idx), len(data.prompts),
-            steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)
+            steps=steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)
         scorer.save(ctx.staging / task / f"pointwise_{criterion}")
         metrics[f"pointwise_{criterion}"] = {**_evaluate(scorer, held_p, held_q, criterion),
                                              "train_s": round(time.perf_counter() - start, 1)}

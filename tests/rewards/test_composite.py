@@ -27,6 +27,14 @@ class FixedReward:
         return RewardScores(total=self.values, components={"fixed": self.values})
 
 
+@pytest.fixture
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def first_letter(prompt: str) -> str:
     return prompt[0]
 
@@ -137,8 +145,7 @@ def test_shapes_category_rejects_other_text_quoting_it(prompt):
         shapes_category(prompt)
 
 
-def test_shapes_edit_composite_with_identity():
-    torch.set_num_threads(1)
+def test_shapes_edit_composite_with_identity(single_thread):
     examples = make_edit_set(seed=2, n_per_kind=2)
     sources = render_batch([e.source for e in examples])
     prompts = [e.instruction for e in examples]

@@ -88,6 +88,16 @@ def test_two_objects_of_the_named_colour_are_both_left_unchecked():
     assert regions.nonzero()[:, 0].tolist() == [cell_index(2, 2)]
 
 
+def test_move_touches_the_destination_cell_and_drops_moves_off_the_grid():
+    # The grammar never moves into an occupied cell; if a source had one, the
+    # object there is where the moved one must land, so it is not checked.
+    scorer = ShapesIdentityScorer()
+    regions = scorer.regions(image(RED_CIRCLE, ("square", "blue", 1, 1), BLUE_SQUARE), ["move the red circle down"])
+    assert regions[0].nonzero()[:, 0].tolist() == [cell_index(2, 2)]
+    regions = scorer.regions(image(RED_CIRCLE, BLUE_SQUARE), ["move the red circle up"])  # row -1: off the grid
+    assert regions[0].nonzero()[:, 0].tolist() == [cell_index(2, 2)]
+
+
 def test_changing_an_untouched_object_lowers_the_score_clearly():
     source = image(RED_CIRCLE, BLUE_SQUARE)
     instruction = "remove the blue square"  # the red circle is the one untouched object
@@ -135,6 +145,12 @@ def test_scores_lie_in_unit_interval_and_keep_batch_order():
     torch.testing.assert_close(parts.components["identity"], parts.total)
 
 
+def _timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def test_throughput_is_well_above_a_thousand_images_per_second():
     examples = make_edit_set(seed=0, n_per_kind=64)
     sources = render_batch([e.source for e in examples])
@@ -142,9 +158,7 @@ def test_throughput_is_well_above_a_thousand_images_per_second():
     prompts = [e.instruction for e in examples]
     scorer = ShapesIdentityScorer()
     scorer.score(targets, prompts, sources)
-    start = time.perf_counter()
-    scorer.score(targets, prompts, sources)
-    elapsed = time.perf_counter() - start
+    elapsed = min(_timed(lambda: scorer.score(targets, prompts, sources)) for _ in range(3))  # a busy CI core
     assert len(examples) / elapsed > 1000, f"{len(examples) / elapsed:.0f} images/s"
 
 
@@ -166,13 +180,13 @@ def faces(batch: int, seed: int) -> torch.Tensor:
 
 def test_face_identity_of_identical_images_is_one_and_changes_lower_it():
     embedder = TorchFaceEmbedder(tiny_face_net(), input_size=(16, 16))
-    assert isinstance(embedder, FaceEmbedder)
+    assert isinstance(embedder, FaceEmbedder) and not embedder.module.training  # batch norm on running stats
     scorer = FaceIdentityScorer(embedder)
     sources = faces(3, seed=1)
     prompts = ["keep the face"] * 3
     torch.testing.assert_close(scorer.score(sources, prompts, sources), torch.ones(3))
     changed = scorer.score(faces(3, seed=2), prompts, sources)
-    assert (changed < 0.999).all() and ((changed >= 0) & (changed <= 1)).all()
+    assert (changed < 0.97).all() and ((changed >= 0) & (changed <= 1)).all()
     with pytest.raises(ValueError, match="sources are required"):
         scorer.score(sources, prompts)
 
@@ -198,7 +212,7 @@ def test_face_boxes_restrict_identity_to_the_face():
     face_changed = sources.clone()
     face_changed[:, :, :12, :10] = 1.0 - face_changed[:, :, :12, :10]
     torch.testing.assert_close(scorer.score(background_changed, ["p", "p"], sources), torch.ones(2))
-    assert (scorer.score(face_changed, ["p", "p"], sources) < 0.999).all()
+    assert (scorer.score(face_changed, ["p", "p"], sources) < 0.95).all()
 
 
 def test_face_embedder_rejects_bad_boxes_and_outputs():
