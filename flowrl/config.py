@@ -195,6 +195,55 @@ class RewardModelConfig:
 
 
 @dataclass(frozen=True)
+class T2IWeights:
+    """Weights of the T2I composite reward's components."""
+
+    alignment: float = param(1.0, "Prompt adherence (pointwise alignment model).", ge=0)
+    quality: float = param(0.25, "Texture and aesthetics (pointwise quality model).", ge=0)
+    fidelity: float = param(0.5, "Structural correctness (pointwise fidelity model).", ge=0)
+
+
+@dataclass(frozen=True)
+class EditWeights:
+    """Weights of the edit composite reward's components."""
+
+    instruction: float = param(1.0, "Instruction following (pointwise alignment model on edits).", ge=0)
+    identity: float = param(0.5, "Identity preservation of untouched regions (embedding similarity).", ge=0)
+
+
+@dataclass(frozen=True)
+class T2ICategoryWeights:
+    """Per-category overrides of ``rewards.t2i`` (null: the default weights)."""
+
+    single_object: T2IWeights | None = param(None, "Weights for single_object prompts.")
+    two_objects: T2IWeights | None = param(None, "Weights for two_objects prompts.")
+    counting: T2IWeights | None = param(None, "Weights for counting prompts.")
+    colors: T2IWeights | None = param(None, "Weights for colors prompts.")
+    position: T2IWeights | None = param(None, "Weights for position prompts.")
+    color_attr: T2IWeights | None = param(None, "Weights for color_attr prompts.")
+
+
+@dataclass(frozen=True)
+class EditKindWeights:
+    """Per-kind overrides of ``rewards.edit`` (null: the default weights)."""
+
+    recolor: EditWeights | None = param(None, "Weights for recolor instructions.")
+    remove: EditWeights | None = param(None, "Weights for remove instructions.")
+    add: EditWeights | None = param(None, "Weights for add instructions.")
+    move: EditWeights | None = param(None, "Weights for move instructions.")
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    """The composite rewards RL optimises: components and per-category weights."""
+
+    t2i: T2IWeights = section(T2IWeights, "Default T2I weights.")
+    edit: EditWeights = section(EditWeights, "Default edit weights.")
+    t2i_categories: T2ICategoryWeights = section(T2ICategoryWeights, "T2I weights by prompt category.")
+    edit_kinds: EditKindWeights = section(EditKindWeights, "Edit weights by instruction kind.")
+
+
+@dataclass(frozen=True)
 class FlowRLConfig:
     """A whole scenario: one YAML file."""
 
@@ -206,6 +255,7 @@ class FlowRLConfig:
     base: BaseConfig = section(BaseConfig, "Stage base.")
     annotate: AnnotateConfig = section(AnnotateConfig, "Stage annotate.")
     reward_model: RewardModelConfig = section(RewardModelConfig, "Stage reward_model.")
+    rewards: RewardsConfig = section(RewardsConfig, "Composite rewards used by RL.")
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the given sections (what a stage's output depends on)."""

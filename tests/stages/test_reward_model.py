@@ -52,3 +52,36 @@ def test_bad_rows_fail_or_are_skipped_by_config(annotations, tmp_path):
     skipping = dataclasses.replace(config, reward_model=dataclasses.replace(config.reward_model, on_bad_row="skip"))
     result = run_reward_model(skipping, bad_uri)
     assert result.metrics["skipped_rows"] == {"pointwise": 1, "pairwise": 0}
+
+
+def test_composite_rewards_from_the_artifact(annotations):
+    import dataclasses
+
+    import torch
+
+    from flowrl.config import T2IWeights
+    from flowrl.rewards import RewardModel
+    from flowrl.rewards.shapes_rewards import load_shapes_rewards
+    from flowrl.shapes import make_edit_set, make_t2i_set, render_batch
+
+    config, annotated = annotations
+    result = run_reward_model(config, annotated.uri)
+    counting = T2IWeights(alignment=2.0, quality=0.0, fidelity=1.0)
+    config = dataclasses.replace(config, rewards=dataclasses.replace(
+        config.rewards, t2i_categories=dataclasses.replace(config.rewards.t2i_categories, counting=counting)))
+    rewards = load_shapes_rewards(config, result.uri)
+    assert all(isinstance(r, RewardModel) for r in rewards.values())
+    t2i = make_t2i_set(3, 1)
+    images = render_batch([e.scene for e in t2i], 32)
+    scores = rewards["t2i"].score_components(images, [e.prompt for e in t2i])
+    assert set(scores.components) == {"alignment", "quality", "fidelity"}
+    assert torch.isfinite(scores.total).all() and scores.total.shape == (len(t2i),)
+    weights = rewards["t2i"].weight_matrix([e.prompt for e in t2i])
+    rows = {e.spec.category: w.tolist() for e, w in zip(t2i, weights)}
+    assert rows["counting"] == [2.0, 0.0, 1.0] and rows["colors"] == [1.0, 0.25, 0.5]
+    edits = make_edit_set(3, 1)
+    sources = render_batch([e.source for e in edits], 32)
+    targets = render_batch([e.target for e in edits], 32)
+    edit_scores = rewards["edit"].score_components(targets, [e.instruction for e in edits], sources)
+    assert set(edit_scores.components) == {"instruction", "identity"}
+    assert torch.all(edit_scores.components["identity"] == 1.0)  # the exact targets keep every untouched object
