@@ -177,7 +177,13 @@ class AnnotateConfig:
 class RewardModelConfig:
     """Stage `reward_model`: pointwise scorers per criterion, and a pairwise one to compare."""
 
-    backbone: Literal["shapes"] = param("shapes", "Scorer backbone trained by this stage (vlm: see flowrl.rewards.vlm).")
+    backbone: Literal["shapes", "vlm"] = param(
+        "shapes", "Scorer backbone: the small shapes scorer, or a Qwen2.5-VL model (vlm_pretrained)."
+    )
+    vlm_pretrained: str | None = param(
+        None, "vlm backbone: a local Qwen2.5-VL directory (model, tokenizer, image processor)."
+    )
+    vlm_rationale: bool = param(False, "vlm backbone: generate a rationale before scoring (chain of thought).")
     width: int = param(96, "Scorer width.", ge=8)
     depth: int = param(4, "Scorer transformer blocks.", ge=1)
     heads: int = param(4, "Scorer attention heads.", ge=1)
@@ -311,6 +317,8 @@ def check_consistency(config: FlowRLConfig) -> None:
             f"model.shapes.patch: {m.shapes.patch} does not divide world.resolution {config.world.resolution}"
         )
     r = config.reward_model
+    if r.backbone == "vlm" and not r.vlm_pretrained:
+        raise ConfigError("reward_model.vlm_pretrained: required when reward_model.backbone is vlm")
     if r.width % r.heads or (r.width // r.heads) % 4:
         raise ConfigError(
             f"reward_model.heads: {r.heads} must divide reward_model.width {r.width} into heads of a multiple of 4"

@@ -8,7 +8,8 @@ pointwise (one row per image and annotator)
     ``image`` PNG bytes, ``source_image`` PNG bytes (edits) or null (T2I),
     ``alignment`` / ``quality`` / ``fidelity`` int 1..5 (Likert: prompt or
     instruction adherence; texture and aesthetics; structural correctness),
-    ``annotator`` str.
+    ``annotator`` str; optional ``rationale`` str or null (why the annotator
+    scored as they did: the chain-of-thought target of a VLM scorer).
 
 pairwise (one row per judged pair)
     ``id``, ``task``, ``prompt``, ``category``, ``source_image`` as above,
@@ -99,6 +100,9 @@ def _row_problems(row: pd.Series, kind: Literal["pointwise", "pairwise"]) -> lis
         if problem:
             problems.append((name, problem))
     if kind == "pointwise":
+        rationale = row.get("rationale")
+        if rationale is not None and not isinstance(rationale, str) and not pd.isna(rationale):
+            problems.append(("rationale", f"expected text or null, got {type(rationale).__name__}"))
         for name in LIKERT_COLUMNS:
             value = row[name]
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 1 <= value <= 5:

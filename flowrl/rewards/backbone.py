@@ -19,6 +19,17 @@ class ScoreBackbone(Protocol):
     ) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1] -> logits [B, 5] over the levels 1..5."""
 
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        rationales: list[str] | None,
+        labels: torch.Tensor,
+        sources: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The pointwise objective on Likert ``labels`` [B] in 1..5 (plus, for
+        backbones that write text, the loss on the annotated rationales)."""
+
     def parameters(self): ...
 
     def save(self, directory) -> None:

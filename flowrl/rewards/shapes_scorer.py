@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flowrl.models.shapes_dit import Block, axial_rope
-from flowrl.rewards.losses import LEVELS
+from flowrl.rewards.losses import LEVELS, pointwise_loss
 from flowrl.shapes import vocab
 
 WEIGHTS, META = "scorer.safetensors", "scorer.json"
@@ -81,6 +81,17 @@ class ShapesScorer(nn.Module):
             h = block(h, pooled, mask, cos, sin)
         n_text = tokens.shape[1]
         return self.head(h[:, n_text : n_text + image.shape[1]].mean(dim=1))  # [B, 5]
+
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        rationales: list[str] | None,
+        labels: torch.Tensor,
+        sources: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy on the levels; this scorer writes no text, so rationales are unused."""
+        return pointwise_loss(self.level_logits(images, prompts, sources), labels)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

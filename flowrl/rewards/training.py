@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 
 from flowrl.rewards.annotations import decode_png
 from flowrl.rewards.backbone import ScoreBackbone
-from flowrl.rewards.losses import bradley_terry_loss, expected_score, pointwise_loss
+from flowrl.rewards.losses import bradley_terry_loss, expected_score
 
 PREFERENCE_VALUE = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
@@ -35,15 +35,18 @@ class PointwiseData:
     sources: torch.Tensor | None  # [N, 3, H, W] for edits
     prompts: list[str]
     labels: torch.Tensor  # [N] levels 1..5
+    rationales: list[str] | None  # the annotators' reasons, when the data has them
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, column: str) -> "PointwiseData":
         edits = frame["source_image"].notna().all() and len(frame) > 0
+        has_rationales = "rationale" in frame.columns and frame["rationale"].notna().all() and len(frame) > 0
         return cls(
             images=_images(frame["image"]),
             sources=_images(frame["source_image"]) if edits else None,
             prompts=list(frame["prompt"]),
             labels=torch.tensor(frame[column].to_numpy(), dtype=torch.long),
+            rationales=list(frame["rationale"]) if has_rationales else None,
         )
 
 
@@ -85,8 +88,10 @@ def _sub(x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
 
 
 def pointwise_step_loss(backbone: ScoreBackbone, data: PointwiseData, idx: torch.Tensor) -> torch.Tensor:
-    logits = backbone.level_logits(data.images[idx], [data.prompts[i] for i in idx], _sub(data.sources, idx))
-    return pointwise_loss(logits, data.labels[idx])
+    rationales = None if data.rationales is None else [data.rationales[i] for i in idx]
+    return backbone.training_loss(
+        data.images[idx], [data.prompts[i] for i in idx], rationales, data.labels[idx], _sub(data.sources, idx)
+    )
 
 
 def pairwise_step_loss(backbone: ScoreBackbone, data: PairwiseData, idx: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 from flowrl.config import FlowRLConfig
 from flowrl.rewards.annotations import decode_png, load_annotations
+from flowrl.rewards.backbone import ScoreBackbone
 from flowrl.rewards.shapes_annotators import Annotator, Latents, latents_for
 from flowrl.rewards.shapes_scorer import ScorerArch, ShapesScorer
 from flowrl.rewards.training import (
@@ -52,7 +53,7 @@ def _judge_latents(frame: pd.DataFrame, image_column: str) -> list[Latents]:
 
 
 @torch.no_grad()
-def _evaluate(scorer: ShapesScorer, points: pd.DataFrame, pairs: pd.DataFrame, criterion: str) -> dict[str, float]:
+def _evaluate(scorer: ScoreBackbone, points: pd.DataFrame, pairs: pd.DataFrame, criterion: str) -> dict[str, float]:
     """Spearman with the judge's ``criterion`` latent; ordering accuracy on the judge's preferences."""
     scorer.eval()
     unique = points.drop_duplicates("image").reset_index(drop=True)
@@ -73,9 +74,22 @@ def _evaluate(scorer: ShapesScorer, points: pd.DataFrame, pairs: pd.DataFrame, c
     }
 
 
-def _new_scorer(config: FlowRLConfig, seed: int) -> ShapesScorer:
+# the VLM scorer's name for what the shapes annotations call "alignment" on edits
+_VLM_CRITERIA = {("edit", "alignment"): "instruction_following"}
+
+
+def _new_scorer(config: FlowRLConfig, task: str, criterion: str, seed: int) -> ScoreBackbone:
+    """A fresh shapes scorer, or the pretrained VLM set up for ``criterion``."""
     r = config.reward_model
     torch.manual_seed(seed)
+    if r.backbone == "vlm":
+        from flowrl.rewards.vlm import CRITERIA, QwenVLScorer
+
+        name = _VLM_CRITERIA.get((task, criterion), criterion)
+        scorer = QwenVLScorer.from_pretrained(
+            str(r.vlm_pretrained), criterion=name, criterion_description=CRITERIA[name], rationale=r.vlm_rationale
+        )
+        return scorer.train()
     return ShapesScorer(ScorerArch(width=r.width, depth=r.depth, heads=r.heads), config.world.resolution)
 
 
@@ -89,7 +103,7 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
     metrics: dict = {}
     for criterion in criteria:
         start = time.perf_counter()
-        scorer = _new_scorer(config, seed)
+        scorer = _new_scorer(config, task, criterion, seed)
         data = PointwiseData.from_frame(train_p, criterion)
         steps = r.steps if criterion == "alignment" else r.easy_steps
         fit(scorer, lambda idx: pointwise_step_loss(scorer, data, idx), len(data.prompts),
@@ -99,7 +113,7 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
                                              "train_s": round(time.perf_counter() - start, 1)}
     if r.pairwise:
         start = time.perf_counter()
-        scorer = _new_scorer(config, seed)
+        scorer = _new_scorer(config, task, "alignment", seed)
         data = PairwiseData.from_frame(train_q)
         fit(scorer, lambda idx: pairwise_step_loss(scorer, data, idx), len(data.prompts),
             steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)

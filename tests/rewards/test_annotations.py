@@ -121,3 +121,15 @@ def test_png_roundtrip_is_lossless():
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     assert np.array_equal(decode_png(png_bytes(image)), image)
     assert isinstance(pd.DataFrame({"x": [png_bytes(image)]}).x[0], bytes)
+
+
+def test_optional_rationale_column(tmp_path, frames):
+    pointwise = frames[0].copy()
+    pointwise["rationale"] = "the circle is where the prompt says"
+    pointwise.to_parquet(tmp_path / "ok.parquet")
+    kept, _ = load_annotations(tmp_path / "ok.parquet", "pointwise")
+    assert kept["rationale"].notna().all()
+    pointwise["rationale"] = 3  # a numeric column where text belongs
+    pointwise.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(AnnotationError, match="row 0: rationale: expected text or null, got int"):
+        load_annotations(tmp_path / "bad.parquet", "pointwise")

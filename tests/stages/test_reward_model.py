@@ -85,3 +85,34 @@ def test_composite_rewards_from_the_artifact(annotations):
     edit_scores = rewards["edit"].score_components(targets, [e.instruction for e in edits], sources)
     assert set(edit_scores.components) == {"instruction", "identity"}
     assert torch.all(edit_scores.components["identity"] == 1.0)  # the exact targets keep every untouched object
+
+
+def test_vlm_backbone_trains_through_the_same_stage(annotations, tmp_path):
+    """The production backbone (a tiny random Qwen2.5-VL here) through the same
+    stage code: pointwise per criterion and pairwise, saved with save_pretrained."""
+    import dataclasses
+
+    import torch
+    from transformers import Qwen2VLImageProcessorPil
+
+    from flowrl.rewards.vlm import QwenVLScorer
+    from tests.models.tiny_qwen_image import build_text_encoder, build_tokenizer
+
+    config, annotated = annotations
+    vlm_dir = tmp_path / "tiny-vlm"
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(vlm_dir)
+    build_text_encoder(tokenizer, seed=0).save_pretrained(vlm_dir)
+    Qwen2VLImageProcessorPil().save_pretrained(vlm_dir)
+    rm = dataclasses.replace(config.reward_model, backbone="vlm", vlm_pretrained=str(vlm_dir), steps=2,
+                             easy_steps=1, batch_size=2, t2i_criteria=("alignment",))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_reward_model(dataclasses.replace(config, reward_model=rm), annotated.uri)
+    finally:
+        torch.set_num_threads(threads)
+    local = fetch(result.uri)
+    scorer = QwenVLScorer.from_pretrained(local / "edit" / "pointwise_alignment")
+    assert scorer.settings.criterion == "instruction_following"
+    assert set(result.metrics["t2i"]) == {"pointwise_alignment", "pairwise"}
