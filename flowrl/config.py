@@ -171,6 +171,11 @@ class AnnotateConfig:
     noise_max: float = param(0.7, "Largest annotator noise std, in Likert levels.", ge=0)
     labels_per_image: int = param(2, "Annotators labelling each image (pointwise).", ge=1)
     pairs_per_prompt: int = param(4, "Judged pairs per prompt (pairwise).", ge=0)
+    pointwise_path: str | None = param(
+        None, "Human labels instead of simulated ones: a pointwise parquet in the documented schema."
+    )
+    pairwise_path: str | None = param(None, "Human labels: the pairwise parquet (with pointwise_path).")
+    on_bad_row: Literal["fail", "skip"] = param("fail", "Bad rows in the given parquet files: fail, or skip them (counted).")
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,7 @@ class RewardModelConfig:
         "shapes", "Scorer backbone: the small shapes scorer, or a Qwen2.5-VL model (vlm_pretrained)."
     )
     vlm_pretrained: str | None = param(
-        None, "vlm backbone: a local Qwen2.5-VL directory (model, tokenizer, image processor)."
+        None, "vlm backbone: a Qwen2.5-VL directory (model, tokenizer, image processor) or hub id."
     )
     vlm_rationale: bool = param(False, "vlm backbone: generate a rationale before scoring (chain of thought).")
     width: int = param(96, "Scorer width.", ge=8)
@@ -328,6 +333,8 @@ def check_consistency(config: FlowRLConfig) -> None:
             if name not in ("alignment", "quality", "fidelity"):
                 raise ConfigError(f"reward_model.{key}: unknown criterion {name!r} (alignment, quality, fidelity)")
     a = config.annotate
+    if (a.pointwise_path is None) != (a.pairwise_path is None):
+        raise ConfigError("annotate.pairwise_path: give both annotate.pointwise_path and annotate.pairwise_path, or neither")
     if a.noise_min > a.noise_max:
         raise ConfigError(f"annotate.noise_min: {a.noise_min} is above annotate.noise_max {a.noise_max}")
     if a.labels_per_image > a.annotators:

@@ -18,7 +18,8 @@ from flowrl.rewards.shapes_annotators import annotator_pool
 from flowrl.rewards.shapes_dataset import Candidates, add_model_samples, annotate, draw_candidates
 from flowrl.stages.common import StageResult, commit_stage, committed_result, stage_context
 from flowrl.shapes.render import to_tensor
-from flowrl.storage import fetch
+from flowrl.rewards.annotations import load_annotations
+from flowrl.storage import fetch, sha256_file
 from flowrl.tracking import Tracker
 
 STAGE = "annotate"
@@ -51,6 +52,9 @@ def run_annotate(
     output_root: str | None = None,
     tracker: Tracker | None = None,
 ) -> StageResult:
+    a = config.annotate
+    if a.pointwise_path is not None:
+        return _import_labels(config, base_uri, output_root, tracker)
     inputs = {"base": base_uri}
     done = committed_result(STAGE, config, SECTIONS, inputs, output_root)
     if done is not None:
@@ -67,6 +71,27 @@ def run_annotate(
         pointwise.to_parquet(ctx.staging / "pointwise.parquet")
         pairwise.to_parquet(ctx.staging / "pairwise.parquet")
         metrics = _summary(pointwise, pairwise)
+        ctx.tracker.log_metrics(metrics)
+        return commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)
+
+
+def _import_labels(
+    config: FlowRLConfig, base_uri: str, output_root: str | None, tracker: Tracker | None
+) -> StageResult:
+    """Validate human labels given as parquet files and version them (the
+    production path): bad rows fail the stage or are skipped, by config."""
+    a = config.annotate
+    paths = {"pointwise": str(a.pointwise_path), "pairwise": str(a.pairwise_path)}
+    frames = {kind: load_annotations(path, kind, a.on_bad_row) for kind, path in paths.items()}
+    inputs = {"base": base_uri, **{f"labels.{k}": f"{p}#{sha256_file(p)[:16]}" for k, p in paths.items()}}
+    done = committed_result(STAGE, config, SECTIONS, inputs, output_root)
+    if done is not None:
+        return done
+    with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
+        for kind, (frame, _) in frames.items():
+            frame.to_parquet(ctx.staging / f"{kind}.parquet")
+        metrics = _summary(frames["pointwise"][0], frames["pairwise"][0])
+        metrics.update({f"{kind}/skipped_rows": float(r.rows - r.kept) for kind, (_, r) in frames.items()})
         ctx.tracker.log_metrics(metrics)
         return commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)
 

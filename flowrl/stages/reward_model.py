@@ -52,22 +52,37 @@ def _judge_latents(frame: pd.DataFrame, image_column: str) -> list[Latents]:
     return latents_for(images, [parse_edit(p) for p in frame["prompt"]], sources)
 
 
-@torch.no_grad()
-def _evaluate(scorer: ScoreBackbone, points: pd.DataFrame, pairs: pd.DataFrame, criterion: str) -> dict[str, float]:
-    """Spearman with the judge's ``criterion`` latent; ordering accuracy on the judge's preferences."""
-    scorer.eval()
+def _reference(points: pd.DataFrame, pairs: pd.DataFrame, criterion: str, judge: bool):
+    """What the held-out rewards are compared with, per unique image and per
+    pair: the judge (shapes world) or, without one, the human labels (mean
+    level per image, the annotated preference)."""
     unique = points.drop_duplicates("image").reset_index(drop=True)
+    if judge:
+        scores = np.array([getattr(lat, criterion) for lat in _judge_latents(unique, "image")])
+        lat_a, lat_b = _judge_latents(pairs, "image_a"), _judge_latents(pairs, "image_b")
+        rng = np.random.default_rng(0)
+        prefs = [PREFERENCE_VALUE[_JUDGE_AS_ANNOTATOR.prefer(a, b, rng)] for a, b in zip(lat_a, lat_b)]
+    else:
+        scores = points.groupby("image", sort=False)[criterion].mean().reindex(unique["image"]).to_numpy()
+        prefs = [PREFERENCE_VALUE[p] for p in pairs["preference"]]
+    return unique, scores, torch.tensor(prefs)
+
+
+@torch.no_grad()
+def _evaluate(
+    scorer: ScoreBackbone, points: pd.DataFrame, pairs: pd.DataFrame, criterion: str, judge: bool
+) -> dict[str, float]:
+    """Spearman with the reference ``criterion`` score; ordering accuracy on the reference preferences."""
+    scorer.eval()
+    unique, reference_scores, judged = _reference(points, pairs, criterion, judge)
     data = PointwiseData.from_frame(unique, criterion)
-    judge_scores = np.array([getattr(lat, criterion) for lat in _judge_latents(unique, "image")])
     rewards = rewards_of(scorer, data.images, data.prompts, data.sources)
     pair_data = PairwiseData.from_frame(pairs)
-    lat_a, lat_b = _judge_latents(pairs, "image_a"), _judge_latents(pairs, "image_b")
-    rng = np.random.default_rng(0)
-    judged = torch.tensor([PREFERENCE_VALUE[_JUDGE_AS_ANNOTATOR.prefer(a, b, rng)] for a, b in zip(lat_a, lat_b)])
     reward_a = rewards_of(scorer, pair_data.images_a, pair_data.prompts, pair_data.sources)
     reward_b = rewards_of(scorer, pair_data.images_b, pair_data.prompts, pair_data.sources)
     return {
-        "spearman": spearman(rewards, judge_scores),
+        "reference": "judge" if judge else "labels",
+        "spearman": spearman(rewards, reference_scores),
         "pairwise_accuracy": ordering_accuracy(reward_a, reward_b, judged),
         "heldout_images": float(len(unique)),
         "heldout_pairs": float(len(pairs)),
@@ -99,6 +114,7 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
     train_p, held_p = split_by_prompt(points[points.task == task].reset_index(drop=True), r.heldout_fraction, seed)
     train_q, held_q = split_by_prompt(pairs[pairs.task == task].reset_index(drop=True), r.heldout_fraction, seed)
     criteria = r.t2i_criteria if task == "t2i" else r.edit_criteria
+    judge = config.model.family == "shapes"  # only the shapes world has a judge
     log = lambda metrics, step: ctx.tracker.log_metrics({f"{task}/{k}": v for k, v in metrics.items()}, step)
     metrics: dict = {}
     for criterion in criteria:
@@ -109,7 +125,7 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
         fit(scorer, lambda idx: pointwise_step_loss(scorer, data, idx), len(data.prompts),
             steps=steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)
         scorer.save(ctx.staging / task / f"pointwise_{criterion}")
-        metrics[f"pointwise_{criterion}"] = {**_evaluate(scorer, held_p, held_q, criterion),
+        metrics[f"pointwise_{criterion}"] = {**_evaluate(scorer, held_p, held_q, criterion, judge),
                                              "train_s": round(time.perf_counter() - start, 1)}
     if r.pairwise:
         start = time.perf_counter()
@@ -118,7 +134,7 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
         fit(scorer, lambda idx: pairwise_step_loss(scorer, data, idx), len(data.prompts),
             steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)
         scorer.save(ctx.staging / task / "pairwise")
-        metrics["pairwise"] = {**_evaluate(scorer, held_p, held_q, "alignment"),
+        metrics["pairwise"] = {**_evaluate(scorer, held_p, held_q, "alignment", judge),
                                "train_s": round(time.perf_counter() - start, 1)}
     return metrics
 

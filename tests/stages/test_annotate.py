@@ -30,3 +30,30 @@ def test_annotate_writes_valid_datasets_with_lineage(smoke_config):
 def test_annotate_needs_a_complete_base(smoke_config, tmp_path):
     with pytest.raises(ArtifactError, match="no manifest.json"):
         run_annotate(load_config(smoke_config), str(tmp_path / "nowhere"))
+
+
+def test_human_labels_are_validated_and_versioned(smoke_config, tmp_path):
+    """The production path: parquet files in the documented schema, no simulation."""
+    import dataclasses
+
+    import pandas as pd
+
+    from flowrl.rewards.annotations import AnnotationError
+
+    config = load_config(smoke_config)
+    base = run_base(config, progress=False)
+    simulated = fetch(run_annotate(config, base.uri).uri)
+    points = pd.read_parquet(simulated / "pointwise.parquet")
+    points.loc[1, "category"] = "portraits"
+    points.to_parquet(tmp_path / "human_pointwise.parquet")
+    (tmp_path / "human_pairwise.parquet").write_bytes((simulated / "pairwise.parquet").read_bytes())
+    given = dataclasses.replace(config.annotate, pointwise_path=str(tmp_path / "human_pointwise.parquet"),
+                                pairwise_path=str(tmp_path / "human_pairwise.parquet"))
+    with pytest.raises(AnnotationError, match="row 1: category: unknown"):
+        run_annotate(dataclasses.replace(config, annotate=given), base.uri)
+    skipping = dataclasses.replace(config, annotate=dataclasses.replace(given, on_bad_row="skip"))
+    result = run_annotate(skipping, base.uri)
+    assert result.metrics["pointwise/skipped_rows"] == 1.0
+    kept, _ = load_annotations(fetch(result.uri) / "pointwise.parquet", "pointwise")
+    assert len(kept) == len(points) - 1
+    assert read_manifest(result.uri).inputs["labels.pointwise"].startswith(str(tmp_path / "human_pointwise.parquet"))

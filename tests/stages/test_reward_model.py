@@ -116,3 +116,16 @@ def test_vlm_backbone_trains_through_the_same_stage(annotations, tmp_path):
     scorer = QwenVLScorer.from_pretrained(local / "edit" / "pointwise_alignment")
     assert scorer.settings.criterion == "instruction_following"
     assert set(result.metrics["t2i"]) == {"pointwise_alignment", "pairwise"}
+
+
+def test_without_a_judge_the_reference_is_the_human_labels(annotations):
+    from flowrl.stages.reward_model import _reference
+
+    config, annotated = annotations
+    local = fetch(annotated.uri)
+    points = pd.read_parquet(local / "pointwise.parquet")
+    pairs = pd.read_parquet(local / "pairwise.parquet")
+    unique, scores, prefs = _reference(points, pairs, "quality", judge=False)
+    first = unique["image"].iloc[0]
+    assert scores[0] == points.loc[points["image"] == first, "quality"].mean()
+    assert prefs.tolist() == [{"a": 1.0, "b": 0.0, "tie": 0.5}[p] for p in pairs["preference"]]
