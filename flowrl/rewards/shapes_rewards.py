@@ -17,8 +17,8 @@ from flowrl.rewards.backbone import ScoreBackbone
 from flowrl.rewards.base import RewardScores
 from flowrl.rewards.composite import CompositeReward, shapes_category
 from flowrl.rewards.identity import ShapesIdentityScorer
-from flowrl.rewards.losses import expected_score
 from flowrl.rewards.shapes_scorer import ShapesScorer
+from flowrl.rewards.training import rewards_of
 from flowrl.storage import ArtifactError, fetch
 
 
@@ -30,14 +30,8 @@ class ScorerReward:
     def __init__(self, backbone: ScoreBackbone, name: str, batch_size: int = 256):
         self.backbone, self.name, self.batch_size = backbone, name, batch_size
 
-    @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str], sources: torch.Tensor | None = None) -> torch.Tensor:
-        out = []
-        for s in range(0, len(prompts), self.batch_size):
-            src = None if sources is None else sources[s : s + self.batch_size]
-            logits = self.backbone.level_logits(images[s : s + self.batch_size], prompts[s : s + self.batch_size], src)
-            out.append(expected_score(logits))
-        return torch.cat(out)
+        return rewards_of(self.backbone, images, prompts, sources, self.batch_size)
 
     def score_components(self, images, prompts, sources=None) -> RewardScores:
         total = self.score(images, prompts, sources)
