@@ -98,7 +98,7 @@ def qwen_image_sigmas(num_steps: int, image_seq_len: int, scheduler_config: dict
     if cfg.get("time_shift_type", "exponential") != "exponential":
         unsupported.append(f"time_shift_type={cfg['time_shift_type']}")
     if unsupported:
-        raise NotImplementedError(f"scheduler options not supported: {unsupported}")
+        raise ValueError(f"scheduler/scheduler_config.json: options the Qwen-Image sampler does not support: {unsupported}")
     if cfg.get("use_dynamic_shifting", False):
         mu = qwen_image_mu(
             image_seq_len,
@@ -184,7 +184,7 @@ class QwenImageModel:
         if task == "edit" and image_processor is None:
             raise ValueError("task 'edit' needs the Qwen2.5-VL image processor")
         if transformer.config.guidance_embeds:
-            raise NotImplementedError("guidance-distilled transformers are not supported")
+            raise ValueError("transformer/config.json: guidance_embeds is set; guidance-distilled transformers are not supported")
         self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
         multiple = self.vae_scale_factor * 2
         if height % multiple or width % multiple:

@@ -436,3 +436,10 @@ def test_wrong_inputs_are_rejected(t2i, edit, sources):
         QwenImageModel(
             t2i.transformer, t2i.vae, t2i.text_encoder, t2i.tokenizer, {}, height=40, width=64
         )
+
+
+def test_unsupported_scheduler_options_are_refused():
+    from flowrl.models.qwen_image import qwen_image_sigmas
+
+    with pytest.raises(ValueError, match="does not support: \\['use_karras_sigmas'\\]"):
+        qwen_image_sigmas(4, 8, {"use_karras_sigmas": True})
