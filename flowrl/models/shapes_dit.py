@@ -55,6 +55,22 @@ def axial_rope(grid: int, head_dim: int, base: float = 100.0) -> tuple[torch.Ten
     return torch.cos(angles), torch.sin(angles)
 
 
+def sequence_rotations(
+    cos: torch.Tensor, sin: torch.Tensor, n_text: int, n_images: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rotations of ``[text | image | source ...]``: none for the
+    text tokens, the cell's (``cos``/``sin`` [N, P]) for every image block."""
+    pairs, device = cos.shape[1], cos.device
+    full_cos = torch.cat([torch.ones(n_text, pairs, device=device)] + [cos] * n_images)  # [L, P]
+    full_sin = torch.cat([torch.zeros(n_text, pairs, device=device)] + [sin] * n_images)  # [L, P]
+    return full_cos, full_sin
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B, T, D] over the positions where mask [B, T] is True -> [B, D]."""
+    return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of x [B, H, L, Dh] by per-token angles [L, Dh/2]."""
     x1, x2 = x[..., 0::2], x[..., 1::2]  # [B, H, L, Dh/2]
@@ -129,13 +145,6 @@ class ShapesDiT(nn.Module):
         p = self.config.patch
         return F.fold(tokens.transpose(1, 2), self.resolution, kernel_size=p, stride=p)
 
-    def _rotations(self, n_text: int, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token rotations: none for text, the cell's for image and source tokens."""
-        pairs, device = self.rope_cos.shape[1], self.rope_cos.device
-        cos = torch.cat([torch.ones(n_text, pairs, device=device)] + [self.rope_cos] * n_images)
-        sin = torch.cat([torch.zeros(n_text, pairs, device=device)] + [self.rope_sin] * n_images)
-        return cos, sin
-
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, source: torch.Tensor | None
     ) -> torch.Tensor:
@@ -143,7 +152,7 @@ class ShapesDiT(nn.Module):
         tokens = tokens.to(x.device)
         text_mask = tokens != 0  # [B, T]
         text = self.word(tokens) + self.text_pos[:, : tokens.shape[1]]  # [B, T, D]
-        pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
+        pooled = masked_mean(text, text_mask)  # [B, D]
         c = self.time_mlp(timestep_embedding(t, self.config.width)) + self.text_pool(pooled)  # [B, D]
         image = self.patch_in(self._patchify(x)) + self.image_pos  # [B, N, D]
         image_mask = torch.ones(image.shape[:2], dtype=torch.bool, device=x.device)  # [B, N]
@@ -153,7 +162,7 @@ class ShapesDiT(nn.Module):
             masks.append(image_mask)
         h = torch.cat(parts, dim=1)  # [B, L, D]
         mask = torch.cat(masks, dim=1)[:, None, None, :]  # [B, 1, 1, L]
-        cos, sin = self._rotations(tokens.shape[1], len(parts) - 1)  # [L, D/H/2]
+        cos, sin = sequence_rotations(self.rope_cos, self.rope_sin, tokens.shape[1], len(parts) - 1)  # [L, D/H/2]
         for block in self.blocks:
             h = block(h, c, mask, cos, sin)
         n_text = tokens.shape[1]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flowrl.models.shapes_dit import Block, axial_rope
+from flowrl.models.shapes_dit import Block, axial_rope, masked_mean, sequence_rotations
 from flowrl.rewards.losses import LEVELS, pointwise_loss
 from flowrl.shapes import vocab
 
@@ -65,7 +65,7 @@ class ShapesScorer(nn.Module):
         tokens = vocab.tokenize(prompts, vocab.MAX_PROMPT_TOKENS).to(images.device)  # [B, T]
         text_mask = tokens != 0
         text = self.word(tokens) + self.text_pos  # [B, T, D]
-        pooled = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)  # [B, D]
+        pooled = masked_mean(text, text_mask)  # [B, D]
         image = self.image_in(self._patches(images)) + self.image_pos  # [B, N, D]
         parts, n_images = [text, image], 1
         if sources is not None:
@@ -74,9 +74,7 @@ class ShapesScorer(nn.Module):
         h = torch.cat(parts, dim=1)  # [B, L, D]
         ones = torch.ones(image.shape[:2], dtype=torch.bool, device=images.device)
         mask = torch.cat([text_mask] + [ones] * n_images, dim=1)[:, None, None, :]  # [B, 1, 1, L]
-        pairs = self.rope_cos.shape[1]
-        cos = torch.cat([torch.ones(tokens.shape[1], pairs, device=images.device)] + [self.rope_cos] * n_images)
-        sin = torch.cat([torch.zeros(tokens.shape[1], pairs, device=images.device)] + [self.rope_sin] * n_images)
+        cos, sin = sequence_rotations(self.rope_cos, self.rope_sin, tokens.shape[1], n_images)  # [L, P]
         for block in self.blocks:
             h = block(h, pooled, mask, cos, sin)
         n_text = tokens.shape[1]
