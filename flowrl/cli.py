@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
     p = _stage_parser(sub, "reward-model", "train the reward models on the annotation datasets")
     p.add_argument("--annotations", required=True, metavar="URI", help="the annotate stage's artifact")
+    p = _stage_parser(sub, "filter-prompts", "keep the prompts whose base-model rewards spread within a group")
+    p.add_argument("--task", required=True, choices=("t2i", "edit"))
+    p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
+    p.add_argument("--reward-model", required=True, metavar="URI", help="the reward_model stage's artifact")
+    p = _stage_parser(sub, "grpo", "GRPO from the base model on the curated prompts of one task")
+    p.add_argument("--task", required=True, choices=("t2i", "edit"))
+    p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
+    p.add_argument("--reward-model", required=True, metavar="URI", help="the reward_model stage's artifact")
+    p.add_argument("--prompts", required=True, metavar="URI", help="the filter_prompts stage's artifact of the task")
+    p.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
     v = sub.add_parser("validate", help="check a config file and exit")
     v.add_argument("--config", required=True)
     sub.add_parser("config-doc", help="print every config key with its default and meaning")
@@ -91,6 +101,16 @@ def _dispatch(args) -> int:
         from flowrl.stages.reward_model import run_reward_model
 
         result = run_reward_model(config, args.annotations, output_root=args.output, tracker=_tracker(args))
+    elif args.command == "filter-prompts":
+        from flowrl.stages.filter_prompts import run_filter_prompts
+
+        result = run_filter_prompts(config, args.task, args.base, args.reward_model,
+                                    output_root=args.output, tracker=_tracker(args))
+    elif args.command == "grpo":
+        from flowrl.stages.grpo import run_grpo
+
+        result = run_grpo(config, args.task, args.base, args.reward_model, args.prompts, output_root=args.output,
+                          tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
     if result.reused:

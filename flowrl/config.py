@@ -198,7 +198,12 @@ class RewardModelConfig:
     )
     batch_size: int = param(64, "Rows per step.", ge=1)
     lr: float = param(1e-3, "AdamW learning rate.", gt=0)
-    heldout_fraction: float = param(0.2, "Share of prompts held out for the metrics.", gt=0, lt=1)
+    heldout_fraction: float = param(
+        0.2, "Share of annotation groups (prompt instances) held out for the metrics.", gt=0, lt=1
+    )
+    unseen_prompt_fraction: float = param(
+        0.1, "Share of prompt texts held out entirely (metrics prefixed unseen_prompt_; 0: none).", ge=0, lt=1
+    )
     on_bad_row: Literal["fail", "skip"] = param("fail", "Bad annotation rows: fail the stage, or skip them (counted).")
     t2i_criteria: tuple[str, ...] = param(("alignment", "quality", "fidelity"), "Likert columns with a T2I pointwise model.")
     edit_criteria: tuple[str, ...] = param(("alignment",), "Likert columns with an edit pointwise model.")
@@ -255,6 +260,64 @@ class RewardsConfig:
 
 
 @dataclass(frozen=True)
+class FilterConfig:
+    """Stage `filter_prompts`: keep the prompts whose base-model rewards spread within a group."""
+
+    seed: int = param(202, "Seed of the candidate prompts and of the base model's samples.")
+    t2i_per_category: int = param(100, "Candidate T2I prompts per category (shapes world).", ge=1)
+    edits_per_kind: int = param(100, "Candidate edit instructions per kind (shapes world).", ge=1)
+    group_size: int = param(8, "Samples per candidate prompt.", ge=2)
+    num_steps: int = param(10, "Sampler steps of the candidate samples (the GRPO rollout sampler).", ge=1)
+    noise_level: float = param(0.7, "SDE noise level of the candidate samples (as in GRPO rollouts).", ge=0)
+    threshold_mode: Literal["absolute", "quantile"] = param(
+        "quantile", "absolute: keep ranges >= threshold; quantile: drop the lowest `threshold` share of ranges."
+    )
+    threshold: float = param(0.25, "The range threshold (reward units) or the share of prompts to drop.", ge=0)
+    batch_size: int = param(256, "Samples per generation batch.", ge=1)
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Stages `grpo_t2i` / `grpo_edit`: Flow-GRPO on the learned composite rewards."""
+
+    seed: int = param(303, "Seed of prompt draws and rollout noise (per iteration, so resumes replay exactly).")
+    iterations: int = param(200, "Rollout + update iterations.", ge=1)
+    prompts_per_iteration: int = param(8, "Prompt groups per iteration.", ge=1)
+    group_size: int = param(8, "Samples per prompt (G).", ge=2)
+    num_steps: int = param(10, "Rollout sampler steps (N).", ge=1)
+    noise_level: float = param(0.7, "SDE noise level a of the rollouts.", gt=0)
+    guidance_scale: float = param(3.0, "Rollout CFG scale (cfg_mode none ignores it).", ge=1)
+    cfg_mode: Literal["hybrid", "both", "none"] = param(
+        "hybrid",
+        "hybrid: guided rollouts, objective on the conditional branch; both: objective on the guided "
+        "velocity; none: unguided rollouts and objective.",
+    )
+    timesteps: Literal["subset", "all"] = param("subset", "Train on K early steps per trajectory, or on all N.")
+    timestep_fraction: float = param(0.5, "subset: steps are drawn from this first (noisiest) share of the schedule.", gt=0, le=1)
+    timesteps_per_trajectory: int = param(2, "subset: K steps trained per trajectory.", ge=1)
+    lr: float = param(1e-4, "AdamW learning rate.", gt=0)
+    weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
+    clip_range: float = param(1e-3, "PPO clip range of the ratio.", gt=0)
+    advantage_clip: float = param(5.0, "Advantages are clipped to +- this.", gt=0)
+    kl_coef: float = param(0.0, "Weight of the closed-form KL to the reference (base) policy.", ge=0)
+    grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
+    minibatches: int = param(1, "Optimizer steps per iteration (the rollouts split evenly).", ge=1)
+    ema_decay: float = param(0.0, "EMA of the weights that are evaluated and saved (0: off).", ge=0, lt=1)
+    calibrate: bool = param(
+        False, "Scale each category's advantages by its share of informative groups from filtering (see docs)."
+    )
+    eval_every: int = param(25, "Hacking monitor: judge score of a fixed held-out set every N iterations.", ge=1)
+    monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
+    hacking_threshold: float = param(
+        0.05, "Warn when the held-out score falls this much below its best while the training reward rose.", gt=0
+    )
+    stop_on_hacking: bool = param(False, "Stop the run (keeping the best checkpoint) when hacking is seen.")
+    checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1)
+    grid_every: int = param(100, "Image grid of fixed prompts every N iterations.", ge=1)
+    reward_chunks: int = param(2, "Rollouts are generated in this many chunks; chunk i is scored while i+1 is sampled.", ge=1)
+
+
+@dataclass(frozen=True)
 class FlowRLConfig:
     """A whole scenario: one YAML file."""
 
@@ -267,6 +330,8 @@ class FlowRLConfig:
     annotate: AnnotateConfig = section(AnnotateConfig, "Stage annotate.")
     reward_model: RewardModelConfig = section(RewardModelConfig, "Stage reward_model.")
     rewards: RewardsConfig = section(RewardsConfig, "Composite rewards used by RL.")
+    filter: FilterConfig = section(FilterConfig, "Stage filter_prompts.")
+    grpo: GRPOConfig = section(GRPOConfig, "Stages grpo_t2i and grpo_edit.")
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the given sections (what a stage's output depends on)."""

@@ -11,6 +11,11 @@ pointwise (one row per image and annotator)
     ``annotator`` str; optional ``rationale`` str or null (why the annotator
     scored as they did: the chain-of-thought target of a VLM scorer).
 
+both datasets may carry an optional ``group`` str column: the prompt
+instance an image belongs to (one prompt, one seed or source image, all the
+images made for it). Held-out splits never cut a group; without the column
+they never cut a prompt.
+
 pairwise (one row per judged pair)
     ``id``, ``task``, ``prompt``, ``category``, ``source_image`` as above,
     ``image_a`` / ``image_b`` PNG bytes, ``preference`` "a" | "b" | "tie",
@@ -99,6 +104,9 @@ def _row_problems(row: pd.Series, kind: Literal["pointwise", "pairwise"]) -> lis
         problem = _image_problem(row[name])
         if problem:
             problems.append((name, problem))
+    group = row.get("group")
+    if group is not None and not (isinstance(group, str) and group.strip()) and not pd.isna(group):
+        problems.append(("group", f"expected non-empty text or null, got {group!r}"))
     if kind == "pointwise":
         rationale = row.get("rationale")
         if rationale is not None and not isinstance(rationale, str) and not pd.isna(rationale):

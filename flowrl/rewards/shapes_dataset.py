@@ -121,7 +121,7 @@ def annotate(
                     "id": f"{c.task}-{p:05d}-{i}-{person.name}", "task": c.task, "prompt": c.prompt,
                     "category": c.category, "image": png, "source_image": source,
                     **{k: person.likert(v, rng) for k, v in zip(("alignment", "quality", "fidelity"), lat.as_tuple())},
-                    "annotator": person.name,
+                    "annotator": person.name, "group": f"{c.task}-{p:05d}",
                 })
         pairs = list(itertools.combinations(range(len(c.images)), 2))
         for j in rng.choice(len(pairs), size=min(pairs_per_prompt, len(pairs)), replace=False):
@@ -135,9 +135,9 @@ def annotate(
                 # the shapes world draws no text, so there is no text to distort
                 "text_distortion_a": False, "text_distortion_b": False,
                 "figure_distortion_a": latents[a].fidelity < 0.9, "figure_distortion_b": latents[b].fidelity < 0.9,
-                "annotator": person.name,
+                "annotator": person.name, "group": f"{c.task}-{p:05d}",
             })
     return (
-        pd.DataFrame(point_rows, columns=list(POINTWISE_COLUMNS)),
-        pd.DataFrame(pair_rows, columns=list(PAIRWISE_COLUMNS)),
+        pd.DataFrame(point_rows, columns=[*POINTWISE_COLUMNS, "group"]),
+        pd.DataFrame(pair_rows, columns=[*PAIRWISE_COLUMNS, "group"]),
     )

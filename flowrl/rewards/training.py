@@ -8,6 +8,7 @@ ordering accuracy on pairs and Spearman correlation with the judge.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -70,13 +71,42 @@ class PairwiseData:
         )
 
 
-def split_by_prompt(frame: pd.DataFrame, heldout_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train / held-out rows with no prompt on both sides."""
-    prompts = np.array(sorted(frame["prompt"].unique()))
-    rng = np.random.default_rng(seed)
-    heldout = set(rng.choice(prompts, size=max(1, int(round(len(prompts) * heldout_fraction))), replace=False))
-    mask = frame["prompt"].isin(heldout).to_numpy()
-    return frame[~mask].reset_index(drop=True), frame[mask].reset_index(drop=True)
+def _unit_hash(seed: int, key: str) -> float:
+    """A deterministic uniform draw in [0, 1) per (seed, key)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_keys(frame: pd.DataFrame) -> pd.Series:
+    """What a held-out split must not cut: the ``group`` column (a prompt
+    instance with all its images) where the data has it, else the prompt."""
+    if "group" in frame.columns and frame["group"].notna().all():
+        return frame["group"].astype(str)
+    return frame["prompt"].astype(str)
+
+
+@dataclass(frozen=True)
+class Split:
+    train: pd.DataFrame
+    heldout: pd.DataFrame  # new prompt instances (new images) of prompts also seen in training
+    unseen: pd.DataFrame  # prompts no training row has
+
+
+def split_annotations(frame: pd.DataFrame, heldout_fraction: float, unseen_prompt_fraction: float, seed: int) -> Split:
+    """Three disjoint parts. A prompt text goes to ``unseen`` with probability
+    ``unseen_prompt_fraction``; of the rest, a group goes to ``heldout`` with
+    probability ``heldout_fraction``. The draw depends only on (seed, key), so
+    the pointwise and pairwise frames of one dataset split the same way. When
+    no group's draw falls under the fraction (tiny data), the group with the
+    lowest draw is held out."""
+    unseen = frame["prompt"].astype(str).map(lambda k: _unit_hash(seed, "prompt:" + k) < unseen_prompt_fraction)
+    draws = split_keys(frame).map(lambda k: _unit_hash(seed, "group:" + k))
+    held = (draws < heldout_fraction) & ~unseen
+    rest = draws[~unseen]
+    if not held.any() and rest.nunique() > 1:  # small data: hold out at least the group with the lowest draw
+        held = (draws == rest.min()) & ~unseen
+    part = lambda mask: frame[mask.to_numpy()].reset_index(drop=True)
+    return Split(part(~unseen & ~held), part(held), part(unseen))
 
 
 def _rows(n: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:

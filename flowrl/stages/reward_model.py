@@ -2,9 +2,11 @@
 
 Per task, one pointwise scorer per configured Likert criterion (reward =
 expected level) and, for comparison, one pairwise (Bradley-Terry) scorer on
-the preference pairs. Metrics on held-out prompts: ordering accuracy on the
+the preference pairs. Metrics on held-out annotation groups (new images of
+prompts seen in training) and on unseen prompts: ordering accuracy on the
 judge's preference between two images of the same prompt, and Spearman
-correlation of the reward with the judge's latent score (shapes world).
+correlation of the reward with the judge's latent score (shapes world; with
+human labels, with the mean label and the annotated preference).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from flowrl.rewards.training import (
     pointwise_step_loss,
     rewards_of,
     spearman,
-    split_by_prompt,
+    split_annotations,
 )
 from flowrl.shapes.edits import parse_edit
 from flowrl.shapes.prompts import parse_t2i
@@ -108,33 +110,53 @@ def _new_scorer(config: FlowRLConfig, task: str, criterion: str, seed: int) -> S
     return ShapesScorer(ScorerArch(width=r.width, depth=r.depth, heads=r.heads), config.world.resolution)
 
 
+def _held_out_metrics(scorer, split_p, split_q, criterion: str, judge: bool) -> dict:
+    """Metrics on the held-out groups, and (prefixed ``unseen_prompt_``) on the
+    prompts no training row has, when there are any."""
+    metrics = _evaluate(scorer, split_p.heldout, split_q.heldout, criterion, judge)
+    if len(split_p.unseen) and len(split_q.unseen):
+        unseen = _evaluate(scorer, split_p.unseen, split_q.unseen, criterion, judge)
+        metrics.update({f"unseen_prompt_{k}": v for k, v in unseen.items() if k != "reference"})
+    return metrics
+
+
 def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     r = config.reward_model
     seed = config.run.seed
-    train_p, held_p = split_by_prompt(points[points.task == task].reset_index(drop=True), r.heldout_fraction, seed)
-    train_q, held_q = split_by_prompt(pairs[pairs.task == task].reset_index(drop=True), r.heldout_fraction, seed)
+    split_p = split_annotations(points[points.task == task].reset_index(drop=True),
+                                r.heldout_fraction, r.unseen_prompt_fraction, seed)
+    split_q = split_annotations(pairs[pairs.task == task].reset_index(drop=True),
+                                r.heldout_fraction, r.unseen_prompt_fraction, seed)
+    if split_p.heldout.empty or split_q.heldout.empty or split_p.train.empty or split_q.train.empty:
+        raise ValueError(
+            f"reward_model.heldout_fraction = {r.heldout_fraction}: the {task} annotations "
+            f"({len(split_p.train) + len(split_p.heldout)} pointwise, {len(split_q.train) + len(split_q.heldout)} "
+            "pairwise rows outside the unseen prompts) leave an empty training or held-out split; "
+            "annotate more prompts or change the fraction"
+        )
     criteria = r.t2i_criteria if task == "t2i" else r.edit_criteria
     judge = config.model.family == "shapes"  # only the shapes world has a judge
     log = lambda metrics, step: ctx.tracker.log_metrics({f"{task}/{k}": v for k, v in metrics.items()}, step)
-    metrics: dict = {}
+    metrics: dict = {"split": {name: {"pointwise": len(getattr(split_p, name)), "pairwise": len(getattr(split_q, name))}
+                               for name in ("train", "heldout", "unseen")}}
     for criterion in criteria:
         start = time.perf_counter()
         scorer = _new_scorer(config, task, criterion, seed)
-        data = PointwiseData.from_frame(train_p, criterion)
+        data = PointwiseData.from_frame(split_p.train, criterion)
         steps = r.steps if criterion == "alignment" else r.easy_steps
         fit(scorer, lambda idx: pointwise_step_loss(scorer, data, idx), len(data.prompts),
             steps=steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)
         scorer.save(ctx.staging / task / f"pointwise_{criterion}")
-        metrics[f"pointwise_{criterion}"] = {**_evaluate(scorer, held_p, held_q, criterion, judge),
+        metrics[f"pointwise_{criterion}"] = {**_held_out_metrics(scorer, split_p, split_q, criterion, judge),
                                              "train_s": round(time.perf_counter() - start, 1)}
     if r.pairwise:
         start = time.perf_counter()
         scorer = _new_scorer(config, task, "alignment", seed)
-        data = PairwiseData.from_frame(train_q)
+        data = PairwiseData.from_frame(split_q.train)
         fit(scorer, lambda idx: pairwise_step_loss(scorer, data, idx), len(data.prompts),
             steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)
         scorer.save(ctx.staging / task / "pairwise")
-        metrics["pairwise"] = {**_evaluate(scorer, held_p, held_q, "alignment", judge),
+        metrics["pairwise"] = {**_held_out_metrics(scorer, split_p, split_q, "alignment", judge),
                                "train_s": round(time.perf_counter() - start, 1)}
     return metrics
 

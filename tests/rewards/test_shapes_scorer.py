@@ -15,7 +15,7 @@ from flowrl.rewards.training import (
     pairwise_step_loss,
     pointwise_step_loss,
     rewards_of,
-    split_by_prompt,
+    split_annotations,
 )
 
 
@@ -57,10 +57,29 @@ def test_save_load_roundtrip(tmp_path):
                                scorer.level_logits(images, ["a circle", "a square"]))
 
 
-def test_split_keeps_prompts_apart(frames):
-    train, heldout = split_by_prompt(frames[0], 0.25, seed=0)
-    assert set(train.prompt).isdisjoint(heldout.prompt) and len(heldout) > 0
-    assert len(train) + len(heldout) == len(frames[0])
+def test_split_never_cuts_a_group_or_an_unseen_prompt(frames):
+    pointwise, pairwise = frames
+    for frame in (pointwise, pairwise):
+        split = split_annotations(frame, 0.3, 0.2, seed=0)
+        assert len(split.train) + len(split.heldout) + len(split.unseen) == len(frame)
+        assert min(len(split.train), len(split.heldout), len(split.unseen)) > 0
+        assert set(split.train.group).isdisjoint(split.heldout.group)
+        assert set(split.unseen.prompt).isdisjoint(set(split.train.prompt) | set(split.heldout.prompt))
+    # the pointwise and pairwise rows of one group land on the same side
+    p, q = split_annotations(pointwise, 0.3, 0.2, 0), split_annotations(pairwise, 0.3, 0.2, 0)
+    for name in ("train", "heldout", "unseen"):
+        assert set(getattr(p, name).group) == set(getattr(q, name).group)
+
+
+def test_split_without_groups_keeps_prompts_apart(frames):
+    split = split_annotations(frames[0].drop(columns="group"), 0.3, 0.0, seed=1)
+    assert split.unseen.empty and len(split.heldout) > 0
+    assert set(split.train.prompt).isdisjoint(split.heldout.prompt)
+
+
+def test_split_depends_on_the_seed(frames):
+    a, b = split_annotations(frames[0], 0.3, 0.0, 0), split_annotations(frames[0], 0.3, 0.0, 1)
+    assert set(a.heldout.group) != set(b.heldout.group)
 
 
 def test_ordering_accuracy_ignores_ties():

@@ -1,0 +1,1 @@
+"""Reinforcement learning for flow-matching models: GRPO and its parts."""

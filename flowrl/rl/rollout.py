@@ -1,0 +1,144 @@
+"""GRPO rollouts and the training-path log-probs of their stored steps.
+
+A rollout samples G trajectories per prompt with the SDE sampler and keeps,
+per step, the state, the sampled next state and the old log-prob the
+objective compares against. Which old log-prob that is depends on the CFG
+mode (DESIGN.md section 3):
+
+- ``hybrid``: guided rollouts; the objective sees only the conditional
+  branch, so the old log-prob is the conditional one, which the sampler
+  computes for free from the cond half of the batched CFG forward;
+- ``both``: guided rollouts, the objective recomputes the guided velocity
+  (both branches carry gradient), old log-prob = the guided one;
+- ``none``: unguided rollouts and objective.
+
+:func:`step_log_probs` recomputes a chosen subset of those steps with the
+training code path; before any update it reproduces the stored values, the
+consistency every GRPO run relies on (tested for every mode).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from flowrl.models.base import Condition, FlowModel
+from flowrl.sampling import cfg_velocity, gaussian_log_prob, largest_sigma_below_one, sample, sde_step_mean
+
+CFGMode = Literal["hybrid", "both", "none"]
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    num_steps: int
+    noise_level: float
+    guidance_scale: float
+    cfg_mode: CFGMode
+    shift: float = 1.0
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_mode != "none" and self.guidance_scale != 1.0
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """B = prompts x G trajectories, rows of one prompt adjacent."""
+
+    prompts: list[str]  # [B]
+    group_ids: torch.Tensor  # [B] index of the prompt
+    sources: torch.Tensor | None  # [B, 3, H, W] edit sources
+    cond: Condition
+    null_cond: Condition | None
+    states: torch.Tensor  # [B, N + 1, *latent]
+    sigmas: torch.Tensor  # [N + 1]
+    old_log_probs: torch.Tensor  # [B, N] what the objective's ratio divides by
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+
+@torch.no_grad()
+def rollout(
+    model: FlowModel,
+    prompts: list[str],
+    group_size: int,
+    settings: RolloutSettings,
+    generator: torch.Generator,
+    sources: torch.Tensor | None = None,
+) -> Rollouts:
+    """Sample ``group_size`` SDE trajectories for each of ``prompts`` (sources: one per prompt)."""
+    rows = [p for p in prompts for _ in range(group_size)]
+    group_ids = torch.arange(len(prompts)).repeat_interleave(group_size)
+    row_sources = None if sources is None else sources.repeat_interleave(group_size, dim=0)
+    cond = model.encode_prompts(rows, row_sources)
+    null_cond = model.null_condition(cond) if settings.guided else None
+    sigmas = model.schedule(settings.num_steps, settings.shift)
+    traj = sample(
+        model, cond, sigmas, null_cond=null_cond, guidance_scale=settings.guidance_scale if settings.guided else 1.0,
+        renorm_dim=model.cfg_renorm_dim, noise_level=settings.noise_level, generator=generator,
+    )
+    old = traj.log_probs if settings.cfg_mode == "both" else traj.cond_log_probs
+    return Rollouts(
+        prompts=rows, group_ids=group_ids, sources=row_sources, cond=cond, null_cond=null_cond,
+        states=traj.states, sigmas=sigmas, old_log_probs=old, images=model.decode_latents(traj.final),
+    )
+
+
+def select_timesteps(
+    batch: int, num_steps: int, mode: Literal["subset", "all"], fraction: float, k: int, generator: torch.Generator
+) -> torch.Tensor:
+    """[B, S] step indices to train per trajectory: all N, or K distinct ones
+    drawn uniformly from the first ceil(fraction N) (the noisiest)."""
+    if mode == "all":
+        return torch.arange(num_steps).expand(batch, num_steps).clone()
+    window = max(1, min(num_steps, math.ceil(fraction * num_steps - 1e-9)))
+    if k > window:
+        raise ValueError(
+            f"grpo.timesteps_per_trajectory = {k} is more than the {window} steps in the first "
+            f"{fraction} of a {num_steps}-step schedule"
+        )
+    scores = torch.rand(batch, window, generator=generator)
+    return scores.argsort(dim=1)[:, :k]
+
+
+@dataclass(frozen=True)
+class StepLogProbs:
+    log_probs: torch.Tensor  # [R, S]
+    means: torch.Tensor  # [R, S, *latent] the transition means (KL needs them)
+    stds: torch.Tensor  # [R, S]
+
+
+def step_log_probs(
+    model: FlowModel,
+    rollouts: Rollouts,
+    rows: torch.Tensor,
+    steps: torch.Tensor,
+    settings: RolloutSettings,
+) -> StepLogProbs:
+    """Log-probs of the stored transitions ``steps`` [R, S] of trajectories
+    ``rows`` [R] under ``model`` now, in one batched forward (with grad)."""
+    r, s = steps.shape
+    flat_rows = rows[:, None].expand(r, s).reshape(-1)
+    flat_steps = steps.reshape(-1)
+    x = rollouts.states[flat_rows, flat_steps]
+    x_next = rollouts.states[flat_rows, flat_steps + 1]
+    t = rollouts.sigmas[flat_steps].to(x.device)
+    t_next = rollouts.sigmas[flat_steps + 1].to(x.device)
+    cond = rollouts.cond.index(flat_rows)
+    if settings.cfg_mode == "both" and rollouts.null_cond is not None:
+        v = cfg_velocity(
+            model, x, t, cond, rollouts.null_cond.index(flat_rows), settings.guidance_scale, model.cfg_renorm_dim
+        ).guided
+    else:
+        v = model.velocity(x, t, cond)
+    step = sde_step_mean(x, v, t, t_next, settings.noise_level, largest_sigma_below_one(rollouts.sigmas))
+    logp = gaussian_log_prob(x_next, step.mean, step.std)
+    return StepLogProbs(
+        log_probs=logp.reshape(r, s), means=step.mean.reshape(r, s, *x.shape[1:]), stds=step.std.reshape(r, s)
+    )

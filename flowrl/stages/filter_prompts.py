@@ -1,0 +1,188 @@
+"""Stage `filter_prompts`: prompt range filtering for one task.
+
+For each candidate prompt the base model samples a group with the GRPO
+rollout sampler; the task's composite reward scores it; prompts whose
+intra-group reward range (max - min) clears the threshold are kept. A group
+whose rewards barely differ gives GRPO almost no signal (its advantages are
+noise), so filtering spends the rollout budget where there is something to
+learn.
+
+Outputs: ``prompts.parquet`` (every candidate with its group statistics and a
+``kept`` flag; GRPO reads the kept rows), ``ranges.png`` (histogram of ranges
+with the threshold), and metrics: kept fraction per category and the
+calibration scales GRPO may apply (``grpo.calibrate``):
+
+    scale_c = headroom_c / mean_c'(headroom_c'),  headroom_c = 5 - mean level of
+    the first (alignment / instruction) component over category c's samples,
+
+so categories the reward model already rates near the top level get smaller
+advantages and weak ones larger, with the mean scale 1.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import torch
+
+from flowrl.config import FlowRLConfig
+from flowrl.models import load_checkpoint
+from flowrl.rewards.annotations import png_bytes
+from flowrl.rewards.composite import CompositeReward
+from flowrl.rewards.shapes_rewards import load_shapes_rewards
+from flowrl.rl.rollout import RolloutSettings, rollout
+from flowrl.rl.trainer import seeded_generator
+from flowrl.shapes.edits import EDIT_KINDS, sample_edit
+from flowrl.shapes.prompts import T2I_CATEGORIES, sample_t2i
+from flowrl.shapes.render import render_scene, to_tensor
+from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
+from flowrl.storage import fetch
+from flowrl.tracking import Tracker
+
+STAGE = "filter_prompts"
+SECTIONS = ("run.seed", "world", "grpo.guidance_scale", "grpo.cfg_mode", "filter", "rewards")
+
+
+def candidate_prompts(config: FlowRLConfig, task: str) -> pd.DataFrame:
+    """Distinct candidate prompts (T2I texts; edits: instruction + source)."""
+    f = config.filter
+    rng = np.random.default_rng([config.run.seed, f.seed])
+    rows = []
+    if task == "t2i":
+        seen = set()
+        for category in T2I_CATEGORIES:
+            for _ in range(f.t2i_per_category):
+                example = sample_t2i(rng, category)
+                if example.prompt not in seen:
+                    seen.add(example.prompt)
+                    rows.append({"prompt": example.prompt, "category": category, "source_image": None})
+    else:
+        for kind in EDIT_KINDS:
+            for _ in range(f.edits_per_kind):
+                example = sample_edit(rng, kind)
+                source = render_scene(example.source, config.world.resolution)
+                rows.append({"prompt": example.instruction, "category": kind, "source_image": png_bytes(source)})
+    return pd.DataFrame(rows)
+
+
+def decode_sources(frame: pd.DataFrame) -> torch.Tensor | None:
+    from flowrl.rewards.annotations import decode_png
+
+    if frame["source_image"].isna().all():
+        return None
+    return to_tensor(np.stack([decode_png(b) for b in frame["source_image"]]))
+
+
+@torch.no_grad()
+def group_statistics(model, reward: CompositeReward, frame: pd.DataFrame, config: FlowRLConfig) -> pd.DataFrame:
+    """Sample a group per prompt and add its reward statistics to the frame."""
+    f, g = config.filter, config.grpo
+    settings = RolloutSettings(f.num_steps, f.noise_level, g.guidance_scale, g.cfg_mode)
+    sources = decode_sources(frame)
+    per_batch = max(1, f.batch_size // f.group_size)
+    totals, firsts = [], []
+    for b, start in enumerate(range(0, len(frame), per_batch)):
+        stop = min(start + per_batch, len(frame))
+        src = None if sources is None else sources[start:stop]
+        ro = rollout(model, list(frame["prompt"][start:stop]), f.group_size, settings,
+                     seeded_generator(f.seed, b), src)
+        scores = reward.score_components(ro.images, ro.prompts, ro.sources)
+        totals.append(scores.total.reshape(-1, f.group_size))
+        firsts.append(next(iter(scores.components.values())).reshape(-1, f.group_size))
+    total, first = torch.cat(totals).numpy(), torch.cat(firsts).numpy()
+    out = frame.copy()
+    out["reward_mean"] = total.mean(axis=1)
+    out["reward_std"] = total.std(axis=1)
+    out["reward_range"] = total.max(axis=1) - total.min(axis=1)
+    out["first_component_mean"] = first.mean(axis=1)
+    return out
+
+
+def range_threshold(ranges: np.ndarray, mode: str, threshold: float) -> float:
+    """The minimum range kept: ``threshold`` itself, or its quantile of the ranges."""
+    if mode == "absolute":
+        return float(threshold)
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"filter.threshold: a quantile must be in [0, 1), got {threshold}")
+    return float(np.quantile(ranges, threshold))
+
+
+def calibration(frame: pd.DataFrame, top_level: float = 5.0) -> dict[str, float]:
+    """Per-category advantage scales from the reward model's headroom (module docstring)."""
+    headroom = (top_level - frame.groupby("category")["first_component_mean"].mean()).clip(lower=1e-3)
+    return {str(k): float(v) for k, v in (headroom / headroom.mean()).items()}
+
+
+def _histogram_png(ranges: np.ndarray, cut: float, task: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist(ranges, bins=40, color="#4c72b0")
+    ax.axvline(cut, color="#c44e52", linestyle="--", label=f"threshold {cut:.3f}")
+    ax.set_xlabel("intra-group reward range (max - min)")
+    ax.set_ylabel("prompts")
+    ax.set_title(f"{task}: reward range per candidate prompt")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def run_filter_prompts(
+    config: FlowRLConfig,
+    task: str,
+    base_uri: str,
+    reward_model_uri: str,
+    *,
+    output_root: str | None = None,
+    tracker: Tracker | None = None,
+) -> StageResult:
+    if task not in ("t2i", "edit"):
+        raise ValueError(f"task must be t2i or edit, got {task!r}")
+    if config.model.family != "shapes":
+        raise NotImplementedError(
+            "filter_prompts draws candidates from the shapes grammar; a production prompt file is not supported yet"
+        )
+    inputs = {"base": base_uri, "reward_model": reward_model_uri, "task": task}
+    stage = f"{STAGE}_{task}"
+    done = committed_result(stage, config, SECTIONS, inputs, output_root)
+    if done is not None:
+        return done
+    model = load_checkpoint(fetch(base_uri), expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
+    reward = load_shapes_rewards(config, reward_model_uri)[task]
+    with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
+        frame = group_statistics(model, reward, candidate_prompts(config, task), config)
+        cut = range_threshold(frame["reward_range"].to_numpy(), config.filter.threshold_mode, config.filter.threshold)
+        frame["kept"] = frame["reward_range"] >= cut
+        if not frame["kept"].any():
+            raise ValueError(
+                f"filter.threshold = {config.filter.threshold} ({config.filter.threshold_mode}) keeps no {task} "
+                f"prompt: the largest range is {frame['reward_range'].max():.4f}"
+            )
+        frame["task"] = task
+        frame.to_parquet(ctx.staging / "prompts.parquet")
+        (ctx.staging / "ranges.png").write_bytes(_histogram_png(frame["reward_range"].to_numpy(), cut, task))
+        kept = frame.groupby("category")["kept"].mean()
+        metrics = {
+            "candidates": len(frame),
+            "kept": int(frame["kept"].sum()),
+            "threshold": cut,
+            "kept_fraction": {str(k): float(v) for k, v in kept.items()},
+            "mean_range": {str(k): float(v) for k, v in frame.groupby("category")["reward_range"].mean().items()},
+            "calibration": calibration(frame),
+        }
+        ctx.tracker.log_metrics(flat_metrics(metrics))
+        return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
+
+
+def load_prompt_set(uri: str) -> pd.DataFrame:
+    """The kept rows of a filter_prompts artifact."""
+    frame = pd.read_parquet(fetch(uri) / "prompts.parquet")
+    return frame[frame["kept"]].reset_index(drop=True)

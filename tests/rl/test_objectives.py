@@ -1,0 +1,90 @@
+"""The GRPO objective's pure functions: hand-computed values and the
+advantage invariants of DESIGN.md section 6."""
+
+import math
+
+import pytest
+import torch
+
+from flowrl.rl.objectives import gaussian_kl, group_advantages, ppo_clip_loss
+
+
+def test_advantages_hand_computed():
+    # one group, two rows, one component: mean 2, population std 1
+    adv = group_advantages(torch.tensor([[1.0], [3.0]]), torch.ones(2, 1), torch.tensor([0, 0]), eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0]))
+    # two components with weights 1 and 0.5, two groups of two
+    rewards = torch.tensor([[0.0, 10.0], [2.0, 30.0], [5.0, 1.0], [5.0, 3.0]])
+    weights = torch.tensor([[1.0, 0.5]] * 4)
+    adv = group_advantages(rewards, weights, torch.tensor([7, 7, 9, 9]), eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([-1.5, 1.5, -0.5, 0.5]))
+
+
+def test_advantages_zero_mean_per_group_and_per_row_weights():
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(12, 3, generator=gen)
+    weights = torch.rand(12, 3, generator=gen)
+    groups = torch.tensor([0, 1, 2] * 4)
+    weights = weights[groups]  # one category per group, as prompts have
+    adv = group_advantages(rewards, weights, groups)
+    for g in range(3):
+        assert abs(float(adv[groups == g].sum())) < 1e-5
+
+
+def test_advantages_ignore_shift_and_scale_of_one_component():
+    gen = torch.Generator().manual_seed(1)
+    rewards = torch.randn(8, 2, generator=gen)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    moved = rewards.clone()
+    moved[:, 1] = 7.0 * moved[:, 1] + 3.0
+    weights = torch.tensor([[1.0, 0.3]] * 8)
+    torch.testing.assert_close(
+        group_advantages(moved, weights, groups, eps=1e-8), group_advantages(rewards, weights, groups, eps=1e-8)
+    )
+
+
+def test_constant_group_contributes_zero_gradient():
+    rewards = torch.tensor([[2.0], [2.0], [2.0], [1.0], [4.0]])
+    adv = group_advantages(rewards, torch.ones(5, 1), torch.tensor([0, 0, 0, 1, 1]))
+    assert torch.equal(adv[:3], torch.zeros(3))
+    logp = torch.zeros(5, 2, requires_grad=True)
+    loss, _ = ppo_clip_loss(logp, torch.zeros(5, 2), adv, clip_range=0.2)
+    loss.backward()
+    assert torch.equal(logp.grad[:3], torch.zeros(3, 2)) and logp.grad[3:].abs().sum() > 0
+
+
+def test_ppo_clip_hand_computed():
+    logp_old = torch.zeros(2, 1)
+    logp_new = torch.tensor([[math.log(1.5)], [math.log(0.5)]])
+    loss, stats = ppo_clip_loss(logp_new, logp_old, torch.tensor([1.0, -1.0]), clip_range=0.2)
+    # row 0: max(-1.5, -1.2) = -1.2; row 1: max(0.5, 0.8) = 0.8
+    assert float(loss) == pytest.approx(-0.2)
+    assert float(stats["clip_fraction"]) == 1.0
+    # inside the clip range the loss is the plain surrogate, gradient -A * ratio
+    logp = torch.tensor([[0.05]], requires_grad=True)
+    loss, _ = ppo_clip_loss(logp, torch.zeros(1, 1), torch.tensor([2.0]), clip_range=0.2)
+    loss.backward()
+    assert float(logp.grad) == pytest.approx(-2.0 * math.exp(0.05))
+
+
+def test_ratio_one_has_the_policy_gradient():
+    logp = torch.zeros(3, 2, requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    loss, stats = ppo_clip_loss(logp, torch.zeros(3, 2), adv, clip_range=1e-4)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -adv[:, None].expand(3, 2) / 6)
+    assert float(stats["clip_fraction"]) == 0.0
+
+
+def test_gaussian_kl_hand_computed_and_zero_at_reference():
+    mean = torch.tensor([[1.0, 2.0]])
+    assert float(gaussian_kl(mean, torch.zeros(1, 2), torch.tensor([1.0]))) == pytest.approx(1.25)
+    assert float(gaussian_kl(mean, mean, torch.tensor([0.3]))) == 0.0
+    assert float(gaussian_kl(mean, torch.zeros(1, 2), torch.tensor([2.0]))) == pytest.approx(1.25 / 4)
+
+
+def test_shape_errors_name_the_argument():
+    with pytest.raises(ValueError, match="group_ids"):
+        group_advantages(torch.zeros(4, 1), torch.ones(4, 1), torch.zeros(3))
+    with pytest.raises(ValueError, match="weights"):
+        group_advantages(torch.zeros(4, 2), torch.ones(4, 1), torch.zeros(4))

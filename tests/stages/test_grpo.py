@@ -1,0 +1,83 @@
+"""Stages filter_prompts and grpo on the smoke config: artifacts, resume."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowrl.config import load_config
+from flowrl.models import load_checkpoint
+from flowrl.stages.annotate import run_annotate
+from flowrl.stages.base import run_base
+from flowrl.stages.filter_prompts import run_filter_prompts
+from flowrl.stages.grpo import run_grpo
+from flowrl.stages.reward_model import run_reward_model
+from flowrl.storage import fetch, read_manifest
+from tests.conftest import write_config
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("grpo")
+    config = load_config(write_config(root))
+    base = run_base(config, progress=False)
+    rm = run_reward_model(config, run_annotate(config, base.uri).uri)
+    prompts = {task: run_filter_prompts(config, task, base.uri, rm.uri) for task in ("t2i", "edit")}
+    return root, config, base, rm, prompts
+
+
+def test_filter_keeps_the_spread_prompts_and_says_how_many(upstream):
+    _, config, base, rm, prompts = upstream
+    for task, result in prompts.items():
+        frame = pd.read_parquet(fetch(result.uri) / "prompts.parquet")
+        assert set(frame.task) == {task} and frame.kept.any()
+        assert (frame[frame.kept].reward_range >= result.metrics["threshold"]).all()
+        assert (frame[~frame.kept].reward_range < result.metrics["threshold"]).all()
+        assert set(result.metrics["kept_fraction"]) == set(frame.category)
+        assert (fetch(result.uri) / "ranges.png").read_bytes()[:4] == b"\x89PNG"
+        assert read_manifest(result.uri).inputs == {"base": base.uri, "reward_model": rm.uri, "task": task}
+        scales = result.metrics["calibration"]
+        assert abs(sum(scales.values()) / len(scales) - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_grpo_trains_and_writes_a_teacher(upstream, task):
+    _, config, base, rm, prompts = upstream
+    result = run_grpo(config, task, base.uri, rm.uri, prompts[task].uri, progress=False)
+    local = fetch(result.uri)
+    load_checkpoint(local, expected_family="shapes")
+    m = result.metrics
+    assert m["iterations"] == config.grpo.iterations and m["task"] == task
+    headline = "t2i/alignment" if task == "t2i" else "edit/accuracy"
+    assert headline in m["base"] and headline in m["teacher"]
+    # the monitor ran at iteration 0 and every eval_every iterations
+    assert [e["iteration"] for e in m["monitor"]] == [0, 2, 4]
+    history = json.loads((local / "history.json").read_text())["history"]
+    assert len(history) == config.grpo.iterations
+    assert all(abs(h["train/ratio_dev"]) < 1.0 for h in history)
+    for name in ("curves.png", "grid.png"):
+        assert (local / name).read_bytes()[:4] == b"\x89PNG"
+    assert "| base | teacher | delta |" in (local / "table.md").read_text()
+    # the weights moved away from the base
+    before = load_file(fetch(base.uri) / "model.safetensors")
+    after = load_file(local / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(upstream, tmp_path):
+    root, config, base, rm, prompts = upstream
+    whole = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "a"),
+                     progress=False)
+    with pytest.raises(InterruptedError):  # "killed" after iteration 3; the last checkpoint is at 2
+        run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "b"),
+                 progress=False, stop_after=3)
+    resumed = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "b"),
+                       progress=False, resume=True)
+    a = load_file(fetch(whole.uri) / "model.safetensors")
+    b = load_file(fetch(resumed.uri) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("teacher", "monitor", "final_train_reward"):
+        assert whole.metrics[key] == resumed.metrics[key]
