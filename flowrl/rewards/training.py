@@ -182,3 +182,13 @@ def ordering_accuracy(reward_a: torch.Tensor, reward_b: torch.Tensor, preference
 
 def spearman(scores: torch.Tensor, reference: np.ndarray) -> float:
     return float(spearmanr(scores.numpy(), reference).statistic)
+
+
+def spearman_ceiling(reference: np.ndarray, seed: int = 0) -> float:
+    """The Spearman correlation a perfect scorer reaches against ``reference``
+    when it must break the reference's ties (a continuous score does): with
+    most images tied at the top, as for fidelity, it is far below 1."""
+    values = np.asarray(reference, dtype=np.float64)
+    scale = np.ptp(values) or 1.0
+    jitter = np.random.default_rng(seed).uniform(0.0, 1e-9 * scale, size=values.shape)
+    return float(spearmanr(values + jitter, values).statistic)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from flowrl.config import GRPOConfig
 from flowrl.models.base import Condition, FlowModel
 from flowrl.rewards.base import RewardScores
+from flowrl.rl.distributed import barrier, broadcast, ddp_model, dist_info, mean_across_ranks
 from flowrl.rl.objectives import gaussian_kl, group_advantages, ppo_clip_loss
 from flowrl.rl.rollout import RolloutSettings, Rollouts, rollout, select_timesteps, step_log_probs
 from flowrl.rl.trainer import EMA, Checkpoints, HackingMonitor, TrainerState, seeded_generator
@@ -130,16 +131,18 @@ class GRPOTrainer:
     ):
         if cfg.kl_coef > 0 and reference is None:
             raise ValueError("grpo.kl_coef > 0 needs a reference model")
-        if cfg.prompts_per_iteration % cfg.reward_chunks:
+        self.rank, self.world = dist_info()
+        if cfg.prompts_per_iteration % (cfg.reward_chunks * self.world):
             raise ValueError(
-                f"grpo.reward_chunks = {cfg.reward_chunks} must divide grpo.prompts_per_iteration = "
-                f"{cfg.prompts_per_iteration}"
+                f"grpo.reward_chunks = {cfg.reward_chunks} times the {self.world} process(es) must divide "
+                f"grpo.prompts_per_iteration = {cfg.prompts_per_iteration}"
             )
         self.model, self.module, self.reference, self.cfg = model, module, reference, cfg
         self.prompts, self.rewards, self.weights, self.monitor = prompts, rewards, weights, monitor
         self.checkpoints, self.config_hash = checkpoints, config_hash
         self.category_scale = category_scale or {}
         self.settings = settings_of(cfg)
+        self.train_model = ddp_model(model) if self.world > 1 else model
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.state = TrainerState()
@@ -161,7 +164,8 @@ class GRPOTrainer:
     def collect(self, iteration: int) -> IterationOutput:
         cfg = self.cfg
         chosen = draw_prompts(self.prompts, cfg.prompts_per_iteration, cfg.seed, iteration)
-        gen = seeded_generator(cfg.seed, iteration, stream=0)
+        chosen = chosen.reshape(self.world, -1)[self.rank]  # this rank's share of the groups
+        gen = seeded_generator(cfg.seed, iteration, stream=100 + self.rank)
         per_chunk = cfg.prompts_per_iteration // cfg.reward_chunks
         parts, futures = [], []
         for c in range(cfg.reward_chunks):
@@ -190,13 +194,15 @@ class GRPOTrainer:
     def update(self, out: IterationOutput, iteration: int) -> dict[str, float]:
         cfg, ro = self.cfg, out.rollouts
         gen = seeded_generator(cfg.seed, iteration, stream=1)
-        steps = select_timesteps(ro.batch_size, cfg.num_steps, cfg.timesteps, cfg.timestep_fraction,
+        # drawn for the global batch and sliced, so the update does not depend on the number of ranks
+        steps = select_timesteps(ro.batch_size * self.world, cfg.num_steps, cfg.timesteps, cfg.timestep_fraction,
                                  cfg.timesteps_per_trajectory, gen)
+        steps = steps[self.rank * ro.batch_size : (self.rank + 1) * ro.batch_size]
         order = torch.randperm(ro.batch_size, generator=gen)
         stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "ratio_dev": [], "kl": [], "grad_norm": []}
         self.module.train()
         for rows in order.chunk(cfg.minibatches):
-            new = step_log_probs(self.model, ro, rows, steps[rows], self.settings)
+            new = step_log_probs(self.train_model, ro, rows, steps[rows], self.settings)
             loss, diag = ppo_clip_loss(new.log_probs, ro.old_log_probs[rows[:, None], steps[rows]],
                                        out.advantages[rows], cfg.clip_range)
             kl = torch.zeros(())
@@ -218,7 +224,7 @@ class GRPOTrainer:
         metrics["train/reward"] = float(out.scores.total.mean())
         for name, value in out.scores.components.items():
             metrics[f"train/reward_{name}"] = float(value.mean())
-        return metrics
+        return mean_across_ranks(metrics)
 
     # ------------------------------------------------------------------ the loop
     def _evaluate(self, iteration: int) -> dict[str, float]:
@@ -232,8 +238,9 @@ class GRPOTrainer:
             self.module.load_state_dict(live)
 
     def _checkpoint(self) -> None:
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and self.rank == 0:
             self.checkpoints.save(self.state, self.module, self.optimizer, self.ema, self.config_hash)
+        barrier()
 
     def train(
         self,
@@ -246,7 +253,7 @@ class GRPOTrainer:
         cfg = self.cfg
         if self.monitor is not None and self.state.iteration == 0 and not self.state.monitor:
             self._monitor_step(0, [])
-        bar = tqdm(range(self.state.iteration, cfg.iterations), desc=f"grpo", disable=not progress,
+        bar = tqdm(range(self.state.iteration, cfg.iterations), desc="grpo", disable=not progress or self.rank != 0,
                    initial=self.state.iteration, total=cfg.iterations, mininterval=2.0)
         for iteration in bar:
             if stop_after is not None and iteration >= stop_after:
@@ -257,7 +264,7 @@ class GRPOTrainer:
             metrics["time/iteration_s"] = time.perf_counter() - start
             self.state.history.append(metrics)
             self.state.iteration = iteration + 1
-            if log_metrics is not None:
+            if log_metrics is not None and self.rank == 0:
                 log_metrics(metrics, iteration + 1)
             postfix = {"reward": f"{metrics['train/reward']:.3f}", "kl": f"{metrics['train/kl']:.2e}",
                        "s/it": f"{metrics['time/iteration_s']:.2f}"}
@@ -275,12 +282,12 @@ class GRPOTrainer:
 
 
     def _monitor_step(self, iteration: int, rewards: list[float], log_metrics=None) -> dict:
-        scores = self._evaluate(iteration)
+        scores = broadcast(self._evaluate(iteration) if self.rank == 0 else None)  # one judge, same verdict everywhere
         recent = rewards[-MONITOR_WINDOW:]
         reward = float(np.mean(recent)) if recent else None
         entry = {"iteration": iteration, "train_reward": reward, **scores}
         self.state.monitor.append(entry)
-        if log_metrics is not None:
+        if log_metrics is not None and self.rank == 0:
             log_metrics({f"monitor/{k}": v for k, v in scores.items()}, iteration)
         warning = self.hacking.check(scores["heldout"], reward)
         if warning:

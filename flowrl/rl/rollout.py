@@ -62,6 +62,15 @@ class Rollouts:
     def batch_size(self) -> int:
         return len(self.prompts)
 
+    def select(self, rows: torch.Tensor) -> "Rollouts":
+        """The trajectories ``rows`` (whole groups, if the groups are to stay intact)."""
+        return Rollouts(
+            prompts=[self.prompts[i] for i in rows.tolist()], group_ids=self.group_ids[rows],
+            sources=None if self.sources is None else self.sources[rows], cond=self.cond.index(rows),
+            null_cond=None if self.null_cond is None else self.null_cond.index(rows), states=self.states[rows],
+            sigmas=self.sigmas, old_log_probs=self.old_log_probs[rows], images=self.images[rows],
+        )
+
 
 @torch.no_grad()
 def rollout(

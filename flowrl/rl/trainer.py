@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -48,7 +49,8 @@ class EMA:
 
 def seeded_generator(seed: int, iteration: int, stream: int = 0) -> torch.Generator:
     """The torch generator of one iteration's draws (``stream`` tells apart several per iteration)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 16 + stream)
+    state = np.random.SeedSequence([seed, iteration, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 @dataclass

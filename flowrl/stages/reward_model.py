@@ -32,6 +32,7 @@ from flowrl.rewards.training import (
     pointwise_step_loss,
     rewards_of,
     spearman,
+    spearman_ceiling,
     split_annotations,
 )
 from flowrl.shapes.edits import parse_edit
@@ -85,6 +86,7 @@ def _evaluate(
     return {
         "reference": "judge" if judge else "labels",
         "spearman": spearman(rewards, reference_scores),
+        "spearman_ceiling": spearman_ceiling(reference_scores),
         "pairwise_accuracy": ordering_accuracy(reward_a, reward_b, judged),
         "heldout_images": float(len(unique)),
         "heldout_pairs": float(len(pairs)),

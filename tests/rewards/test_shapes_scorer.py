@@ -15,6 +15,8 @@ from flowrl.rewards.training import (
     pairwise_step_loss,
     pointwise_step_loss,
     rewards_of,
+    spearman,
+    spearman_ceiling,
     split_annotations,
 )
 
@@ -85,3 +87,15 @@ def test_split_depends_on_the_seed(frames):
 def test_ordering_accuracy_ignores_ties():
     acc = ordering_accuracy(torch.tensor([2.0, 1.0, 5.0]), torch.tensor([1.0, 3.0, 0.0]), torch.tensor([1.0, 1.0, 0.5]))
     assert acc == 0.5
+
+
+def test_spearman_ceiling_is_one_without_ties_and_low_with_many():
+    rng = np.random.default_rng(0)
+    distinct = rng.random(500)
+    assert spearman_ceiling(distinct) == pytest.approx(1.0)
+    tied = np.where(rng.random(4000) < 0.87, 1.0, rng.uniform(0.05, 0.9, 4000))
+    ceiling = spearman_ceiling(tied)
+    assert 0.45 < ceiling < 0.7
+    # a perfect scorer that breaks the ties at random lands at the ceiling
+    perfect = torch.from_numpy(tied + rng.uniform(0, 1e-6, 4000))
+    assert spearman(perfect, tied) == pytest.approx(ceiling, abs=0.03)

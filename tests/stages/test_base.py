@@ -118,11 +118,13 @@ def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
         capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for stage in ("base", "annotate", "reward_model"):  # every stage wired so far ran and committed
+    stages = ("base", "annotate", "reward_model", "filter_prompts_t2i", "filter_prompts_edit", "grpo_t2i", "grpo_edit")
+    for stage in stages:  # every stage wired so far ran and committed
         manifests = list((tmp_path / "artifacts" / stage).glob("*/manifest.json"))
         assert len(manifests) == 1, stage
-    assert manifests[0].parent.name in proc.stdout  # the workflow returns the last stage's artifact
-    assert '"t2i/alignment"' in proc.stdout and '"edit/accuracy"' in proc.stdout  # the metrics are printed
+    for stage in ("grpo_t2i", "grpo_edit"):  # the workflow returns the teachers
+        assert next((tmp_path / "artifacts" / stage).glob("*/manifest.json")).parent.name in proc.stdout
+    assert '"base/t2i/alignment"' in proc.stdout and '"teacher/edit/accuracy"' in proc.stdout
 
 
 def test_qwen_image_base_validates_and_references_weights(tmp_path):

@@ -1,0 +1,81 @@
+"""Data-parallel training helpers (torchrun / Flyte Elastic; gloo on CPU, nccl on GPU).
+
+Each rank samples and scores its own share of an iteration's prompt groups
+(a group never spans ranks, so the group-normalised advantages need no
+communication); DistributedDataParallel averages the gradients, which with
+equal shares is the gradient of the global mean loss: the same update as
+one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+
+from flowrl.models.base import FlowModel
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def ddp_model(model: FlowModel) -> FlowModel:
+    """A view of ``model`` whose forward runs through DistributedDataParallel
+    (same parameters; gradients are averaged across ranks in backward)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from flowrl.models.shapes_dit import ShapesFlowModel
+
+    if not isinstance(model, ShapesFlowModel):
+        raise NotImplementedError(
+            f"multi-process GRPO wraps the shapes family's network; {type(model).__name__} trains with "
+            "DeepSpeed instead (not wired yet)"
+        )
+    view = copy.copy(model)
+    # T2I batches never touch the source-image branch: without find_unused_parameters the
+    # buckets holding those weights would never be reduced, and neither would their neighbours
+    view.net = DistributedDataParallel(model.net, find_unused_parameters=True)
+    return view
+
+
+def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Average each metric over the ranks (identity in one process)."""
+    _, world = dist_info()
+    if world == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {k: float(v) / world for k, v in zip(keys, values)}
+
+
+def broadcast(obj):
+    """Rank 0's ``obj`` on every rank."""
+    _, world = dist_info()
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist_info()[1] > 1:
+        dist.barrier()

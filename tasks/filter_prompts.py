@@ -1,0 +1,18 @@
+"""Flyte task for stage `filter_prompts` (one per task)."""
+
+from flytekit import Resources, task
+from flytekit.types.file import FlyteFile
+
+from flowrl.config import load_config
+from flowrl.stages.common import flat_metrics
+from flowrl.stages.filter_prompts import run_filter_prompts
+from tasks.types import StageArtifact
+
+
+@task(requests=Resources(cpu="2", mem="8Gi"), retries=1)
+def filter_prompts(config: FlyteFile, task_name: str, base: StageArtifact, reward_model: StageArtifact) -> StageArtifact:
+    result = run_filter_prompts(load_config(config.download()), task_name, base.uri, reward_model.uri)
+    return StageArtifact(
+        stage=result.stage, version=result.version, uri=result.uri,
+        mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics),
+    )

@@ -1,0 +1,41 @@
+"""Distributed = single process (DESIGN.md section 6): two gloo processes
+under torchrun take the same GRPO update as one process on the same batch."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from flowrl.rewards.server import free_port
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "tests" / "rl" / "ddp_update.py"
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def test_two_processes_take_the_single_process_update(tmp_path):
+    single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(single)], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(SCRIPT), str(double)],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(single), load_file(double)
+    from tests.rl.conftest import tiny_model
+
+    start = tiny_model().net.state_dict()
+    assert any(not torch.allclose(a[k], start[k]) for k in a)  # the update did something
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
