@@ -8,7 +8,7 @@ CONFIG ?= configs/shapes.yaml
 # The CPU wheel of torch; GPU images install a CUDA build instead (images/).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv run test test-gpu base bench clean results/base_shapes.json
+.PHONY: venv run test test-gpu base bench clean results/base_shapes.json results/reward_model_shapes.json
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -39,6 +39,13 @@ clean:
 # The committed measurement of the base stage (results/base_shapes.json).
 results/base_shapes.json: venv
 	$(VENV)/bin/flowrl base --config configs/shapes.yaml --results $@
+
+# The committed measurement of the reward models (results/reward_model_shapes.json):
+# base and annotations are reused from artifacts/ when they are already there.
+results/reward_model_shapes.json: venv
+	base=$$($(VENV)/bin/flowrl base --config configs/shapes.yaml --no-progress | tail -1) && \
+	annotations=$$($(VENV)/bin/flowrl annotate --config configs/shapes.yaml --base $$base | tail -1) && \
+	$(VENV)/bin/flowrl reward-model --config configs/shapes.yaml --annotations $$annotations --results $@
 
 # Benchmarks: measure and write results/*.json (they assert nothing).
 bench: venv

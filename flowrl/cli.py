@@ -138,12 +138,13 @@ def machine_info() -> dict[str, object]:
 
 def write_results(path: str, args, result, wall_s: float) -> None:
     """A committed results file: the stage's metrics.json plus how it was made."""
-    from flowrl.storage import code_version, read_manifest
+    from flowrl.storage import read_manifest
 
+    manifest = read_manifest(result.uri)
     payload = {
-        "config_hash": read_manifest(result.uri).config_hash,
+        "config_hash": manifest.config_hash,
         "command": " ".join(["flowrl", *sys.argv[1:]]),
-        "code_version": code_version(),
+        "code_version": manifest.code_version,  # what made the artifact (the source may change mid-run)
         "version": result.version,
         "reused": result.reused,
         "artifact_uri": result.uri,

@@ -192,9 +192,9 @@ class RewardModelConfig:
     width: int = param(96, "Scorer width.", ge=8)
     depth: int = param(4, "Scorer transformer blocks.", ge=1)
     heads: int = param(4, "Scorer attention heads.", ge=1)
-    steps: int = param(3000, "Optimizer steps of the alignment and pairwise models.", ge=1)
+    steps: int = param(2000, "Optimizer steps of the alignment and pairwise models.", ge=1)
     easy_steps: int = param(
-        800, "Optimizer steps of the quality and fidelity models (texture and structure learn much faster).", ge=1
+        1000, "Optimizer steps of the quality and fidelity models (texture and structure learn much faster).", ge=1
     )
     batch_size: int = param(64, "Rows per step.", ge=1)
     lr: float = param(1e-3, "AdamW learning rate.", gt=0)
@@ -315,6 +315,14 @@ class GRPOConfig:
     checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1)
     grid_every: int = param(100, "Image grid of fixed prompts every N iterations.", ge=1)
     reward_chunks: int = param(2, "Rollouts are generated in this many chunks; chunk i is scored while i+1 is sampled.", ge=1)
+    reward_backend: Literal["inprocess", "server"] = param(
+        "inprocess",
+        "inprocess: score in a worker thread; server: through the reward server's client (reward_url, or a "
+        "sidecar server started from the reward_model artifact when reward_url is null).",
+    )
+    reward_url: str | None = param(None, "server backend: base URL of a running reward server serving the task.")
+    reward_token_env: str | None = param(None, "server backend: environment variable holding the bearer token.")
+    reward_timeout_s: float = param(120.0, "server backend: per-request timeout before a retry.", gt=0)
 
 
 @dataclass(frozen=True)
@@ -397,6 +405,25 @@ def check_consistency(config: FlowRLConfig) -> None:
         for name in getattr(r, key):
             if name not in ("alignment", "quality", "fidelity"):
                 raise ConfigError(f"reward_model.{key}: unknown criterion {name!r} (alignment, quality, fidelity)")
+    g = config.grpo
+    if g.timesteps == "subset":
+        window = max(1, min(g.num_steps, math.ceil(g.timestep_fraction * g.num_steps - 1e-9)))
+        if g.timesteps_per_trajectory > window:
+            raise ConfigError(
+                f"grpo.timesteps_per_trajectory: {g.timesteps_per_trajectory} is more than the {window} steps in "
+                f"the first grpo.timestep_fraction = {g.timestep_fraction} of grpo.num_steps = {g.num_steps}"
+            )
+    if g.prompts_per_iteration % g.reward_chunks:
+        raise ConfigError(
+            f"grpo.reward_chunks: {g.reward_chunks} does not divide grpo.prompts_per_iteration {g.prompts_per_iteration}"
+        )
+    if g.prompts_per_iteration % g.minibatches:
+        raise ConfigError(
+            f"grpo.minibatches: {g.minibatches} does not divide grpo.prompts_per_iteration {g.prompts_per_iteration}"
+        )
+    f = config.filter
+    if f.threshold_mode == "quantile" and f.threshold >= 1:
+        raise ConfigError(f"filter.threshold: a quantile must be below 1, got {f.threshold}")
     a = config.annotate
     if (a.pointwise_path is None) != (a.pairwise_path is None):
         raise ConfigError("annotate.pairwise_path: give both annotate.pointwise_path and annotate.pairwise_path, or neither")

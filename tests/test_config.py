@@ -100,3 +100,21 @@ def test_section_hash_tracks_only_its_sections():
     assert a.section_hash("base") != b.section_hash("base")
     assert a.section_hash("model") == b.section_hash("model")
     assert a.section_hash("run.seed", "base") == c.section_hash("run.seed", "base")
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("grpo:\n  num_steps: 10\n  timestep_fraction: 0.2\n  timesteps_per_trajectory: 3\n",
+         "grpo.timesteps_per_trajectory: 3 is more than the 2 steps"),
+        ("grpo:\n  prompts_per_iteration: 6\n  reward_chunks: 4\n", "grpo.reward_chunks: 4 does not divide"),
+        ("grpo:\n  prompts_per_iteration: 6\n  reward_chunks: 1\n  minibatches: 4\n", "grpo.minibatches: 4 does not divide"),
+        ("grpo:\n  cfg_mode: sometimes\n", "grpo.cfg_mode"),
+        ("filter:\n  threshold_mode: quantile\n  threshold: 1.5\n", "filter.threshold: a quantile must be below 1"),
+    ],
+)
+def test_rl_cross_key_rules(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

@@ -19,3 +19,23 @@ def test_base_results_match_config_and_targets():
     assert m["fidelity"] >= 0.8
     assert m["wall_s"] <= 12 * 60 and not results["reused"]
     assert results["machine"]["cpu_count"] == 2
+
+
+def test_reward_model_results_match_config_and_targets():
+    from flowrl.stages.reward_model import SECTIONS as RM_SECTIONS
+
+    results = json.loads((ROOT / "results" / "reward_model_shapes.json").read_text())
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    assert results["config_hash"] == config.section_hash(*RM_SECTIONS), "results/reward_model_shapes.json is stale"
+    m = results["metrics"]
+    t2i = m["t2i"]["pointwise_alignment"]
+    assert t2i["reference"] == "judge" and t2i["spearman"] >= 0.8  # issue 3's bar, on held-out annotation groups
+    assert t2i["heldout_images"] >= 1000
+    for task in ("t2i", "edit"):
+        for name, entry in m[task].items():
+            if name == "split":
+                continue
+            assert 0.0 < entry["spearman"] <= entry["spearman_ceiling"] + 0.02, (task, name)
+            assert entry["pairwise_accuracy"] > 0.5, (task, name)
+        assert "pairwise" in m[task] and "unseen_prompt_spearman" in m[task]["pointwise_alignment"]
+    assert results["machine"]["cpu_count"] == 2 and not results["reused"]

@@ -409,12 +409,16 @@ def launch_server(
     token_env: str | None = None,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    reward_kwargs: dict[str, dict] | None = None,
 ) -> ServerProcess:
-    """Start ``python -m flowrl.rewards.server`` without waiting; ``rewards`` is name -> spec."""
+    """Start ``python -m flowrl.rewards.server`` without waiting; ``rewards`` is name -> spec,
+    ``reward_kwargs`` name -> the factory's keyword arguments (JSON-serialisable)."""
     command = [sys.executable, "-m", "flowrl.rewards.server", "--host", host, "--port", str(port)]
     command += ["--max-batch", str(max_batch), "--delay-s", str(delay_s)]
     for name, spec in rewards.items():
         command += ["--reward", f"{name}={spec}"]
+    for name, kwargs in (reward_kwargs or {}).items():
+        command += ["--reward-kwargs", f"{name}={json.dumps(kwargs)}"]
     if token_env is not None:
         command += ["--token-env", token_env]
     with open(log_path, "wb") as log:

@@ -71,3 +71,12 @@ def load_shapes_rewards(config: FlowRLConfig, reward_model_uri: str) -> dict[str
         weights=edit_rows, categorize=shapes_category, default_weights=edit_default,
     )
     return {"t2i": t2i, "edit": edit}
+
+
+def served_composite(config: dict, reward_model_uri: str, task: str) -> CompositeReward:
+    """Reward-server factory: the task's composite from a config given as plain
+    data (``FlowRLConfig.to_dict()``), e.g.
+    ``--reward t2i=flowrl.rewards.shapes_rewards:served_composite --reward-kwargs t2i='{...}'``."""
+    from flowrl.config import FlowRLConfig, from_dict
+
+    return load_shapes_rewards(from_dict(FlowRLConfig, config), reward_model_uri)[task]

@@ -1,9 +1,12 @@
 """The shapes-world reward-model backbone: a small image + prompt scorer.
 
-Patch tokens of the image (and of the source image for edits, sharing the
-cell's rotary position as in the generator) attend jointly with the prompt
-tokens; the mean and the max of the image tokens go through a head to
-logits over the five Likert levels. It trains on CPU in minutes.
+Patch tokens of the image attend jointly with the prompt tokens; for edits,
+tokens of the source image join them, each carrying its cell of the source
+and what changed there (output minus source), at the same rotary position
+as the image's cell, as in the generator. The mean and the max of the image
+tokens go through a head to logits over the five Likert levels (the max lets
+a single local flaw, such as a stray blob, through). It trains on CPU in
+minutes.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class ShapesScorer(nn.Module):
         width, patch = arch.width, arch.patch
         grid = resolution // patch
         self.image_in = nn.Linear(3 * patch * patch, width)
-        self.source_in = nn.Linear(3 * patch * patch, width)
+        self.source_in = nn.Linear(2 * 3 * patch * patch, width)  # source patch and its change
         self.image_pos = nn.Parameter(torch.randn(1, grid * grid, width) * 0.02)
         self.word = nn.Embedding(len(vocab.VOCAB), width, padding_idx=0)
         self.text_pos = nn.Parameter(torch.randn(1, vocab.MAX_PROMPT_TOKENS, width) * 0.02)
@@ -70,7 +73,10 @@ class ShapesScorer(nn.Module):
         image = self.image_in(self._patches(images)) + self.image_pos  # [B, N, D]
         parts, n_images = [text, image], 1
         if sources is not None:
-            parts.append(self.source_in(self._patches(sources)) + self.image_pos)
+            # each source token also sees what changed in its cell: the cell-wise difference is
+            # the direct evidence of an edit (and of drift where nothing should have changed)
+            src = self._patches(sources)
+            parts.append(self.source_in(torch.cat([src, self._patches(images) - src], dim=-1)) + self.image_pos)
             n_images = 2
         h = torch.cat(parts, dim=1)  # [B, L, D]
         ones = torch.ones(image.shape[:2], dtype=torch.bool, device=images.device)

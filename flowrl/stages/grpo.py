@@ -108,6 +108,41 @@ def table_markdown(rows: dict[str, dict[str, float]], task: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri: str):
+    """(the submitter GRPO scores through, the sidecar server process or None)."""
+    g = config.grpo
+    if g.reward_backend == "inprocess":
+        return LocalRewards(composite), None
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from flowrl.rewards.client import RewardClient
+    from flowrl.rewards.server import free_port, launch_server
+
+    token = os.environ.get(g.reward_token_env) if g.reward_token_env else None
+    if g.reward_token_env and not token:
+        raise ValueError(f"grpo.reward_token_env: environment variable {g.reward_token_env} is unset or empty")
+    sidecar = None
+    url = g.reward_url
+    if url is None:
+        log_path = Path(tempfile.mkdtemp(prefix="flowrl-reward-server-")) / "server.log"
+        sidecar = launch_server(
+            {task: "flowrl.rewards.shapes_rewards:served_composite"}, port=free_port(), log_path=log_path,
+            reward_kwargs={task: {"config": config.to_dict(), "reward_model_uri": reward_model_uri, "task": task}},
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        try:
+            sidecar.wait_until_healthy(timeout_s=120)
+        except Exception:
+            sidecar.stop()
+            raise
+        url = sidecar.base_url
+    client = RewardClient(url, task, token=token, timeout_s=g.reward_timeout_s,
+                          max_batch=g.prompts_per_iteration * g.group_size, max_in_flight=g.reward_chunks)
+    return client, sidecar
+
+
 def run_grpo(
     config: FlowRLConfig,
     task: str,
@@ -140,7 +175,7 @@ def run_grpo(
         scale = json.loads((fetch(prompts_uri) / "metrics.json").read_text())["calibration"]
     store = ArtifactStore(output_root or config.run.artifact_root)
     version = stage_version(stage, config, SECTIONS, inputs)
-    rewards = LocalRewards(composite)
+    rewards, sidecar = _reward_backend(config, task, composite, reward_model_uri)
     try:
         with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
             start = time.perf_counter()
@@ -182,3 +217,5 @@ def run_grpo(
             return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
     finally:
         rewards.close()
+        if sidecar is not None:
+            sidecar.stop()

@@ -81,3 +81,20 @@ def test_killed_run_resumes_to_the_uninterrupted_result(upstream, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     for key in ("teacher", "monitor", "final_train_reward"):
         assert whole.metrics[key] == resumed.metrics[key]
+
+
+def test_rewards_through_a_sidecar_reward_server(upstream, tmp_path):
+    """reward_backend server: a real server process scores the rollouts over
+    HTTP; the rewards match in-process scoring up to the 8-bit images."""
+    import dataclasses
+
+    _, config, base, rm, prompts = upstream
+    served = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, reward_backend="server", iterations=2))
+    local = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, iterations=2))
+    remote = run_grpo(served, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "s"),
+                      progress=False)
+    inproc = run_grpo(local, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "l"),
+                      progress=False)
+    first = [json.loads((fetch(r.uri) / "history.json").read_text())["history"][0] for r in (remote, inproc)]
+    assert first[0]["train/reward"] == pytest.approx(first[1]["train/reward"], abs=0.02)
+    assert remote.metrics["iterations"] == 2

@@ -115,7 +115,7 @@ def test_vlm_backbone_trains_through_the_same_stage(annotations, tmp_path):
     local = fetch(result.uri)
     scorer = QwenVLScorer.from_pretrained(local / "edit" / "pointwise_alignment")
     assert scorer.settings.criterion == "instruction_following"
-    assert set(result.metrics["t2i"]) == {"pointwise_alignment", "pairwise"}
+    assert set(result.metrics["t2i"]) == {"pointwise_alignment", "pairwise", "split"}
 
 
 def test_without_a_judge_the_reference_is_the_human_labels(annotations):
