@@ -75,8 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--artifacts", default="artifacts")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: run.torch_threads)")
     args = parser.parse_args(argv)
     config = load_config(args.config)
+    if args.threads is not None:
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, torch_threads=args.threads))
     common = _parse_sets(args.set)
     table, base_metrics = {}, {}
     for name in args.variants:

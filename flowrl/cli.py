@@ -107,10 +107,17 @@ def _dispatch(args) -> int:
         result = run_filter_prompts(config, args.task, args.base, args.reward_model,
                                     output_root=args.output, tracker=_tracker(args))
     elif args.command == "grpo":
+        from flowrl.rl.distributed import dist_info, init_from_env, shutdown
         from flowrl.stages.grpo import run_grpo
 
-        result = run_grpo(config, args.task, args.base, args.reward_model, args.prompts, output_root=args.output,
-                          tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
+        init_from_env()  # under torchrun: join the process group; each rank trains on its share
+        try:
+            result = run_grpo(config, args.task, args.base, args.reward_model, args.prompts, output_root=args.output,
+                              tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
+        finally:
+            shutdown()
+        if dist_info()[0] != 0:
+            return 0
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
     if result.reused:

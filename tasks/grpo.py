@@ -1,27 +1,44 @@
 """Flyte task for stages `grpo_t2i` / `grpo_edit`.
 
-A retry resumes from the run's newest complete checkpoint (the artifact
-store holds them), so a preempted pod loses at most ``grpo.checkpoint_every``
-iterations.
+Runs under Flyte's Elastic plugin (torchrun inside the pod):
+``FLOWRL_GRPO_PROCS`` processes per node, one per GPU, DDP across them (see
+:mod:`flowrl.rl.distributed`). A retry resumes from the run's newest
+complete checkpoint in the artifact store, so a preempted pod loses at most
+``grpo.checkpoint_every`` iterations.
 """
+
+import os
 
 from flytekit import Resources, task
 from flytekit.types.file import FlyteFile
+from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
 from flowrl.stages.common import flat_metrics
-from flowrl.stages.grpo import run_grpo
 from tasks.types import StageArtifact
 
+PROCS = int(os.environ.get("FLOWRL_GRPO_PROCS", "1"))
 
-@task(requests=Resources(cpu="2", mem="8Gi"), retries=2)
+
+@task(
+    task_config=Elastic(nnodes=1, nproc_per_node=PROCS, start_method="spawn"),
+    requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
+    retries=2,
+)
 def grpo(
     config: FlyteFile, task_name: str, base: StageArtifact, reward_model: StageArtifact, prompts: StageArtifact
 ) -> StageArtifact:
-    result = run_grpo(
-        load_config(config.download()), task_name, base.uri, reward_model.uri, prompts.uri,
-        resume=True, progress=False,
-    )
+    from flowrl.rl.distributed import init_from_env, shutdown
+    from flowrl.stages.grpo import run_grpo
+
+    init_from_env()
+    try:
+        result = run_grpo(
+            load_config(config.download()), task_name, base.uri, reward_model.uri, prompts.uri,
+            resume=True, progress=False,
+        )
+    finally:
+        shutdown()
     return StageArtifact(
         stage=result.stage, version=result.version, uri=result.uri,
         mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics),

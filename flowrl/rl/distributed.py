@@ -79,3 +79,10 @@ def broadcast(obj):
 def barrier() -> None:
     if dist_info()[1] > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (gloo's threads must stop before the interpreter exits)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -21,8 +21,9 @@ from PIL import Image
 
 from flowrl.config import FlowRLConfig
 from flowrl.evaluation import evaluate_shapes, generate, image_grid, to_uint8
-from flowrl.models import load_checkpoint, save_checkpoint
+from flowrl.models import load_checkpoint, save_checkpoint, set_torch_threads
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
+from flowrl.rl.distributed import dist_info
 from flowrl.rl.grpo import GRPOTrainer, LocalRewards, PromptSet
 from flowrl.rl.trainer import Checkpoints
 from flowrl.shapes import judge
@@ -32,7 +33,7 @@ from flowrl.shapes.render import render_batch
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context, stage_version
 from flowrl.stages.filter_prompts import decode_sources, load_prompt_set
 from flowrl.storage import ArtifactStore, fetch
-from flowrl.tracking import Tracker
+from flowrl.tracking import NullTracker, Tracker
 
 SECTIONS = ("run.seed", "world", "sampler", "eval", "grpo", "rewards")
 MONITOR_SEED_OFFSET = 7919  # the monitor set is drawn apart from the evaluation set
@@ -175,21 +176,31 @@ def run_grpo(
         scale = json.loads((fetch(prompts_uri) / "metrics.json").read_text())["calibration"]
     store = ArtifactStore(output_root or config.run.artifact_root)
     version = stage_version(stage, config, SECTIONS, inputs)
+    rank, _ = dist_info()
     rewards, sidecar = _reward_backend(config, task, composite, reward_model_uri)
+
+    def train(tracker_: Tracker) -> tuple[GRPOTrainer, object]:
+        trainer = GRPOTrainer(
+            model, model.net, reference, g, prompts, rewards, composite.weight_matrix,
+            monitor=monitor_for(config, task, tracker_),
+            checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
+            category_scale=scale,
+        )
+        if resume:
+            trainer.resume()
+        result = trainer.train(tracker_.log_metrics, progress=progress, stop_after=stop_after)
+        if trainer.state.iteration < g.iterations and not trainer.state.stopped:
+            raise InterruptedError(f"{stage}: stopped after iteration {trainer.state.iteration} (stop_after)")
+        return trainer, result
+
     try:
+        if rank != 0:  # other ranks train beside rank 0, which evaluates, commits and tracks
+            set_torch_threads(config.run.torch_threads)
+            train(NullTracker())
+            return StageResult(stage, version, store.uri(stage, version), None, {})
         with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
             start = time.perf_counter()
-            trainer = GRPOTrainer(
-                model, model.net, reference, g, prompts, rewards, composite.weight_matrix,
-                monitor=monitor_for(config, task, ctx.tracker),
-                checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
-                category_scale=scale,
-            )
-            if resume:
-                trainer.resume()
-            result = trainer.train(ctx.tracker.log_metrics, progress=progress, stop_after=stop_after)
-            if trainer.state.iteration < g.iterations and not trainer.state.stopped:
-                raise InterruptedError(f"{stage}: stopped after iteration {trainer.state.iteration} (stop_after)")
+            trainer, result = train(ctx.tracker)
             train_s = time.perf_counter() - start
             model.net.load_state_dict(result.module_state)
             report = evaluate_shapes(model, config)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from safetensors.torch import save_file  # noqa: E402
 
 from flowrl.config import GRPOConfig  # noqa: E402
-from flowrl.rl.distributed import dist_info, init_from_env  # noqa: E402
+from flowrl.rl.distributed import dist_info, init_from_env, shutdown  # noqa: E402
 from flowrl.rl.grpo import GRPOTrainer, IterationOutput, PromptSet, settings_of  # noqa: E402
 from flowrl.rl.objectives import group_advantages  # noqa: E402
 from flowrl.rl.rollout import rollout  # noqa: E402
@@ -50,6 +50,7 @@ def main(out: str) -> None:
                    for p in model.net.parameters() if p in trainer.optimizer.state}
         tensors = {**model.net.state_dict(), **moments}
         save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+    shutdown()
 
 
 if __name__ == "__main__":
