@@ -36,6 +36,10 @@ def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
         "--results", default=None, metavar="FILE",
         help="also write the metrics, wall time and machine to FILE (results/*.json)",
     )
+    p.add_argument(
+        "--results-key", default=None, metavar="KEY",
+        help="write the results under KEY of FILE, keeping its other keys (one file for several runs)",
+    )
     return p
 
 
@@ -159,8 +163,13 @@ def write_results(path: str, args, result, wall_s: float) -> None:
         "machine": machine_info(),
         "metrics": result.metrics,
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    target = Path(path)
+    if getattr(args, "results_key", None):
+        merged = json.loads(target.read_text()) if target.is_file() else {}
+        merged[args.results_key] = payload
+        payload = merged
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

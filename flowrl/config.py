@@ -300,6 +300,12 @@ class GRPOConfig:
     clip_range: float = param(1e-3, "PPO clip range of the ratio.", gt=0)
     advantage_clip: float = param(5.0, "Advantages are clipped to +- this.", gt=0)
     kl_coef: float = param(0.0, "Weight of the closed-form KL to the reference (base) policy.", ge=0)
+    kl_anchor_steps: int = param(
+        0,
+        "subset: per trajectory, this many extra steps from the low-noise rest of the schedule carry only the "
+        "KL term (the policy drifts there too, though no advantage reaches them). Needs kl_coef > 0.",
+        ge=0,
+    )
     grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
     minibatches: int = param(1, "Optimizer steps per iteration (the rollouts split evenly).", ge=1)
     ema_decay: float = param(0.0, "EMA of the weights that are evaluated and saved (0: off).", ge=0, lt=1)

@@ -29,7 +29,14 @@ from flowrl.models.base import Condition, FlowModel
 from flowrl.rewards.base import RewardScores
 from flowrl.rl.distributed import barrier, broadcast, ddp_model, dist_info, mean_across_ranks
 from flowrl.rl.objectives import gaussian_kl, group_advantages, ppo_clip_loss
-from flowrl.rl.rollout import RolloutSettings, Rollouts, rollout, select_timesteps, step_log_probs
+from flowrl.rl.rollout import (
+    RolloutSettings,
+    Rollouts,
+    rollout,
+    select_anchor_steps,
+    select_timesteps,
+    step_log_probs,
+)
 from flowrl.rl.trainer import EMA, Checkpoints, HackingMonitor, TrainerState, seeded_generator
 
 log = logging.getLogger(__name__)
@@ -197,13 +204,19 @@ class GRPOTrainer:
         # drawn for the global batch and sliced, so the update does not depend on the number of ranks
         steps = select_timesteps(ro.batch_size * self.world, cfg.num_steps, cfg.timesteps, cfg.timestep_fraction,
                                  cfg.timesteps_per_trajectory, gen)
-        steps = steps[self.rank * ro.batch_size : (self.rank + 1) * ro.batch_size]
+        anchors = select_anchor_steps(ro.batch_size * self.world, cfg.num_steps, cfg.timestep_fraction,
+                                      cfg.kl_anchor_steps if cfg.timesteps == "subset" and cfg.kl_coef > 0 else 0, gen)
+        local = slice(self.rank * ro.batch_size, (self.rank + 1) * ro.batch_size)
+        steps, anchors = steps[local], anchors[local]
+        n_trained = steps.shape[1]
+        steps = torch.cat([steps, anchors], dim=1)  # anchors: KL only
         order = torch.randperm(ro.batch_size, generator=gen)
         stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "ratio_dev": [], "kl": [], "grad_norm": []}
         self.module.train()
         for rows in order.chunk(cfg.minibatches):
             new = step_log_probs(self.train_model, ro, rows, steps[rows], self.settings)
-            loss, diag = ppo_clip_loss(new.log_probs, ro.old_log_probs[rows[:, None], steps[rows]],
+            trained = steps[rows][:, :n_trained]
+            loss, diag = ppo_clip_loss(new.log_probs[:, :n_trained], ro.old_log_probs[rows[:, None], trained],
                                        out.advantages[rows], cfg.clip_range)
             kl = torch.zeros(())
             if self.reference is not None and cfg.kl_coef > 0:

@@ -116,6 +116,20 @@ def select_timesteps(
     return scores.argsort(dim=1)[:, :k]
 
 
+def select_anchor_steps(
+    batch: int, num_steps: int, fraction: float, k: int, generator: torch.Generator
+) -> torch.Tensor:
+    """[B, k] distinct steps per trajectory from the part of the schedule the
+    subset never trains (after the first ceil(fraction N)); [B, 0] if none."""
+    window = max(1, min(num_steps, math.ceil(fraction * num_steps - 1e-9)))
+    rest = num_steps - window
+    k = min(k, rest)
+    if k <= 0:
+        return torch.zeros(batch, 0, dtype=torch.long)
+    scores = torch.rand(batch, rest, generator=generator)
+    return window + scores.argsort(dim=1)[:, :k]
+
+
 @dataclass(frozen=True)
 class StepLogProbs:
     log_probs: torch.Tensor  # [R, S]

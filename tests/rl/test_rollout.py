@@ -48,3 +48,12 @@ def test_subset_timesteps_come_from_the_noisy_start_and_are_distinct():
     assert select_timesteps(3, 10, "all", 0.5, 2, torch.Generator()).tolist() == [list(range(10))] * 3
     with pytest.raises(ValueError, match="timesteps_per_trajectory"):
         select_timesteps(3, 10, "subset", 0.2, 3, torch.Generator())
+
+
+def test_anchor_steps_come_from_the_untrained_rest():
+    from flowrl.rl.rollout import select_anchor_steps
+
+    idx = select_anchor_steps(64, 10, 0.5, 2, torch.Generator().manual_seed(0))
+    assert idx.shape == (64, 2) and idx.min() >= 5 and idx.max() <= 9 and (idx[:, 0] != idx[:, 1]).all()
+    assert select_anchor_steps(4, 10, 1.0, 2, torch.Generator()).shape == (4, 0)
+    assert select_anchor_steps(4, 10, 0.8, 5, torch.Generator()).shape == (4, 2)
