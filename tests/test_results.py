@@ -39,3 +39,22 @@ def test_reward_model_results_match_config_and_targets():
             assert entry["pairwise_accuracy"] > 0.5, (task, name)
         assert "pairwise" in m[task] and "unseen_prompt_spearman" in m[task]["pointwise_alignment"]
     assert results["machine"]["cpu_count"] == 2 and not results["reused"]
+
+
+def test_grpo_results_match_config_and_show_gains():
+    """What is claimed in the README for GRPO: both teachers beat the base on
+    their task's judge metric (the issue's +0.20 / +0.15 targets are not met
+    yet, and this test does not pretend otherwise)."""
+    from flowrl.stages.grpo import HEADLINE, SECTIONS as GRPO_SECTIONS
+
+    results = json.loads((ROOT / "results" / "grpo_shapes.json").read_text())
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    for task in ("t2i", "edit"):
+        entry = results[task]
+        assert entry["config_hash"] == config.section_hash(*GRPO_SECTIONS), f"grpo_shapes.json[{task}] is stale"
+        m = entry["metrics"]
+        assert m["task"] == task and m["iterations"] == config.grpo.iterations and not entry["reused"]
+        assert m["teacher"][HEADLINE[task]] > m["base"][HEADLINE[task]]
+        per_category = [k for k in m["teacher"] if k.startswith(HEADLINE[task] + "/")]
+        assert len(per_category) == (6 if task == "t2i" else 4)
+        assert m["wall_s"] > 0 and entry["machine"]["cpu_count"] == 2

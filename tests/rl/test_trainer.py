@@ -1,0 +1,91 @@
+"""Trainer machinery: the hacking monitor, checkpoints, seeded draws."""
+
+import os
+
+import pytest
+import torch
+
+from flowrl.config import GRPOConfig
+from flowrl.rl.grpo import GRPOTrainer, LocalRewards, PromptSet
+from flowrl.rl.trainer import Checkpoints, HackingMonitor, TrainerState, seeded_generator
+from flowrl.rewards.base import RewardScores
+from flowrl.storage import ArtifactStore
+from tests.rl.conftest import tiny_model
+
+
+def test_hacking_fires_when_reward_rises_and_heldout_falls():
+    monitor = HackingMonitor(threshold=0.05)
+    assert monitor.check(0.50, None) is None  # iteration 0: no training reward yet
+    assert monitor.check(0.60, 5.0) is None  # new best
+    assert monitor.check(0.57, 5.5) is None  # within the threshold
+    warning = monitor.check(0.50, 5.6)
+    assert warning and "0.500" in warning and "0.600" in warning
+
+
+def test_no_hacking_when_both_fall_or_the_heldout_recovers():
+    monitor = HackingMonitor(threshold=0.05)
+    monitor.check(0.60, 5.0)
+    assert monitor.check(0.40, 4.0) is None  # the reward fell too: a bad step, not hacking
+    assert monitor.check(0.65, 6.0) is None  # better than ever
+
+
+def test_first_reward_stands_in_for_the_baseline():
+    monitor = HackingMonitor(threshold=0.05)
+    monitor.check(0.60, None)  # the best is the untrained model's
+    assert monitor.check(0.58, 5.0) is None  # first training reward becomes the reference
+    assert monitor.check(0.50, 5.2)
+
+
+def test_seeded_generators_are_reproducible_and_distinct():
+    draw = lambda *key: torch.rand(4, generator=seeded_generator(*key))
+    assert torch.equal(draw(1, 2, 3), draw(1, 2, 3))
+    assert not torch.equal(draw(1, 2, 3), draw(1, 2, 4))
+    assert not torch.equal(draw(1, 2, 3), draw(1, 3, 3))
+
+
+def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    ckpts = Checkpoints(store, "grpo_t2i", "abc")
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    assert ckpts.latest() is None
+    ckpts.save(TrainerState(iteration=2), net, opt, None, "h")
+    uri = ckpts.save(TrainerState(iteration=4), net, opt, None, "h")
+    os.remove(os.path.join(uri, "manifest.json"))  # as if killed before the manifest was written
+    assert ckpts.latest().endswith("abc-0000002")
+    other = Checkpoints(store, "grpo_t2i", "abcd")  # a version with the same prefix is another run
+    assert other.latest() is None
+    state = ckpts.load(ckpts.latest(), net, opt, None)
+    assert state.iteration == 2
+
+
+class _ConstantReward:
+    def score_components(self, images, prompts, sources=None):
+        total = images.mean(dim=(1, 2, 3))
+        return RewardScores(total=total, components={"brightness": total})
+
+
+def test_stop_on_hacking_stops_and_keeps_the_state():
+    cfg = GRPOConfig(iterations=6, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
+                     timesteps_per_trajectory=1, eval_every=1, reward_chunks=1, stop_on_hacking=True,
+                     hacking_threshold=0.01)
+    scores = iter([0.5, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1])  # held-out: best at iteration 1, then a collapse
+    model = tiny_model()
+    rewards = LocalRewards(_ConstantReward())
+    trainer = GRPOTrainer(model, model.net, None, cfg, PromptSet(["a red circle", "a blue square"], ["x", "y"], None),
+                          rewards, weights=lambda prompts: torch.ones(len(prompts), 1),
+                          monitor=lambda m, it: {"heldout": next(scores)})
+    # a training reward that always rises
+    trainer.state.history = []
+    original = trainer.update
+
+    def rising(out, iteration):
+        metrics = original(out, iteration)
+        metrics["train/reward"] = float(iteration)
+        return metrics
+
+    trainer.update = rising
+    result = trainer.train(progress=False)
+    rewards.close()
+    assert result.state.stopped and "reward hacking" in result.state.stopped
+    assert result.state.iteration == 2
