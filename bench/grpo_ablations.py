@@ -109,12 +109,25 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
     }
     if args.output:
-        path = Path(args.output)
-        previous = json.loads(path.read_text()) if path.is_file() else {}
-        previous[args.task] = payload
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(previous, indent=2, sort_keys=True) + "\n")
+        _merge(Path(args.output), args.task, payload)
     return payload
+
+
+def _merge(path: Path, task: str, payload: dict) -> None:
+    """Add this run's variants to the task's table in ``path`` (several runners
+    may share one file: the read-modify-write holds an exclusive lock)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        entry = previous.get(task)
+        if entry is not None and entry.get("inputs") == payload["inputs"]:
+            entry["variants"].update(payload["variants"])
+        else:
+            previous[task] = payload
+        path.write_text(json.dumps(previous, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
