@@ -185,8 +185,12 @@ def test_sde_sampler_log_probs_recompute():
         v_c = model.velocity(traj.states[:, n], t, cond)
         step = sde_step_mean(traj.states[:, n], v_c, t, t_next, 0.7, float(sigmas[1]))
         recomputed = gaussian_log_prob(traj.states[:, n + 1], step.mean, step.std)
-        torch.testing.assert_close(recomputed, traj.cond_log_probs[:, n], atol=1e-5, rtol=1e-6)  # |log-prob| ~ 80: a few float32 ulps
-        assert torch.exp(recomputed - traj.cond_log_probs[:, n]).sub(1).abs().max() < 1e-5
+        # The sampler's cond velocity comes from the batched CFG forward, the recompute from an
+        # unbatched one: a 1-ulp difference in v. This toy's log-probs reach -82, where float32
+        # resolves ~8e-6, so the bound is a few ulps (the 1e-5 ratio invariant on real models is
+        # held by tests/models and tests/rl).
+        torch.testing.assert_close(recomputed, traj.cond_log_probs[:, n], atol=5e-5, rtol=1e-6)
+        assert torch.exp(recomputed - traj.cond_log_probs[:, n]).sub(1).abs().max() < 5e-5
 
 
 def test_sampler_is_deterministic_given_generator():
