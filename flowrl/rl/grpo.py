@@ -42,6 +42,7 @@ from flowrl.rl.trainer import EMA, Checkpoints, HackingMonitor, TrainerState, se
 log = logging.getLogger(__name__)
 
 MONITOR_WINDOW = 10  # iterations of training reward the hacking monitor averages
+WATCHED = ("heldout", "fidelity")  # monitor scores the hacking check watches
 
 
 class RewardSubmitter(Protocol):
@@ -153,7 +154,9 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.state = TrainerState()
-        self.hacking = HackingMonitor(cfg.hacking_threshold)
+        # watched held-out scores: the task's judge metric and, where the monitor gives it, fidelity
+        # (texture drift that the learned rewards miss shows there first)
+        self.hacking = {key: HackingMonitor(cfg.hacking_threshold) for key in WATCHED}
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> bool:
@@ -163,7 +166,9 @@ class GRPOTrainer:
             return False
         self.state = self.checkpoints.load(uri, self.module, self.optimizer, self.ema)
         for entry in self.state.monitor:  # rebuild the monitor's memory
-            self.hacking.check(entry["heldout"], entry["train_reward"])
+            for key, watch in self.hacking.items():
+                if key in entry:
+                    watch.check(entry[key], entry["train_reward"])
         log.info("resumed from %s at iteration %d", uri, self.state.iteration)
         return True
 
@@ -302,7 +307,8 @@ class GRPOTrainer:
         self.state.monitor.append(entry)
         if log_metrics is not None and self.rank == 0:
             log_metrics({f"monitor/{k}": v for k, v in scores.items()}, iteration)
-        warning = self.hacking.check(scores["heldout"], reward)
+        found = [(key, watch.check(scores[key], reward)) for key, watch in self.hacking.items() if key in scores]
+        warning = "; ".join(f"{key}: {text}" for key, text in found if text)
         if warning:
             entry["hacking"] = warning
             log.warning("iteration %d: %s", iteration, warning)

@@ -89,3 +89,21 @@ def test_stop_on_hacking_stops_and_keeps_the_state():
     rewards.close()
     assert result.state.stopped and "reward hacking" in result.state.stopped
     assert result.state.iteration == 2
+
+
+def test_fidelity_collapse_is_hacking_even_when_alignment_rises():
+    cfg = GRPOConfig(iterations=4, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
+                     timesteps_per_trajectory=1, eval_every=1, reward_chunks=1, hacking_threshold=0.02)
+    readings = iter([(0.5, 0.96), (0.55, 0.95), (0.6, 0.90), (0.65, 0.85), (0.7, 0.80)])
+    model = tiny_model()
+    rewards = LocalRewards(_ConstantReward())
+    trainer = GRPOTrainer(model, model.net, None, cfg, PromptSet(["a red circle", "a blue square"], ["x", "y"], None),
+                          rewards, weights=lambda prompts: torch.ones(len(prompts), 1),
+                          monitor=lambda m, it: dict(zip(("heldout", "fidelity"), next(readings))))
+    original = trainer.update
+    trainer.update = lambda out, iteration: {**original(out, iteration), "train/reward": float(iteration)}
+    state = trainer.train(progress=False).state
+    rewards.close()
+    flagged = [e for e in state.monitor if "hacking" in e]
+    assert flagged and all(e["hacking"].startswith("fidelity:") for e in flagged)
+    assert not state.stopped  # warn only unless stop_on_hacking
