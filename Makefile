@@ -50,3 +50,4 @@ results/reward_model_shapes.json: venv
 # Benchmarks: measure and write results/*.json (they assert nothing).
 bench: venv
 	$(PY) -m bench.reward_server --output results/reward_server_bench.json
+	$(PY) -m bench.grpo --output results/grpo_bench.json
