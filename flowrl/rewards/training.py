@@ -24,7 +24,7 @@ from flowrl.rewards.losses import bradley_terry_loss, expected_score
 PREFERENCE_VALUE = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
-def _images(column: pd.Series) -> torch.Tensor:
+def images_of(column: pd.Series) -> torch.Tensor:
     """PNG bytes -> float [N, 3, H, W] in [0, 1]."""
     arrays = np.stack([decode_png(b) for b in column])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
@@ -43,8 +43,8 @@ class PointwiseData:
         edits = frame["source_image"].notna().all() and len(frame) > 0
         has_rationales = "rationale" in frame.columns and frame["rationale"].notna().all() and len(frame) > 0
         return cls(
-            images=_images(frame["image"]),
-            sources=_images(frame["source_image"]) if edits else None,
+            images=images_of(frame["image"]),
+            sources=images_of(frame["source_image"]) if edits else None,
             prompts=list(frame["prompt"]),
             labels=torch.tensor(frame[column].to_numpy(), dtype=torch.long),
             rationales=list(frame["rationale"]) if has_rationales else None,
@@ -63,9 +63,9 @@ class PairwiseData:
     def from_frame(cls, frame: pd.DataFrame) -> "PairwiseData":
         edits = frame["source_image"].notna().all() and len(frame) > 0
         return cls(
-            images_a=_images(frame["image_a"]),
-            images_b=_images(frame["image_b"]),
-            sources=_images(frame["source_image"]) if edits else None,
+            images_a=images_of(frame["image_a"]),
+            images_b=images_of(frame["image_b"]),
+            sources=images_of(frame["source_image"]) if edits else None,
             prompts=list(frame["prompt"]),
             preference=torch.tensor([PREFERENCE_VALUE[p] for p in frame["preference"]]),
         )

@@ -249,7 +249,7 @@ class GRPOTrainer:
         if self.ema is None:
             return self.monitor(self.model, iteration)
         live = {k: v.clone() for k, v in self.module.state_dict().items()}
-        self.module.load_state_dict(self.ema.shadow)
+        self.module.load_state_dict(self.ema.shadow.state_dict())
         try:
             return self.monitor(self.model, iteration)
         finally:
@@ -295,7 +295,7 @@ class GRPOTrainer:
             if self.state.stopped:
                 self._checkpoint()
                 break
-        weights = self.ema.shadow if self.ema is not None else self.module.state_dict()
+        weights = (self.ema.shadow if self.ema is not None else self.module).state_dict()
         return GRPOResult(self.state, {k: v.detach().clone() for k, v in weights.items()})
 
 

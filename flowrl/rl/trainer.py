@@ -1,5 +1,5 @@
-"""Trainer machinery shared by GRPO and OPD: checkpoints, resume, EMA, the
-hacking monitor.
+"""Trainer machinery shared by GRPO and OPD: checkpoints, resume, the
+hacking monitor (the EMA is :class:`flowrl.pretrain.EMA`).
 
 Checkpoints are small artifacts of their own, committed through the
 artifact store (files first, manifest last), so a checkpoint is either
@@ -24,27 +24,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowrl.pretrain import EMA
 from flowrl.storage import ArtifactError, ArtifactStore, fetch
 
 log = logging.getLogger(__name__)
 
 _WEIGHTS, _EMA, _TRAINER, _STATE = "model.safetensors", "ema.safetensors", "trainer.pt", "state.json"
-
-
-class EMA:
-    """Exponential moving average of a module's parameters and buffers."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for key, value in module.state_dict().items():
-            if value.dtype.is_floating_point:
-                self.shadow[key].lerp_(value.detach(), 1.0 - self.decay)
-            else:
-                self.shadow[key].copy_(value)
 
 
 def seeded_generator(seed: int, iteration: int, stream: int = 0) -> torch.Generator:
@@ -84,7 +69,7 @@ class Checkpoints:
             tmp = Path(tmp)
             save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, tmp / _WEIGHTS)
             if ema is not None:
-                save_file({k: v.contiguous() for k, v in ema.shadow.items()}, tmp / _EMA)
+                save_file({k: v.contiguous() for k, v in ema.shadow.state_dict().items()}, tmp / _EMA)
             torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / _TRAINER)
             (tmp / _STATE).write_text(json.dumps(state.__dict__, sort_keys=True))
             return self.store.commit(
@@ -113,7 +98,7 @@ class Checkpoints:
         if ema is not None:
             if not (local / _EMA).is_file():
                 raise ArtifactError(f"{uri}: the run uses EMA but the checkpoint has no {_EMA}")
-            ema.shadow = load_file(local / _EMA)
+            ema.shadow.load_state_dict(load_file(local / _EMA), strict=True)
         trainer = torch.load(io.BytesIO((local / _TRAINER).read_bytes()), weights_only=True)
         optimizer.load_state_dict(trainer["optimizer"])
         torch.set_rng_state(trainer["torch_rng"])

@@ -21,22 +21,22 @@ advantages and weak ones larger, with the mean scale 1.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 import torch
 
 from flowrl.config import FlowRLConfig
+from flowrl.plots import new_figure, png_of
 from flowrl.models import load_checkpoint
 from flowrl.rewards.annotations import png_bytes
 from flowrl.rewards.composite import CompositeReward
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
+from flowrl.rewards.training import images_of
 from flowrl.rl.rollout import RolloutSettings, rollout
 from flowrl.rl.trainer import seeded_generator
 from flowrl.shapes.edits import EDIT_KINDS, sample_edit
 from flowrl.shapes.prompts import T2I_CATEGORIES, sample_t2i
-from flowrl.shapes.render import render_scene, to_tensor
+from flowrl.shapes.render import render_scene
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
 from flowrl.storage import fetch
 from flowrl.tracking import Tracker
@@ -68,11 +68,8 @@ def candidate_prompts(config: FlowRLConfig, task: str) -> pd.DataFrame:
 
 
 def decode_sources(frame: pd.DataFrame) -> torch.Tensor | None:
-    from flowrl.rewards.annotations import decode_png
-
-    if frame["source_image"].isna().all():
-        return None
-    return to_tensor(np.stack([decode_png(b) for b in frame["source_image"]]))
+    """The edit source images [P, 3, H, W] of a prompt frame, or None for T2I."""
+    return None if frame["source_image"].isna().all() else images_of(frame["source_image"])
 
 
 @torch.no_grad()
@@ -116,23 +113,14 @@ def calibration(frame: pd.DataFrame, top_level: float = 5.0) -> dict[str, float]
 
 
 def _histogram_png(ranges: np.ndarray, cut: float, task: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = new_figure(6, 3.5)
     ax.hist(ranges, bins=40, color="#4c72b0")
     ax.axvline(cut, color="#c44e52", linestyle="--", label=f"threshold {cut:.3f}")
     ax.set_xlabel("intra-group reward range (max - min)")
     ax.set_ylabel("prompts")
     ax.set_title(f"{task}: reward range per candidate prompt")
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_of(fig)
 
 
 def run_filter_prompts(

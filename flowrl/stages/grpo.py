@@ -11,15 +11,14 @@ teacher per category on the held-out evaluation sets) and ``grid.png``.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
 from flowrl.config import FlowRLConfig
+from flowrl.plots import new_figure, png_of
 from flowrl.evaluation import evaluate_shapes, generate, image_grid, to_uint8
 from flowrl.models import load_checkpoint, save_checkpoint, set_torch_threads
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
@@ -69,12 +68,7 @@ def monitor_for(config: FlowRLConfig, task: str, tracker: Tracker):
 
 
 def _curves_png(history: list[dict], monitor: list[dict], task: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = new_figure(7, 4)
     rewards = [h["train/reward"] for h in history]
     ax.plot(range(1, len(rewards) + 1), rewards, color="#4c72b0", alpha=0.35, label="training reward")
     if len(rewards) >= 10:
@@ -90,11 +84,7 @@ def _curves_png(history: list[dict], monitor: list[dict], task: str) -> bytes:
     labels = ax.get_legend_handles_labels()[1] + other.get_legend_handles_labels()[1]
     ax.legend(lines, labels, loc="lower right")
     ax.set_title(f"GRPO {task}")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_of(fig)
 
 
 def comparison(base: dict, teacher: dict, task: str) -> dict[str, dict[str, float]]:

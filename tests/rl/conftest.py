@@ -1,20 +1,12 @@
 """A tiny shapes model for the RL tests, on one thread."""
 
-import pytest
 import torch
 
 from flowrl.config import FlowRLConfig, from_dict
 from flowrl.models import create_model
+from tests.models.conftest import single_thread  # noqa: F401  (autouse: tiny models on one thread)
 
 TINY = {"model": {"shapes": {"width": 32, "depth": 2, "heads": 2, "head_channels": 4}}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_model(seed: int = 0):

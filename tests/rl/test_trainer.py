@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import torch
 
 from flowrl.config import GRPOConfig
@@ -107,3 +106,21 @@ def test_fidelity_collapse_is_hacking_even_when_alignment_rises():
     flagged = [e for e in state.monitor if "hacking" in e]
     assert flagged and all(e["hacking"].startswith("fidelity:") for e in flagged)
     assert not state.stopped  # warn only unless stop_on_hacking
+
+
+def test_checkpoint_keeps_the_ema_weights(tmp_path):
+    from flowrl.pretrain import EMA
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    ema = EMA(net, 0.5)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    ckpts = Checkpoints(ArtifactStore(str(tmp_path)), "grpo_t2i", "v")
+    ckpts.save(TrainerState(iteration=1), net, opt, ema, "h")
+    fresh_net = torch.nn.Linear(2, 2)
+    fresh_ema = EMA(fresh_net, 0.5)
+    ckpts.load(ckpts.latest(), fresh_net, torch.optim.AdamW(fresh_net.parameters()), fresh_ema)
+    assert torch.equal(fresh_ema.shadow.weight, ema.shadow.weight)
+    assert not torch.equal(fresh_ema.shadow.weight, net.weight)  # the average, not the live weights
