@@ -332,6 +332,42 @@ class GRPOConfig:
 
 
 @dataclass(frozen=True)
+class OPDConfig:
+    """Stage `opd`: on-policy distillation of the task teachers into one student (and the Mix-RL switch)."""
+
+    seed: int = param(404, "Seed of prompt draws and of the student's initial noise (per iteration).")
+    iterations: int = param(150, "Sample + update iterations.", ge=1)
+    prompts_per_iteration: int = param(32, "Prompts (one trajectory each) per iteration, over both tasks.", ge=1)
+    t2i_fraction: float = param(0.5, "Share of each iteration's prompts drawn from the T2I set (the rest: edit).",
+                                ge=0, le=1)
+    init: Literal["base", "t2i_teacher", "edit_teacher"] = param(
+        "base", "The student's initial weights: the base model or one of the teachers."
+    )
+    routes: tuple[str, ...] = param(
+        ("t2i=t2i_teacher", "edit=edit_teacher"),
+        "SELECTOR=TEACHER bindings: a task (t2i, edit) or a prompt category / edit kind to a teacher name; "
+        "category bindings win over task bindings. The pipeline names its teachers t2i_teacher and edit_teacher.",
+    )
+    states: Literal["on_policy", "off_policy"] = param(
+        "on_policy", "on_policy: states from the student's own trajectories; off_policy: from the teacher's (ablation)."
+    )
+    num_steps: int = param(10, "Steps of the student's (ODE) trajectories.", ge=1)
+    guidance_scale: float | None = param(None, "CFG scale of those trajectories (null: sampler.guidance_scale).", ge=1)
+    timesteps: Literal["all", "subset"] = param("subset", "Match at all N visited states, or K of them (scaled N/K).")
+    timesteps_per_trajectory: int = param(4, "subset: K visited states matched per trajectory.", ge=1)
+    lr: float = param(1e-4, "AdamW learning rate.", gt=0)
+    weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
+    grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
+    ema_decay: float = param(0.0, "EMA of the weights that are evaluated and saved (0: off).", ge=0, lt=1)
+    eval_every: int = param(25, "Judge score of the held-out monitor sets every N iterations.", ge=1)
+    monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
+    checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1)
+    grid_every: int = param(100, "Image grid of the monitor prompts every N iterations.", ge=1)
+    offpolicy_ablation: bool = param(False, "Pipeline: also run the off-policy ablation (stage opd_offpolicy).")
+    mix_rl: bool = param(False, "Pipeline: also run the Mix-RL baseline (grpo --task mixed, stage grpo_mixed).")
+
+
+@dataclass(frozen=True)
 class FlowRLConfig:
     """A whole scenario: one YAML file."""
 
@@ -345,7 +381,8 @@ class FlowRLConfig:
     reward_model: RewardModelConfig = section(RewardModelConfig, "Stage reward_model.")
     rewards: RewardsConfig = section(RewardsConfig, "Composite rewards used by RL.")
     filter: FilterConfig = section(FilterConfig, "Stage filter_prompts.")
-    grpo: GRPOConfig = section(GRPOConfig, "Stages grpo_t2i and grpo_edit.")
+    grpo: GRPOConfig = section(GRPOConfig, "Stages grpo_t2i, grpo_edit and grpo_mixed (Mix-RL).")
+    opd: OPDConfig = section(OPDConfig, "Stage opd (and opd_offpolicy).")
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the given sections (what a stage's output depends on)."""
@@ -427,6 +464,15 @@ def check_consistency(config: FlowRLConfig) -> None:
         raise ConfigError(
             f"grpo.minibatches: {g.minibatches} does not divide grpo.prompts_per_iteration {g.prompts_per_iteration}"
         )
+    o = config.opd
+    if o.timesteps == "subset" and o.timesteps_per_trajectory > o.num_steps:
+        raise ConfigError(
+            f"opd.timesteps_per_trajectory: {o.timesteps_per_trajectory} is more than opd.num_steps {o.num_steps}"
+        )
+    for i, route in enumerate(o.routes):
+        selector, sep, teacher = route.partition("=")
+        if not sep or not selector.strip() or not teacher.strip():
+            raise ConfigError(f"opd.routes[{i}]: expected SELECTOR=TEACHER, got {route!r}")
     f = config.filter
     if f.threshold_mode == "quantile" and f.threshold >= 1:
         raise ConfigError(f"filter.threshold: a quantile must be below 1, got {f.threshold}")

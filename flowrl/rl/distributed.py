@@ -55,6 +55,15 @@ def ddp_model(model: FlowModel) -> FlowModel:
     return view
 
 
+def no_sync(model: FlowModel):
+    """Context in which backward accumulates gradients without the all-reduce
+    (a DDP view from :func:`ddp_model`); a no-op for a plain model."""
+    import contextlib
+
+    net = getattr(model, "net", None)
+    return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
+
+
 def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
     """Average each metric over the ranks (identity in one process)."""
     _, world = dist_info()

@@ -14,20 +14,19 @@ resumed from a checkpoint replays exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from flowrl.config import GRPOConfig
 from flowrl.models.base import Condition, FlowModel
 from flowrl.rewards.base import RewardScores
-from flowrl.rl.distributed import barrier, broadcast, ddp_model, dist_info, mean_across_ranks
+from flowrl.rl.distributed import ddp_model, mean_across_ranks, no_sync
 from flowrl.rl.objectives import gaussian_kl, group_advantages, ppo_clip_loss
 from flowrl.rl.rollout import (
     RolloutSettings,
@@ -37,12 +36,9 @@ from flowrl.rl.rollout import (
     select_timesteps,
     step_log_probs,
 )
-from flowrl.rl.trainer import EMA, Checkpoints, HackingMonitor, TrainerState, seeded_generator
+from flowrl.rl.trainer import EMA, Checkpoints, LoopSettings, LoopTrainer, seeded_generator
 
 log = logging.getLogger(__name__)
-
-MONITOR_WINDOW = 10  # iterations of training reward the hacking monitor averages
-WATCHED = ("heldout", "fidelity")  # monitor scores the hacking check watches
 
 
 class RewardSubmitter(Protocol):
@@ -63,12 +59,6 @@ class PromptSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-
-@dataclass(frozen=True)
-class GRPOResult:
-    state: TrainerState
-    module_state: dict[str, torch.Tensor]  # the weights to deploy (EMA when on)
 
 
 def settings_of(cfg: GRPOConfig) -> RolloutSettings:
@@ -110,18 +100,42 @@ def draw_prompts(prompts: PromptSet, count: int, seed: int, iteration: int) -> n
 
 @dataclass
 class IterationOutput:
+    """One task's share of an iteration."""
+
     rollouts: Rollouts
     scores: RewardScores
     advantages: torch.Tensor
     categories: list[str]
 
 
-class GRPOTrainer:
-    """GRPO on one task. ``weights(prompts)`` -> [B, K] component weights in
-    the order of the reward's components (by each prompt's category);
-    ``monitor(model, iteration)`` -> held-out metrics with the watched score
-    under ``"heldout"``; ``category_scale`` multiplies the advantages of each
-    category (the optional calibration)."""
+@dataclass(frozen=True)
+class TaskData:
+    """One task GRPO trains on: its curated prompts, the reward it is scored
+    by (submit interface) and the per-row component weights of that reward."""
+
+    prompts: PromptSet
+    rewards: RewardSubmitter
+    weights: Callable[[list[str]], torch.Tensor]
+
+
+def loop_settings(cfg: GRPOConfig, name: str = "grpo") -> LoopSettings:
+    return LoopSettings(cfg.iterations, cfg.eval_every, cfg.checkpoint_every, cfg.hacking_threshold,
+                        cfg.stop_on_hacking, name=name, tracked="train/reward")
+
+
+class GRPOTrainer(LoopTrainer):
+    """GRPO on one task, or on several at once (Mix-RL).
+
+    Single task: ``prompts`` a :class:`PromptSet`, ``rewards`` its submitter
+    and ``weights(prompts)`` -> [B, K] component weights in the order of the
+    reward's components (by each prompt's category). Several tasks: all
+    three are dicts keyed by task; each iteration draws
+    ``prompts_per_iteration`` groups from *each* task, scores each with its
+    own reward, and takes one optimizer step per minibatch over all of them
+    (rows weighted equally). ``monitor(model, iteration)`` -> held-out
+    metrics with the watched score under ``"heldout"``; ``category_scale``
+    multiplies the advantages of each category (the optional calibration).
+    """
 
     def __init__(
         self,
@@ -129,9 +143,9 @@ class GRPOTrainer:
         module: torch.nn.Module,
         reference: FlowModel | None,
         cfg: GRPOConfig,
-        prompts: PromptSet,
-        rewards: RewardSubmitter,
-        weights: Callable[[list[str]], torch.Tensor],
+        prompts: PromptSet | dict[str, PromptSet],
+        rewards: RewardSubmitter | dict[str, RewardSubmitter],
+        weights: Callable[[list[str]], torch.Tensor] | dict[str, Callable[[list[str]], torch.Tensor]],
         monitor: Callable[[FlowModel, int], dict[str, float]] | None = None,
         checkpoints: Checkpoints | None = None,
         config_hash: str = "",
@@ -139,53 +153,47 @@ class GRPOTrainer:
     ):
         if cfg.kl_coef > 0 and reference is None:
             raise ValueError("grpo.kl_coef > 0 needs a reference model")
-        self.rank, self.world = dist_info()
+        if isinstance(prompts, dict):
+            if not (isinstance(rewards, dict) and isinstance(weights, dict)) or not (
+                prompts.keys() == rewards.keys() == weights.keys()
+            ):
+                raise ValueError("several tasks: prompts, rewards and weights must be dicts with the same tasks")
+            self.tasks = {t: TaskData(prompts[t], rewards[t], weights[t]) for t in prompts}
+        else:
+            self.tasks = {"": TaskData(prompts, rewards, weights)}
+        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        super().__init__(model, module, optimizer, ema, loop_settings(cfg), monitor, checkpoints, config_hash)
         if cfg.prompts_per_iteration % (cfg.reward_chunks * self.world):
             raise ValueError(
                 f"grpo.reward_chunks = {cfg.reward_chunks} times the {self.world} process(es) must divide "
                 f"grpo.prompts_per_iteration = {cfg.prompts_per_iteration}"
             )
-        self.model, self.module, self.reference, self.cfg = model, module, reference, cfg
-        self.prompts, self.rewards, self.weights, self.monitor = prompts, rewards, weights, monitor
-        self.checkpoints, self.config_hash = checkpoints, config_hash
+        self.reference, self.cfg = reference, cfg
         self.category_scale = category_scale or {}
         self.settings = settings_of(cfg)
         self.train_model = ddp_model(model) if self.world > 1 else model
-        self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.state = TrainerState()
-        # watched held-out scores: the task's judge metric and, where the monitor gives it, fidelity
-        # (texture drift that the learned rewards miss shows there first)
-        self.hacking = {key: HackingMonitor(cfg.hacking_threshold) for key in WATCHED}
 
-    # ------------------------------------------------------------------ resume
-    def resume(self) -> bool:
-        """Load the newest complete checkpoint of this run, if there is one."""
-        uri = self.checkpoints.latest() if self.checkpoints else None
-        if uri is None:
-            return False
-        self.state = self.checkpoints.load(uri, self.module, self.optimizer, self.ema)
-        for entry in self.state.monitor:  # rebuild the monitor's memory
-            for key, watch in self.hacking.items():
-                if key in entry:
-                    watch.check(entry[key], entry["train_reward"])
-        log.info("resumed from %s at iteration %d", uri, self.state.iteration)
-        return True
+    @property
+    def prompts(self) -> PromptSet:
+        """The prompt set of a single-task trainer."""
+        (task,) = self.tasks.values()
+        return task.prompts
 
     # ------------------------------------------------------------------ one iteration
-    def collect(self, iteration: int) -> IterationOutput:
+    def _collect_task(self, task: TaskData, index: int, iteration: int, gen: torch.Generator) -> IterationOutput:
         cfg = self.cfg
-        chosen = draw_prompts(self.prompts, cfg.prompts_per_iteration, cfg.seed, iteration)
+        # task 0 draws with the run's seed, so a single-task run is unchanged by the multi-task path
+        chosen = draw_prompts(task.prompts, cfg.prompts_per_iteration, cfg.seed + 1_000_003 * index, iteration)
         chosen = chosen.reshape(self.world, -1)[self.rank]  # this rank's share of the groups
-        gen = seeded_generator(cfg.seed, iteration, stream=100 + self.rank)
-        per_chunk = cfg.prompts_per_iteration // cfg.reward_chunks
+        per_chunk = len(chosen) // cfg.reward_chunks
         parts, futures = [], []
         for c in range(cfg.reward_chunks):
             idx = chosen[c * per_chunk : (c + 1) * per_chunk]
-            sources = None if self.prompts.sources is None else self.prompts.sources[torch.as_tensor(idx)]
-            part = rollout(self.model, [self.prompts.prompts[i] for i in idx], cfg.group_size, self.settings,
+            sources = None if task.prompts.sources is None else task.prompts.sources[torch.as_tensor(idx)]
+            part = rollout(self.model, [task.prompts.prompts[i] for i in idx], cfg.group_size, self.settings,
                            gen, sources)
-            futures.append(self.rewards.submit(part.images, part.prompts, part.sources))  # scored while we sample on
+            futures.append(task.rewards.submit(part.images, part.prompts, part.sources))  # scored while we sample on
             parts.append(part)
         scores = [f.result() for f in futures]
         ro = cat_rollouts(parts)
@@ -194,127 +202,92 @@ class GRPOTrainer:
             total=torch.cat([s.total for s in scores]),
             components={n: torch.cat([s.components[n] for s in scores]) for n in names},
         )
-        categories = [self.prompts.categories[i] for i in chosen for _ in range(cfg.group_size)]
+        categories = [task.prompts.categories[i] for i in chosen for _ in range(cfg.group_size)]
         components = torch.stack([joined.components[n] for n in names], dim=1)  # [B, K]
-        weights = self.weights(ro.prompts)
-        adv = group_advantages(components, weights, ro.group_ids)
+        adv = group_advantages(components, task.weights(ro.prompts), ro.group_ids)
         if self.category_scale:
             adv = adv * torch.tensor([self.category_scale.get(c, 1.0) for c in categories])
         adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
         return IterationOutput(ro, joined, adv, categories)
 
-    def update(self, out: IterationOutput, iteration: int) -> dict[str, float]:
+    def collect(self, iteration: int) -> dict[str, IterationOutput]:
+        gen = seeded_generator(self.cfg.seed, iteration, stream=100 + self.rank)
+        return {name: self._collect_task(task, i, iteration, gen) for i, (name, task) in enumerate(self.tasks.items())}
+
+    def _part_loss(self, out: IterationOutput, rows: torch.Tensor, steps: torch.Tensor, n_trained: int):
         cfg, ro = self.cfg, out.rollouts
+        new = step_log_probs(self.train_model, ro, rows, steps[rows], self.settings)
+        trained = steps[rows][:, :n_trained]
+        loss, diag = ppo_clip_loss(new.log_probs[:, :n_trained], ro.old_log_probs[rows[:, None], trained],
+                                   out.advantages[rows], cfg.clip_range)
+        kl = torch.zeros(())
+        if self.reference is not None and cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref = step_log_probs(self.reference, ro, rows, steps[rows], self.settings)
+            kl = gaussian_kl(new.means.flatten(0, 1), ref.means.flatten(0, 1), new.stds.flatten()).mean()
+            loss = loss + cfg.kl_coef * kl
+        return loss, {"kl": kl, **diag}
+
+    def update(self, outs: dict[str, IterationOutput], iteration: int) -> dict[str, float]:
+        cfg = self.cfg
         gen = seeded_generator(cfg.seed, iteration, stream=1)
-        # drawn for the global batch and sliced, so the update does not depend on the number of ranks
-        steps = select_timesteps(ro.batch_size * self.world, cfg.num_steps, cfg.timesteps, cfg.timestep_fraction,
-                                 cfg.timesteps_per_trajectory, gen)
-        anchors = select_anchor_steps(ro.batch_size * self.world, cfg.num_steps, cfg.timestep_fraction,
-                                      cfg.kl_anchor_steps if cfg.timesteps == "subset" and cfg.kl_coef > 0 else 0, gen)
-        local = slice(self.rank * ro.batch_size, (self.rank + 1) * ro.batch_size)
-        steps, anchors = steps[local], anchors[local]
-        n_trained = steps.shape[1]
-        steps = torch.cat([steps, anchors], dim=1)  # anchors: KL only
-        order = torch.randperm(ro.batch_size, generator=gen)
+        plans = []
+        for out in outs.values():
+            ro = out.rollouts
+            # drawn for the global batch and sliced, so the update does not depend on the number of ranks
+            steps = select_timesteps(ro.batch_size * self.world, cfg.num_steps, cfg.timesteps,
+                                     cfg.timestep_fraction, cfg.timesteps_per_trajectory, gen)
+            anchors = select_anchor_steps(
+                ro.batch_size * self.world, cfg.num_steps, cfg.timestep_fraction,
+                cfg.kl_anchor_steps if cfg.timesteps == "subset" and cfg.kl_coef > 0 else 0, gen)
+            local = slice(self.rank * ro.batch_size, (self.rank + 1) * ro.batch_size)
+            n_trained = steps.shape[1]
+            steps = torch.cat([steps[local], anchors[local]], dim=1)  # anchors: KL only
+            plans.append((out, steps, n_trained))
+        # the row orders come after every global draw: their size is the local batch
+        plans = [(*plan, torch.randperm(plan[0].rollouts.batch_size, generator=gen).chunk(cfg.minibatches))
+                 for plan in plans]
         stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "ratio_dev": [], "kl": [], "grad_norm": []}
         self.module.train()
-        for rows in order.chunk(cfg.minibatches):
-            new = step_log_probs(self.train_model, ro, rows, steps[rows], self.settings)
-            trained = steps[rows][:, :n_trained]
-            loss, diag = ppo_clip_loss(new.log_probs[:, :n_trained], ro.old_log_probs[rows[:, None], trained],
-                                       out.advantages[rows], cfg.clip_range)
-            kl = torch.zeros(())
-            if self.reference is not None and cfg.kl_coef > 0:
-                with torch.no_grad():
-                    ref = step_log_probs(self.reference, ro, rows, steps[rows], self.settings)
-                kl = gaussian_kl(new.means.flatten(0, 1), ref.means.flatten(0, 1), new.stds.flatten()).mean()
-                loss = loss + cfg.kl_coef * kl
+        for m in range(len(plans[0][3])):
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            rows_total = sum(len(plan[3][m]) for plan in plans)
+            step_stats: dict[str, float] = {}
+            for j, (out, steps, n_trained, chunks) in enumerate(plans):
+                share = len(chunks[m]) / rows_total
+                # several tasks: one backward per task (their conditions differ), gradients accumulate;
+                # under DDP only the last backward all-reduces
+                last = j == len(plans) - 1
+                with contextlib.nullcontext() if last else no_sync(self.train_model):
+                    loss, diag = self._part_loss(out, chunks[m], steps, n_trained)
+                    (loss * share if share != 1.0 else loss).backward()
+                for key, value in (("loss", loss), *diag.items()):
+                    value = float(value.detach()) if torch.is_tensor(value) else float(value)
+                    step_stats[key] = step_stats.get(key, 0.0) + share * value
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.module)
-            for key, value in (("loss", loss), ("kl", kl), ("grad_norm", grad_norm), *diag.items()):
-                stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+            step_stats["grad_norm"] = float(grad_norm)
+            for key, value in step_stats.items():
+                stats[key].append(value)
         self.module.eval()
         metrics = {f"train/{k}": float(np.mean(v)) for k, v in stats.items()}
-        metrics["train/reward"] = float(out.scores.total.mean())
-        for name, value in out.scores.components.items():
-            metrics[f"train/reward_{name}"] = float(value.mean())
+        metrics["train/reward"] = float(torch.cat([o.scores.total for o in outs.values()]).mean())
+        for task, out in outs.items():
+            prefix = f"train/{task}/" if task else "train/"
+            if task:
+                metrics[f"{prefix}reward"] = float(out.scores.total.mean())
+            for name, value in out.scores.components.items():
+                metrics[f"{prefix}reward_{name}"] = float(value.mean())
         return mean_across_ranks(metrics)
 
-    # ------------------------------------------------------------------ the loop
-    def _evaluate(self, iteration: int) -> dict[str, float]:
-        if self.ema is None:
-            return self.monitor(self.model, iteration)
-        live = {k: v.clone() for k, v in self.module.state_dict().items()}
-        self.module.load_state_dict(self.ema.shadow.state_dict())
-        try:
-            return self.monitor(self.model, iteration)
-        finally:
-            self.module.load_state_dict(live)
+    def step(self, iteration: int) -> dict[str, float]:
+        return self.update(self.collect(iteration), iteration)
 
-    def _checkpoint(self) -> None:
-        if self.checkpoints is not None and self.rank == 0:
-            self.checkpoints.save(self.state, self.module, self.optimizer, self.ema, self.config_hash)
-        barrier()
-
-    def train(
-        self,
-        log_metrics: Callable[[dict[str, float], int], None] | None = None,
-        progress: bool = True,
-        stop_after: int | None = None,
-    ) -> GRPOResult:
-        """Run (or finish) the configured iterations. ``stop_after`` ends the
-        call after that many iterations in total, as a kill would (tests)."""
-        cfg = self.cfg
-        if self.monitor is not None and self.state.iteration == 0 and not self.state.monitor:
-            self._monitor_step(0, [])
-        bar = tqdm(range(self.state.iteration, cfg.iterations), desc="grpo", disable=not progress or self.rank != 0,
-                   initial=self.state.iteration, total=cfg.iterations, mininterval=2.0)
-        for iteration in bar:
-            if stop_after is not None and iteration >= stop_after:
-                break
-            start = time.perf_counter()
-            out = self.collect(iteration)
-            metrics = self.update(out, iteration)
-            metrics["time/iteration_s"] = time.perf_counter() - start
-            self.state.history.append(metrics)
-            self.state.iteration = iteration + 1
-            if log_metrics is not None and self.rank == 0:
-                log_metrics(metrics, iteration + 1)
-            postfix = {"reward": f"{metrics['train/reward']:.3f}", "kl": f"{metrics['train/kl']:.2e}",
-                       "s/it": f"{metrics['time/iteration_s']:.2f}"}
-            if self.monitor is not None and (iteration + 1) % cfg.eval_every == 0:
-                entry = self._monitor_step(iteration + 1, [h["train/reward"] for h in self.state.history], log_metrics)
-                postfix["judge"] = f"{entry['heldout']:.3f}"
-            bar.set_postfix(postfix)
-            if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
-                self._checkpoint()
-            if self.state.stopped:
-                self._checkpoint()
-                break
-        weights = (self.ema.shadow if self.ema is not None else self.module).state_dict()
-        return GRPOResult(self.state, {k: v.detach().clone() for k, v in weights.items()})
-
-
-    def _monitor_step(self, iteration: int, rewards: list[float], log_metrics=None) -> dict:
-        scores = broadcast(self._evaluate(iteration) if self.rank == 0 else None)  # one judge, same verdict everywhere
-        recent = rewards[-MONITOR_WINDOW:]
-        reward = float(np.mean(recent)) if recent else None
-        entry = {"iteration": iteration, "train_reward": reward, **scores}
-        self.state.monitor.append(entry)
-        if log_metrics is not None and self.rank == 0:
-            log_metrics({f"monitor/{k}": v for k, v in scores.items()}, iteration)
-        found = [(key, watch.check(scores[key], reward)) for key, watch in self.hacking.items() if key in scores]
-        warning = "; ".join(f"{key}: {text}" for key, text in found if text)
-        if warning:
-            entry["hacking"] = warning
-            log.warning("iteration %d: %s", iteration, warning)
-            if self.cfg.stop_on_hacking:
-                self.state.stopped = warning
-        return entry
+    def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{metrics['train/reward']:.3f}", "kl": f"{metrics['train/kl']:.2e}",
+                **super().postfix(metrics)}
 
 
 class LocalRewards:

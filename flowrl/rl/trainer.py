@@ -1,4 +1,6 @@
-"""Trainer machinery shared by GRPO and OPD: checkpoints, resume, the
+"""Trainer machinery shared by GRPO and OPD: the iteration loop
+(:class:`LoopTrainer`: progress bar, tracker metrics, held-out monitor,
+checkpoints, resume, early stop), checkpoints as artifacts, and the
 hacking monitor (the EMA is :class:`flowrl.pretrain.EMA`).
 
 Checkpoints are small artifacts of their own, committed through the
@@ -17,14 +19,18 @@ import json
 import logging
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from flowrl.pretrain import EMA
+from flowrl.rl.distributed import barrier, broadcast, dist_info
 from flowrl.storage import ArtifactError, ArtifactStore, fetch
 
 log = logging.getLogger(__name__)
@@ -130,3 +136,153 @@ class HackingMonitor:
                 f"while the training reward rose to {reward:.3f} from {self.reward_at_best:.3f}"
             )
         return None
+
+
+MONITOR_WINDOW = 10  # iterations of the tracked training score the hacking monitor averages
+WATCHED = ("heldout", "fidelity")  # monitor scores the hacking check watches
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the shared loop needs from a stage's config."""
+
+    iterations: int
+    eval_every: int
+    checkpoint_every: int
+    hacking_threshold: float | None = None  # None: no hacking check
+    stop_on_hacking: bool = False
+    name: str = "train"  # progress bar label
+    tracked: str = "train/reward"  # training score logged beside the monitor (and checked for hacking)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    state: TrainerState
+    module_state: dict[str, torch.Tensor]  # the weights to deploy (EMA when on)
+
+
+class LoopTrainer:
+    """The iteration loop of every RL-stage trainer.
+
+    A subclass implements :meth:`step` (one iteration: collect, update,
+    return metrics) and may extend :meth:`postfix`; the loop owns the rest:
+    resume from the newest checkpoint, progress bar, tracker metrics every
+    iteration, the held-out ``monitor(model, iteration)`` every
+    ``eval_every`` iterations (evaluated on the EMA weights when EMA is on),
+    the hacking check on the watched monitor scores, checkpoints every
+    ``checkpoint_every`` iterations and at the end, and an early stop.
+    Under torch.distributed every rank runs the loop; rank 0 alone
+    evaluates (its verdict is broadcast), logs and writes checkpoints.
+    """
+
+    def __init__(
+        self,
+        model,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: EMA | None,
+        settings: LoopSettings,
+        monitor: Callable | None = None,
+        checkpoints: Checkpoints | None = None,
+        config_hash: str = "",
+    ):
+        self.rank, self.world = dist_info()
+        self.model, self.module, self.optimizer, self.ema = model, module, optimizer, ema
+        self.loop, self.monitor, self.checkpoints, self.config_hash = settings, monitor, checkpoints, config_hash
+        self.state = TrainerState()
+        # watched held-out scores: the task's judge metric and, where the monitor gives it, fidelity
+        # (texture drift that learned rewards miss shows there first)
+        threshold = settings.hacking_threshold
+        self.hacking = {key: HackingMonitor(threshold) for key in WATCHED} if threshold is not None else {}
+
+    # ------------------------------------------------------------------ subclass API
+    def step(self, iteration: int) -> dict[str, float]:
+        """One iteration; returns its metrics (the same on every rank)."""
+        raise NotImplementedError
+
+    def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"s/it": f"{metrics['time/iteration_s']:.2f}"}
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of this run, if there is one."""
+        uri = self.checkpoints.latest() if self.checkpoints else None
+        if uri is None:
+            return False
+        self.state = self.checkpoints.load(uri, self.module, self.optimizer, self.ema)
+        for entry in self.state.monitor:  # rebuild the monitor's memory
+            for key, watch in self.hacking.items():
+                if key in entry:
+                    watch.check(entry[key], entry["train_reward"])
+        log.info("resumed from %s at iteration %d", uri, self.state.iteration)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def _evaluate(self, iteration: int) -> dict[str, float]:
+        if self.ema is None:
+            return self.monitor(self.model, iteration)
+        live = {k: v.clone() for k, v in self.module.state_dict().items()}
+        self.module.load_state_dict(self.ema.shadow.state_dict())
+        try:
+            return self.monitor(self.model, iteration)
+        finally:
+            self.module.load_state_dict(live)
+
+    def _checkpoint(self) -> None:
+        if self.checkpoints is not None and self.rank == 0:
+            self.checkpoints.save(self.state, self.module, self.optimizer, self.ema, self.config_hash)
+        barrier()
+
+    def _monitor_step(self, iteration: int, log_metrics=None) -> dict:
+        scores = broadcast(self._evaluate(iteration) if self.rank == 0 else None)  # one judge, same verdict everywhere
+        recent = [h[self.loop.tracked] for h in self.state.history[-MONITOR_WINDOW:] if self.loop.tracked in h]
+        tracked = float(np.mean(recent)) if recent else None
+        entry = {"iteration": iteration, "train_reward": tracked, **scores}
+        self.state.monitor.append(entry)
+        if log_metrics is not None and self.rank == 0:
+            log_metrics({f"monitor/{k}": v for k, v in scores.items()}, iteration)
+        found = [(key, watch.check(scores[key], tracked)) for key, watch in self.hacking.items() if key in scores]
+        warning = "; ".join(f"{key}: {text}" for key, text in found if text)
+        if warning:
+            entry["hacking"] = warning
+            log.warning("iteration %d: %s", iteration, warning)
+            if self.loop.stop_on_hacking:
+                self.state.stopped = warning
+        return entry
+
+    def train(
+        self,
+        log_metrics: Callable[[dict[str, float], int], None] | None = None,
+        progress: bool = True,
+        stop_after: int | None = None,
+    ) -> TrainResult:
+        """Run (or finish) the configured iterations. ``stop_after`` ends the
+        call after that many iterations in total, as a kill would (tests)."""
+        loop = self.loop
+        if self.monitor is not None and self.state.iteration == 0 and not self.state.monitor:
+            self._monitor_step(0)
+        bar = tqdm(range(self.state.iteration, loop.iterations), desc=loop.name,
+                   disable=not progress or self.rank != 0, initial=self.state.iteration, total=loop.iterations,
+                   mininterval=2.0)
+        for iteration in bar:
+            if stop_after is not None and iteration >= stop_after:
+                break
+            start = time.perf_counter()
+            metrics = self.step(iteration)
+            metrics["time/iteration_s"] = time.perf_counter() - start
+            self.state.history.append(metrics)
+            self.state.iteration = iteration + 1
+            if log_metrics is not None and self.rank == 0:
+                log_metrics(metrics, iteration + 1)
+            postfix = self.postfix(metrics)
+            if self.monitor is not None and (iteration + 1) % loop.eval_every == 0:
+                entry = self._monitor_step(iteration + 1, log_metrics)
+                postfix["judge"] = f"{entry['heldout']:.3f}"
+            bar.set_postfix(postfix)
+            if (iteration + 1) % loop.checkpoint_every == 0 or iteration + 1 == loop.iterations:
+                self._checkpoint()
+            if self.state.stopped:
+                self._checkpoint()
+                break
+        weights = (self.ema.shadow if self.ema is not None else self.module).state_dict()
+        return TrainResult(self.state, {k: v.detach().clone() for k, v in weights.items()})

@@ -1,9 +1,10 @@
 """One GRPO update on a fixed global batch, in one process or under torchrun.
 
-Usage: python tests/rl/ddp_update.py OUT.safetensors  (or under torchrun).
+Usage: python tests/rl/ddp_update.py OUT.safetensors [mixed]  (or under torchrun).
 Every rank builds the same rollouts and advantages for the whole batch,
 keeps its share of the prompt groups and takes the update; rank 0 writes the
-updated weights.
+updated weights. ``mixed``: two tasks at once (T2I and edit, Mix-RL), whose
+conditions differ, so the update accumulates one backward per task.
 """
 
 import sys
@@ -24,25 +25,39 @@ from flowrl.rewards.base import RewardScores  # noqa: E402
 from tests.rl.conftest import tiny_model  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a red square above a blue circle"]
+EDITS = ["make the red circle blue", "remove the blue square", "add a green triangle", "move the circle left"]
 GROUP = 3
 
 
-def main(out: str) -> None:
+def _task_batch(model, cfg, prompts, sources, rank, world, seed):
+    full = rollout(model, prompts, GROUP, settings_of(cfg), torch.Generator().manual_seed(seed), sources)
+    reward = full.images.mean(dim=(1, 2, 3))  # brighter is better: any deterministic reward will do
+    adv = group_advantages(reward[:, None], torch.ones(len(reward), 1), full.group_ids)
+    share = len(prompts) // world * GROUP
+    rows = torch.arange(rank * share, (rank + 1) * share)
+    return IterationOutput(full.select(rows), RewardScores(reward[rows], {"r": reward[rows]}), adv[rows], [])
+
+
+def main(out: str, mode: str = "single") -> None:
     torch.set_num_threads(1)
     init_from_env()
     rank, world = dist_info()
     cfg = GRPOConfig(prompts_per_iteration=4, group_size=GROUP, num_steps=3, timestep_fraction=1.0,
                      timesteps_per_trajectory=2, reward_chunks=1, lr=1e-3)
     model = tiny_model()
-    trainer = GRPOTrainer(model, model.net, None, cfg, PromptSet(PROMPTS, ["x"] * 4, None), rewards=None,
-                          weights=lambda prompts: torch.ones(len(prompts), 1))
-    full = rollout(model, PROMPTS, GROUP, settings_of(cfg), torch.Generator().manual_seed(5))
-    reward = full.images.mean(dim=(1, 2, 3))  # brighter is better: any deterministic reward will do
-    adv = group_advantages(reward[:, None], torch.ones(len(reward), 1), full.group_ids)
-    share = len(PROMPTS) // world * GROUP
-    rows = torch.arange(rank * share, (rank + 1) * share)
-    local = IterationOutput(full.select(rows), RewardScores(reward[rows], {"r": reward[rows]}), adv[rows], [])
-    trainer.update(local, iteration=0)
+    weights = lambda prompts: torch.ones(len(prompts), 1)  # noqa: E731
+    if mode == "mixed":
+        sources = torch.rand(len(EDITS), 3, 32, 32, generator=torch.Generator().manual_seed(9))
+        trainer = GRPOTrainer(model, model.net, None, cfg,
+                              {"t2i": PromptSet(PROMPTS, ["x"] * 4, None), "edit": PromptSet(EDITS, ["y"] * 4, sources)},
+                              rewards={"t2i": None, "edit": None}, weights={"t2i": weights, "edit": weights})
+        batch = {"t2i": _task_batch(model, cfg, PROMPTS, None, rank, world, 5),
+                 "edit": _task_batch(model, cfg, EDITS, sources, rank, world, 6)}
+    else:
+        trainer = GRPOTrainer(model, model.net, None, cfg, PromptSet(PROMPTS, ["x"] * 4, None), rewards=None,
+                              weights=weights)
+        batch = {"": _task_batch(model, cfg, PROMPTS, None, rank, world, 5)}
+    trainer.update(batch, iteration=0)
     if rank == 0:
         # the weights, and Adam's first moment: (1 - beta1) x the (all-reduced) gradient after one step
         names = {id(p): n for n, p in model.net.named_parameters()}
@@ -54,4 +69,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

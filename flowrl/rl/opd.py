@@ -1,0 +1,237 @@
+"""On-policy distillation (OPD): the task teachers merged into one student.
+
+The student samples its own trajectories with the deployment sampler (ODE,
+CFG at the deployment scale, no grad); at every visited state ``x_tn`` the
+teacher bound to the prompt's task (or category) gives its velocity, and the
+student regresses onto it on the conditional *and* the unconditional branch,
+so that guided sampling with the student follows the teacher's guided field:
+
+    L = mean_trajectories  sum_n  sum_{branch in (cond, uncond)}
+            mean_elements (v_student(x_tn, t_n, c_b) - v_teacher(x_tn, t_n, c_b))^2
+
+(the squared norm of DESIGN.md section 3, divided by the number of latent
+elements so the scale does not depend on the resolution). With
+``timesteps: subset`` each trajectory contributes K of its N visited steps,
+drawn uniformly, and the sum is scaled by N / K, an unbiased estimate of the
+full sum. Off-policy distillation (the ablation) takes the states from the
+teacher's own trajectories instead.
+
+No reward model takes part. Teachers are frozen, loaded once and run under
+``torch.no_grad``; they share the student's family and text conditioning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flowrl.config import OPDConfig
+from flowrl.models.base import Condition, FlowModel
+from flowrl.rl.distributed import ddp_model, mean_across_ranks, no_sync
+from flowrl.rl.grpo import PromptSet, draw_prompts
+from flowrl.rl.trainer import EMA, Checkpoints, LoopSettings, LoopTrainer, seeded_generator
+from flowrl.sampling import sample
+
+
+def velocity_matching_loss(v_student: torch.Tensor, v_teacher: torch.Tensor, step_scale: float = 1.0) -> torch.Tensor:
+    """``step_scale * mean_r sum_s mean_elements (v_student - v_teacher)^2``.
+
+    Both [R, S, *latent]: R trajectories, S visited steps (both CFG branches
+    count as steps here). ``step_scale`` is N / K when S holds a K-of-N subset.
+    """
+    if v_student.shape != v_teacher.shape or v_student.ndim < 3:
+        raise ValueError(
+            f"velocities must both be [R, S, *latent]; got {tuple(v_student.shape)} and {tuple(v_teacher.shape)}"
+        )
+    per_step = (v_student - v_teacher.detach()).pow(2).flatten(2).mean(dim=2)  # [R, S]
+    return step_scale * per_step.sum(dim=1).mean()
+
+
+def parse_routes(routes: tuple[str, ...], tasks: tuple[str, ...], teachers: tuple[str, ...]) -> dict[str, str]:
+    """``("t2i=t2i", "counting=counting_expert")`` -> {selector: teacher}; a
+    selector is a task or a prompt category (category routes win)."""
+    out: dict[str, str] = {}
+    for i, route in enumerate(routes):
+        selector, sep, teacher = route.partition("=")
+        if not sep or not selector.strip() or not teacher.strip():
+            raise ValueError(f"opd.routes[{i}]: expected SELECTOR=TEACHER, got {route!r}")
+        selector, teacher = selector.strip(), teacher.strip()
+        if teacher not in teachers:
+            raise ValueError(f"opd.routes[{i}]: no teacher named {teacher!r} (given: {', '.join(teachers)})")
+        out[selector] = teacher
+    missing = [t for t in tasks if t not in out]
+    if missing:
+        raise ValueError(f"opd.routes: no teacher for task {missing[0]!r} (add {missing[0]}=TEACHER)")
+    return out
+
+
+@dataclass(frozen=True)
+class DistillBatch:
+    """One task's share of an iteration."""
+
+    task: str
+    cond: Condition
+    null_cond: Condition
+    states: torch.Tensor  # [R, N + 1, *latent]
+    sigmas: torch.Tensor  # [N + 1]
+    teacher_names: list[str]  # [R]
+
+
+def task_counts(total: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Split ``total`` prompts over tasks by ``fractions`` (largest remainder)."""
+    raw = {t: total * f for t, f in fractions.items()}
+    counts = {t: math.floor(v) for t, v in raw.items()}
+    for t in sorted(raw, key=lambda t: raw[t] - counts[t], reverse=True)[: total - sum(counts.values())]:
+        counts[t] += 1
+    return counts
+
+
+class OPDTrainer(LoopTrainer):
+    """Velocity-matching distillation of ``teachers`` into ``model``.
+
+    ``prompts``: {task: PromptSet}; ``routes``: {task or category: teacher
+    name}; ``fractions``: {task: share of each iteration's prompts}.
+    """
+
+    def __init__(
+        self,
+        model: FlowModel,
+        module: torch.nn.Module,
+        teachers: dict[str, FlowModel],
+        cfg: OPDConfig,
+        prompts: dict[str, PromptSet],
+        routes: dict[str, str],
+        fractions: dict[str, float],
+        guidance_scale: float,
+        shift: float = 1.0,
+        monitor: Callable[[FlowModel, int], dict[str, float]] | None = None,
+        checkpoints: Checkpoints | None = None,
+        config_hash: str = "",
+    ):
+        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        settings = LoopSettings(cfg.iterations, cfg.eval_every, cfg.checkpoint_every, name="opd", tracked="train/loss")
+        super().__init__(model, module, optimizer, ema, settings, monitor, checkpoints, config_hash)
+        self.teachers, self.cfg, self.prompts, self.routes = teachers, cfg, prompts, routes
+        self.guidance_scale, self.shift = guidance_scale, shift
+        for teacher in teachers.values():
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        self.counts = task_counts(cfg.prompts_per_iteration, fractions)
+        for task, n in self.counts.items():
+            if n % self.world:
+                raise ValueError(f"opd: {n} {task} prompts per iteration do not split over {self.world} processes")
+        self.train_model = ddp_model(model) if self.world > 1 else model
+
+    def teacher_of(self, task: str, category: str) -> str:
+        return self.routes.get(category, self.routes[task])
+
+    # ------------------------------------------------------------------ states
+    @torch.no_grad()
+    def _trajectories(self, sampler_model: FlowModel, cond, null_cond, sigmas, noise) -> torch.Tensor:
+        return sample(sampler_model, cond, sigmas, null_cond=null_cond, guidance_scale=self.guidance_scale,
+                      renorm_dim=sampler_model.cfg_renorm_dim, initial_noise=noise).states
+
+    def collect(self, iteration: int) -> list[DistillBatch]:
+        cfg = self.cfg
+        gen = seeded_generator(cfg.seed, iteration, stream=100 + self.rank)
+        out = []
+        for index, (task, prompt_set) in enumerate(self.prompts.items()):
+            n = self.counts.get(task, 0)
+            if n == 0:
+                continue
+            chosen = draw_prompts(prompt_set, n, cfg.seed + 1_000_003 * index, iteration)
+            chosen = chosen.reshape(self.world, -1)[self.rank]
+            texts = [prompt_set.prompts[i] for i in chosen]
+            sources = None if prompt_set.sources is None else prompt_set.sources[torch.as_tensor(chosen)]
+            names = [self.teacher_of(task, prompt_set.categories[i]) for i in chosen]
+            cond = self.model.encode_prompts(texts, sources)
+            null_cond = self.model.null_condition(cond)
+            sigmas = self.model.schedule(cfg.num_steps, self.shift)
+            noise = self.model.prepare_noise(len(texts), gen)
+            if cfg.states == "on_policy":
+                self.module.eval()
+                states = self._trajectories(self.model, cond, null_cond, sigmas, noise)
+            else:  # off-policy ablation: each row follows its own teacher
+                states = torch.empty(len(texts), cfg.num_steps + 1, *noise.shape[1:])
+                for name in sorted(set(names)):
+                    rows = torch.tensor([i for i, t in enumerate(names) if t == name])
+                    states[rows] = self._trajectories(self.teachers[name], cond.index(rows), null_cond.index(rows),
+                                                      sigmas, noise[rows])
+            out.append(DistillBatch(task, cond, null_cond, states, sigmas, names))
+        return out
+
+    # ------------------------------------------------------------------ update
+    def _select_steps(self, rows: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+        n = self.cfg.num_steps
+        if self.cfg.timesteps == "all":
+            return torch.arange(n).expand(rows, n).clone(), 1.0
+        k = self.cfg.timesteps_per_trajectory
+        return torch.rand(rows * self.world, n, generator=gen).argsort(dim=1)[:, :k], n / k
+
+    def _velocities(self, model: FlowModel, batch: DistillBatch, rows: torch.Tensor, steps: torch.Tensor):
+        """[R, 2S, *latent]: both CFG branches at the chosen states, in one batched forward."""
+        r, s = steps.shape
+        flat_rows = rows[:, None].expand(r, s).reshape(-1)
+        x = batch.states[flat_rows, steps.reshape(-1)]
+        t = batch.sigmas[steps.reshape(-1)].to(x.device)
+        cond = batch.cond.index(flat_rows).cat(batch.null_cond.index(flat_rows))
+        v = model.velocity(torch.cat([x, x]), torch.cat([t, t]), cond)
+        v_c, v_u = v.chunk(2)
+        return torch.cat([v_c.reshape(r, s, *x.shape[1:]), v_u.reshape(r, s, *x.shape[1:])], dim=1)
+
+    def update(self, batches: list[DistillBatch], iteration: int) -> dict[str, float]:
+        gen = seeded_generator(self.cfg.seed, iteration, stream=1)
+        plans = []
+        for batch in batches:
+            rows = batch.states.shape[0]
+            steps, scale = self._select_steps(rows, gen)
+            if self.cfg.timesteps == "subset":  # drawn for the global batch, so ranks do not change the update
+                steps = steps[self.rank * rows : (self.rank + 1) * rows]
+            plans.append((batch, steps, scale))
+        total = sum(b.states.shape[0] for b in batches)
+        metrics: dict[str, float] = {}
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for j, (batch, steps, scale) in enumerate(plans):
+            target = torch.empty(batch.states.shape[0], 2 * steps.shape[1], *batch.states.shape[2:])
+            with torch.no_grad():
+                for name in sorted(set(batch.teacher_names)):
+                    rows = torch.tensor([i for i, t in enumerate(batch.teacher_names) if t == name])
+                    target[rows] = self._velocities(self.teachers[name], batch, rows, steps[rows])
+            share = batch.states.shape[0] / total
+            with contextlib.nullcontext() if j == len(plans) - 1 else no_sync(self.train_model):
+                pred = self._velocities(self.train_model, batch, torch.arange(batch.states.shape[0]), steps)
+                loss = velocity_matching_loss(pred, target, scale)
+                (loss * share).backward()
+            half = steps.shape[1]
+            with torch.no_grad():
+                per_branch = (pred.detach() - target).pow(2).flatten(2).mean(dim=2)
+            metrics[f"train/loss_{batch.task}"] = float(loss.detach())
+            metrics[f"train/loss_{batch.task}_uncond"] = float(scale * per_branch[:, half:].sum(1).mean())
+            loss_sum += share * float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.module)
+        self.module.eval()
+        metrics["train/loss"] = loss_sum
+        metrics["train/grad_norm"] = float(grad_norm)
+        return mean_across_ranks(metrics)
+
+    def step(self, iteration: int) -> dict[str, float]:
+        return self.update(self.collect(iteration), iteration)
+
+    def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.4f}", **super().postfix(metrics)}
+
+
+def mean_loss(history: list[dict], key: str = "train/loss", window: int = 10) -> float:
+    values = [h[key] for h in history[-window:] if key in h]
+    return float(np.mean(values)) if values else float("nan")
