@@ -8,7 +8,8 @@ CONFIG ?= configs/shapes.yaml
 # The CPU wheel of torch; GPU images install a CUDA build instead (images/).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv run test test-gpu base bench clean results/base_shapes.json results/reward_model_shapes.json
+.PHONY: venv run test test-gpu base bench clean results/base_shapes.json results/reward_model_shapes.json \
+	results/opd_shapes.json
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -46,6 +47,26 @@ results/reward_model_shapes.json: venv
 	base=$$($(VENV)/bin/flowrl base --config configs/shapes.yaml --no-progress | tail -1) && \
 	annotations=$$($(VENV)/bin/flowrl annotate --config configs/shapes.yaml --base $$base | tail -1) && \
 	$(VENV)/bin/flowrl reward-model --config configs/shapes.yaml --annotations $$annotations --results $@
+
+# The committed OPD comparison (results/opd_shapes.json): every upstream stage is reused from
+# artifacts/ when it is already there; then OPD (on- and off-policy), Mix-RL, and the judge on all six models.
+FLOWRL := $(VENV)/bin/flowrl
+SHAPES := --config configs/shapes.yaml --output artifacts --no-progress
+results/opd_shapes.json: venv
+	set -e; \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
+	pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$base --reward-model $$rm | tail -1); \
+	tt=$$($(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt | tail -1); \
+	te=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe | tail -1); \
+	teachers="--teacher t2i_teacher=$$tt --teacher edit_teacher=$$te --prompts t2i=$$pt edit=$$pe"; \
+	on=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers | tail -1); \
+	off=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers --states off_policy | tail -1); \
+	mix=$$($(FLOWRL) grpo $(SHAPES) --task mixed --base $$base --reward-model $$rm --prompts t2i=$$pt edit=$$pe | tail -1); \
+	$(FLOWRL) judge --config configs/shapes.yaml --results $@ --model base=$$base --model t2i_teacher=$$tt \
+		--model edit_teacher=$$te --model mix_rl=$$mix --model student=$$on --model student_offpolicy=$$off
 
 # Benchmarks: measure and write results/*.json (they assert nothing).
 bench: venv

@@ -55,12 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=("t2i", "edit"))
     p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
     p.add_argument("--reward-model", required=True, metavar="URI", help="the reward_model stage's artifact")
-    p = _stage_parser(sub, "grpo", "GRPO from the base model on the curated prompts of one task")
-    p.add_argument("--task", required=True, choices=("t2i", "edit"))
+    p = _stage_parser(sub, "grpo", "GRPO from the base model on the curated prompts of one task (mixed: Mix-RL)")
+    p.add_argument("--task", required=True, choices=("t2i", "edit", "mixed"))
     p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
     p.add_argument("--reward-model", required=True, metavar="URI", help="the reward_model stage's artifact")
-    p.add_argument("--prompts", required=True, metavar="URI", help="the filter_prompts stage's artifact of the task")
+    p.add_argument("--prompts", required=True, nargs="+", metavar="URI",
+                   help="the filter_prompts stage's artifact of the task; mixed: t2i=URI edit=URI")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
+    p = _stage_parser(sub, "opd", "on-policy distillation of the task teachers into one student")
+    p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
+    p.add_argument("--teacher", required=True, action="append", metavar="NAME=URI",
+                   help="a teacher (grpo artifact) by the name opd.routes uses; repeat per teacher")
+    p.add_argument("--prompts", required=True, nargs=2, metavar="TASK=URI",
+                   help="the filter_prompts artifacts: t2i=URI edit=URI")
+    p.add_argument("--states", choices=("on_policy", "off_policy"), default=None,
+                   help="override opd.states (off_policy: the ablation, stage opd_offpolicy)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
+    p = sub.add_parser("judge", help="the judge's held-out metrics of model artifacts, one results entry per model",
+                       description="Evaluate model artifacts (base, grpo, opd) with the shapes judge on the held-out "
+                       "sets and write one entry per model to FILE.")
+    p.add_argument("--config", required=True, help="scenario YAML (configs/*.yaml)")
+    p.add_argument("--model", required=True, action="append", metavar="NAME=URI", help="repeat per model")
+    p.add_argument("--results", required=True, metavar="FILE", help="results/*.json to write")
     v = sub.add_parser("validate", help="check a config file and exit")
     v.add_argument("--config", required=True)
     sub.add_parser("config-doc", help="print every config key with its default and meaning")
@@ -114,14 +130,36 @@ def _dispatch(args) -> int:
         from flowrl.rl.distributed import dist_info, init_from_env, shutdown
         from flowrl.stages.grpo import run_grpo
 
+        if args.task == "mixed":
+            prompts = _named(args.prompts, "--prompts", required=("t2i", "edit"))
+        elif len(args.prompts) != 1:
+            raise ConfigError(f"--prompts: task {args.task} takes one artifact, got {len(args.prompts)}")
+        else:
+            prompts = args.prompts[0]
         init_from_env()  # under torchrun: join the process group; each rank trains on its share
         try:
-            result = run_grpo(config, args.task, args.base, args.reward_model, args.prompts, output_root=args.output,
+            result = run_grpo(config, args.task, args.base, args.reward_model, prompts, output_root=args.output,
                               tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
         finally:
             shutdown()
         if dist_info()[0] != 0:
             return 0
+    elif args.command == "opd":
+        from flowrl.rl.distributed import dist_info, init_from_env, shutdown
+        from flowrl.stages.opd import run_opd
+
+        teachers = _named(args.teacher, "--teacher")
+        prompts = _named(args.prompts, "--prompts", required=("t2i", "edit"))
+        init_from_env()
+        try:
+            result = run_opd(config, args.base, teachers, prompts, states=args.states, output_root=args.output,
+                             tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
+        finally:
+            shutdown()
+        if dist_info()[0] != 0:
+            return 0
+    elif args.command == "judge":
+        return judge_models(config, _named(args.model, "--model"), args.results)
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
     if result.reused:
@@ -131,6 +169,60 @@ def _dispatch(args) -> int:
         write_results(args.results, args, result, time.perf_counter() - start)
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
     print(result.uri)
+    return 0
+
+
+def _named(values: list[str], flag: str, required: tuple[str, ...] = ()) -> dict[str, str]:
+    """``["a=URI", ...]`` -> {"a": "URI"}, with errors that name the flag."""
+    out = {}
+    for value in values:
+        name, sep, uri = value.partition("=")
+        if not sep or not name or not uri:
+            raise ConfigError(f"{flag}: expected NAME=URI, got {value!r}")
+        if name in out:
+            raise ConfigError(f"{flag}: {name!r} given twice")
+        out[name] = uri
+    if required and set(out) != set(required):
+        raise ConfigError(f"{flag}: expected exactly {' '.join(f'{r}=URI' for r in required)}, got {' '.join(values)}")
+    return out
+
+
+def judge_models(config, models: dict[str, str], path: str) -> int:
+    """One entry per model: the judge's held-out metrics of its weights, and the wall time of the stage that made it."""
+    from flowrl.evaluation import evaluate_shapes
+    from flowrl.models import load_checkpoint, set_torch_threads
+    from flowrl.storage import fetch, read_manifest
+
+    set_torch_threads(config.run.torch_threads)
+    entries = {}
+    if "meta" in models:
+        raise ConfigError("--model: the name 'meta' is reserved for the file's metadata")
+    for name, uri in models.items():
+        local = fetch(uri)
+        model = load_checkpoint(local, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
+        m = evaluate_shapes(model, config).metrics
+        made = json.loads((local / "metrics.json").read_text())
+        entries[name] = {
+            "artifact_uri": uri,
+            "stage": read_manifest(uri).stage,
+            "t2i_alignment": m["t2i/alignment"],
+            "t2i_alignment_per_category": {k.split("/")[-1]: v for k, v in m.items() if k.startswith("t2i/alignment/")},
+            "t2i_alignment_stderr": m["t2i/alignment_stderr"],
+            "edit_accuracy": m["edit/accuracy"],
+            "edit_accuracy_per_kind": {k.split("/")[-1]: v for k, v in m.items() if k.startswith("edit/accuracy/")},
+            "edit_accuracy_stderr": m["edit/accuracy_stderr"],
+            "identity": m["edit/identity"],
+            "fidelity": m["fidelity"],
+            "wall_s": made.get("wall_s"),
+        }
+        print(f"{name}: t2i {entries[name]['t2i_alignment']:.3f}  edit {entries[name]['edit_accuracy']:.3f}  "
+              f"identity {entries[name]['identity']:.3f}  fidelity {entries[name]['fidelity']:.3f}")
+    meta = {"config_hash": config.section_hash("run.seed", "world", "sampler", "eval"),
+            "command": " ".join(["flowrl", *sys.argv[1:]]), "machine": machine_info()}
+    payload = {**entries, "meta": meta}
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return 0
 
 

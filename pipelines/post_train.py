@@ -1,25 +1,31 @@
 """The post-training workflow:
-base -> annotate -> reward_model -> filter_prompts (t2i || edit) -> GRPO (t2i || edit)
--> (later stages join here)."""
+base -> annotate -> reward_model -> filter_prompts (t2i || edit) -> GRPO (t2i || edit) -> OPD,
+with the optional Mix-RL baseline and off-policy OPD ablation switched by config
+(-> later stages join here)."""
 
 from typing import NamedTuple
 
-from flytekit import workflow
+from flytekit import conditional, workflow
 from flytekit.types.file import FlyteFile
 
 from tasks.annotate import annotate
 from tasks.base import base, validate_config
 from tasks.filter_prompts import filter_prompts
-from tasks.grpo import grpo
+from tasks.grpo import grpo, grpo_mixed
+from tasks.opd import branch_switches, opd, skipped
 from tasks.reward_model import reward_model
 from tasks.types import StageArtifact
 
-Teachers = NamedTuple("Teachers", [("t2i", StageArtifact), ("edit", StageArtifact)])
+Models = NamedTuple("Models", [
+    ("t2i_teacher", StageArtifact), ("edit_teacher", StageArtifact), ("student", StageArtifact),
+    ("student_offpolicy", StageArtifact), ("mix_rl", StageArtifact),
+])
 
 
 @workflow
-def post_train(config: FlyteFile) -> Teachers:
+def post_train(config: FlyteFile) -> Models:
     checked = validate_config(config=config)
+    switches = branch_switches(config=checked)
     base_model = base(config=checked)
     annotations = annotate(config=checked, base=base_model)
     rewards = reward_model(config=checked, annotations=annotations)
@@ -27,4 +33,22 @@ def post_train(config: FlyteFile) -> Teachers:
     edit_prompts = filter_prompts(config=checked, task_name="edit", base=base_model, reward_model=rewards)
     t2i = grpo(config=checked, task_name="t2i", base=base_model, reward_model=rewards, prompts=t2i_prompts)
     edit = grpo(config=checked, task_name="edit", base=base_model, reward_model=rewards, prompts=edit_prompts)
-    return Teachers(t2i=t2i, edit=edit)
+    student = opd(config=checked, base=base_model, t2i_teacher=t2i, edit_teacher=edit, t2i_prompts=t2i_prompts,
+                  edit_prompts=edit_prompts, states="on_policy")
+    offpolicy = (
+        conditional("offpolicy_ablation")
+        .if_(switches.offpolicy.is_true())
+        .then(opd(config=checked, base=base_model, t2i_teacher=t2i, edit_teacher=edit, t2i_prompts=t2i_prompts,
+                  edit_prompts=edit_prompts, states="off_policy"))
+        .else_()
+        .then(skipped(stage="opd_offpolicy"))
+    )
+    mix = (
+        conditional("mix_rl")
+        .if_(switches.mix_rl.is_true())
+        .then(grpo_mixed(config=checked, base=base_model, reward_model=rewards, t2i_prompts=t2i_prompts,
+                         edit_prompts=edit_prompts))
+        .else_()
+        .then(skipped(stage="grpo_mixed"))
+    )
+    return Models(t2i_teacher=t2i, edit_teacher=edit, student=student, student_offpolicy=offpolicy, mix_rl=mix)

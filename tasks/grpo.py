@@ -1,4 +1,4 @@
-"""Flyte task for stages `grpo_t2i` / `grpo_edit`.
+"""Flyte tasks for stages `grpo_t2i` / `grpo_edit` and `grpo_mixed` (the Mix-RL baseline).
 
 Runs under Flyte's Elastic plugin (torchrun inside the pod):
 ``FLOWRL_GRPO_PROCS`` processes per node, one per GPU, DDP across them (see
@@ -39,6 +39,34 @@ def grpo(
         )
     finally:
         shutdown()
+    return _artifact(result)
+
+
+@task(
+    task_config=Elastic(nnodes=1, nproc_per_node=PROCS, start_method="spawn"),
+    requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
+    retries=2,
+)
+def grpo_mixed(
+    config: FlyteFile, base: StageArtifact, reward_model: StageArtifact, t2i_prompts: StageArtifact,
+    edit_prompts: StageArtifact,
+) -> StageArtifact:
+    """Mix-RL: one GRPO run on both prompt sets, each scored by its own task's reward."""
+    from flowrl.rl.distributed import init_from_env, shutdown
+    from flowrl.stages.grpo import run_grpo
+
+    init_from_env()
+    try:
+        result = run_grpo(
+            load_config(config.download()), "mixed", base.uri, reward_model.uri,
+            {"t2i": t2i_prompts.uri, "edit": edit_prompts.uri}, resume=True, progress=False,
+        )
+    finally:
+        shutdown()
+    return _artifact(result)
+
+
+def _artifact(result) -> StageArtifact:
     return StageArtifact(
         stage=result.stage, version=result.version, uri=result.uri,
         mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics),

@@ -58,3 +58,33 @@ def test_grpo_results_match_config_and_show_gains():
         per_category = [k for k in m["teacher"] if k.startswith(HEADLINE[task] + "/")]
         assert len(per_category) == (6 if task == "t2i" else 4)
         assert m["wall_s"] > 0 and entry["machine"]["cpu_count"] == 2
+
+
+def test_opd_results_hold_every_model_and_match_the_config():
+    """results/opd_shapes.json (`make results/opd_shapes.json`): the judge on the six models of issue 6."""
+    from flowrl.cli import machine_info  # noqa: F401  (the writer of the file)
+
+    results = json.loads((ROOT / "results" / "opd_shapes.json").read_text())
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    meta = results["meta"]
+    assert meta["config_hash"] == config.section_hash("run.seed", "world", "sampler", "eval"), "opd_shapes.json is stale"
+    assert meta["machine"]["cpu_count"] == 2
+    models = ("base", "t2i_teacher", "edit_teacher", "mix_rl", "student", "student_offpolicy")
+    assert set(results) == {*models, "meta"}
+    stages = {"base": "base", "t2i_teacher": "grpo_t2i", "edit_teacher": "grpo_edit", "mix_rl": "grpo_mixed",
+              "student": "opd", "student_offpolicy": "opd_offpolicy"}
+    for name in models:
+        entry = results[name]
+        assert entry["stage"] == stages[name]
+        assert set(entry["t2i_alignment_per_category"]) == {
+            "single_object", "two_objects", "counting", "colors", "position", "color_attr"}
+        assert set(entry["edit_accuracy_per_kind"]) == {"recolor", "remove", "add", "move"}
+        for key in ("t2i_alignment", "edit_accuracy", "identity", "fidelity"):
+            assert 0.0 <= entry[key] <= 1.0, (name, key)
+        assert entry["wall_s"] > 0
+    # the judge is deterministic: each entry agrees with what its own stage measured
+    base = results["base"]
+    assert results["t2i_teacher"]["t2i_alignment"] > base["t2i_alignment"]
+    assert results["edit_teacher"]["edit_accuracy"] > base["edit_accuracy"]
+    # OPD runs within issue 6's budget
+    assert results["student"]["wall_s"] <= 8 * 60 and results["student_offpolicy"]["wall_s"] <= 8 * 60

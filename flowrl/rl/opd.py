@@ -139,13 +139,14 @@ class OPDTrainer(LoopTrainer):
 
     def collect(self, iteration: int) -> list[DistillBatch]:
         cfg = self.cfg
-        gen = seeded_generator(cfg.seed, iteration, stream=100 + self.rank)
+        gen = seeded_generator(cfg.seed, iteration, stream=100)  # global draws, sliced per rank
         out = []
         for index, (task, prompt_set) in enumerate(self.prompts.items()):
             n = self.counts.get(task, 0)
             if n == 0:
                 continue
             chosen = draw_prompts(prompt_set, n, cfg.seed + 1_000_003 * index, iteration)
+            noise = self.model.prepare_noise(n, gen).reshape(self.world, n // self.world, -1)[self.rank]
             chosen = chosen.reshape(self.world, -1)[self.rank]
             texts = [prompt_set.prompts[i] for i in chosen]
             sources = None if prompt_set.sources is None else prompt_set.sources[torch.as_tensor(chosen)]
@@ -153,7 +154,7 @@ class OPDTrainer(LoopTrainer):
             cond = self.model.encode_prompts(texts, sources)
             null_cond = self.model.null_condition(cond)
             sigmas = self.model.schedule(cfg.num_steps, self.shift)
-            noise = self.model.prepare_noise(len(texts), gen)
+            noise = noise.reshape(len(texts), *self.model.latent_shape())
             if cfg.states == "on_policy":
                 self.module.eval()
                 states = self._trajectories(self.model, cond, null_cond, sigmas, noise)

@@ -36,33 +36,49 @@ from flowrl.tracking import NullTracker, Tracker
 
 SECTIONS = ("run.seed", "world", "sampler", "eval", "grpo", "rewards")
 MONITOR_SEED_OFFSET = 7919  # the monitor set is drawn apart from the evaluation set
-HEADLINE = {"t2i": "t2i/alignment", "edit": "edit/accuracy"}
+HEADLINE = {"t2i": "t2i/alignment", "edit": "edit/accuracy", "mixed": "mean of t2i/alignment and edit/accuracy"}
 
 
-def monitor_for(config: FlowRLConfig, task: str, tracker: Tracker):
-    """The judge on a fixed held-out prompt set, with the deployment sampler."""
+def monitor_for(config: FlowRLConfig, task: str, tracker: Tracker, per_category: int | None = None,
+                grid_every: int | None = None):
+    """The judge on a fixed held-out prompt set, with the deployment sampler.
+
+    ``task`` t2i or edit: ``heldout`` is that task's headline metric; ``mixed``
+    (Mix-RL, OPD): both sets, ``heldout`` the mean of the two headlines,
+    each also given under its task's name."""
     seed = config.eval.seed + MONITOR_SEED_OFFSET
-    n = config.grpo.monitor_per_category
+    n = per_category or config.grpo.monitor_per_category
+    grid_every = grid_every or config.grpo.grid_every
     res = config.world.resolution
-    if task == "t2i":
-        items = make_t2i_set(seed, n)
-        prompts, sources = [e.prompt for e in items], None
-    else:
-        items = make_edit_set(seed, n)
-        prompts, sources = [e.instruction for e in items], render_batch([e.source for e in items], res)
-    seeds = [seed * 1_000_003 + i for i in range(len(items))]
+    tasks = ("t2i", "edit") if task == "mixed" else (task,)
+    t2i_items = make_t2i_set(seed, n) if "t2i" in tasks else []
+    edit_items = make_edit_set(seed, n) if "edit" in tasks else []
+    sources = render_batch([e.source for e in edit_items], res) if edit_items else None
 
     def monitor(model, iteration: int) -> dict[str, float]:
-        images = generate(model, prompts, seeds, config.sampler, sources=sources, batch_size=config.eval.batch_size)
-        if task == "t2i":
-            m = judge.evaluate(t2i_specs=[e.spec for e in items], t2i_images=to_uint8(images))
-        else:
-            m = judge.evaluate(edit_specs=[e.spec for e in items], edit_sources=to_uint8(sources),
+        scores, grids = {}, []
+        if t2i_items:
+            seeds = [seed * 1_000_003 + i for i in range(len(t2i_items))]
+            images = generate(model, [e.prompt for e in t2i_items], seeds, config.sampler,
+                              batch_size=config.eval.batch_size)
+            m = judge.evaluate(t2i_specs=[e.spec for e in t2i_items], t2i_images=to_uint8(images))
+            scores["t2i"], scores["t2i_fidelity"] = m["t2i/alignment"], m["t2i/fidelity"]
+            grids.append(images[:: max(1, len(t2i_items) // 12)][:12])
+        if edit_items:
+            seeds = [seed * 1_000_003 + i for i in range(len(edit_items))]
+            images = generate(model, [e.instruction for e in edit_items], seeds, config.sampler, sources=sources,
+                              batch_size=config.eval.batch_size)
+            m = judge.evaluate(edit_specs=[e.spec for e in edit_items], edit_sources=to_uint8(sources),
                                edit_outputs=to_uint8(images))
-        if iteration % config.grpo.grid_every == 0:
-            tracker.log_image(image_grid(to_uint8(images[:: max(1, len(items) // 12)][:12]), 12, scale=4),
-                              f"monitor/grid_{iteration:06d}.png")
-        return {"heldout": m[HEADLINE[task]], "fidelity": m[f"{task}/fidelity"]}
+            scores["edit"], scores["edit_fidelity"] = m["edit/accuracy"], m["edit/fidelity"]
+            grids.append(images[:: max(1, len(edit_items) // 12)][:12])
+        if iteration % grid_every == 0:
+            for name, images in zip(tasks, grids):
+                tracker.log_image(image_grid(to_uint8(images), 12, scale=4), f"monitor/grid_{name}_{iteration:06d}.png")
+        if task != "mixed":
+            return {"heldout": scores[task], "fidelity": scores[f"{task}_fidelity"]}
+        return {"heldout": (scores["t2i"] + scores["edit"]) / 2, "t2i": scores["t2i"], "edit": scores["edit"],
+                "fidelity": (scores["t2i_fidelity"] + scores["edit_fidelity"]) / 2}
 
     return monitor
 
@@ -88,8 +104,9 @@ def _curves_png(history: list[dict], monitor: list[dict], task: str) -> bytes:
 
 
 def comparison(base: dict, teacher: dict, task: str) -> dict[str, dict[str, float]]:
-    """{metric: {"base", "teacher", "delta"}} for the task's judge metrics."""
-    keys = sorted(k for k in teacher if k.startswith(f"{task}/")) + ["fidelity"]
+    """{metric: {"base", "teacher", "delta"}} for the task's judge metrics (both tasks' for mixed)."""
+    prefixes = ("t2i/", "edit/") if task == "mixed" else (f"{task}/",)
+    keys = sorted(k for k in teacher if k.startswith(prefixes)) + ["fidelity"]
     return {k: {"base": base[k], "teacher": teacher[k], "delta": teacher[k] - base[k]} for k in keys if k in base}
 
 
@@ -139,7 +156,7 @@ def run_grpo(
     task: str,
     base_uri: str,
     reward_model_uri: str,
-    prompts_uri: str,
+    prompts_uri: str | dict[str, str],
     *,
     output_root: str | None = None,
     tracker: Tracker | None = None,
@@ -147,10 +164,25 @@ def run_grpo(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> StageResult:
-    if task not in ("t2i", "edit"):
-        raise ValueError(f"task must be t2i or edit, got {task!r}")
+    """GRPO on ``task`` (t2i, edit) from its curated prompts; ``mixed`` is the
+    Mix-RL baseline: ``prompts_uri`` {"t2i": uri, "edit": uri}, each prompt
+    scored by its own task's composite, every iteration drawing
+    ``grpo.prompts_per_iteration`` groups from each task (the budget of the
+    two teachers together)."""
+    if task not in ("t2i", "edit", "mixed"):
+        raise ValueError(f"task must be t2i, edit or mixed, got {task!r}")
+    tasks = ("t2i", "edit") if task == "mixed" else (task,)
+    if task == "mixed":
+        if not isinstance(prompts_uri, dict) or set(prompts_uri) != set(tasks):
+            raise ValueError("task mixed: prompts must be {'t2i': uri, 'edit': uri}")
+        uris = dict(prompts_uri)
+    else:
+        if isinstance(prompts_uri, dict):
+            raise ValueError(f"task {task}: prompts is one filter_prompts artifact, not a mapping")
+        uris = {task: prompts_uri}
     stage = f"grpo_{task}"
-    inputs = {"base": base_uri, "reward_model": reward_model_uri, "prompts": prompts_uri}
+    inputs = {"base": base_uri, "reward_model": reward_model_uri}
+    inputs.update({"prompts": uris[task]} if task != "mixed" else {f"prompts_{t}": uris[t] for t in tasks})
     done = committed_result(stage, config, SECTIONS, inputs, output_root)
     if done is not None:
         return done
@@ -158,20 +190,30 @@ def run_grpo(
     base_dir = fetch(base_uri)
     model = load_checkpoint(base_dir, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
     reference = copy.deepcopy(model) if g.kl_coef > 0 else None
-    frame = load_prompt_set(prompts_uri)
-    prompts = PromptSet(list(frame["prompt"]), list(frame["category"]), decode_sources(frame))
-    composite = load_shapes_rewards(config, reward_model_uri)[task]
+    prompt_sets = {}
+    for t in tasks:
+        frame = load_prompt_set(uris[t])
+        prompt_sets[t] = PromptSet(list(frame["prompt"]), list(frame["category"]), decode_sources(frame))
+    composites = load_shapes_rewards(config, reward_model_uri)
     scale = None
     if g.calibrate:
-        scale = json.loads((fetch(prompts_uri) / "metrics.json").read_text())["calibration"]
+        scale = {}
+        for t in tasks:  # categories (T2I) and kinds (edit) never share a name
+            scale.update(json.loads((fetch(uris[t]) / "metrics.json").read_text())["calibration"])
     store = ArtifactStore(output_root or config.run.artifact_root)
     version = stage_version(stage, config, SECTIONS, inputs)
     rank, _ = dist_info()
-    rewards, sidecar = _reward_backend(config, task, composite, reward_model_uri)
+    backends = {t: _reward_backend(config, t, composites[t], reward_model_uri) for t in tasks}
+    rewards = {t: b[0] for t, b in backends.items()}
 
     def train(tracker_: Tracker) -> tuple[GRPOTrainer, object]:
+        if task == "mixed":
+            prompts_arg, rewards_arg = prompt_sets, rewards
+            weights_arg = {t: composites[t].weight_matrix for t in tasks}
+        else:
+            prompts_arg, rewards_arg, weights_arg = prompt_sets[task], rewards[task], composites[task].weight_matrix
         trainer = GRPOTrainer(
-            model, model.net, reference, g, prompts, rewards, composite.weight_matrix,
+            model, model.net, reference, g, prompts_arg, rewards_arg, weights_arg,
             monitor=monitor_for(config, task, tracker_),
             checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
             category_scale=scale,
@@ -217,6 +259,7 @@ def run_grpo(
             ctx.tracker.log_image(report.grid, "grid.png")
             return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
     finally:
-        rewards.close()
-        if sidecar is not None:
-            sidecar.stop()
+        for submitter, sidecar in backends.values():
+            submitter.close()
+            if sidecar is not None:
+                sidecar.stop()

@@ -4,7 +4,8 @@ Usage: python tests/rl/ddp_update.py OUT.safetensors [mixed]  (or under torchrun
 Every rank builds the same rollouts and advantages for the whole batch,
 keeps its share of the prompt groups and takes the update; rank 0 writes the
 updated weights. ``mixed``: two tasks at once (T2I and edit, Mix-RL), whose
-conditions differ, so the update accumulates one backward per task.
+conditions differ, so the update accumulates one backward per task. ``opd``:
+one OPD iteration (both tasks, states from the student's own trajectories).
 """
 
 import sys
@@ -45,6 +46,29 @@ def main(out: str, mode: str = "single") -> None:
     cfg = GRPOConfig(prompts_per_iteration=4, group_size=GROUP, num_steps=3, timestep_fraction=1.0,
                      timesteps_per_trajectory=2, reward_chunks=1, lr=1e-3)
     model = tiny_model()
+    if mode == "opd":
+        from flowrl.config import OPDConfig
+        from flowrl.rl.opd import OPDTrainer
+
+        sources = torch.rand(len(EDITS), 3, 32, 32, generator=torch.Generator().manual_seed(9))
+        trainer = OPDTrainer(model, model.net, {"t": tiny_model(seed=1)},
+                             OPDConfig(prompts_per_iteration=8, num_steps=3, timesteps_per_trajectory=2, lr=1e-3),
+                             {"t2i": PromptSet(PROMPTS, ["x"] * 4, None), "edit": PromptSet(EDITS, ["y"] * 4, sources)},
+                             {"t2i": "t", "edit": "t"}, {"t2i": 0.5, "edit": 0.5}, guidance_scale=3.0)
+        trainer.step(0)
+    else:
+        trainer = _grpo_update(model, cfg, mode, rank, world)
+    if rank == 0:
+        # the weights, and Adam's first moment: (1 - beta1) x the (all-reduced) gradient after one step
+        names = {id(p): n for n, p in model.net.named_parameters()}
+        moments = {f"grad.{names[id(p)]}": trainer.optimizer.state[p]["exp_avg"] / 0.1
+                   for p in model.net.parameters() if p in trainer.optimizer.state}
+        tensors = {**model.net.state_dict(), **moments}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+    shutdown()
+
+
+def _grpo_update(model, cfg, mode, rank, world):
     weights = lambda prompts: torch.ones(len(prompts), 1)  # noqa: E731
     if mode == "mixed":
         sources = torch.rand(len(EDITS), 3, 32, 32, generator=torch.Generator().manual_seed(9))
@@ -58,14 +82,7 @@ def main(out: str, mode: str = "single") -> None:
                               weights=weights)
         batch = {"": _task_batch(model, cfg, PROMPTS, None, rank, world, 5)}
     trainer.update(batch, iteration=0)
-    if rank == 0:
-        # the weights, and Adam's first moment: (1 - beta1) x the (all-reduced) gradient after one step
-        names = {id(p): n for n, p in model.net.named_parameters()}
-        moments = {f"grad.{names[id(p)]}": trainer.optimizer.state[p]["exp_avg"] / 0.1
-                   for p in model.net.parameters() if p in trainer.optimizer.state}
-        tensors = {**model.net.state_dict(), **moments}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out)
-    shutdown()
+    return trainer
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Distributed = single process (DESIGN.md section 6): two gloo processes
-under torchrun take the same GRPO update as one process on the same batch."""
+under torchrun take the same GRPO / OPD update as one process on the same batch."""
 
 import os
 import subprocess
@@ -22,9 +22,10 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("mode", ["single", "mixed"])
+@pytest.mark.parametrize("mode", ["single", "mixed", "opd"])
 def test_two_processes_take_the_single_process_update(tmp_path, mode):
-    """One task, and two tasks at once (Mix-RL: a backward per task, DDP syncs on the last)."""
+    """GRPO on one task, on two at once (Mix-RL: a backward per task, DDP syncs on the last),
+    and one OPD iteration (the student's trajectories, both tasks)."""
     single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     proc = subprocess.run([sys.executable, str(SCRIPT), str(single), mode], capture_output=True, text=True,
                           env=_env(), cwd=ROOT, timeout=300)

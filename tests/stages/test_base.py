@@ -118,13 +118,28 @@ def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
         capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stages = ("base", "annotate", "reward_model", "filter_prompts_t2i", "filter_prompts_edit", "grpo_t2i", "grpo_edit")
+    stages = ("base", "annotate", "reward_model", "filter_prompts_t2i", "filter_prompts_edit", "grpo_t2i", "grpo_edit",
+              "opd", "opd_offpolicy", "grpo_mixed")  # smoke.yaml turns both optional branches on
     for stage in stages:  # every stage wired so far ran and committed
         manifests = list((tmp_path / "artifacts" / stage).glob("*/manifest.json"))
         assert len(manifests) == 1, stage
-    for stage in ("grpo_t2i", "grpo_edit"):  # the workflow returns the teachers
+    for stage in ("grpo_t2i", "grpo_edit", "opd", "opd_offpolicy", "grpo_mixed"):  # the workflow returns the models
         assert next((tmp_path / "artifacts" / stage).glob("*/manifest.json")).parent.name in proc.stdout
     assert "base/t2i/alignment" in proc.stdout and "teacher/edit/accuracy" in proc.stdout  # the teachers' metrics
+    assert "student/edit/accuracy" in proc.stdout
+
+
+def test_pipeline_skips_the_optional_branches_when_the_config_says_so(tmp_path):
+    """opd.mix_rl and opd.offpolicy_ablation off: those stages never run."""
+    from flytekit.types.file import FlyteFile
+
+    from pipelines.post_train import post_train
+
+    path = write_config(tmp_path, opd={"mix_rl": False, "offpolicy_ablation": False})
+    out = post_train(config=FlyteFile(str(path)))
+    assert out.mix_rl.uri == "" and out.student_offpolicy.uri == ""
+    assert out.student.uri and (tmp_path / "artifacts" / "opd").is_dir()
+    assert not (tmp_path / "artifacts" / "grpo_mixed").exists() and not (tmp_path / "artifacts" / "opd_offpolicy").exists()
 
 
 def test_qwen_image_base_validates_and_references_weights(tmp_path):

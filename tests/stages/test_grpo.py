@@ -1,4 +1,4 @@
-"""Stages filter_prompts and grpo on the smoke config: artifacts, resume."""
+"""Stages filter_prompts, grpo (t2i, edit, mixed = Mix-RL) and opd on the smoke config: artifacts, resume."""
 
 import json
 
@@ -98,3 +98,85 @@ def test_rewards_through_a_sidecar_reward_server(upstream, tmp_path):
     first = [json.loads((fetch(r.uri) / "history.json").read_text())["history"][0] for r in (remote, inproc)]
     assert first[0]["train/reward"] == pytest.approx(first[1]["train/reward"], abs=0.02)
     assert remote.metrics["iterations"] == 2
+
+
+@pytest.fixture(scope="module")
+def teachers(upstream):
+    _, config, base, rm, prompts = upstream
+    return {f"{task}_teacher": run_grpo(config, task, base.uri, rm.uri, prompts[task].uri, progress=False).uri
+            for task in ("t2i", "edit")}
+
+
+def test_mix_rl_trains_on_both_tasks_with_each_tasks_reward(upstream):
+    _, config, base, rm, prompts = upstream
+    uris = {task: prompts[task].uri for task in ("t2i", "edit")}
+    result = run_grpo(config, "mixed", base.uri, rm.uri, uris, progress=False)
+    assert result.stage == "grpo_mixed"
+    assert read_manifest(result.uri).inputs == {"base": base.uri, "reward_model": rm.uri,
+                                                "prompts_t2i": uris["t2i"], "prompts_edit": uris["edit"]}
+    history = json.loads((fetch(result.uri) / "history.json").read_text())["history"]
+    # each task scored by its own composite: T2I alignment/quality/fidelity, edit instruction/identity
+    assert {"train/t2i/reward_alignment", "train/edit/reward_instruction", "train/edit/reward_identity"} <= set(history[0])
+    monitor = result.metrics["monitor"][-1]
+    assert monitor["heldout"] == pytest.approx((monitor["t2i"] + monitor["edit"]) / 2)
+    assert "t2i/alignment" in result.metrics["teacher"] and "edit/accuracy" in result.metrics["teacher"]
+    with pytest.raises(ValueError, match="mixed"):
+        run_grpo(config, "mixed", base.uri, rm.uri, prompts["t2i"].uri, progress=False)
+
+
+@pytest.mark.parametrize("states", ["on_policy", "off_policy"])
+def test_opd_distils_both_teachers_into_a_student(upstream, teachers, states):
+    from flowrl.stages.opd import run_opd
+
+    _, config, base, _, prompts = upstream
+    uris = {task: prompts[task].uri for task in ("t2i", "edit")}
+    result = run_opd(config, base.uri, teachers, uris, states=states, progress=False)
+    assert result.stage == ("opd" if states == "on_policy" else "opd_offpolicy")
+    local = fetch(result.uri)
+    load_checkpoint(local, expected_family="shapes")
+    assert read_manifest(result.uri).inputs == {
+        "base": base.uri, "teacher_t2i_teacher": teachers["t2i_teacher"],
+        "teacher_edit_teacher": teachers["edit_teacher"], "prompts_edit": uris["edit"], "prompts_t2i": uris["t2i"]}
+    m = result.metrics
+    assert m["states"] == states and m["iterations"] == config.opd.iterations
+    assert [e["iteration"] for e in m["monitor"]] == [0, 2, 4]
+    history = json.loads((local / "history.json").read_text())["history"]
+    assert all(h["train/loss"] > 0 for h in history)
+    assert set(m["gain_kept"]) == {"t2i_teacher (t2i/alignment)", "edit_teacher (edit/accuracy)"}
+    for name in ("curves.png", "grid.png"):
+        assert (local / name).read_bytes()[:4] == b"\x89PNG"
+    table = (local / "table.md").read_text()
+    assert "| metric | base | t2i_teacher | edit_teacher | student |" in table
+
+
+def test_opd_resume_replays_the_uninterrupted_run(upstream, teachers, tmp_path):
+    from flowrl.stages.opd import run_opd
+
+    _, config, base, _, prompts = upstream
+    uris = {task: prompts[task].uri for task in ("t2i", "edit")}
+    whole = run_opd(config, base.uri, teachers, uris, output_root=str(tmp_path / "a"), progress=False)
+    with pytest.raises(InterruptedError):
+        run_opd(config, base.uri, teachers, uris, output_root=str(tmp_path / "b"), progress=False, stop_after=3)
+    resumed = run_opd(config, base.uri, teachers, uris, output_root=str(tmp_path / "b"), progress=False, resume=True)
+    a = load_file(fetch(whole.uri) / "model.safetensors")
+    b = load_file(fetch(resumed.uri) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.metrics["student"] == resumed.metrics["student"]
+
+
+def test_opd_bad_inputs_fail_before_any_work(upstream, teachers):
+    import dataclasses
+
+    from flowrl.stages.opd import run_opd
+
+    _, config, base, _, prompts = upstream
+    uris = {task: prompts[task].uri for task in ("t2i", "edit")}
+    with pytest.raises(ValueError, match="no teacher named 'edit_teacher'"):
+        run_opd(config, base.uri, {"t2i_teacher": teachers["t2i_teacher"]}, uris, progress=False)
+    with pytest.raises(ValueError, match="both tasks"):
+        run_opd(config, base.uri, teachers, {"t2i": uris["t2i"]}, progress=False)
+    bad = dataclasses.replace(config, opd=dataclasses.replace(config.opd, init="edit_teacher",
+                                                              routes=("t2i=t2i_teacher", "edit=x")))
+    with pytest.raises(ValueError, match="opd.init"):
+        run_opd(bad, base.uri, {"t2i_teacher": teachers["t2i_teacher"], "x": teachers["edit_teacher"]},
+                uris, progress=False)

@@ -1,0 +1,61 @@
+"""Flyte task for stages `opd` / `opd_offpolicy`, and the switch of the optional branches.
+
+Like GRPO, OPD runs under Flyte's Elastic plugin (``FLOWRL_OPD_PROCS``
+processes, DDP across them) and a retry resumes from the newest complete
+checkpoint. The teachers are frozen and share the student's device.
+"""
+
+import os
+from typing import NamedTuple
+
+from flytekit import Resources, task
+from flytekit.types.file import FlyteFile
+from flytekitplugins.kfpytorch import Elastic
+
+from flowrl.config import load_config
+from flowrl.stages.common import flat_metrics
+from tasks.types import StageArtifact
+
+PROCS = int(os.environ.get("FLOWRL_OPD_PROCS", "1"))
+
+Switches = NamedTuple("Switches", [("mix_rl", bool), ("offpolicy", bool)])
+
+
+@task(requests=Resources(cpu="1", mem="1Gi"))
+def branch_switches(config: FlyteFile) -> Switches:
+    """Which optional branches the config turns on (opd.mix_rl, opd.offpolicy_ablation)."""
+    o = load_config(config.download()).opd
+    return Switches(mix_rl=o.mix_rl, offpolicy=o.offpolicy_ablation)
+
+
+@task(requests=Resources(cpu="1", mem="1Gi"))
+def skipped(stage: str) -> StageArtifact:
+    """The value of a branch the config turned off: no artifact (empty uri)."""
+    return StageArtifact(stage=stage, version="", uri="", mlflow_run_id="", metrics={})
+
+
+@task(
+    task_config=Elastic(nnodes=1, nproc_per_node=PROCS, start_method="spawn"),
+    requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
+    retries=2,
+)
+def opd(
+    config: FlyteFile, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
+    t2i_prompts: StageArtifact, edit_prompts: StageArtifact, states: str,
+) -> StageArtifact:
+    from flowrl.rl.distributed import init_from_env, shutdown
+    from flowrl.stages.opd import run_opd
+
+    init_from_env()
+    try:
+        result = run_opd(
+            load_config(config.download()), base.uri,
+            {"t2i_teacher": t2i_teacher.uri, "edit_teacher": edit_teacher.uri},
+            {"t2i": t2i_prompts.uri, "edit": edit_prompts.uri}, states=states, resume=True, progress=False,
+        )
+    finally:
+        shutdown()
+    return StageArtifact(
+        stage=result.stage, version=result.version, uri=result.uri,
+        mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics),
+    )
