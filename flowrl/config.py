@@ -351,7 +351,9 @@ class OPDConfig:
     states: Literal["on_policy", "off_policy"] = param(
         "on_policy", "on_policy: states from the student's own trajectories; off_policy: from the teacher's (ablation)."
     )
-    num_steps: int = param(10, "Steps of the student's (ODE) trajectories.", ge=1)
+    num_steps: int | None = param(
+        None, "Steps of the student's (ODE) trajectories (null: sampler.num_steps, the deployment sampler's).", ge=1
+    )
     guidance_scale: float | None = param(None, "CFG scale of those trajectories (null: sampler.guidance_scale).", ge=1)
     timesteps: Literal["all", "subset"] = param("subset", "Match at all N visited states, or K of them (scaled N/K).")
     timesteps_per_trajectory: int = param(4, "subset: K visited states matched per trajectory.", ge=1)
@@ -465,9 +467,11 @@ def check_consistency(config: FlowRLConfig) -> None:
             f"grpo.minibatches: {g.minibatches} does not divide grpo.prompts_per_iteration {g.prompts_per_iteration}"
         )
     o = config.opd
-    if o.timesteps == "subset" and o.timesteps_per_trajectory > o.num_steps:
+    opd_steps = o.num_steps or config.sampler.num_steps
+    if o.timesteps == "subset" and o.timesteps_per_trajectory > opd_steps:
         raise ConfigError(
-            f"opd.timesteps_per_trajectory: {o.timesteps_per_trajectory} is more than opd.num_steps {o.num_steps}"
+            f"opd.timesteps_per_trajectory: {o.timesteps_per_trajectory} is more than the {opd_steps} steps of "
+            "the student's trajectories (opd.num_steps, or sampler.num_steps when it is null)"
         )
     for i, route in enumerate(o.routes):
         selector, sep, teacher = route.partition("=")

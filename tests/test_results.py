@@ -62,8 +62,6 @@ def test_grpo_results_match_config_and_show_gains():
 
 def test_opd_results_hold_every_model_and_match_the_config():
     """results/opd_shapes.json (`make results/opd_shapes.json`): the judge on the six models of issue 6."""
-    from flowrl.cli import machine_info  # noqa: F401  (the writer of the file)
-
     results = json.loads((ROOT / "results" / "opd_shapes.json").read_text())
     config = load_config(ROOT / "configs" / "shapes.yaml")
     meta = results["meta"]
@@ -88,3 +86,12 @@ def test_opd_results_hold_every_model_and_match_the_config():
     assert results["edit_teacher"]["edit_accuracy"] > base["edit_accuracy"]
     # OPD runs within issue 6's budget
     assert results["student"]["wall_s"] <= 8 * 60 and results["student_offpolicy"]["wall_s"] <= 8 * 60
+    # what the committed run reached (issue 6 asks >= 90 % of each teacher's gain; the edit share is
+    # reported, not asserted, because it falls short: see the README)
+    student = results["student"]
+    t2i_gain = results["t2i_teacher"]["t2i_alignment"] - base["t2i_alignment"]
+    assert student["t2i_alignment"] - base["t2i_alignment"] >= 0.9 * t2i_gain
+    assert student["edit_accuracy"] > base["edit_accuracy"]
+    mean = lambda e: (e["t2i_alignment"] + e["edit_accuracy"]) / 2  # noqa: E731
+    assert mean(student) > mean(results["mix_rl"])
+    assert mean(student) >= mean(results["student_offpolicy"])

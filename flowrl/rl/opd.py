@@ -96,6 +96,9 @@ class OPDTrainer(LoopTrainer):
 
     ``prompts``: {task: PromptSet}; ``routes``: {task or category: teacher
     name}; ``fractions``: {task: share of each iteration's prompts}.
+    ``task_models``: per-task views of the student that share ``module``
+    (Qwen-Image's T2I and edit pipelines around one transformer); by
+    default ``model`` serves every task (the shapes family).
     """
 
     def __init__(
@@ -112,21 +115,27 @@ class OPDTrainer(LoopTrainer):
         monitor: Callable[[FlowModel, int], dict[str, float]] | None = None,
         checkpoints: Checkpoints | None = None,
         config_hash: str = "",
+        task_models: dict[str, FlowModel] | None = None,
     ):
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         settings = LoopSettings(cfg.iterations, cfg.eval_every, cfg.checkpoint_every, name="opd", tracked="train/loss")
         super().__init__(model, module, optimizer, ema, settings, monitor, checkpoints, config_hash)
         self.teachers, self.cfg, self.prompts, self.routes = teachers, cfg, prompts, routes
+        if cfg.num_steps is None:
+            raise ValueError("opd.num_steps: resolve null to the sampler's steps before building the trainer")
         self.guidance_scale, self.shift = guidance_scale, shift
         for teacher in teachers.values():
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+            _trainable_module(teacher).requires_grad_(False)
         self.counts = task_counts(cfg.prompts_per_iteration, fractions)
         for task, n in self.counts.items():
             if n % self.world:
                 raise ValueError(f"opd: {n} {task} prompts per iteration do not split over {self.world} processes")
-        self.train_model = ddp_model(model) if self.world > 1 else model
+        self.task_models = {task: (task_models or {}).get(task, model) for task in prompts}
+        views: dict[int, FlowModel] = {}  # one DDP wrapper per distinct model, never two over the same weights
+        for m in self.task_models.values():
+            views.setdefault(id(m), ddp_model(m) if self.world > 1 else m)
+        self.train_models = {task: views[id(m)] for task, m in self.task_models.items()}
 
     def teacher_of(self, task: str, category: str) -> str:
         return self.routes.get(category, self.routes[task])
@@ -146,18 +155,19 @@ class OPDTrainer(LoopTrainer):
             if n == 0:
                 continue
             chosen = draw_prompts(prompt_set, n, cfg.seed + 1_000_003 * index, iteration)
-            noise = self.model.prepare_noise(n, gen).reshape(self.world, n // self.world, -1)[self.rank]
+            student = self.task_models[task]
+            noise = student.prepare_noise(n, gen).reshape(self.world, n // self.world, -1)[self.rank]
             chosen = chosen.reshape(self.world, -1)[self.rank]
             texts = [prompt_set.prompts[i] for i in chosen]
             sources = None if prompt_set.sources is None else prompt_set.sources[torch.as_tensor(chosen)]
             names = [self.teacher_of(task, prompt_set.categories[i]) for i in chosen]
-            cond = self.model.encode_prompts(texts, sources)
-            null_cond = self.model.null_condition(cond)
-            sigmas = self.model.schedule(cfg.num_steps, self.shift)
-            noise = noise.reshape(len(texts), *self.model.latent_shape())
+            cond = student.encode_prompts(texts, sources)
+            null_cond = student.null_condition(cond)
+            sigmas = student.schedule(cfg.num_steps, self.shift)
+            noise = noise.reshape(len(texts), *student.latent_shape())
             if cfg.states == "on_policy":
                 self.module.eval()
-                states = self._trajectories(self.model, cond, null_cond, sigmas, noise)
+                states = self._trajectories(student, cond, null_cond, sigmas, noise)
             else:  # off-policy ablation: each row follows its own teacher
                 states = torch.empty(len(texts), cfg.num_steps + 1, *noise.shape[1:])
                 for name in sorted(set(names)):
@@ -207,8 +217,9 @@ class OPDTrainer(LoopTrainer):
                     rows = torch.tensor([i for i, t in enumerate(batch.teacher_names) if t == name])
                     target[rows] = self._velocities(self.teachers[name], batch, rows, steps[rows])
             share = batch.states.shape[0] / total
-            with contextlib.nullcontext() if j == len(plans) - 1 else no_sync(self.train_model):
-                pred = self._velocities(self.train_model, batch, torch.arange(batch.states.shape[0]), steps)
+            train_model = self.train_models[batch.task]
+            with contextlib.nullcontext() if j == len(plans) - 1 else no_sync(train_model):
+                pred = self._velocities(train_model, batch, torch.arange(batch.states.shape[0]), steps)
                 loss = velocity_matching_loss(pred, target, scale)
                 (loss * share).backward()
             half = steps.shape[1]
@@ -231,6 +242,15 @@ class OPDTrainer(LoopTrainer):
 
     def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{metrics['train/loss']:.4f}", **super().postfix(metrics)}
+
+
+def _trainable_module(model: FlowModel) -> torch.nn.Module:
+    """The network a family trains: the shapes DiT's ``net``, Qwen-Image's ``transformer``."""
+    for name in ("net", "transformer"):
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise TypeError(f"{type(model).__name__}: no trainable network (net or transformer)")
 
 
 def mean_loss(history: list[dict], key: str = "train/loss", window: int = 10) -> float:

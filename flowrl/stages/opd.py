@@ -103,6 +103,12 @@ def run_opd(
     ``states`` overrides ``opd.states`` (the pipeline's off-policy ablation)."""
     if states is not None:
         config = dataclasses.replace(config, opd=dataclasses.replace(config.opd, states=states))
+    if config.model.family != "shapes":
+        raise NotImplementedError(
+            f"stage opd for model.family {config.model.family}: OPDTrainer runs on Qwen-Image components "
+            "(task_models, see tests/rl/test_opd_qwen_image.py), but loading GRPO teachers of that family and "
+            "DeepSpeed ZeRO for the student are not wired yet"
+        )
     o = config.opd
     stage = "opd" if o.states == "on_policy" else "opd_offpolicy"
     if set(prompts_uris) != set(TASKS):
@@ -135,9 +141,11 @@ def run_opd(
     rank, _ = dist_info()
     guidance = o.guidance_scale if o.guidance_scale is not None else config.sampler.guidance_scale
 
+    resolved = dataclasses.replace(o, num_steps=o.num_steps or config.sampler.num_steps)
+
     def train(tracker_: Tracker):
         trainer = OPDTrainer(
-            model, model.net, teachers, o, prompt_sets, routes, {"t2i": o.t2i_fraction, "edit": 1 - o.t2i_fraction},
+            model, model.net, teachers, resolved, prompt_sets, routes, {"t2i": o.t2i_fraction, "edit": 1 - o.t2i_fraction},
             guidance_scale=guidance, shift=config.sampler.shift,
             monitor=monitor_for(config, "mixed", tracker_, o.monitor_per_category, o.grid_every),
             checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
