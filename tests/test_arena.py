@@ -1,0 +1,126 @@
+"""Elo from a Bradley-Terry fit (DESIGN.md section 3): recovery, invariances, edge cases, vote validation."""
+
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flowrl.arena import Battle, fit_elo, validate_votes
+
+
+def _tournament(ratings: dict[str, float], n: int, seed: int, tie_rate: float = 0.0) -> list[Battle]:
+    rng = random.Random(seed)
+    names = list(ratings)
+    battles = []
+    for _ in range(n):
+        a, b = rng.sample(names, 2)
+        p = 1.0 / (1.0 + 10 ** ((ratings[b] - ratings[a]) / 400))
+        if rng.random() < tie_rate:
+            battles.append(Battle(a, b, 0.5))
+        else:
+            battles.append(Battle(a, b, 1.0 if rng.random() < p else 0.0))
+    return battles
+
+
+def test_a_synthetic_tournament_is_recovered():
+    truth = {"base": 1000.0, "teacher": 1120.0, "student": 1250.0, "weak": 880.0}
+    battles = _tournament(truth, 6000, seed=1)  # drawn from Bradley-Terry itself (random ties would compress it)
+    fitted = fit_elo(battles, list(truth), anchor="base", bootstrap=100, seed=0)
+    assert fitted["base"].rating == pytest.approx(1000.0)
+    for name, value in truth.items():
+        assert fitted[name].rating == pytest.approx(value, abs=35), name
+        assert fitted[name].ci_low <= fitted[name].rating <= fitted[name].ci_high
+        assert fitted[name].ci_low - 1e-6 <= value <= fitted[name].ci_high + 1e-6, name  # the 95 % interval holds it
+
+
+def test_the_order_of_battles_does_not_matter():
+    battles = _tournament({"base": 1000.0, "a": 1100.0, "b": 950.0}, 500, seed=2, tie_rate=0.2)
+    shuffled = list(battles)
+    random.Random(0).shuffle(shuffled)
+    flipped = [Battle(b.model_b, b.model_a, 1.0 - b.outcome) for b in battles]  # the same results, sides swapped
+    first = fit_elo(battles, ["base", "a", "b"], "base", bootstrap=0)
+    for other in (shuffled, flipped):
+        again = fit_elo(other, ["base", "a", "b"], "base", bootstrap=0)
+        for name in first:
+            assert again[name].rating == pytest.approx(first[name].rating, abs=1e-9)
+
+
+def test_a_model_that_wins_every_battle_is_finite_and_clearly_highest():
+    battles = [Battle("champ", other, 1.0) for other in ("base", "x") for _ in range(30)]
+    battles += _tournament({"base": 1000.0, "x": 1050.0}, 60, seed=3)
+    fitted = fit_elo(battles, ["base", "x", "champ"], "base", bootstrap=50)
+    champ = fitted["champ"]
+    assert all(math.isfinite(v) for v in (champ.rating, champ.ci_low, champ.ci_high))
+    assert champ.rating > max(fitted["base"].rating, fitted["x"].rating) + 300
+
+
+def test_only_ties_leave_two_models_equal():
+    fitted = fit_elo([Battle("base", "other", 0.5)] * 20, ["base", "other"], "base", bootstrap=20)
+    assert fitted["other"].rating == pytest.approx(1000.0, abs=1e-6)
+    assert fitted["other"].ci_low == pytest.approx(1000.0, abs=1e-6)
+
+
+def test_a_tie_counts_as_half_a_win_each_way():
+    split = [Battle("base", "m", 1.0), Battle("base", "m", 0.0), Battle("base", "m", 1.0)]
+    tied = [Battle("base", "m", 0.5), Battle("base", "m", 0.5), Battle("base", "m", 1.0)]
+    a = fit_elo(split, ["base", "m"], "base", bootstrap=0)["m"].rating
+    b = fit_elo(tied, ["base", "m"], "base", bootstrap=0)["m"].rating
+    assert a == pytest.approx(b, abs=1e-9) and a < 1000.0
+
+
+def test_bad_battles_are_named():
+    with pytest.raises(ValueError, match="battle 1: unknown model 'z'"):
+        fit_elo([Battle("base", "a", 1.0), Battle("z", "a", 1.0)], ["base", "a"], "base")
+    with pytest.raises(ValueError, match="battle 0: outcome"):
+        fit_elo([Battle("base", "a", 0.7)], ["base", "a"], "base")
+    with pytest.raises(ValueError, match="anchor"):
+        fit_elo([Battle("base", "a", 1.0)], ["base", "a"], "nobody")
+
+
+def test_human_votes_are_validated_row_by_row():
+    good = pd.DataFrame({"arena": ["t2i", "edit", "t2i"], "prompt": ["a red circle", "remove it", "two squares"],
+                         "model_a": ["base", "base", "student"], "model_b": ["student", "student", "base"],
+                         "winner": ["b", "tie", "a"]})
+    arenas = validate_votes(good, models=["base", "student"])
+    assert [b.outcome for b in arenas["t2i"]] == [0.0, 1.0] and arenas["edit"][0].outcome == 0.5
+    for column, value, message in (("winner", "left", "row 1: winner"), ("arena", "video", "row 1: arena"),
+                                   ("model_b", "base", "row 1: model_a and model_b"), ("prompt", " ", "row 1: prompt"),
+                                   ("model_a", "ghost", "row 1: model_a 'ghost'")):
+        bad = good.copy()
+        bad.loc[1, column] = value
+        with pytest.raises(ValueError, match=message):
+            validate_votes(bad, models=["base", "student"])
+    with pytest.raises(ValueError, match="missing column"):
+        validate_votes(good.drop(columns=["winner"]))
+
+
+def test_bootstrap_is_seeded():
+    battles = _tournament({"base": 1000.0, "a": 1100.0}, 200, seed=4)
+    one = fit_elo(battles, ["base", "a"], "base", bootstrap=30, seed=7)
+    two = fit_elo(battles, ["base", "a"], "base", bootstrap=30, seed=7)
+    assert one == two
+    assert np.isfinite(one["a"].ci_high)
+
+
+def test_judge_outcome_prefers_correctness_then_the_secondary_score():
+    from flowrl.arena import judge_outcome
+
+    assert judge_outcome(1, 0, 0.1, 0.9) == 1.0  # correct beats incorrect whatever the secondary
+    assert judge_outcome(0, 1, 0.9, 0.1) == 0.0
+    assert judge_outcome(1, 1, 0.9, 0.7) == 1.0  # both correct: the cleaner image wins
+    assert judge_outcome(1, 1, 0.90, 0.88) == 0.5  # within the tolerance: a tie
+
+
+def test_judge_battles_pair_every_model_on_every_prompt():
+    from flowrl.arena import judge_battles
+
+    primary = {"base": np.array([0, 1, 0]), "student": np.array([1, 1, 0]), "teacher": np.array([1, 0, 0])}
+    secondary = {k: np.ones(3) for k in primary}
+    battles = judge_battles(primary, secondary)
+    assert len(battles) == 3 * 3  # 3 pairs x 3 prompts
+    base_student = [b.outcome for b in battles if (b.model_a, b.model_b) == ("base", "student")]
+    assert base_student == [0.0, 0.5, 0.5]
+    with pytest.raises(ValueError, match="one length"):
+        judge_battles({"a": np.zeros(2), "b": np.zeros(3)}, {"a": np.zeros(2), "b": np.zeros(3)})
