@@ -312,6 +312,11 @@ class GRPOConfig:
     calibrate: bool = param(
         False, "Scale each category's advantages by its share of informative groups from filtering (see docs)."
     )
+    sampling_weights: tuple[str, ...] = param(
+        (),
+        "CATEGORY=WEIGHT entries: prompts of that category (or edit kind) are drawn this many times as often "
+        "(others 1; drawing is then with replacement). Empty: uniform over the curated prompts.",
+    )
     eval_every: int = param(25, "Hacking monitor: judge score of a fixed held-out set every N iterations.", ge=1)
     monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
     hacking_threshold: float = param(
@@ -477,6 +482,14 @@ def check_consistency(config: FlowRLConfig) -> None:
         selector, sep, teacher = route.partition("=")
         if not sep or not selector.strip() or not teacher.strip():
             raise ConfigError(f"opd.routes[{i}]: expected SELECTOR=TEACHER, got {route!r}")
+    for i, entry in enumerate(g.sampling_weights):
+        name, sep, value = entry.partition("=")
+        try:
+            ok = bool(sep and name.strip()) and float(value) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"grpo.sampling_weights[{i}]: expected CATEGORY=POSITIVE_WEIGHT, got {entry!r}")
     f = config.filter
     if f.threshold_mode == "quantile" and f.threshold >= 1:
         raise ConfigError(f"filter.threshold: a quantile must be below 1, got {f.threshold}")

@@ -93,9 +93,34 @@ def cat_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
     )
 
 
-def draw_prompts(prompts: PromptSet, count: int, seed: int, iteration: int) -> np.ndarray:
+def parse_weights(entries: tuple[str, ...], key: str) -> dict[str, float]:
+    """``("move=3", "recolor=2")`` -> {"move": 3.0, "recolor": 2.0}, errors naming ``key[i]``."""
+    out = {}
+    for i, entry in enumerate(entries):
+        name, sep, value = entry.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or not name.strip() or weight <= 0:
+            raise ValueError(f"{key}[{i}]: expected CATEGORY=POSITIVE_WEIGHT, got {entry!r}")
+        out[name.strip()] = weight
+    return out
+
+
+def draw_prompts(
+    prompts: PromptSet, count: int, seed: int, iteration: int, category_weights: dict[str, float] | None = None
+) -> np.ndarray:
+    """``count`` prompt indices for one iteration, seeded by (seed, iteration).
+
+    Uniform and without replacement by default; with ``category_weights``
+    ({category: weight}, others 1) each prompt is drawn with probability
+    proportional to its category's weight (with replacement)."""
     rng = np.random.default_rng([seed, iteration])
-    return rng.choice(len(prompts), size=count, replace=count > len(prompts))
+    if not category_weights:
+        return rng.choice(len(prompts), size=count, replace=count > len(prompts))
+    w = np.array([category_weights.get(c, 1.0) for c in prompts.categories], dtype=np.float64)
+    return rng.choice(len(prompts), size=count, replace=True, p=w / w.sum())
 
 
 @dataclass
@@ -171,6 +196,7 @@ class GRPOTrainer(LoopTrainer):
             )
         self.reference, self.cfg = reference, cfg
         self.category_scale = category_scale or {}
+        self.sampling_weights = parse_weights(cfg.sampling_weights, "grpo.sampling_weights")
         self.settings = settings_of(cfg)
         self.train_model = ddp_model(model) if self.world > 1 else model
 
@@ -184,7 +210,8 @@ class GRPOTrainer(LoopTrainer):
     def _collect_task(self, task: TaskData, index: int, iteration: int, gen: torch.Generator) -> IterationOutput:
         cfg = self.cfg
         # task 0 draws with the run's seed, so a single-task run is unchanged by the multi-task path
-        chosen = draw_prompts(task.prompts, cfg.prompts_per_iteration, cfg.seed + 1_000_003 * index, iteration)
+        chosen = draw_prompts(task.prompts, cfg.prompts_per_iteration, cfg.seed + 1_000_003 * index, iteration,
+                              self.sampling_weights)
         chosen = chosen.reshape(self.world, -1)[self.rank]  # this rank's share of the groups
         per_chunk = len(chosen) // cfg.reward_chunks
         parts, futures = [], []
