@@ -1,0 +1,140 @@
+"""GPU memory planning: per-GPU bytes of one training stage, and the cheapest
+setting that fits.
+
+Model states of the trained network with ``P`` parameters in ``n`` tensors,
+trained with AdamW (two moments and a step counter per tensor):
+
+- weights: ``P * w`` bytes (``w`` = bytes of the training dtype);
+- fp32 master weights when training in 16-bit: ``P * 4``;
+- gradients: ``P * w``;
+- optimizer: ``P * 8`` (exp_avg and exp_avg_sq in fp32) plus ``n * 4``
+  (PyTorch keeps each tensor's step as a float32 scalar).
+
+DeepSpeed ZeRO shards them over the ``g`` GPUs of the data-parallel group:
+stage 1 the optimizer states (and master weights), stage 2 also the
+gradients, stage 3 also the weights; ``offload_optimizer`` moves the
+optimizer states and master weights to host memory. Frozen models (the
+reference policy, teachers, reward models, text encoder, VAE) hold their
+weights only (sharded too under ZeRO-3). Activations of the trained network:
+``batch * tokens * hidden * layers * bytes * factor`` with ``factor`` about
+34 for a transformer block without gradient checkpointing (attention
+scores excluded, flash attention) and 2 with it (the block inputs only, one
+block recomputed at a time): the standard estimates, rough by nature, so
+the planner keeps a safety margin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+STEP_BYTES = 4  # the per-tensor step counter
+ACTIVATION_FACTOR = {False: 34.0, True: 2.0}  # per token x hidden x layer, in units of the dtype's bytes
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    parameters: int
+    tensors: int
+    hidden: int = 0
+    layers: int = 0
+
+
+@dataclass(frozen=True)
+class Setting:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    gradient_checkpointing: bool = False
+    micro_batch: int = 1
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: float
+    master_weights: float
+    gradients: float
+    optimizer: float
+    frozen: float
+    activations: float
+
+    @property
+    def model_states(self) -> float:
+        return self.weights + self.master_weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.frozen + self.activations
+
+
+def dtype_bytes(dtype: str) -> int:
+    table = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r} (one of {', '.join(table)})")
+    return table[dtype]
+
+
+def estimate(
+    model: TrainedModel,
+    setting: Setting,
+    gpus: int,
+    dtype: str = "bfloat16",
+    frozen_parameters: int = 0,
+    tokens_per_sample: int = 0,
+) -> Estimate:
+    """Per-GPU bytes of one training process."""
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    if setting.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0..3, got {setting.zero_stage}")
+    w = dtype_bytes(dtype)
+    p = model.parameters
+    shard = lambda stage: gpus if setting.zero_stage >= stage else 1  # noqa: E731
+    weights = p * w / shard(3)
+    master = (p * 4 if w != 4 else 0) / shard(1)
+    grads = p * w / shard(2)
+    optimizer = (p * ADAM_STATE_BYTES + model.tensors * STEP_BYTES) / shard(1)
+    if setting.offload_optimizer:
+        optimizer, master = 0.0, 0.0
+    frozen = frozen_parameters * w / shard(3)
+    acts = (setting.micro_batch * tokens_per_sample * model.hidden * model.layers * w
+            * ACTIVATION_FACTOR[setting.gradient_checkpointing])
+    return Estimate(weights, master, grads, optimizer, frozen, acts)
+
+
+def candidate_settings(max_batch: int = 8) -> list[Setting]:
+    """From cheapest (fastest) to most frugal: less sharding, no offload, no recompute, bigger batches first."""
+    out = []
+    for zero in (0, 1, 2, 3):
+        for offload in (False, True):
+            for checkpointing in (False, True):
+                batch = max_batch
+                while batch >= 1:
+                    out.append(Setting(zero, offload, checkpointing, batch))
+                    batch //= 2
+    cost = lambda s: (s.offload_optimizer, s.zero_stage, s.gradient_checkpointing, -s.micro_batch)  # noqa: E731
+    return sorted(out, key=cost)
+
+
+def plan(
+    model: TrainedModel,
+    gpus: int,
+    gpu_mem_gib: float,
+    dtype: str = "bfloat16",
+    frozen_parameters: int = 0,
+    tokens_per_sample: int = 0,
+    margin: float = 0.15,
+    max_batch: int = 8,
+) -> tuple[Setting, Estimate] | None:
+    """The first setting of :func:`candidate_settings` whose estimate fits in
+    ``(1 - margin) * gpu_mem_gib``; None when nothing fits."""
+    budget = (1.0 - margin) * gpu_mem_gib * GiB
+    for setting in candidate_settings(max_batch):
+        est = estimate(model, setting, gpus, dtype, frozen_parameters, tokens_per_sample)
+        if est.total <= budget:
+            return setting, est
+    return None
+
+
+def with_batch(setting: Setting, batch: int) -> Setting:
+    return replace(setting, micro_batch=batch)
