@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="scenario YAML (configs/*.yaml)")
     p.add_argument("--model", required=True, action="append", metavar="NAME=URI", help="repeat per model")
     p.add_argument("--results", required=True, metavar="FILE", help="results/*.json to write")
+    p = sub.add_parser("plan", help="per-GPU memory of the training stages and the cheapest setting that fits",
+                       description="Estimate per-GPU memory of GRPO and OPD for a config (parameter counts from "
+                       "the model's config files alone) and pick the cheapest ZeRO / offload / recompute / batch "
+                       "setting that fits.")
+    p.add_argument("--config", required=True, help="scenario YAML (configs/*.yaml)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the data-parallel group")
+    p.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="memory per GPU, GiB")
+    p.add_argument("--margin", type=float, default=0.15, help="share of memory kept free (default 0.15)")
     v = sub.add_parser("validate", help="check a config file and exit")
     v.add_argument("--config", required=True)
     sub.add_parser("config-doc", help="print every config key with its default and meaning")
@@ -158,6 +166,11 @@ def _dispatch(args) -> int:
             shutdown()
         if dist_info()[0] != 0:
             return 0
+    elif args.command == "plan":
+        from flowrl.planner import plan_table
+
+        print(plan_table(config, args.gpus, args.gpu_mem, args.margin), end="")
+        return 0
     elif args.command == "judge":
         return judge_models(config, _named(args.model, "--model"), args.results)
     else:  # pragma: no cover - argparse restricts the choices

@@ -138,3 +138,104 @@ def plan(
 
 def with_batch(setting: Setting, batch: int) -> Setting:
     return replace(setting, micro_batch=batch)
+
+
+# --------------------------------------------------------------------------- stages of a config
+
+@dataclass(frozen=True)
+class StageLoad:
+    """What one training stage holds on each GPU, before any setting."""
+
+    stage: str
+    trained: TrainedModel
+    frozen_parameters: int
+    tokens_per_sample: int
+    dtype: str
+    note: str
+
+
+def _count(module) -> tuple[int, int]:
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), len(params)
+
+
+def qwen_image_components(pretrained: str) -> dict[str, tuple[int, int]]:
+    """(parameters, tensors) of the transformer, text encoder and VAE, built
+    from their config files on the meta device (no weights read, no memory)."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel.from_config(
+            QwenImageTransformer2DModel.load_config(pretrained, subfolder="transformer"))
+        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(pretrained, subfolder="vae"))
+        text = Qwen2_5_VLForConditionalGeneration._from_config(
+            AutoConfig.from_pretrained(pretrained, subfolder="text_encoder"))
+    out = {"transformer": _count(transformer), "vae": _count(vae), "text_encoder": _count(text)}
+    cfg = transformer.config
+    out["_geometry"] = (cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim)
+    return out
+
+
+def stage_loads(config) -> list[StageLoad]:
+    """The GRPO and OPD stages of a scenario, as the planner sees them."""
+    from flowrl.models import create_model
+
+    m = config.model
+    if m.family == "shapes":
+        net = create_model(config).net
+        p, n = _count(net)
+        s = m.shapes
+        tokens = 2 * (config.world.resolution // s.patch) ** 2 + 16  # target + source tokens + prompt
+        trained = TrainedModel(p, n, hidden=s.width, layers=s.depth)
+        dtype = "float32"
+    else:
+        q = m.qwen_image
+        parts = qwen_image_components(q.pretrained)
+        layers, hidden = parts["_geometry"]
+        p, n = parts["transformer"]
+        frozen_base = parts["vae"][0] + parts["text_encoder"][0]
+        image_tokens = (q.height // 16) * (q.width // 16)
+        tokens = 2 * image_tokens + 512  # edit: target + source image tokens, plus the prompt
+        trained = TrainedModel(p, n, hidden=hidden, layers=layers)
+        dtype = q.dtype
+    frozen_encoders = 0 if m.family == "shapes" else frozen_base
+    encoders = "" if m.family == "shapes" else " + text encoder + VAE"
+    g, o = config.grpo, config.opd
+    reference = p if g.kl_coef > 0 else 0
+    n_teachers = len({route.split("=", 1)[1] for route in o.routes})
+    return [
+        StageLoad("grpo", trained, frozen_encoders + reference, tokens, dtype,
+                  "policy" + (" + reference (KL)" if reference else "") + encoders),
+        StageLoad("opd", trained, frozen_encoders + n_teachers * p, tokens, dtype,
+                  f"student + {n_teachers} teachers{encoders}"),
+    ]
+
+
+def _bytes(b: float) -> str:
+    return f"{b / GiB:.1f} GiB" if b >= GiB else f"{b / 1024**2:.1f} MiB"
+
+
+def _params(p: int) -> str:
+    return f"{p / 1e9:.2f} B" if p >= 1e9 else f"{p / 1e6:.2f} M"
+
+
+def plan_table(config, gpus: int, gpu_mem_gib: float, margin: float = 0.15) -> str:
+    """A markdown table: per stage, the chosen setting and its per-GPU estimate."""
+    lines = [f"GPUs: {gpus} x {gpu_mem_gib:g} GiB (planning to {1 - margin:.0%} of it)", "",
+             "| stage | holds | trained params | ZeRO | offload | recompute | micro-batch | model states | frozen "
+             "| activations | total / GPU |", "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    for load in stage_loads(config):
+        found = plan(load.trained, gpus, gpu_mem_gib, load.dtype, load.frozen_parameters, load.tokens_per_sample,
+                     margin)
+        if found is None:
+            lines.append(f"| {load.stage} | {load.note} | {_params(load.trained.parameters)} | does not fit | | | | "
+                         "| | | |")
+            continue
+        s, e = found
+        lines.append(f"| {load.stage} | {load.note} | {_params(load.trained.parameters)} | {s.zero_stage} | "
+                     f"{'yes' if s.offload_optimizer else 'no'} | {'yes' if s.gradient_checkpointing else 'no'} | "
+                     f"{s.micro_batch} | {_bytes(e.model_states)} | {_bytes(e.frozen)} | {_bytes(e.activations)} | "
+                     f"{_bytes(e.total)} |")
+    return "\n".join(lines) + "\n"

@@ -64,3 +64,31 @@ def test_bad_inputs():
         estimate(TrainedModel(1, 1), Setting(zero_stage=4), gpus=1)
     with pytest.raises(ValueError, match="gpus"):
         estimate(TrainedModel(1, 1), Setting(), gpus=0)
+
+
+def test_qwen_image_counts_come_from_the_config_files_alone(tmp_path):
+    from flowrl.models.qwen_image import QwenImageModel
+    from flowrl.planner import qwen_image_components
+    from tests.models.tiny_qwen_image import build_tiny_qwen_image
+
+    path = build_tiny_qwen_image(tmp_path / "tiny", task="t2i")
+    counts = qwen_image_components(str(path))  # meta device: no weights read
+    real = QwenImageModel.from_pretrained(path, task="t2i", height=32, width=32)
+    for name in ("transformer", "vae", "text_encoder"):
+        params = list(getattr(real, name).parameters())
+        assert counts[name] == (sum(p.numel() for p in params), len(params)), name
+
+
+def test_flowrl_plan_prints_a_row_per_training_stage(tmp_path):
+    from flowrl.cli import main
+    from tests.conftest import ROOT
+
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", "--config", str(ROOT / "configs" / "shapes.yaml"), "--gpus", "2", "--gpu-mem", "1"]) == 0
+    text = out.getvalue()
+    assert "| grpo | policy + reference (KL) |" in text and "| opd | student + 2 teachers |" in text
+    assert "does not fit" not in text
