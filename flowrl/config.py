@@ -29,15 +29,35 @@ class ConfigError(ValueError):
     """A configuration problem; the message starts with the key path."""
 
 
-def param(default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None, nonempty: bool = False) -> Any:
+def param(
+    default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None, nonempty: bool = False, added: bool = False
+) -> Any:
     """A documented config field with optional numeric bounds (or, for
-    strings, ``nonempty``)."""
+    strings, ``nonempty``).
+
+    ``added``: a key added after results and caches were keyed on its
+    section, whose default reproduces the earlier behaviour; at its default
+    it is left out of :meth:`FlowRLConfig.section_hash`, so those stay valid.
+    """
     bounds = {k: v for k, v in dict(gt=gt, ge=ge, lt=lt, le=le).items() if v is not None}
     if nonempty:
         bounds["nonempty"] = True
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples / nested dataclasses for config defaults")
-    return field(default=default, metadata={"doc": doc, "bounds": bounds})
+    return field(default=default, metadata={"doc": doc, "bounds": bounds, "added": added})
+
+
+def _hash_payload(value: Any) -> Any:
+    """Plain data of a config value for hashing; ``added`` keys at their default are left out."""
+    if dataclasses.is_dataclass(value):
+        return {
+            f.name: _hash_payload(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not (f.metadata.get("added") and getattr(value, f.name) == f.default)
+        }
+    if isinstance(value, (list, tuple)):
+        return [_hash_payload(v) for v in value]
+    return value
 
 
 def section(factory: type, doc: str) -> Any:
@@ -316,6 +336,7 @@ class GRPOConfig:
         (),
         "CATEGORY=WEIGHT entries: prompts of that category (or edit kind) are drawn this many times as often "
         "(others 1; drawing is then with replacement). Empty: uniform over the curated prompts.",
+        added=True,
     )
     eval_every: int = param(25, "Hacking monitor: judge score of a fixed held-out set every N iterations.", ge=1)
     monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
@@ -398,7 +419,7 @@ class FlowRLConfig:
             value: Any = self
             for part in name.split("."):
                 value = getattr(value, part)
-            payload[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            payload[name] = _hash_payload(value)
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

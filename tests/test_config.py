@@ -1,5 +1,6 @@
 """The config loader rejects bad input with the full key path, before any work."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,19 @@ def test_rl_cross_key_rules(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_a_key_added_later_leaves_the_hash_alone_at_its_default():
+    import dataclasses
+
+    from flowrl.config import FlowRLConfig
+
+    config = FlowRLConfig()
+    other = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, sampling_weights=("move=3",)))
+    assert config.section_hash("grpo") != other.section_hash("grpo")
+    payload_keys = json.loads(json.dumps(dataclasses.asdict(config.grpo)))
+    assert "sampling_weights" in payload_keys  # it exists, it just does not count at its default
+    from flowrl.config import _hash_payload
+
+    assert "sampling_weights" not in _hash_payload(config.grpo)
+    assert _hash_payload(other.grpo)["sampling_weights"] == ["move=3"]
