@@ -1,12 +1,7 @@
-"""The artifact store against a real S3 API: moto's server on loopback, in a
-subprocess started here, reached through s3fs as production reaches S3."""
+"""The artifact store against a real S3 API: moto's server on loopback (the
+``s3_server`` fixture of tests/conftest.py), reached through s3fs as
+production reaches S3."""
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,49 +9,6 @@ import torch
 
 from flowrl.rl.trainer import Checkpoints, TrainerState
 from flowrl.storage import ArtifactError, ArtifactStore, fetch, read_manifest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    port = _free_port()
-    server = shutil.which("moto_server", path=os.path.dirname(sys.executable))
-    assert server, "moto_server is not installed next to this python (requirements/cpu.txt pins moto[server])"
-    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start")
-                time.sleep(0.2)
-        import s3fs
-
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
-        fs.mkdir("flowrl-test")
-        yield "s3://flowrl-test"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _staging(tmp_path: Path) -> Path:
