@@ -1,15 +1,18 @@
 # flowrl: `make run` runs the pipeline on the shapes world, `make test` the tests.
 # Both create or refresh .venv from the pinned requirements first.
+SHELL := bash
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/shapes.yaml
+FLOWRL := $(VENV)/bin/flowrl
+SHAPES := --config configs/shapes.yaml --output artifacts --no-progress
 # The CPU wheel of torch; GPU images install a CUDA build instead (images/).
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv run test test-gpu base bench clean results/base_shapes.json results/reward_model_shapes.json \
-	results/opd_shapes.json
+	results/grpo_shapes.json results/opd_shapes.json
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -48,12 +51,23 @@ results/reward_model_shapes.json: venv
 	annotations=$$($(VENV)/bin/flowrl annotate --config configs/shapes.yaml --base $$base | tail -1) && \
 	$(VENV)/bin/flowrl reward-model --config configs/shapes.yaml --annotations $$annotations --results $@
 
+# The committed GRPO measurement (results/grpo_shapes.json, one key per task); upstream stages are
+# reused from artifacts/ when they are already there.
+results/grpo_shapes.json: venv
+	set -eo pipefail; \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	for task in t2i edit; do \
+		prompts=$$($(FLOWRL) filter-prompts $(SHAPES) --task $$task --base $$base --reward-model $$rm | tail -1); \
+		$(FLOWRL) grpo $(SHAPES) --task $$task --base $$base --reward-model $$rm --prompts $$prompts \
+			--results $@ --results-key $$task; \
+	done
+
 # The committed OPD comparison (results/opd_shapes.json): every upstream stage is reused from
 # artifacts/ when it is already there; then OPD (on- and off-policy), Mix-RL, and the judge on all six models.
-FLOWRL := $(VENV)/bin/flowrl
-SHAPES := --config configs/shapes.yaml --output artifacts --no-progress
 results/opd_shapes.json: venv
-	set -e; \
+	set -eo pipefail; \
 	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
 	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
 	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
