@@ -135,7 +135,7 @@ def _dispatch(args) -> int:
         result = run_filter_prompts(config, args.task, args.base, args.reward_model,
                                     output_root=args.output, tracker=_tracker(args))
     elif args.command == "grpo":
-        from flowrl.rl.distributed import dist_info, init_from_env, shutdown
+        from flowrl.rl.distributed import dist_info, process_group
         from flowrl.stages.grpo import run_grpo
 
         if args.task == "mixed":
@@ -144,26 +144,20 @@ def _dispatch(args) -> int:
             raise ConfigError(f"--prompts: task {args.task} takes one artifact, got {len(args.prompts)}")
         else:
             prompts = args.prompts[0]
-        init_from_env()  # under torchrun: join the process group; each rank trains on its share
-        try:
+        with process_group():  # under torchrun: each rank trains on its share
             result = run_grpo(config, args.task, args.base, args.reward_model, prompts, output_root=args.output,
                               tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
-        finally:
-            shutdown()
         if dist_info()[0] != 0:
             return 0
     elif args.command == "opd":
-        from flowrl.rl.distributed import dist_info, init_from_env, shutdown
+        from flowrl.rl.distributed import dist_info, process_group
         from flowrl.stages.opd import run_opd
 
         teachers = _named(args.teacher, "--teacher")
         prompts = _named(args.prompts, "--prompts", required=("t2i", "edit"))
-        init_from_env()
-        try:
+        with process_group():
             result = run_opd(config, args.base, teachers, prompts, states=args.states, output_root=args.output,
                              tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
-        finally:
-            shutdown()
         if dist_info()[0] != 0:
             return 0
     elif args.command == "plan":

@@ -449,6 +449,32 @@ def load_config(path: str | Path) -> FlowRLConfig:
     return config
 
 
+def name_value_pairs(entries: tuple[str, ...], key: str, form: str = "NAME=VALUE") -> list[tuple[str, str]]:
+    """``("a=1", "b = x")`` -> [("a", "1"), ("b", "x")]; an entry without a
+    name or value is a ConfigError naming ``key[i]`` and the expected ``form``."""
+    pairs = []
+    for i, entry in enumerate(entries):
+        name, sep, value = entry.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ConfigError(f"{key}[{i}]: expected {form}, got {entry!r}")
+        pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def category_weights(entries: tuple[str, ...], key: str) -> dict[str, float]:
+    """``("move=3", "recolor=1.5")`` -> {"move": 3.0, "recolor": 1.5}; weights must be positive numbers."""
+    out = {}
+    for i, (name, value) in enumerate(name_value_pairs(entries, key, "CATEGORY=POSITIVE_WEIGHT")):
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if weight <= 0:
+            raise ConfigError(f"{key}[{i}]: expected CATEGORY=POSITIVE_WEIGHT, got {entries[i]!r}")
+        out[name] = weight
+    return out
+
+
 def check_consistency(config: FlowRLConfig) -> None:
     """Rules that involve more than one key."""
     m = config.model
@@ -499,18 +525,8 @@ def check_consistency(config: FlowRLConfig) -> None:
             f"opd.timesteps_per_trajectory: {o.timesteps_per_trajectory} is more than the {opd_steps} steps of "
             "the student's trajectories (opd.num_steps, or sampler.num_steps when it is null)"
         )
-    for i, route in enumerate(o.routes):
-        selector, sep, teacher = route.partition("=")
-        if not sep or not selector.strip() or not teacher.strip():
-            raise ConfigError(f"opd.routes[{i}]: expected SELECTOR=TEACHER, got {route!r}")
-    for i, entry in enumerate(g.sampling_weights):
-        name, sep, value = entry.partition("=")
-        try:
-            ok = bool(sep and name.strip()) and float(value) > 0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ConfigError(f"grpo.sampling_weights[{i}]: expected CATEGORY=POSITIVE_WEIGHT, got {entry!r}")
+    name_value_pairs(o.routes, "opd.routes", "SELECTOR=TEACHER")
+    category_weights(g.sampling_weights, "grpo.sampling_weights")
     f = config.filter
     if f.threshold_mode == "quantile" and f.threshold >= 1:
         raise ConfigError(f"filter.threshold: a quantile must be below 1, got {f.threshold}")

@@ -25,7 +25,7 @@ the planner keeps a safety margin.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 STEP_BYTES = 4  # the per-tensor step counter
@@ -134,10 +134,6 @@ def plan(
         if est.total <= budget:
             return setting, est
     return None
-
-
-def with_batch(setting: Setting, batch: int) -> Setting:
-    return replace(setting, micro_batch=batch)
 
 
 # --------------------------------------------------------------------------- stages of a config

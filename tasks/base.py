@@ -7,7 +7,6 @@ from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from flowrl.stages.base import run_base
-from flowrl.stages.common import flat_metrics
 from tasks.types import StageArtifact
 
 
@@ -22,7 +21,4 @@ def validate_config(config: FlyteFile) -> FlyteFile:
 def base(config: FlyteFile) -> StageArtifact:
     result = run_base(load_config(config.download()))
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
-    return StageArtifact(
-        stage=result.stage, version=result.version, uri=result.uri,
-        mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics),
-    )
+    return StageArtifact.of(result)

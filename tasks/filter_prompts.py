@@ -4,7 +4,6 @@ from flytekit import Resources, task
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
-from flowrl.stages.common import flat_metrics
 from flowrl.stages.filter_prompts import run_filter_prompts
 from tasks.types import StageArtifact
 
@@ -12,7 +11,4 @@ from tasks.types import StageArtifact
 @task(requests=Resources(cpu="2", mem="8Gi"), retries=1)
 def filter_prompts(config: FlyteFile, task_name: str, base: StageArtifact, reward_model: StageArtifact) -> StageArtifact:
     result = run_filter_prompts(load_config(config.download()), task_name, base.uri, reward_model.uri)
-    return StageArtifact(
-        stage=result.stage, version=result.version, uri=result.uri,
-        mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics),
-    )
+    return StageArtifact.of(result)

@@ -14,7 +14,6 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from flowrl.stages.common import flat_metrics
 from tasks.types import StageArtifact
 
 PROCS = int(os.environ.get("FLOWRL_GRPO_PROCS", "1"))
@@ -28,18 +27,15 @@ PROCS = int(os.environ.get("FLOWRL_GRPO_PROCS", "1"))
 def grpo(
     config: FlyteFile, task_name: str, base: StageArtifact, reward_model: StageArtifact, prompts: StageArtifact
 ) -> StageArtifact:
-    from flowrl.rl.distributed import init_from_env, shutdown
+    from flowrl.rl.distributed import process_group
     from flowrl.stages.grpo import run_grpo
 
-    init_from_env()
-    try:
+    with process_group():
         result = run_grpo(
             load_config(config.download()), task_name, base.uri, reward_model.uri, prompts.uri,
             resume=True, progress=False,
         )
-    finally:
-        shutdown()
-    return _artifact(result)
+    return StageArtifact.of(result)
 
 
 @task(
@@ -52,22 +48,13 @@ def grpo_mixed(
     edit_prompts: StageArtifact,
 ) -> StageArtifact:
     """Mix-RL: one GRPO run on both prompt sets, each scored by its own task's reward."""
-    from flowrl.rl.distributed import init_from_env, shutdown
+    from flowrl.rl.distributed import process_group
     from flowrl.stages.grpo import run_grpo
 
-    init_from_env()
-    try:
+    with process_group():
         result = run_grpo(
             load_config(config.download()), "mixed", base.uri, reward_model.uri,
             {"t2i": t2i_prompts.uri, "edit": edit_prompts.uri}, resume=True, progress=False,
         )
-    finally:
-        shutdown()
-    return _artifact(result)
+    return StageArtifact.of(result)
 
-
-def _artifact(result) -> StageArtifact:
-    return StageArtifact(
-        stage=result.stage, version=result.version, uri=result.uri,
-        mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics),
-    )

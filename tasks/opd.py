@@ -13,7 +13,6 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from flowrl.stages.common import flat_metrics
 from tasks.types import StageArtifact
 
 PROCS = int(os.environ.get("FLOWRL_OPD_PROCS", "1"))
@@ -43,19 +42,13 @@ def opd(
     config: FlyteFile, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
     t2i_prompts: StageArtifact, edit_prompts: StageArtifact, states: str,
 ) -> StageArtifact:
-    from flowrl.rl.distributed import init_from_env, shutdown
+    from flowrl.rl.distributed import process_group
     from flowrl.stages.opd import run_opd
 
-    init_from_env()
-    try:
+    with process_group():
         result = run_opd(
             load_config(config.download()), base.uri,
             {"t2i_teacher": t2i_teacher.uri, "edit_teacher": edit_teacher.uri},
             {"t2i": t2i_prompts.uri, "edit": edit_prompts.uri}, states=states, resume=True, progress=False,
         )
-    finally:
-        shutdown()
-    return StageArtifact(
-        stage=result.stage, version=result.version, uri=result.uri,
-        mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics),
-    )
+    return StageArtifact.of(result)

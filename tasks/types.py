@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from flowrl.stages.common import flat_metrics
+
 
 @dataclass
 class StageArtifact:
@@ -17,3 +19,9 @@ class StageArtifact:
     uri: str
     mlflow_run_id: str
     metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, result) -> "StageArtifact":
+        """The reference to a stage's committed result (:class:`flowrl.stages.common.StageResult`)."""
+        return cls(stage=result.stage, version=result.version, uri=result.uri,
+                   mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics))

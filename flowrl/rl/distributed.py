@@ -9,6 +9,7 @@ one process on the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -36,6 +37,17 @@ def init_from_env() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def process_group():
+    """Join torchrun's process group for the block (when launched by it) and
+    leave it cleanly afterwards, whatever happens inside."""
+    init_from_env()
+    try:
+        yield
+    finally:
+        shutdown()
+
+
 def ddp_model(model: FlowModel) -> FlowModel:
     """A view of ``model`` whose forward runs through DistributedDataParallel
     (same parameters; gradients are averaged across ranks in backward)."""
@@ -58,8 +70,6 @@ def ddp_model(model: FlowModel) -> FlowModel:
 def no_sync(model: FlowModel):
     """Context in which backward accumulates gradients without the all-reduce
     (a DDP view from :func:`ddp_model`); a no-op for a plain model."""
-    import contextlib
-
     net = getattr(model, "net", None)
     return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
 

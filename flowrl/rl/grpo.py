@@ -23,7 +23,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from flowrl.config import GRPOConfig
+from flowrl.config import GRPOConfig, category_weights
 from flowrl.models.base import Condition, FlowModel
 from flowrl.rewards.base import RewardScores
 from flowrl.rl.distributed import ddp_model, mean_across_ranks, no_sync
@@ -91,21 +91,6 @@ def cat_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
         old_log_probs=torch.cat([p.old_log_probs for p in parts]),
         images=torch.cat([p.images for p in parts]),
     )
-
-
-def parse_weights(entries: tuple[str, ...], key: str) -> dict[str, float]:
-    """``("move=3", "recolor=2")`` -> {"move": 3.0, "recolor": 2.0}, errors naming ``key[i]``."""
-    out = {}
-    for i, entry in enumerate(entries):
-        name, sep, value = entry.partition("=")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = -1.0
-        if not sep or not name.strip() or weight <= 0:
-            raise ValueError(f"{key}[{i}]: expected CATEGORY=POSITIVE_WEIGHT, got {entry!r}")
-        out[name.strip()] = weight
-    return out
 
 
 def draw_prompts(
@@ -196,7 +181,7 @@ class GRPOTrainer(LoopTrainer):
             )
         self.reference, self.cfg = reference, cfg
         self.category_scale = category_scale or {}
-        self.sampling_weights = parse_weights(cfg.sampling_weights, "grpo.sampling_weights")
+        self.sampling_weights = category_weights(cfg.sampling_weights, "grpo.sampling_weights")
         self.settings = settings_of(cfg)
         self.train_model = ddp_model(model) if self.world > 1 else model
 
@@ -287,7 +272,7 @@ class GRPOTrainer(LoopTrainer):
                 last = j == len(plans) - 1
                 with contextlib.nullcontext() if last else no_sync(self.train_model):
                     loss, diag = self._part_loss(out, chunks[m], steps, n_trained)
-                    (loss * share if share != 1.0 else loss).backward()
+                    (loss * share).backward()
                 for key, value in (("loss", loss), *diag.items()):
                     value = float(value.detach()) if torch.is_tensor(value) else float(value)
                     step_stats[key] = step_stats.get(key, 0.0) + share * value

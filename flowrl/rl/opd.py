@@ -27,10 +27,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from flowrl.config import OPDConfig
+from flowrl.config import OPDConfig, name_value_pairs
 from flowrl.models.base import Condition, FlowModel
 from flowrl.rl.distributed import ddp_model, mean_across_ranks, no_sync
 from flowrl.rl.grpo import PromptSet, draw_prompts
@@ -56,11 +55,7 @@ def parse_routes(routes: tuple[str, ...], tasks: tuple[str, ...], teachers: tupl
     """``("t2i=t2i", "counting=counting_expert")`` -> {selector: teacher}; a
     selector is a task or a prompt category (category routes win)."""
     out: dict[str, str] = {}
-    for i, route in enumerate(routes):
-        selector, sep, teacher = route.partition("=")
-        if not sep or not selector.strip() or not teacher.strip():
-            raise ValueError(f"opd.routes[{i}]: expected SELECTOR=TEACHER, got {route!r}")
-        selector, teacher = selector.strip(), teacher.strip()
+    for i, (selector, teacher) in enumerate(name_value_pairs(routes, "opd.routes", "SELECTOR=TEACHER")):
         if teacher not in teachers:
             raise ValueError(f"opd.routes[{i}]: no teacher named {teacher!r} (given: {', '.join(teachers)})")
         out[selector] = teacher
@@ -251,8 +246,3 @@ def _trainable_module(model: FlowModel) -> torch.nn.Module:
         if isinstance(module, torch.nn.Module):
             return module
     raise TypeError(f"{type(model).__name__}: no trainable network (net or transformer)")
-
-
-def mean_loss(history: list[dict], key: str = "train/loss", window: int = 10) -> float:
-    values = [h[key] for h in history[-window:] if key in h]
-    return float(np.mean(values)) if values else float("nan")

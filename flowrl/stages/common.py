@@ -125,3 +125,21 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[f"{prefix}{key}"] = float(value)
     return flat
+
+
+def run_trainer(trainer, tracker: Tracker, *, stage: str, iterations: int, resume: bool, progress: bool,
+                stop_after: int | None):
+    """The RL stages' training call: resume if asked, train, and refuse to go
+    on (no artifact) when the run ended early without a stop reason, as a
+    killed run would (``stop_after``, tests)."""
+    if resume:
+        trainer.resume()
+    result = trainer.train(tracker.log_metrics, progress=progress, stop_after=stop_after)
+    if trainer.state.iteration < iterations and not trainer.state.stopped:
+        raise InterruptedError(f"{stage}: stopped after iteration {trainer.state.iteration} (stop_after)")
+    return result
+
+
+def write_history(staging: Path, state) -> None:
+    """``history.json``: every iteration's metrics and every monitor evaluation of a trainer."""
+    (staging / "history.json").write_text(json.dumps({"history": state.history, "monitor": state.monitor}, indent=1))

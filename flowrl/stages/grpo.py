@@ -29,7 +29,16 @@ from flowrl.shapes import judge
 from flowrl.shapes.edits import make_edit_set
 from flowrl.shapes.prompts import make_t2i_set
 from flowrl.shapes.render import render_batch
-from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context, stage_version
+from flowrl.stages.common import (
+    StageResult,
+    commit_stage,
+    committed_result,
+    flat_metrics,
+    run_trainer,
+    stage_context,
+    stage_version,
+    write_history,
+)
 from flowrl.stages.filter_prompts import decode_sources, load_prompt_set
 from flowrl.storage import ArtifactStore, fetch
 from flowrl.tracking import NullTracker, Tracker
@@ -218,11 +227,8 @@ def run_grpo(
             checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
             category_scale=scale,
         )
-        if resume:
-            trainer.resume()
-        result = trainer.train(tracker_.log_metrics, progress=progress, stop_after=stop_after)
-        if trainer.state.iteration < g.iterations and not trainer.state.stopped:
-            raise InterruptedError(f"{stage}: stopped after iteration {trainer.state.iteration} (stop_after)")
+        result = run_trainer(trainer, tracker_, stage=stage, iterations=g.iterations, resume=resume,
+                             progress=progress, stop_after=stop_after)
         return trainer, result
 
     try:
@@ -250,8 +256,7 @@ def run_grpo(
                 "monitor": trainer.state.monitor,
             }
             save_checkpoint(model, ctx.staging)
-            (ctx.staging / "history.json").write_text(json.dumps(
-                {"history": trainer.state.history, "monitor": trainer.state.monitor}, indent=1))
+            write_history(ctx.staging, trainer.state)
             (ctx.staging / "curves.png").write_bytes(_curves_png(trainer.state.history, trainer.state.monitor, task))
             (ctx.staging / "table.md").write_text(table_markdown(rows, task))
             Image.fromarray(report.grid).save(ctx.staging / "grid.png")

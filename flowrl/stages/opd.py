@@ -27,7 +27,16 @@ from flowrl.rl.distributed import dist_info
 from flowrl.rl.grpo import PromptSet
 from flowrl.rl.opd import OPDTrainer, parse_routes
 from flowrl.rl.trainer import Checkpoints
-from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context, stage_version
+from flowrl.stages.common import (
+    StageResult,
+    commit_stage,
+    committed_result,
+    flat_metrics,
+    run_trainer,
+    stage_context,
+    stage_version,
+    write_history,
+)
 from flowrl.stages.filter_prompts import decode_sources, load_prompt_set
 from flowrl.stages.grpo import monitor_for
 from flowrl.storage import ArtifactError, ArtifactStore, fetch
@@ -150,11 +159,8 @@ def run_opd(
             monitor=monitor_for(config, "mixed", tracker_, o.monitor_per_category, o.grid_every),
             checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
         )
-        if resume:
-            trainer.resume()
-        result = trainer.train(tracker_.log_metrics, progress=progress, stop_after=stop_after)
-        if trainer.state.iteration < o.iterations:
-            raise InterruptedError(f"{stage}: stopped after iteration {trainer.state.iteration} (stop_after)")
+        result = run_trainer(trainer, tracker_, stage=stage, iterations=o.iterations, resume=resume,
+                             progress=progress, stop_after=stop_after)
         return trainer, result
 
     if rank != 0:  # other ranks train beside rank 0, which evaluates, commits and tracks
@@ -188,8 +194,7 @@ def run_opd(
             "monitor": trainer.state.monitor,
         }
         save_checkpoint(model, ctx.staging)
-        (ctx.staging / "history.json").write_text(json.dumps(
-            {"history": trainer.state.history, "monitor": trainer.state.monitor}, indent=1))
+        write_history(ctx.staging, trainer.state)
         (ctx.staging / "curves.png").write_bytes(_curves_png(trainer.state.history, trainer.state.monitor))
         (ctx.staging / "table.md").write_text(table_markdown(models, kept))
         Image.fromarray(report.grid).save(ctx.staging / "grid.png")

@@ -130,7 +130,8 @@ def test_category_sampling_weights_shift_the_draws():
     import numpy as np
     import pytest
 
-    from flowrl.rl.grpo import draw_prompts, parse_weights
+    from flowrl.config import category_weights
+    from flowrl.rl.grpo import draw_prompts
 
     prompts = PromptSet([f"p{i}" for i in range(8)], ["move"] * 2 + ["remove"] * 6, None)
     uniform = np.concatenate([draw_prompts(prompts, 4, 0, it) for it in range(500)])
@@ -139,7 +140,7 @@ def test_category_sampling_weights_shift_the_draws():
     assert share(uniform) == pytest.approx(2 / 8, abs=0.03)
     assert share(weighted) == pytest.approx(6 / 12, abs=0.03)  # 2 x 3 against 6 x 1
     assert np.array_equal(draw_prompts(prompts, 4, 0, 7, {"move": 3.0}), draw_prompts(prompts, 4, 0, 7, {"move": 3.0}))
-    assert parse_weights(("move=3", "recolor=1.5"), "k") == {"move": 3.0, "recolor": 1.5}
+    assert category_weights(("move=3", "recolor=1.5"), "k") == {"move": 3.0, "recolor": 1.5}
     for bad in ("move", "move=0", "move=x", "=2"):
         with pytest.raises(ValueError, match=r"k\[0\]"):
-            parse_weights((bad,), "k")
+            category_weights((bad,), "k")
