@@ -14,6 +14,7 @@ uninterrupted one did.
 
 from __future__ import annotations
 
+import abc
 import io
 import json
 import logging
@@ -161,7 +162,7 @@ class TrainResult:
     module_state: dict[str, torch.Tensor]  # the weights to deploy (EMA when on)
 
 
-class LoopTrainer:
+class LoopTrainer(abc.ABC):
     """The iteration loop of every RL-stage trainer.
 
     A subclass implements :meth:`step` (one iteration: collect, update,
@@ -196,9 +197,9 @@ class LoopTrainer:
         self.hacking = {key: HackingMonitor(threshold) for key in WATCHED} if threshold is not None else {}
 
     # ------------------------------------------------------------------ subclass API
+    @abc.abstractmethod
     def step(self, iteration: int) -> dict[str, float]:
         """One iteration; returns its metrics (the same on every rank)."""
-        raise NotImplementedError
 
     def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"s/it": f"{metrics['time/iteration_s']:.2f}"}
