@@ -11,6 +11,7 @@ keyed on the URI (Flyte's) stays stable.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -46,14 +47,66 @@ class Manifest:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-def code_version() -> str:
+# Modules left out of a stage's code version: they read the config, move
+# bytes or log, and what they do to a stage's output reaches it only through
+# the config values (hashed separately) or not at all. A change to them that
+# does alter outputs must come with a config change.
+CODE_VERSION_EXCLUDED = frozenset({"flowrl.config", "flowrl.storage", "flowrl.tracking", "flowrl.cli"})
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")[1:]
+    base = _CODE_ROOT.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if parts and candidate.is_file():
+            return candidate
+    return _CODE_ROOT / "__init__.py" if not parts else None
+
+
+def _imported_modules(name: str) -> set[str]:
+    """The flowrl modules ``name``'s source imports (anywhere in the file),
+    plus the packages Python runs on the way to it."""
+    path = _module_file(name)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "flowrl")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "flowrl":
+            found.add(node.module)
+            # `from flowrl.shapes import judge` imports a submodule when one exists
+            found.update(f"{node.module}.{a.name}" for a in node.names if _module_file(f"{node.module}.{a.name}"))
+    return {m for m in found if _module_file(m) is not None}
+
+
+def module_closure(name: str) -> list[str]:
+    """``name`` and every flowrl module it imports, transitively (sorted),
+    less :data:`CODE_VERSION_EXCLUDED`."""
+    if _module_file(name) is None:
+        raise ValueError(f"no flowrl module named {name!r}")
+    seen, todo = set(), [name]
+    while todo:
+        module = todo.pop()
+        if module in seen or module in CODE_VERSION_EXCLUDED:
+            continue
+        seen.add(module)
+        todo.extend(_imported_modules(module) - seen)
+    return sorted(seen)
+
+
+def code_version(module: str | None = None) -> str:
     """Hash of the library's source: changes whenever flowrl's code does.
 
-    Computed from the files themselves (not git) so it is the same inside a
-    container image as in the checkout it was built from.
+    With ``module`` (e.g. ``flowrl.stages.grpo``), only the code that module
+    runs counts (:func:`module_closure`): a change to the bench does not
+    invalidate the trained teachers. Computed from the files themselves (not
+    git) so it is the same inside a container image as in the checkout.
     """
+    paths = (
+        sorted(_CODE_ROOT.rglob("*.py")) if module is None else [_module_file(m) for m in module_closure(module)]
+    )
     digest = hashlib.sha256()
-    for path in sorted(_CODE_ROOT.rglob("*.py")):
+    for path in paths:
         digest.update(str(path.relative_to(_CODE_ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]

@@ -22,6 +22,7 @@ from flowrl.shapes.scene import (
     random_color,
     random_shape,
 )
+from flowrl.shapes.splits import in_split
 
 EDIT_KINDS: tuple[str, ...] = ("recolor", "remove", "add", "move")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
@@ -122,20 +123,27 @@ def _other_objects(
     return tuple(objects)
 
 
-def sample_edit(rng: np.random.Generator, kind: str) -> EditExample:
-    """A random instruction of ``kind`` with a source that makes it well defined."""
+def _sample_spec(rng: np.random.Generator, kind: str) -> EditSpec:
+    color, shape = random_color(rng), random_shape(rng)
+    new_color = str(rng.choice([c for c in COLORS if c != color])) if kind == "recolor" else None
+    direction = str(rng.choice(list(DIRECTIONS))) if kind == "move" else None
+    return EditSpec(kind, shape, color, new_color, direction)
+
+
+def sample_edit(rng: np.random.Generator, kind: str, split: str = "train") -> EditExample:
+    """A random instruction of ``kind`` from ``split`` (see :mod:`flowrl.shapes.splits`)
+    with a source that makes it well defined."""
     if kind not in EDIT_KINDS:
         raise ValueError(f"kind must be one of {EDIT_KINDS}, got {kind!r}")
-    color, shape = random_color(rng), random_shape(rng)
+    spec = _sample_spec(rng, kind)
+    while not in_split("edit", kind, spec.instruction(), split):
+        spec = _sample_spec(rng, kind)
+    color, shape, direction = spec.color, spec.shape, spec.direction
     if kind == "add":
         n_source = int(rng.integers(1, MAX_OBJECTS))
         cells = random_cells(rng, n_source + 1)
         source = Scene(_other_objects(rng, n_source, (color, shape), cells))
-        spec = EditSpec(kind, shape, color)
         return EditExample(spec.instruction(), kind, spec, source, apply_edit(source, spec, cells[-1]))
-    new_color = str(rng.choice([c for c in COLORS if c != color])) if kind == "recolor" else None
-    direction = str(rng.choice(list(DIRECTIONS))) if kind == "move" else None
-    spec = EditSpec(kind, shape, color, new_color, direction)
     # The referenced object's cell, and for move the cell it moves into, are
     # drawn first so the other objects never block the move.
     while True:
@@ -149,12 +157,12 @@ def sample_edit(rng: np.random.Generator, kind: str) -> EditExample:
     return EditExample(spec.instruction(), kind, spec, source, apply_edit(source, spec))
 
 
-def make_edit_set(seed: int, n_per_kind: int) -> list[EditExample]:
-    """A fixed instruction set, ``n_per_kind`` per kind in kind order (one stream per kind)."""
+def make_edit_set(seed: int, n_per_kind: int, split: str = "train") -> list[EditExample]:
+    """A fixed instruction set of ``split``, ``n_per_kind`` per kind in kind order (one stream per kind)."""
     examples = []
     for index, kind in enumerate(EDIT_KINDS):
         rng = np.random.default_rng([seed, len(EDIT_KINDS) + index])
-        examples.extend(sample_edit(rng, kind) for _ in range(n_per_kind))
+        examples.extend(sample_edit(rng, kind, split) for _ in range(n_per_kind))
     return examples
 
 

@@ -13,6 +13,7 @@ from itertools import permutations
 import numpy as np
 
 from flowrl.shapes.scene import COLORS, SHAPES, Scene, ShapeObject, all_cells, random_cells, random_color
+from flowrl.shapes.splits import in_split
 
 T2I_CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
@@ -125,11 +126,14 @@ def _sample_cells(rng: np.random.Generator, spec: T2ISpec) -> list[tuple[int, in
     return [a, b]
 
 
-def sample_t2i(rng: np.random.Generator, category: str) -> T2IExample:
-    """A random prompt of ``category`` and a random scene satisfying it."""
+def sample_t2i(rng: np.random.Generator, category: str, split: str = "train") -> T2IExample:
+    """A random prompt of ``category`` from ``split`` (see :mod:`flowrl.shapes.splits`)
+    and a random scene satisfying it."""
     if category not in T2I_CATEGORIES:
         raise ValueError(f"category must be one of {T2I_CATEGORIES}, got {category!r}")
     spec = _sample_spec(rng, category)
+    while not in_split("t2i", category, spec.prompt(), split):
+        spec = _sample_spec(rng, category)
     cells = _sample_cells(rng, spec)
     objects = tuple(
         ShapeObject(ref.shape, ref.color or random_color(rng), row, col) for ref, (row, col) in zip(spec.objects, cells)
@@ -137,8 +141,8 @@ def sample_t2i(rng: np.random.Generator, category: str) -> T2IExample:
     return T2IExample(spec.prompt(), spec, Scene(objects))
 
 
-def make_t2i_set(seed: int, n_per_category: int) -> list[T2IExample]:
-    """A fixed prompt set, ``n_per_category`` per category in category order.
+def make_t2i_set(seed: int, n_per_category: int, split: str = "train") -> list[T2IExample]:
+    """A fixed prompt set of ``split``, ``n_per_category`` per category in category order.
 
     Each category draws from its own stream, so sets with the same seed share
     their prefixes whatever ``n_per_category`` is.
@@ -146,7 +150,7 @@ def make_t2i_set(seed: int, n_per_category: int) -> list[T2IExample]:
     examples = []
     for index, category in enumerate(T2I_CATEGORIES):
         rng = np.random.default_rng([seed, index])
-        examples.extend(sample_t2i(rng, category) for _ in range(n_per_category))
+        examples.extend(sample_t2i(rng, category, split) for _ in range(n_per_category))
     return examples
 
 

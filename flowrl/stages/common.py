@@ -30,11 +30,28 @@ class StageResult:
     reused: bool = False
 
 
+def stage_module(stage: str) -> str:
+    """The module under flowrl.stages that runs ``stage``: the longest
+    underscore-joined prefix of the name that is one ("grpo_t2i" -> grpo)."""
+    parts = stage.split("_")
+    for end in range(len(parts), 0, -1):
+        name = "_".join(parts[:end])
+        if (Path(__file__).parent / f"{name}.py").is_file():
+            return f"flowrl.stages.{name}"
+    raise ValueError(f"no module under flowrl/stages runs stage {stage!r}")
+
+
+def stage_code_version(stage: str) -> str:
+    """The code version of ``stage``: the source its module runs (see
+    :func:`flowrl.storage.module_closure`), so a change elsewhere keeps its cache."""
+    return code_version(stage_module(stage))
+
+
 def stage_version(
     stage: str, config: FlowRLConfig, sections: tuple[str, ...], inputs: dict[str, str], code: str | None = None
 ) -> str:
     """The content-derived version: stage, its config sections, code, inputs."""
-    return artifact_version(stage, config.section_hash(*sections), code or code_version(), inputs)
+    return artifact_version(stage, config.section_hash(*sections), code or stage_code_version(stage), inputs)
 
 
 def committed_result(
@@ -87,7 +104,7 @@ def stage_context(
     """
     set_torch_threads(config.run.torch_threads)
     config_hash = config.section_hash(*sections)
-    code = code_version()  # fixed at the start: edits to the source mid-run do not change it
+    code = stage_code_version(stage)  # fixed at the start: edits to the source mid-run do not change it
     version = stage_version(stage, config, sections, inputs, code)
     tracker = tracker if tracker is not None else make_tracker(config)
     tags = {"flowrl.version": version, "flowrl.config_hash": config_hash, "flowrl.code_version": code}
