@@ -12,7 +12,7 @@ SHAPES := --config configs/shapes.yaml --output artifacts --no-progress
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv run test test-gpu base bench clean results/base_shapes.json results/reward_model_shapes.json \
-	results/grpo_shapes.json results/opd_shapes.json
+	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -25,8 +25,10 @@ $(STAMP): requirements/cpu.txt pyproject.toml
 
 venv: $(STAMP)
 
+# The whole workflow, locally; it ends by printing where the bench report is.
 run: venv
-	$(VENV)/bin/pyflyte run pipelines/post_train.py post_train --config $(CONFIG)
+	set -o pipefail; $(VENV)/bin/pyflyte run pipelines/post_train.py post_train --config $(CONFIG) 2>&1 | tee .run.log
+	@grep -o "bench: report at .*" .run.log | tail -1
 
 test: venv
 	$(PY) -m pytest -m "not gpu" -q
@@ -38,7 +40,7 @@ base: venv
 	$(VENV)/bin/flowrl base --config $(CONFIG) --output artifacts
 
 clean:
-	rm -rf artifacts mlflow.db mlartifacts .pytest_cache
+	rm -rf artifacts mlflow.db mlartifacts .pytest_cache .run.log
 
 # The committed measurement of the base stage (results/base_shapes.json).
 results/base_shapes.json: venv
@@ -81,6 +83,26 @@ results/opd_shapes.json: venv
 	mix=$$($(FLOWRL) grpo $(SHAPES) --task mixed --base $$base --reward-model $$rm --prompts t2i=$$pt edit=$$pe | tail -1); \
 	$(FLOWRL) judge --config configs/shapes.yaml --results $@ --model base=$$base --model t2i_teacher=$$tt \
 		--model edit_teacher=$$te --model mix_rl=$$mix --model student=$$on --model student_offpolicy=$$off
+
+# The committed bench (results/bench_shapes.json, results/report.md and its PNGs) of a full `make run`:
+# the pipeline runs (reusing what artifacts/ already holds), then the same stages through the CLI, all
+# reused, give the URIs, and `flowrl bench` on the pipeline's models reuses its bench artifact.
+results/bench_shapes.json: venv
+	$(MAKE) run CONFIG=configs/shapes.yaml
+	set -eo pipefail; \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
+	pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$base --reward-model $$rm | tail -1); \
+	tt=$$($(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt | tail -1); \
+	te=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe | tail -1); \
+	teachers="--teacher t2i_teacher=$$tt --teacher edit_teacher=$$te --prompts t2i=$$pt edit=$$pe"; \
+	on=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers | tail -1); \
+	off=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers --states off_policy | tail -1); \
+	mix=$$($(FLOWRL) grpo $(SHAPES) --task mixed --base $$base --reward-model $$rm --prompts t2i=$$pt edit=$$pe | tail -1); \
+	$(FLOWRL) bench $(SHAPES) --model base=$$base --model t2i_teacher=$$tt --model edit_teacher=$$te \
+		--model mix_rl=$$mix --model student=$$on --model student_offpolicy=$$off --results $@ --report-dir results
 
 # Benchmarks: measure and write results/*.json (they assert nothing).
 bench: venv

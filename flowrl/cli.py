@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--states", choices=("on_policy", "off_policy"), default=None,
                    help="override opd.states (off_policy: the ablation, stage opd_offpolicy)")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
+    p = _stage_parser(sub, "bench", "pillar scores, T2I and edit arenas, and the report for any set of models")
+    p.add_argument("--model", required=True, action="append", metavar="NAME=URI",
+                   help="a model artifact (base, grpo, opd) by name; repeat per model; bench.anchor names the base")
+    p.add_argument("--votes", default=None, metavar="FILE",
+                   help="parquet of human votes (arena, prompt, model_a, model_b, winner); they replace the "
+                   "judge's battles in the arenas they cover")
+    p.add_argument("--report-dir", default=None, metavar="DIR",
+                   help="also copy report.md, report.html and the PNGs to DIR (e.g. results/)")
     p = sub.add_parser("judge", help="the judge's held-out metrics of model artifacts, one results entry per model",
                        description="Evaluate model artifacts (base, grpo, opd) with the shapes judge on the held-out "
                        "sets and write one entry per model to FILE.")
@@ -160,6 +168,17 @@ def _dispatch(args) -> int:
                              tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
         if dist_info()[0] != 0:
             return 0
+    elif args.command == "bench":
+        from flowrl.stages.bench import report_files, run_bench
+
+        result = run_bench(config, _named(args.model, "--model"), votes=args.votes, output_root=args.output,
+                           tracker=_tracker(args))
+        if args.report_dir:
+            target = Path(args.report_dir)
+            target.mkdir(parents=True, exist_ok=True)
+            for name, data in report_files(result.uri).items():
+                (target / name).write_bytes(data)
+            print(f"flowrl bench: report copied to {target / 'report.md'}", file=sys.stderr)
     elif args.command == "plan":
         from flowrl.planner import plan_table
 

@@ -396,6 +396,24 @@ class OPDConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    """Stage `bench`: pillar scores, T2I and edit arenas, and the report over any set of models."""
+
+    seed: int = param(505, "Seed of the bench sets (drawn from the bench split of the grammar) and of each item's noise.",
+                      ge=0)
+    t2i_per_category: int = param(50, "Bench T2I prompts per category (one seed each).", ge=1)
+    edit_per_kind: int = param(50, "Bench edits per kind (instruction + source, one seed each).", ge=1)
+    batch_size: int = param(100, "Sampling batch size.", ge=1)
+    anchor: str = param("base", "The model pinned at Elo 1000 (must be one of the benched models).", nonempty=True)
+    tie_tolerance: float = param(
+        0.05, "Arena: when both images are equally correct, a secondary score (fidelity for T2I, identity for "
+        "edits) gap above this decides; else a tie.", ge=0)
+    bootstrap: int = param(1000, "Bootstrap resamples of the battles for the Elo intervals.", ge=0)
+    confidence: float = param(0.95, "Coverage of the Elo intervals.", gt=0, lt=1)
+    grid_items: int = param(6, "Prompts (and edits) shown in the report's image grids.", ge=1)
+
+
+@dataclass(frozen=True)
 class FlowRLConfig:
     """A whole scenario: one YAML file."""
 
@@ -411,6 +429,7 @@ class FlowRLConfig:
     filter: FilterConfig = section(FilterConfig, "Stage filter_prompts.")
     grpo: GRPOConfig = section(GRPOConfig, "Stages grpo_t2i, grpo_edit and grpo_mixed (Mix-RL).")
     opd: OPDConfig = section(OPDConfig, "Stage opd (and opd_offpolicy).")
+    bench: BenchConfig = section(BenchConfig, "Stage bench.")
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the given sections (what a stage's output depends on)."""

@@ -1,7 +1,6 @@
 """The post-training workflow:
-base -> annotate -> reward_model -> filter_prompts (t2i || edit) -> GRPO (t2i || edit) -> OPD,
-with the optional Mix-RL baseline and off-policy OPD ablation switched by config
-(-> later stages join here)."""
+base -> annotate -> reward_model -> filter_prompts (t2i || edit) -> GRPO (t2i || edit) -> OPD -> bench,
+with the optional Mix-RL baseline and off-policy OPD ablation switched by config (both benched when they ran)."""
 
 from typing import NamedTuple
 
@@ -10,6 +9,7 @@ from flytekit.types.file import FlyteFile
 
 from tasks.annotate import annotate
 from tasks.base import base, validate_config
+from tasks.bench import bench
 from tasks.filter_prompts import filter_prompts
 from tasks.grpo import grpo, grpo_mixed
 from tasks.opd import branch_switches, opd, skipped
@@ -18,7 +18,7 @@ from tasks.types import StageArtifact
 
 Models = NamedTuple("Models", [
     ("t2i_teacher", StageArtifact), ("edit_teacher", StageArtifact), ("student", StageArtifact),
-    ("student_offpolicy", StageArtifact), ("mix_rl", StageArtifact),
+    ("student_offpolicy", StageArtifact), ("mix_rl", StageArtifact), ("bench", StageArtifact),
 ])
 
 
@@ -51,4 +51,7 @@ def post_train(config: FlyteFile) -> Models:
         .else_()
         .then(skipped(stage="grpo_mixed"))
     )
-    return Models(t2i_teacher=t2i, edit_teacher=edit, student=student, student_offpolicy=offpolicy, mix_rl=mix)
+    report = bench(config=checked, base=base_model, t2i_teacher=t2i, edit_teacher=edit, mix_rl=mix, student=student,
+                   student_offpolicy=offpolicy)
+    return Models(t2i_teacher=t2i, edit_teacher=edit, student=student, student_offpolicy=offpolicy, mix_rl=mix,
+                  bench=report)

@@ -112,3 +112,21 @@ def test_version_is_content_derived():
     assert a != artifact_version("grpo", "cfg2", "code1", {"base": "u1", "rm": "u2"})
     assert a != artifact_version("grpo", "cfg1", "code1", {"base": "u9", "rm": "u2"})
     assert a != artifact_version("opd", "cfg1", "code1", {"base": "u1", "rm": "u2"})
+
+
+def test_stage_code_versions_follow_only_the_code_each_stage_runs():
+    from flowrl.stages.common import stage_code_version, stage_module
+    from flowrl.storage import module_closure
+
+    assert stage_module("grpo_t2i") == "flowrl.stages.grpo" and stage_module("opd_offpolicy") == "flowrl.stages.opd"
+    assert stage_module("filter_prompts_edit") == "flowrl.stages.filter_prompts"
+    base = module_closure("flowrl.stages.base")
+    assert {"flowrl.pretrain", "flowrl.shapes.splits", "flowrl.stages.common"} <= set(base)
+    # the bench and the report do not invalidate trained models; config, storage and tracking are left out
+    assert not {"flowrl.bench", "flowrl.report", "flowrl.stages.bench", "flowrl.config", "flowrl.tracking"} & set(base)
+    assert {"flowrl.bench", "flowrl.report", "flowrl.evaluation"} <= set(module_closure("flowrl.stages.bench"))
+    assert "flowrl.rewards.client" in module_closure("flowrl.stages.grpo")  # imports inside functions count too
+    assert stage_code_version("grpo_t2i") == stage_code_version("grpo_mixed") == code_version("flowrl.stages.grpo")
+    assert stage_code_version("base") != code_version()
+    with pytest.raises(ValueError, match="no module"):
+        stage_module("nonsense")

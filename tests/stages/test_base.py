@@ -119,7 +119,7 @@ def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = ("base", "annotate", "reward_model", "filter_prompts_t2i", "filter_prompts_edit", "grpo_t2i", "grpo_edit",
-              "opd", "opd_offpolicy", "grpo_mixed")  # smoke.yaml turns both optional branches on
+              "opd", "opd_offpolicy", "grpo_mixed", "bench")  # smoke.yaml turns both optional branches on
     for stage in stages:  # every stage wired so far ran and committed
         manifests = list((tmp_path / "artifacts" / stage).glob("*/manifest.json"))
         assert len(manifests) == 1, stage
@@ -127,6 +127,9 @@ def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
         assert next((tmp_path / "artifacts" / stage).glob("*/manifest.json")).parent.name in proc.stdout
     assert "base/t2i/alignment" in proc.stdout and "teacher/edit/accuracy" in proc.stdout  # the teachers' metrics
     assert "student/edit/accuracy" in proc.stdout
+    bench = json.loads(next((tmp_path / "artifacts" / "bench").glob("*/bench.json")).read_text())
+    assert set(bench["models"]) == {"base", "t2i_teacher", "edit_teacher", "mix_rl", "student", "student_offpolicy"}
+    assert "bench: report at " in proc.stdout  # where the report is, for `make run` to show
 
 
 def test_pipeline_skips_the_optional_branches_when_the_config_says_so(tmp_path):
@@ -140,6 +143,8 @@ def test_pipeline_skips_the_optional_branches_when_the_config_says_so(tmp_path):
     assert out.mix_rl.uri == "" and out.student_offpolicy.uri == ""
     assert out.student.uri and (tmp_path / "artifacts" / "opd").is_dir()
     assert not (tmp_path / "artifacts" / "grpo_mixed").exists() and not (tmp_path / "artifacts" / "opd_offpolicy").exists()
+    assert set(out.bench.metrics) >= {"models/base/pillars/overall", "models/student/pillars/overall"}
+    assert not any(k.startswith(("models/mix_rl", "models/student_offpolicy")) for k in out.bench.metrics)
 
 
 def test_qwen_image_base_validates_and_references_weights(tmp_path):

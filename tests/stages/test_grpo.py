@@ -7,26 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowrl.config import load_config
 from flowrl.models import load_checkpoint
-from flowrl.stages.annotate import run_annotate
-from flowrl.stages.base import run_base
-from flowrl.stages.filter_prompts import run_filter_prompts
 from flowrl.stages.grpo import run_grpo
-from flowrl.stages.reward_model import run_reward_model
 from flowrl.storage import fetch, read_manifest
-from tests.conftest import write_config
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("grpo")
-    config = load_config(write_config(root))
-    base = run_base(config, progress=False)
-    rm = run_reward_model(config, run_annotate(config, base.uri).uri)
-    prompts = {task: run_filter_prompts(config, task, base.uri, rm.uri) for task in ("t2i", "edit")}
-    return root, config, base, rm, prompts
 
 
 def test_filter_keeps_the_spread_prompts_and_says_how_many(upstream):
@@ -98,13 +81,6 @@ def test_rewards_through_a_sidecar_reward_server(upstream, tmp_path):
     first = [json.loads((fetch(r.uri) / "history.json").read_text())["history"][0] for r in (remote, inproc)]
     assert first[0]["train/reward"] == pytest.approx(first[1]["train/reward"], abs=0.02)
     assert remote.metrics["iterations"] == 2
-
-
-@pytest.fixture(scope="module")
-def teachers(upstream):
-    _, config, base, rm, prompts = upstream
-    return {f"{task}_teacher": run_grpo(config, task, base.uri, rm.uri, prompts[task].uri, progress=False).uri
-            for task in ("t2i", "edit")}
 
 
 def test_mix_rl_trains_on_both_tasks_with_each_tasks_reward(upstream):

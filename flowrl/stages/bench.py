@@ -1,0 +1,188 @@
+"""Stage `bench`: pillar scores, T2I and edit arenas, and the report (:mod:`flowrl.bench`).
+
+Inputs: any number of model artifacts by name (base, teachers, student, or
+any checkpoint a user points at; ``bench.anchor`` names the one pinned at
+Elo 1000) and optionally a parquet of human votes (schema in
+:func:`flowrl.arena.validate_votes`) whose battles replace the judge's in the
+arenas they cover. Every model samples the bench split's items with the same
+seeds and the deployment sampler.
+
+Outputs: ``bench.json`` (per model the pillars and overall; per arena the
+Elo rating and interval of every model), ``scores.parquet`` (every model's
+per-item scores), ``battles.parquet``, and the report: ``report.md``,
+``report.html`` (self-contained) and its PNGs. Each model's training curves
+come from the ``history.json`` its artifact carries (GRPO and OPD runs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pandas as pd
+
+from flowrl.arena import Battle, validate_votes
+from flowrl.bench import (
+    ARENAS,
+    ShapesJudgeScorer,
+    arena_battles,
+    arena_ratings,
+    bench_set,
+    pillars,
+    sample_bench,
+    win_rates,
+)
+from flowrl.config import ConfigError, FlowRLConfig
+from flowrl.evaluation import to_uint8
+from flowrl.models import load_checkpoint
+from flowrl.report import ReportData, write_report
+from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
+from flowrl.storage import fetch, read_manifest, sha256_file
+from flowrl.tracking import Tracker
+
+STAGE = "bench"
+SECTIONS = ("run.seed", "world", "sampler", "bench")
+REPORT_FILES = ("report.md", "report.html", "elo.png", "curves.png", "grid_t2i.png", "grid_edit.png")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_models(config: FlowRLConfig, models: dict[str, str]) -> None:
+    if len(models) < 2:
+        raise ConfigError(f"bench: needs at least two models to compare, got {sorted(models)}")
+    for name in models:
+        if not _NAME.match(name):
+            raise ConfigError(f"bench: model name {name!r} must be letters, digits, '_', '.', '-'")
+    if config.bench.anchor not in models:
+        raise ConfigError(f"bench.anchor: {config.bench.anchor!r} is not one of the benched models "
+                          f"({', '.join(models)})")
+
+
+def _grid_columns(n: int, k: int) -> list[int]:
+    """``k`` item indices spread evenly over ``n`` (one per category when they divide)."""
+    return sorted({i * n // k for i in range(min(k, n))})
+
+
+def _history(model_dir) -> dict | None:
+    path = model_dir / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_bench(
+    config: FlowRLConfig,
+    models: dict[str, str],
+    *,
+    votes: str | None = None,
+    output_root: str | None = None,
+    tracker: Tracker | None = None,
+) -> StageResult:
+    """Bench ``models`` ({name: artifact URI}) and write the report."""
+    if config.model.family != "shapes":
+        raise NotImplementedError(
+            f"stage bench for model.family {config.model.family}: the pillars and battles come from the shapes "
+            "judge; scoring Qwen-Image samples with reward models or a VLM judge is not wired yet"
+        )
+    _check_models(config, models)
+    inputs = {f"model_{name}": uri for name, uri in models.items()}
+    vote_battles: dict[str, list[Battle]] = {}
+    if votes is not None:
+        try:
+            vote_battles = validate_votes(pd.read_parquet(votes), list(models))
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{votes}: {exc}") from None
+        inputs["votes"] = f"{votes}#sha256={sha256_file(votes)}"
+    done = committed_result(STAGE, config, SECTIONS, inputs, output_root)
+    if done is not None:
+        return done
+    # Every input is checked (manifest, checksums, weights) before any sampling.
+    dirs = {name: fetch(uri) for name, uri in models.items()}
+    loaded = {name: load_checkpoint(d, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
+              for name, d in dirs.items()}
+    names = list(models)
+    with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
+        start = time.perf_counter()
+        bench = bench_set(config)
+        scorer = ShapesJudgeScorer()
+        t_cols = _grid_columns(len(bench.t2i), config.bench.grid_items)
+        e_cols = _grid_columns(len(bench.edit), config.bench.grid_items)
+        scores, t2i_grid, edit_grid, per_model_s = {}, {}, {}, {}
+        for name in names:
+            t0 = time.perf_counter()
+            images = sample_bench(loaded[name], bench, config)
+            scores[name] = scorer(bench, images)
+            t2i_grid[name], edit_grid[name] = images.t2i[t_cols], images.edit[e_cols]
+            per_model_s[name] = round(time.perf_counter() - t0, 1)
+            print(f"bench: {name} sampled and judged in {per_model_s[name]} s", flush=True)
+        table = {name: pillars(scores[name], bench) for name in names}
+        battles = arena_battles(scores, config.bench.tie_tolerance)
+        sources = {arena: "judge" for arena in ARENAS}
+        for arena, arena_votes in vote_battles.items():
+            battles[arena], sources[arena] = arena_votes, "human votes"
+        ratings = arena_ratings(battles, names, config)
+        data = ReportData(
+            title="flowrl bench",
+            models=names,
+            anchor=config.bench.anchor,
+            pillars=table,
+            ratings=ratings,
+            win_rates={arena: win_rates(battles[arena], names) for arena in ARENAS},
+            battles={arena: len(battles[arena]) for arena in ARENAS},
+            t2i_grid=([bench.t2i[i].prompt for i in t_cols], t2i_grid),
+            edit_grid=([bench.edit[i].instruction for i in e_cols], to_uint8(bench.sources[e_cols]), edit_grid),
+            histories={name: h for name, d in dirs.items() if (h := _history(d)) is not None},
+            notes=[
+                f"Bench {bench.version}: {len(bench.t2i)} T2I prompts and {len(bench.edit)} edits from the bench "
+                "split of the grammar, which no training, filtering or annotation stage draws from; one seed per "
+                "item, the same for every model; deployment sampler "
+                f"({config.sampler.num_steps} steps, CFG {config.sampler.guidance_scale}).",
+                f"Scores: {scorer.name}. Battles: T2I {sources['t2i']}, edit {sources['edit']}.",
+                "Models: " + ", ".join(f"{n} ({read_manifest(models[n]).stage})" for n in names) + ".",
+            ],
+        )
+        written = write_report(data, ctx.staging)
+        pd.DataFrame(
+            [{"model": name, **row, **_item_scores(scores[name], k)}
+             for name in names for k, row in enumerate(bench.rows())]
+        ).to_parquet(ctx.staging / "scores.parquet", index=False)
+        pd.DataFrame(
+            [{"arena": arena, "model_a": b.model_a, "model_b": b.model_b, "outcome": b.outcome}
+             for arena in ARENAS for b in battles[arena]]
+        ).to_parquet(ctx.staging / "battles.parquet", index=False)
+        metrics = {
+            "bench_version": bench.version,
+            "items": {"t2i": len(bench.t2i), "edit": len(bench.edit)},
+            "scorer": scorer.name,
+            "battle_sources": sources,
+            "models": {name: {"artifact_uri": models[name], "pillars": table[name],
+                              "sample_and_score_s": per_model_s[name]} for name in names},
+            "arenas": {arena: {name: {"rating": round(r.rating, 1), "ci_low": round(r.ci_low, 1),
+                                      "ci_high": round(r.ci_high, 1)} for name, r in ratings[arena].items()}
+                       for arena in ARENAS},
+            "battles": {arena: len(battles[arena]) for arena in ARENAS},
+            "wall_s": round(time.perf_counter() - start, 1),
+        }
+        (ctx.staging / "bench.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        ctx.tracker.log_metrics(flat_metrics({name: table[name] for name in names}))
+        ctx.tracker.log_metrics(flat_metrics({f"elo_{a}": {n: r.rating for n, r in ratings[a].items()}
+                                              for a in ARENAS}))
+        for path in written:
+            ctx.tracker.log_artifact(path, subdir="report")
+        result = commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)
+    print(f"bench: report at {result.uri.rstrip('/')}/report.html", flush=True)
+    return result
+
+
+def _item_scores(scores, k: int) -> dict[str, float]:
+    n = len(scores.t2i_correct)
+    if k < n:
+        return {"correct": scores.t2i_correct[k], "secondary": scores.t2i_fidelity[k],
+                "fidelity": scores.t2i_fidelity[k]}
+    j = k - n
+    return {"correct": scores.edit_correct[j], "secondary": scores.edit_identity[j],
+            "fidelity": scores.edit_fidelity[j]}
+
+
+def report_files(uri: str) -> dict[str, bytes]:
+    """The report files of a bench artifact (those present), checksums verified."""
+    local = fetch(uri)
+    return {name: (local / name).read_bytes() for name in REPORT_FILES if (local / name).is_file()}

@@ -1,0 +1,30 @@
+"""Flyte task for stage `bench`: pillars, arenas and the report, shown as a Flyte Deck.
+
+Every model the pipeline produced is benched; a branch the config turned off
+arrives as an artifact with an empty uri and is left out.
+"""
+
+from flytekit import Deck, Resources, task
+from flytekit.types.file import FlyteFile
+
+from flowrl.config import load_config
+from tasks.types import StageArtifact
+
+
+def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
+    """{name: uri} of the given artifacts that exist, in the order given."""
+    return {name: artifact.uri for name, artifact in artifacts.items() if artifact.uri}
+
+
+@task(requests=Resources(cpu="4", mem="16Gi", gpu="1"), retries=1, enable_deck=True)
+def bench(
+    config: FlyteFile, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
+    mix_rl: StageArtifact, student: StageArtifact, student_offpolicy: StageArtifact,
+) -> StageArtifact:
+    from flowrl.stages.bench import report_files, run_bench
+
+    models = bench_models(base=base, t2i_teacher=t2i_teacher, edit_teacher=edit_teacher, mix_rl=mix_rl,
+                          student=student, student_offpolicy=student_offpolicy)
+    result = run_bench(load_config(config.download()), models)
+    Deck("Bench report", report_files(result.uri)["report.html"].decode())
+    return StageArtifact.of(result)

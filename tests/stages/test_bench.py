@@ -1,0 +1,208 @@
+"""Stage bench on the smoke config: pillars, arenas, report, votes, the bench
+partition kept away from every training set, and bad inputs."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flowrl.bench import PILLARS, bench_set
+from flowrl.config import ConfigError
+from flowrl.pretrain import draw_batch
+from flowrl.shapes.splits import bench_texts, grammar
+from flowrl.stages.bench import REPORT_FILES, run_bench
+from flowrl.storage import ArtifactError, fetch
+
+
+@pytest.fixture(scope="module")
+def benched(upstream, teachers):
+    _, config, base, _, _ = upstream
+    models = {"base": base.uri, **teachers}
+    return config, models, run_bench(config, models)
+
+
+def test_bench_scores_every_model_and_fits_both_arenas(benched):
+    config, models, result = benched
+    local = fetch(result.uri)
+    m = json.loads((local / "bench.json").read_text())
+    assert m == result.metrics
+    bench = bench_set(config)
+    assert m["items"] == {"t2i": len(bench.t2i), "edit": len(bench.edit)} == {"t2i": 12, "edit": 8}
+    for name in models:
+        p = m["models"][name]["pillars"]
+        assert all(0 <= p[k] <= 100 for k in PILLARS)
+        assert p["overall"] == pytest.approx(np.mean([p[k] for k in PILLARS]), abs=1e-3)
+        assert {k for k in p if k.startswith("t2i_alignment/")} == {
+            f"t2i_alignment/{c}" for c in grammar("t2i")}
+        assert {k for k in p if k.startswith("edit_accuracy/")} == {f"edit_accuracy/{k}" for k in grammar("edit")}
+    for arena in ("t2i", "edit"):
+        ratings = m["arenas"][arena]
+        assert set(ratings) == set(models)
+        assert ratings["base"]["rating"] == 1000.0
+        for r in ratings.values():
+            assert r["ci_low"] <= r["rating"] <= r["ci_high"]
+        # every pair of models on every item
+        assert m["battles"][arena] == 3 * m["items"][arena]
+    scores = pd.read_parquet(local / "scores.parquet")
+    assert len(scores) == len(models) * (12 + 8) and set(scores.model) == set(models)
+    battles = pd.read_parquet(local / "battles.parquet")
+    assert len(battles) == 3 * 20 and set(battles.outcome) <= {0.0, 0.5, 1.0}
+
+
+def test_bench_writes_the_report(benched):
+    _, models, result = benched
+    local = fetch(result.uri)
+    for name in REPORT_FILES:
+        assert (local / name).is_file(), name
+    for name in ("elo.png", "curves.png", "grid_t2i.png", "grid_edit.png"):
+        assert (local / name).read_bytes()[:4] == b"\x89PNG"
+    md = (local / "report.md").read_text()
+    for heading in ("## Pillars", "## Arena ratings", "## T2I alignment by category", "## Edit accuracy by kind",
+                    "## Training curves", "![Elo per arena](elo.png)"):
+        assert heading in md
+    for name in models:
+        assert f"| {name} |" in md
+    html = (local / "report.html").read_text()
+    assert html.count("<table>") == 6 and html.count("data:image/png;base64,") == 4
+    assert "src='elo.png'" not in html  # self-contained
+
+
+def test_same_weights_under_two_names_tie_every_battle(upstream):
+    """Sampling is deterministic per (prompt, seed) and identical across models."""
+    root, config, base, _, _ = upstream
+    result = run_bench(config, {"base": base.uri, "copy": base.uri}, output_root=str(root / "same"))
+    m = result.metrics
+    assert m["models"]["base"]["pillars"] == m["models"]["copy"]["pillars"]
+    battles = pd.read_parquet(fetch(result.uri) / "battles.parquet")
+    assert (battles.outcome == 0.5).all()
+    for arena in ("t2i", "edit"):
+        assert m["arenas"][arena]["copy"]["rating"] == pytest.approx(1000.0, abs=1e-6)
+
+
+def test_human_votes_replace_the_judge_in_their_arena(upstream, teachers, tmp_path):
+    _, config, base, _, _ = upstream
+    models = {"base": base.uri, **teachers}
+    votes = pd.DataFrame([{"arena": "t2i", "prompt": "a circle", "model_a": "t2i_teacher", "model_b": other,
+                           "winner": "a"} for other in ("base", "edit_teacher") for _ in range(5)]
+                         + [{"arena": "t2i", "prompt": "a square", "model_a": "base", "model_b": "edit_teacher",
+                             "winner": "tie"}])
+    path = tmp_path / "votes.parquet"
+    votes.to_parquet(path)
+    result = run_bench(config, models, votes=str(path), output_root=str(tmp_path / "art"))
+    m = result.metrics
+    assert m["battle_sources"] == {"t2i": "human votes", "edit": "judge"} and m["battles"]["t2i"] == 11
+    t2i = m["arenas"]["t2i"]
+    assert t2i["t2i_teacher"]["rating"] > max(t2i["base"]["rating"], t2i["edit_teacher"]["rating"]) + 100
+    votes.loc[3, "winner"] = "both"
+    votes.to_parquet(path)
+    with pytest.raises(ConfigError, match="row 3.*winner"):
+        run_bench(config, models, votes=str(path), output_root=str(tmp_path / "art2"))
+
+
+def test_bad_inputs_fail_before_any_sampling(upstream, tmp_path):
+    _, config, base, _, _ = upstream
+    with pytest.raises(ConfigError, match="at least two models"):
+        run_bench(config, {"base": base.uri}, output_root=str(tmp_path))
+    with pytest.raises(ConfigError, match="bench.anchor"):
+        run_bench(config, {"a": base.uri, "b": base.uri}, output_root=str(tmp_path))
+    with pytest.raises(ConfigError, match="model name"):
+        run_bench(config, {"base": base.uri, "a b": base.uri}, output_root=str(tmp_path))
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        run_bench(config, {"base": base.uri, "gone": str(tmp_path / "missing")}, output_root=str(tmp_path))
+    assert not (tmp_path / "bench").exists()  # nothing written
+
+
+def _texts_in(frame: pd.DataFrame, column: str) -> set[str]:
+    return set(frame[column].dropna().astype(str))
+
+
+def test_no_bench_prompt_occurs_in_any_training_filtering_or_annotation_set(upstream, teachers):
+    """The bench split is disjoint from every set a stage trains, filters,
+    annotates or monitors on: the artifacts' own prompt tables, the held-out
+    judge sets, and the pretraining stream."""
+    from flowrl.evaluation import heldout_sets
+    from flowrl.storage import read_manifest
+
+    _, config, base, rm, prompts = upstream
+    reserved = set().union(*bench_texts("t2i").values(), *bench_texts("edit").values())
+    bench = bench_set(config)
+    assert {e.prompt for e in bench.t2i} | {e.instruction for e in bench.edit} <= reserved
+    seen: dict[str, set[str]] = {}
+    annotations = fetch(read_manifest(rm.uri).inputs["annotations"])
+    for path in sorted(annotations.rglob("*.parquet")):
+        frame = pd.read_parquet(path)
+        for column in ("prompt", "instruction"):
+            if column in frame:
+                seen[f"annotate:{path.name}:{column}"] = _texts_in(frame, column)
+    assert seen, "the annotation artifact holds no prompt tables"
+    for task, result in prompts.items():
+        seen[f"filter_prompts_{task}"] = _texts_in(pd.read_parquet(fetch(result.uri) / "prompts.parquet"), "prompt")
+    t2i, edits = heldout_sets(config)
+    seen["eval heldout"] = {e.prompt for e in t2i} | {e.instruction for e in edits}
+    rng = np.random.default_rng(0)
+    seen["pretraining stream"] = {p for _ in range(100) for p in draw_batch(rng, 64, 0.5, 32).prompts}
+    for name, texts in seen.items():
+        assert texts, name
+        assert not texts & reserved, f"{name} holds bench prompts: {sorted(texts & reserved)[:5]}"
+    # the stream covers the rest of the grammar, so the check above is not vacuous
+    train_texts = {t for task in ("t2i", "edit") for ts in grammar(task).values() for t in ts} - reserved
+    assert len(seen["pretraining stream"]) > 0.9 * len(train_texts)
+
+
+def test_bench_rejects_other_families(upstream):
+    _, config, base, _, _ = upstream
+    other = dataclasses.replace(config, model=dataclasses.replace(config.model, family="qwen_image"))
+    with pytest.raises(NotImplementedError, match="bench"):
+        run_bench(other, {"base": base.uri, "b": base.uri})
+
+
+CHECK_SCRIPT = """
+<script>
+window.addEventListener('load', () => {
+  const images = Array.from(document.images);
+  const tables = Array.from(document.querySelectorAll('table'));
+  const out = {
+    images: images.length,
+    decoded: images.filter(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0).length,
+    tables: tables.length,
+    rows: tables.map(t => t.querySelectorAll('tbody tr').length),
+    headings: Array.from(document.querySelectorAll('h2')).map(h => h.textContent),
+  };
+  const pre = document.createElement('pre');
+  pre.id = 'flowrl-check';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def _chromium() -> str:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    raise AssertionError("no headless browser: install Debian's chromium (apt-get install chromium; .ci/run does)")
+
+
+def test_report_renders_in_a_real_browser(benched, tmp_path):
+    """Every image of report.html decodes and every table is there, in headless chromium."""
+    import re
+    import subprocess
+
+    _, models, result = benched
+    page = (fetch(result.uri) / "report.html").read_text()
+    checked = tmp_path / "report.html"
+    checked.write_text(page.replace("</body>", CHECK_SCRIPT + "</body>"))
+    run = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom",
+         checked.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="flowrl-check">(.*?)</pre>', run.stdout)
+    assert found, f"the check script did not run (rc {run.returncode}): {run.stderr[-2000:]}"
+    out = json.loads(found.group(1).replace("&quot;", '"'))
+    assert out["images"] == 4 and out["decoded"] == 4
+    assert out["tables"] == 6 and all(rows == len(models) for rows in out["rows"])
+    assert {"Pillars", "Arena ratings", "Elo per arena", "Training curves"} <= set(out["headings"])
