@@ -11,7 +11,7 @@ SHAPES := --config configs/shapes.yaml --output artifacts --no-progress
 # The CPU wheel of torch; GPU images install a CUDA build instead (images/).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv run test test-gpu base bench clean results/base_shapes.json results/reward_model_shapes.json \
+.PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json
 
 $(STAMP): requirements/cpu.txt pyproject.toml
@@ -39,8 +39,17 @@ test-gpu: venv
 base: venv
 	$(VENV)/bin/flowrl base --config $(CONFIG) --output artifacts
 
+# Container images (images/): built and tagged with the docker SDK; DRY_RUN=1 prints the builds,
+# PUSH=1 pushes them. Registry and tag: FLOWRL_REGISTRY, FLOWRL_IMAGE_TAG (images/build.py).
+images: venv
+	$(PY) images/build.py $(if $(DRY_RUN),--dry-run) $(if $(PUSH),--push)
+
+# The remote bundle, offline: every task names its stage image (same registry and tag as `make images`).
+package: venv
+	$(VENV)/bin/pyflyte --pkgs pipelines package $$($(PY) images/build.py --flags) --output flyte-package.tgz --force
+
 clean:
-	rm -rf artifacts mlflow.db mlartifacts .pytest_cache .run.log
+	rm -rf artifacts mlflow.db mlartifacts .pytest_cache .run.log flyte-package.tgz
 
 # The committed measurement of the base stage (results/base_shapes.json).
 results/base_shapes.json: venv

@@ -1,5 +1,6 @@
-# Stage `base`: needs nothing beyond the shared runtime.
+# Stage `base`: pretrain the shapes model / validate Qwen-Image weights.
+# Needs nothing beyond the shared runtime (images/cuda-base.Dockerfile).
 ARG BASE_IMAGE=flowrl-cuda-base:latest
 FROM ${BASE_IMAGE}
-USER flowrl
 WORKDIR /app
+USER 1000

@@ -7,17 +7,17 @@ from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from flowrl.stages.base import run_base
-from tasks.types import StageArtifact
+from tasks.types import StageArtifact, image
 
 
-@task(requests=Resources(cpu="1", mem="1Gi"))
+@task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"))
 def validate_config(config: FlyteFile) -> FlyteFile:
     """Fail the workflow on a bad config before any stage starts."""
     load_config(config.download())
     return config
 
 
-@task(requests=Resources(cpu="2", mem="8Gi"), retries=1)
+@task(container_image=image("base"), requests=Resources(cpu="2", mem="8Gi"), retries=1)
 def base(config: FlyteFile) -> StageArtifact:
     result = run_base(load_config(config.download()))
     print(json.dumps(result.metrics, indent=2, sort_keys=True))

@@ -8,7 +8,7 @@ from flytekit import Deck, Resources, task
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
-from tasks.types import StageArtifact
+from tasks.types import GPU, StageArtifact, image
 
 
 def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
@@ -16,7 +16,8 @@ def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
     return {name: artifact.uri for name, artifact in artifacts.items() if artifact.uri}
 
 
-@task(requests=Resources(cpu="4", mem="16Gi", gpu="1"), retries=1, enable_deck=True)
+@task(container_image=image("bench"), requests=Resources(cpu="4", mem="16Gi", gpu="1"), accelerator=GPU,
+      retries=1, enable_deck=True)
 def bench(
     config: FlyteFile, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
     mix_rl: StageArtifact, student: StageArtifact, student_offpolicy: StageArtifact,

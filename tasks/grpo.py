@@ -14,14 +14,17 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from tasks.types import StageArtifact
+from tasks.types import GPU, StageArtifact, image
 
-PROCS = int(os.environ.get("FLOWRL_GRPO_PROCS", "1"))
+PROCS = int(os.environ.get("FLOWRL_GRPO_PROCS", "1"))  # per node: one per GPU
+NODES = int(os.environ.get("FLOWRL_GRPO_NODES", "1"))  # > 1: a PyTorchJob across nodes
 
 
 @task(
-    task_config=Elastic(nnodes=1, nproc_per_node=PROCS, start_method="spawn"),
+    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn"),
+    container_image=image("grpo"),
     requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
+    accelerator=GPU,
     retries=2,
 )
 def grpo(
@@ -39,8 +42,10 @@ def grpo(
 
 
 @task(
-    task_config=Elastic(nnodes=1, nproc_per_node=PROCS, start_method="spawn"),
+    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn"),
+    container_image=image("grpo"),
     requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
+    accelerator=GPU,
     retries=2,
 )
 def grpo_mixed(

@@ -13,29 +13,32 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from tasks.types import StageArtifact
+from tasks.types import GPU, StageArtifact, image
 
-PROCS = int(os.environ.get("FLOWRL_OPD_PROCS", "1"))
+PROCS = int(os.environ.get("FLOWRL_OPD_PROCS", "1"))  # per node: one per GPU
+NODES = int(os.environ.get("FLOWRL_OPD_NODES", "1"))  # > 1: a PyTorchJob across nodes
 
 Switches = NamedTuple("Switches", [("mix_rl", bool), ("offpolicy", bool)])
 
 
-@task(requests=Resources(cpu="1", mem="1Gi"))
+@task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"))
 def branch_switches(config: FlyteFile) -> Switches:
     """Which optional branches the config turns on (opd.mix_rl, opd.offpolicy_ablation)."""
     o = load_config(config.download()).opd
     return Switches(mix_rl=o.mix_rl, offpolicy=o.offpolicy_ablation)
 
 
-@task(requests=Resources(cpu="1", mem="1Gi"))
+@task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"))
 def skipped(stage: str) -> StageArtifact:
     """The value of a branch the config turned off: no artifact (empty uri)."""
     return StageArtifact(stage=stage, version="", uri="", mlflow_run_id="", metrics={})
 
 
 @task(
-    task_config=Elastic(nnodes=1, nproc_per_node=PROCS, start_method="spawn"),
+    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn"),
+    container_image=image("opd"),
     requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
+    accelerator=GPU,
     retries=2,
 )
 def opd(

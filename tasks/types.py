@@ -25,3 +25,25 @@ class StageArtifact:
         """The reference to a stage's committed result (:class:`flowrl.stages.common.StageResult`)."""
         return cls(stage=result.stage, version=result.version, uri=result.uri,
                    mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics))
+
+
+def image(name: str) -> str:
+    """The container image of a task: the image ``name`` given to pyflyte as
+    ``--image NAME=REGISTRY/REPO:TAG`` (``make images`` prints those flags;
+    ``make package`` passes them). Local runs ignore it."""
+    return "{{.image.%s.fqn}}:{{.image.%s.version}}" % (name, name)
+
+
+# The GPU every GPU task asks for (FLOWRL_ACCELERATOR: a name from flytekit.extras.accelerators).
+def _accelerator():
+    import os
+
+    from flytekit.extras import accelerators
+
+    name = os.environ.get("FLOWRL_ACCELERATOR", "H100")
+    if not hasattr(accelerators, name):
+        raise ValueError(f"FLOWRL_ACCELERATOR: {name!r} is not an accelerator of flytekit.extras.accelerators")
+    return getattr(accelerators, name)
+
+
+GPU = _accelerator()
