@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the data-parallel group")
     p.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="memory per GPU, GiB")
     p.add_argument("--margin", type=float, default=0.15, help="share of memory kept free (default 0.15)")
+    p = sub.add_parser("lineage", help="the runs and artifacts a model came from, from MLflow alone",
+                       description="Print the tree from a run, an artifact URI or a registered model version "
+                       "(models:/NAME/VERSION) back to the base model, from the MLflow tracking store alone.")
+    p.add_argument("ref", help="run id, artifact URI, or registered model version (models:/NAME/VERSION)")
+    p.add_argument("--config", required=True, help="scenario YAML: its run.tracking_uri is read")
     v = sub.add_parser("validate", help="check a config file and exit")
     v.add_argument("--config", required=True)
     sub.add_parser("config-doc", help="print every config key with its default and meaning")
@@ -183,6 +188,16 @@ def _dispatch(args) -> int:
         from flowrl.planner import plan_table
 
         print(plan_table(config, args.gpus, args.gpu_mem, args.margin), end="")
+        return 0
+    elif args.command == "lineage":
+        from flowrl.lineage import LineageError, lineage, render, resolve
+        from flowrl.tracking import MLflowTracker
+
+        tracker = MLflowTracker(config.run.tracking_uri)
+        try:
+            print(render(lineage(tracker, resolve(tracker, args.ref))), end="")
+        except LineageError as exc:
+            raise ConfigError(str(exc)) from None
         return 0
     elif args.command == "judge":
         return judge_models(config, _named(args.model, "--model"), args.results)

@@ -23,6 +23,20 @@ from flowrl.config import FlowRLConfig
 _SECRET_NAMES = ("secret", "password", "token", "credentials", "access_key", "secret_key", "api_key")
 
 
+INPUT_TAG = "flowrl.input."
+INPUT_RUN_TAG = "flowrl.input_run."
+# Stages whose artifact is a model worth a registry entry, and the role it is registered under.
+REGISTERED_ROLES = {
+    "reward_model": "reward_model", "grpo_t2i": "t2i_teacher", "grpo_edit": "edit_teacher", "grpo_mixed": "mix_rl",
+    "opd": "student", "opd_offpolicy": "student_offpolicy",
+}
+
+
+def registered_name(run_name: str, role: str) -> str:
+    """The registered model of a role: ``<run.name>-<role>`` (e.g. ``shapes-student``)."""
+    return f"{run_name}-{role}"
+
+
 def _is_secret(key: str) -> bool:
     key = key.lower()
     return any(key == name or key.endswith("_" + name) for name in _SECRET_NAMES)
@@ -57,6 +71,8 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
+    def promote(self, role: str, uri: str, score: float, run_name: str, alias: str = "champion") -> bool: ...
+
     @property
     def run_id(self) -> str | None: ...
 
@@ -81,6 +97,9 @@ class NullTracker:
 
     def set_tags(self, tags) -> None:
         pass
+
+    def promote(self, role, uri, score, run_name, alias="champion") -> bool:
+        return False
 
 
 class MLflowTracker:
@@ -112,7 +131,12 @@ class MLflowTracker:
         all_tags = {"flowrl.stage": stage, "mlflow.runName": stage, **(tags or {})}
         if self.parent_run_id:
             all_tags["mlflow.parentRunId"] = self.parent_run_id
-        run = self.client.create_run(self._experiment_id(config.run.name), tags=all_tags)
+        experiment_id = self._experiment_id(config.run.name)
+        # lineage: the run that made each input artifact, found in MLflow itself
+        for key, uri in list(all_tags.items()):
+            if key.startswith(INPUT_TAG) and (producer := self.run_of_artifact(uri)) is not None:
+                all_tags[INPUT_RUN_TAG + key[len(INPUT_TAG):]] = producer
+        run = self.client.create_run(experiment_id, tags=all_tags)
         self._run_id = run.info.run_id
         from mlflow.entities import Param
 
@@ -126,6 +150,67 @@ class MLflowTracker:
             status = "FINISHED"
         finally:
             self.client.set_terminated(self._run_id, status=status)
+        if stage in REGISTERED_ROLES:
+            self._register(stage, config)
+
+    def run_of_artifact(self, uri: str) -> str | None:
+        """The id of the finished run that committed the artifact at ``uri``, if one was tracked here."""
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        if not experiments:
+            return None
+        quoted = uri.replace("'", "\\'")
+        runs = self.client.search_runs(
+            experiments, filter_string=f"tags.`flowrl.artifact_uri` = '{quoted}' and attributes.status = 'FINISHED'",
+            max_results=1, order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def _register(self, stage: str, config) -> None:
+        """A new version of the registered model of the stage's role (``<run.name>-<role>``),
+        its source the artifact URI; the run is tagged with it."""
+        from mlflow.exceptions import MlflowException
+
+        run = self.client.get_run(self._run_id)
+        uri = run.data.tags.get("flowrl.artifact_uri")
+        if run.info.status != "FINISHED" or not uri:
+            return
+        name = registered_name(config.run.name, REGISTERED_ROLES[stage])
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description=f"flowrl {REGISTERED_ROLES[stage]} ({stage} stage)")
+        version = self.client.create_model_version(
+            name, source=uri, run_id=self._run_id,
+            tags={"flowrl.stage": stage, "flowrl.artifact_uri": uri,
+                  "flowrl.version": run.data.tags.get("flowrl.version", "")})
+        self.client.set_tag(self._run_id, "flowrl.registered_model", f"{name}/{version.version}")
+
+    def promote(self, role: str, uri: str, score: float, run_name: str, alias: str = "champion") -> bool:
+        """Point ``alias`` of ``<run_name>-<role>`` at the version whose source is ``uri``
+        when ``score`` beats the current holder's (recorded on it as ``flowrl.bench_overall``);
+        returns whether it moved. No registered version of ``uri``: nothing moves."""
+        from mlflow.exceptions import MlflowException
+
+        name = registered_name(run_name, role)
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except MlflowException:
+            return False
+        mine = [v for v in versions if v.source == uri]
+        if not mine:
+            return False
+        candidate = max(mine, key=lambda v: int(v.version))
+        self.client.set_model_version_tag(name, candidate.version, "flowrl.bench_overall", f"{score:.6f}")
+        try:
+            holder = self.client.get_model_version_by_alias(name, alias)
+            best = float(holder.tags.get("flowrl.bench_overall", "-inf"))
+        except MlflowException:
+            holder, best = None, float("-inf")
+        if holder is not None and str(holder.version) == str(candidate.version):
+            return False
+        if score <= best:
+            return False
+        self.client.set_registered_model_alias(name, alias, candidate.version)
+        return True
 
     def log_metrics(self, metrics, step=None) -> None:
         from mlflow.entities import Metric

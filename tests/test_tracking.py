@@ -53,3 +53,44 @@ def test_nested_under_parent(tmp_path):
         with child.stage_run("base", FlowRLConfig()):
             pass
     assert MlflowClient(uri).get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+def _stage(tracker, stage, config, uri, inputs=None):
+    tags = {f"flowrl.input.{k}": v for k, v in (inputs or {}).items()}
+    with tracker.stage_run(stage, config, tags=tags) as t:
+        t.set_tags({"flowrl.artifact_uri": uri})
+        return t.run_id
+
+
+def test_inputs_are_tagged_with_the_runs_that_made_them_and_models_are_registered(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = from_dict(FlowRLConfig, {"run": {"name": "lin"}})
+    tracker = MLflowTracker(uri)
+    base = _stage(tracker, "base", config, "/a/base/1")
+    rm = _stage(tracker, "reward_model", config, "/a/reward_model/1", {"base": "/a/base/1", "other": "/elsewhere"})
+    client = MlflowClient(uri)
+    tags = client.get_run(rm).data.tags
+    assert tags["flowrl.input_run.base"] == base and "flowrl.input_run.other" not in tags  # untracked input
+    assert tags["flowrl.registered_model"] == "lin-reward_model/1"
+    version = client.get_model_version("lin-reward_model", "1")
+    assert version.source == "/a/reward_model/1" and version.run_id == rm
+    assert "flowrl.registered_model" not in client.get_run(base).data.tags  # base is not a registered role
+    _stage(tracker, "reward_model", config, "/a/reward_model/2")
+    assert client.get_model_version("lin-reward_model", "2").source == "/a/reward_model/2"
+
+
+def test_champion_alias_moves_only_to_a_better_student(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = from_dict(FlowRLConfig, {"run": {"name": "ch"}})
+    tracker = MLflowTracker(uri)
+    for k in (1, 2, 3):
+        _stage(tracker, "opd", config, f"/a/opd/{k}")
+    client = MlflowClient(uri)
+    assert tracker.promote("student", "/a/opd/1", 50.0, "ch") is True
+    assert str(client.get_model_version_by_alias("ch-student", "champion").version) == "1"
+    assert tracker.promote("student", "/a/opd/2", 49.0, "ch") is False  # worse: stays
+    assert str(client.get_model_version_by_alias("ch-student", "champion").version) == "1"
+    assert tracker.promote("student", "/a/opd/3", 51.5, "ch") is True
+    assert str(client.get_model_version_by_alias("ch-student", "champion").version) == "3"
+    assert client.get_model_version("ch-student", "2").tags["flowrl.bench_overall"] == "49.000000"
+    assert tracker.promote("student", "/not/registered", 99.0, "ch") is False

@@ -12,6 +12,9 @@ Elo rating and interval of every model), ``scores.parquet`` (every model's
 per-item scores), ``battles.parquet``, and the report: ``report.md``,
 ``report.html`` (self-contained) and its PNGs. Each model's training curves
 come from the ``history.json`` its artifact carries (GRPO and OPD runs).
+When a model named ``student`` is benched, the ``champion`` alias of the
+registered model ``<run.name>-student`` moves to it if its overall score
+beats the current holder's.
 """
 
 from __future__ import annotations
@@ -161,6 +164,9 @@ def run_bench(
             "battles": {arena: len(battles[arena]) for arena in ARENAS},
             "wall_s": round(time.perf_counter() - start, 1),
         }
+        if "student" in models:  # the registry's champion alias follows the best student benched so far
+            moved = ctx.tracker.promote("student", models["student"], table["student"]["overall"], config.run.name)
+            metrics["champion"] = {"alias": "champion", "moved_to_student": moved}
         (ctx.staging / "bench.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         ctx.tracker.log_metrics(flat_metrics({name: table[name] for name in names}))
         ctx.tracker.log_metrics(flat_metrics({f"elo_{a}": {n: r.rating for n, r in ratings[a].items()}

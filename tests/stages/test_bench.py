@@ -206,3 +206,20 @@ def test_report_renders_in_a_real_browser(benched, tmp_path):
     assert out["images"] == 4 and out["decoded"] == 4
     assert out["tables"] == 6 and all(rows == len(models) for rows in out["rows"])
     assert {"Pillars", "Arena ratings", "Elo per arena", "Training curves"} <= set(out["headings"])
+
+
+def test_bench_moves_the_champion_alias_only_to_a_better_student(upstream, teachers, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flowrl.stages.opd import run_opd
+
+    _, config, base, _, prompts = upstream
+    student = run_opd(config, base.uri, teachers, {t: prompts[t].uri for t in ("t2i", "edit")}, progress=False)
+    first = run_bench(config, {"base": base.uri, "student": student.uri}, output_root=str(tmp_path / "a"))
+    client = MlflowClient(config.run.tracking_uri)
+    holder = client.get_model_version_by_alias(f"{config.run.name}-student", "champion")
+    assert holder.source == student.uri
+    assert float(holder.tags["flowrl.bench_overall"]) == pytest.approx(
+        first.metrics["models"]["student"]["pillars"]["overall"], abs=1e-4)
+    again = run_bench(config, {"base": base.uri, "student": student.uri}, output_root=str(tmp_path / "b"))
+    assert again.metrics["champion"] == {"alias": "champion", "moved_to_student": False}  # not better than itself
