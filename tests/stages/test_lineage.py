@@ -31,7 +31,7 @@ def test_models_are_registered_and_lineage_reaches_the_base(upstream, teachers):
     assert tree.splitlines()[0].startswith(f"opd [{name}-student/")
     for needle in ("teacher_t2i_teacher: grpo_t2i", "teacher_edit_teacher: grpo_edit", "prompts_t2i: filter_prompts_t2i",
                    "prompts_edit: filter_prompts_edit", "reward_model: reward_model", "annotations: annotate",
-                   f"base: base run", base.uri, rm.uri, f"[{name}-t2i_teacher/", f"[{name}-reward_model/"):
+                   "base: base run", base.uri, rm.uri, f"[{name}-t2i_teacher/", f"[{name}-reward_model/"):
         assert needle in tree, needle
     # the same tree from the registered model version and from the run id
     version = next(v for v in client.search_model_versions(f"name = '{name}-student'") if v.source == student.uri)
