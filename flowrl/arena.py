@@ -126,12 +126,13 @@ def fit_elo(
 
 
 def judge_outcome(primary_a: float, primary_b: float, secondary_a: float, secondary_b: float,
-                  tolerance: float = 0.05) -> float:
+                  tolerance: float = 0.05, primary_tolerance: float = 0.0) -> float:
     """One judged battle on the same prompt and seed: the primary score
-    (correctness) decides; when it is equal the secondary (identity for edits,
-    fidelity for T2I) decides if it differs by more than ``tolerance``;
+    (correctness) decides when it differs by more than ``primary_tolerance``
+    (0: any difference, for a 0/1 judge); else the secondary (identity for
+    edits, fidelity for T2I) decides if it differs by more than ``tolerance``;
     otherwise a tie. Returns 1 (a wins), 0 (b wins) or 0.5."""
-    if primary_a != primary_b:
+    if abs(primary_a - primary_b) > primary_tolerance:
         return 1.0 if primary_a > primary_b else 0.0
     if abs(secondary_a - secondary_b) > tolerance:
         return 1.0 if secondary_a > secondary_b else 0.0
@@ -139,7 +140,7 @@ def judge_outcome(primary_a: float, primary_b: float, secondary_a: float, second
 
 
 def judge_battles(primary: dict[str, np.ndarray], secondary: dict[str, np.ndarray],
-                  tolerance: float = 0.05) -> list[Battle]:
+                  tolerance: float = 0.05, primary_tolerance: float = 0.0) -> list[Battle]:
     """Every pair of models on every prompt (arrays aligned by prompt and seed)."""
     names = list(primary)
     lengths = {len(primary[n]) for n in names} | {len(secondary[n]) for n in names}
@@ -150,7 +151,7 @@ def judge_battles(primary: dict[str, np.ndarray], secondary: dict[str, np.ndarra
         for b in names[i + 1:]:
             for k in range(len(primary[a])):
                 outcome = judge_outcome(float(primary[a][k]), float(primary[b][k]), float(secondary[a][k]),
-                                        float(secondary[b][k]), tolerance)
+                                        float(secondary[b][k]), tolerance, primary_tolerance)
                 battles.append(Battle(a, b, outcome))
     return battles
 

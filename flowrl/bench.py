@@ -109,9 +109,11 @@ class ItemScores:
 
 
 class ShapesJudgeScorer:
-    """The shapes world's held-out judge: reads every image once."""
+    """The shapes world's held-out judge: reads every image once. Correctness
+    is 0 or 1, so any difference decides a battle (``primary_tolerance`` 0)."""
 
     name = "shapes_judge"
+    primary_tolerance = 0.0
 
     def __call__(self, bench: BenchSet, images: BenchImages) -> ItemScores:
         sources = to_uint8(bench.sources)
@@ -119,6 +121,50 @@ class ShapesJudgeScorer:
         edit_correct, identity = judge.edit_scores_batch(sources, images.edit, [e.spec for e in bench.edit])
         return ItemScores(t2i_correct, judge.fidelity_batch(images.t2i), edit_correct, identity,
                           judge.fidelity_batch(images.edit))
+
+
+class RewardModelScorer:
+    """Learned reward models as the bench's scorer (production, where no judge
+    exists): alignment and fidelity scorers give expected Likert levels in
+    [1, 5], mapped to [0, 1]; identity comes from the identity scorer. The same
+    pillars and battles follow; as the scores are continuous, a battle's
+    primary score decides only beyond ``tolerance``.
+
+    ``rewards``: {"t2i": composite with ``alignment`` and ``fidelity``,
+    "edit": composite with ``instruction`` and ``identity``} (the
+    reward_model stage's models, :func:`flowrl.rewards.shapes_rewards.load_shapes_rewards`).
+    """
+
+    name = "reward_models"
+
+    def __init__(self, rewards: dict, tolerance: float, batch_size: int = 256):
+        for task, needed in (("t2i", ("alignment", "fidelity")), ("edit", ("instruction", "identity"))):
+            missing = [n for n in needed if n not in rewards[task].components]
+            if missing:
+                raise ValueError(f"reward models for the bench: the {task} composite lacks {missing}")
+        self.rewards, self.primary_tolerance, self.batch_size = rewards, tolerance, batch_size
+
+    @staticmethod
+    def _unit(model, images, prompts, sources=None) -> np.ndarray:
+        low, high = getattr(model, "score_range", (0.0, 1.0))
+        values = model.score(images, prompts, sources).detach().cpu().double().numpy()
+        return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+    @torch.no_grad()
+    def __call__(self, bench: BenchSet, images: BenchImages) -> ItemScores:
+        t2i = torch.from_numpy(images.t2i).permute(0, 3, 1, 2).float() / 255
+        edit = torch.from_numpy(images.edit).permute(0, 3, 1, 2).float() / 255
+        prompts = [e.prompt for e in bench.t2i]
+        instructions = [e.instruction for e in bench.edit]
+        t, e = self.rewards["t2i"].components, self.rewards["edit"].components
+        return ItemScores(
+            t2i_correct=self._unit(t["alignment"], t2i, prompts),
+            t2i_fidelity=self._unit(t["fidelity"], t2i, prompts),
+            edit_correct=self._unit(e["instruction"], edit, instructions, bench.sources),
+            edit_identity=self._unit(e["identity"], edit, instructions, bench.sources),
+            # fidelity of an edit's output, judged by the T2I fidelity model on the output alone
+            edit_fidelity=self._unit(t["fidelity"], edit, instructions),
+        )
 
 
 def pillars(scores: ItemScores, bench: BenchSet) -> dict[str, float]:
@@ -139,13 +185,14 @@ def pillars(scores: ItemScores, bench: BenchSet) -> dict[str, float]:
     return {key: round(float(value), 3) for key, value in out.items()}
 
 
-def arena_battles(scores: dict[str, ItemScores], tolerance: float) -> dict[str, list[Battle]]:
+def arena_battles(scores: dict[str, ItemScores], tolerance: float, primary_tolerance: float = 0.0
+                  ) -> dict[str, list[Battle]]:
     """Every pair of models on every bench item, per arena."""
     return {
         "t2i": judge_battles({m: s.t2i_correct for m, s in scores.items()},
-                             {m: s.t2i_fidelity for m, s in scores.items()}, tolerance),
+                             {m: s.t2i_fidelity for m, s in scores.items()}, tolerance, primary_tolerance),
         "edit": judge_battles({m: s.edit_correct for m, s in scores.items()},
-                              {m: s.edit_identity for m, s in scores.items()}, tolerance),
+                              {m: s.edit_identity for m, s in scores.items()}, tolerance, primary_tolerance),
     }
 
 

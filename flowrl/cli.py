@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--votes", default=None, metavar="FILE",
                    help="parquet of human votes (arena, prompt, model_a, model_b, winner); they replace the "
                    "judge's battles in the arenas they cover")
+    p.add_argument("--reward-model", default=None, metavar="URI",
+                   help="the reward_model stage's artifact (needed when bench.scorer is reward_models)")
     p.add_argument("--report-dir", default=None, metavar="DIR",
                    help="also copy report.md, report.html and the PNGs to DIR (e.g. results/)")
     p = sub.add_parser("judge", help="the judge's held-out metrics of model artifacts, one results entry per model",
@@ -176,8 +178,8 @@ def _dispatch(args) -> int:
     elif args.command == "bench":
         from flowrl.stages.bench import report_files, run_bench
 
-        result = run_bench(config, _named(args.model, "--model"), votes=args.votes, output_root=args.output,
-                           tracker=_tracker(args))
+        result = run_bench(config, _named(args.model, "--model"), votes=args.votes, reward_model=args.reward_model,
+                           output_root=args.output, tracker=_tracker(args))
         if args.report_dir:
             target = Path(args.report_dir)
             target.mkdir(parents=True, exist_ok=True)

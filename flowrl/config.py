@@ -404,10 +404,14 @@ class BenchConfig:
     t2i_per_category: int = param(50, "Bench T2I prompts per category (one seed each).", ge=1)
     edit_per_kind: int = param(50, "Bench edits per kind (instruction + source, one seed each).", ge=1)
     batch_size: int = param(100, "Sampling batch size.", ge=1)
+    scorer: Literal["judge", "reward_models"] = param(
+        "judge", "Who scores the bench: the shapes world's held-out judge, or the reward_model stage's models "
+        "(production, where there is no judge; the stage then takes the reward_model artifact).")
     anchor: str = param("base", "The model pinned at Elo 1000 (must be one of the benched models).", nonempty=True)
     tie_tolerance: float = param(
         0.05, "Arena: when both images are equally correct, a secondary score (fidelity for T2I, identity for "
-        "edits) gap above this decides; else a tie.", ge=0)
+        "edits) gap above this decides; else a tie. With scorer reward_models the primary (alignment) score, "
+        "being continuous, also decides only beyond this gap.", ge=0)
     bootstrap: int = param(1000, "Bootstrap resamples of the battles for the Elo intervals.", ge=0)
     confidence: float = param(0.95, "Coverage of the Elo intervals.", gt=0, lt=1)
     grid_items: int = param(6, "Prompts (and edits) shown in the report's image grids.", ge=1)

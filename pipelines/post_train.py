@@ -52,6 +52,6 @@ def post_train(config: FlyteFile) -> Models:
         .then(skipped(stage="grpo_mixed"))
     )
     report = bench(config=checked, base=base_model, t2i_teacher=t2i, edit_teacher=edit, mix_rl=mix, student=student,
-                   student_offpolicy=offpolicy)
+                   student_offpolicy=offpolicy, reward_model=rewards)
     return Models(t2i_teacher=t2i, edit_teacher=edit, student=student, student_offpolicy=offpolicy, mix_rl=mix,
                   bench=report)

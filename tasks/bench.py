@@ -20,12 +20,15 @@ def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
       retries=1, enable_deck=True)
 def bench(
     config: FlyteFile, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
-    mix_rl: StageArtifact, student: StageArtifact, student_offpolicy: StageArtifact,
+    mix_rl: StageArtifact, student: StageArtifact, student_offpolicy: StageArtifact, reward_model: StageArtifact,
 ) -> StageArtifact:
     from flowrl.stages.bench import report_files, run_bench
 
     models = bench_models(base=base, t2i_teacher=t2i_teacher, edit_teacher=edit_teacher, mix_rl=mix_rl,
                           student=student, student_offpolicy=student_offpolicy)
-    result = run_bench(load_config(config.download()), models)
+    loaded = load_config(config.download())
+    # the reward models score the bench only when bench.scorer says so (production: no judge there)
+    scorer_rm = reward_model.uri if loaded.bench.scorer == "reward_models" else None
+    result = run_bench(loaded, models, reward_model=scorer_rm)
     Deck("Bench report", report_files(result.uri)["report.html"].decode())
     return StageArtifact.of(result)

@@ -28,6 +28,7 @@ import pandas as pd
 from flowrl.arena import Battle, validate_votes
 from flowrl.bench import (
     ARENAS,
+    RewardModelScorer,
     ShapesJudgeScorer,
     arena_battles,
     arena_ratings,
@@ -76,10 +77,13 @@ def run_bench(
     models: dict[str, str],
     *,
     votes: str | None = None,
+    reward_model: str | None = None,
     output_root: str | None = None,
     tracker: Tracker | None = None,
 ) -> StageResult:
-    """Bench ``models`` ({name: artifact URI}) and write the report."""
+    """Bench ``models`` ({name: artifact URI}) and write the report. ``reward_model``:
+    the reward_model stage's artifact, used (and required) when ``bench.scorer`` is
+    ``reward_models``."""
     if config.model.family != "shapes":
         raise NotImplementedError(
             f"stage bench for model.family {config.model.family}: the pillars and battles come from the shapes "
@@ -87,6 +91,11 @@ def run_bench(
         )
     _check_models(config, models)
     inputs = {f"model_{name}": uri for name, uri in models.items()}
+    if config.bench.scorer == "reward_models":
+        if not reward_model:
+            raise ConfigError("bench.scorer: reward_models needs the reward_model stage's artifact "
+                              "(--reward-model URI)")
+        inputs["reward_model"] = reward_model
     vote_battles: dict[str, list[Battle]] = {}
     if votes is not None:
         try:
@@ -102,10 +111,15 @@ def run_bench(
     loaded = {name: load_checkpoint(d, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
               for name, d in dirs.items()}
     names = list(models)
+    if config.bench.scorer == "reward_models":
+        from flowrl.rewards.shapes_rewards import load_shapes_rewards
+
+        scorer = RewardModelScorer(load_shapes_rewards(config, reward_model), config.bench.tie_tolerance)
+    else:
+        scorer = ShapesJudgeScorer()
     with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
         start = time.perf_counter()
         bench = bench_set(config)
-        scorer = ShapesJudgeScorer()
         t_cols = _grid_columns(len(bench.t2i), config.bench.grid_items)
         e_cols = _grid_columns(len(bench.edit), config.bench.grid_items)
         scores, t2i_grid, edit_grid, per_model_s = {}, {}, {}, {}
@@ -117,7 +131,7 @@ def run_bench(
             per_model_s[name] = round(time.perf_counter() - t0, 1)
             print(f"bench: {name} sampled and judged in {per_model_s[name]} s", flush=True)
         table = {name: pillars(scores[name], bench) for name in names}
-        battles = arena_battles(scores, config.bench.tie_tolerance)
+        battles = arena_battles(scores, config.bench.tie_tolerance, scorer.primary_tolerance)
         sources = {arena: "judge" for arena in ARENAS}
         for arena, arena_votes in vote_battles.items():
             battles[arena], sources[arena] = arena_votes, "human votes"

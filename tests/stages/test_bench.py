@@ -223,3 +223,21 @@ def test_bench_moves_the_champion_alias_only_to_a_better_student(upstream, teach
         first.metrics["models"]["student"]["pillars"]["overall"], abs=1e-4)
     again = run_bench(config, {"base": base.uri, "student": student.uri}, output_root=str(tmp_path / "b"))
     assert again.metrics["champion"] == {"alias": "champion", "moved_to_student": False}  # not better than itself
+
+
+def test_reward_models_score_the_bench_through_the_same_path(upstream, teachers, tmp_path):
+    """bench.scorer: reward_models (production, no judge): the smoke reward models give the pillars and battles."""
+    _, config, base, rm, _ = upstream
+    scored = dataclasses.replace(config, bench=dataclasses.replace(config.bench, scorer="reward_models"))
+    models = {"base": base.uri, **teachers}
+    with pytest.raises(ConfigError, match="reward_model"):
+        run_bench(scored, models, output_root=str(tmp_path))
+    result = run_bench(scored, models, reward_model=rm.uri, output_root=str(tmp_path))
+    m = result.metrics
+    assert m["scorer"] == "reward_models" and m["battles"]["t2i"] == 3 * 12
+    for name in models:
+        p = m["models"][name]["pillars"]
+        assert all(0 <= p[k] <= 100 for k in PILLARS)
+        assert p["t2i_alignment"] not in (0.0, 100.0)  # continuous scores, not the judge's 0/1
+    judged = run_bench(config, models, output_root=str(tmp_path / "judge")).metrics
+    assert judged["models"]["base"]["pillars"] != m["models"]["base"]["pillars"]
