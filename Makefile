@@ -28,7 +28,7 @@ venv: $(STAMP)
 # The whole workflow, locally; it ends by printing where the bench report is.
 run: venv
 	set -o pipefail; $(VENV)/bin/pyflyte run pipelines/post_train.py post_train --config $(CONFIG) 2>&1 | tee .run.log
-	@grep -o "bench: report at .*" .run.log | tail -1
+	@echo "bench report: $$(grep -o '[^" ]*/bench/[0-9a-f]*/report.html' .run.log | tail -1)"
 
 test: venv
 	$(PY) -m pytest -m "not gpu" -q

@@ -32,6 +32,15 @@ REGISTERED_ROLES = {
 }
 
 
+def _dataset_files(stage: str) -> tuple[str, ...]:
+    """The tables a stage's artifact holds that are logged as MLflow datasets."""
+    if stage == "annotate":
+        return ("pointwise.parquet", "pairwise.parquet")
+    if stage.startswith("filter_prompts"):
+        return ("prompts.parquet",)
+    return ()
+
+
 def registered_name(run_name: str, role: str) -> str:
     """The registered model of a role: ``<run.name>-<role>`` (e.g. ``shapes-student``)."""
     return f"{run_name}-{role}"
@@ -152,6 +161,54 @@ class MLflowTracker:
             self.client.set_terminated(self._run_id, status=status)
         if stage in REGISTERED_ROLES:
             self._register(stage, config)
+        if _dataset_files(stage):
+            self._log_datasets(stage)
+
+    def _log_datasets(self, stage: str) -> None:
+        """The stage's prompt / annotation tables as MLflow datasets of its run
+        (source: the artifact URI; image columns left out of the logged schema)."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        run = self.client.get_run(self._run_id)
+        uri = run.data.tags.get("flowrl.artifact_uri")
+        if run.info.status != "FINISHED" or not uri:
+            return
+        inputs = []
+        for name in _dataset_files(stage):
+            frame = pd.read_parquet(f"{uri.rstrip('/')}/{name}")
+            frame = frame[[c for c in frame.columns if frame[c].dtype != object or c in ("prompt", "category")]]
+            dataset = mlflow.data.from_pandas(frame, source=f"{uri.rstrip('/')}/{name}",
+                                              name=f"{stage}/{name.removesuffix('.parquet')}")
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "output")]))
+        self.client.log_inputs(self._run_id, datasets=inputs)
+
+    def start_pipeline(self, config, pipeline: str, tags: dict[str, str] | None = None) -> str:
+        """Open the parent run of one pipeline execution; stage runs nest under it
+        (``MLflowTracker(uri, parent_run_id=...)``). Returns its run id."""
+        all_tags = {"flowrl.stage": "pipeline", "flowrl.pipeline": pipeline, "mlflow.runName": pipeline,
+                    **(tags or {})}
+        run = self.client.create_run(self._experiment_id(config.run.name), tags=all_tags)
+        from mlflow.entities import Param
+
+        params = [Param(k, v[:6000]) for k, v in sorted(flatten_params(config.to_dict()).items())]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        return run.info.run_id
+
+    def finish_pipeline(self, run_id: str, metrics: dict[str, float], files: list | None = None) -> None:
+        """Close a pipeline run with its headline metrics and files (the bench report)."""
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(run_id, metrics=batch[i : i + 500])
+        for path in files or []:
+            self.client.log_artifact(run_id, str(path), artifact_path="report")
+        self.client.set_terminated(run_id, status="FINISHED")
 
     def run_of_artifact(self, uri: str) -> str | None:
         """The id of the finished run that committed the artifact at ``uri``, if one was tracked here."""

@@ -7,7 +7,7 @@ from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from flowrl.stages.base import run_base
-from tasks.types import StageArtifact, image
+from tasks.types import StageArtifact, image, tracker_for
 
 
 @task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"))
@@ -17,8 +17,18 @@ def validate_config(config: FlyteFile) -> FlyteFile:
     return config
 
 
+@task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"), retries=2)
+def start_pipeline_run(config: FlyteFile) -> str:
+    """Open the MLflow run of this pipeline execution; every stage's run nests under it."""
+    from flowrl.tracking import MLflowTracker
+
+    loaded = load_config(config.download())
+    return MLflowTracker(loaded.run.tracking_uri).start_pipeline(loaded, "post_train")
+
+
 @task(container_image=image("base"), requests=Resources(cpu="2", mem="8Gi"), retries=1)
-def base(config: FlyteFile) -> StageArtifact:
-    result = run_base(load_config(config.download()))
+def base(config: FlyteFile, parent_run: str) -> StageArtifact:
+    cfg = load_config(config.download())
+    result = run_base(cfg, tracker=tracker_for(cfg, parent_run))
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
     return StageArtifact.of(result)

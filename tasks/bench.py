@@ -8,7 +8,7 @@ from flytekit import Deck, Resources, task
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, image
+from tasks.types import GPU, StageArtifact, image, tracker_for
 
 
 def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
@@ -19,7 +19,7 @@ def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
 @task(container_image=image("bench"), requests=Resources(cpu="4", mem="16Gi", gpu="1"), accelerator=GPU,
       retries=1, enable_deck=True)
 def bench(
-    config: FlyteFile, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
+    config: FlyteFile, parent_run: str, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
     mix_rl: StageArtifact, student: StageArtifact, student_offpolicy: StageArtifact, reward_model: StageArtifact,
 ) -> StageArtifact:
     from flowrl.stages.bench import report_files, run_bench
@@ -29,6 +29,26 @@ def bench(
     loaded = load_config(config.download())
     # the reward models score the bench only when bench.scorer says so (production: no judge there)
     scorer_rm = reward_model.uri if loaded.bench.scorer == "reward_models" else None
-    result = run_bench(loaded, models, reward_model=scorer_rm)
+    result = run_bench(loaded, models, reward_model=scorer_rm, tracker=tracker_for(loaded, parent_run))
     Deck("Bench report", report_files(result.uri)["report.html"].decode())
     return StageArtifact.of(result)
+
+
+@task(container_image=image("default"), requests=Resources(cpu="1", mem="2Gi"), retries=2)
+def finish_pipeline_run(config: FlyteFile, parent_run: str, bench: StageArtifact) -> str:
+    """Close the pipeline's MLflow run with the bench's headline scores and its report; returns the report's URI."""
+    import tempfile
+    from pathlib import Path
+
+    from flowrl.stages.bench import report_files
+    from flowrl.tracking import MLflowTracker
+
+    loaded = load_config(config.download())
+    headline = {k: v for k, v in bench.metrics.items() if k.endswith("/pillars/overall") or "/arenas/" in k}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, data in report_files(bench.uri).items():
+            (Path(tmp) / name).write_bytes(data)
+            paths.append(Path(tmp) / name)
+        MLflowTracker(loaded.run.tracking_uri).finish_pipeline(parent_run, headline, paths)
+    return f"{bench.uri.rstrip('/')}/report.html"

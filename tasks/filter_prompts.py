@@ -5,11 +5,14 @@ from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from flowrl.stages.filter_prompts import run_filter_prompts
-from tasks.types import GPU, StageArtifact, image
+from tasks.types import GPU, StageArtifact, image, tracker_for
 
 
 @task(container_image=image("filter_prompts"), requests=Resources(cpu="4", mem="32Gi", gpu="1"),
       accelerator=GPU, retries=1)
-def filter_prompts(config: FlyteFile, task_name: str, base: StageArtifact, reward_model: StageArtifact) -> StageArtifact:
-    result = run_filter_prompts(load_config(config.download()), task_name, base.uri, reward_model.uri)
+def filter_prompts(
+    config: FlyteFile, parent_run: str, task_name: str, base: StageArtifact, reward_model: StageArtifact
+) -> StageArtifact:
+    cfg = load_config(config.download())
+    result = run_filter_prompts(cfg, task_name, base.uri, reward_model.uri, tracker=tracker_for(cfg, parent_run))
     return StageArtifact.of(result)

@@ -14,7 +14,7 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, image
+from tasks.types import GPU, StageArtifact, image, tracker_for
 
 PROCS = int(os.environ.get("FLOWRL_GRPO_PROCS", "1"))  # per node: one per GPU
 NODES = int(os.environ.get("FLOWRL_GRPO_NODES", "1"))  # > 1: a PyTorchJob across nodes
@@ -28,16 +28,16 @@ NODES = int(os.environ.get("FLOWRL_GRPO_NODES", "1"))  # > 1: a PyTorchJob acros
     retries=2,
 )
 def grpo(
-    config: FlyteFile, task_name: str, base: StageArtifact, reward_model: StageArtifact, prompts: StageArtifact
+    config: FlyteFile, parent_run: str, task_name: str, base: StageArtifact, reward_model: StageArtifact,
+    prompts: StageArtifact,
 ) -> StageArtifact:
     from flowrl.rl.distributed import process_group
     from flowrl.stages.grpo import run_grpo
 
     with process_group():
-        result = run_grpo(
-            load_config(config.download()), task_name, base.uri, reward_model.uri, prompts.uri,
-            resume=True, progress=False,
-        )
+        cfg = load_config(config.download())
+        result = run_grpo(cfg, task_name, base.uri, reward_model.uri, prompts.uri, resume=True, progress=False,
+                          tracker=tracker_for(cfg, parent_run))
     return StageArtifact.of(result)
 
 
@@ -49,7 +49,7 @@ def grpo(
     retries=2,
 )
 def grpo_mixed(
-    config: FlyteFile, base: StageArtifact, reward_model: StageArtifact, t2i_prompts: StageArtifact,
+    config: FlyteFile, parent_run: str, base: StageArtifact, reward_model: StageArtifact, t2i_prompts: StageArtifact,
     edit_prompts: StageArtifact,
 ) -> StageArtifact:
     """Mix-RL: one GRPO run on both prompt sets, each scored by its own task's reward."""
@@ -57,9 +57,8 @@ def grpo_mixed(
     from flowrl.stages.grpo import run_grpo
 
     with process_group():
-        result = run_grpo(
-            load_config(config.download()), "mixed", base.uri, reward_model.uri,
-            {"t2i": t2i_prompts.uri, "edit": edit_prompts.uri}, resume=True, progress=False,
-        )
+        cfg = load_config(config.download())
+        result = run_grpo(cfg, "mixed", base.uri, reward_model.uri, {"t2i": t2i_prompts.uri, "edit": edit_prompts.uri},
+                          resume=True, progress=False, tracker=tracker_for(cfg, parent_run))
     return StageArtifact.of(result)
 

@@ -13,7 +13,7 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, image
+from tasks.types import GPU, StageArtifact, image, tracker_for
 
 PROCS = int(os.environ.get("FLOWRL_OPD_PROCS", "1"))  # per node: one per GPU
 NODES = int(os.environ.get("FLOWRL_OPD_NODES", "1"))  # > 1: a PyTorchJob across nodes
@@ -42,16 +42,18 @@ def skipped(stage: str) -> StageArtifact:
     retries=2,
 )
 def opd(
-    config: FlyteFile, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
+    config: FlyteFile, parent_run: str, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
     t2i_prompts: StageArtifact, edit_prompts: StageArtifact, states: str,
 ) -> StageArtifact:
     from flowrl.rl.distributed import process_group
     from flowrl.stages.opd import run_opd
 
     with process_group():
+        cfg = load_config(config.download())
         result = run_opd(
-            load_config(config.download()), base.uri,
+            cfg, base.uri,
             {"t2i_teacher": t2i_teacher.uri, "edit_teacher": edit_teacher.uri},
             {"t2i": t2i_prompts.uri, "edit": edit_prompts.uri}, states=states, resume=True, progress=False,
+            tracker=tracker_for(cfg, parent_run),
         )
     return StageArtifact.of(result)

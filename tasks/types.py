@@ -27,6 +27,13 @@ class StageArtifact:
                    mlflow_run_id=result.run_id or "", metrics=flat_metrics(result.metrics))
 
 
+def tracker_for(config, parent_run: str):
+    """The stage's MLflow tracker, its run nested under the pipeline's run ``parent_run``."""
+    from flowrl.tracking import make_tracker
+
+    return make_tracker(config, parent_run_id=parent_run or None)
+
+
 def image(name: str) -> str:
     """The container image of a task: the image ``name`` given to pyflyte as
     ``--image NAME=REGISTRY/REPO:TAG`` (``make images`` prints those flags;

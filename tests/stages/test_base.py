@@ -129,7 +129,19 @@ def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
     assert "student/edit/accuracy" in proc.stdout
     bench = json.loads(next((tmp_path / "artifacts" / "bench").glob("*/bench.json")).read_text())
     assert set(bench["models"]) == {"base", "t2i_teacher", "edit_teacher", "mix_rl", "student", "student_offpolicy"}
-    assert "bench: report at " in proc.stdout  # where the report is, for `make run` to show
+    report = next((tmp_path / "artifacts" / "bench").glob("*/report.html"))
+    assert str(report) in proc.stdout  # the workflow's output names the report, for `make run` to show
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    pipeline = [r for r in runs if r.data.tags.get("flowrl.stage") == "pipeline"]
+    assert len(pipeline) == 1 and pipeline[0].info.status == "FINISHED"
+    stage_runs = [r for r in runs if r.data.tags.get("flowrl.stage") != "pipeline"]
+    assert len(stage_runs) == len(stages)  # one child run per stage, all under the pipeline's run
+    assert all(r.data.tags.get("mlflow.parentRunId") == pipeline[0].info.run_id for r in stage_runs)
+    assert "models/student/pillars/overall" in pipeline[0].data.metrics
+    assert "report/report.html" in {a.path for a in client.list_artifacts(pipeline[0].info.run_id, "report")}
+    filtered = next(r for r in stage_runs if r.data.tags["flowrl.stage"] == "filter_prompts_t2i")
+    assert [d.dataset.name for d in filtered.inputs.dataset_inputs] == ["filter_prompts_t2i/prompts"]
 
 
 def test_pipeline_skips_the_optional_branches_when_the_config_says_so(tmp_path):
