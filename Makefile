@@ -49,6 +49,7 @@ package: venv
 	$(VENV)/bin/pyflyte --pkgs pipelines package $$($(PY) images/build.py --flags) --output flyte-package.tgz --force
 
 clean:
+	-$(VENV)/bin/pyflyte local-cache clear
 	rm -rf artifacts mlflow.db mlartifacts .pytest_cache .run.log flyte-package.tgz
 
 # The committed measurement of the base stage (results/base_shapes.json).

@@ -24,26 +24,26 @@ Models = NamedTuple("Models", [
 
 @workflow
 def post_train(config: FlyteFile) -> Models:
-    checked = validate_config(config=config)
-    run = start_pipeline_run(config=checked)  # the MLflow run every stage's run nests under
-    switches = branch_switches(config=checked)
-    base_model = base(config=checked, parent_run=run)
-    annotations = annotate(config=checked, parent_run=run, base=base_model)
-    rewards = reward_model(config=checked, parent_run=run, annotations=annotations)
-    t2i_prompts = filter_prompts(config=checked, parent_run=run, task_name="t2i", base=base_model,
+    checked = validate_config(config=config)  # one config per stage, each cached on its own sections
+    run = start_pipeline_run(config=checked.base)  # the MLflow run every stage's run nests under
+    switches = branch_switches(config=checked.opd)
+    base_model = base(config=checked.base, parent_run=run)
+    annotations = annotate(config=checked.annotate, parent_run=run, base=base_model)
+    rewards = reward_model(config=checked.reward_model, parent_run=run, annotations=annotations)
+    t2i_prompts = filter_prompts(config=checked.filter_prompts, parent_run=run, task_name="t2i", base=base_model,
                                  reward_model=rewards)
-    edit_prompts = filter_prompts(config=checked, parent_run=run, task_name="edit", base=base_model,
+    edit_prompts = filter_prompts(config=checked.filter_prompts, parent_run=run, task_name="edit", base=base_model,
                                   reward_model=rewards)
-    t2i = grpo(config=checked, parent_run=run, task_name="t2i", base=base_model, reward_model=rewards,
+    t2i = grpo(config=checked.grpo, parent_run=run, task_name="t2i", base=base_model, reward_model=rewards,
                prompts=t2i_prompts)
-    edit = grpo(config=checked, parent_run=run, task_name="edit", base=base_model, reward_model=rewards,
+    edit = grpo(config=checked.grpo, parent_run=run, task_name="edit", base=base_model, reward_model=rewards,
                 prompts=edit_prompts)
-    student = opd(config=checked, parent_run=run, base=base_model, t2i_teacher=t2i, edit_teacher=edit,
+    student = opd(config=checked.opd, parent_run=run, base=base_model, t2i_teacher=t2i, edit_teacher=edit,
                   t2i_prompts=t2i_prompts, edit_prompts=edit_prompts, states="on_policy")
     offpolicy = (
         conditional("offpolicy_ablation")
         .if_(switches.offpolicy.is_true())
-        .then(opd(config=checked, parent_run=run, base=base_model, t2i_teacher=t2i, edit_teacher=edit,
+        .then(opd(config=checked.opd, parent_run=run, base=base_model, t2i_teacher=t2i, edit_teacher=edit,
                   t2i_prompts=t2i_prompts, edit_prompts=edit_prompts, states="off_policy"))
         .else_()
         .then(skipped(stage="opd_offpolicy"))
@@ -51,13 +51,13 @@ def post_train(config: FlyteFile) -> Models:
     mix = (
         conditional("mix_rl")
         .if_(switches.mix_rl.is_true())
-        .then(grpo_mixed(config=checked, parent_run=run, base=base_model, reward_model=rewards,
+        .then(grpo_mixed(config=checked.grpo, parent_run=run, base=base_model, reward_model=rewards,
                          t2i_prompts=t2i_prompts, edit_prompts=edit_prompts))
         .else_()
         .then(skipped(stage="grpo_mixed"))
     )
-    benched = bench(config=checked, parent_run=run, base=base_model, t2i_teacher=t2i, edit_teacher=edit,
+    benched = bench(config=checked.bench, parent_run=run, base=base_model, t2i_teacher=t2i, edit_teacher=edit,
                     mix_rl=mix, student=student, student_offpolicy=offpolicy, reward_model=rewards)
-    report = finish_pipeline_run(config=checked, parent_run=run, bench=benched)
+    report = finish_pipeline_run(config=checked.bench, parent_run=run, bench=benched)
     return Models(t2i_teacher=t2i, edit_teacher=edit, student=student, student_offpolicy=offpolicy, mix_rl=mix,
                   bench=benched, report=report)

@@ -7,14 +7,15 @@ from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from flowrl.stages.base import run_base
-from tasks.types import StageArtifact, image, tracker_for
+from tasks.types import STAGE_MODULES, StageArtifact, StageConfigs, image, stage_cache, tracker_for
 
 
 @task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"))
-def validate_config(config: FlyteFile) -> FlyteFile:
-    """Fail the workflow on a bad config before any stage starts."""
+def validate_config(config: FlyteFile) -> StageConfigs:
+    """Fail the workflow on a bad config before any stage starts; hand each stage
+    the config under its own cache hash (its sections, see tasks.types)."""
     load_config(config.download())
-    return config
+    return StageConfigs(**{module: config for module in STAGE_MODULES})
 
 
 @task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"), retries=2)
@@ -26,7 +27,7 @@ def start_pipeline_run(config: FlyteFile) -> str:
     return MLflowTracker(loaded.run.tracking_uri).start_pipeline(loaded, "post_train")
 
 
-@task(container_image=image("base"), requests=Resources(cpu="2", mem="8Gi"), retries=1)
+@task(container_image=image("base"), requests=Resources(cpu="2", mem="8Gi"), retries=1, cache=stage_cache("base"))
 def base(config: FlyteFile, parent_run: str) -> StageArtifact:
     cfg = load_config(config.download())
     result = run_base(cfg, tracker=tracker_for(cfg, parent_run))

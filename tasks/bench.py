@@ -8,7 +8,7 @@ from flytekit import Deck, Resources, task
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, image, tracker_for
+from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for
 
 
 def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
@@ -17,7 +17,7 @@ def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
 
 
 @task(container_image=image("bench"), requests=Resources(cpu="4", mem="16Gi", gpu="1"), accelerator=GPU,
-      retries=1, enable_deck=True)
+      retries=1, enable_deck=True, cache=stage_cache("bench"))
 def bench(
     config: FlyteFile, parent_run: str, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
     mix_rl: StageArtifact, student: StageArtifact, student_offpolicy: StageArtifact, reward_model: StageArtifact,

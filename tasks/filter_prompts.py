@@ -5,11 +5,11 @@ from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from flowrl.stages.filter_prompts import run_filter_prompts
-from tasks.types import GPU, StageArtifact, image, tracker_for
+from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for
 
 
 @task(container_image=image("filter_prompts"), requests=Resources(cpu="4", mem="32Gi", gpu="1"),
-      accelerator=GPU, retries=1)
+      accelerator=GPU, retries=1, cache=stage_cache("filter_prompts"))
 def filter_prompts(
     config: FlyteFile, parent_run: str, task_name: str, base: StageArtifact, reward_model: StageArtifact
 ) -> StageArtifact:

@@ -14,7 +14,7 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, image, tracker_for
+from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for
 
 PROCS = int(os.environ.get("FLOWRL_GRPO_PROCS", "1"))  # per node: one per GPU
 NODES = int(os.environ.get("FLOWRL_GRPO_NODES", "1"))  # > 1: a PyTorchJob across nodes
@@ -26,6 +26,7 @@ NODES = int(os.environ.get("FLOWRL_GRPO_NODES", "1"))  # > 1: a PyTorchJob acros
     requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
     accelerator=GPU,
     retries=2,
+    cache=stage_cache("grpo"),
 )
 def grpo(
     config: FlyteFile, parent_run: str, task_name: str, base: StageArtifact, reward_model: StageArtifact,
@@ -47,6 +48,7 @@ def grpo(
     requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
     accelerator=GPU,
     retries=2,
+    cache=stage_cache("grpo"),
 )
 def grpo_mixed(
     config: FlyteFile, parent_run: str, base: StageArtifact, reward_model: StageArtifact, t2i_prompts: StageArtifact,

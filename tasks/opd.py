@@ -13,7 +13,7 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, image, tracker_for
+from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for
 
 PROCS = int(os.environ.get("FLOWRL_OPD_PROCS", "1"))  # per node: one per GPU
 NODES = int(os.environ.get("FLOWRL_OPD_NODES", "1"))  # > 1: a PyTorchJob across nodes
@@ -40,6 +40,7 @@ def skipped(stage: str) -> StageArtifact:
     requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
     accelerator=GPU,
     retries=2,
+    cache=stage_cache("opd"),
 )
 def opd(
     config: FlyteFile, parent_run: str, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,

@@ -1,6 +1,7 @@
 """Typed values that flow between Flyte tasks."""
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from flowrl.stages.common import flat_metrics
 
@@ -54,3 +55,46 @@ def _accelerator():
 
 
 GPU = _accelerator()
+
+
+# --------------------------------------------------------------------------- caching
+#
+# Flyte's cache key is (task, cache version, input literals). Each stage's cache version is the
+# code version of its module (flowrl.storage.module_closure: the source that stage runs), and
+# each stage reads the config through its own output of validate_config whose literal hash is
+# that stage's config sections (plus the artifact root its outputs live under). So a change to
+# the grpo section reruns GRPO and what consumes its artifacts (OPD, bench) and nothing else.
+STAGE_MODULES = ("base", "annotate", "reward_model", "filter_prompts", "grpo", "opd", "bench")
+
+
+def stage_config_key(module: str, config) -> str:
+    """The cache hash of ``config`` (a FlyteFile) as stage module ``module`` sees it."""
+    import importlib
+
+    from flowrl.config import load_config
+
+    sections = importlib.import_module(f"flowrl.stages.{module}").SECTIONS
+    loaded = load_config(config.download())
+    return f"{module}:{loaded.section_hash(*sections, 'run.artifact_root')}"
+
+
+def _config_type(module: str):
+    from functools import partial
+    from typing import Annotated
+
+    from flytekit import HashMethod
+    from flytekit.types.file import FlyteFile
+
+    return Annotated[FlyteFile, HashMethod(partial(stage_config_key, module))]
+
+
+StageConfigs = NamedTuple("StageConfigs", [(m, _config_type(m)) for m in STAGE_MODULES])
+
+
+def stage_cache(module: str):
+    """Cache settings of a stage task: its code version; the pipeline run id is not part of the key."""
+    from flytekit import Cache
+
+    from flowrl.storage import code_version
+
+    return Cache(version=code_version(f"flowrl.stages.{module}"), ignored_inputs=("parent_run",))

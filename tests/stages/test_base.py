@@ -113,9 +113,10 @@ def test_cli_bad_config_is_one_line_error(tmp_path):
 
 def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
     pyflyte = os.path.join(os.path.dirname(sys.executable), "pyflyte")
+    env = {**_env(), "HOME": str(tmp_path / "home")}  # Flyte's local cache (~/.flyte) of this run only
     proc = subprocess.run(
         [pyflyte, "run", "pipelines/post_train.py", "post_train", "--config", str(smoke_config)],
-        capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600,
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = ("base", "annotate", "reward_model", "filter_prompts_t2i", "filter_prompts_edit", "grpo_t2i", "grpo_edit",
@@ -220,3 +221,35 @@ def test_qwen_image_base_names_missing_component(tmp_path):
     else:
         raise AssertionError("a missing vae/ was accepted")
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_flyte_cache_reruns_only_what_a_config_change_touches(tmp_path, monkeypatch):
+    """Nothing changed: every stage is a Flyte cache hit (no stage runs). Only the grpo section
+    changed: GRPO, OPD and bench run again and nothing else."""
+    from diskcache import Cache
+    from flytekit.core.local_cache import LocalTaskCache
+    from flytekit.types.file import FlyteFile
+
+    from pipelines.post_train import post_train
+
+    monkeypatch.setattr(LocalTaskCache, "_cache", Cache(str(tmp_path / "flyte-cache")), raising=False)
+    monkeypatch.setattr(LocalTaskCache, "_initialized", True)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def stage_runs_of_last_pipeline() -> list[str]:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  order_by=["attributes.start_time DESC"])
+        parent = next(r for r in runs if r.data.tags.get("flowrl.stage") == "pipeline").info.run_id
+        return sorted(r.data.tags["flowrl.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent)
+
+    path = write_config(tmp_path)
+    first = post_train(config=FlyteFile(str(path)))
+    assert len(stage_runs_of_last_pipeline()) == 11
+    again = post_train(config=FlyteFile(str(path)))
+    assert stage_runs_of_last_pipeline() == []  # all cached
+    assert again.student.uri == first.student.uri and again.report == first.report
+    write_config(tmp_path, grpo={"lr": 2e-3})
+    changed = post_train(config=FlyteFile(str(path)))
+    assert stage_runs_of_last_pipeline() == sorted(
+        ["grpo_t2i", "grpo_edit", "grpo_mixed", "opd", "opd_offpolicy", "bench"])
+    assert changed.student.uri != first.student.uri
