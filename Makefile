@@ -45,8 +45,9 @@ images: venv
 	$(PY) images/build.py $(if $(DRY_RUN),--dry-run) $(if $(PUSH),--push)
 
 # The remote bundle, offline: every task names its stage image (same registry and tag as `make images`).
+# PLAN_CONFIG=configs/qwen_image.yaml: GRPO and OPD resources from the memory planner (FLOWRL_GPU_MEM GiB per GPU).
 package: venv
-	$(VENV)/bin/pyflyte --pkgs pipelines package $$($(PY) images/build.py --flags) --output flyte-package.tgz --force
+	FLOWRL_PLAN_CONFIG=$(PLAN_CONFIG) $(VENV)/bin/pyflyte --pkgs pipelines package $$($(PY) images/build.py --flags) --output flyte-package.tgz --force
 
 clean:
 	-$(VENV)/bin/pyflyte local-cache clear

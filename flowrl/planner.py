@@ -25,6 +25,8 @@ the planner keeps a safety margin.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
@@ -235,3 +237,31 @@ def plan_table(config, gpus: int, gpu_mem_gib: float, margin: float = 0.15) -> s
                      f"{s.micro_batch} | {_bytes(e.model_states)} | {_bytes(e.frozen)} | {_bytes(e.activations)} | "
                      f"{_bytes(e.total)} |")
     return "\n".join(lines) + "\n"
+
+
+HOST_BASE_BYTES = 16 * GiB  # per training process: CUDA context, dataloader, Python
+CPUS_PER_GPU = 8
+
+
+def task_requests(config, stage: str, gpus: int, gpu_mem_gib: float, margin: float = 0.15
+                  ) -> tuple[dict[str, str], Setting]:
+    """Flyte resource requests of a training task (``grpo`` or ``opd``) on one node of
+    ``gpus`` GPUs, from the plan's setting: the GPUs, ``CPUS_PER_GPU`` cores each, and
+    host memory for every process's base footprint, the offloaded optimizer states and
+    fp32 master weights (ZeRO offload keeps them in host memory, sharded across the
+    ranks), and one copy of every model's weights as they are loaded before moving to
+    the GPU. Raises ValueError naming the stage when nothing fits."""
+    loads = {load.stage: load for load in stage_loads(config)}
+    if stage not in loads:
+        raise ValueError(f"no training stage {stage!r} to plan (one of {', '.join(loads)})")
+    load = loads[stage]
+    found = plan(load.trained, gpus, gpu_mem_gib, load.dtype, load.frozen_parameters, load.tokens_per_sample, margin)
+    if found is None:
+        raise ValueError(f"{stage}: no setting fits {gpus} x {gpu_mem_gib:g} GiB; use more or larger GPUs")
+    setting, _ = found
+    p, w = load.trained.parameters, dtype_bytes(load.dtype)
+    offloaded = p * (ADAM_STATE_BYTES + 4) if setting.offload_optimizer else 0  # all ranks' shards together
+    loading = (p + load.frozen_parameters) * w
+    host = gpus * HOST_BASE_BYTES + offloaded + loading
+    requests = {"gpu": str(gpus), "cpu": str(CPUS_PER_GPU * gpus), "mem": f"{math.ceil(host / GiB)}Gi"}
+    return requests, setting

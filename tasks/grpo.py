@@ -9,12 +9,12 @@ complete checkpoint in the artifact store, so a preempted pod loses at most
 
 import os
 
-from flytekit import Resources, task
+from flytekit import task
 from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for
+from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for, training_requests
 
 PROCS = int(os.environ.get("FLOWRL_GRPO_PROCS", "1"))  # per node: one per GPU
 NODES = int(os.environ.get("FLOWRL_GRPO_NODES", "1"))  # > 1: a PyTorchJob across nodes
@@ -23,7 +23,7 @@ NODES = int(os.environ.get("FLOWRL_GRPO_NODES", "1"))  # > 1: a PyTorchJob acros
 @task(
     task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn"),
     container_image=image("grpo"),
-    requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
+    requests=training_requests("grpo", PROCS),
     accelerator=GPU,
     retries=2,
     cache=stage_cache("grpo"),
@@ -45,7 +45,7 @@ def grpo(
 @task(
     task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn"),
     container_image=image("grpo"),
-    requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
+    requests=training_requests("grpo", PROCS),
     accelerator=GPU,
     retries=2,
     cache=stage_cache("grpo"),

@@ -13,7 +13,7 @@ from flytekit.types.file import FlyteFile
 from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for
+from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for, training_requests
 
 PROCS = int(os.environ.get("FLOWRL_OPD_PROCS", "1"))  # per node: one per GPU
 NODES = int(os.environ.get("FLOWRL_OPD_NODES", "1"))  # > 1: a PyTorchJob across nodes
@@ -37,7 +37,7 @@ def skipped(stage: str) -> StageArtifact:
 @task(
     task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn"),
     container_image=image("opd"),
-    requests=Resources(cpu="8", mem="64Gi", gpu=str(PROCS)),
+    requests=training_requests("opd", PROCS),
     accelerator=GPU,
     retries=2,
     cache=stage_cache("opd"),

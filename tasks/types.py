@@ -98,3 +98,21 @@ def stage_cache(module: str):
     from flowrl.storage import code_version
 
     return Cache(version=code_version(f"flowrl.stages.{module}"), ignored_inputs=("parent_run",))
+
+
+def training_requests(stage: str, procs: int):
+    """Resources of the GRPO / OPD task. With ``FLOWRL_PLAN_CONFIG`` (a scenario YAML; ``make package
+    PLAN_CONFIG=...``) they come from the memory planner for ``procs`` GPUs of ``FLOWRL_GPU_MEM`` GiB
+    (default 80); otherwise a fixed default."""
+    import os
+
+    from flytekit import Resources
+
+    path = os.environ.get("FLOWRL_PLAN_CONFIG")
+    if not path:
+        return Resources(cpu="8", mem="64Gi", gpu=str(procs))
+    from flowrl.config import load_config
+    from flowrl.planner import task_requests
+
+    requests, _ = task_requests(load_config(path), stage, procs, float(os.environ.get("FLOWRL_GPU_MEM", "80")))
+    return Resources(**requests)

@@ -217,3 +217,33 @@ def _parses(spec, path) -> bool:
         return bool(spec.template.nodes)
     except Exception:
         return False
+
+
+def test_training_resources_of_a_production_config_come_from_the_planner(tmp_path):
+    """`make package PLAN_CONFIG=...`: the GRPO and OPD tasks request what flowrl.planner.task_requests gives."""
+    import yaml
+
+    from flowrl.config import load_config
+    from flowrl.planner import task_requests
+    from tests.models.tiny_qwen_image import build_tiny_qwen_image
+
+    weights = build_tiny_qwen_image(tmp_path / "tiny", task="t2i")
+    data = yaml.safe_load((ROOT / "configs" / "qwen_image.yaml").read_text())
+    data["model"]["qwen_image"]["pretrained"] = str(weights)
+    config_path = tmp_path / "qwen_tiny.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "FLOWRL_REGISTRY": "r", "FLOWRL_IMAGE_TAG": "v1", "FLOWRL_GRPO_PROCS": "4",
+           "FLOWRL_OPD_PROCS": "4", "FLOWRL_PLAN_CONFIG": str(config_path), "FLOWRL_GPU_MEM": "1"}
+    flags = subprocess.run([sys.executable, "images/build.py", "--flags"], cwd=ROOT, capture_output=True, text=True,
+                           env=env, check=True).stdout.split()
+    proc = subprocess.run([str(BIN / "pyflyte"), "--pkgs", "pipelines", "package", *flags, "--output",
+                           str(tmp_path / "pkg.tgz"), "--force"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with tarfile.open(tmp_path / "pkg.tgz") as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    tasks = _tasks(tmp_path / "x")
+    config = load_config(config_path)
+    for task, stage in (("tasks.grpo.grpo", "grpo"), ("tasks.opd.opd", "opd")):
+        expected, _ = task_requests(config, stage, 4, 1.0)
+        _, requests = _container(tasks[task])
+        assert requests == {"gpu": "4", "cpu": expected["cpu"], "memory": expected["mem"]}, task

@@ -92,3 +92,24 @@ def test_flowrl_plan_prints_a_row_per_training_stage(tmp_path):
     text = out.getvalue()
     assert "| grpo | policy + reference (KL) |" in text and "| opd | student + 2 teachers |" in text
     assert "does not fit" not in text
+
+
+def test_task_requests_by_hand():
+    """GRPO on the shapes model, 2 GPUs: no offload is needed, so host memory is the
+    per-process base plus one copy of the weights (policy + reference) being loaded."""
+    import math
+
+    from flowrl.config import load_config
+    from flowrl.planner import GiB, HOST_BASE_BYTES, stage_loads, task_requests
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    requests, setting = task_requests(config, "grpo", 2, 1.0)
+    load = next(x for x in stage_loads(config) if x.stage == "grpo")
+    host = 2 * HOST_BASE_BYTES + (load.trained.parameters + load.frozen_parameters) * 4
+    assert not setting.offload_optimizer
+    assert requests == {"gpu": "2", "cpu": "16", "mem": f"{math.ceil(host / GiB)}Gi"}
+    with pytest.raises(ValueError, match="no setting fits"):
+        task_requests(config, "opd", 1, 1e-6)
+    with pytest.raises(ValueError, match="no training stage 'bench'"):
+        task_requests(config, "bench", 1, 80)
