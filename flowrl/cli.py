@@ -189,6 +189,10 @@ def _dispatch(args) -> int:
     elif args.command == "plan":
         from flowrl.planner import plan_table
 
+        if args.gpus < 1:
+            raise ConfigError(f"--gpus: a plan needs at least one GPU, got {args.gpus}")
+        if args.gpu_mem <= 0:
+            raise ConfigError(f"--gpu-mem: GiB per GPU must be > 0, got {args.gpu_mem}")
         print(plan_table(config, args.gpus, args.gpu_mem, args.margin), end="")
         return 0
     elif args.command == "lineage":
