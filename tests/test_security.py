@@ -4,7 +4,6 @@ tracked, no path out of the artifact root."""
 import json
 import os
 import pickle
-import re
 from pathlib import Path
 
 import pytest
