@@ -22,8 +22,9 @@ from flowrl.config import ConfigError, describe_fields, load_config
 from flowrl.models import CheckpointError
 from flowrl.rewards.annotations import AnnotationError
 from flowrl.storage import ArtifactError
+from flowrl.tracking import TrackingUnavailable
 
-USER_ERRORS = (ConfigError, ArtifactError, CheckpointError, AnnotationError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ArtifactError, CheckpointError, AnnotationError, FileNotFoundError, TrackingUnavailable)
 
 
 def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:

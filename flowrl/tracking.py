@@ -306,5 +306,35 @@ def _default_artifact_location(tracking_uri: str, experiment: str) -> str | None
     return root.as_uri()
 
 
+class TrackingUnavailable(RuntimeError):
+    """The configured MLflow tracking server cannot be reached; the message names the key and URI."""
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """For an http(s) tracking URI, fail fast (before a stage's work) when the server does not answer."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # up, but behind auth that /health also requires
+            return
+        problem = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+    raise TrackingUnavailable(
+        f"run.tracking_uri: the MLflow server at {tracking_uri} is unreachable ({problem}); start it, fix the URI, "
+        "or run with --no-tracking")
+
+
 def make_tracker(config: FlowRLConfig, parent_run_id: str | None = None) -> Tracker:
+    """The stage's tracker; an unreachable tracking server is an error here, before the stage's work."""
+    check_reachable(config.run.tracking_uri)
     return MLflowTracker(config.run.tracking_uri, parent_run_id)

@@ -184,3 +184,23 @@ def test_judge_reserved_name(upstream, tmp_path, capsys):
     _fails(capsys, ["judge", "--config", _config(tmp_path), "--model", f"meta={base.uri}", "--results",
                     str(tmp_path / "r.json")], "'meta' is reserved")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_mlflow_unreachable_at_start_is_a_clear_error_before_any_work(tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_config_with(tmp_path, run={"tracking_uri": f"http://127.0.0.1:{port}"})
+    start = time.perf_counter()
+    _fails(capsys, ["base", "--config", path], "run.tracking_uri", f"http://127.0.0.1:{port}", "unreachable")
+    assert time.perf_counter() - start < 30
+    assert not list((tmp_path / "artifacts").glob("base/*/manifest.json"))
+
+
+def write_config_with(tmp_path, **sections) -> str:
+    from tests.conftest import write_config
+
+    return str(write_config(tmp_path, **sections))
