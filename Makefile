@@ -77,11 +77,9 @@ results/grpo_shapes.json: venv
 			--results $@ --results-key $$task; \
 	done
 
-# The committed OPD comparison (results/opd_shapes.json): every upstream stage is reused from
-# artifacts/ when it is already there; then OPD (on- and off-policy), Mix-RL, and the judge on all six models.
-results/opd_shapes.json: venv
-	set -eo pipefail; \
-	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+# Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves
+# `models` holding the six --model NAME=URI flags of the compared models.
+ALL_MODELS = base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
 	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
 	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
 	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
@@ -92,8 +90,15 @@ results/opd_shapes.json: venv
 	on=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers | tail -1); \
 	off=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers --states off_policy | tail -1); \
 	mix=$$($(FLOWRL) grpo $(SHAPES) --task mixed --base $$base --reward-model $$rm --prompts t2i=$$pt edit=$$pe | tail -1); \
-	$(FLOWRL) judge --config configs/shapes.yaml --results $@ --model base=$$base --model t2i_teacher=$$tt \
-		--model edit_teacher=$$te --model mix_rl=$$mix --model student=$$on --model student_offpolicy=$$off
+	models="--model base=$$base --model t2i_teacher=$$tt --model edit_teacher=$$te --model mix_rl=$$mix \
+		--model student=$$on --model student_offpolicy=$$off"
+
+# The committed OPD comparison (results/opd_shapes.json): every upstream stage is reused from
+# artifacts/ when it is already there; then OPD (on- and off-policy), Mix-RL, and the judge on all six models.
+results/opd_shapes.json: venv
+	set -eo pipefail; \
+	$(ALL_MODELS); \
+	$(FLOWRL) judge --config configs/shapes.yaml --results $@ $$models
 
 # The committed bench (results/bench_shapes.json, results/report.md and its PNGs) of a full `make run`:
 # the pipeline runs (reusing what artifacts/ already holds), then the same stages through the CLI, all
@@ -101,19 +106,8 @@ results/opd_shapes.json: venv
 results/bench_shapes.json: venv
 	$(MAKE) run CONFIG=configs/shapes.yaml
 	set -eo pipefail; \
-	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
-	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
-	pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$base --reward-model $$rm | tail -1); \
-	tt=$$($(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt | tail -1); \
-	te=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe | tail -1); \
-	teachers="--teacher t2i_teacher=$$tt --teacher edit_teacher=$$te --prompts t2i=$$pt edit=$$pe"; \
-	on=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers | tail -1); \
-	off=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers --states off_policy | tail -1); \
-	mix=$$($(FLOWRL) grpo $(SHAPES) --task mixed --base $$base --reward-model $$rm --prompts t2i=$$pt edit=$$pe | tail -1); \
-	$(FLOWRL) bench $(SHAPES) --model base=$$base --model t2i_teacher=$$tt --model edit_teacher=$$te \
-		--model mix_rl=$$mix --model student=$$on --model student_offpolicy=$$off --results $@ --report-dir results
+	$(ALL_MODELS); \
+	$(FLOWRL) bench $(SHAPES) $$models --results $@ --report-dir results
 
 # Benchmarks: measure and write results/*.json (they assert nothing).
 bench: venv

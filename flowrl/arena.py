@@ -46,7 +46,7 @@ class Rating:
     ci_high: float
 
 
-def _totals(battles: Sequence[Battle], index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def battle_totals(battles: Sequence[Battle], index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """wins[i, j]: (fractional) wins of i over j; games[i, j]: battles between them (symmetric)."""
     m = len(index)
     wins, games = np.zeros((m, m)), np.zeros((m, m))
@@ -112,13 +112,13 @@ def fit_elo(
             raise ValueError(f"battle {n}: outcome must be 1, 0 or 0.5, got {b.outcome!r}")
     if not battles:
         raise ValueError("no battles to fit")
-    wins, games = _totals(battles, index)
+    wins, games = battle_totals(battles, index)
     point = to_elo(bradley_terry(wins, games, prior), index[anchor], anchor_rating)
     rng = np.random.default_rng(seed)
     samples = np.empty((bootstrap, len(models)))
     for k in range(bootstrap):
         drawn = rng.integers(0, len(battles), size=len(battles))
-        w, g = _totals([battles[i] for i in drawn], index)
+        w, g = battle_totals([battles[i] for i in drawn], index)
         samples[k] = to_elo(bradley_terry(w, g, prior), index[anchor], anchor_rating)
     tail = (1.0 - confidence) / 2 * 100
     low, high = np.percentile(samples, [tail, 100 - tail], axis=0) if bootstrap else (point, point)

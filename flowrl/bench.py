@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flowrl.arena import Battle, Rating, fit_elo, judge_battles
+from flowrl.arena import Battle, Rating, battle_totals, fit_elo, judge_battles
 from flowrl.config import FlowRLConfig
 from flowrl.evaluation import generate, to_uint8
 from flowrl.models.base import FlowModel
@@ -211,14 +211,6 @@ def arena_ratings(battles: dict[str, list[Battle]], models: list[str], config: F
 
 def win_rates(battles: list[Battle], models: list[str]) -> np.ndarray:
     """[i, j]: share of i's battles against j that i won (ties count half); NaN on the diagonal."""
-    index = {m: i for i, m in enumerate(models)}
-    won = np.zeros((len(models), len(models)))
-    played = np.zeros_like(won)
-    for b in battles:
-        i, j = index[b.model_a], index[b.model_b]
-        won[i, j] += b.outcome
-        won[j, i] += 1 - b.outcome
-        played[i, j] += 1
-        played[j, i] += 1
+    won, played = battle_totals(battles, {m: i for i, m in enumerate(models)})
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(played > 0, won / played, np.nan)
