@@ -79,3 +79,17 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_flyte_cache(tmp_path_factory):
+    """In-process workflow runs use a Flyte local cache of this session only: entries from an
+    earlier session would name artifacts (e.g. on a since-restarted S3 test server) that are gone."""
+    from diskcache import Cache
+    from flytekit.core.local_cache import LocalTaskCache
+
+    saved = (getattr(LocalTaskCache, "_cache", None), LocalTaskCache._initialized)
+    LocalTaskCache._cache = Cache(str(tmp_path_factory.mktemp("flyte-local-cache")))
+    LocalTaskCache._initialized = True
+    yield
+    LocalTaskCache._cache, LocalTaskCache._initialized = saved
