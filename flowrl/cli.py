@@ -4,7 +4,9 @@ Every stage subcommand takes ``--config FILE`` and ``--output DIR_OR_URI``
 (the artifact root; default: ``run.artifact_root`` of the config), runs the
 stage as a plain function, and prints the committed artifact's URI as its
 last line. User errors (bad config, missing artifact) exit with status 2 and
-a one-line message, without a traceback.
+a one-line message, without a traceback; a training run that cannot go on
+(non-finite loss or rewards, the reward server gone) exits with status 1 and
+a message naming the iteration and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ from pathlib import Path
 from flowrl.config import ConfigError, describe_fields, load_config
 from flowrl.models import CheckpointError
 from flowrl.rewards.annotations import AnnotationError
+from flowrl.rewards.client import RewardClientError
+from flowrl.rl.trainer import TrainingStopped
 from flowrl.storage import ArtifactError
 from flowrl.tracking import TrackingUnavailable
 
 USER_ERRORS = (ConfigError, ArtifactError, CheckpointError, AnnotationError, FileNotFoundError, TrackingUnavailable)
+# a run that could not go on (exit 1): non-finite loss or rewards, the reward server gone past every retry
+RUN_ERRORS = (TrainingStopped, RewardClientError)
 
 
 def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -121,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"flowrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RUN_ERRORS as exc:  # the run could not go on; no traceback, the message says what is kept
+        print(f"flowrl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args) -> int:

@@ -355,6 +355,10 @@ class GRPOConfig:
     reward_url: str | None = param(None, "server backend: base URL of a running reward server serving the task.")
     reward_token_env: str | None = param(None, "server backend: environment variable holding the bearer token.")
     reward_timeout_s: float = param(120.0, "server backend: per-request timeout before a retry.", gt=0)
+    reward_retries: int = param(
+        3, "server backend: retries of a failed request (connection refused, timeout, 5xx) with exponential backoff "
+        "(0.5 s doubling, at most 10 s) before the iteration fails with a clear error; the last checkpoint is kept.",
+        ge=0)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ recognition model behind the :class:`FaceEmbedder` protocol. The model to use:
 - facenet-pytorch's ``InceptionResnetV1`` (VGGFace2 weights, 512-D, 160x160
   crops, pixels ``(255 x - 127.5) / 128``, i.e. about ``2 x - 1``): build it
   with ``InceptionResnetV1(pretrained=None, classify=False)``, load the
-  weights with ``load_state_dict(torch.load(local_path))`` (``pretrained=``
+  weights with ``load_state_dict(torch.load(local_path, weights_only=True))``
+  (never a plain ``torch.load``: a pickle can run code; ``pretrained=``
   would download), take boxes from ``facenet_pytorch.MTCNN(...).detect``, and
   wrap it as ``TorchFaceEmbedder(module, face_box_fn=..., input_size=(160, 160))``.
 

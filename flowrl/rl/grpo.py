@@ -26,6 +26,7 @@ import torch
 from flowrl.config import GRPOConfig, category_weights
 from flowrl.models.base import Condition, FlowModel
 from flowrl.rewards.base import RewardScores
+from flowrl.rewards.client import RewardClientError
 from flowrl.rl.distributed import ddp_model, mean_across_ranks, no_sync
 from flowrl.rl.objectives import gaussian_kl, group_advantages, ppo_clip_loss
 from flowrl.rl.rollout import (
@@ -146,6 +147,8 @@ class GRPOTrainer(LoopTrainer):
     metrics with the watched score under ``"heldout"``; ``category_scale``
     multiplies the advantages of each category (the optional calibration).
     """
+
+    fatal_errors = (RewardClientError,)  # the reward server gone past every retry ends the run cleanly
 
     def __init__(
         self,

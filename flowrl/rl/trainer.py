@@ -18,6 +18,7 @@ import abc
 import io
 import json
 import logging
+import math
 import re
 import tempfile
 import time
@@ -37,6 +38,12 @@ from flowrl.storage import ArtifactError, ArtifactStore, fetch
 log = logging.getLogger(__name__)
 
 _WEIGHTS, _EMA, _TRAINER, _STATE = "model.safetensors", "ema.safetensors", "trainer.pt", "state.json"
+
+
+class TrainingStopped(RuntimeError):
+    """An iteration could not be completed (non-finite loss or rewards, the
+    reward server gone for good): nothing of that iteration was saved and the
+    newest checkpoint, named in the message, is intact for ``--resume``."""
 
 
 def seeded_generator(seed: int, iteration: int, stream: int = 0) -> torch.Generator:
@@ -197,6 +204,10 @@ class LoopTrainer(abc.ABC):
         self.hacking = {key: HackingMonitor(threshold) for key in WATCHED} if threshold is not None else {}
 
     # ------------------------------------------------------------------ subclass API
+    # failures of a step that end the run with a TrainingStopped naming the last good checkpoint
+    # (a subclass adds e.g. the reward client's errors); anything else propagates as it is
+    fatal_errors: tuple[type[BaseException], ...] = ()
+
     @abc.abstractmethod
     def step(self, iteration: int) -> dict[str, float]:
         """One iteration; returns its metrics (the same on every rank)."""
@@ -234,6 +245,13 @@ class LoopTrainer(abc.ABC):
             self.checkpoints.save(self.state, self.module, self.optimizer, self.ema, self.config_hash)
         barrier()
 
+    def _stopped(self, iteration: int, cause: str) -> TrainingStopped:
+        last = self.checkpoints.latest() if self.checkpoints is not None else None
+        where = (f"the last good checkpoint, left intact, is {last} (--resume continues from it)" if last
+                 else "no checkpoint was written before it (a rerun starts from the beginning)")
+        return TrainingStopped(f"{self.loop.name}: stopped at iteration {iteration + 1} of {self.loop.iterations}: "
+                               f"{cause}; nothing of this iteration was saved; {where}")
+
     def _monitor_step(self, iteration: int, log_metrics=None) -> dict:
         scores = broadcast(self._evaluate(iteration) if self.rank == 0 else None)  # one judge, same verdict everywhere
         recent = [h[self.loop.tracked] for h in self.state.history[-MONITOR_WINDOW:] if self.loop.tracked in h]
@@ -269,7 +287,13 @@ class LoopTrainer(abc.ABC):
             if stop_after is not None and iteration >= stop_after:
                 break
             start = time.perf_counter()
-            metrics = self.step(iteration)
+            try:
+                metrics = self.step(iteration)
+            except self.fatal_errors as exc:
+                raise self._stopped(iteration, str(exc)) from exc
+            bad = sorted(key for key, value in metrics.items() if not math.isfinite(value))
+            if bad:  # the update already happened in memory: it is never checkpointed
+                raise self._stopped(iteration, "non-finite " + ", ".join(f"{k}={metrics[k]}" for k in bad))
             metrics["time/iteration_s"] = time.perf_counter() - start
             self.state.history.append(metrics)
             self.state.iteration = iteration + 1

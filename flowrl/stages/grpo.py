@@ -155,7 +155,7 @@ def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri
             sidecar.stop()
             raise
         url = sidecar.base_url
-    client = RewardClient(url, task, token=token, timeout_s=g.reward_timeout_s,
+    client = RewardClient(url, task, token=token, timeout_s=g.reward_timeout_s, retries=g.reward_retries,
                           max_batch=g.prompts_per_iteration * g.group_size, max_in_flight=g.reward_chunks)
     return client, sidecar
 

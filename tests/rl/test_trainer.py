@@ -2,11 +2,20 @@
 
 import os
 
+import pytest
 import torch
 
 from flowrl.config import GRPOConfig
 from flowrl.rl.grpo import GRPOTrainer, LocalRewards, PromptSet
-from flowrl.rl.trainer import Checkpoints, HackingMonitor, TrainerState, seeded_generator
+from flowrl.rl.trainer import (
+    Checkpoints,
+    HackingMonitor,
+    LoopSettings,
+    LoopTrainer,
+    TrainerState,
+    TrainingStopped,
+    seeded_generator,
+)
 from flowrl.rewards.base import RewardScores
 from flowrl.storage import ArtifactStore
 from tests.rl.conftest import tiny_model
@@ -144,3 +153,44 @@ def test_category_sampling_weights_shift_the_draws():
     for bad in ("move", "move=0", "move=x", "=2"):
         with pytest.raises(ValueError, match=r"k\[0\]"):
             category_weights((bad,), "k")
+
+
+class _Scripted(LoopTrainer):
+    """A loop whose iterations return scripted metrics (or raise)."""
+
+    fatal_errors = (ConnectionError,)
+
+    def __init__(self, script, checkpoints):
+        module = torch.nn.Linear(2, 2)
+        super().__init__(None, module, torch.optim.SGD(module.parameters(), lr=0.1), None,
+                         LoopSettings(iterations=len(script), eval_every=100, checkpoint_every=2, name="scripted"),
+                         checkpoints=checkpoints)
+        self.script = script
+
+    def step(self, iteration):
+        what = self.script[iteration]
+        if isinstance(what, Exception):
+            raise what
+        with torch.no_grad():
+            self.module.weight.add_(what)  # the "update" happens before the metrics are checked
+        return {"train/loss": what}
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    checkpoints = Checkpoints(ArtifactStore(str(tmp_path)), "scripted", "run")
+    trainer = _Scripted([0.5, 0.25, 0.125, float("inf"), 1.0], checkpoints)
+    with pytest.raises(TrainingStopped, match=r"scripted: stopped at iteration 4 of 5: non-finite train/loss=inf"):
+        trainer.train(progress=False)
+    latest = checkpoints.latest()
+    assert latest.endswith("run-0000002")
+    fresh = _Scripted([0.0] * 5, checkpoints)
+    assert fresh.resume() and fresh.state.iteration == 2  # the good checkpoint loads: weights from before the inf
+    assert torch.isfinite(fresh.module.weight).all()
+
+
+def test_a_fatal_step_error_becomes_a_clear_stop_and_other_errors_propagate(tmp_path):
+    trainer = _Scripted([0.5, ConnectionError("reward server gone")], None)
+    with pytest.raises(TrainingStopped, match="iteration 2 of 2: reward server gone.*no checkpoint was written"):
+        trainer.train(progress=False)
+    with pytest.raises(ZeroDivisionError):
+        _Scripted([ZeroDivisionError("bug")], None).train(progress=False)
