@@ -12,7 +12,7 @@ SHAPES := --config configs/shapes.yaml --output artifacts --no-progress
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
-	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json
+	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -108,6 +108,11 @@ results/bench_shapes.json: venv
 	set -eo pipefail; \
 	$(ALL_MODELS); \
 	$(FLOWRL) bench $(SHAPES) $$models --results $@ --report-dir results
+
+# The committed reliability record (results/reliability.json): every fault-injection test and every
+# bad-input case, with what passed.
+results/reliability.json: venv
+	$(PY) -m pytest -q -m "fault or bad_input" --reliability-report $@
 
 # Benchmarks: measure and write results/*.json (they assert nothing).
 bench: venv

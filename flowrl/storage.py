@@ -7,6 +7,24 @@ manifest is incomplete and never read. Versions are content-derived (stage,
 config hash, code version, input versions), so the same inputs give the same
 URI: reruns find the finished version instead of redoing it, and a cache
 keyed on the URI (Flyte's) stays stable.
+
+Publishing is safe against concurrent writers of one version and against a
+store that goes away mid-upload:
+
+- local filesystem: the whole version (files and manifest) is built under
+  ``<root>/.partial/`` and renamed into place in one step; a writer that finds
+  the version already published discards its copy.
+- object stores: each writer uploads its files under a prefix of its own
+  (``<version>/.payload-<token>/``, named by the manifest's ``payload``) and
+  then creates the manifest only if it does not exist yet (S3 ``If-None-Match:
+  *``), so the first manifest wins and nothing it names is ever overwritten;
+  the loser deletes its payload and returns the winner's URI. Other object
+  stores fall back to check-then-write (a narrow race, documented).
+- every upload and the final check are retried with exponential backoff
+  (0.5 s doubling, at most 8 s) for ``retry_s`` seconds (default 120, or
+  ``FLOWRL_STORAGE_RETRY_S``); past that, :class:`ArtifactError` names the
+  file, the cause and that nothing was published. A payload left by a failed
+  upload is never named by a manifest, so no later run reads any of it.
 """
 
 from __future__ import annotations
@@ -18,14 +36,18 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import fsspec
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+PARTIAL_DIR = ".partial"  # local stores: versions being built, under the root
 _CODE_ROOT = Path(__file__).resolve().parent
+_T = TypeVar("_T")
 
 
 class ArtifactError(RuntimeError):
@@ -45,6 +67,7 @@ class Manifest:
     created_unix: float
     format: int = MANIFEST_FORMAT
     extra: dict[str, str] = field(default_factory=dict)
+    payload: str = ""  # subdirectory of the version holding ``files`` ("" = the version itself)
 
 
 # Modules left out of a stage's code version: they read the config, move
@@ -126,7 +149,52 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _join(*parts: str) -> str:
-    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p or not i)
+
+
+# errors that retrying cannot fix: the object store answered, and the answer is no
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A connection refused or reset, a timeout, a 5xx: worth retrying."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, (OSError, TimeoutError)):
+        return True
+    return type(exc).__module__.split(".")[0] in {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests"}
+
+
+def _default_retry_s() -> float:
+    raw = os.environ.get("FLOWRL_STORAGE_RETRY_S", "120")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ArtifactError(f"FLOWRL_STORAGE_RETRY_S={raw!r}: expected a number of seconds") from None
+    if value < 0:
+        raise ArtifactError(f"FLOWRL_STORAGE_RETRY_S={raw!r}: must be >= 0")
+    return value
+
+
+def with_retries(what: str, op: Callable[[], _T], budget_s: float, sleep: Callable[[float], None] = time.sleep) -> _T:
+    """``op()``, retried on transient errors with exponential backoff until
+    ``budget_s`` seconds have passed; then an ArtifactError naming ``what``."""
+    start, delay, attempts = time.monotonic(), 0.5, 0
+    while True:
+        attempts += 1
+        try:
+            return op()
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            waited = time.monotonic() - start
+            if waited + delay > budget_s:
+                raise ArtifactError(
+                    f"{what}: failed after {attempts} attempts over {waited:.0f} s "
+                    f"(retry budget {budget_s:g} s): {type(exc).__name__}: {exc}"
+                ) from exc
+            sleep(delay)
+            delay = min(delay * 2, 8.0)
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -141,12 +209,37 @@ def _fs_and_path(uri: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec
     return (fs or url_fs), path
 
 
+STALE_CACHE_HINT = (
+    "if a cached pipeline run handed this URI on after the artifact was deleted, rerun with "
+    "`pyflyte run --overwrite-cache ...` or clear the local cache with `pyflyte local-cache clear`"
+)
+
+
+def require_published(artifacts: dict[str, str], fs: fsspec.AbstractFileSystem | None = None) -> None:
+    """Every named artifact URI has its manifest (empty URIs, i.e. stages the
+    config turned off, are skipped); else one ArtifactError naming them all.
+    A pipeline ends with this check, so a cache hit that hands on a deleted
+    artifact fails the run instead of reporting it as done."""
+    missing = []
+    for name, uri in artifacts.items():
+        if not uri:
+            continue
+        try:
+            read_manifest(uri, fs)
+        except ArtifactError:
+            missing.append(f"{name} ({uri})")
+    if missing:
+        raise ArtifactError(f"outputs of this run that do not exist or are incomplete: {', '.join(missing)}; "
+                            f"{STALE_CACHE_HINT}")
+
+
 def read_manifest(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> Manifest:
     """The manifest of the complete artifact at ``uri`` (any fsspec URI)."""
     fs, root = _fs_and_path(uri, fs)
     path = _join(root, MANIFEST)
+    fs.invalidate_cache(root)  # object stores cache listings: another writer may have published since
     if not fs.exists(path):
-        raise ArtifactError(f"{uri}: no {MANIFEST}: the artifact does not exist or is incomplete")
+        raise ArtifactError(f"{uri}: no {MANIFEST}: the artifact does not exist or is incomplete ({STALE_CACHE_HINT})")
     try:
         data = json.loads(fs.cat_file(path))
         if not isinstance(data, dict):
@@ -164,11 +257,12 @@ def read_manifest(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> Mani
 class ArtifactStore:
     """Stage outputs under ``root`` (a local path or any fsspec URI)."""
 
-    def __init__(self, root: str, storage_options: dict | None = None):
+    def __init__(self, root: str, storage_options: dict | None = None, retry_s: float | None = None):
         if "://" not in root:
             root = str(Path(root).resolve())
         self.root = root
         self.fs, self._root_path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        self.retry_s = _default_retry_s() if retry_s is None else retry_s
 
     def uri(self, stage: str, version: str) -> str:
         for name, value in (("stage", stage), ("version", version)):
@@ -210,7 +304,7 @@ class ArtifactStore:
         (same version = same inputs, config and code).
         """
         uri = self.uri(stage, version)
-        if self.exists(stage, version):
+        if with_retries(f"{uri}: checking for a published version", lambda: self._published(uri), self.retry_s):
             return uri
         staging_dir = Path(staging_dir)
         files = {}
@@ -219,33 +313,113 @@ class ArtifactStore:
             if rel == MANIFEST:
                 raise ArtifactError(f"{staging_dir}: a stage may not write its own {MANIFEST}")
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-            target = _join(self._path(uri), rel)
-            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.put_file(str(path), target)
+        token = uuid.uuid4().hex[:16]
+        local = _is_local(self.fs)
         manifest = Manifest(
             stage=stage, version=version, config_hash=config_hash, code_version=code or code_version(),
             inputs=dict(inputs), files=files, created_unix=time.time(), extra=dict(extra or {}),
+            payload="" if local else f".payload-{token}",
         )
-        self._write_manifest(uri, manifest)
+        if local:
+            self._publish_local(staging_dir, uri, manifest, token)
+        else:
+            self._publish_remote(staging_dir, uri, manifest)
         return uri
 
-    def _write_manifest(self, uri: str, manifest: Manifest) -> None:
+    def _published(self, uri: str) -> bool:
+        self.fs.invalidate_cache(self._path(uri))
+        return self.fs.exists(_join(self._path(uri), MANIFEST))
+
+    def _publish_local(self, staging_dir: Path, uri: str, manifest: Manifest, token: str) -> None:
+        """Build the version under <root>/.partial and rename it into place."""
+        target = Path(self._path(uri))
+        partial = Path(self._root_path) / PARTIAL_DIR / manifest.stage / f"{manifest.version}.{token}"
+        try:
+            for rel in manifest.files:
+                (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(staging_dir / rel, partial / rel)
+            partial.mkdir(parents=True, exist_ok=True)
+            self._write_manifest(str(partial), manifest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(3):
+                try:
+                    os.rename(partial, target)
+                    return
+                except OSError:
+                    if (target / MANIFEST).is_file():
+                        return  # another writer published this version first: same inputs, theirs stands
+                    # a version directory without a manifest: the leftover of an interrupted non-atomic
+                    # write; it was never complete, so it is removed and the rename tried again
+                    shutil.rmtree(target, ignore_errors=True)
+            raise ArtifactError(f"{uri}: could not publish (the directory keeps reappearing without a manifest)")
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def _publish_remote(self, staging_dir: Path, uri: str, manifest: Manifest) -> None:
+        """Upload under a payload prefix of this writer, then create the manifest if absent."""
+        root = _join(self._path(uri), manifest.payload)
+        for rel in manifest.files:
+            target = _join(root, rel)
+            with_retries(f"{uri}: upload of {rel} (nothing published: no manifest)",
+                         lambda: self.fs.put_file(str(staging_dir / rel), target), self.retry_s)
         blob = json.dumps(asdict(manifest), indent=2, sort_keys=True).encode()
+        won = with_retries(f"{uri}: writing {MANIFEST} (nothing published)",
+                           lambda: self._create_manifest(uri, blob), self.retry_s)
+        if not won:  # another writer's manifest is in place: drop this writer's payload
+            try:
+                self.fs.rm(root, recursive=True)
+            except Exception:  # best effort: an unnamed payload is never read
+                pass
+
+    def _create_manifest(self, uri: str, blob: bytes) -> bool:
+        """Write the manifest unless one exists; True when this call wrote it."""
         final = _join(self._path(uri), MANIFEST)
-        if _is_local(self.fs):
-            # local: write a temp file next to it and rename, so the manifest appears atomically
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=".manifest-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(blob)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the artifact's other files are not
-            os.replace(tmp, final)
-        else:
-            # object stores: a single PUT is atomic
-            self.fs.pipe_file(final, blob)
+        if "s3" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol):
+            from fsspec.asyn import sync
+
+            bucket, key, _ = self.fs.split_path(final)
+            try:
+                sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=blob,
+                     IfNoneMatch="*")
+            except Exception as exc:
+                # s3fs turns 412 PreconditionFailed into FileExistsError; 409 ConditionalRequestConflict:
+                # another create of the same key in flight
+                lost = isinstance(exc, FileExistsError) or any(
+                    code in repr(exc) for code in ("PreconditionFailed", "ConditionalRequestConflict"))
+                if lost and self._published(uri):
+                    return False
+                raise
+            self.fs.invalidate_cache(self._path(uri))
+            return True
+        # object stores without a create-only write: check, then write (two writers can both
+        # get here; their manifests then differ only in payload and time, and the last one stands)
+        if self._published(uri):
+            return False
+        self.fs.pipe_file(final, blob)
+        return True
+
+    def _write_manifest(self, directory: str, manifest: Manifest) -> None:
+        """Local: write a temp file next to it and rename, so the manifest appears atomically."""
+        blob = json.dumps(asdict(manifest), indent=2, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the artifact's other files are not
+        os.replace(tmp, os.path.join(directory, MANIFEST))
 
     def fetch(self, uri: str, local_dir: str | Path | None = None, verify: bool = True) -> Path:
         """A local directory holding the complete artifact at ``uri``, checksums verified."""
         return fetch(uri, local_dir, verify, self.fs)
+
+
+def file_uri(uri: str, rel: str, fs: fsspec.AbstractFileSystem | None = None) -> str:
+    """Where file ``rel`` of the complete artifact at ``uri`` lives (under its
+    manifest's payload prefix on object stores): for readers that stream one
+    file instead of fetching the artifact."""
+    manifest = read_manifest(uri, fs)
+    if rel not in manifest.files:
+        raise ArtifactError(f"{uri}: the artifact has no file {rel}")
+    return _join(uri, manifest.payload, rel)
 
 
 def fetch(
@@ -261,12 +435,12 @@ def fetch(
     manifest = read_manifest(uri, fs)
     fs, src = _fs_and_path(uri, fs)
     if local_dir is None and _is_local(fs):
-        local = Path(src)
+        local = Path(src) / manifest.payload if manifest.payload else Path(src)
     else:
         local = Path(local_dir or tempfile.mkdtemp(prefix=f"flowrl-{manifest.stage}-"))
         for rel in manifest.files:
             (local / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(_join(src, rel), str(local / rel))
+            fs.get_file(_join(src, manifest.payload, rel), str(local / rel))
     if verify:
         for rel, meta in manifest.files.items():
             path = local / rel

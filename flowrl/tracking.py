@@ -17,6 +17,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 from flowrl.config import FlowRLConfig
+from flowrl.storage import file_uri
 
 # Keys never logged as params, whatever section they appear in: these names,
 # or any key ending in "_" + one of them (api_token, aws_secret_access_key...).
@@ -177,9 +178,10 @@ class MLflowTracker:
             return
         inputs = []
         for name in _dataset_files(stage):
-            frame = pd.read_parquet(f"{uri.rstrip('/')}/{name}")
+            source = file_uri(uri, name)
+            frame = pd.read_parquet(source)
             frame = frame[[c for c in frame.columns if frame[c].dtype != object or c in ("prompt", "category")]]
-            dataset = mlflow.data.from_pandas(frame, source=f"{uri.rstrip('/')}/{name}",
+            dataset = mlflow.data.from_pandas(frame, source=source,
                                               name=f"{stage}/{name.removesuffix('.parquet')}")
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "output")]))
         self.client.log_inputs(self._run_id, datasets=inputs)

@@ -58,6 +58,8 @@ def post_train(config: FlyteFile) -> Models:
     )
     benched = bench(config=checked.bench, parent_run=run, base=base_model, t2i_teacher=t2i, edit_teacher=edit,
                     mix_rl=mix, student=student, student_offpolicy=offpolicy, reward_model=rewards)
-    report = finish_pipeline_run(config=checked.bench, parent_run=run, bench=benched)
+    report = finish_pipeline_run(config=checked.bench, parent_run=run, bench=benched,
+                                 outputs=[base_model, annotations, rewards, t2i_prompts, edit_prompts, t2i, edit, mix,
+                                          student, offpolicy])
     return Models(t2i_teacher=t2i, edit_teacher=edit, student=student, student_offpolicy=offpolicy, mix_rl=mix,
                   bench=benched, report=report)

@@ -4,6 +4,8 @@ Every model the pipeline produced is benched; a branch the config turned off
 arrives as an artifact with an empty uri and is left out.
 """
 
+from typing import List
+
 from flytekit import Deck, Resources, task
 from flytekit.types.file import FlyteFile
 
@@ -35,14 +37,19 @@ def bench(
 
 
 @task(container_image=image("default"), requests=Resources(cpu="1", mem="2Gi"), retries=2)
-def finish_pipeline_run(config: FlyteFile, parent_run: str, bench: StageArtifact) -> str:
-    """Close the pipeline's MLflow run with the bench's headline scores and its report; returns the report's URI."""
+def finish_pipeline_run(config: FlyteFile, parent_run: str, bench: StageArtifact,
+                        outputs: List[StageArtifact]) -> str:
+    """Check that every output of the run exists (a Flyte cache hit can hand on
+    the URI of an artifact deleted since), then close the pipeline's MLflow run
+    with the bench's headline scores and its report; returns the report's URI."""
     import tempfile
     from pathlib import Path
 
     from flowrl.stages.bench import report_files
+    from flowrl.storage import file_uri, require_published
     from flowrl.tracking import MLflowTracker
 
+    require_published({a.stage: a.uri for a in [*outputs, bench]})
     loaded = load_config(config.download())
     headline = {k: v for k, v in bench.metrics.items() if k.endswith("/pillars/overall") or "/arenas/" in k}
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,4 +58,4 @@ def finish_pipeline_run(config: FlyteFile, parent_run: str, bench: StageArtifact
             (Path(tmp) / name).write_bytes(data)
             paths.append(Path(tmp) / name)
         MLflowTracker(loaded.run.tracking_uri).finish_pipeline(parent_run, headline, paths)
-    return f"{bench.uri.rstrip('/')}/report.html"
+    return file_uri(bench.uri, "report.html")

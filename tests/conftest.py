@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,75 @@ def s3_server():
                 os.environ[k] = v
 
 
+class TcpProxy:
+    """A loopback TCP forwarder to ``target_port`` that a test can take down
+    (listener closed, open connections cut: clients see refused and reset
+    connections, as in a network outage) and bring back on the same port,
+    while the server behind it keeps its state."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.port = target_port, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> "TcpProxy":
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            listener.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by stop()
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:
+                    client.close(), upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_flyte_cache(tmp_path_factory):
     """In-process workflow runs use a Flyte local cache of this session only: entries from an
@@ -93,3 +163,70 @@ def _isolated_flyte_cache(tmp_path_factory):
     LocalTaskCache._initialized = True
     yield
     LocalTaskCache._cache, LocalTaskCache._initialized = saved
+
+
+# ---------------------------------------------------------------------------------------------------------
+# results/reliability.json: `pytest -m "fault or bad_input" --reliability-report PATH` records, from the
+# tests that ran, each fault scenario (marker `fault(scenario, outcome)`) with whether every test of it
+# passed, and how many bad-input cases (marker `bad_input`) were tried and passed.
+
+_RELIABILITY: dict[str, dict] = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reliability-report", default=None, metavar="PATH",
+                     help="write the fault scenarios and bad-input cases that ran, with their outcomes, to PATH")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fault = item.get_closest_marker("fault")
+        if fault is not None:
+            _RELIABILITY[item.nodeid] = {"kind": "fault", "scenario": fault.args[0], "outcome": fault.args[1]}
+        elif item.get_closest_marker("bad_input") is not None:
+            _RELIABILITY[item.nodeid] = {"kind": "bad_input"}
+
+
+def pytest_runtest_logreport(report):
+    entry = _RELIABILITY.get(report.nodeid)
+    if entry is None:
+        return
+    if report.failed:
+        entry["result"] = "failed"
+    elif report.when == "call" and report.passed and entry.get("result") != "failed":
+        entry["result"] = "passed"
+    elif report.skipped:
+        entry["result"] = "skipped"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--reliability-report", default=None)
+    if not path or not _RELIABILITY:
+        return
+    import json
+    import platform
+    from datetime import datetime, timezone
+
+    ran = {k: v for k, v in _RELIABILITY.items() if "result" in v}
+    scenarios: dict[str, dict] = {}
+    for nodeid, entry in sorted(ran.items()):
+        if entry["kind"] != "fault":
+            continue
+        row = scenarios.setdefault(entry["scenario"], {"scenario": entry["scenario"], "outcome": entry["outcome"],
+                                                       "tests": [], "passed": 0})
+        row["tests"].append(nodeid)
+        row["passed"] += entry["result"] == "passed"
+    for row in scenarios.values():
+        row["verified"] = row["passed"] == len(row["tests"])
+    bad = [v for v in ran.values() if v["kind"] == "bad_input"]
+    report = {
+        "command": "python -m pytest " + " ".join(session.config.invocation_params.args),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "faults": list(scenarios.values()),
+        "bad_input": {"tried": len(bad), "passed": sum(v["result"] == "passed" for v in bad)},
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)

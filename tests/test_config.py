@@ -24,6 +24,7 @@ def test_yaml_maps_one_to_one():
         config.base.lr = 2.0  # frozen
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "data,message",
     [
@@ -70,6 +71,7 @@ def test_cross_key_rules(tmp_path):
         load_config(path)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "text,message",
     [("", "config file is empty"), ("base: [1, 2\n", "invalid YAML"), ("- 1\n- 2\n", "config: expected a mapping")],
@@ -82,6 +84,7 @@ def test_bad_files(tmp_path, text, message):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.bad_input
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

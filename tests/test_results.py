@@ -97,3 +97,18 @@ def test_opd_results_hold_every_model_and_match_the_config():
     assert mean(student) > mean(results["mix_rl"])
     # on- vs off-policy is reported, not asserted: in the committed run they are within 0.003 of each other
 
+
+
+def test_reliability_results_cover_every_fault_and_the_bad_input_battery():
+    """results/reliability.json (`make results/reliability.json`): each fault scenario of issue 9 with
+    the outcome its tests proved, and the bad-input cases tried and passed."""
+    results = json.loads((ROOT / "results" / "reliability.json").read_text())
+    scenarios = {row["scenario"]: row for row in results["faults"]}
+    for needle in ("GRPO run killed", "OPD run killed", "S3 endpoint cut mid-upload", "S3 endpoint down past",
+                   "same artifact version at once", "reward server SIGKILLed during GRPO, never back",
+                   "reward server SIGKILLed during GRPO, restarted", "MLflow server unreachable", "NaN or inf",
+                   "deleted behind the Flyte cache"):
+        match = [row for name, row in scenarios.items() if needle in name]
+        assert match, f"no scenario {needle!r} in results/reliability.json"
+        assert all(row["verified"] and row["passed"] == len(row["tests"]) > 0 for row in match), match
+    assert results["bad_input"]["tried"] >= 30 and results["bad_input"]["passed"] == results["bad_input"]["tried"]

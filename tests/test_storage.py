@@ -73,6 +73,7 @@ def test_manifest_is_readable_by_others(tmp_path):
     assert mode == 0o644
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("content", ["[1, 2]", "not json", '{"format": 1}'])
 def test_malformed_manifest_is_an_artifact_error(tmp_path, content):
     store = ArtifactStore(str(tmp_path / "root"))

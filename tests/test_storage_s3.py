@@ -43,7 +43,9 @@ def test_a_version_without_its_manifest_is_never_complete(s3_server, tmp_path):
 def test_a_corrupted_object_fails_the_checksum(s3_server, tmp_path):
     store = ArtifactStore(f"{s3_server}/run3")
     uri = store.commit(_staging(tmp_path), stage="base", version="v1", config_hash="h", inputs={})
-    store.fs.pipe_file(f"{store._path(uri)}/model.bin", b"tampered")
+    payload = read_manifest(uri).payload
+    assert payload.startswith(".payload-")  # each writer's files live under a prefix of its own
+    store.fs.pipe_file(f"{store._path(uri)}/{payload}/model.bin", b"tampered")
     with pytest.raises(ArtifactError, match="checksum mismatch for model.bin"):
         fetch(uri, tmp_path / "down")
 

@@ -42,7 +42,7 @@ from flowrl.evaluation import to_uint8
 from flowrl.models import load_checkpoint
 from flowrl.report import ReportData, write_report
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
-from flowrl.storage import fetch, read_manifest, sha256_file
+from flowrl.storage import fetch, file_uri, read_manifest, sha256_file
 from flowrl.tracking import Tracker
 
 STAGE = "bench"
@@ -188,7 +188,7 @@ def run_bench(
         for path in written:
             ctx.tracker.log_artifact(path, subdir="report")
         result = commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)
-    print(f"bench: report at {result.uri.rstrip('/')}/report.html", flush=True)
+    print(f"bench: report at {file_uri(result.uri, 'report.html')}", flush=True)
     return result
 
 

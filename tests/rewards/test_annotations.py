@@ -32,6 +32,7 @@ def test_datasets_roundtrip_through_parquet(tmp_path, frames):
     assert p.loc[p.task == "edit", "source_image"].notna().all()
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "column,value,message",
     [
@@ -58,6 +59,7 @@ def test_bad_rows_are_named_and_fail_or_skip(tmp_path, frames, column, value, me
     assert any(message in e for e in report.skipped)
 
 
+@pytest.mark.bad_input
 def test_duplicate_ids_and_missing_columns(tmp_path, frames):
     pointwise = frames[0].copy()
     pointwise.at[5, "id"] = pointwise.at[2, "id"]
@@ -72,6 +74,7 @@ def test_duplicate_ids_and_missing_columns(tmp_path, frames):
         load_annotations(tmp_path / "junk.parquet", "pointwise")
 
 
+@pytest.mark.bad_input
 def test_bad_pairwise_preference(tmp_path, frames):
     pairwise = frames[1].copy()
     pairwise.at[1, "preference"] = "both"

@@ -54,6 +54,7 @@ def test_float_images_are_quantised_to_8_bits(server):
     torch.testing.assert_close(remote, BrightnessReward().score(quantised, PROMPTS[:3]))
 
 
+@pytest.mark.bad_input
 def test_nan_pixels_and_bad_shapes_are_refused_before_sending(server):
     images = grid_images(2)
     images[1, 0, 0, 0] = float("nan")

@@ -99,6 +99,7 @@ BAD_REQUESTS = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_request_is_refused_with_the_field_and_server_keeps_serving(server, case):
     reward, body, status, message = BAD_REQUESTS[case]
@@ -126,6 +127,7 @@ def test_misbehaving_reward_is_a_500_never_a_number(server, prompt, message):
     assert http(server.base_url, "/score/faulty", good_body())[0] == 200
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("token, status", [(None, 401), ("wrong-token", 401), (TOKEN, 200)])
 def test_bearer_token(slow_server, token, status):
     got_status, reply = http(slow_server.base_url, "/score/t2i", good_body(), token=token)

@@ -15,6 +15,8 @@ from flowrl.cli import main
 from flowrl.storage import ArtifactStore, fetch
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.bad_input
+
 
 def _config(tmp_path, text: str | None = None, **sections) -> str:
     path = tmp_path / "bad.yaml"
@@ -186,6 +188,7 @@ def test_judge_reserved_name(upstream, tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.fault("MLflow server unreachable at start", "failed clearly before any work")
 def test_mlflow_unreachable_at_start_is_a_clear_error_before_any_work(tmp_path, capsys):
     import socket
     import time

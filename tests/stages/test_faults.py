@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from flowrl.config import load_config
 from flowrl.rewards.server import free_port, launch_server
 from flowrl.rl.trainer import TrainingStopped
-from flowrl.storage import fetch
+from flowrl.storage import fetch, read_manifest
 from tests.conftest import ROOT, write_config
 
 ITERATIONS = 6
@@ -58,6 +58,7 @@ def _config(tmp_path, port: int, timeout_s: float, retries: int):
     })
 
 
+@pytest.mark.fault("reward server SIGKILLed during GRPO, never back", "failed clearly within the retry budget; the last checkpoint intact")
 def test_reward_server_gone_for_good_fails_the_step_clearly_in_bounded_time(upstream, tmp_path):
     """The server is SIGKILLed after the first checkpoint and never returns:
     the run exits 1 within the retry budget, naming the iteration and the last
@@ -91,6 +92,7 @@ def test_reward_server_gone_for_good_fails_the_step_clearly_in_bounded_time(upst
     assert not list((out / "grpo_t2i").glob("*/manifest.json"))
 
 
+@pytest.mark.fault("reward server SIGKILLed during GRPO, restarted on its port", "lost nothing: the client reconnects and the run completes")
 def test_reward_server_restarted_within_the_retries_lets_the_run_finish(upstream, tmp_path):
     """The server is SIGKILLed mid-run and started again on the same port a few
     seconds later: the client's retries reconnect and the run completes."""
@@ -114,6 +116,7 @@ def test_reward_server_restarted_within_the_retries_lets_the_run_finish(upstream
     assert (fetch(uri) / "manifest.json").is_file()  # 4 of its 6 iterations were scored by the second server
 
 
+@pytest.mark.fault("NaN or inf in the rewards or the loss", "failed clearly naming the iteration; the last checkpoint intact")
 def test_non_finite_rewards_stop_the_run_naming_the_step_and_the_last_checkpoint(upstream, tmp_path, monkeypatch):
     """A reward that turns NaN at the 4th iteration: the trainer stops before
     writing anything of that iteration; the checkpoint of iteration 2 is intact."""
@@ -148,3 +151,44 @@ def test_non_finite_rewards_stop_the_run_naming_the_step_and_the_last_checkpoint
     assert last.name.endswith("-0000002") and str(last) in message
     assert load_file(fetch(str(last)) / "model.safetensors")  # checksums verified
     assert not list((tmp_path / "out" / "grpo_t2i").glob("*/manifest.json"))
+
+
+@pytest.mark.fault("S3 endpoint cut mid-upload, back within the retry budget", "lost nothing: the upload is retried and the version completes")
+def test_a_stage_rides_out_an_s3_outage_during_its_upload(upstream, s3_server, tmp_path, monkeypatch):
+    """A real stage (prompt filtering) publishing to S3 through a proxy that is
+    cut right after its first uploaded file and restored 4 s later: the
+    upload is retried and the stage's artifact is complete."""
+    import threading
+
+    import s3fs
+
+    from flowrl.stages.filter_prompts import run_filter_prompts
+    from tests.conftest import TcpProxy
+
+    _, config, base, rm, _ = upstream
+    proxy = TcpProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("FLOWRL_STORAGE_RETRY_S", "90")
+    s3fs.S3FileSystem.clear_instance_cache()
+    real, uploads = s3fs.S3FileSystem.put_file, []
+
+    def put_file(self, lpath, rpath, **kwargs):
+        result = real(self, lpath, rpath, **kwargs)
+        uploads.append(rpath)
+        if len(uploads) == 1:
+            proxy.stop()
+            threading.Timer(4.0, proxy.start).start()
+        return result
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "put_file", put_file)
+    try:
+        result = run_filter_prompts(config, "t2i", base.uri, rm.uri, output_root=f"{s3_server}/stage-outage")
+    finally:
+        proxy.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert len(uploads) >= 2 and result.uri.startswith(f"{s3_server}/stage-outage/filter_prompts_t2i/")
+    monkeypatch.undo()
+    s3fs.S3FileSystem.clear_instance_cache()
+    local = fetch(result.uri, tmp_path / "down")  # straight from the server: complete, checksums right
+    manifest = read_manifest(result.uri)
+    assert len(manifest.files) >= 2 and all((local / rel).is_file() for rel in manifest.files)

@@ -62,6 +62,7 @@ def longer(upstream, tmp_path_factory):
     return root, path, load_config(path)
 
 
+@pytest.mark.fault("GRPO run killed with SIGKILL at a random checkpoint, restarted with --resume", "resumed identically: same weights and metrics as an uninterrupted run")
 @pytest.mark.parametrize("seed", [1, 2])
 def test_grpo_killed_and_resumed_ends_like_an_uninterrupted_run(upstream, longer, tmp_path, seed):
     from flowrl.stages.grpo import run_grpo
@@ -75,6 +76,7 @@ def test_grpo_killed_and_resumed_ends_like_an_uninterrupted_run(upstream, longer
     _same(whole.uri, _kill_and_resume(argv, tmp_path / "out", "grpo_t2i", seed))
 
 
+@pytest.mark.fault("OPD run killed with SIGKILL at a random checkpoint, restarted with --resume", "resumed identically: same weights and metrics as an uninterrupted run")
 @pytest.mark.parametrize("seed", [3, 4])
 def test_opd_killed_and_resumed_ends_like_an_uninterrupted_run(upstream, teachers, longer, tmp_path, seed):
     from flowrl.stages.opd import run_opd
