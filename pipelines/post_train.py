@@ -13,6 +13,7 @@ from tasks.bench import bench, finish_pipeline_run
 from tasks.filter_prompts import filter_prompts
 from tasks.grpo import grpo, grpo_mixed
 from tasks.opd import branch_switches, opd, skipped
+from tasks.reference import artifact_at
 from tasks.reward_model import reward_model
 from tasks.types import StageArtifact
 
@@ -63,3 +64,66 @@ def post_train(config: FlyteFile) -> Models:
                                           student, offpolicy])
     return Models(t2i_teacher=t2i, edit_teacher=edit, student=student, student_offpolicy=offpolicy, mix_rl=mix,
                   bench=benched, report=report)
+
+
+# ---- one stage alone, on the URIs of earlier artifacts (each a Flyte cache hit when nothing changed) ----
+
+@workflow
+def base_stage(config: FlyteFile) -> StageArtifact:
+    checked = validate_config(config=config)
+    return base(config=checked.base, parent_run="")
+
+
+@workflow
+def annotate_stage(config: FlyteFile, base_uri: str) -> StageArtifact:
+    checked = validate_config(config=config)
+    return annotate(config=checked.annotate, parent_run="", base=artifact_at(uri=base_uri, expect="base"))
+
+
+@workflow
+def reward_model_stage(config: FlyteFile, annotations_uri: str) -> StageArtifact:
+    checked = validate_config(config=config)
+    return reward_model(config=checked.reward_model, parent_run="",
+                        annotations=artifact_at(uri=annotations_uri, expect="annotate"))
+
+
+@workflow
+def filter_prompts_stage(config: FlyteFile, task_name: str, base_uri: str, reward_model_uri: str) -> StageArtifact:
+    checked = validate_config(config=config)
+    return filter_prompts(config=checked.filter_prompts, parent_run="", task_name=task_name,
+                          base=artifact_at(uri=base_uri, expect="base"),
+                          reward_model=artifact_at(uri=reward_model_uri, expect="reward_model"))
+
+
+@workflow
+def grpo_stage(config: FlyteFile, task_name: str, base_uri: str, reward_model_uri: str,
+               prompts_uri: str) -> StageArtifact:
+    checked = validate_config(config=config)
+    return grpo(config=checked.grpo, parent_run="", task_name=task_name, base=artifact_at(uri=base_uri, expect="base"),
+                reward_model=artifact_at(uri=reward_model_uri, expect="reward_model"),
+                prompts=artifact_at(uri=prompts_uri, expect="filter_prompts"))
+
+
+@workflow
+def opd_stage(config: FlyteFile, base_uri: str, t2i_teacher_uri: str, edit_teacher_uri: str, t2i_prompts_uri: str,
+              edit_prompts_uri: str, states: str = "on_policy") -> StageArtifact:
+    checked = validate_config(config=config)
+    return opd(config=checked.opd, parent_run="", base=artifact_at(uri=base_uri, expect="base"),
+               t2i_teacher=artifact_at(uri=t2i_teacher_uri, expect="grpo_"),
+               edit_teacher=artifact_at(uri=edit_teacher_uri, expect="grpo_"),
+               t2i_prompts=artifact_at(uri=t2i_prompts_uri, expect="filter_prompts"),
+               edit_prompts=artifact_at(uri=edit_prompts_uri, expect="filter_prompts"), states=states)
+
+
+@workflow
+def bench_stage(config: FlyteFile, base_uri: str, t2i_teacher_uri: str, edit_teacher_uri: str,
+                reward_model_uri: str, mix_rl_uri: str = "", student_uri: str = "",
+                student_offpolicy_uri: str = "") -> StageArtifact:
+    checked = validate_config(config=config)
+    return bench(config=checked.bench, parent_run="", base=artifact_at(uri=base_uri, expect="base"),
+                 t2i_teacher=artifact_at(uri=t2i_teacher_uri, expect="grpo_"),
+                 edit_teacher=artifact_at(uri=edit_teacher_uri, expect="grpo_"),
+                 mix_rl=artifact_at(uri=mix_rl_uri, expect="grpo_mixed", optional=True),
+                 student=artifact_at(uri=student_uri, expect="opd", optional=True),
+                 student_offpolicy=artifact_at(uri=student_offpolicy_uri, expect="opd_offpolicy", optional=True),
+                 reward_model=artifact_at(uri=reward_model_uri, expect="reward_model"))

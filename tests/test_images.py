@@ -155,6 +155,7 @@ def test_bundle_tasks_name_their_images_gpus_and_retries(bundle):
         "tasks.base.validate_config": ("cuda-base", None, 0), "tasks.opd.branch_switches": ("cuda-base", None, 0),
         "tasks.opd.skipped": ("cuda-base", None, 0), "tasks.base.base": ("base", None, 1),
         "tasks.base.start_pipeline_run": ("cuda-base", None, 2), "tasks.bench.finish_pipeline_run": ("cuda-base", None, 2),
+        "tasks.reference.artifact_at": ("cuda-base", None, 2),
         "tasks.annotate.annotate": ("annotate", "1", 1), "tasks.reward_model.reward_model": ("reward-model", "1", 1),
         "tasks.filter_prompts.filter_prompts": ("filter-prompts", "1", 1), "tasks.grpo.grpo": ("grpo", "8", 2),
         "tasks.grpo.grpo_mixed": ("grpo", "8", 2), "tasks.opd.opd": ("opd", "8", 2), "tasks.bench.bench": ("bench", "1", 1),

@@ -75,7 +75,7 @@ def test_the_whole_pipeline_on_s3_tracked_by_the_server(mlflow_server, s3_server
     from flytekit.types.file import FlyteFile
 
     from flowrl.lineage import lineage, render, resolve
-    from flowrl.storage import fetch, read_manifest
+    from flowrl.storage import fetch, file_uri, read_manifest
     from flowrl.tracking import MLflowTracker
     from pipelines.post_train import post_train
 
@@ -96,7 +96,7 @@ def test_the_whole_pipeline_on_s3_tracked_by_the_server(mlflow_server, s3_server
         uri = "s3://" + manifest.rsplit("/", 1)[0]
         local = fetch(uri, tmp_path / "back" / uri.split("/", 3)[-1])
         assert set(read_manifest(uri).files) <= {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()}
-    assert out.student.uri.startswith(root) and out.report == f"{out.bench.uri.rstrip('/')}/report.html"
+    assert out.student.uri.startswith(root) and out.report == file_uri(out.bench.uri, "report.html")
     client = MlflowClient(tracking_uri=mlflow_server)
     student = client.search_model_versions("name = 's3dag-student'")
     assert [v.source for v in student] == [out.student.uri]
