@@ -358,7 +358,7 @@ class GRPOConfig:
     reward_retries: int = param(
         3, "server backend: retries of a failed request (connection refused, timeout, 5xx) with exponential backoff "
         "(0.5 s doubling, at most 10 s) before the iteration fails with a clear error; the last checkpoint is kept.",
-        ge=0)
+        ge=0, added=True)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,9 @@ class ReportData:
 
 
 def elo_png(data: ReportData) -> bytes:
-    """Elo per arena: a horizontal bar per model with its interval as error bars."""
+    """Elo per arena: a horizontal bar per model from the anchor's 1000 to its
+    rating (so a bar's length is the gain or loss against the anchor), with the
+    95 % interval as error bars and the rating written at the end."""
     fig, axes = new_figure(10, 0.55 * len(data.models) + 1.6)
     fig.clear()
     axes = fig.subplots(1, len(ARENAS), sharey=True)
@@ -64,19 +66,23 @@ def elo_png(data: ReportData) -> bytes:
         ratings = data.ratings[arena]
         y = np.arange(len(data.models))[::-1]
         points = np.array([ratings[m].rating for m in data.models])
-        low = points - np.array([ratings[m].ci_low for m in data.models])
-        high = np.array([ratings[m].ci_high for m in data.models]) - points
+        lows = np.array([ratings[m].ci_low for m in data.models])
+        highs = np.array([ratings[m].ci_high for m in data.models])
         colors = [_COLORS[i % len(_COLORS)] for i in range(len(data.models))]
-        ax.barh(y, points - 900, left=900, color=colors, alpha=0.85, xerr=[low, high], capsize=4,
-                error_kw={"elinewidth": 1.2, "ecolor": "#222"})
-        for yy, p in zip(y, points):
-            ax.text(p + high.max() + 4, yy, f"{p:.0f}", va="center", fontsize=9)
-        ax.axvline(1000, color="#888", lw=0.8, ls="--")
+        ax.barh(y, points - 1000, left=1000, color=colors, alpha=0.85, xerr=[points - lows, highs - points],
+                capsize=4, error_kw={"elinewidth": 1.2, "ecolor": "#222"})
+        span = max(40.0, float(highs.max() - lows.min()))
+        for yy, p, lo, hi in zip(y, points, lows, highs):
+            label = f"{p:.0f}" if abs(p - 1000) < 0.5 else f"{p:.0f} ({p - 1000:+.0f})"
+            if p >= 1000:
+                ax.text(hi + 0.02 * span, yy, label, va="center", ha="left", fontsize=9)
+            else:
+                ax.text(lo - 0.02 * span, yy, label, va="center", ha="right", fontsize=9)
+        ax.axvline(1000, color="#444", lw=0.9)
         ax.set_yticks(y, data.models)
         ax.set_title(f"{ARENA_TITLES[arena]} ({data.battles[arena]} battles)")
-        ax.set_xlabel(f"Elo ({data.anchor} = 1000), bars: 95 % bootstrap interval")
-        lo = min(900, (points - low).min() - 20)
-        ax.set_xlim(lo, (points + high).max() + 60)
+        ax.set_xlabel(f"Elo ({data.anchor} = 1000); whiskers: 95 % bootstrap interval")
+        ax.set_xlim(min(1000.0, lows.min()) - 0.25 * span, max(1000.0, highs.max()) + 0.25 * span)
     return png_of(fig)
 
 
@@ -89,6 +95,8 @@ def _smooth(values: list[float], window: int = 10) -> tuple[np.ndarray, np.ndarr
 
 def curves_png(data: ReportData) -> bytes | None:
     """GRPO training reward, OPD loss, and the held-out judge score of every run with a history."""
+    from matplotlib.ticker import MaxNLocator
+
     if not data.histories:
         return None
     fig, _ = new_figure(13, 3.8)
@@ -111,11 +119,14 @@ def curves_png(data: ReportData) -> bytes | None:
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no run of this kind given", ha="center", va="center", transform=ax.transAxes,
                     color="#888")
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[2].set_ylabel("held-out judge score (0-1)", fontsize=9)
     if axes[1].lines:
         axes[1].set_yscale("log")
     return png_of(fig)
