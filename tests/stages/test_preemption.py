@@ -26,6 +26,14 @@ def _complete_checkpoints(root, stage: str) -> int:
 def _kill_and_resume(argv: list[str], out, stage: str, seed: int) -> str:
     """Run ``flowrl ARGV --output OUT`` and SIGKILL it after a random number of complete
     checkpoints (plus a random delay); then run it again with --resume; return its artifact URI."""
+    cmd = _kill(argv, out, stage, seed)
+    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return resumed.stdout.strip().splitlines()[-1]
+
+
+def _kill(argv: list[str], out, stage: str, seed: int) -> list[str]:
+    """The first half of :func:`_kill_and_resume`: the killed run; returns its command."""
     rng = random.Random(seed)
     after = rng.randint(1, ITERATIONS // 2 - 1)  # checkpoints every 2 iterations: kill before the last one
     cmd = [sys.executable, "-m", "flowrl.cli", *argv, "--output", str(out), "--no-progress"]
@@ -39,9 +47,7 @@ def _kill_and_resume(argv: list[str], out, stage: str, seed: int) -> str:
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not list((out / stage).glob("*/manifest.json"))  # nothing half-done looks done
-    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return resumed.stdout.strip().splitlines()[-1]
+    return cmd
 
 
 def _same(a: str, b: str) -> None:
@@ -89,3 +95,31 @@ def test_opd_killed_and_resumed_ends_like_an_uninterrupted_run(upstream, teacher
             "--teacher", f"edit_teacher={teachers['edit_teacher']}", "--prompts", f"t2i={uris['t2i']}",
             f"edit={uris['edit']}", "--no-tracking"]
     _same(whole.uri, _kill_and_resume(argv, tmp_path / "out", "opd", seed))
+
+
+@pytest.mark.fault("the pipeline's GRPO task killed with SIGKILL, then retried by Flyte",
+                   "resumed identically: the retry continues from the last checkpoint to the uninterrupted result")
+def test_a_flyte_retry_of_the_grpo_task_resumes_to_the_uninterrupted_run(upstream, longer, tmp_path):
+    """The first attempt dies (SIGKILL) after a checkpoint; Flyte's retry calls the
+    task again with the same inputs: it resumes and ends exactly like a run that
+    was never killed."""
+    from flytekit.types.file import FlyteFile
+
+    from flowrl.stages.grpo import run_grpo
+    from tasks.grpo import grpo
+    from tasks.types import StageArtifact
+
+    _, _, base, rm, prompts = upstream
+    root, _, config = longer
+    whole = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(root / "whole"),
+                     progress=False)
+    path = write_config(tmp_path, grpo={"iterations": ITERATIONS, "checkpoint_every": 2, "eval_every": 4})
+    out = tmp_path / "artifacts"  # the config's run.artifact_root, where the task writes
+    argv = ["grpo", "--config", str(path), "--task", "t2i", "--base", base.uri, "--reward-model", rm.uri,
+            "--prompts", prompts["t2i"].uri, "--no-tracking"]
+    _kill(argv, out, "grpo_t2i", seed=5)
+    ref = lambda r: StageArtifact(stage=r.stage, version=r.version, uri=r.uri, mlflow_run_id="", metrics={})  # noqa: E731
+    retried = grpo(config=FlyteFile(str(path)), parent_run="", task_name="t2i", base=ref(base), reward_model=ref(rm),
+                   prompts=ref(prompts["t2i"]))
+    assert retried.uri.startswith(str(out / "grpo_t2i"))
+    _same(whole.uri, retried.uri)
