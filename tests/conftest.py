@@ -205,6 +205,7 @@ def pytest_sessionfinish(session, exitstatus):
         return
     import json
     import platform
+    import shlex
     from datetime import datetime, timezone
 
     ran = {k: v for k, v in _RELIABILITY.items() if "result" in v}
@@ -220,7 +221,7 @@ def pytest_sessionfinish(session, exitstatus):
         row["verified"] = row["passed"] == len(row["tests"])
     bad = [v for v in ran.values() if v["kind"] == "bad_input"]
     report = {
-        "command": "python -m pytest " + " ".join(session.config.invocation_params.args),
+        "command": shlex.join(["python", "-m", "pytest", *session.config.invocation_params.args]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "faults": list(scenarios.values()),
