@@ -118,3 +118,4 @@ results/reliability.json: venv
 bench: venv
 	$(PY) -m bench.reward_server --output results/reward_server_bench.json
 	$(PY) -m bench.grpo --output results/grpo_bench.json
+	$(PY) -m bench.rerun --output results/rerun_bench.json
