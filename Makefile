@@ -112,7 +112,7 @@ results/bench_shapes.json: venv
 # The committed reliability record (results/reliability.json): every fault-injection test and every
 # bad-input case, with what passed.
 results/reliability.json: venv
-	$(PY) -m pytest -q -m "fault or bad_input" --reliability-report $@
+	$(PY) -m pytest -q -m "fault or bad_input" --reliability-report=$@
 
 # Benchmarks: measure and write results/*.json (they assert nothing).
 bench: venv
