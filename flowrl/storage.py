@@ -140,6 +140,10 @@ def artifact_version(stage: str, config_hash: str, code: str, inputs: dict[str, 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _manifest_bytes(manifest: Manifest) -> bytes:
+    return json.dumps(asdict(manifest), indent=2, sort_keys=True).encode()
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -362,7 +366,7 @@ class ArtifactStore:
             target = _join(root, rel)
             with_retries(f"{uri}: upload of {rel} (nothing published: no manifest)",
                          lambda: self.fs.put_file(str(staging_dir / rel), target), self.retry_s)
-        blob = json.dumps(asdict(manifest), indent=2, sort_keys=True).encode()
+        blob = _manifest_bytes(manifest)
         won = with_retries(f"{uri}: writing {MANIFEST} (nothing published)",
                            lambda: self._create_manifest(uri, blob), self.retry_s)
         if not won:  # another writer's manifest is in place: drop this writer's payload
@@ -400,7 +404,7 @@ class ArtifactStore:
 
     def _write_manifest(self, directory: str, manifest: Manifest) -> None:
         """Local: write a temp file next to it and rename, so the manifest appears atomically."""
-        blob = json.dumps(asdict(manifest), indent=2, sort_keys=True).encode()
+        blob = _manifest_bytes(manifest)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest-")
         with os.fdopen(fd, "wb") as fh:
             fh.write(blob)

@@ -58,22 +58,34 @@ def _config(tmp_path, port: int, timeout_s: float, retries: int):
     })
 
 
-@pytest.mark.fault("reward server SIGKILLed during GRPO, never back", "failed clearly within the retry budget; the last checkpoint intact")
-def test_reward_server_gone_for_good_fails_the_step_clearly_in_bounded_time(upstream, tmp_path):
-    """The server is SIGKILLed after the first checkpoint and never returns:
-    the run exits 1 within the retry budget, naming the iteration and the last
-    good checkpoint, which still loads; the stage's artifact never appears."""
+def _kill_server_after_first_checkpoint(upstream, tmp_path, timeout_s: float, retries: int):
+    """Serve the reward, start GRPO through it, SIGKILL the server once the
+    first checkpoint is complete; returns (config path, port, killed server, out, GRPO process)."""
     port = free_port()
-    timeout_s, retries = 2.0, 2
     path = _config(tmp_path, port, timeout_s, retries)
     server = _serve(path, upstream[3].uri, port, tmp_path / "server.log")
     out = tmp_path / "out"
     proc = _grpo(path, upstream, out)
     try:
         _wait_for_checkpoints(proc, out, 1)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
-        killed = time.monotonic()
+    return path, port, server, out, proc
+
+
+@pytest.mark.fault("reward server SIGKILLed during GRPO, never back", "failed clearly within the retry budget; the last checkpoint intact")
+def test_reward_server_gone_for_good_fails_the_step_clearly_in_bounded_time(upstream, tmp_path):
+    """The server is SIGKILLed after the first checkpoint and never returns:
+    the run exits 1 within the retry budget, naming the iteration and the last
+    good checkpoint, which still loads; the stage's artifact never appears."""
+    timeout_s, retries = 2.0, 2
+    _, _, server, out, proc = _kill_server_after_first_checkpoint(upstream, tmp_path, timeout_s, retries)
+    killed = time.monotonic()
+    try:
         _, stderr = proc.communicate(timeout=300)
         waited = time.monotonic() - killed
     finally:
@@ -96,15 +108,8 @@ def test_reward_server_gone_for_good_fails_the_step_clearly_in_bounded_time(upst
 def test_reward_server_restarted_within_the_retries_lets_the_run_finish(upstream, tmp_path):
     """The server is SIGKILLed mid-run and started again on the same port a few
     seconds later: the client's retries reconnect and the run completes."""
-    port = free_port()
-    path = _config(tmp_path, port, timeout_s=5.0, retries=6)
-    server = _serve(path, upstream[3].uri, port, tmp_path / "server.log")
-    out = tmp_path / "out"
-    proc = _grpo(path, upstream, out)
+    path, port, server, out, proc = _kill_server_after_first_checkpoint(upstream, tmp_path, 5.0, 6)
     try:
-        _wait_for_checkpoints(proc, out, 1)
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait()
         time.sleep(3.0)
         server = _serve(path, upstream[3].uri, port, tmp_path / "server2.log")
         stdout, stderr = proc.communicate(timeout=600)
