@@ -12,7 +12,7 @@ SHAPES := --config configs/shapes.yaml --output artifacts --no-progress
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
-	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json
+	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -28,7 +28,7 @@ venv: $(STAMP)
 # The whole workflow, locally; it ends by printing where the bench report is.
 run: venv
 	set -o pipefail; $(VENV)/bin/pyflyte run pipelines/post_train.py post_train --config $(CONFIG) 2>&1 | tee .run.log
-	@echo "bench report: $$(grep -o '[^" ]*/bench/[0-9a-f]*/report.html' .run.log | tail -1)"
+	@echo "bench report: $$(grep -o "[^\"' =]*/bench/[0-9a-f]*/report.html" .run.log | tail -1)"
 
 test: venv
 	$(PY) -m pytest -m "not gpu" -q
@@ -108,6 +108,11 @@ results/bench_shapes.json: venv
 	set -eo pipefail; \
 	$(ALL_MODELS); \
 	$(FLOWRL) bench $(SHAPES) $$models --results $@ --report-dir results
+
+# A second `make run` of the shapes config with nothing changed, timed, with the stages that ran
+# (results/rerun_shapes.json); run it right after a `make run` of that config has completed.
+results/rerun_shapes.json: venv
+	$(PY) -m bench.rerun --in-place --config configs/shapes.yaml --output $@
 
 # The committed reliability record (results/reliability.json): every fault-injection test and every
 # bad-input case, with what passed.

@@ -49,6 +49,8 @@ class ReportData:
     t2i_grid: tuple[list[str], dict[str, np.ndarray]]  # (prompts, model -> [K, H, W, 3] uint8)
     edit_grid: tuple[list[str], np.ndarray, dict[str, np.ndarray]]  # (instructions, sources, model -> images)
     histories: dict[str, dict] = field(default_factory=dict)  # model -> {"history": [...], "monitor": [...]}
+    # "t2i" / "edit" -> model -> [K] bool: whether the scorer judged each grid image correct (framed green / red)
+    grid_marks: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # lines shown under the title (how it was measured)
 
 
@@ -136,9 +138,16 @@ def _wrap(text: str, width: int = 16) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text
 
 
-def grid_png(columns: list[str], rows: dict[str, np.ndarray], sources: np.ndarray | None = None) -> bytes:
+MARK_COLORS = {True: "#1a9850", False: "#d73027"}  # frame of an image judged correct / not
+
+
+def grid_png(columns: list[str], rows: dict[str, np.ndarray], sources: np.ndarray | None = None,
+             marks: dict[str, np.ndarray] | None = None) -> bytes:
     """Rows of images (one row per model, a source row first for edits),
-    one column per prompt (same seed in every row), labelled."""
+    one column per prompt (same seed in every row), labelled. ``marks``
+    (model -> [K] bool) frames each of a model's images green when it was
+    judged correct and red when not."""
+    marks = marks or {}
     labelled = ([("source", sources)] if sources is not None else []) + list(rows.items())
     n_rows, n_cols = len(labelled), len(columns)
     fig, _ = new_figure(1.45 * n_cols + 1.4, 1.45 * n_rows + 0.9)
@@ -150,6 +159,10 @@ def grid_png(columns: list[str], rows: dict[str, np.ndarray], sources: np.ndarra
             ax.imshow(images[c], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            if label in marks and label != "source":
+                for spine in ax.spines.values():
+                    spine.set_color(MARK_COLORS[bool(marks[label][c])])
+                    spine.set_linewidth(3)
             if r == 0:
                 ax.set_title(_wrap(columns[c]), fontsize=8)
             if c == 0:
@@ -238,8 +251,11 @@ def _sections(data: ReportData) -> list[tuple[str, str, object]]:
         out.append(("table", f"{ARENA_TITLES[arena]}: head-to-head win rate", win_rate_rows(data, arena)))
     if data.histories:
         out.append(("image", "Training curves", "curves.png"))
-    out.append(("image", "T2I: same prompts and seeds across models", "grid_t2i.png"))
-    out.append(("image", "Edits: source, then each model's result", "grid_edit.png"))
+    framed = " (frame: green = judged correct, red = not)"
+    out.append(("image", "T2I: same prompts and seeds across models" + (framed if "t2i" in data.grid_marks else ""),
+                "grid_t2i.png"))
+    out.append(("image", "Edits: source, then each model's result" + (framed if "edit" in data.grid_marks else ""),
+                "grid_edit.png"))
     return out
 
 
@@ -304,8 +320,8 @@ def write_report(data: ReportData, directory: str | Path) -> list[Path]:
     instructions, sources, edit_rows = data.edit_grid
     images = {
         "elo.png": elo_png(data),
-        "grid_t2i.png": grid_png(prompts, t2i_rows),
-        "grid_edit.png": grid_png(instructions, edit_rows, sources),
+        "grid_t2i.png": grid_png(prompts, t2i_rows, marks=data.grid_marks.get("t2i")),
+        "grid_edit.png": grid_png(instructions, edit_rows, sources, marks=data.grid_marks.get("edit")),
     }
     curves = curves_png(data)
     if curves is not None:

@@ -21,7 +21,8 @@ NODES = int(os.environ.get("FLOWRL_GRPO_NODES", "1"))  # > 1: a PyTorchJob acros
 
 
 @task(
-    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn"),
+    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn", increase_shared_mem=False),
+    shared_memory=True,  # /dev/shm as a memory-backed volume, for the workers' DataLoader and NCCL
     container_image=image("grpo"),
     requests=training_requests("grpo", PROCS),
     accelerator=GPU,
@@ -43,7 +44,8 @@ def grpo(
 
 
 @task(
-    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn"),
+    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn", increase_shared_mem=False),
+    shared_memory=True,  # /dev/shm as a memory-backed volume, for the workers' DataLoader and NCCL
     container_image=image("grpo"),
     requests=training_requests("grpo", PROCS),
     accelerator=GPU,

@@ -35,7 +35,8 @@ def skipped(stage: str) -> StageArtifact:
 
 
 @task(
-    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn"),
+    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn", increase_shared_mem=False),
+    shared_memory=True,  # /dev/shm as a memory-backed volume, for the workers' DataLoader and NCCL
     container_image=image("opd"),
     requests=training_requests("opd", PROCS),
     accelerator=GPU,

@@ -92,3 +92,31 @@ def test_report_without_training_histories_leaves_the_curves_out(tmp_path):
                "monitor": [{"iteration": 0, "heldout": 0.4}, {"iteration": 20, "heldout": 0.5}]}
     written = {p.name for p in write_report(_data({"student": history}), tmp_path / "with")}
     assert "curves.png" in written and "## Training curves" in (tmp_path / "with" / "report.md").read_text()
+
+
+def test_grid_frames_each_image_by_its_judgement():
+    """A model's grid image is framed green when judged correct and red when not; unmarked rows are not."""
+    import io
+
+    from PIL import Image
+
+    from flowrl.report import MARK_COLORS, grid_png
+
+    def pixels_near(png: bytes, hex_color: str) -> int:
+        rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+        target = np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)])
+        return int((np.abs(rgb - target).sum(-1) < 30).sum())
+
+    img = np.full((2, 8, 8, 3), 255, np.uint8)
+    green, red = MARK_COLORS[True], MARK_COLORS[False]
+    plain = grid_png(["a", "b"], {"m": img})
+    assert pixels_near(plain, green) == 0 and pixels_near(plain, red) == 0
+    both = grid_png(["a", "b"], {"m": img}, marks={"m": np.array([True, False])})
+    only_green = grid_png(["a", "b"], {"m": img}, marks={"m": np.array([True, True])})
+    assert pixels_near(both, green) > 50 and pixels_near(both, red) > 50
+    assert pixels_near(only_green, red) == 0 and pixels_near(only_green, green) > 2 * pixels_near(both, green) * 0.9
+    data = _data()
+    data.grid_marks.update({"t2i": {m: np.array([True, False]) for m in data.models}})
+    md = render_markdown(data)
+    assert "## T2I: same prompts and seeds across models (frame: green = judged correct, red = not)" in md
+    assert "## Edits: source, then each model's result\n" in md

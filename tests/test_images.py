@@ -179,10 +179,10 @@ def test_bundle_carries_the_elastic_torchrun_config(bundle):
     assert grpo.type == "pytorch"
     elastic = MessageToDict(grpo.custom)["elasticConfig"]
     assert elastic["nprocPerNode"] == 8 and elastic["minReplicas"] == 2 and elastic["maxReplicas"] == 2
-    opd = tasks["tasks.opd.opd"]  # one node: torchrun inside the pod, /dev/shm from the Elastic plugin
+    opd = tasks["tasks.opd.opd"]  # one node: torchrun inside the pod
     assert opd.type == "python-task"
-    pod = MessageToDict(opd.k8s_pod.pod_spec)
-    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod.get("volumes", []))
+    for template in (grpo, opd):  # a memory-backed /dev/shm for the workers, through `shared_memory=True`
+        assert template.extended_resources.HasField("shared_memory"), template.id.name
 
 
 def test_bundle_workflow_edges(bundle):

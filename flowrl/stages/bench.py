@@ -147,6 +147,8 @@ def run_bench(
             t2i_grid=([bench.t2i[i].prompt for i in t_cols], t2i_grid),
             edit_grid=([bench.edit[i].instruction for i in e_cols], to_uint8(bench.sources[e_cols]), edit_grid),
             histories={name: h for name, d in dirs.items() if (h := _history(d)) is not None},
+            grid_marks={"t2i": {n: scores[n].t2i_correct[t_cols] >= 0.5 for n in names},
+                        "edit": {n: scores[n].edit_correct[e_cols] >= 0.5 for n in names}},
             notes=[
                 f"Bench {bench.version}: {len(bench.t2i)} T2I prompts and {len(bench.edit)} edits from the bench "
                 "split of the grammar, which no training, filtering or annotation stage draws from; one seed per "

@@ -89,6 +89,10 @@ def _env():
     return env
 
 
+def _user_env():
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def test_cli_prints_output_location_last(tmp_path, smoke_config):
     out = tmp_path / "cli-artifacts"
     proc = subprocess.run(
@@ -115,7 +119,9 @@ def test_cli_bad_config_is_one_line_error(tmp_path):
 
 def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
     pyflyte = os.path.join(os.path.dirname(sys.executable), "pyflyte")
-    env = {**_env(), "HOME": str(tmp_path / "home")}  # Flyte's local cache (~/.flyte) of this run only
+    # A user's shell: no PYTHONPATH (the Elastic workers must find `tasks` without it), and Flyte's local
+    # cache (~/.flyte) of this run only.
+    env = {**_user_env(), "HOME": str(tmp_path / "home")}
     proc = subprocess.run(
         [pyflyte, "run", "pipelines/post_train.py", "post_train", "--config", str(smoke_config)],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
