@@ -12,7 +12,8 @@ SHAPES := --config configs/shapes.yaml --output artifacts --no-progress
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
-	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json
+	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
+	results/edit_reward_probe.json
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -113,6 +114,15 @@ results/bench_shapes.json: venv
 # (results/rerun_shapes.json); run it right after a `make run` of that config has completed.
 results/rerun_shapes.json: venv
 	$(PY) -m bench.rerun --in-place --config configs/shapes.yaml --output $@
+
+# The edit reward on held-out instruction texts: ideal output vs no-op (results/edit_reward_probe.json);
+# the reward-model artifact is reused from artifacts/ when it is already there.
+results/edit_reward_probe.json: venv
+	set -eo pipefail; \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	$(PY) -m bench.edit_reward_probe --reward-model $$rm --output $@
 
 # The committed reliability record (results/reliability.json): every fault-injection test and every
 # bad-input case, with what passed.

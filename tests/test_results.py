@@ -163,3 +163,18 @@ def test_second_run_of_the_shapes_pipeline_ran_no_stage():
     assert results["config"] == "configs/shapes.yaml" and results["machine"]["cpu_count"] == 2
     (run,) = results["runs"]
     assert run["stages_run"] == [] and 0 < run["wall_s"] <= 60
+
+
+def test_edit_reward_prefers_the_ideal_edit_to_a_noop_on_unseen_texts():
+    """results/edit_reward_probe.json (`make results/edit_reward_probe.json`), what the README's bench
+    section says of it: on both splits the edit reward of the committed reward models scores the ideal
+    output above a no-op for every item."""
+    results = json.loads((ROOT / "results" / "edit_reward_probe.json").read_text())
+    rm = json.loads((ROOT / "results" / "reward_model_shapes.json").read_text())
+    assert results["reward_model"] == rm["artifact_uri"] and results["config"] == "configs/shapes.yaml"
+    for split in ("train", "bench"):
+        kinds = results["splits"][split]
+        assert set(kinds) == {"recolor", "remove", "add", "move"}, split
+        for kind, row in kinds.items():
+            assert row["items"] == results["per_kind"] and row["ideal"] > row["noop"], (split, kind)
+            assert row["noop_at_least_ideal"] == 0.0, (split, kind)
