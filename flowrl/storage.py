@@ -252,10 +252,40 @@ def read_manifest(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> Mani
             raise ArtifactError(
                 f"{uri}/{MANIFEST}: manifest format {data.get('format')!r}, expected {MANIFEST_FORMAT}"
             )
+        _check_manifest_fields(data)
         return Manifest(**data)
     except (ValueError, TypeError) as exc:
         raise ArtifactError(f"{uri}/{MANIFEST}: unreadable manifest: {exc}") from None
 
+
+def _check_manifest_fields(data: dict) -> None:
+    """ValueError naming the first field of a manifest that is missing or of the wrong type."""
+    def is_str_map(value) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+    def is_file_entry(value) -> bool:
+        return (isinstance(value, dict) and isinstance(value.get("sha256"), str)
+                and isinstance(value.get("bytes"), int) and not isinstance(value.get("bytes"), bool))
+
+    checks = {
+        "stage": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        "version": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        "config_hash": (lambda v: isinstance(v, str), "a string"),
+        "code_version": (lambda v: isinstance(v, str), "a string"),
+        "inputs": (is_str_map, "an object of input name -> URI"),
+        "files": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_file_entry(e) for k, e in v.items()),
+                  'an object of path -> {"sha256": str, "bytes": int}'),
+        "created_unix": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    }
+    optional = {"extra": (is_str_map, "an object of str -> str"), "payload": (lambda v: isinstance(v, str), "a string")}
+    for name, (ok, expected) in checks.items():
+        if name not in data:
+            raise ValueError(f"field {name!r} is missing")
+        if not ok(data[name]):
+            raise ValueError(f"field {name!r}: expected {expected}, got {data[name]!r:.80}")
+    for name, (ok, expected) in optional.items():
+        if name in data and not ok(data[name]):
+            raise ValueError(f"field {name!r}: expected {expected}, got {data[name]!r:.80}")
 
 
 class ArtifactStore:

@@ -131,3 +131,18 @@ def test_stage_code_versions_follow_only_the_code_each_stage_runs():
     assert stage_code_version("base") != code_version()
     with pytest.raises(ValueError, match="no module"):
         stage_module("nonsense")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("field, value", [("files", None), ("inputs", ["a"]), ("stage", ""), ("created_unix", "now"),
+                                          ("files", {"model.safetensors": {"sha256": "ab"}}), ("payload", 3)])
+def test_a_manifest_with_a_field_of_the_wrong_type_is_not_complete(tmp_path, field, value):
+    """Found by the property test: a manifest of the right format whose fields are null or mistyped was
+    read as complete; it is an ArtifactError naming the file and the field."""
+    good = {"stage": "base", "version": "v1", "config_hash": "c", "code_version": "k", "inputs": {},
+            "files": {}, "created_unix": 1.0, "format": 1}
+    (tmp_path / "manifest.json").write_text(json.dumps({**good, field: value}))
+    with pytest.raises(ArtifactError, match=rf"{tmp_path}/manifest.json: unreadable manifest: field '{field}'"):
+        read_manifest(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps(good))
+    assert read_manifest(str(tmp_path)).stage == "base"
