@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-place", action="store_true",
                         help="one run of the config as it stands (after a completed `make run` of it)")
     args = parser.parse_args(argv)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a user's shell, as `make run` has it
     if args.in_place:
         data = yaml.safe_load((ROOT / args.config).read_text())
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         run = _timed_run(args.config, env, data["run"]["tracking_uri"], "again")
         return 1 if run is None else _write(args, [run])
     with tempfile.TemporaryDirectory(prefix="flowrl-rerun-") as tmp:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         data["run"]["tracking_uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
         config = tmp / "config.yaml"
         config.write_text(yaml.safe_dump(data))
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HOME": str(tmp / "home")}
+        env["HOME"] = str(tmp / "home")
         runs = []
         for attempt in ("first", "second"):
             runs.append(_timed_run(str(config), env, data["run"]["tracking_uri"], attempt))

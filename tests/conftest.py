@@ -15,6 +15,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def user_env(**extra: str) -> dict[str, str]:
+    """This process's environment as a user's shell has it (no PYTHONPATH), plus ``extra``: what a
+    `pyflyte run` subprocess gets, so that its Elastic workers must import `tasks` on their own."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | extra
+
+
 def write_config(tmp_path: Path, scenario: str = "smoke.yaml", **overrides) -> Path:
     """A copy of configs/<scenario> with artifacts and tracking under tmp_path.
 

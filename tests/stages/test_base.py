@@ -15,7 +15,7 @@ from flowrl.config import load_config
 from flowrl.models import load_checkpoint
 from flowrl.stages.base import run_base
 from flowrl.storage import fetch, read_manifest
-from tests.conftest import ROOT, write_config
+from tests.conftest import ROOT, user_env, write_config
 
 EXPECTED_FILES = {"model.safetensors", "model.json", "metrics.json", "grid.png"}
 
@@ -89,10 +89,6 @@ def _env():
     return env
 
 
-def _user_env():
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-
-
 def test_cli_prints_output_location_last(tmp_path, smoke_config):
     out = tmp_path / "cli-artifacts"
     proc = subprocess.run(
@@ -119,9 +115,7 @@ def test_cli_bad_config_is_one_line_error(tmp_path):
 
 def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
     pyflyte = os.path.join(os.path.dirname(sys.executable), "pyflyte")
-    # A user's shell: no PYTHONPATH (the Elastic workers must find `tasks` without it), and Flyte's local
-    # cache (~/.flyte) of this run only.
-    env = {**_user_env(), "HOME": str(tmp_path / "home")}
+    env = user_env(HOME=str(tmp_path / "home"))  # Flyte's local cache (~/.flyte) of this run only
     proc = subprocess.run(
         [pyflyte, "run", "pipelines/post_train.py", "post_train", "--config", str(smoke_config)],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,

@@ -8,7 +8,7 @@ import sys
 import pytest
 from flytekit.types.file import FlyteFile
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, user_env
 
 
 def _config(upstream) -> str:
@@ -29,8 +29,7 @@ def test_pyflyte_runs_one_stage_from_earlier_uris(upstream, teachers, tmp_path):
     """`pyflyte run pipelines/post_train.py grpo_stage --base_uri ...` as the README shows it."""
     _, _, base, rm, prompts = upstream
     pyflyte = os.path.join(os.path.dirname(sys.executable), "pyflyte")
-    # No PYTHONPATH, as in a user's shell: the Elastic worker of the grpo task must import `tasks` without it.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HOME": str(tmp_path / "home")}
+    env = user_env(HOME=str(tmp_path / "home"))
     args = [pyflyte, "run", "pipelines/post_train.py", "grpo_stage", "--config", _config(upstream),
             "--task_name", "t2i", "--base_uri", base.uri, "--reward_model_uri", rm.uri,
             "--prompts_uri", prompts["t2i"].uri]
