@@ -85,7 +85,8 @@ def closure(roots: list[str], pins: dict[str, str], gpu_requires: dict[str, list
     return seen
 
 
-# DeepSpeed and what only it pulls in are not installed on CPU machines; their requirements as
+# DeepSpeed and what only it pulls in, for an environment without them (`make venv` installs them
+# since ZeRO is tested on the CPU): their requirements as
 # their metadata declares them (deepspeed 0.19.8; the others have none).
 GPU_ONLY_REQUIRES = {
     "deepspeed": ["einops", "hjson", "ninja", "numpy", "packaging>=20.0", "psutil", "py-cpuinfo", "pydantic>=2.0.0",

@@ -115,6 +115,9 @@ def test_section_hash_tracks_only_its_sections():
         ("grpo:\n  prompts_per_iteration: 6\n  reward_chunks: 1\n  minibatches: 4\n", "grpo.minibatches: 4 does not divide"),
         ("grpo:\n  cfg_mode: sometimes\n", "grpo.cfg_mode"),
         ("filter:\n  threshold_mode: quantile\n  threshold: 1.5\n", "filter.threshold: a quantile must be below 1"),
+        ("grpo:\n  zero_stage: 4\n", "grpo.zero_stage"),
+        ("grpo:\n  zero_stage: 3\n  ema_decay: 0.9\n", "grpo.zero_stage: ZeRO-3 partitions the weights"),
+        ("opd:\n  zero_stage: 3\n  ema_decay: 0.9\n", "opd.zero_stage: ZeRO-3 partitions the weights"),
     ],
 )
 def test_rl_cross_key_rules(tmp_path, text, message):

@@ -2,21 +2,20 @@
 
 Each rank samples and scores its own share of an iteration's prompt groups
 (a group never spans ranks, so the group-normalised advantages need no
-communication); DistributedDataParallel averages the gradients, which with
-equal shares is the gradient of the global mean loss: the same update as
-one process on the whole batch.
+communication); the trainer's engine (:mod:`flowrl.rl.engine`: DDP or
+DeepSpeed ZeRO) averages the gradients, which with equal shares is the
+gradient of the global mean loss: the same update as one process on the
+whole batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 
 import torch
 import torch.distributed as dist
 
-from flowrl.models.base import FlowModel
 
 
 def dist_info() -> tuple[int, int]:
@@ -46,32 +45,6 @@ def process_group():
         yield
     finally:
         shutdown()
-
-
-def ddp_model(model: FlowModel) -> FlowModel:
-    """A view of ``model`` whose forward runs through DistributedDataParallel
-    (same parameters; gradients are averaged across ranks in backward)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    from flowrl.models.shapes_dit import ShapesFlowModel
-
-    if not isinstance(model, ShapesFlowModel):
-        raise NotImplementedError(
-            f"multi-process GRPO wraps the shapes family's network; {type(model).__name__} trains with "
-            "DeepSpeed instead (not wired yet)"
-        )
-    view = copy.copy(model)
-    # T2I batches never touch the source-image branch: without find_unused_parameters the
-    # buckets holding those weights would never be reduced, and neither would their neighbours
-    view.net = DistributedDataParallel(model.net, find_unused_parameters=True)
-    return view
-
-
-def no_sync(model: FlowModel):
-    """Context in which backward accumulates gradients without the all-reduce
-    (a DDP view from :func:`ddp_model`); a no-op for a plain model."""
-    net = getattr(model, "net", None)
-    return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
 
 
 def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:

@@ -14,7 +14,6 @@ resumed from a checkpoint replays exactly.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from flowrl.config import GRPOConfig, category_weights
 from flowrl.models.base import Condition, FlowModel
 from flowrl.rewards.base import RewardScores
 from flowrl.rewards.client import RewardClientError
-from flowrl.rl.distributed import ddp_model, mean_across_ranks, no_sync
+from flowrl.rl.distributed import mean_across_ranks
+from flowrl.rl.engine import make_engine
 from flowrl.rl.objectives import gaussian_kl, group_advantages, ppo_clip_loss
 from flowrl.rl.rollout import (
     RolloutSettings,
@@ -174,9 +174,10 @@ class GRPOTrainer(LoopTrainer):
             self.tasks = {t: TaskData(prompts[t], rewards[t], weights[t]) for t in prompts}
         else:
             self.tasks = {"": TaskData(prompts, rewards, weights)}
-        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        engine = make_engine(model, module, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                             zero_stage=cfg.zero_stage, ema=cfg.ema_decay > 0, where="grpo")
         ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        super().__init__(model, module, optimizer, ema, loop_settings(cfg), monitor, checkpoints, config_hash)
+        super().__init__(model, module, engine, ema, loop_settings(cfg), monitor, checkpoints, config_hash)
         if cfg.prompts_per_iteration % (cfg.reward_chunks * self.world):
             raise ValueError(
                 f"grpo.reward_chunks = {cfg.reward_chunks} times the {self.world} process(es) must divide "
@@ -186,7 +187,7 @@ class GRPOTrainer(LoopTrainer):
         self.category_scale = category_scale or {}
         self.sampling_weights = category_weights(cfg.sampling_weights, "grpo.sampling_weights")
         self.settings = settings_of(cfg)
-        self.train_model = ddp_model(model) if self.world > 1 else model
+        self.train_model = self.engine.view(model)  # forward with the engine's gradient reduction
 
     @property
     def prompts(self) -> PromptSet:
@@ -265,22 +266,20 @@ class GRPOTrainer(LoopTrainer):
         stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "ratio_dev": [], "kl": [], "grad_norm": []}
         self.module.train()
         for m in range(len(plans[0][3])):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.engine.zero_grad()
             rows_total = sum(len(plan[3][m]) for plan in plans)
             step_stats: dict[str, float] = {}
             for j, (out, steps, n_trained, chunks) in enumerate(plans):
                 share = len(chunks[m]) / rows_total
                 # several tasks: one backward per task (their conditions differ), gradients accumulate;
-                # under DDP only the last backward all-reduces
-                last = j == len(plans) - 1
-                with contextlib.nullcontext() if last else no_sync(self.train_model):
+                # only the last backward reduces across ranks
+                with self.engine.accumulate(self.train_model, last=j == len(plans) - 1):
                     loss, diag = self._part_loss(out, chunks[m], steps, n_trained)
-                    (loss * share).backward()
+                    self.engine.backward(loss * share)
                 for key, value in (("loss", loss), *diag.items()):
                     value = float(value.detach()) if torch.is_tensor(value) else float(value)
                     step_stats[key] = step_stats.get(key, 0.0) + share * value
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            grad_norm = self.engine.step()  # global-norm clip, then AdamW
             if self.ema is not None:
                 self.ema.update(self.module)
             step_stats["grad_norm"] = float(grad_norm)

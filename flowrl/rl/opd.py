@@ -22,7 +22,6 @@ No reward model takes part. Teachers are frozen, loaded once and run under
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ import torch
 
 from flowrl.config import OPDConfig, name_value_pairs
 from flowrl.models.base import Condition, FlowModel
-from flowrl.rl.distributed import ddp_model, mean_across_ranks, no_sync
+from flowrl.rl.distributed import mean_across_ranks
+from flowrl.rl.engine import make_engine
 from flowrl.rl.grpo import PromptSet, draw_prompts
 from flowrl.rl.trainer import EMA, Checkpoints, LoopSettings, LoopTrainer, seeded_generator
 from flowrl.sampling import sample
@@ -112,10 +112,11 @@ class OPDTrainer(LoopTrainer):
         config_hash: str = "",
         task_models: dict[str, FlowModel] | None = None,
     ):
-        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        engine = make_engine(model, module, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                             zero_stage=cfg.zero_stage, ema=cfg.ema_decay > 0, where="opd")
         ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         settings = LoopSettings(cfg.iterations, cfg.eval_every, cfg.checkpoint_every, name="opd", tracked="train/loss")
-        super().__init__(model, module, optimizer, ema, settings, monitor, checkpoints, config_hash)
+        super().__init__(model, module, engine, ema, settings, monitor, checkpoints, config_hash)
         self.teachers, self.cfg, self.prompts, self.routes = teachers, cfg, prompts, routes
         if cfg.num_steps is None:
             raise ValueError("opd.num_steps: resolve null to the sampler's steps before building the trainer")
@@ -127,10 +128,8 @@ class OPDTrainer(LoopTrainer):
             if n % self.world:
                 raise ValueError(f"opd: {n} {task} prompts per iteration do not split over {self.world} processes")
         self.task_models = {task: (task_models or {}).get(task, model) for task in prompts}
-        views: dict[int, FlowModel] = {}  # one DDP wrapper per distinct model, never two over the same weights
-        for m in self.task_models.values():
-            views.setdefault(id(m), ddp_model(m) if self.world > 1 else m)
-        self.train_models = {task: views[id(m)] for task, m in self.task_models.items()}
+        # the engine keeps one gradient-reducing wrapper of the module, whichever model views it
+        self.train_models = {task: self.engine.view(m) for task, m in self.task_models.items()}
 
     def teacher_of(self, task: str, category: str) -> str:
         return self.routes.get(category, self.routes[task])
@@ -203,7 +202,7 @@ class OPDTrainer(LoopTrainer):
         total = sum(b.states.shape[0] for b in batches)
         metrics: dict[str, float] = {}
         self.module.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         loss_sum = 0.0
         for j, (batch, steps, scale) in enumerate(plans):
             target = torch.empty(batch.states.shape[0], 2 * steps.shape[1], *batch.states.shape[2:])
@@ -213,23 +212,22 @@ class OPDTrainer(LoopTrainer):
                     target[rows] = self._velocities(self.teachers[name], batch, rows, steps[rows])
             share = batch.states.shape[0] / total
             train_model = self.train_models[batch.task]
-            with contextlib.nullcontext() if j == len(plans) - 1 else no_sync(train_model):
+            with self.engine.accumulate(train_model, last=j == len(plans) - 1):
                 pred = self._velocities(train_model, batch, torch.arange(batch.states.shape[0]), steps)
                 loss = velocity_matching_loss(pred, target, scale)
-                (loss * share).backward()
+                self.engine.backward(loss * share)
             half = steps.shape[1]
             with torch.no_grad():
                 per_branch = (pred.detach() - target).pow(2).flatten(2).mean(dim=2)
             metrics[f"train/loss_{batch.task}"] = float(loss.detach())
             metrics[f"train/loss_{batch.task}_uncond"] = float(scale * per_branch[:, half:].sum(1).mean())
             loss_sum += share * float(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        grad_norm = self.engine.step()  # global-norm clip, then AdamW
         if self.ema is not None:
             self.ema.update(self.module)
         self.module.eval()
         metrics["train/loss"] = loss_sum
-        metrics["train/grad_norm"] = float(grad_norm)
+        metrics["train/grad_norm"] = grad_norm
         return mean_across_ranks(metrics)
 
     def step(self, iteration: int) -> dict[str, float]:

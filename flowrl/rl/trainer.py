@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from flowrl.pretrain import EMA
 from flowrl.rl.distributed import barrier, broadcast, dist_info
+from flowrl.rl.engine import TorchEngine
 from flowrl.storage import ArtifactError, ArtifactStore, fetch
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,23 @@ class Checkpoints:
         ema: EMA | None,
         config_hash: str,
     ) -> str:
+        return self.save_payload(state, module.state_dict(), optimizer.state_dict(), ema, config_hash)
+
+    def save_payload(
+        self,
+        state: TrainerState,
+        weights: dict[str, torch.Tensor],
+        optimizer_state: dict,
+        ema: EMA | None,
+        config_hash: str,
+    ) -> str:
+        """Commit full weights and a torch AdamW state dict (what every engine reads and writes)."""
         with tempfile.TemporaryDirectory(prefix="flowrl-ckpt-") as tmp:
             tmp = Path(tmp)
-            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, tmp / _WEIGHTS)
+            save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / _WEIGHTS)
             if ema is not None:
                 save_file({k: v.contiguous() for k, v in ema.shadow.state_dict().items()}, tmp / _EMA)
-            torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / _TRAINER)
+            torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / _TRAINER)
             (tmp / _STATE).write_text(json.dumps(state.__dict__, sort_keys=True))
             return self.store.commit(
                 tmp, stage=self.stage, version=self._name(state.iteration), config_hash=config_hash,
@@ -107,14 +119,18 @@ class Checkpoints:
     def load(
         self, uri: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None
     ) -> TrainerState:
+        return self.load_into(uri, TorchEngine.of(module, optimizer), ema)
+
+    def load_into(self, uri: str, engine: TorchEngine, ema: EMA | None) -> TrainerState:
+        """Restore a checkpoint into ``engine`` (collective under ZeRO: every rank calls it)."""
         local = fetch(uri, fs=self.store.fs) if "://" in uri else fetch(uri)
-        module.load_state_dict(load_file(local / _WEIGHTS), strict=True)
+        engine.load_full_state_dict(load_file(local / _WEIGHTS))
         if ema is not None:
             if not (local / _EMA).is_file():
                 raise ArtifactError(f"{uri}: the run uses EMA but the checkpoint has no {_EMA}")
             ema.shadow.load_state_dict(load_file(local / _EMA), strict=True)
         trainer = torch.load(io.BytesIO((local / _TRAINER).read_bytes()), weights_only=True)
-        optimizer.load_state_dict(trainer["optimizer"])
+        engine.load_optimizer_state(trainer["optimizer"])
         torch.set_rng_state(trainer["torch_rng"])
         return TrainerState(**json.loads((local / _STATE).read_text()))
 
@@ -187,7 +203,7 @@ class LoopTrainer(abc.ABC):
         self,
         model,
         module: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | TorchEngine,
         ema: EMA | None,
         settings: LoopSettings,
         monitor: Callable | None = None,
@@ -195,7 +211,9 @@ class LoopTrainer(abc.ABC):
         config_hash: str = "",
     ):
         self.rank, self.world = dist_info()
-        self.model, self.module, self.optimizer, self.ema = model, module, optimizer, ema
+        # the engine steps the weights (plain / DDP, or DeepSpeed ZeRO); a bare optimizer gets a plain one
+        self.engine = optimizer if isinstance(optimizer, TorchEngine) else TorchEngine.of(module, optimizer)
+        self.model, self.module, self.optimizer, self.ema = model, module, self.engine.optimizer, ema
         self.loop, self.monitor, self.checkpoints, self.config_hash = settings, monitor, checkpoints, config_hash
         self.state = TrainerState()
         # watched held-out scores: the task's judge metric and, where the monitor gives it, fidelity
@@ -221,7 +239,7 @@ class LoopTrainer(abc.ABC):
         uri = self.checkpoints.latest() if self.checkpoints else None
         if uri is None:
             return False
-        self.state = self.checkpoints.load(uri, self.module, self.optimizer, self.ema)
+        self.state = self.checkpoints.load_into(uri, self.engine, self.ema)
         for entry in self.state.monitor:  # rebuild the monitor's memory
             for key, watch in self.hacking.items():
                 if key in entry:
@@ -230,19 +248,22 @@ class LoopTrainer(abc.ABC):
         return True
 
     # ------------------------------------------------------------------ the loop
-    def _evaluate(self, iteration: int) -> dict[str, float]:
+    def _evaluate(self, iteration: int, model) -> dict[str, float]:
         if self.ema is None:
-            return self.monitor(self.model, iteration)
+            return self.monitor(model, iteration)
         live = {k: v.clone() for k, v in self.module.state_dict().items()}
         self.module.load_state_dict(self.ema.shadow.state_dict())
         try:
-            return self.monitor(self.model, iteration)
+            return self.monitor(model, iteration)
         finally:
             self.module.load_state_dict(live)
 
     def _checkpoint(self) -> None:
-        if self.checkpoints is not None and self.rank == 0:
-            self.checkpoints.save(self.state, self.module, self.optimizer, self.ema, self.config_hash)
+        if self.checkpoints is not None:
+            # collective under ZeRO (the ranks' partitions are assembled); rank 0 writes
+            weights, optimizer_state = self.engine.full_state_dict(), self.engine.optimizer_state()
+            if self.rank == 0:
+                self.checkpoints.save_payload(self.state, weights, optimizer_state, self.ema, self.config_hash)
         barrier()
 
     def _stopped(self, iteration: int, cause: str) -> TrainingStopped:
@@ -253,7 +274,9 @@ class LoopTrainer(abc.ABC):
                                f"{cause}; nothing of this iteration was saved; {where}")
 
     def _monitor_step(self, iteration: int, log_metrics=None) -> dict:
-        scores = broadcast(self._evaluate(iteration) if self.rank == 0 else None)  # one judge, same verdict everywhere
+        with self.engine.evaluation_model(self.model) as model:  # collective to enter under ZeRO-3
+            # one judge, same verdict everywhere
+            scores = broadcast(self._evaluate(iteration, model) if self.rank == 0 else None)
         recent = [h[self.loop.tracked] for h in self.state.history[-MONITOR_WINDOW:] if self.loop.tracked in h]
         tracked = float(np.mean(recent)) if recent else None
         entry = {"iteration": iteration, "train_reward": tracked, **scores}
@@ -309,5 +332,5 @@ class LoopTrainer(abc.ABC):
             if self.state.stopped:
                 self._checkpoint()
                 break
-        weights = (self.ema.shadow if self.ema is not None else self.module).state_dict()
+        weights = self.ema.shadow.state_dict() if self.ema is not None else self.engine.full_state_dict()
         return TrainResult(self.state, {k: v.detach().clone() for k, v in weights.items()})

@@ -240,6 +240,7 @@ def run_grpo(
             start = time.perf_counter()
             trainer, result = train(ctx.tracker)
             train_s = time.perf_counter() - start
+            model = trainer.engine.plain_model(model)  # ZeRO-3 partitioned the trained one
             model.net.load_state_dict(result.module_state)
             report = evaluate_shapes(model, config)
             base_metrics = json.loads((base_dir / "metrics.json").read_text())

@@ -171,6 +171,7 @@ def run_opd(
         start = time.perf_counter()
         trainer, result = train(ctx.tracker)
         train_s = time.perf_counter() - start
+        model = trainer.engine.plain_model(model)  # ZeRO-3 partitioned the trained one
         model.net.load_state_dict(result.module_state)
         report = evaluate_shapes(model, config)
         models = {"base": judge_metrics(base_dir)}

@@ -1,11 +1,15 @@
 """One GRPO update on a fixed global batch, in one process or under torchrun.
 
-Usage: python tests/rl/ddp_update.py OUT.safetensors [mixed]  (or under torchrun).
+Usage: python tests/rl/ddp_update.py OUT.safetensors [single|mixed|opd] [ZERO_STAGE]  (or under torchrun).
 Every rank builds the same rollouts and advantages for the whole batch,
 keeps its share of the prompt groups and takes the update; rank 0 writes the
 updated weights. ``mixed``: two tasks at once (T2I and edit, Mix-RL), whose
 conditions differ, so the update accumulates one backward per task. ``opd``:
 one OPD iteration (both tasks, states from the student's own trajectories).
+``resume``: one GRPO update, then the engine's checkpoint state (full
+weights, AdamW state) is loaded into a second trainer on a fresh model, and
+both take the same second update (rank 0 writes both: ``a.*`` and ``b.*``).
+ZERO_STAGE 1-3 steps through DeepSpeed ZeRO instead of plain PyTorch / DDP.
 """
 
 import sys
@@ -39,12 +43,12 @@ def _task_batch(model, cfg, prompts, sources, rank, world, seed):
     return IterationOutput(full.select(rows), RewardScores(reward[rows], {"r": reward[rows]}), adv[rows], [])
 
 
-def main(out: str, mode: str = "single") -> None:
+def main(out: str, mode: str = "single", zero_stage: str = "0") -> None:
     torch.set_num_threads(1)
     init_from_env()
     rank, world = dist_info()
     cfg = GRPOConfig(prompts_per_iteration=4, group_size=GROUP, num_steps=3, timestep_fraction=1.0,
-                     timesteps_per_trajectory=2, reward_chunks=1, lr=1e-3)
+                     timesteps_per_trajectory=2, reward_chunks=1, lr=1e-3, zero_stage=int(zero_stage))
     model = tiny_model()
     if mode == "opd":
         from flowrl.config import OPDConfig
@@ -52,20 +56,50 @@ def main(out: str, mode: str = "single") -> None:
 
         sources = torch.rand(len(EDITS), 3, 32, 32, generator=torch.Generator().manual_seed(9))
         trainer = OPDTrainer(model, model.net, {"t": tiny_model(seed=1)},
-                             OPDConfig(prompts_per_iteration=8, num_steps=3, timesteps_per_trajectory=2, lr=1e-3),
+                             OPDConfig(prompts_per_iteration=8, num_steps=3, timesteps_per_trajectory=2, lr=1e-3,
+                                       zero_stage=int(zero_stage)),
                              {"t2i": PromptSet(PROMPTS, ["x"] * 4, None), "edit": PromptSet(EDITS, ["y"] * 4, sources)},
                              {"t2i": "t", "edit": "t"}, {"t2i": 0.5, "edit": 0.5}, guidance_scale=3.0)
         trainer.step(0)
+    elif mode == "resume":
+        _resume(out, cfg, rank, world)
+        shutdown()
+        return
     else:
         trainer = _grpo_update(model, cfg, mode, rank, world)
+    # the weights, and Adam's first moment: (1 - beta1) x the (all-reduced) gradient after one step
+    tensors = _engine_tensors(trainer, model)
     if rank == 0:
-        # the weights, and Adam's first moment: (1 - beta1) x the (all-reduced) gradient after one step
-        names = {id(p): n for n, p in model.net.named_parameters()}
-        moments = {f"grad.{names[id(p)]}": trainer.optimizer.state[p]["exp_avg"] / 0.1
-                   for p in model.net.parameters() if p in trainer.optimizer.state}
-        tensors = {**model.net.state_dict(), **moments}
         save_file({k: v.contiguous() for k, v in tensors.items()}, out)
     shutdown()
+
+
+def _engine_tensors(trainer, model, prefix=""):
+    """Weights and AdamW moments in the engines' common checkpoint format (assembled from the
+    ranks' partitions under ZeRO: every rank must call it)."""
+    weights, optimizer = trainer.engine.full_state_dict(), trainer.engine.optimizer_state()
+    names = [n for n, _ in model.net.named_parameters()]
+    tensors = {prefix + k: v for k, v in weights.items()}
+    tensors.update({f"{prefix}grad.{names[i]}": entry["exp_avg"] / 0.1 for i, entry in optimizer["state"].items()})
+    tensors.update({f"{prefix}sq.{names[i]}": entry["exp_avg_sq"] for i, entry in optimizer["state"].items()})
+    return tensors
+
+
+def _resume(out, cfg, rank, world):
+    weights = lambda prompts: torch.ones(len(prompts), 1)  # noqa: E731
+    first, second = tiny_model(), tiny_model(seed=3)  # the second's own weights are all overwritten
+    a = GRPOTrainer(first, first.net, None, cfg, PromptSet(PROMPTS, ["x"] * 4, None), rewards=None, weights=weights)
+    a.update({"": _task_batch(first, cfg, PROMPTS, None, rank, world, 5)}, iteration=0)
+    b = GRPOTrainer(second, second.net, None, cfg, PromptSet(PROMPTS, ["x"] * 4, None), rewards=None,
+                    weights=weights)
+    b.engine.load_full_state_dict(a.engine.full_state_dict())
+    b.engine.load_optimizer_state(a.engine.optimizer_state())
+    batch = {"": _task_batch(first, cfg, PROMPTS[::-1], None, rank, world, 7)}
+    a.update(batch, iteration=1)
+    b.update(batch, iteration=1)
+    tensors = {**_engine_tensors(a, first, "a."), **_engine_tensors(b, second, "b.")}
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out)
 
 
 def _grpo_update(model, cfg, mode, rank, world):
