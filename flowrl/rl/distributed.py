@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -73,8 +74,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def destroy() -> None:
+    """Destroy the default process group, through DeepSpeed when it has used it (DeepSpeed keeps
+    its own handles on the group, which must go with it, or a later group in this process would
+    meet stale ones)."""
+    deepspeed_comm = sys.modules.get("deepspeed.comm.comm")
+    if deepspeed_comm is not None and getattr(deepspeed_comm, "cdb", None) is not None:
+        deepspeed_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 def shutdown() -> None:
     """Leave the process group cleanly (gloo's threads must stop before the interpreter exits)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        destroy()

@@ -128,6 +128,9 @@ class TorchEngine:
         """A model rank 0 can sample from on its own (collective to enter)."""
         yield model
 
+    def close(self) -> None:
+        """Release what the engine set up for itself (nothing here)."""
+
     def plain_model(self, model: FlowModel) -> FlowModel:
         """A model whose weights are whole on this rank, to load the trained weights into."""
         return model
@@ -155,7 +158,11 @@ class ZeroEngine(TorchEngine):
         self.module, self.grad_clip, self.zero_stage = module, grad_clip, zero_stage
         self.partitioned = zero_stage == 3
         self.plain = copy.deepcopy(model) if self.partitioned else None  # before ZeRO-3 partitions the weights
-        if not dist.is_initialized():  # one process: a group of one, so DeepSpeed runs unchanged
+        self._own_group = not dist.is_initialized()
+        if self._own_group:  # one process: a group of one, so DeepSpeed runs unchanged
+            import os
+
+            os.environ.setdefault("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed reads it
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
                                     rank=0, world_size=1)
         self.rank, self.world = dist_info()
@@ -292,6 +299,13 @@ class ZeroEngine(TorchEngine):
 
     def plain_model(self, model: FlowModel) -> FlowModel:
         return self.plain if self.partitioned else model
+
+    def close(self) -> None:
+        if self._own_group and dist.is_initialized():
+            from flowrl.rl.distributed import destroy
+
+            destroy()
+            self._own_group = False
 
 
 def make_engine(model: FlowModel, module: torch.nn.Module, *, lr: float, weight_decay: float, grad_clip: float,
