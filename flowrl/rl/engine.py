@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from typing import Iterator
 
 import torch
@@ -159,10 +160,12 @@ class ZeroEngine(TorchEngine):
         self.partitioned = zero_stage == 3
         self.plain = copy.deepcopy(model) if self.partitioned else None  # before ZeRO-3 partitions the weights
         self._own_group = not dist.is_initialized()
-        if self._own_group:  # one process: a group of one, so DeepSpeed runs unchanged
-            import os
-
-            os.environ.setdefault("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed reads it
+        # one process: LOCAL_RANK as a launcher would set it (DeepSpeed reads it while it runs; close()
+        # removes it, or processes started from this one would think a launcher ran them too)
+        self._own_local_rank = self._own_group and "LOCAL_RANK" not in os.environ
+        if self._own_local_rank:
+            os.environ["LOCAL_RANK"] = "0"
+        if self._own_group:  # and a group of one, so DeepSpeed runs unchanged
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
                                     rank=0, world_size=1)
         self.rank, self.world = dist_info()
@@ -172,7 +175,8 @@ class ZeroEngine(TorchEngine):
             "train_micro_batch_size_per_gpu": 1,  # the trainers size their own batches
             "gradient_accumulation_steps": 1,
             "gradient_clipping": grad_clip,
-            "zero_optimization": {"stage": zero_stage},
+            # stage 3 would otherwise swap torch.nn.functional.linear for its own, for the whole process
+            "zero_optimization": {"stage": zero_stage, "memory_efficient_linear": False},
             "zero_allow_untested_optimizer": True,  # torch's AdamW: exact, if not DeepSpeed's fused one
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
@@ -306,6 +310,9 @@ class ZeroEngine(TorchEngine):
 
             destroy()
             self._own_group = False
+        if self._own_local_rank:
+            os.environ.pop("LOCAL_RANK", None)
+            self._own_local_rank = False
 
 
 def make_engine(model: FlowModel, module: torch.nn.Module, *, lr: float, weight_decay: float, grad_clip: float,

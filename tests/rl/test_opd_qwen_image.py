@@ -76,3 +76,24 @@ def test_qwen_image_student_equal_to_its_teachers_has_zero_loss(tiny):
     metrics = trainer.update(trainer.collect(0), 0)
     assert metrics["train/loss_t2i"] == pytest.approx(0.0, abs=1e-10)
     assert metrics["train/loss_edit"] == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_qwen_image_student_under_deepspeed_zero_takes_the_plain_update(tiny, zero):
+    """The production training path: the student transformer under DeepSpeed ZeRO (CPU accelerator,
+    one process), behind both pipeline views at once, ends where plain PyTorch's AdamW ends."""
+    teachers = {
+        "t2i_teacher": _perturbed(QwenImageModel.from_pretrained(tiny, task="t2i", height=HEIGHT, width=WIDTH), 1),
+        "edit_teacher": _perturbed(QwenImageModel.from_pretrained(tiny, task="edit", height=HEIGHT, width=WIDTH), 2),
+    }
+    plain = _trainer(*_student(tiny), teachers).train(progress=False)
+    trainer = _trainer(*_student(tiny), teachers, zero_stage=zero)
+    try:
+        assert trainer.engine.zero_stage == zero
+        sharded = trainer.train(progress=False)
+    finally:
+        trainer.engine.close()
+    for a, b in zip(plain.state.history, sharded.state.history):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
+    for key, value in plain.module_state.items():
+        torch.testing.assert_close(sharded.module_state[key], value, atol=1e-5, rtol=1e-4)

@@ -167,13 +167,18 @@ def test_zero3_run_resumes_exactly_and_matches_plain_pytorch(upstream, tmp_path)
 
     import torch.distributed as dist
 
+    import os
+
     _, config, base, rm, prompts = upstream
     zero = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, zero_stage=3))
+    linear, local_rank = torch.nn.functional.linear, os.environ.get("LOCAL_RANK")
     plain = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "p"),
                      progress=False)
     whole = run_grpo(zero, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "a"),
                      progress=False)
     assert not dist.is_initialized()  # the engine's own group of one is gone with the run
+    # and it left the process as it found it (DeepSpeed's ZeRO-3 would swap F.linear for good)
+    assert torch.nn.functional.linear is linear and os.environ.get("LOCAL_RANK") == local_rank
     with pytest.raises(InterruptedError):
         run_grpo(zero, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "b"),
                  progress=False, stop_after=3)
