@@ -143,7 +143,8 @@ class ZeroEngine(TorchEngine):
 
     Stage 3 also partitions the weights the rest of the trainer reads: full
     weights are gathered for checkpoints and for the held-out monitor, which
-    rank 0 runs on a plain copy of the model (``plain``) kept for that."""
+    rank 0 runs on a plain copy of the model (``plain``, rank 0 only) kept
+    for that and for the stage's final evaluation."""
 
     def __init__(self, module: torch.nn.Module, *, lr: float, weight_decay: float, grad_clip: float,
                  zero_stage: int, model: FlowModel):
@@ -158,7 +159,6 @@ class ZeroEngine(TorchEngine):
             ) from exc
         self.module, self.grad_clip, self.zero_stage = module, grad_clip, zero_stage
         self.partitioned = zero_stage == 3
-        self.plain = copy.deepcopy(model) if self.partitioned else None  # before ZeRO-3 partitions the weights
         self._own_group = not dist.is_initialized()
         # one process: LOCAL_RANK as a launcher would set it (DeepSpeed reads it while it runs; close()
         # removes it, or processes started from this one would think a launcher ran them too)
@@ -169,6 +169,8 @@ class ZeroEngine(TorchEngine):
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
                                     rank=0, world_size=1)
         self.rank, self.world = dist_info()
+        # ZeRO-3: rank 0's copy for the monitor and the final evaluation, taken before the weights are partitioned
+        self.plain = copy.deepcopy(model) if self.partitioned and self.rank == 0 else None
         self._names = [name for name, _ in module.named_parameters()]
         optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
         config = {
@@ -296,13 +298,16 @@ class ZeroEngine(TorchEngine):
         if not self.partitioned:
             yield model
             return
-        weights = self.full_state_dict()  # every rank takes part in the gather
+        weights = self.full_state_dict()  # every rank takes part in the gather; rank 0 alone evaluates
+        if self.plain is None:
+            yield model
+            return
         getattr(self.plain, self._attr).load_state_dict(weights)
         yield self.plain
 
 
     def plain_model(self, model: FlowModel) -> FlowModel:
-        return self.plain if self.partitioned else model
+        return self.plain if self.plain is not None else model
 
     def close(self) -> None:
         if self._own_group and dist.is_initialized():

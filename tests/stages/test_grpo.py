@@ -190,3 +190,37 @@ def test_zero3_run_resumes_exactly_and_matches_plain_pytorch(upstream, tmp_path)
     for key in a:
         torch.testing.assert_close(a[key], p[key], atol=1e-4, rtol=1e-4)
     assert [e["iteration"] for e in whole.metrics["monitor"]] == [e["iteration"] for e in plain.metrics["monitor"]]
+
+
+def test_two_process_zero3_grpo_stage_ends_where_ddp_does(upstream, tmp_path):
+    """`torchrun --nproc_per_node 2 -m flowrl.cli grpo` with grpo.zero_stage 3 (rollouts through
+    partitioned weights on both ranks, the monitor on rank 0's gathered copy, checkpoints assembled
+    from both ranks' partitions) trains the teacher DDP trains with the same two processes (each
+    rank draws its own rollout noise, so one process would sample other trajectories)."""
+    import os
+    import subprocess
+    import sys
+
+    from flowrl.rewards.server import free_port
+    from tests.conftest import ROOT, write_config
+
+    _, config, base, rm, prompts = upstream
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    runs = {}
+    for zero in (0, 3):
+        path = write_config(tmp_path / str(zero), grpo={"zero_stage": zero, "reward_chunks": 1})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "flowrl.cli", "grpo", "--config", str(path), "--task", "t2i",
+               "--base", base.uri, "--reward-model", rm.uri, "--prompts", prompts["t2i"].uri,
+               "--output", str(tmp_path / str(zero) / "out"), "--no-progress", "--no-tracking"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[zero] = proc.stdout.strip().splitlines()[-1]
+        assert len(list((tmp_path / str(zero) / "out" / "grpo_t2i.checkpoints").glob("*/manifest.json"))) == 2
+    ddp, sharded = (json.loads((fetch(runs[z]) / "metrics.json").read_text()) for z in (0, 3))
+    assert [e["iteration"] for e in sharded["monitor"]] == [e["iteration"] for e in ddp["monitor"]] == [0, 2, 4]
+    a, b = (load_file(fetch(runs[z]) / "model.safetensors") for z in (0, 3))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
