@@ -7,8 +7,9 @@ Both engines give the trainers one interface (:meth:`view`, :meth:`accumulate`,
 :meth:`backward`, :meth:`step`) and one checkpoint format: the full fp32
 weights and a ``torch.optim.AdamW`` state dict with the parameters numbered in
 ``module.parameters()`` order. A ZeRO engine assembles both from the ranks'
-partitions (collective calls), so a checkpoint written under ZeRO-3 on 8 ranks
-resumes in one process without DeepSpeed, and the other way round.
+partitions (collective calls), so a checkpoint does not depend on the number
+of ranks or on the engine that wrote it: one written by ZeRO-3 ranks loads into
+one plain process (tested), and any loads into a ZeRO engine.
 
 The optimizer is AdamW either way; under ZeRO it is the same torch class
 stepping each rank's flat partition, so one step is the same update as the

@@ -224,3 +224,23 @@ def test_two_process_zero3_grpo_stage_ends_where_ddp_does(upstream, tmp_path):
     a, b = (load_file(fetch(runs[z]) / "model.safetensors") for z in (0, 3))
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    # one checkpoint format: the iteration-2 checkpoints of both runs load into one plain process
+    # and hold the same weights and AdamW moments
+    from flowrl.rl.engine import TorchEngine
+    from flowrl.rl.trainer import Checkpoints
+    from flowrl.storage import ArtifactStore
+
+    loaded = []
+    for zero in (0, 3):
+        (uri,) = (tmp_path / str(zero) / "out" / "grpo_t2i.checkpoints").glob("*-0000002")
+        model = load_checkpoint(fetch(base.uri), expected_family="shapes")
+        engine = TorchEngine(model.net, lr=config.grpo.lr, weight_decay=0.0, grad_clip=1.0)
+        state = Checkpoints(ArtifactStore(str(tmp_path)), "grpo_t2i", "x").load_into(str(uri), engine, None)
+        assert state.iteration == 2
+        loaded.append((engine.full_state_dict(), engine.optimizer_state()["state"]))
+    (w0, s0), (w3, s3) = loaded
+    for key in w0:
+        torch.testing.assert_close(w3[key], w0[key], atol=1e-5, rtol=1e-4)
+    for index, entry in s0.items():  # DDP's AdamW has no state for parameters no batch reached
+        assert float(entry["step"]) == float(s3[index]["step"]) == 2
+        torch.testing.assert_close(s3[index]["exp_avg"], entry["exp_avg"], atol=1e-6, rtol=1e-4)
