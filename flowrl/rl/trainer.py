@@ -299,7 +299,15 @@ class LoopTrainer(abc.ABC):
         stop_after: int | None = None,
     ) -> TrainResult:
         """Run (or finish) the configured iterations. ``stop_after`` ends the
-        call after that many iterations in total, as a kill would (tests)."""
+        call after that many iterations in total, as a kill would (tests).
+        The engine is closed at the end, however the run ends (a process group
+        it made for itself, ZeRO in one process, goes with it)."""
+        try:
+            return self._train(log_metrics, progress, stop_after)
+        finally:
+            self.engine.close()
+
+    def _train(self, log_metrics, progress: bool, stop_after: int | None) -> TrainResult:
         loop = self.loop
         if self.monitor is not None and self.state.iteration == 0 and not self.state.monitor:
             self._monitor_step(0)

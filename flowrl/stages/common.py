@@ -149,12 +149,9 @@ def run_trainer(trainer, tracker: Tracker, *, stage: str, iterations: int, resum
     """The RL stages' training call: resume if asked, train, and refuse to go
     on (no artifact) when the run ended early without a stop reason, as a
     killed run would (``stop_after``, tests)."""
-    try:
-        if resume:
-            trainer.resume()
-        result = trainer.train(tracker.log_metrics, progress=progress, stop_after=stop_after)
-    finally:
-        trainer.engine.close()  # a process group the engine made for itself (ZeRO in one process) ends here
+    if resume:
+        trainer.resume()
+    result = trainer.train(tracker.log_metrics, progress=progress, stop_after=stop_after)
     if trainer.state.iteration < iterations and not trainer.state.stopped:
         raise InterruptedError(f"{stage}: stopped after iteration {trainer.state.iteration} (stop_after)")
     return result
