@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
-	results/edit_reward_probe.json
+	results/edit_reward_probe.json results/grpo_ablations.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -79,6 +79,21 @@ results/grpo_shapes.json: venv
 		$(FLOWRL) grpo $(SHAPES) --task $$task --base $$base --reward-model $$rm --prompts $$prompts \
 			--results $@ --results-key $$task; \
 	done
+
+# The GRPO ablation table (results/grpo_ablations.json; T2I, 60 iterations per variant, everything else
+# as configs/shapes.yaml): base, reward models and curated prompts come from the same CLI calls as
+# results/grpo_shapes.json (reused from artifacts/); two runners of one thread each share the file.
+results/grpo_ablations.json: venv
+	set -eo pipefail; \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
+	run="$(PY) -m bench.grpo_ablations --task t2i --base $$base --reward-model $$rm --prompts $$pt --threads 1 \
+		--set iterations=60 --set eval_every=20 --output $@"; \
+	$$run --variants cfg_hybrid cfg_both & first=$$!; \
+	$$run --variants cfg_none timesteps_all & second=$$!; \
+	wait $$first; wait $$second
 
 # Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves
 # `models` holding the six --model NAME=URI flags of the compared models.

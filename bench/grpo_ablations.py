@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import yaml
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({name: table[name]}, indent=1), flush=True)
     payload = {
         "task": args.task,
+        "config_hash": config.section_hash("run.seed", "world", "sampler", "eval", "grpo", "rewards"),
+        "command": " ".join(["python -m bench.grpo_ablations", *(argv if argv is not None else sys.argv[1:])]),
         "base": base_metrics,
         "inputs": {"base": args.base, "reward_model": args.reward_model, "prompts": args.prompts},
         "variants": table,

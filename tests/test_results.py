@@ -62,6 +62,29 @@ def test_grpo_results_match_config_and_show_gains():
         assert m["wall_s"] > 0 and entry["machine"]["cpu_count"] == 2
 
 
+def test_grpo_ablations_come_from_the_committed_grpo_inputs():
+    """results/grpo_ablations.json (`make results/grpo_ablations.json`): the four variants of the issue,
+    on the base, reward models and curated prompts of results/grpo_shapes.json, each variant changing
+    only its named grpo keys."""
+    from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
+
+    table = json.loads((ROOT / "results" / "grpo_ablations.json").read_text())["t2i"]
+    grpo = json.loads((ROOT / "results" / "grpo_shapes.json").read_text())["t2i"]
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    assert table["config_hash"] == config.section_hash(*GRPO_SECTIONS), "grpo_ablations.json is stale"
+    assert table["inputs"]["base"].rstrip("/").endswith(grpo["command"].split("--base ")[1].split()[0].rsplit("/", 1)[-1])
+    assert table["base"] == grpo["metrics"]["base"]  # the same base, judged the same
+    variants = table["variants"]
+    assert set(variants) == {"cfg_hybrid", "cfg_both", "cfg_none", "timesteps_all"}
+    expected = {"cfg_hybrid": {}, "cfg_both": {"cfg_mode": "both"}, "cfg_none": {"cfg_mode": "none"},
+                "timesteps_all": {"timesteps": "all"}}
+    for name, entry in variants.items():
+        assert entry["grpo"] == {"iterations": 60, "eval_every": 20, **expected[name]}, name
+        delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
+        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
+        assert [m[0] for m in entry["monitor"]] == [0, 20, 40, 60]
+
+
 def test_opd_results_hold_every_model_and_match_the_config():
     """results/opd_shapes.json (`make results/opd_shapes.json`): the judge on the six models of issue 6."""
     results = json.loads((ROOT / "results" / "opd_shapes.json").read_text())
