@@ -15,6 +15,24 @@ prompts and the seed stay the same:
   reward-hacking question: does the training reward rise while the judge
   falls?).
 
+``--table levers`` measures instead what the prompt distribution does (the
+shapes grammar has 2 single-object texts against 50 colour-binding ones, so
+uniform draws over the curated prompts are mostly colour binding):
+
+* ``default``: the config as is;
+* ``category_filter``: prompt filtering cuts each category at its own
+  quantile of reward ranges (``filter.threshold_scope: category``), so a
+  category whose groups spread less than the others keeps prompts;
+* ``category_filter_balanced``: and every category is drawn equally often
+  (``grpo.balance_categories``);
+* ``category_filter_balanced_unsaturated_2steps``: and the two categories
+  the base already gets right (single object, colours) five times less
+  often, with two optimizer steps per iteration (``grpo.minibatches: 2``).
+
+A variant with ``filter`` keys runs the filter_prompts stage itself (same
+base and reward models; a normal artifact, reused when it exists) and trains
+on what that keeps; the others train on ``--prompts``.
+
 ``--set KEY=VALUE`` (repeatable) overrides a grpo key for every variant, and
 ``--variants`` picks a subset. Each run writes a normal grpo artifact under
 ``--artifacts``; the table holds, per variant, the judge's score on the
@@ -36,6 +54,7 @@ from pathlib import Path
 import yaml
 
 from flowrl.config import FlowRLConfig, from_dict, load_config
+from flowrl.stages.filter_prompts import run_filter_prompts
 from flowrl.stages.grpo import HEADLINE, run_grpo
 from flowrl.tracking import NullTracker
 
@@ -46,6 +65,27 @@ VARIANTS = {
     "cfg_none": {"cfg_mode": "none"},
     "timesteps_all": {"timesteps": "all"},
 }
+# Levers of the prompt distribution (``--table levers``): a ``filter`` entry re-runs prompt filtering
+# with those keys (from the same base and reward models) and trains on what it keeps.
+PER_CATEGORY = {"filter": {"threshold_scope": "category"}}
+LEVERS = {
+    "default": {},
+    "category_filter": PER_CATEGORY,
+    "category_filter_balanced": {**PER_CATEGORY, "grpo": {"balance_categories": True}},
+    "category_filter_balanced_unsaturated_2steps": {
+        **PER_CATEGORY,
+        "grpo": {"balance_categories": True, "sampling_weights": ["single_object=0.2", "colors=0.2"],
+                 "minibatches": 2},
+    },
+}
+TABLES = {"ablations": VARIANTS, "levers": LEVERS}
+
+
+def split_variant(spec: dict) -> tuple[dict, dict]:
+    """(grpo overrides, filter overrides) of a variant: plain grpo keys, or {"grpo": ..., "filter": ...}."""
+    if "grpo" in spec or "filter" in spec:
+        return dict(spec.get("grpo", {})), dict(spec.get("filter", {}))
+    return dict(spec), {}
 
 
 def _parse_sets(values: list[str]) -> dict:
@@ -58,11 +98,15 @@ def _parse_sets(values: list[str]) -> dict:
     return out
 
 
+def with_section(config: FlowRLConfig, section: str, overrides: dict) -> FlowRLConfig:
+    """``config`` with keys of ``section`` replaced, validated like a config file."""
+    current = getattr(config, section)
+    merged = {**dataclasses.asdict(current), **overrides}
+    return dataclasses.replace(config, **{section: from_dict(type(current), merged, f"{section}.")})
+
+
 def with_grpo(config: FlowRLConfig, overrides: dict) -> FlowRLConfig:
-    """``config`` with grpo keys replaced, validated like a config file."""
-    merged = {**dataclasses.asdict(config.grpo), **overrides}
-    grpo = from_dict(type(config.grpo), merged, "grpo.")
-    return dataclasses.replace(config, grpo=grpo)
+    return with_section(config, "grpo", overrides)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -72,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reward-model", required=True)
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes.yaml"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--table", default="ablations", choices=list(TABLES),
+                        help="ablations: the CFG and timestep variants; levers: prompt-distribution levers")
+    parser.add_argument("--variants", nargs="+", default=None, help="a subset of the table's variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--artifacts", default="artifacts")
     parser.add_argument("--output", default=None)
@@ -81,16 +127,30 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(args.config)
     if args.threads is not None:
         config = dataclasses.replace(config, run=dataclasses.replace(config.run, torch_threads=args.threads))
+    specs = TABLES[args.table]
+    names = args.variants or list(specs)
+    unknown = sorted(set(names) - set(specs))
+    if unknown:
+        raise SystemExit(f"--variants: {unknown} not in the {args.table} table ({sorted(specs)})")
     common = _parse_sets(args.set)
     table, base_metrics = {}, {}
-    for name in args.variants:
-        variant = with_grpo(config, {**common, **VARIANTS[name]})
-        result = run_grpo(variant, args.task, args.base, args.reward_model, args.prompts,
+    for name in names:
+        grpo_keys, filter_keys = split_variant(specs[name])
+        variant = with_grpo(config, {**common, **grpo_keys})
+        prompts, filter_metrics = args.prompts, None
+        if filter_keys:
+            variant = with_section(variant, "filter", filter_keys)
+            filtered = run_filter_prompts(variant, args.task, args.base, args.reward_model,
+                                          output_root=args.artifacts, tracker=NullTracker())
+            prompts, filter_metrics = filtered.uri, filtered.metrics
+        result = run_grpo(variant, args.task, args.base, args.reward_model, prompts,
                           output_root=args.artifacts, tracker=NullTracker(), progress=False)
         m = result.metrics
         base_metrics = m["base"]
         table[name] = {
-            "grpo": {**common, **VARIANTS[name]},
+            "grpo": {**common, **grpo_keys},
+            **({"filter": filter_keys, "prompts": prompts,
+                "kept_fraction": filter_metrics["kept_fraction"]} if filter_keys else {}),
             "judge": m["teacher"],
             "headline_delta": m["teacher"][HEADLINE[args.task]] - m["base"][HEADLINE[args.task]],
             "fidelity_delta": m["teacher"]["fidelity"] - m["base"]["fidelity"],
@@ -105,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "task": args.task,
         "config_hash": config.section_hash("run.seed", "world", "sampler", "eval", "grpo", "rewards"),
+        "filter_config_hash": config.section_hash("filter"),
+        "table": args.table,
         "command": " ".join(["python -m bench.grpo_ablations", *(argv if argv is not None else sys.argv[1:])]),
         "base": base_metrics,
         "inputs": {"base": args.base, "reward_model": args.reward_model, "prompts": args.prompts},

@@ -293,6 +293,10 @@ class FilterConfig:
         "quantile", "absolute: keep ranges >= threshold; quantile: drop the lowest `threshold` share of ranges."
     )
     threshold: float = param(0.25, "The range threshold (reward units) or the share of prompts to drop.", ge=0)
+    threshold_scope: Literal["all", "category"] = param(
+        "all", "quantile mode: the quantile is taken over all candidates, or within each category (edit kind), so "
+        "a category whose groups spread less than the others' still keeps its most informative prompts.",
+        added=True)
     batch_size: int = param(256, "Samples per generation batch.", ge=1)
 
 
@@ -343,6 +347,9 @@ class GRPOConfig:
         "(others 1; drawing is then with replacement). Empty: uniform over the curated prompts.",
         added=True,
     )
+    balance_categories: bool = param(
+        False, "Draw every category (edit kind) of the curated set equally often, however many prompts it kept "
+        "(with replacement; sampling_weights then scale each category's share).", added=True)
     eval_every: int = param(25, "Hacking monitor: judge score of a fixed held-out set every N iterations.", ge=1)
     monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
     hacking_threshold: float = param(

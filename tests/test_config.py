@@ -118,6 +118,8 @@ def test_section_hash_tracks_only_its_sections():
         ("grpo:\n  zero_stage: 4\n", "grpo.zero_stage"),
         ("grpo:\n  zero_stage: 3\n  ema_decay: 0.9\n", "grpo.zero_stage: ZeRO-3 partitions the weights"),
         ("opd:\n  zero_stage: 3\n  ema_decay: 0.9\n", "opd.zero_stage: ZeRO-3 partitions the weights"),
+        ("filter:\n  threshold_scope: per_cat\n", "filter.threshold_scope"),
+        ("grpo:\n  balance_categories: maybe\n", "grpo.balance_categories"),
     ],
 )
 def test_rl_cross_key_rules(tmp_path, text, message):

@@ -15,6 +15,7 @@ resumed from a checkpoint replays exactly.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -95,17 +96,24 @@ def cat_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
 
 
 def draw_prompts(
-    prompts: PromptSet, count: int, seed: int, iteration: int, category_weights: dict[str, float] | None = None
+    prompts: PromptSet, count: int, seed: int, iteration: int, category_weights: dict[str, float] | None = None,
+    balance: bool = False,
 ) -> np.ndarray:
     """``count`` prompt indices for one iteration, seeded by (seed, iteration).
 
     Uniform and without replacement by default; with ``category_weights``
     ({category: weight}, others 1) each prompt is drawn with probability
-    proportional to its category's weight (with replacement)."""
+    proportional to its category's weight (with replacement). ``balance``:
+    each category's prompts share its weight, so a category with 2 prompts
+    is drawn as often as one with 50."""
     rng = np.random.default_rng([seed, iteration])
-    if not category_weights:
+    if not category_weights and not balance:
         return rng.choice(len(prompts), size=count, replace=count > len(prompts))
-    w = np.array([category_weights.get(c, 1.0) for c in prompts.categories], dtype=np.float64)
+    weights = category_weights or {}
+    w = np.array([weights.get(c, 1.0) for c in prompts.categories], dtype=np.float64)
+    if balance:
+        sizes = Counter(prompts.categories)
+        w = w / np.array([sizes[c] for c in prompts.categories], dtype=np.float64)
     return rng.choice(len(prompts), size=count, replace=True, p=w / w.sum())
 
 
@@ -200,7 +208,7 @@ class GRPOTrainer(LoopTrainer):
         cfg = self.cfg
         # task 0 draws with the run's seed, so a single-task run is unchanged by the multi-task path
         chosen = draw_prompts(task.prompts, cfg.prompts_per_iteration, cfg.seed + 1_000_003 * index, iteration,
-                              self.sampling_weights)
+                              self.sampling_weights, cfg.balance_categories)
         chosen = chosen.reshape(self.world, -1)[self.rank]  # this rank's share of the groups
         per_chunk = len(chosen) // cfg.reward_chunks
         parts, futures = [], []

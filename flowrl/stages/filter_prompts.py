@@ -106,19 +106,37 @@ def range_threshold(ranges: np.ndarray, mode: str, threshold: float) -> float:
     return float(np.quantile(ranges, threshold))
 
 
+def category_thresholds(frame: pd.DataFrame, mode: str, threshold: float, scope: str = "all") -> dict[str, float]:
+    """{category: minimum range kept}: one cut for all (scope ``all``, or absolute mode), or, for a
+    quantile with scope ``category``, that quantile of each category's own ranges."""
+    categories = sorted(frame["category"].unique())
+    if mode == "quantile" and scope == "category":
+        return {c: range_threshold(frame.loc[frame["category"] == c, "reward_range"].to_numpy(), mode, threshold)
+                for c in categories}
+    cut = range_threshold(frame["reward_range"].to_numpy(), mode, threshold)
+    return dict.fromkeys(categories, cut)
+
+
 def calibration(frame: pd.DataFrame, top_level: float = 5.0) -> dict[str, float]:
     """Per-category advantage scales from the reward model's headroom (module docstring)."""
     headroom = (top_level - frame.groupby("category")["first_component_mean"].mean()).clip(lower=1e-3)
     return {str(k): float(v) for k, v in (headroom / headroom.mean()).items()}
 
 
-def _histogram_png(ranges: np.ndarray, cut: float, task: str) -> bytes:
+def _histogram_png(frame: pd.DataFrame, cuts: dict[str, float], task: str) -> bytes:
     fig, ax = new_figure(6, 3.5)
-    ax.hist(ranges, bins=40, color="#4c72b0")
-    ax.axvline(cut, color="#c44e52", linestyle="--", label=f"threshold {cut:.3f}")
+    ranges = frame["reward_range"].to_numpy()
+    bins = np.linspace(ranges.min(), ranges.max() + 1e-9, 41)
+    kept = frame["kept"].to_numpy()
+    ax.hist([ranges[kept], ranges[~kept]], bins=bins, stacked=True, color=["#4c72b0", "#c8c8c8"],
+            label=["kept", "dropped"])
+    if len(set(cuts.values())) == 1:
+        cut = next(iter(cuts.values()))
+        ax.axvline(cut, color="#c44e52", linestyle="--", label=f"threshold {cut:.3f}")
     ax.set_xlabel("intra-group reward range (max - min)")
     ax.set_ylabel("prompts")
-    ax.set_title(f"{task}: reward range per candidate prompt")
+    scope = "" if len(set(cuts.values())) == 1 else " (threshold per category)"
+    ax.set_title(f"{task}: reward range per candidate prompt{scope}")
     ax.legend()
     return png_of(fig)
 
@@ -147,8 +165,9 @@ def run_filter_prompts(
     reward = load_shapes_rewards(config, reward_model_uri)[task]
     with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
         frame = group_statistics(model, reward, candidate_prompts(config, task), config)
-        cut = range_threshold(frame["reward_range"].to_numpy(), config.filter.threshold_mode, config.filter.threshold)
-        frame["kept"] = frame["reward_range"] >= cut
+        cuts = category_thresholds(frame, config.filter.threshold_mode, config.filter.threshold,
+                                   config.filter.threshold_scope)
+        frame["kept"] = frame["reward_range"] >= frame["category"].map(cuts)
         if not frame["kept"].any():
             raise ValueError(
                 f"filter.threshold = {config.filter.threshold} ({config.filter.threshold_mode}) keeps no {task} "
@@ -156,12 +175,12 @@ def run_filter_prompts(
             )
         frame["task"] = task
         frame.to_parquet(ctx.staging / "prompts.parquet")
-        (ctx.staging / "ranges.png").write_bytes(_histogram_png(frame["reward_range"].to_numpy(), cut, task))
+        (ctx.staging / "ranges.png").write_bytes(_histogram_png(frame, cuts, task))
         kept = frame.groupby("category")["kept"].mean()
         metrics = {
             "candidates": len(frame),
             "kept": int(frame["kept"].sum()),
-            "threshold": cut,
+            "threshold": cuts[next(iter(cuts))] if len(set(cuts.values())) == 1 else cuts,
             "kept_fraction": {str(k): float(v) for k, v in kept.items()},
             "mean_range": {str(k): float(v) for k, v in frame.groupby("category")["reward_range"].mean().items()},
             "calibration": calibration(frame),

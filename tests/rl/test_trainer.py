@@ -155,6 +155,27 @@ def test_category_sampling_weights_shift_the_draws():
             category_weights((bad,), "k")
 
 
+def test_balanced_draws_give_every_category_the_same_share():
+    import numpy as np
+    import pytest
+
+    from flowrl.rl.grpo import draw_prompts
+
+    # one prompt of counting against nine of color_attr: balanced, each category gets half the draws
+    prompts = PromptSet([f"p{i}" for i in range(10)], ["counting"] + ["color_attr"] * 9, None)
+    uniform = np.concatenate([draw_prompts(prompts, 8, 0, it) for it in range(400)])
+    balanced = np.concatenate([draw_prompts(prompts, 8, 0, it, balance=True) for it in range(400)])
+    assert (uniform == 0).mean() == pytest.approx(0.1, abs=0.02)
+    assert (balanced == 0).mean() == pytest.approx(0.5, abs=0.03)
+    # within a category the prompts stay uniform
+    counts = np.bincount(balanced, minlength=10)[1:]
+    assert counts.min() > 0.7 * counts.mean()
+    # sampling weights scale a category's share on top of the balance: 3 x 1/1 against 1 x 9/9
+    weighted = np.concatenate([draw_prompts(prompts, 8, 0, it, {"counting": 3.0}, balance=True) for it in range(400)])
+    assert (weighted == 0).mean() == pytest.approx(0.75, abs=0.03)
+    assert np.array_equal(draw_prompts(prompts, 8, 0, 3, balance=True), draw_prompts(prompts, 8, 0, 3, balance=True))
+
+
 class _Scripted(LoopTrainer):
     """A loop whose iterations return scripted metrics (or raise)."""
 

@@ -26,6 +26,28 @@ def test_filter_keeps_the_spread_prompts_and_says_how_many(upstream):
         assert abs(sum(scales.values()) / len(scales) - 1.0) < 1e-6
 
 
+def test_filter_per_category_cuts_each_category_at_its_own_quantile(upstream):
+    import dataclasses
+
+    import numpy as np
+
+    from flowrl.stages.filter_prompts import run_filter_prompts
+
+    _, config, base, rm, prompts = upstream
+    config = dataclasses.replace(config, filter=dataclasses.replace(config.filter, threshold_scope="category"))
+    result = run_filter_prompts(config, "t2i", base.uri, rm.uri)
+    assert result.version != prompts["t2i"].version  # the scope is part of the stage's version
+    frame = pd.read_parquet(fetch(result.uri) / "prompts.parquet")
+    cuts = result.metrics["threshold"]
+    assert set(cuts) == set(frame.category)
+    for category, rows in frame.groupby("category"):
+        assert cuts[category] == pytest.approx(np.quantile(rows.reward_range, config.filter.threshold))
+        assert (rows[rows.kept].reward_range >= cuts[category]).all()
+        assert (rows[~rows.kept].reward_range < cuts[category]).all()
+        assert rows.kept.any(), category  # no category is emptied
+    assert (fetch(result.uri) / "ranges.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("task", ["t2i", "edit"])
 def test_grpo_trains_and_writes_a_teacher(upstream, task):
     _, config, base, rm, prompts = upstream
