@@ -20,14 +20,13 @@ shapes grammar has 2 single-object texts against 50 colour-binding ones, so
 uniform draws over the curated prompts are mostly colour binding):
 
 * ``default``: the config as is;
-* ``category_filter``: prompt filtering cuts each category at its own
-  quantile of reward ranges (``filter.threshold_scope: category``), so a
-  category whose groups spread less than the others keeps prompts;
-* ``category_filter_balanced``: and every category is drawn equally often
-  (``grpo.balance_categories``);
-* ``category_filter_balanced_unsaturated_2steps``: and the two categories
-  the base already gets right (single object, colours) five times less
-  often, with two optimizer steps per iteration (``grpo.minibatches: 2``).
+* ``category_filter_balanced_unsaturated_2steps``: the levers together:
+  prompt filtering cuts each category at its own quantile of reward ranges
+  (``filter.threshold_scope: category``), so a category whose groups spread
+  less than the others keeps prompts; every category is drawn equally often
+  (``grpo.balance_categories``) except the two the base already gets right
+  (single object, colours: five times less often); two optimizer steps per
+  iteration (``grpo.minibatches: 2``).
 
 A variant with ``filter`` keys runs the filter_prompts stage itself (same
 base and reward models; a normal artifact, reused when it exists) and trains
@@ -70,8 +69,6 @@ VARIANTS = {
 PER_CATEGORY = {"filter": {"threshold_scope": "category"}}
 LEVERS = {
     "default": {},
-    "category_filter": PER_CATEGORY,
-    "category_filter_balanced": {**PER_CATEGORY, "grpo": {"balance_categories": True}},
     "category_filter_balanced_unsaturated_2steps": {
         **PER_CATEGORY,
         "grpo": {"balance_categories": True, "sampling_weights": ["single_object=0.2", "colors=0.2"],

@@ -85,6 +85,34 @@ def test_grpo_ablations_come_from_the_committed_grpo_inputs():
         assert [m[0] for m in entry["monitor"]] == [0, 20, 40, 60]
 
 
+def test_grpo_levers_come_from_the_committed_grpo_inputs():
+    """results/grpo_levers.json (`make results/grpo_levers.json`): the prompt-distribution levers on the
+    base and reward models of results/grpo_shapes.json, each variant changing only its named keys; the
+    per-category filter keeps prompts of every category."""
+    from bench.grpo_ablations import LEVERS, split_variant
+    from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
+
+    table = json.loads((ROOT / "results" / "grpo_levers.json").read_text())["t2i"]
+    grpo = json.loads((ROOT / "results" / "grpo_shapes.json").read_text())["t2i"]
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    assert table["table"] == "levers"
+    assert table["config_hash"] == config.section_hash(*GRPO_SECTIONS), "grpo_levers.json is stale"
+    assert table["filter_config_hash"] == config.section_hash("filter"), "grpo_levers.json is stale"
+    assert table["inputs"]["base"].rstrip("/").endswith(grpo["command"].split("--base ")[1].split()[0].rsplit("/", 1)[-1])
+    assert table["base"] == grpo["metrics"]["base"]
+    variants = table["variants"]
+    assert set(variants) == set(LEVERS)
+    for name, entry in variants.items():
+        grpo_keys, filter_keys = split_variant(LEVERS[name])
+        assert entry["grpo"] == grpo_keys and entry.get("filter", {}) == filter_keys, name
+        delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
+        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
+        assert [m[0] for m in entry["monitor"]] == list(range(0, config.grpo.iterations + 1, config.grpo.eval_every))
+        if filter_keys.get("threshold_scope") == "category":
+            assert entry["prompts"] != table["inputs"]["prompts"]
+            assert min(entry["kept_fraction"].values()) > 0, entry["kept_fraction"]
+
+
 def test_opd_results_hold_every_model_and_match_the_config():
     """results/opd_shapes.json (`make results/opd_shapes.json`): the judge on the six models of issue 6."""
     results = json.loads((ROOT / "results" / "opd_shapes.json").read_text())
