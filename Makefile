@@ -80,19 +80,15 @@ results/grpo_shapes.json: venv
 			--results $@ --results-key $$task; \
 	done
 
-# The base, reward models and curated T2I prompts of the committed GRPO run (each reused from
-# artifacts/ when complete), as `base`, `rm` and `pt`.
-T2I_INPUTS = base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
-	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1)
-
 # The GRPO ablation table (results/grpo_ablations.json; T2I, 60 iterations per variant, everything else
 # as configs/shapes.yaml): base, reward models and curated prompts come from the same CLI calls as
 # results/grpo_shapes.json (reused from artifacts/); two runners of one thread each share the file.
 results/grpo_ablations.json: venv
 	set -eo pipefail; \
-	$(T2I_INPUTS); \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
 	run="$(PY) -m bench.grpo_ablations --task t2i --base $$base --reward-model $$rm --prompts $$pt --threads 1 \
 		--set iterations=60 --set eval_every=20 --output $@"; \
 	$$run --variants cfg_hybrid cfg_both & first=$$!; \
@@ -104,7 +100,10 @@ results/grpo_ablations.json: venv
 # filter again themselves. Two runners of one thread each share the file.
 results/grpo_levers.json: venv
 	set -eo pipefail; \
-	$(T2I_INPUTS); \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
 	run="$(PY) -m bench.grpo_ablations --table levers --task t2i --base $$base --reward-model $$rm --prompts $$pt \
 		--threads 1 --output $@"; \
 	$$run --variants default & first=$$!; \
