@@ -298,6 +298,16 @@ class FilterConfig:
         "a category whose groups spread less than the others' still keeps its most informative prompts.",
         added=True)
     batch_size: int = param(256, "Samples per generation batch.", ge=1)
+    t2i_prompts: str | None = param(
+        None, "qwen_image: the T2I candidate prompt file (parquet with prompt and category; local path or fsspec "
+        "URI; schema in flowrl/prompt_files.py). The shapes world draws from its grammar instead.", added=True)
+    edit_prompts: str | None = param(
+        None, "qwen_image: the edit candidate file (parquet with prompt, category and source_image bytes).",
+        added=True)
+    heldout_fraction: float = param(
+        0.1, "qwen_image: share of each prompt file set aside (by a hash of the row) as the held-out set that "
+        "GRPO's hacking monitor and before/after evaluation score; never filtered or trained on.",
+        gt=0, lt=1, added=True)
 
 
 @dataclass(frozen=True)
@@ -351,6 +361,10 @@ class GRPOConfig:
         False, "Draw every category (edit kind) of the curated set equally often, however many prompts it kept "
         "(with replacement; sampling_weights then scale each category's share).", added=True)
     eval_every: int = param(25, "Hacking monitor: judge score of a fixed held-out set every N iterations.", ge=1)
+    monitor_reward: str | None = param(
+        None, "qwen_image (no judge): the reward_model artifact's scorer that watches the held-out prompts, by its "
+        "directory name (pairwise, or pointwise_CRITERION of a criterion the composite gives no weight). It must "
+        "not be one the policy is trained on, or the monitor cannot see hacking.", added=True)
     monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
     hacking_threshold: float = param(
         0.05, "Warn when the held-out score falls this much below its best while the training reward rose.", gt=0
@@ -597,6 +611,13 @@ def check_consistency(config: FlowRLConfig) -> None:
         for key in ("height", "width"):
             if getattr(q, key) % 16:
                 raise ConfigError(f"model.qwen_image.{key}: expected a multiple of 16, got {getattr(q, key)}")
+        for task in ("t2i", "edit"):
+            if not getattr(config.filter, f"{task}_prompts"):
+                raise ConfigError(f"filter.{task}_prompts: required when model.family is qwen_image (the {task} "
+                                  "candidate prompt file, see flowrl/prompt_files.py)")
+        if not config.grpo.monitor_reward:
+            raise ConfigError("grpo.monitor_reward: required when model.family is qwen_image (there is no judge: name "
+                              "the held-out reward model that watches for hacking, e.g. pairwise)")
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:

@@ -14,7 +14,11 @@ from tasks.types import STAGE_MODULES, StageArtifact, StageConfigs, image, stage
 def validate_config(config: FlyteFile) -> StageConfigs:
     """Fail the workflow on a bad config before any stage starts; hand each stage
     the config under its own cache hash (its sections, see tasks.types)."""
-    load_config(config.download())
+    loaded = load_config(config.download())
+    if loaded.model.family == "qwen_image":  # the prompt files are read hours later: check them now
+        from flowrl.prompt_files import check_prompt_files
+
+        check_prompt_files(loaded)
     return StageConfigs(**{module: config for module in STAGE_MODULES})
 
 

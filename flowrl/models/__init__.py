@@ -18,9 +18,13 @@ from flowrl.models.base import Condition, FlowModel
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_META = "model.json"
+QWEN_REFERENCE = "reference.json"  # a qwen_image model artifact: which pretrained weights it builds on
+QWEN_TRANSFORMER = "transformer"  # ... and, when it was trained, its transformer (diffusers save_pretrained)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 __all__ = [
     "Condition", "FlowModel", "CheckpointError", "create_model", "save_checkpoint", "load_checkpoint",
+    "load_policy", "save_policy", "trainable_module",
 ]
 
 
@@ -107,3 +111,111 @@ def set_torch_threads(n: int | None) -> None:
     """Cap torch's intra-op threads (None leaves torch's default)."""
     if n is not None:
         torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- any family's model artifact
+
+
+def trainable_module(model: FlowModel) -> torch.nn.Module:
+    """The network RL trains: the shapes DiT's ``net``, Qwen-Image's ``transformer``."""
+    for name in ("net", "transformer"):
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise TypeError(f"{type(model).__name__} has no trainable network (net / transformer)")
+
+
+def load_policy(directory: str | Path, config: FlowRLConfig, task: str = "t2i") -> FlowModel:
+    """The model of a model artifact (base, GRPO teacher, OPD student) of
+    ``config.model.family``, set up for ``task``.
+
+    Shapes: the checkpoint (one model serves both tasks). Qwen-Image: the
+    pretrained pipeline of ``task`` named in ``reference.json`` (the base
+    stage's record), with the artifact's own ``transformer/`` when it has one.
+    The pretrained weights must still be the ones the base stage fingerprinted.
+    """
+    directory = Path(directory)
+    family = config.model.family
+    if family == "shapes":
+        return load_checkpoint(directory, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
+    if family != "qwen_image":
+        raise CheckpointError(f"model.family {family!r} has no loader")
+    from flowrl.models.qwen_image import QwenImageModel, resolve_weights, weights_fingerprint
+
+    meta_path = directory / QWEN_REFERENCE
+    if not meta_path.is_file():
+        found = "a shapes checkpoint" if (directory / CHECKPOINT_META).is_file() else "no reference.json"
+        raise CheckpointError(f"{directory}: model.family is qwen_image but the artifact holds {found}")
+    try:
+        reference = json.loads(meta_path.read_text())
+        source = reference["pretrained"][task]
+        recorded = reference["resolved"][f"pretrained.{task}"].rsplit("#", 1)[1]
+    except (ValueError, KeyError, IndexError) as exc:
+        raise CheckpointError(f"{meta_path}: no pretrained weights recorded for task {task!r} ({exc})") from None
+    try:
+        path = resolve_weights(source, f"{meta_path}: pretrained.{task}")
+    except FileNotFoundError as exc:
+        raise CheckpointError(str(exc)) from None
+    if weights_fingerprint(path) != recorded:
+        raise CheckpointError(
+            f"{meta_path}: the weights at {path} changed since the base stage recorded them "
+            f"(fingerprint {weights_fingerprint(path)}, recorded {recorded}); rerun the base stage"
+        )
+    q = config.model.qwen_image
+    device = _local_device()
+    model = QwenImageModel.from_pretrained(path, task=task, dtype=_DTYPES[q.dtype], device=device, height=q.height,
+                                           width=q.width)
+    if (directory / QWEN_TRANSFORMER).is_dir():
+        model = model.with_transformer(_artifact_transformer(directory, config).to(device))
+    return model
+
+
+def _local_device() -> torch.device:
+    """This process's GPU (LOCAL_RANK under torchrun / Elastic), or the CPU."""
+    import os
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _artifact_transformer(directory: Path, config: FlowRLConfig) -> torch.nn.Module:
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel.from_pretrained(
+        str(directory / QWEN_TRANSFORMER), torch_dtype=_DTYPES[config.model.qwen_image.dtype])
+
+
+def trained_state(directory: str | Path, config: FlowRLConfig, task: str = "t2i") -> dict[str, torch.Tensor]:
+    """The trainable network's weights of a model artifact, on the CPU, without
+    building the rest of the model (Qwen-Image: the transformer alone)."""
+    directory = Path(directory)
+    if config.model.family == "shapes":
+        return trainable_module(load_policy(directory, config, task)).state_dict()
+    if (directory / QWEN_TRANSFORMER).is_dir():
+        return _artifact_transformer(directory, config).state_dict()
+    from diffusers import QwenImageTransformer2DModel
+
+    from flowrl.models.qwen_image import resolve_weights
+
+    reference = json.loads((directory / QWEN_REFERENCE).read_text())
+    path = resolve_weights(reference["pretrained"][task], f"{directory / QWEN_REFERENCE}: pretrained.{task}")
+    return QwenImageTransformer2DModel.from_pretrained(
+        path, subfolder="transformer", torch_dtype=_DTYPES[config.model.qwen_image.dtype]).state_dict()
+
+
+def save_policy(model: FlowModel, directory: str | Path, base_dir: str | Path | None = None) -> None:
+    """Write ``model`` as a model artifact :func:`load_policy` reads: the
+    shapes checkpoint, or Qwen-Image's trained transformer (safetensors via
+    ``save_pretrained``) beside the base artifact's ``reference.json``."""
+    from flowrl.models.shapes_dit import ShapesFlowModel
+
+    if isinstance(model, ShapesFlowModel):
+        save_checkpoint(model, directory)
+        return
+    if base_dir is None or not (Path(base_dir) / QWEN_REFERENCE).is_file():
+        raise CheckpointError(f"saving a {type(model).__name__} needs the base artifact's {QWEN_REFERENCE}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / QWEN_REFERENCE).write_bytes((Path(base_dir) / QWEN_REFERENCE).read_bytes())
+    trainable_module(model).save_pretrained(str(directory / QWEN_TRANSFORMER), safe_serialization=True)

@@ -26,8 +26,11 @@ Differences from the pipelines, on purpose:
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +262,14 @@ class QwenImageModel:
             image_processor=image_processor,
             **kwargs,
         )
+
+    def with_transformer(self, transformer: torch.nn.Module) -> "QwenImageModel":
+        """The same pipeline view (task, size, frozen VAE and text encoder,
+        shared, not copied) around another transformer: a reference policy,
+        a teacher, or the trained weights of a GRPO / OPD artifact."""
+        view = copy.copy(self)
+        view.transformer = transformer
+        return view
 
     # ------------------------------------------------------------------ shapes and schedule
 
@@ -593,3 +604,40 @@ def _check_geometry(configs: dict[str, dict]) -> dict[str, int]:
         "vae_scale_factor": 2 ** len(downsample),
         "text_hidden_size": joint_dim,
     }
+
+
+# --------------------------------------------------------------------------- weights on disk
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_weights(source: str, key: str) -> str:
+    """A local directory as is (resolved); a hub id ("org/name") is downloaded
+    to the local Hugging Face cache, whose snapshot path names the exact
+    revision. FileNotFoundError names ``key`` (the config key) when neither works."""
+    local = Path(source).expanduser()
+    if local.exists():
+        return str(local.resolve())
+    if not _HUB_ID.match(source):
+        raise FileNotFoundError(f"{key}: {source} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=source)
+    except Exception as exc:  # network, auth and not-found errors all end here
+        raise FileNotFoundError(
+            f"{key}: {source!r} is not a local directory and downloading it from the hub failed: {exc}"
+        ) from None
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """Hash of a weights directory's file listing (names, sizes) and its JSON
+    configs: cheap for tens of GB, and changes when the checkpoint does."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = file.relative_to(root).as_posix()
+        digest.update(f"{rel}:{file.stat().st_size}\n".encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]

@@ -8,16 +8,14 @@ lineage) point at exactly them.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import time
-from pathlib import Path
 
 from PIL import Image
 
 from flowrl.config import FlowRLConfig
 from flowrl.models import CheckpointError, count_parameters, create_model, save_checkpoint
+from flowrl.models.qwen_image import resolve_weights, validate_pretrained, weights_fingerprint
 from flowrl.pretrain import pretrain
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
 from flowrl.tracking import Tracker
@@ -67,12 +65,13 @@ def run_base(
 
 def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker: Tracker | None) -> StageResult:
     """Validate production weights and write a reference to them."""
-    from flowrl.models.qwen_image import validate_pretrained
-
     q = config.model.qwen_image
     keys = {"t2i": "pretrained", "edit": "edit_pretrained" if q.edit_pretrained else "pretrained"}
     sources = {task: getattr(q, key) for task, key in keys.items()}
-    local = {task: _local_weights(sources[task], f"model.qwen_image.{keys[task]}") for task in keys}
+    try:
+        local = {task: resolve_weights(sources[task], f"model.qwen_image.{keys[task]}") for task in keys}
+    except FileNotFoundError as exc:
+        raise CheckpointError(str(exc)) from None
     summaries = {}
     for task, path in local.items():
         try:
@@ -96,37 +95,3 @@ def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker
         ctx.tracker.log_metrics(metrics)
         ctx.tracker.set_tags({f"flowrl.pretrained.{t}": p for t, p in sources.items()})
         return commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _local_weights(path: str, key: str) -> str:
-    """A local directory as is; a hub id ("org/name") is downloaded to the
-    local Hugging Face cache, whose snapshot path names the exact revision."""
-    local = Path(path).expanduser()
-    if local.exists():
-        return str(local.resolve())
-    if not _HUB_ID.match(path):
-        raise CheckpointError(f"{key}: {path} does not exist")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id=path)
-    except Exception as exc:  # network, auth and not-found errors all end the stage here
-        raise CheckpointError(
-            f"{key}: {path!r} is not a local directory and downloading it from the hub failed: {exc}"
-        ) from None
-
-
-def weights_fingerprint(path: str) -> str:
-    """Hash of a weights directory's file listing (names, sizes) and its JSON
-    configs: cheap for tens of GB, and changes when the checkpoint does."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = file.relative_to(root).as_posix()
-        digest.update(f"{rel}:{file.stat().st_size}\n".encode())
-        if file.suffix == ".json":
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]

@@ -27,7 +27,9 @@ import torch
 
 from flowrl.config import FlowRLConfig
 from flowrl.plots import new_figure, png_of
-from flowrl.models import load_checkpoint
+from flowrl.config import ConfigError
+from flowrl.models import load_checkpoint, load_policy
+from flowrl.prompt_files import heldout_mask, load_prompt_file
 from flowrl.rewards.annotations import png_bytes
 from flowrl.rewards.composite import CompositeReward
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
@@ -42,6 +44,7 @@ from flowrl.storage import fetch
 from flowrl.tracking import Tracker
 
 STAGE = "filter_prompts"
+HELDOUT_FILE = "heldout.parquet"
 SECTIONS = ("run.seed", "world", "grpo.guidance_scale", "grpo.cfg_mode", "filter", "rewards")
 
 
@@ -152,10 +155,8 @@ def run_filter_prompts(
 ) -> StageResult:
     if task not in ("t2i", "edit"):
         raise ValueError(f"task must be t2i or edit, got {task!r}")
-    if config.model.family != "shapes":
-        raise NotImplementedError(
-            "filter_prompts draws candidates from the shapes grammar; a production prompt file is not supported yet"
-        )
+    if config.model.family == "qwen_image":
+        return _filter_prompt_file(config, task, base_uri, reward_model_uri, output_root, tracker)
     inputs = {"base": base_uri, "reward_model": reward_model_uri, "task": task}
     stage = f"{STAGE}_{task}"
     done = committed_result(stage, config, SECTIONS, inputs, output_root)
@@ -165,31 +166,78 @@ def run_filter_prompts(
     reward = load_shapes_rewards(config, reward_model_uri)[task]
     with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
         frame = group_statistics(model, reward, candidate_prompts(config, task), config)
-        cuts = category_thresholds(frame, config.filter.threshold_mode, config.filter.threshold,
-                                   config.filter.threshold_scope)
-        frame["kept"] = frame["reward_range"] >= frame["category"].map(cuts)
-        if not frame["kept"].any():
-            raise ValueError(
-                f"filter.threshold = {config.filter.threshold} ({config.filter.threshold_mode}) keeps no {task} "
-                f"prompt: the largest range is {frame['reward_range'].max():.4f}"
-            )
-        frame["task"] = task
-        frame.to_parquet(ctx.staging / "prompts.parquet")
-        (ctx.staging / "ranges.png").write_bytes(_histogram_png(frame, cuts, task))
-        kept = frame.groupby("category")["kept"].mean()
-        metrics = {
-            "candidates": len(frame),
-            "kept": int(frame["kept"].sum()),
-            "threshold": cuts[next(iter(cuts))] if len(set(cuts.values())) == 1 else cuts,
-            "kept_fraction": {str(k): float(v) for k, v in kept.items()},
-            "mean_range": {str(k): float(v) for k, v in frame.groupby("category")["reward_range"].mean().items()},
-            "calibration": calibration(frame),
-        }
-        ctx.tracker.log_metrics(flat_metrics(metrics))
-        return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
+        return _cut_and_commit(ctx, config, task, frame, stage, inputs, output_root)
+
+
+def _cut_and_commit(ctx, config: FlowRLConfig, task: str, frame: pd.DataFrame, stage: str, inputs: dict,
+                    output_root: str | None, heldout: pd.DataFrame | None = None) -> StageResult:
+    """Apply the range threshold to the scored candidates, write the outputs, commit."""
+    cuts = category_thresholds(frame, config.filter.threshold_mode, config.filter.threshold,
+                               config.filter.threshold_scope)
+    frame["kept"] = frame["reward_range"] >= frame["category"].map(cuts)
+    if not frame["kept"].any():
+        raise ValueError(
+            f"filter.threshold = {config.filter.threshold} ({config.filter.threshold_mode}) keeps no {task} "
+            f"prompt: the largest range is {frame['reward_range'].max():.4f}"
+        )
+    frame["task"] = task
+    frame.to_parquet(ctx.staging / "prompts.parquet")
+    (ctx.staging / "ranges.png").write_bytes(_histogram_png(frame, cuts, task))
+    kept = frame.groupby("category")["kept"].mean()
+    metrics = {
+        "candidates": len(frame),
+        "kept": int(frame["kept"].sum()),
+        "threshold": cuts[next(iter(cuts))] if len(set(cuts.values())) == 1 else cuts,
+        "kept_fraction": {str(k): float(v) for k, v in kept.items()},
+        "mean_range": {str(k): float(v) for k, v in frame.groupby("category")["reward_range"].mean().items()},
+        "calibration": calibration(frame),
+    }
+    if heldout is not None:
+        heldout.assign(task=task).to_parquet(ctx.staging / HELDOUT_FILE)
+        metrics["heldout"] = len(heldout)
+    ctx.tracker.log_metrics(flat_metrics(metrics))
+    return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
+
+
+def _filter_prompt_file(config: FlowRLConfig, task: str, base_uri: str, reward_model_uri: str,
+                        output_root: str | None, tracker: Tracker | None) -> StageResult:
+    """Production: the candidates are a prompt file's rows (flowrl/prompt_files.py), less a held-out share
+    written beside the curated set as ``heldout.parquet``."""
+    from flowrl.rewards.production import load_production_rewards
+
+    key = f"filter.{task}_prompts"
+    path = getattr(config.filter, f"{task}_prompts")
+    if not path:
+        raise ConfigError(f"{key}: required when model.family is qwen_image (the candidate prompt file)")
+    q = config.model.qwen_image
+    candidates = load_prompt_file(path, task, key, (q.height, q.width))  # every row checked before any model loads
+    heldout = heldout_mask(candidates, config.filter.heldout_fraction, config.run.seed)
+    inputs = {"base": base_uri, "reward_model": reward_model_uri, "task": task,
+              "prompts": f"{path}#{candidates.attrs['sha256'][:16]}"}
+    stage = f"{STAGE}_{task}"
+    done = committed_result(stage, config, SECTIONS, inputs, output_root)
+    if done is not None:
+        return done
+    model = load_policy(fetch(base_uri), config, task)
+    reward = load_production_rewards(config, reward_model_uri, task,
+                                     dict(zip(candidates["prompt"], candidates["category"])))
+    with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
+        train = candidates[~heldout].reset_index(drop=True)
+        frame = group_statistics(model, reward, train, config)
+        return _cut_and_commit(ctx, config, task, frame, stage, inputs, output_root,
+                               heldout=candidates[heldout].reset_index(drop=True))
 
 
 def load_prompt_set(uri: str) -> pd.DataFrame:
     """The kept rows of a filter_prompts artifact."""
     frame = pd.read_parquet(fetch(uri) / "prompts.parquet")
     return frame[frame["kept"]].reset_index(drop=True)
+
+
+def load_heldout_set(uri: str) -> pd.DataFrame:
+    """The held-out rows of a production filter_prompts artifact (prompt file share never trained on)."""
+    path = fetch(uri) / HELDOUT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{uri}: no {HELDOUT_FILE} (a shapes-world filter artifact has none: its held-out "
+                                "sets come from the grammar)")
+    return pd.read_parquet(path)

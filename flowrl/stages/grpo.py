@@ -20,7 +20,9 @@ from PIL import Image
 from flowrl.config import FlowRLConfig
 from flowrl.plots import new_figure, png_of
 from flowrl.evaluation import evaluate_shapes, generate, image_grid, to_uint8
-from flowrl.models import load_checkpoint, save_checkpoint, set_torch_threads
+from flowrl.models import (
+    load_checkpoint, load_policy, save_checkpoint, save_policy, set_torch_threads, trainable_module, trained_state,
+)
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
 from flowrl.rl.distributed import dist_info
 from flowrl.rl.grpo import GRPOTrainer, LocalRewards, PromptSet
@@ -39,7 +41,7 @@ from flowrl.stages.common import (
     stage_version,
     write_history,
 )
-from flowrl.stages.filter_prompts import decode_sources, load_prompt_set
+from flowrl.stages.filter_prompts import decode_sources, load_heldout_set, load_prompt_set
 from flowrl.storage import ArtifactStore, fetch
 from flowrl.tracking import NullTracker, Tracker
 
@@ -92,7 +94,7 @@ def monitor_for(config: FlowRLConfig, task: str, tracker: Tracker, per_category:
     return monitor
 
 
-def _curves_png(history: list[dict], monitor: list[dict], task: str) -> bytes:
+def _curves_png(history: list[dict], monitor: list[dict], task: str, heldout_label: str | None = None) -> bytes:
     fig, ax = new_figure(7, 4)
     rewards = [h["train/reward"] for h in history]
     ax.plot(range(1, len(rewards) + 1), rewards, color="#4c72b0", alpha=0.35, label="training reward")
@@ -103,8 +105,8 @@ def _curves_png(history: list[dict], monitor: list[dict], task: str) -> bytes:
     ax.set_ylabel("composite reward")
     other = ax.twinx()
     other.plot([m["iteration"] for m in monitor], [m["heldout"] for m in monitor], "o-", color="#c44e52",
-               label="held-out judge")
-    other.set_ylabel(f"judge {HEADLINE[task]}")
+               label=heldout_label or "held-out judge")
+    other.set_ylabel(heldout_label or f"judge {HEADLINE[task]}")
     lines = ax.get_legend_handles_labels()[0] + other.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + other.get_legend_handles_labels()[1]
     ax.legend(lines, labels, loc="lower right")
@@ -125,8 +127,11 @@ def table_markdown(rows: dict[str, dict[str, float]], task: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri: str):
-    """(the submitter GRPO scores through, the sidecar server process or None)."""
+def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri: str,
+                    prompts_uri: str | None = None):
+    """(the submitter GRPO scores through, the sidecar server process or None). A sidecar
+    serves the shapes composite, or for qwen_image the production one (``prompts_uri``
+    gives it the prompts' categories)."""
     g = config.grpo
     if g.reward_backend == "inprocess":
         return LocalRewards(composite), None
@@ -144,9 +149,12 @@ def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri
     url = g.reward_url
     if url is None:
         log_path = Path(tempfile.mkdtemp(prefix="flowrl-reward-server-")) / "server.log"
+        kwargs = {"config": config.to_dict(), "reward_model_uri": reward_model_uri, "task": task}
+        factory = "flowrl.rewards.shapes_rewards:served_composite"
+        if config.model.family == "qwen_image":
+            factory, kwargs["prompts_uri"] = "flowrl.rewards.production:served_composite", prompts_uri
         sidecar = launch_server(
-            {task: "flowrl.rewards.shapes_rewards:served_composite"}, port=free_port(), log_path=log_path,
-            reward_kwargs={task: {"config": config.to_dict(), "reward_model_uri": reward_model_uri, "task": task}},
+            {task: factory}, port=free_port(), log_path=log_path, reward_kwargs={task: kwargs},
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         try:
@@ -195,6 +203,13 @@ def run_grpo(
     done = committed_result(stage, config, SECTIONS, inputs, output_root)
     if done is not None:
         return done
+    if config.model.family == "qwen_image":
+        if task == "mixed":
+            raise ValueError("grpo --task mixed (Mix-RL) runs on the shapes family only: on qwen_image it would need "
+                             "the T2I and edit pipeline views of one transformer in one trainer; set opd.mix_rl: false")
+        return _run_grpo_pretrained(config, task, base_uri, reward_model_uri, uris[task], stage, inputs,
+                                    output_root=output_root, tracker=tracker, resume=resume, progress=progress,
+                                    stop_after=stop_after)
     g = config.grpo
     base_dir = fetch(base_uri)
     model = load_checkpoint(base_dir, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
@@ -269,3 +284,132 @@ def run_grpo(
             submitter.close()
             if sidecar is not None:
                 sidecar.stop()
+
+
+# --------------------------------------------------------------------------- qwen_image: no judge
+
+
+def heldout_sample(frame, per_category: int):
+    """The first ``per_category`` held-out rows of each category, in file order."""
+    return frame.groupby("category", sort=True, group_keys=False).head(per_category).reset_index(drop=True)
+
+
+def reward_evaluation(model, frame, scorers: dict, sampler, seed: int, batch_size: int) -> tuple[dict, np.ndarray]:
+    """Deployment-sampler images of ``frame``'s prompts (fixed seeds), scored by each of
+    ``scorers`` ({name: reward}): the mean over the prompts and per category; and a grid."""
+    prompts = list(frame["prompt"])
+    sources = decode_sources(frame)
+    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
+    images = generate(model, prompts, seeds, sampler, sources=sources, batch_size=batch_size)
+    metrics = {}
+    for name, scorer in scorers.items():
+        values = scorer.score(images, prompts, sources).float().cpu().numpy()
+        metrics[name] = float(values.mean())
+        for category, rows in frame.groupby("category").groups.items():
+            metrics[f"{name}/{category}"] = float(values[list(rows)].mean())
+    return metrics, thumbnails(images[:12])
+
+
+def thumbnails(images, side: int = 128) -> np.ndarray:
+    """A grid of up to 12 images, each scaled to ``side`` pixels on its longer edge."""
+    import torch.nn.functional as F
+
+    scale = side / max(images.shape[-2:])
+    if scale < 1:
+        images = F.interpolate(images.float(), scale_factor=scale, mode="bilinear", antialias=True)
+    return image_grid(to_uint8(images), min(len(images), 6))
+
+
+def _run_grpo_pretrained(config: FlowRLConfig, task: str, base_uri: str, reward_model_uri: str, prompts_uri: str,
+                         stage: str, inputs: dict, *, output_root, tracker, resume, progress, stop_after) -> StageResult:
+    """GRPO of a pretrained family (qwen_image): the same trainer, with the production
+    composite of VLM scorers, and a held-out reward model where the shapes world has its judge:
+    it watches the filter's held-out prompts for hacking and scores base against teacher."""
+    from flowrl.rewards.production import load_monitor_scorer, load_production_rewards, prompt_categories
+
+    g = config.grpo
+    base_dir = fetch(base_uri)
+    curated, heldout = load_prompt_set(prompts_uri), load_heldout_set(prompts_uri)
+    composite = load_production_rewards(config, reward_model_uri, task, prompt_categories(curated, heldout))
+    watcher = load_monitor_scorer(reward_model_uri, task, g.monitor_reward, composite)
+    model = load_policy(base_dir, config, task)
+    module = trainable_module(model)
+    reference = None
+    if g.kl_coef > 0:
+        reference = model.with_transformer(copy.deepcopy(module).requires_grad_(False).eval())
+    prompt_set = PromptSet(list(curated["prompt"]), list(curated["category"]), decode_sources(curated))
+    scale = json.loads((fetch(prompts_uri) / "metrics.json").read_text())["calibration"] if g.calibrate else None
+    store = ArtifactStore(output_root or config.run.artifact_root)
+    version = stage_version(stage, config, SECTIONS, inputs)
+    rank, _ = dist_info()
+    submitter, sidecar = _reward_backend(config, task, composite, reward_model_uri, prompts_uri)
+    monitor_rows = heldout_sample(heldout, g.monitor_per_category)
+    eval_rows = heldout_sample(heldout, config.eval.t2i_per_category if task == "t2i" else config.eval.edit_per_kind)
+    seed = config.eval.seed + MONITOR_SEED_OFFSET
+
+    def monitor_with(tracker_: Tracker):
+        def monitor(model_, iteration: int) -> dict[str, float]:
+            scores, grid = reward_evaluation(model_, monitor_rows, {"heldout": watcher}, config.sampler, seed,
+                                             config.eval.batch_size)
+            if iteration % g.grid_every == 0:
+                tracker_.log_image(grid, f"monitor/grid_{task}_{iteration:06d}.png")
+            return {"heldout": scores["heldout"]}
+        return monitor
+
+    def train(tracker_: Tracker):
+        trainer = GRPOTrainer(
+            model, module, reference, g, prompt_set, submitter, composite.weight_matrix,
+            monitor=monitor_with(tracker_), checkpoints=Checkpoints(store, stage, version),
+            config_hash=config.section_hash(*SECTIONS), category_scale=scale,
+        )
+        result = run_trainer(trainer, tracker_, stage=stage, iterations=g.iterations, resume=resume,
+                             progress=progress, stop_after=stop_after)
+        return trainer, result
+
+    scorers = {**dict(composite.components), g.monitor_reward: watcher}
+    try:
+        if rank != 0:
+            set_torch_threads(config.run.torch_threads)
+            train(NullTracker())
+            return StageResult(stage, version, store.uri(stage, version), None, {})
+        with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
+            start = time.perf_counter()
+            trainer, result = train(ctx.tracker)
+            train_s = time.perf_counter() - start
+            model = trainer.engine.plain_model(model)
+            trained = trainable_module(model)
+            trained.load_state_dict(result.module_state)
+            teacher_scores, grid = reward_evaluation(model, eval_rows, scorers, config.sampler, config.eval.seed,
+                                                     config.eval.batch_size)
+            save_policy(model, ctx.staging, base_dir)
+            # the base on the same prompts and seeds: its weights back into the same module (no second copy)
+            trained.load_state_dict(trained_state(base_dir, config, task))
+            base_scores, _ = reward_evaluation(model, eval_rows, scorers, config.sampler, config.eval.seed,
+                                               config.eval.batch_size)
+            rows = {f"{task}/{k}": {"base": base_scores[k], "teacher": teacher_scores[k],
+                                    "delta": teacher_scores[k] - base_scores[k]} for k in sorted(base_scores)}
+            metrics = {
+                "task": task,
+                "scored_by": {"components": list(composite.component_names), "heldout": g.monitor_reward},
+                "heldout_prompts": len(eval_rows),
+                "iterations": trainer.state.iteration,
+                "stopped_early": trainer.state.stopped or "",
+                "train_s": round(train_s, 1),
+                "wall_s": round(time.perf_counter() - start, 1),
+                "base": {k: v["base"] for k, v in rows.items()},
+                "teacher": {k: v["teacher"] for k, v in rows.items()},
+                "final_train_reward": float(np.mean([h["train/reward"] for h in trainer.state.history[-10:]])),
+                "monitor": trainer.state.monitor,
+            }
+            write_history(ctx.staging, trainer.state)
+            (ctx.staging / "curves.png").write_bytes(_curves_png(trainer.state.history, trainer.state.monitor, task,
+                                                                 f"held-out {g.monitor_reward} reward"))
+            (ctx.staging / "table.md").write_text(table_markdown(rows, task))
+            Image.fromarray(grid).save(ctx.staging / "grid.png")
+            ctx.tracker.log_metrics(flat_metrics({"base": metrics["base"], "teacher": metrics["teacher"]}))
+            ctx.tracker.log_image(grid, "grid.png")
+            return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
+    finally:
+        submitter.close()
+        if sidecar is not None:
+            sidecar.stop()

@@ -1,0 +1,246 @@
+"""The production path (model.family qwen_image) through the stages, on tiny random
+Qwen-Image components and a tiny random Qwen2.5-VL reward backbone: the base
+reference, human labels, VLM reward models, prompt-file filtering with a held-out
+share, and GRPO for T2I (in-process rewards) and edit (a sidecar reward server),
+each committing an artifact the next stage loads."""
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from flowrl.config import ConfigError, load_config
+from flowrl.models import CheckpointError, load_policy, trainable_module
+from flowrl.prompt_files import PromptFileError, heldout_mask, load_prompt_file
+from flowrl.stages.annotate import run_annotate
+from flowrl.stages.base import run_base
+from flowrl.stages.filter_prompts import load_heldout_set, load_prompt_set, run_filter_prompts
+from flowrl.stages.grpo import run_grpo
+from flowrl.stages.reward_model import run_reward_model
+from flowrl.storage import fetch
+from tests.conftest import write_config
+
+T2I_PROMPTS = [("a red circle", "colors"), ("a blue square", "colors"), ("a green triangle", "colors"),
+               ("two circles", "counting"), ("three squares", "counting"), ("four triangles", "counting"),
+               ("a circle left of a square", "position"), ("a square above a triangle", "position")]
+EDIT_PROMPTS = [("make the circle red", "recolor"), ("make the square blue", "recolor"),
+                ("remove the circle", "remove"), ("remove the triangle", "remove"),
+                ("add a green square", "add"), ("add a red circle", "add")]
+
+
+def _png(seed: int, size=(40, 24)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _prompt_files(root) -> dict[str, str]:
+    t2i = pd.DataFrame(T2I_PROMPTS, columns=["prompt", "category"])
+    edit = pd.DataFrame(EDIT_PROMPTS, columns=["prompt", "category"]).assign(
+        source_image=[_png(i) for i in range(len(EDIT_PROMPTS))])
+    paths = {"t2i": root / "t2i.parquet", "edit": root / "edit.parquet"}
+    t2i.to_parquet(paths["t2i"])
+    edit.to_parquet(paths["edit"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _qwen_config(root, labels: dict[str, str], weights, vlm, prompts: dict[str, str], **overrides):
+    sections = dict(
+        model={"family": "qwen_image", "qwen_image": {"pretrained": str(weights), "edit_pretrained": str(weights),
+                                                      "height": 32, "width": 32, "dtype": "float32"}},
+        run={"torch_threads": 1},
+        sampler={"num_steps": 2, "guidance_scale": 2.0},
+        eval={"t2i_per_category": 1, "edit_per_kind": 1, "batch_size": 4},
+        annotate={"pointwise_path": labels["pointwise"], "pairwise_path": labels["pairwise"]},
+        reward_model={"backbone": "vlm", "vlm_pretrained": str(vlm), "vlm_rationale": False, "steps": 2,
+                      "easy_steps": 1, "batch_size": 2, "lr": 1e-4, "t2i_criteria": ["alignment"],
+                      "edit_criteria": ["alignment"], "pairwise": True},
+        rewards={"t2i": {"alignment": 1.0, "quality": 0.0, "fidelity": 0.0},
+                 "edit": {"instruction": 1.0, "identity": 0.0}},
+        filter={"t2i_prompts": prompts["t2i"], "edit_prompts": prompts["edit"], "heldout_fraction": 0.3,
+                "group_size": 2, "num_steps": 2, "batch_size": 8, "threshold": 0.25},
+        grpo={"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "num_steps": 2, "guidance_scale": 2.0,
+              "timestep_fraction": 1.0, "timesteps_per_trajectory": 1, "lr": 1e-3, "kl_coef": 0.1,
+              "minibatches": 1, "zero_stage": 0, "reward_chunks": 1, "reward_backend": "inprocess",
+              "eval_every": 1, "monitor_per_category": 1, "monitor_reward": "pairwise", "checkpoint_every": 100,
+              "grid_every": 1, "balance_categories": False},
+    )
+    for section, values in overrides.items():
+        sections[section] = {**sections.get(section, {}), **values}
+    return load_config(write_config(root, scenario="qwen_image.yaml", **sections))
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory, upstream):
+    """base, reward models and filtered prompt sets of the production family."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from tests.models.tiny_qwen_image import build_text_encoder, build_tiny_qwen_image, build_tokenizer
+
+    _, shapes_config, shapes_base, _, _ = upstream
+    labels_dir = fetch(run_annotate(shapes_config, shapes_base.uri).uri)  # cached: the smoke labels as "human" ones
+    labels = {k: str(labels_dir / f"{k}.parquet") for k in ("pointwise", "pairwise")}
+    root = tmp_path_factory.mktemp("production")
+    weights = build_tiny_qwen_image(root / "qwen-tiny", task="edit")
+    vlm = root / "vlm-tiny"
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(vlm)
+    build_text_encoder(tokenizer, seed=1).save_pretrained(vlm)
+    Qwen2VLImageProcessorPil().save_pretrained(vlm)
+    prompts = _prompt_files(root)
+    config = _qwen_config(root, labels, weights, vlm, prompts)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = run_base(config, progress=False)
+        rm = run_reward_model(config, run_annotate(config, base.uri).uri)
+        filtered = {task: run_filter_prompts(config, task, base.uri, rm.uri) for task in ("t2i", "edit")}
+        yield root, config, base, rm, filtered, (labels, weights, vlm, prompts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_prompt_files_are_filtered_with_a_held_out_share_that_is_never_trained_on(production):
+    _, config, _, _, filtered, _ = production
+    for task, rows in (("t2i", T2I_PROMPTS), ("edit", EDIT_PROMPTS)):
+        result = filtered[task]
+        curated, heldout = load_prompt_set(result.uri), load_heldout_set(result.uri)
+        scored = pd.read_parquet(fetch(result.uri) / "prompts.parquet")
+        assert len(scored) + len(heldout) == len(rows) and len(heldout) == result.metrics["heldout"] >= 1
+        assert not set(scored["prompt"]) & set(heldout["prompt"])  # the held-out share never sampled for filtering
+        assert 1 <= len(curated) <= len(scored)
+        assert {"reward_mean", "reward_range", "kept"} <= set(scored.columns)
+        assert set(result.metrics["kept_fraction"]) == set(scored["category"])
+        if task == "edit":  # sources resized to the model's size on loading
+            assert Image.open(io.BytesIO(curated["source_image"][0])).size == (32, 32)
+
+
+def test_grpo_trains_the_qwen_image_transformer_and_commits_a_loadable_teacher(production):
+    _, config, base, rm, filtered, _ = production
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t2i = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
+        again = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert again.reused and again.version == t2i.version
+    local = fetch(t2i.uri)
+    assert (local / "transformer" / "config.json").is_file() and (local / "reference.json").is_file()
+    assert {"curves.png", "table.md", "grid.png", "history.json"} <= {p.name for p in local.iterdir()}
+    m = t2i.metrics
+    assert m["iterations"] == 2 and m["scored_by"] == {"components": ["alignment"], "heldout": "pairwise"}
+    assert set(m["base"]) == set(m["teacher"]) >= {"t2i/alignment", "t2i/pairwise"}
+    assert [e["iteration"] for e in m["monitor"]] == [0, 1, 2] and all("heldout" in e for e in m["monitor"])
+    start = trainable_module(load_policy(fetch(base.uri), config, "t2i")).state_dict()
+    trained = trainable_module(load_policy(local, config, "t2i")).state_dict()
+    assert start.keys() == trained.keys() and any(not torch.equal(start[k], trained[k]) for k in start)
+
+
+def test_edit_grpo_scores_through_a_sidecar_reward_server(production):
+    root, config, base, rm, filtered, _ = production
+    import dataclasses
+
+    served = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, reward_backend="server", kl_coef=0.0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        edit = run_grpo(served, "edit", base.uri, rm.uri, filtered["edit"].uri, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert edit.metrics["iterations"] == 2 and "edit/instruction" in edit.metrics["teacher"]
+    history = json.loads((fetch(edit.uri) / "history.json").read_text())["history"]
+    assert len(history) == 2 and all(np.isfinite(h["train/reward"]) for h in history)
+    model = load_policy(fetch(edit.uri), config, "edit")
+    assert model.task == "edit"
+
+
+def test_changed_pretrained_weights_are_refused_when_loading(production, tmp_path):
+    import shutil
+
+    _, config, base, _, _, (_, weights, _, _) = production
+    copy = tmp_path / "base"
+    shutil.copytree(fetch(base.uri), copy)
+    reference = json.loads((copy / "reference.json").read_text())
+    reference["resolved"]["pretrained.t2i"] = reference["resolved"]["pretrained.t2i"].rsplit("#", 1)[0] + "#0000"
+    (copy / "reference.json").write_text(json.dumps(reference))
+    with pytest.raises(CheckpointError, match="changed since the base stage"):
+        load_policy(copy, config, "t2i")
+
+
+def test_a_bad_prompt_file_row_is_named_before_any_model_loads(production, tmp_path):
+    import dataclasses
+
+    _, config, base, rm, _, _ = production
+    bad = pd.DataFrame({"prompt": ["make the circle red", "  "], "category": ["recolor", "recolor"],
+                        "source_image": [_png(0), _png(1)]})
+    bad.to_parquet(tmp_path / "bad.parquet")
+    broken = dataclasses.replace(config, filter=dataclasses.replace(config.filter, edit_prompts=str(tmp_path / "bad.parquet")))
+    with pytest.raises(PromptFileError, match=r"filter.edit_prompts: .*bad.parquet row 1: field 'prompt'"):
+        run_filter_prompts(broken, "edit", base.uri, rm.uri)
+    bad.assign(prompt=["a", "b"], source_image=[b"not an image", _png(1)]).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(PromptFileError, match=r"row 0: field 'source_image': not a readable image"):
+        run_filter_prompts(broken, "edit", base.uri, rm.uri)
+    missing = dataclasses.replace(config, filter=dataclasses.replace(config.filter, t2i_prompts=None))
+    with pytest.raises(ConfigError, match="filter.t2i_prompts: required"):
+        run_filter_prompts(missing, "t2i", base.uri, rm.uri)
+
+
+def test_a_monitor_that_the_policy_trains_on_is_refused(production):
+    import dataclasses
+
+    _, config, base, rm, filtered, _ = production
+    watched = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, monitor_reward="pointwise_alignment"))
+    with pytest.raises(ConfigError, match="grpo.monitor_reward: 'pointwise_alignment' is part of the t2i composite"):
+        run_grpo(watched, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
+    absent = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, monitor_reward="pointwise_quality"))
+    with pytest.raises(ConfigError, match="has no t2i scorer 'pointwise_quality'"):
+        run_grpo(absent, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
+
+
+def test_held_out_rows_stay_held_out_when_the_file_grows(tmp_path):
+    frame = pd.DataFrame({"prompt": [f"prompt {i}" for i in range(200)], "category": ["c"] * 200,
+                          "source_image": [None] * 200})
+    first = heldout_mask(frame, 0.1, seed=0)
+    grown = pd.concat([frame, frame.assign(prompt=[f"new {i}" for i in range(200)])], ignore_index=True)
+    second = heldout_mask(grown, 0.1, seed=0)
+    assert (second[:200] == first).all() and 5 < first.sum() < 40
+
+
+def test_prompt_file_rows_are_checked_and_repeats_dropped(tmp_path):
+    path = tmp_path / "t2i.parquet"
+    pd.DataFrame({"prompt": ["a cat", "a cat", "a dog"], "category": ["animal"] * 3}).to_parquet(path)
+    frame = load_prompt_file(str(path), "t2i", "filter.t2i_prompts", (32, 32))
+    assert list(frame["prompt"]) == ["a cat", "a dog"] and len(frame.attrs["sha256"]) == 64
+    pd.DataFrame({"prompt": ["a cat"]}).to_parquet(path)
+    with pytest.raises(PromptFileError, match="filter.t2i_prompts: .* has no column 'category'"):
+        load_prompt_file(str(path), "t2i", "filter.t2i_prompts", (32, 32))
+    with pytest.raises(PromptFileError, match="does not exist"):
+        load_prompt_file(str(tmp_path / "none.parquet"), "t2i", "filter.t2i_prompts", (32, 32))
+
+
+def test_grpo_stage_under_deepspeed_zero_2_ends_where_plain_pytorch_ends(production):
+    """The production setting (grpo.zero_stage 2) through the stage: same committed transformer
+    as the plain run to a few percent of one Adam step (ZeRO sums gradients in another order)."""
+    import dataclasses
+
+    _, config, base, rm, filtered, _ = production
+    plain = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
+    zero = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, zero_stage=2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sharded = run_grpo(zero, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert sharded.version != plain.version
+    a = trainable_module(load_policy(fetch(plain.uri), config, "t2i")).state_dict()
+    b = trainable_module(load_policy(fetch(sharded.uri), config, "t2i")).state_dict()
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, atol=3e-5, rtol=1e-4)
+    assert sharded.metrics["base"] == pytest.approx(plain.metrics["base"])
