@@ -426,6 +426,10 @@ class OPDConfig:
     monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
     checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1)
     grid_every: int = param(100, "Image grid of the monitor prompts every N iterations.", ge=1)
+    teacher_devices: tuple[str, ...] = param(
+        (), "qwen_image: TEACHER=DEVICE entries placing a teacher's transformer on its own device (cuda:1, ...) or "
+        "offloading it to cpu; others share the student's device. Teachers share the student's frozen VAE and "
+        "text encoder.", added=True)
     offpolicy_ablation: bool = param(False, "Pipeline: also run the off-policy ablation (stage opd_offpolicy).")
     mix_rl: bool = param(False, "Pipeline: also run the Mix-RL baseline (grpo --task mixed, stage grpo_mixed).")
 
@@ -591,6 +595,7 @@ def check_consistency(config: FlowRLConfig) -> None:
             "the student's trajectories (opd.num_steps, or sampler.num_steps when it is null)"
         )
     name_value_pairs(o.routes, "opd.routes", "SELECTOR=TEACHER")
+    name_value_pairs(o.teacher_devices, "opd.teacher_devices", "TEACHER=DEVICE")
     category_weights(g.sampling_weights, "grpo.sampling_weights")
     f = config.filter
     if f.threshold_mode == "quantile" and f.threshold >= 1:

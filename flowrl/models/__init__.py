@@ -219,3 +219,35 @@ def save_policy(model: FlowModel, directory: str | Path, base_dir: str | Path | 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / QWEN_REFERENCE).write_bytes((Path(base_dir) / QWEN_REFERENCE).read_bytes())
     trainable_module(model).save_pretrained(str(directory / QWEN_TRANSFORMER), safe_serialization=True)
+
+
+def load_task_views(directory: str | Path, config: FlowRLConfig) -> dict[str, FlowModel]:
+    """{"t2i": model, "edit": model}: one trainable network behind both tasks. Shapes: the
+    same model twice. Qwen-Image: the artifact's T2I pipeline, and an edit view of the same
+    transformer, VAE and text encoder with the edit weights' image processor."""
+    t2i = load_policy(directory, config, "t2i")
+    if config.model.family == "shapes":
+        return {"t2i": t2i, "edit": t2i}
+    from transformers import Qwen2VLImageProcessorPil
+
+    from flowrl.models.qwen_image import QwenImageModel, resolve_weights
+
+    q = config.model.qwen_image
+    edit_path = resolve_weights(q.edit_pretrained or q.pretrained, "model.qwen_image.edit_pretrained")
+    processor = Qwen2VLImageProcessorPil.from_pretrained(edit_path, subfolder="processor")
+    edit = QwenImageModel(t2i.transformer, t2i.vae, t2i.text_encoder, t2i.tokenizer, t2i.scheduler_config,
+                          task="edit", height=q.height, width=q.width, image_processor=processor)
+    return {"t2i": t2i, "edit": edit}
+
+
+def load_frozen_network(directory: str | Path, config: FlowRLConfig, task: str, device: str | None = None):
+    """A model artifact's trainable network alone, frozen (eval, no grad), on ``device`` (default: this
+    process's): a teacher placed beside the student, sharing the student's other components."""
+    directory = Path(directory)
+    if config.model.family == "shapes":
+        module = trainable_module(load_policy(directory, config, task))
+    else:
+        module = _artifact_transformer(directory, config) if (directory / QWEN_TRANSFORMER).is_dir() else None
+        if module is None:
+            raise CheckpointError(f"{directory}: no trained {QWEN_TRANSFORMER}/ (not a GRPO or OPD artifact)")
+    return module.to(device or _local_device()).requires_grad_(False).eval()

@@ -21,7 +21,11 @@ from PIL import Image
 
 from flowrl.config import FlowRLConfig
 from flowrl.evaluation import evaluate_shapes
-from flowrl.models import load_checkpoint, save_checkpoint, set_torch_threads
+from flowrl.config import ConfigError, name_value_pairs
+from flowrl.models import (
+    load_checkpoint, load_frozen_network, load_task_views, save_checkpoint, save_policy, set_torch_threads,
+    trainable_module,
+)
 from flowrl.plots import new_figure, png_of
 from flowrl.rl.distributed import dist_info
 from flowrl.rl.grpo import PromptSet
@@ -37,8 +41,8 @@ from flowrl.stages.common import (
     stage_version,
     write_history,
 )
-from flowrl.stages.filter_prompts import decode_sources, load_prompt_set
-from flowrl.stages.grpo import monitor_for
+from flowrl.stages.filter_prompts import decode_sources, load_heldout_set, load_prompt_set
+from flowrl.stages.grpo import heldout_sample, monitor_for, reward_evaluation
 from flowrl.storage import ArtifactError, ArtifactStore, fetch
 from flowrl.tracking import NullTracker, Tracker
 
@@ -59,7 +63,8 @@ def gain_kept(base: dict, teacher: dict, student: dict, key: str) -> float | Non
     return (student[key] - base[key]) / gain if gain > 0 else None
 
 
-def _curves_png(history: list[dict], monitor: list[dict]) -> bytes:
+def _curves_png(history: list[dict], monitor: list[dict], headline: dict[str, str] = HEADLINE,
+                scorer: str = "judge") -> bytes:
     fig, ax = new_figure(7, 4)
     losses = [h["train/loss"] for h in history]
     ax.plot(range(1, len(losses) + 1), losses, color="#4c72b0", alpha=0.35, label="distillation loss")
@@ -72,8 +77,8 @@ def _curves_png(history: list[dict], monitor: list[dict]) -> bytes:
     other = ax.twinx()
     for key, color in (("t2i", "#c44e52"), ("edit", "#55a868")):
         other.plot([m["iteration"] for m in monitor], [m[key] for m in monitor], "o-", color=color,
-                   label=f"held-out judge {HEADLINE[key]}")
-    other.set_ylabel("judge score")
+                   label=f"held-out {scorer} {headline[key]}")
+    other.set_ylabel(f"{scorer} score")
     lines = ax.get_legend_handles_labels()[0] + other.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + other.get_legend_handles_labels()[1]
     ax.legend(lines, labels, loc="lower right", fontsize=8)
@@ -112,12 +117,6 @@ def run_opd(
     ``states`` overrides ``opd.states`` (the pipeline's off-policy ablation)."""
     if states is not None:
         config = dataclasses.replace(config, opd=dataclasses.replace(config.opd, states=states))
-    if config.model.family != "shapes":
-        raise NotImplementedError(
-            f"stage opd for model.family {config.model.family}: OPDTrainer runs on Qwen-Image components "
-            "(task_models, see tests/rl/test_opd_qwen_image.py), but loading GRPO teachers of that family and "
-            "DeepSpeed ZeRO for the student are not wired yet"
-        )
     o = config.opd
     stage = "opd" if o.states == "on_policy" else "opd_offpolicy"
     if set(prompts_uris) != set(TASKS):
@@ -133,6 +132,10 @@ def run_opd(
     done = committed_result(stage, config, SECTIONS, inputs, output_root)
     if done is not None:
         return done
+    if config.model.family == "qwen_image":
+        return _run_opd_pretrained(config, base_uri, teacher_uris, prompts_uris, stage, inputs, routes, init_name,
+                                   output_root=output_root, tracker=tracker, resume=resume, progress=progress,
+                                   stop_after=stop_after)
     base_dir = fetch(base_uri)
     model = load_checkpoint(fetch(teacher_uris[init_name]) if init_name else base_dir, expected_family="shapes",
                             cfg_renorm=config.sampler.cfg_renorm)
@@ -201,4 +204,151 @@ def run_opd(
         Image.fromarray(report.grid).save(ctx.staging / "grid.png")
         ctx.tracker.log_metrics(flat_metrics({"student": report.metrics}))
         ctx.tracker.log_image(report.grid, "grid.png")
+        return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
+
+
+# --------------------------------------------------------------------------- qwen_image: no judge
+
+
+def _teacher_tasks(teacher_uris: dict[str, str]) -> dict[str, str]:
+    """{teacher name: the task its GRPO run trained}, from the artifacts' metrics."""
+    tasks = {}
+    for name, uri in teacher_uris.items():
+        task = json.loads((fetch(uri) / "metrics.json").read_text()).get("task")
+        if task not in TASKS:
+            raise ArtifactError(f"{uri}: teacher {name!r} is not a T2I or edit GRPO artifact (task {task!r})")
+        tasks[name] = task
+    return tasks
+
+
+def _reward_model_of(teacher_uris: dict[str, str], store: ArtifactStore) -> str:
+    """The reward_model artifact the teachers were trained against (their lineage): the
+    student is scored by the same models, on the same held-out prompts and seeds."""
+    used = {store.read_manifest(uri).inputs.get("reward_model") for uri in teacher_uris.values()}
+    if len(used) != 1 or None in used:
+        raise ArtifactError(f"opd: the teachers were trained against different reward models {sorted(map(str, used))}")
+    return used.pop()
+
+
+def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[str, str],
+                        prompts_uris: dict[str, str], stage: str, inputs: dict, routes: dict[str, str],
+                        init_name: str | None, *, output_root, tracker, resume, progress, stop_after) -> StageResult:
+    """OPD of a pretrained family (qwen_image): one student transformer behind a T2I and an
+    edit pipeline view; each teacher's transformer (frozen, on its own device if placed there)
+    behind the student's frozen VAE and text encoder. The held-out reward model of GRPO
+    (``grpo.monitor_reward``) watches both tasks' held-out prompts and scores the student."""
+    from flowrl.rewards.production import load_monitor_scorer, load_production_rewards, prompt_categories
+
+    o = config.opd
+    store = ArtifactStore(output_root or config.run.artifact_root)
+    devices = dict(name_value_pairs(o.teacher_devices, "opd.teacher_devices", "TEACHER=DEVICE"))
+    unknown = sorted(set(devices) - set(teacher_uris))
+    if unknown:
+        raise ConfigError(f"opd.teacher_devices: no teacher named {unknown[0]!r} (given: {', '.join(teacher_uris)})")
+    teacher_task = _teacher_tasks(teacher_uris)
+    reward_model_uri = _reward_model_of(teacher_uris, store)
+    curated = {t: load_prompt_set(prompts_uris[t]) for t in TASKS}
+    heldout = {t: load_heldout_set(prompts_uris[t]) for t in TASKS}
+    watchers, scorers = {}, {}
+    for t in TASKS:
+        composite = load_production_rewards(config, reward_model_uri, t, prompt_categories(curated[t], heldout[t]))
+        watchers[t] = load_monitor_scorer(reward_model_uri, t, config.grpo.monitor_reward, composite)
+        scorers[t] = {**dict(composite.components), config.grpo.monitor_reward: watchers[t]}
+    base_dir = fetch(base_uri)
+    views = load_task_views(fetch(teacher_uris[init_name]) if init_name else base_dir, config)
+    model, module = views["t2i"], trainable_module(views["t2i"])
+    teachers = {name: views[teacher_task[name]].with_transformer(
+                    load_frozen_network(fetch(uri), config, teacher_task[name], devices.get(name)))
+                for name, uri in teacher_uris.items()}
+    prompt_sets = {}
+    for t in TASKS:
+        prompt_sets[t] = PromptSet(list(curated[t]["prompt"]), list(curated[t]["category"]),
+                                   decode_sources(curated[t]))
+        if not len(prompt_sets[t]):
+            raise ArtifactError(f"{prompts_uris[t]}: no kept {t} prompts")
+    version = stage_version(stage, config, SECTIONS, inputs)
+    rank, _ = dist_info()
+    guidance = o.guidance_scale if o.guidance_scale is not None else config.sampler.guidance_scale
+    resolved = dataclasses.replace(o, num_steps=o.num_steps or config.sampler.num_steps)
+    monitor_rows = {t: heldout_sample(heldout[t], o.monitor_per_category) for t in TASKS}
+    per_task = {"t2i": config.eval.t2i_per_category, "edit": config.eval.edit_per_kind}
+    eval_rows = {t: heldout_sample(heldout[t], per_task[t]) for t in TASKS}
+    seed = config.eval.seed + 7919  # grpo.MONITOR_SEED_OFFSET: the same monitor draws as the teachers'
+
+    def task_views(model_) -> dict:
+        """Both task views of ``model_`` (the trainer's model, or ZeRO-3's plain copy of it)."""
+        return views if model_ is model else {"t2i": model_, "edit": views["edit"].with_transformer(
+            trainable_module(model_))}
+
+    def monitor_with(tracker_: Tracker):
+        def monitor(model_, iteration: int) -> dict[str, float]:
+            scores = {}
+            for t, view in task_views(model_).items():
+                result, grid = reward_evaluation(view, monitor_rows[t], {"heldout": watchers[t]}, config.sampler,
+                                                 seed, config.eval.batch_size)
+                scores[t] = result["heldout"]
+                if iteration % o.grid_every == 0:
+                    tracker_.log_image(grid, f"monitor/grid_{t}_{iteration:06d}.png")
+            return {"heldout": (scores["t2i"] + scores["edit"]) / 2, **scores}
+        return monitor
+
+    def train(tracker_: Tracker):
+        trainer = OPDTrainer(
+            model, module, teachers, resolved, prompt_sets, routes, {"t2i": o.t2i_fraction, "edit": 1 - o.t2i_fraction},
+            guidance_scale=guidance, shift=config.sampler.shift, monitor=monitor_with(tracker_),
+            checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
+            task_models=views,
+        )
+        result = run_trainer(trainer, tracker_, stage=stage, iterations=o.iterations, resume=resume,
+                             progress=progress, stop_after=stop_after)
+        return trainer, result
+
+    if rank != 0:
+        set_torch_threads(config.run.torch_threads)
+        train(NullTracker())
+        return StageResult(stage, version, store.uri(stage, version), None, {})
+    with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
+        start = time.perf_counter()
+        trainer, result = train(ctx.tracker)
+        train_s = time.perf_counter() - start
+        trained = trainer.engine.plain_model(model)
+        trainable_module(trained).load_state_dict(result.module_state)
+        student, grids = {}, []
+        for t, view in task_views(trained).items():
+            scores, grid = reward_evaluation(view, eval_rows[t], scorers[t], config.sampler, config.eval.seed,
+                                             config.eval.batch_size)
+            student.update({f"{t}/{k}": v for k, v in scores.items()})
+            grids.append(grid)
+        recorded = {name: json.loads((fetch(uri) / "metrics.json").read_text()) for name, uri in teacher_uris.items()}
+        models = {"base": {k: v for m in recorded.values() for k, v in m["base"].items()}}
+        models.update({name: m["teacher"] for name, m in recorded.items()})
+        models["student"] = student
+        headline = {t: f"{t}/{config.grpo.monitor_reward}" for t in TASKS}
+        kept = {}
+        for t in TASKS:
+            teacher = routes[t]
+            if headline[t] in models[teacher] and headline[t] in models["base"]:
+                kept[f"{teacher} ({headline[t]})"] = gain_kept(models["base"], models[teacher], student, headline[t])
+        metrics = {
+            "states": o.states,
+            "init": o.init,
+            "scored_by": config.grpo.monitor_reward,
+            "reward_model": reward_model_uri,
+            "iterations": trainer.state.iteration,
+            "train_s": round(train_s, 1),
+            "wall_s": round(time.perf_counter() - start, 1),
+            "student": student,
+            "gain_kept": kept,
+            "final_loss": float(np.mean([h["train/loss"] for h in trainer.state.history[-10:]])),
+            "monitor": trainer.state.monitor,
+        }
+        save_policy(trained, ctx.staging, base_dir)
+        write_history(ctx.staging, trainer.state)
+        (ctx.staging / "curves.png").write_bytes(_curves_png(trainer.state.history, trainer.state.monitor, headline,
+                                                             config.grpo.monitor_reward))
+        (ctx.staging / "table.md").write_text(table_markdown(models, kept))
+        grid = np.concatenate([g[:, : min(x.shape[1] for x in grids)] for g in grids], axis=0)
+        Image.fromarray(grid).save(ctx.staging / "grid.png")
+        ctx.tracker.log_metrics(flat_metrics({"student": student}))
+        ctx.tracker.log_image(grid, "grid.png")
         return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)

@@ -20,6 +20,7 @@ from flowrl.stages.annotate import run_annotate
 from flowrl.stages.base import run_base
 from flowrl.stages.filter_prompts import load_heldout_set, load_prompt_set, run_filter_prompts
 from flowrl.stages.grpo import run_grpo
+from flowrl.stages.opd import run_opd
 from flowrl.stages.reward_model import run_reward_model
 from flowrl.storage import fetch
 from tests.conftest import write_config
@@ -69,6 +70,9 @@ def _qwen_config(root, labels: dict[str, str], weights, vlm, prompts: dict[str, 
               "minibatches": 1, "zero_stage": 0, "reward_chunks": 1, "reward_backend": "inprocess",
               "eval_every": 1, "monitor_per_category": 1, "monitor_reward": "pairwise", "checkpoint_every": 100,
               "grid_every": 1, "balance_categories": False},
+        opd={"iterations": 2, "prompts_per_iteration": 2, "num_steps": 2, "guidance_scale": 2.0, "timesteps": "all",
+             "lr": 1e-3, "ema_decay": 0.0, "zero_stage": 0, "eval_every": 1, "monitor_per_category": 1,
+             "checkpoint_every": 100, "grid_every": 1, "teacher_devices": ["edit_teacher=cpu"]},
     )
     for section, values in overrides.items():
         sections[section] = {**sections.get(section, {}), **values}
@@ -244,3 +248,35 @@ def test_grpo_stage_under_deepspeed_zero_2_ends_where_plain_pytorch_ends(product
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, atol=3e-5, rtol=1e-4)
     assert sharded.metrics["base"] == pytest.approx(plain.metrics["base"])
+
+
+def test_opd_distils_both_qwen_image_teachers_into_one_student(production):
+    """OPD after the two GRPO runs above (their artifacts are reused): one student transformer,
+    scored by the teachers' held-out reward model on both tasks' held-out prompts."""
+    import dataclasses
+
+    _, config, base, rm, filtered, _ = production
+    served = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, reward_backend="server", kl_coef=0.0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        teachers = {"t2i_teacher": run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False),
+                    "edit_teacher": run_grpo(served, "edit", base.uri, rm.uri, filtered["edit"].uri, progress=False)}
+        student = run_opd(config, base.uri, {k: v.uri for k, v in teachers.items()},
+                          {t: filtered[t].uri for t in ("t2i", "edit")}, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    m = student.metrics
+    assert m["iterations"] == 2 and m["reward_model"] == rm.uri and m["scored_by"] == "pairwise"
+    assert {"t2i/pairwise", "t2i/alignment", "edit/pairwise", "edit/instruction"} <= set(m["student"])
+    assert set(m["gain_kept"]) == {"t2i_teacher (t2i/pairwise)", "edit_teacher (edit/pairwise)"}
+    assert [e["iteration"] for e in m["monitor"]] == [0, 1, 2] and all({"t2i", "edit"} <= set(e) for e in m["monitor"])
+    local = fetch(student.uri)
+    assert {"transformer", "reference.json", "table.md", "curves.png", "grid.png"} <= {p.name for p in local.iterdir()}
+    start = trainable_module(load_policy(fetch(base.uri), config, "t2i")).state_dict()
+    trained = trainable_module(load_policy(local, config, "t2i")).state_dict()
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+    bad = dataclasses.replace(config, opd=dataclasses.replace(config.opd, teacher_devices=("nobody=cpu",)))
+    with pytest.raises(ConfigError, match="opd.teacher_devices: no teacher named 'nobody'"):
+        run_opd(bad, base.uri, {k: v.uri for k, v in teachers.items()}, {t: filtered[t].uri for t in ("t2i", "edit")},
+                progress=False)
