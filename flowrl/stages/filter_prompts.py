@@ -7,6 +7,10 @@ whose rewards barely differ gives GRPO almost no signal (its advantages are
 noise), so filtering spends the rollout budget where there is something to
 learn.
 
+Candidates: the shapes grammar, or for ``qwen_image`` the task's prompt file
+(:mod:`flowrl.prompt_files`), less its held-out share, written unscored as
+``heldout.parquet`` for GRPO's monitor and before/after evaluation.
+
 Outputs: ``prompts.parquet`` (every candidate with its group statistics and a
 ``kept`` flag; GRPO reads the kept rows), ``ranges.png`` (histogram of ranges
 with the threshold), and metrics: kept fraction per category and the

@@ -2,6 +2,10 @@
 prompts, rewarded by the learned composite reward of the task, watched by
 the judge on a fixed held-out monitor set (the reward-hacking monitor).
 
+For ``qwen_image`` (no judge) a held-out reward model (``grpo.monitor_reward``)
+takes the judge's place on the filter's held-out prompts, and the teacher
+artifact is its transformer beside the base's ``reference.json``.
+
 Outputs: the teacher checkpoint, ``history.json`` (every iteration's
 training metrics and every monitor evaluation), ``curves.png`` (training
 reward and held-out judge score against iterations), ``table.md`` (base vs
