@@ -164,12 +164,18 @@ def qwen_image_components(pretrained: str) -> dict[str, tuple[int, int]]:
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
+    try:
+        configs = (QwenImageTransformer2DModel.load_config(pretrained, subfolder="transformer"),
+                   AutoencoderKLQwenImage.load_config(pretrained, subfolder="vae"),
+                   AutoConfig.from_pretrained(pretrained, subfolder="text_encoder"))
+    except OSError as exc:  # no such directory, no hub access, or a component's config missing
+        raise FileNotFoundError(
+            f"model.qwen_image.pretrained: cannot read the component configs of {pretrained!r} "
+            f"(a local diffusers-layout directory, or a hub id reachable from here): {exc}") from None
     with torch.device("meta"):
-        transformer = QwenImageTransformer2DModel.from_config(
-            QwenImageTransformer2DModel.load_config(pretrained, subfolder="transformer"))
-        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(pretrained, subfolder="vae"))
-        text = Qwen2_5_VLForConditionalGeneration._from_config(
-            AutoConfig.from_pretrained(pretrained, subfolder="text_encoder"))
+        transformer = QwenImageTransformer2DModel.from_config(configs[0])
+        vae = AutoencoderKLQwenImage.from_config(configs[1])
+        text = Qwen2_5_VLForConditionalGeneration._from_config(configs[2])
     out = {"transformer": _count(transformer), "vae": _count(vae), "text_encoder": _count(text)}
     cfg = transformer.config
     out["_geometry"] = (cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim)

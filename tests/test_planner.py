@@ -113,3 +113,14 @@ def test_task_requests_by_hand():
         task_requests(config, "opd", 1, 1e-6)
     with pytest.raises(ValueError, match="no training stage 'bench'"):
         task_requests(config, "bench", 1, 80)
+
+
+def test_flowrl_plan_names_the_key_when_the_pretrained_configs_cannot_be_read(tmp_path, capsys):
+    from flowrl.cli import main
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path, scenario="qwen_image.yaml",
+                        model={"family": "qwen_image", "qwen_image": {"pretrained": str(tmp_path / "missing")}})
+    assert main(["plan", "--config", str(path), "--gpus", "8", "--gpu-mem", "80"]) != 0
+    err = capsys.readouterr().err
+    assert "model.qwen_image.pretrained: cannot read the component configs" in err and "Traceback" not in err
