@@ -15,6 +15,7 @@ import torch
 
 from flowrl.config import FlowRLConfig, SamplerConfig
 from flowrl.models.base import FlowModel
+from flowrl.prompt_files import decode_sources
 from flowrl.sampling import sample
 
 
@@ -120,3 +121,37 @@ def _report_grid(t2i_images, t2i_set, sources, edit_images, n: int) -> np.ndarra
     step_e = max(1, len(edit_images) // (n // 2))
     pairs = torch.stack([sources[::step_e][: n // 2], edit_images[::step_e][: n // 2]], dim=1).flatten(0, 1)
     return image_grid(np.concatenate([t2i, to_uint8(pairs)]), ncols=n, scale=4)
+
+
+# --------------------------------------------------------------------------- families without a judge
+
+
+def heldout_sample(frame, per_category: int):
+    """The first ``per_category`` held-out rows of each category, in file order."""
+    return frame.groupby("category", sort=True, group_keys=False).head(per_category).reset_index(drop=True)
+
+
+def reward_evaluation(model, frame, scorers: dict, sampler, seed: int, batch_size: int) -> tuple[dict, np.ndarray]:
+    """Deployment-sampler images of ``frame``'s prompts (fixed seeds), scored by each of
+    ``scorers`` ({name: reward}): the mean over the prompts and per category; and a grid."""
+    prompts = list(frame["prompt"])
+    sources = decode_sources(frame)
+    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
+    images = generate(model, prompts, seeds, sampler, sources=sources, batch_size=batch_size)
+    metrics = {}
+    for name, scorer in scorers.items():
+        values = scorer.score(images, prompts, sources).float().cpu().numpy()
+        metrics[name] = float(values.mean())
+        for category, rows in frame.groupby("category").groups.items():
+            metrics[f"{name}/{category}"] = float(values[list(rows)].mean())
+    return metrics, thumbnails(images[:12])
+
+
+def thumbnails(images, side: int = 128) -> np.ndarray:
+    """A grid of up to 12 images, each scaled to ``side`` pixels on its longer edge."""
+    import torch.nn.functional as F
+
+    scale = side / max(images.shape[-2:])
+    if scale < 1:
+        images = F.interpolate(images.float(), scale_factor=scale, mode="bilinear", antialias=True)
+    return image_grid(to_uint8(images), min(len(images), 6))

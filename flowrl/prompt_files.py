@@ -33,9 +33,11 @@ import io
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from flowrl.rewards.annotations import png_bytes
+from flowrl.rewards.training import images_of
 
 REQUIRED = {"t2i": ("prompt", "category"), "edit": ("prompt", "category", "source_image")}
 
@@ -145,3 +147,8 @@ def check_prompt_files(config) -> dict[str, int]:
         heldout_mask(frame, config.filter.heldout_fraction, config.run.seed)  # at least 2 rows
         counts[task] = len(frame)
     return counts
+
+
+def decode_sources(frame: pd.DataFrame) -> torch.Tensor | None:
+    """The edit source images [P, 3, H, W] of a prompt frame, or None for T2I."""
+    return None if frame["source_image"].isna().all() else images_of(frame["source_image"])

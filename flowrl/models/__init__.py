@@ -162,7 +162,7 @@ def load_policy(directory: str | Path, config: FlowRLConfig, task: str = "t2i") 
             f"(fingerprint {weights_fingerprint(path)}, recorded {recorded}); rerun the base stage"
         )
     q = config.model.qwen_image
-    device = _local_device()
+    device = local_device()
     model = QwenImageModel.from_pretrained(path, task=task, dtype=_DTYPES[q.dtype], device=device, height=q.height,
                                            width=q.width)
     if (directory / QWEN_TRANSFORMER).is_dir():
@@ -170,7 +170,7 @@ def load_policy(directory: str | Path, config: FlowRLConfig, task: str = "t2i") 
     return model
 
 
-def _local_device() -> torch.device:
+def local_device() -> torch.device:
     """This process's GPU (LOCAL_RANK under torchrun / Elastic), or the CPU."""
     import os
 
@@ -250,4 +250,4 @@ def load_frozen_network(directory: str | Path, config: FlowRLConfig, task: str, 
         module = _artifact_transformer(directory, config) if (directory / QWEN_TRANSFORMER).is_dir() else None
         if module is None:
             raise CheckpointError(f"{directory}: no trained {QWEN_TRANSFORMER}/ (not a GRPO or OPD artifact)")
-    return module.to(device or _local_device()).requires_grad_(False).eval()
+    return module.to(device or local_device()).requires_grad_(False).eval()

@@ -26,13 +26,23 @@ from flowrl.storage import ArtifactError, fetch
 _COMPONENT = {("edit", "alignment"): "instruction"}
 
 
-def _load_vlm(directory: Path):
-    from flowrl.rewards.vlm import QwenVLScorer
+class LazyVLMScorer:
+    """A saved Qwen2.5-VL scorer, loaded on its first use: a rank that never scores
+    (the monitor runs on rank 0 only) or a trainer whose rewards come from a reward
+    server keeps only the composite's weights, not the models."""
 
-    import torch
+    def __init__(self, directory: Path):
+        if not (directory / "config.json").is_file():  # checked now, before any rollout, not at first use
+            raise ArtifactError(f"{directory}: not a saved scorer (no config.json)")
+        self.directory, self._scorer = directory, None
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return QwenVLScorer.from_pretrained(directory, device=device).eval()
+    def level_logits(self, images, prompts, sources=None):
+        if self._scorer is None:
+            from flowrl.models import local_device
+            from flowrl.rewards.vlm import QwenVLScorer
+
+            self._scorer = QwenVLScorer.from_pretrained(self.directory, device=local_device()).eval()
+        return self._scorer.level_logits(images, prompts, sources)
 
 
 def scorer_directories(local: Path, task: str) -> dict[str, Path]:
@@ -69,13 +79,12 @@ def load_production_rewards(config: FlowRLConfig, reward_model_uri: str, task: s
     default_section, overrides, key = (r.t2i, r.t2i_categories, "rewards.t2i") if task == "t2i" else (
         r.edit, r.edit_kinds, "rewards.edit")
     default = _weights(default_section, key, set(directories))
-    names = [n for n in directories if n in default]
     by_category = {
         f.name: _weights(getattr(overrides, f.name), f"{key}_{'categories' if task == 't2i' else 'kinds'}.{f.name}",
                          set(directories))
         for f in dataclasses.fields(overrides) if getattr(overrides, f.name) is not None
     }
-    components = {name: ScorerReward(_load_vlm(directories[name]), name, batch_size=8) for name in names}
+    components = {name: ScorerReward(LazyVLMScorer(directories[name]), name, batch_size=8) for name in default}
     table = dict(categories)
     return CompositeReward(components=components, weights=by_category, categorize=lambda p: table.get(p, ""),
                            default_weights=default)
@@ -93,7 +102,7 @@ def load_monitor_scorer(reward_model_uri: str, task: str, name: str, composite: 
     if name in trained_on:
         raise ConfigError(f"grpo.monitor_reward: {name!r} is part of the {task} composite GRPO trains on; a monitor "
                           "that the policy optimises cannot see hacking (use pairwise, or an unweighted criterion)")
-    return ScorerReward(_load_vlm(directory), name, batch_size=8)
+    return ScorerReward(LazyVLMScorer(directory), name, batch_size=8)
 
 
 def prompt_categories(*frames) -> dict[str, str]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from flowrl.config import OPDConfig, name_value_pairs
+from flowrl.models import trainable_module
 from flowrl.models.base import Condition, FlowModel
 from flowrl.rl.distributed import mean_across_ranks
 from flowrl.rl.engine import make_engine
@@ -122,7 +123,7 @@ class OPDTrainer(LoopTrainer):
             raise ValueError("opd.num_steps: resolve null to the sampler's steps before building the trainer")
         self.guidance_scale, self.shift = guidance_scale, shift
         for teacher in teachers.values():
-            _trainable_module(teacher).requires_grad_(False)
+            trainable_module(teacher).requires_grad_(False)
         self.counts = task_counts(cfg.prompts_per_iteration, fractions)
         for task, n in self.counts.items():
             if n % self.world:
@@ -235,12 +236,3 @@ class OPDTrainer(LoopTrainer):
 
     def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{metrics['train/loss']:.4f}", **super().postfix(metrics)}
-
-
-def _trainable_module(model: FlowModel) -> torch.nn.Module:
-    """The network a family trains: the shapes DiT's ``net``, Qwen-Image's ``transformer``."""
-    for name in ("net", "transformer"):
-        module = getattr(model, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise TypeError(f"{type(model).__name__}: no trainable network (net or transformer)")

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Iterator
 
 from flowrl.config import FlowRLConfig
-from flowrl.models import set_torch_threads
+from flowrl.models import set_torch_threads, trainable_module
 from flowrl.storage import ArtifactStore, StagingDir, artifact_version, code_version
-from flowrl.tracking import Tracker, make_tracker
+from flowrl.tracking import NullTracker, Tracker, make_tracker
 
 
 @dataclass(frozen=True)
@@ -160,3 +160,19 @@ def run_trainer(trainer, tracker: Tracker, *, stage: str, iterations: int, resum
 def write_history(staging: Path, state) -> None:
     """``history.json``: every iteration's metrics and every monitor evaluation of a trainer."""
     (staging / "history.json").write_text(json.dumps({"history": state.history, "monitor": state.monitor}, indent=1))
+
+
+def follow_rank0(config: FlowRLConfig, store: ArtifactStore, stage: str, version: str, train) -> StageResult:
+    """What a rank other than 0 does in a training stage: train beside rank 0 (which
+    evaluates, commits and tracks) and return where rank 0 commits the artifact."""
+    set_torch_threads(config.run.torch_threads)
+    train(NullTracker())
+    return StageResult(stage, version, store.uri(stage, version), None, {})
+
+
+def trained_model(trainer, model, result):
+    """``model`` holding the run's final weights: ZeRO-3 partitioned the trained one, so its
+    engine hands a plain copy to load them into."""
+    model = trainer.engine.plain_model(model)
+    trainable_module(model).load_state_dict(result.module_state)
+    return model

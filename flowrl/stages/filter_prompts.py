@@ -33,11 +33,10 @@ from flowrl.config import FlowRLConfig
 from flowrl.plots import new_figure, png_of
 from flowrl.config import ConfigError
 from flowrl.models import load_checkpoint, load_policy
-from flowrl.prompt_files import heldout_mask, load_prompt_file
+from flowrl.prompt_files import decode_sources, heldout_mask, load_prompt_file
 from flowrl.rewards.annotations import png_bytes
 from flowrl.rewards.composite import CompositeReward
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
-from flowrl.rewards.training import images_of
 from flowrl.rl.rollout import RolloutSettings, rollout
 from flowrl.rl.trainer import seeded_generator
 from flowrl.shapes.edits import EDIT_KINDS, sample_edit
@@ -72,11 +71,6 @@ def candidate_prompts(config: FlowRLConfig, task: str) -> pd.DataFrame:
                 source = render_scene(example.source, config.world.resolution)
                 rows.append({"prompt": example.instruction, "category": kind, "source_image": png_bytes(source)})
     return pd.DataFrame(rows)
-
-
-def decode_sources(frame: pd.DataFrame) -> torch.Tensor | None:
-    """The edit source images [P, 3, H, W] of a prompt frame, or None for T2I."""
-    return None if frame["source_image"].isna().all() else images_of(frame["source_image"])
 
 
 @torch.no_grad()

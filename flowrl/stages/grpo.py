@@ -23,9 +23,9 @@ from PIL import Image
 
 from flowrl.config import FlowRLConfig
 from flowrl.plots import new_figure, png_of
-from flowrl.evaluation import evaluate_shapes, generate, image_grid, to_uint8
+from flowrl.evaluation import evaluate_shapes, generate, heldout_sample, image_grid, reward_evaluation, to_uint8
 from flowrl.models import (
-    load_checkpoint, load_policy, save_checkpoint, save_policy, set_torch_threads, trainable_module, trained_state,
+    load_checkpoint, load_policy, save_checkpoint, save_policy, trainable_module, trained_state,
 )
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
 from flowrl.rl.distributed import dist_info
@@ -40,14 +40,17 @@ from flowrl.stages.common import (
     commit_stage,
     committed_result,
     flat_metrics,
+    follow_rank0,
     run_trainer,
     stage_context,
     stage_version,
+    trained_model,
     write_history,
 )
-from flowrl.stages.filter_prompts import decode_sources, load_heldout_set, load_prompt_set
+from flowrl.prompt_files import decode_sources
+from flowrl.stages.filter_prompts import load_heldout_set, load_prompt_set
 from flowrl.storage import ArtifactStore, fetch
-from flowrl.tracking import NullTracker, Tracker
+from flowrl.tracking import Tracker
 
 SECTIONS = ("run.seed", "world", "sampler", "eval", "grpo", "rewards")
 MONITOR_SEED_OFFSET = 7919  # the monitor set is drawn apart from the evaluation set
@@ -129,6 +132,33 @@ def table_markdown(rows: dict[str, dict[str, float]], task: str) -> str:
     lines = [f"| {task} metric | base | teacher | delta |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {v['base']:.3f} | {v['teacher']:.3f} | {v['delta']:+.3f} |" for k, v in rows.items()]
     return "\n".join(lines) + "\n"
+
+
+def _teacher_metrics(task: str, trainer: GRPOTrainer, rows: dict, train_s: float, start: float) -> dict:
+    """What both families record of a GRPO run: the task, how it ran, base against teacher, the monitor."""
+    return {
+        "task": task,
+        "iterations": trainer.state.iteration,
+        "stopped_early": trainer.state.stopped or "",
+        "train_s": round(train_s, 1),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "base": {k: v["base"] for k, v in rows.items()},
+        "teacher": {k: v["teacher"] for k, v in rows.items()},
+        "final_train_reward": float(np.mean([h["train/reward"] for h in trainer.state.history[-10:]])),
+        "monitor": trainer.state.monitor,
+    }
+
+
+def _write_outputs(ctx, trainer: GRPOTrainer, rows: dict, task: str, grid: np.ndarray, metrics: dict,
+                   heldout_label: str | None = None) -> None:
+    """history.json, curves.png, table.md and grid.png into the staging directory, and to the tracker."""
+    write_history(ctx.staging, trainer.state)
+    (ctx.staging / "curves.png").write_bytes(_curves_png(trainer.state.history, trainer.state.monitor, task,
+                                                         heldout_label))
+    (ctx.staging / "table.md").write_text(table_markdown(rows, task))
+    Image.fromarray(grid).save(ctx.staging / "grid.png")
+    ctx.tracker.log_metrics(flat_metrics({"base": metrics["base"], "teacher": metrics["teacher"]}))
+    ctx.tracker.log_image(grid, "grid.png")
 
 
 def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri: str,
@@ -251,37 +281,19 @@ def run_grpo(
         return trainer, result
 
     try:
-        if rank != 0:  # other ranks train beside rank 0, which evaluates, commits and tracks
-            set_torch_threads(config.run.torch_threads)
-            train(NullTracker())
-            return StageResult(stage, version, store.uri(stage, version), None, {})
+        if rank != 0:
+            return follow_rank0(config, store, stage, version, train)
         with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
             start = time.perf_counter()
             trainer, result = train(ctx.tracker)
             train_s = time.perf_counter() - start
-            model = trainer.engine.plain_model(model)  # ZeRO-3 partitioned the trained one
-            model.net.load_state_dict(result.module_state)
+            model = trained_model(trainer, model, result)
             report = evaluate_shapes(model, config)
             base_metrics = json.loads((base_dir / "metrics.json").read_text())
             rows = comparison(base_metrics, report.metrics, task)
-            metrics = {
-                "task": task,
-                "iterations": trainer.state.iteration,
-                "stopped_early": trainer.state.stopped or "",
-                "train_s": round(train_s, 1),
-                "wall_s": round(time.perf_counter() - start, 1),
-                "base": {k: v["base"] for k, v in rows.items()},
-                "teacher": {k: v["teacher"] for k, v in rows.items()},
-                "final_train_reward": float(np.mean([h["train/reward"] for h in trainer.state.history[-10:]])),
-                "monitor": trainer.state.monitor,
-            }
+            metrics = _teacher_metrics(task, trainer, rows, train_s, start)
             save_checkpoint(model, ctx.staging)
-            write_history(ctx.staging, trainer.state)
-            (ctx.staging / "curves.png").write_bytes(_curves_png(trainer.state.history, trainer.state.monitor, task))
-            (ctx.staging / "table.md").write_text(table_markdown(rows, task))
-            Image.fromarray(report.grid).save(ctx.staging / "grid.png")
-            ctx.tracker.log_metrics(flat_metrics({"base": metrics["base"], "teacher": metrics["teacher"]}))
-            ctx.tracker.log_image(report.grid, "grid.png")
+            _write_outputs(ctx, trainer, rows, task, report.grid, metrics)
             return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
     finally:
         for submitter, sidecar in backends.values():
@@ -291,37 +303,6 @@ def run_grpo(
 
 
 # --------------------------------------------------------------------------- qwen_image: no judge
-
-
-def heldout_sample(frame, per_category: int):
-    """The first ``per_category`` held-out rows of each category, in file order."""
-    return frame.groupby("category", sort=True, group_keys=False).head(per_category).reset_index(drop=True)
-
-
-def reward_evaluation(model, frame, scorers: dict, sampler, seed: int, batch_size: int) -> tuple[dict, np.ndarray]:
-    """Deployment-sampler images of ``frame``'s prompts (fixed seeds), scored by each of
-    ``scorers`` ({name: reward}): the mean over the prompts and per category; and a grid."""
-    prompts = list(frame["prompt"])
-    sources = decode_sources(frame)
-    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
-    images = generate(model, prompts, seeds, sampler, sources=sources, batch_size=batch_size)
-    metrics = {}
-    for name, scorer in scorers.items():
-        values = scorer.score(images, prompts, sources).float().cpu().numpy()
-        metrics[name] = float(values.mean())
-        for category, rows in frame.groupby("category").groups.items():
-            metrics[f"{name}/{category}"] = float(values[list(rows)].mean())
-    return metrics, thumbnails(images[:12])
-
-
-def thumbnails(images, side: int = 128) -> np.ndarray:
-    """A grid of up to 12 images, each scaled to ``side`` pixels on its longer edge."""
-    import torch.nn.functional as F
-
-    scale = side / max(images.shape[-2:])
-    if scale < 1:
-        images = F.interpolate(images.float(), scale_factor=scale, mode="bilinear", antialias=True)
-    return image_grid(to_uint8(images), min(len(images), 6))
 
 
 def _run_grpo_pretrained(config: FlowRLConfig, task: str, base_uri: str, reward_model_uri: str, prompts_uri: str,
@@ -373,45 +354,27 @@ def _run_grpo_pretrained(config: FlowRLConfig, task: str, base_uri: str, reward_
     scorers = {**dict(composite.components), g.monitor_reward: watcher}
     try:
         if rank != 0:
-            set_torch_threads(config.run.torch_threads)
-            train(NullTracker())
-            return StageResult(stage, version, store.uri(stage, version), None, {})
+            return follow_rank0(config, store, stage, version, train)
         with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
             start = time.perf_counter()
             trainer, result = train(ctx.tracker)
             train_s = time.perf_counter() - start
-            model = trainer.engine.plain_model(model)
-            trained = trainable_module(model)
-            trained.load_state_dict(result.module_state)
+            model = trained_model(trainer, model, result)
             teacher_scores, grid = reward_evaluation(model, eval_rows, scorers, config.sampler, config.eval.seed,
                                                      config.eval.batch_size)
             save_policy(model, ctx.staging, base_dir)
             # the base on the same prompts and seeds: its weights back into the same module (no second copy)
-            trained.load_state_dict(trained_state(base_dir, config, task))
+            trainable_module(model).load_state_dict(trained_state(base_dir, config, task))
             base_scores, _ = reward_evaluation(model, eval_rows, scorers, config.sampler, config.eval.seed,
                                                config.eval.batch_size)
             rows = {f"{task}/{k}": {"base": base_scores[k], "teacher": teacher_scores[k],
                                     "delta": teacher_scores[k] - base_scores[k]} for k in sorted(base_scores)}
             metrics = {
-                "task": task,
+                **_teacher_metrics(task, trainer, rows, train_s, start),
                 "scored_by": {"components": list(composite.component_names), "heldout": g.monitor_reward},
                 "heldout_prompts": len(eval_rows),
-                "iterations": trainer.state.iteration,
-                "stopped_early": trainer.state.stopped or "",
-                "train_s": round(train_s, 1),
-                "wall_s": round(time.perf_counter() - start, 1),
-                "base": {k: v["base"] for k, v in rows.items()},
-                "teacher": {k: v["teacher"] for k, v in rows.items()},
-                "final_train_reward": float(np.mean([h["train/reward"] for h in trainer.state.history[-10:]])),
-                "monitor": trainer.state.monitor,
             }
-            write_history(ctx.staging, trainer.state)
-            (ctx.staging / "curves.png").write_bytes(_curves_png(trainer.state.history, trainer.state.monitor, task,
-                                                                 f"held-out {g.monitor_reward} reward"))
-            (ctx.staging / "table.md").write_text(table_markdown(rows, task))
-            Image.fromarray(grid).save(ctx.staging / "grid.png")
-            ctx.tracker.log_metrics(flat_metrics({"base": metrics["base"], "teacher": metrics["teacher"]}))
-            ctx.tracker.log_image(grid, "grid.png")
+            _write_outputs(ctx, trainer, rows, task, grid, metrics, f"held-out {g.monitor_reward} reward")
             return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
     finally:
         submitter.close()

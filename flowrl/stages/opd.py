@@ -23,8 +23,7 @@ from flowrl.config import FlowRLConfig
 from flowrl.evaluation import evaluate_shapes
 from flowrl.config import ConfigError, name_value_pairs
 from flowrl.models import (
-    load_checkpoint, load_frozen_network, load_task_views, save_checkpoint, save_policy, set_torch_threads,
-    trainable_module,
+    load_checkpoint, load_frozen_network, load_task_views, save_checkpoint, save_policy, trainable_module,
 )
 from flowrl.plots import new_figure, png_of
 from flowrl.rl.distributed import dist_info
@@ -36,15 +35,19 @@ from flowrl.stages.common import (
     commit_stage,
     committed_result,
     flat_metrics,
+    follow_rank0,
     run_trainer,
     stage_context,
     stage_version,
+    trained_model,
     write_history,
 )
-from flowrl.stages.filter_prompts import decode_sources, load_heldout_set, load_prompt_set
-from flowrl.stages.grpo import heldout_sample, monitor_for, reward_evaluation
+from flowrl.evaluation import heldout_sample, reward_evaluation
+from flowrl.prompt_files import decode_sources
+from flowrl.stages.filter_prompts import load_heldout_set, load_prompt_set
+from flowrl.stages.grpo import MONITOR_SEED_OFFSET, monitor_for
 from flowrl.storage import ArtifactError, ArtifactStore, fetch
-from flowrl.tracking import NullTracker, Tracker
+from flowrl.tracking import Tracker
 
 SECTIONS = ("run.seed", "world", "sampler", "eval", "opd")
 TASKS = ("t2i", "edit")
@@ -166,16 +169,13 @@ def run_opd(
                              progress=progress, stop_after=stop_after)
         return trainer, result
 
-    if rank != 0:  # other ranks train beside rank 0, which evaluates, commits and tracks
-        set_torch_threads(config.run.torch_threads)
-        train(NullTracker())
-        return StageResult(stage, version, store.uri(stage, version), None, {})
+    if rank != 0:
+        return follow_rank0(config, store, stage, version, train)
     with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
         start = time.perf_counter()
         trainer, result = train(ctx.tracker)
         train_s = time.perf_counter() - start
-        model = trainer.engine.plain_model(model)  # ZeRO-3 partitioned the trained one
-        model.net.load_state_dict(result.module_state)
+        model = trained_model(trainer, model, result)
         report = evaluate_shapes(model, config)
         models = {"base": judge_metrics(base_dir)}
         models.update({name: judge_metrics(d) for name, d in teacher_dirs.items()})
@@ -273,7 +273,7 @@ def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[
     monitor_rows = {t: heldout_sample(heldout[t], o.monitor_per_category) for t in TASKS}
     per_task = {"t2i": config.eval.t2i_per_category, "edit": config.eval.edit_per_kind}
     eval_rows = {t: heldout_sample(heldout[t], per_task[t]) for t in TASKS}
-    seed = config.eval.seed + 7919  # grpo.MONITOR_SEED_OFFSET: the same monitor draws as the teachers'
+    seed = config.eval.seed + MONITOR_SEED_OFFSET  # the same monitor draws as the teachers'
 
     def task_views(model_) -> dict:
         """Both task views of ``model_`` (the trainer's model, or ZeRO-3's plain copy of it)."""
@@ -304,15 +304,12 @@ def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[
         return trainer, result
 
     if rank != 0:
-        set_torch_threads(config.run.torch_threads)
-        train(NullTracker())
-        return StageResult(stage, version, store.uri(stage, version), None, {})
+        return follow_rank0(config, store, stage, version, train)
     with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
         start = time.perf_counter()
         trainer, result = train(ctx.tracker)
         train_s = time.perf_counter() - start
-        trained = trainer.engine.plain_model(model)
-        trainable_module(trained).load_state_dict(result.module_state)
+        trained = trained_model(trainer, model, result)
         student, grids = {}, []
         for t, view in task_views(trained).items():
             scores, grid = reward_evaluation(view, eval_rows[t], scorers[t], config.sampler, config.eval.seed,

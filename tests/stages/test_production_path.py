@@ -79,8 +79,17 @@ def _qwen_config(root, labels: dict[str, str], weights, vlm, prompts: dict[str, 
     return load_config(write_config(root, scenario="qwen_image.yaml", **sections))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny components train and score single-threaded (as on a CI core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def production(tmp_path_factory, upstream):
+def production(tmp_path_factory, upstream, one_thread):
     """base, reward models and filtered prompt sets of the production family."""
     from transformers import Qwen2VLImageProcessorPil
 
@@ -98,15 +107,10 @@ def production(tmp_path_factory, upstream):
     Qwen2VLImageProcessorPil().save_pretrained(vlm)
     prompts = _prompt_files(root)
     config = _qwen_config(root, labels, weights, vlm, prompts)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        base = run_base(config, progress=False)
-        rm = run_reward_model(config, run_annotate(config, base.uri).uri)
-        filtered = {task: run_filter_prompts(config, task, base.uri, rm.uri) for task in ("t2i", "edit")}
-        yield root, config, base, rm, filtered, (labels, weights, vlm, prompts)
-    finally:
-        torch.set_num_threads(threads)
+    base = run_base(config, progress=False)
+    rm = run_reward_model(config, run_annotate(config, base.uri).uri)
+    filtered = {task: run_filter_prompts(config, task, base.uri, rm.uri) for task in ("t2i", "edit")}
+    return root, config, base, rm, filtered, (labels, weights, vlm, prompts)
 
 
 def test_prompt_files_are_filtered_with_a_held_out_share_that_is_never_trained_on(production):
@@ -126,13 +130,8 @@ def test_prompt_files_are_filtered_with_a_held_out_share_that_is_never_trained_o
 
 def test_grpo_trains_the_qwen_image_transformer_and_commits_a_loadable_teacher(production):
     _, config, base, rm, filtered, _ = production
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t2i = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
-        again = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    t2i = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
+    again = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
     assert again.reused and again.version == t2i.version
     local = fetch(t2i.uri)
     assert (local / "transformer" / "config.json").is_file() and (local / "reference.json").is_file()
@@ -151,12 +150,7 @@ def test_edit_grpo_scores_through_a_sidecar_reward_server(production):
     import dataclasses
 
     served = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, reward_backend="server", kl_coef=0.0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        edit = run_grpo(served, "edit", base.uri, rm.uri, filtered["edit"].uri, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    edit = run_grpo(served, "edit", base.uri, rm.uri, filtered["edit"].uri, progress=False)
     assert edit.metrics["iterations"] == 2 and "edit/instruction" in edit.metrics["teacher"]
     history = json.loads((fetch(edit.uri) / "history.json").read_text())["history"]
     assert len(history) == 2 and all(np.isfinite(h["train/reward"]) for h in history)
@@ -236,12 +230,7 @@ def test_grpo_stage_under_deepspeed_zero_2_ends_where_plain_pytorch_ends(product
     _, config, base, rm, filtered, _ = production
     plain = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
     zero = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, zero_stage=2))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sharded = run_grpo(zero, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    sharded = run_grpo(zero, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
     assert sharded.version != plain.version
     a = trainable_module(load_policy(fetch(plain.uri), config, "t2i")).state_dict()
     b = trainable_module(load_policy(fetch(sharded.uri), config, "t2i")).state_dict()
@@ -257,15 +246,10 @@ def test_opd_distils_both_qwen_image_teachers_into_one_student(production):
 
     _, config, base, rm, filtered, _ = production
     served = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, reward_backend="server", kl_coef=0.0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        teachers = {"t2i_teacher": run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False),
-                    "edit_teacher": run_grpo(served, "edit", base.uri, rm.uri, filtered["edit"].uri, progress=False)}
-        student = run_opd(config, base.uri, {k: v.uri for k, v in teachers.items()},
-                          {t: filtered[t].uri for t in ("t2i", "edit")}, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    teachers = {"t2i_teacher": run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False),
+                "edit_teacher": run_grpo(served, "edit", base.uri, rm.uri, filtered["edit"].uri, progress=False)}
+    student = run_opd(config, base.uri, {k: v.uri for k, v in teachers.items()},
+                      {t: filtered[t].uri for t in ("t2i", "edit")}, progress=False)
     m = student.metrics
     assert m["iterations"] == 2 and m["reward_model"] == rm.uri and m["scored_by"] == "pairwise"
     assert {"t2i/pairwise", "t2i/alignment", "edit/pairwise", "edit/instruction"} <= set(m["student"])
