@@ -24,49 +24,89 @@ import numpy as np
 import torch
 
 from flowrl.arena import Battle, Rating, battle_totals, fit_elo, judge_battles
-from flowrl.config import FlowRLConfig
+from flowrl.config import BENCH_PILLARS, FlowRLConfig
 from flowrl.evaluation import generate, to_uint8
 from flowrl.models.base import FlowModel
 from flowrl.shapes import judge
-from flowrl.shapes.edits import EditExample, make_edit_set
-from flowrl.shapes.prompts import T2IExample, make_t2i_set
+from flowrl.shapes.edits import make_edit_set
+from flowrl.shapes.prompts import make_t2i_set
 from flowrl.shapes.render import render_batch
 from flowrl.shapes.splits import BENCH_VERSION
 
-PILLARS: tuple[str, ...] = ("t2i_alignment", "edit_accuracy", "identity", "fidelity")
+PILLARS: tuple[str, ...] = BENCH_PILLARS
 ARENAS: tuple[str, ...] = ("t2i", "edit")
 
 
 @dataclass(frozen=True)
 class BenchSet:
-    """The fixed bench items and their seeds (identical for every model)."""
+    """The fixed bench items and their seeds (identical for every model).
 
-    t2i: list[T2IExample]
-    edit: list[EditExample]
+    Shapes: drawn from the bench split of the grammar, with the judge's specs.
+    Production: read from the bench prompt files (``bench.t2i_prompts`` /
+    ``bench.edit_prompts``), no specs.
+    """
+
+    t2i_prompts: list[str]
+    t2i_categories: list[str]
+    edit_instructions: list[str]
+    edit_kinds: list[str]
     t2i_seeds: list[int]
     edit_seeds: list[int]
-    sources: torch.Tensor  # [M, 3, H, W] in [0, 1]: the edit sources
-    version: str  # the bench partition and these settings
+    sources: torch.Tensor  # [M, 3, H, W] the edit sources: float in [0, 1] or uint8
+    version: str  # the bench items and these settings
+    t2i_specs: list | None = None  # the shapes judge's scene specs, None in production
+    edit_specs: list | None = None
 
     def rows(self) -> list[dict]:
         """One row per item (task, category, prompt, seed) for the record."""
-        rows = [{"task": "t2i", "category": e.spec.category, "prompt": e.prompt, "seed": s}
-                for e, s in zip(self.t2i, self.t2i_seeds)]
-        rows += [{"task": "edit", "category": e.kind, "prompt": e.instruction, "seed": s}
-                 for e, s in zip(self.edit, self.edit_seeds)]
+        rows = [{"task": "t2i", "category": c, "prompt": p, "seed": s}
+                for p, c, s in zip(self.t2i_prompts, self.t2i_categories, self.t2i_seeds)]
+        rows += [{"task": "edit", "category": k, "prompt": p, "seed": s}
+                 for p, k, s in zip(self.edit_instructions, self.edit_kinds, self.edit_seeds)]
         return rows
 
 
+def _item_seeds(seed: int, n_t2i: int, n_edit: int) -> tuple[list[int], list[int]]:
+    return [seed * 1_000_003 + i for i in range(n_t2i)], [seed * 1_000_003 + 500_000 + i for i in range(n_edit)]
+
+
 def bench_set(config: FlowRLConfig) -> BenchSet:
-    """The bench items of ``config.bench`` drawn from the bench split."""
+    """The bench items of ``config.bench``: the grammar's bench split (shapes) or the bench prompt
+    files (qwen_image, checked unseen by training, :func:`flowrl.prompt_files.load_bench_prompts`)."""
     b = config.bench
+    if config.model.family != "shapes":
+        return _file_bench_set(config)
     t2i = make_t2i_set(b.seed, b.t2i_per_category, split="bench")
     edit = make_edit_set(b.seed, b.edit_per_kind, split="bench")
-    t2i_seeds = [b.seed * 1_000_003 + i for i in range(len(t2i))]
-    edit_seeds = [b.seed * 1_000_003 + 500_000 + i for i in range(len(edit))]
+    t2i_seeds, edit_seeds = _item_seeds(b.seed, len(t2i), len(edit))
     sources = render_batch([e.source for e in edit], config.world.resolution)
     version = f"{BENCH_VERSION}-s{b.seed}-t{b.t2i_per_category}-e{b.edit_per_kind}"
-    return BenchSet(t2i, edit, t2i_seeds, edit_seeds, sources, version)
+    return BenchSet([e.prompt for e in t2i], [e.spec.category for e in t2i], [e.instruction for e in edit],
+                    [e.kind for e in edit], t2i_seeds, edit_seeds, sources, version,
+                    t2i_specs=[e.spec for e in t2i], edit_specs=[e.spec for e in edit])
+
+
+def _file_bench_set(config: FlowRLConfig) -> BenchSet:
+    from flowrl.prompt_files import load_bench_prompts
+
+    b = config.bench
+    t2i, edit = load_bench_prompts(config, "t2i"), load_bench_prompts(config, "edit")
+    t2i_seeds, edit_seeds = _item_seeds(b.seed, len(t2i), len(edit))
+    # sources stay uint8 (a thousand 1024-pixel sources are 3 GB so, 12 GB as float)
+    sources = torch.from_numpy(np.stack([_rgb(data) for data in edit["source_image"]])).permute(0, 3, 1, 2)
+    version = (f"files-t{t2i.attrs['sha256'][:12]}-e{edit.attrs['sha256'][:12]}-s{b.seed}"
+               f"-t{b.t2i_per_category}-e{b.edit_per_kind}")
+    return BenchSet(list(t2i["prompt"]), list(t2i["category"]), list(edit["prompt"]), list(edit["category"]),
+                    t2i_seeds, edit_seeds, sources.contiguous(), version)
+
+
+def _rgb(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 @dataclass(frozen=True)
@@ -77,11 +117,13 @@ class BenchImages:
     edit: np.ndarray
 
 
-def sample_bench(model: FlowModel, bench: BenchSet, config: FlowRLConfig) -> BenchImages:
-    """The model's images of every bench item with the deployment sampler."""
+def sample_bench(model: FlowModel, bench: BenchSet, config: FlowRLConfig, edit_model: FlowModel | None = None
+                 ) -> BenchImages:
+    """The model's images of every bench item with the deployment sampler; ``edit_model``: the
+    model's edit view when that is another object (Qwen-Image's edit pipeline)."""
     bs = config.bench.batch_size
-    t2i = generate(model, [e.prompt for e in bench.t2i], bench.t2i_seeds, config.sampler, batch_size=bs)
-    edit = generate(model, [e.instruction for e in bench.edit], bench.edit_seeds, config.sampler,
+    t2i = generate(model, bench.t2i_prompts, bench.t2i_seeds, config.sampler, batch_size=bs)
+    edit = generate(edit_model or model, bench.edit_instructions, bench.edit_seeds, config.sampler,
                     sources=bench.sources, batch_size=bs)
     return BenchImages(to_uint8(t2i), to_uint8(edit))
 
@@ -116,9 +158,11 @@ class ShapesJudgeScorer:
     primary_tolerance = 0.0
 
     def __call__(self, bench: BenchSet, images: BenchImages) -> ItemScores:
+        if bench.t2i_specs is None or bench.edit_specs is None:
+            raise ValueError("the shapes judge scores the shapes bench only (these items have no scene specs)")
         sources = to_uint8(bench.sources)
-        t2i_correct = judge.t2i_correct_batch(images.t2i, [e.spec for e in bench.t2i])
-        edit_correct, identity = judge.edit_scores_batch(sources, images.edit, [e.spec for e in bench.edit])
+        t2i_correct = judge.t2i_correct_batch(images.t2i, bench.t2i_specs)
+        edit_correct, identity = judge.edit_scores_batch(sources, images.edit, bench.edit_specs)
         return ItemScores(t2i_correct, judge.fidelity_batch(images.t2i), edit_correct, identity,
                           judge.fidelity_batch(images.edit))
 
@@ -154,8 +198,7 @@ class RewardModelScorer:
     def __call__(self, bench: BenchSet, images: BenchImages) -> ItemScores:
         t2i = torch.from_numpy(images.t2i).permute(0, 3, 1, 2).float() / 255
         edit = torch.from_numpy(images.edit).permute(0, 3, 1, 2).float() / 255
-        prompts = [e.prompt for e in bench.t2i]
-        instructions = [e.instruction for e in bench.edit]
+        prompts, instructions = bench.t2i_prompts, bench.edit_instructions
         t, e = self.rewards["t2i"].components, self.rewards["edit"].components
         return ItemScores(
             t2i_correct=self._unit(t["alignment"], t2i, prompts),
@@ -164,6 +207,98 @@ class RewardModelScorer:
             edit_identity=self._unit(e["identity"], edit, instructions, bench.sources),
             # fidelity of an edit's output, judged by the T2I fidelity model on the output alone
             edit_fidelity=self._unit(t["fidelity"], edit, instructions),
+        )
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al., 2004) of each image pair, [N, C, H, W] in [0, 1] -> [N]:
+    local means, variances and covariance under a Gaussian window (valid positions only, the window
+    shrunk to fit small images), ``C1 = 0.01**2``, ``C2 = 0.03**2``, averaged over positions and channels."""
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"ssim: expected two [N, C, H, W] batches of one shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    a, b = a.double(), b.double()
+    size = min(window, a.shape[-2], a.shape[-1])
+    size -= 1 - size % 2  # odd
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    channels = a.shape[1]
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+    def blur(v):
+        return torch.nn.functional.conv2d(v, kernel, groups=channels)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return index.flatten(1).mean(1)
+
+
+class FileBenchScorer:
+    """The production bench's scorer: each pillar from the source ``bench.scorers`` names for it,
+    a scorer of the reward_model artifact (expected Likert level in [1, 5] mapped to [0, 1]) or,
+    for identity, :func:`ssim` of output and source clipped to [0, 1]. Scores are continuous, so a
+    battle's primary score decides only beyond ``tolerance``. Images are scored ``batch_size`` at a
+    time from uint8, so a bench of thousands of large images never exists as floats at once."""
+
+    def __init__(self, reward_model_uri: str, sources: dict[str, tuple[str, str]], tolerance: float,
+                 batch_size: int = 16):
+        from pathlib import Path
+
+        from flowrl.config import ConfigError
+        from flowrl.rewards.production import LazyVLMScorer
+        from flowrl.rewards.shapes_rewards import ScorerReward
+        from flowrl.storage import fetch
+
+        local = Path(fetch(reward_model_uri))
+        loaded: dict[tuple[str, str], ScorerReward] = {}
+        self.scorers: dict[str, tuple[str, ScorerReward | None]] = {}
+        for pillar, (task, name) in sources.items():
+            if name == "ssim":
+                self.scorers[pillar] = ("edit", None)
+                continue
+            directory = local / task / name
+            if (task, name) not in loaded:
+                if not (directory / "config.json").is_file():
+                    have = sorted(p.name for p in (local / task).iterdir() if p.is_dir()) if (local / task).is_dir() else []
+                    raise ConfigError(f"bench.scorers: {pillar}={task}/{name}: {reward_model_uri} has no such scorer "
+                                      f"(its {task} scorers: {', '.join(have) or 'none'})")
+                loaded[(task, name)] = ScorerReward(LazyVLMScorer(directory), f"{task}/{name}", batch_size=batch_size)
+            self.scorers[pillar] = (task, loaded[(task, name)])
+        self.name = "reward models (" + ", ".join(f"{p}: {'/'.join(s).lstrip('/')}" for p, s in sources.items()) + ")"
+        self.primary_tolerance, self.batch_size = tolerance, batch_size
+
+    def _unit(self, pillar: str, images: np.ndarray, prompts: list[str], sources: torch.Tensor) -> np.ndarray:
+        task, reward = self.scorers[pillar]
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            stop = start + self.batch_size
+            batch = torch.from_numpy(np.array(images[start:stop])).permute(0, 3, 1, 2).float() / 255
+            src = None
+            if task == "edit":
+                src = sources[start:stop]
+                src = src.float() / 255 if src.dtype == torch.uint8 else src.float()
+            if reward is None:
+                values = ssim(batch, src)
+            else:
+                low, high = reward.score_range
+                values = (reward.score(batch, prompts[start:stop], src).detach().cpu().double() - low) / (high - low)
+            out.append(values.cpu().double().clamp(0, 1).numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    @torch.no_grad()
+    def __call__(self, bench: BenchSet, images: BenchImages) -> ItemScores:
+        t2i, edit = bench.t2i_prompts, bench.edit_instructions
+        no_sources = torch.zeros(0)
+        return ItemScores(
+            t2i_correct=self._unit("t2i_alignment", images.t2i, t2i, no_sources),
+            t2i_fidelity=self._unit("fidelity", images.t2i, t2i, no_sources),
+            edit_correct=self._unit("edit_accuracy", images.edit, edit, bench.sources),
+            edit_identity=self._unit("identity", images.edit, edit, bench.sources),
+            edit_fidelity=self._unit("fidelity", images.edit, edit, bench.sources),
         )
 
 
@@ -176,10 +311,10 @@ def pillars(scores: ItemScores, bench: BenchSet) -> dict[str, float]:
         "fidelity": 100 * np.concatenate([scores.t2i_fidelity, scores.edit_fidelity]).mean(),
     }
     out["overall"] = float(np.mean([out[p] for p in PILLARS]))
-    categories = np.array([e.spec.category for e in bench.t2i])
+    categories = np.array(bench.t2i_categories)
     for category in dict.fromkeys(categories):
         out[f"t2i_alignment/{category}"] = 100 * scores.t2i_correct[categories == category].mean()
-    kinds = np.array([e.kind for e in bench.edit])
+    kinds = np.array(bench.edit_kinds)
     for kind in dict.fromkeys(kinds):
         out[f"edit_accuracy/{kind}"] = 100 * scores.edit_correct[kinds == kind].mean()
     return {key: round(float(value), 3) for key, value in out.items()}

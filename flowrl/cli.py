@@ -22,13 +22,15 @@ from pathlib import Path
 
 from flowrl.config import ConfigError, describe_fields, load_config
 from flowrl.models import CheckpointError
+from flowrl.prompt_files import PromptFileError
 from flowrl.rewards.annotations import AnnotationError
 from flowrl.rewards.client import RewardClientError
 from flowrl.rl.trainer import TrainingStopped
 from flowrl.storage import ArtifactError
 from flowrl.tracking import TrackingUnavailable
 
-USER_ERRORS = (ConfigError, ArtifactError, CheckpointError, AnnotationError, FileNotFoundError, TrackingUnavailable)
+USER_ERRORS = (ConfigError, ArtifactError, CheckpointError, AnnotationError, PromptFileError, FileNotFoundError,
+               TrackingUnavailable)
 # a run that could not go on (exit 1): non-finite loss or rewards, the reward server gone past every retry
 RUN_ERRORS = (TrainingStopped, RewardClientError)
 

@@ -454,6 +454,19 @@ class BenchConfig:
     bootstrap: int = param(1000, "Bootstrap resamples of the battles for the Elo intervals.", ge=0)
     confidence: float = param(0.95, "Coverage of the Elo intervals.", gt=0, lt=1)
     grid_items: int = param(6, "Prompts (and edits) shown in the report's image grids.", ge=1)
+    t2i_prompts: str | None = param(
+        None, "qwen_image: the T2I bench prompt file (parquet with prompt and category, the schema of "
+        "filter.t2i_prompts). No prompt of it may occur in the filter or annotation files (checked). The first "
+        "t2i_per_category rows of each category are benched.", added=True)
+    edit_prompts: str | None = param(
+        None, "qwen_image: the edit bench file (prompt, category, source_image), unseen like t2i_prompts; the first "
+        "edit_per_kind rows of each category are benched.", added=True)
+    scorers: tuple[str, ...] = param(
+        ("t2i_alignment=t2i/pairwise", "edit_accuracy=edit/pairwise", "fidelity=t2i/pointwise_fidelity",
+         "identity=ssim"),
+        "qwen_image: PILLAR=SOURCE for each of the four pillars. SOURCE is a scorer of the reward_model artifact "
+        "as TASK/DIRECTORY (its expected Likert level mapped to 0-100), or for identity 'ssim' (structural "
+        "similarity of output to source). The alignment scores also decide the arena battles.", added=True)
 
 
 @dataclass(frozen=True)
@@ -521,6 +534,42 @@ def name_value_pairs(entries: tuple[str, ...], key: str, form: str = "NAME=VALUE
             raise ConfigError(f"{key}[{i}]: expected {form}, got {entry!r}")
         pairs.append((name.strip(), value.strip()))
     return pairs
+
+
+BENCH_PILLARS: tuple[str, ...] = ("t2i_alignment", "edit_accuracy", "identity", "fidelity")
+
+
+# the reward_model task whose scorers may score a pillar (fidelity: a T2I scorer reads any output alone)
+_PILLAR_TASK = {"t2i_alignment": "t2i", "edit_accuracy": "edit", "identity": "edit", "fidelity": "t2i"}
+
+
+def pillar_sources(entries: tuple[str, ...], key: str = "bench.scorers") -> dict[str, tuple[str, str]]:
+    """``bench.scorers`` -> {pillar: (task, scorer directory)}, or ("", "ssim") for identity by
+    structural similarity. Every pillar must be given exactly once."""
+    out: dict[str, tuple[str, str]] = {}
+    for i, (pillar, source) in enumerate(name_value_pairs(entries, key, "PILLAR=SOURCE")):
+        if pillar not in BENCH_PILLARS:
+            raise ConfigError(f"{key}[{i}]: unknown pillar {pillar!r} (pillars: {', '.join(BENCH_PILLARS)})")
+        if pillar in out:
+            raise ConfigError(f"{key}[{i}]: pillar {pillar!r} is given twice")
+        task, sep, name = source.partition("/")
+        if source == "ssim":
+            if pillar != "identity":
+                raise ConfigError(f"{key}[{i}]: 'ssim' measures identity (output against source), not {pillar}")
+            out[pillar] = ("", "ssim")
+        elif sep and task in ("t2i", "edit") and name and "/" not in name:
+            if task != _PILLAR_TASK[pillar]:
+                raise ConfigError(f"{key}[{i}]: {pillar} is scored by a {_PILLAR_TASK[pillar]} scorer "
+                                  f"({_PILLAR_TASK[pillar]}/DIRECTORY), got {entries[i]!r}")
+            out[pillar] = (task, name)
+        else:
+            raise ConfigError(f"{key}[{i}]: expected {pillar}=TASK/DIRECTORY (TASK t2i or edit, e.g. t2i/pairwise)"
+                              f"{' or identity=ssim' if pillar == 'identity' else ''}, got {entries[i]!r}")
+    missing = [p for p in BENCH_PILLARS if p not in out]
+    if missing:
+        raise ConfigError(f"{key}: no source for pillar {missing[0]!r} (every one of {', '.join(BENCH_PILLARS)} "
+                          "needs one)")
+    return out
 
 
 def category_weights(entries: tuple[str, ...], key: str) -> dict[str, float]:
@@ -620,6 +669,13 @@ def check_consistency(config: FlowRLConfig) -> None:
             if not getattr(config.filter, f"{task}_prompts"):
                 raise ConfigError(f"filter.{task}_prompts: required when model.family is qwen_image (the {task} "
                                   "candidate prompt file, see flowrl/prompt_files.py)")
+        if config.bench.scorer != "reward_models":
+            raise ConfigError("bench.scorer: qwen_image has no judge; set it to reward_models")
+        for task in ("t2i", "edit"):
+            if not getattr(config.bench, f"{task}_prompts"):
+                raise ConfigError(f"bench.{task}_prompts: required when model.family is qwen_image (the {task} "
+                                  "bench prompt file, unseen by every training stage)")
+        pillar_sources(config.bench.scorers)
         if not config.grpo.monitor_reward:
             raise ConfigError("grpo.monitor_reward: required when model.family is qwen_image (there is no judge: name "
                               "the held-out reward model that watches for hacking, e.g. pairwise)")

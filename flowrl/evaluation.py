@@ -15,7 +15,7 @@ import torch
 
 from flowrl.config import FlowRLConfig, SamplerConfig
 from flowrl.models.base import FlowModel
-from flowrl.prompt_files import decode_sources
+from flowrl.prompt_files import decode_sources, first_per_category
 from flowrl.sampling import sample
 
 
@@ -41,6 +41,8 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         stop = start + batch_size
         src = sources[start:stop] if sources is not None else None
+        if src is not None and src.dtype == torch.uint8:  # sources kept as bytes until their batch
+            src = src.float() / 255
         cond = model.encode_prompts(prompts[start:stop], src)
         traj = sample(
             model, cond, sigmas,
@@ -54,8 +56,10 @@ def generate(
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] in [0, 1] -> [N, H, W, 3] uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """[N, 3, H, W] in [0, 1] (or already uint8) -> [N, H, W, 3] uint8."""
+    if images.dtype != torch.uint8:
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(images: np.ndarray, ncols: int, pad: int = 2, scale: int = 1) -> np.ndarray:
@@ -126,9 +130,8 @@ def _report_grid(t2i_images, t2i_set, sources, edit_images, n: int) -> np.ndarra
 # --------------------------------------------------------------------------- families without a judge
 
 
-def heldout_sample(frame, per_category: int):
-    """The first ``per_category`` held-out rows of each category, in file order."""
-    return frame.groupby("category", sort=True, group_keys=False).head(per_category).reset_index(drop=True)
+# the first N held-out rows of each category, in file order
+heldout_sample = first_per_category
 
 
 def reward_evaluation(model, frame, scorers: dict, sampler, seed: int, batch_size: int) -> tuple[dict, np.ndarray]:

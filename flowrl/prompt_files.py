@@ -104,8 +104,11 @@ def load_prompt_file(path: str, task: str, key: str, size: tuple[int, int]) -> p
             if isinstance(source, str):
                 raise PromptFileError(f"{key}: {path} row {i}: field 'source_image': {source}")
         rows.append({"prompt": prompt, "category": category, "source_image": source})
-    out = pd.DataFrame(rows).drop_duplicates(subset=["prompt", "source_image"]).reset_index(drop=True)
+    out = pd.DataFrame(rows).drop_duplicates(subset=["prompt", "source_image"])
+    file_rows = [int(i) for i in out.index]
+    out = out.reset_index(drop=True)
     out.attrs["sha256"] = frame.attrs["sha256"]  # the file's content: part of the filter's version
+    out.attrs["file_rows"] = file_rows  # each kept row's number in the file, for messages
     return out
 
 
@@ -134,8 +137,9 @@ def heldout_mask(frame: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
 
 
 def check_prompt_files(config) -> dict[str, int]:
-    """Read and check both prompt files of a qwen_image config ({task: rows}): the
-    pipeline's config check calls it so a bad file fails before the first stage."""
+    """Read and check the prompt files of a qwen_image config, the filter's and the bench's
+    ({task: rows, bench_<task>: bench items}): the pipeline's config check calls it so a bad
+    file, or a bench prompt that training sees, fails before the first stage."""
     q = config.model.qwen_image
     counts = {}
     for task in ("t2i", "edit"):
@@ -146,7 +150,74 @@ def check_prompt_files(config) -> dict[str, int]:
         frame = load_prompt_file(path, task, key, (q.height, q.width))
         heldout_mask(frame, config.filter.heldout_fraction, config.run.seed)  # at least 2 rows
         counts[task] = len(frame)
+    for task in ("t2i", "edit"):
+        counts[f"bench_{task}"] = len(load_bench_prompts(config, task))
     return counts
+
+
+def first_per_category(frame: pd.DataFrame, per_category: int) -> pd.DataFrame:
+    """The first ``per_category`` rows of each category, in file order, categories sorted."""
+    return frame.groupby("category", sort=True, group_keys=False).head(per_category).reset_index(drop=True)
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _prompt_column(path: str, key: str, task: str, is_labels: bool) -> list[str]:
+    """The prompts of ``task`` in a prompt or annotation (``is_labels``) file, read without its image columns."""
+    import fsspec
+
+    columns = ["task", "prompt"] if is_labels else ["prompt"]
+    try:
+        with fsspec.open(path, "rb") as handle:
+            frame = pd.read_parquet(handle, columns=columns)
+    except FileNotFoundError:
+        raise PromptFileError(f"{key}: {path} does not exist") from None
+    except Exception as exc:
+        raise PromptFileError(f"{key}: {path}: cannot read its {columns} columns ({type(exc).__name__}: {exc})") from None
+    if is_labels:
+        frame = frame[frame["task"] == task]
+    return [p for p in frame["prompt"] if isinstance(p, str)]
+
+
+def seen_prompts(config, task: str) -> dict[str, str]:
+    """{normalised prompt: the config key of the file it is in} over every file a training stage reads for
+    ``task``: the filter's candidates (curated and held-out alike) and the human annotations."""
+    sources = [(f"filter.{task}_prompts", getattr(config.filter, f"{task}_prompts"), False)]
+    a = config.annotate
+    sources += [(f"annotate.{kind}_path", path, True)
+                for kind, path in (("pointwise", a.pointwise_path), ("pairwise", a.pairwise_path)) if path]
+    seen: dict[str, str] = {}
+    for key, path, is_labels in sources:
+        if path:
+            for prompt in _prompt_column(str(path), key, task, is_labels):
+                seen.setdefault(_normalized(prompt), f"{key} ({path})")
+    return seen
+
+
+def load_bench_prompts(config, task: str, seen: dict[str, str] | None = None) -> pd.DataFrame:
+    """The bench items of ``task`` from ``bench.<task>_prompts`` (first ``bench.t2i_per_category`` /
+    ``bench.edit_per_kind`` rows per category), after checking that no prompt of the file occurs in a
+    training, filtering or annotation file (``seen``, default :func:`seen_prompts`); case and spacing
+    are ignored in that comparison, and an edit instruction counts as seen whatever its source image."""
+    key = f"bench.{task}_prompts"
+    path = getattr(config.bench, f"{task}_prompts")
+    if not path:
+        raise PromptFileError(f"{key}: required when model.family is qwen_image")
+    q = config.model.qwen_image
+    frame = load_prompt_file(path, task, key, (q.height, q.width))
+    seen = seen_prompts(config, task) if seen is None else seen
+    for i, prompt in enumerate(frame["prompt"]):
+        where = seen.get(_normalized(prompt))
+        if where is not None:
+            raise PromptFileError(f"{key}: {path} row {frame.attrs['file_rows'][i]}: prompt {prompt!r} also occurs in "
+                                  f"{where}; a bench prompt must be unseen by every training, filtering and "
+                                  "annotation stage")
+    per_category = config.bench.t2i_per_category if task == "t2i" else config.bench.edit_per_kind
+    chosen = first_per_category(frame, per_category)
+    chosen.attrs["sha256"] = frame.attrs["sha256"]
+    return chosen
 
 
 def decode_sources(frame: pd.DataFrame) -> torch.Tensor | None:

@@ -18,8 +18,10 @@ def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
     return {name: artifact.uri for name, artifact in artifacts.items() if artifact.uri}
 
 
-@task(container_image=image("bench"), requests=Resources(cpu="4", mem="16Gi", gpu="1"), accelerator=GPU,
-      retries=1, enable_deck=True, cache=stage_cache("bench"))
+# production: one generator loaded at a time (a Qwen-Image pipeline passes through host memory on
+# loading), each model's images spilled to local disk until the VLM scorers read them
+@task(container_image=image("bench"), requests=Resources(cpu="4", mem="64Gi", gpu="1", ephemeral_storage="100Gi"),
+      accelerator=GPU, retries=1, enable_deck=True, cache=stage_cache("bench"))
 def bench(
     config: FlyteFile, parent_run: str, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
     mix_rl: StageArtifact, student: StageArtifact, student_offpolicy: StageArtifact, reward_model: StageArtifact,

@@ -8,24 +8,11 @@ from flowrl.bench import ItemScores, arena_battles, pillars, win_rates
 from flowrl.report import ReportData, pillar_rows, render_markdown, write_report
 
 
-class _Spec:
-    def __init__(self, category):
-        self.category = category
-
-
-class _T2I:
-    def __init__(self, category):
-        self.spec = _Spec(category)
-
-
-class _Edit:
-    def __init__(self, kind):
-        self.kind = kind
-
-
 class _Bench:
-    t2i = [_T2I("counting"), _T2I("counting"), _T2I("colors"), _T2I("colors")]
-    edit = [_Edit("add"), _Edit("move")]
+    """Only what the pillars read of a bench: each item's category."""
+
+    t2i_categories = ["counting", "counting", "colors", "colors"]
+    edit_kinds = ["add", "move"]
 
 
 def _scores(t2i, edit, identity=(1.0, 0.5), fid=0.9):

@@ -140,8 +140,24 @@ def load_policy(directory: str | Path, config: FlowRLConfig, task: str = "t2i") 
         return load_checkpoint(directory, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
     if family != "qwen_image":
         raise CheckpointError(f"model.family {family!r} has no loader")
-    from flowrl.models.qwen_image import QwenImageModel, resolve_weights, weights_fingerprint
+    from flowrl.models.qwen_image import QwenImageModel
 
+    path = pretrained_path(directory, task)
+    q = config.model.qwen_image
+    device = local_device()
+    model = QwenImageModel.from_pretrained(path, task=task, dtype=_DTYPES[q.dtype], device=device, height=q.height,
+                                           width=q.width)
+    if (directory / QWEN_TRANSFORMER).is_dir():
+        model = model.with_transformer(_artifact_transformer(directory, config).to(device))
+    return model
+
+
+def pretrained_path(directory: str | Path, task: str) -> str:
+    """The pretrained ``task`` weights a Qwen-Image model artifact builds on (its ``reference.json``),
+    checked to be the ones the base stage fingerprinted; reads no weights."""
+    from flowrl.models.qwen_image import resolve_weights, weights_fingerprint
+
+    directory = Path(directory)
     meta_path = directory / QWEN_REFERENCE
     if not meta_path.is_file():
         found = "a shapes checkpoint" if (directory / CHECKPOINT_META).is_file() else "no reference.json"
@@ -161,13 +177,21 @@ def load_policy(directory: str | Path, config: FlowRLConfig, task: str = "t2i") 
             f"{meta_path}: the weights at {path} changed since the base stage recorded them "
             f"(fingerprint {weights_fingerprint(path)}, recorded {recorded}); rerun the base stage"
         )
-    q = config.model.qwen_image
-    device = local_device()
-    model = QwenImageModel.from_pretrained(path, task=task, dtype=_DTYPES[q.dtype], device=device, height=q.height,
-                                           width=q.width)
-    if (directory / QWEN_TRANSFORMER).is_dir():
-        model = model.with_transformer(_artifact_transformer(directory, config).to(device))
-    return model
+    return path
+
+
+def check_policy(directory: str | Path, config: FlowRLConfig) -> None:
+    """Fail now, without building the model, if :func:`load_task_views` would fail on this artifact
+    for a reason its files show: shapes, a checkpoint that does not load; Qwen-Image, changed or missing
+    pretrained weights of either task, or a trained ``transformer/`` without its config."""
+    directory = Path(directory)
+    if config.model.family == "shapes":
+        load_policy(directory, config)
+        return
+    for task in ("t2i", "edit"):
+        pretrained_path(directory, task)
+    if (directory / QWEN_TRANSFORMER).is_dir() and not (directory / QWEN_TRANSFORMER / "config.json").is_file():
+        raise CheckpointError(f"{directory / QWEN_TRANSFORMER}: no config.json (not a saved transformer)")
 
 
 def local_device() -> torch.device:

@@ -4,8 +4,16 @@ Inputs: any number of model artifacts by name (base, teachers, student, or
 any checkpoint a user points at; ``bench.anchor`` names the one pinned at
 Elo 1000) and optionally a parquet of human votes (schema in
 :func:`flowrl.arena.validate_votes`) whose battles replace the judge's in the
-arenas they cover. Every model samples the bench split's items with the same
-seeds and the deployment sampler.
+arenas they cover. Every model samples the same bench items with the same
+seeds and the deployment sampler, one model loaded at a time; the scorers
+read the images after the last model is unloaded.
+
+Bench items: the shapes world's come from the bench split of its grammar
+and are scored by the judge (or, ``bench.scorer: reward_models``, by the
+reward_model stage's models). Production (``qwen_image``) reads them from
+``bench.t2i_prompts`` / ``bench.edit_prompts``, refused if any prompt occurs
+in a filter or annotation file, and scores each pillar with the source
+``bench.scorers`` names (reward-model scorers; SSIM for identity).
 
 Outputs: ``bench.json`` (per model the pillars and overall; per arena the
 Elo rating and interval of every model), ``scores.parquet`` (every model's
@@ -21,13 +29,18 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from flowrl.arena import Battle, validate_votes
 from flowrl.bench import (
     ARENAS,
+    BenchImages,
+    FileBenchScorer,
     RewardModelScorer,
     ShapesJudgeScorer,
     arena_battles,
@@ -37,9 +50,9 @@ from flowrl.bench import (
     sample_bench,
     win_rates,
 )
-from flowrl.config import ConfigError, FlowRLConfig
+from flowrl.config import ConfigError, FlowRLConfig, pillar_sources
 from flowrl.evaluation import to_uint8
-from flowrl.models import load_checkpoint
+from flowrl.models import check_policy, load_task_views
 from flowrl.report import ReportData, write_report
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
 from flowrl.storage import fetch, file_uri, read_manifest, sha256_file
@@ -84,18 +97,16 @@ def run_bench(
     """Bench ``models`` ({name: artifact URI}) and write the report. ``reward_model``:
     the reward_model stage's artifact, used (and required) when ``bench.scorer`` is
     ``reward_models``."""
-    if config.model.family != "shapes":
-        raise NotImplementedError(
-            f"stage bench for model.family {config.model.family}: the pillars and battles come from the shapes "
-            "judge; scoring Qwen-Image samples with reward models or a VLM judge is not wired yet"
-        )
     _check_models(config, models)
+    production = config.model.family != "shapes"
     inputs = {f"model_{name}": uri for name, uri in models.items()}
     if config.bench.scorer == "reward_models":
         if not reward_model:
             raise ConfigError("bench.scorer: reward_models needs the reward_model stage's artifact "
                               "(--reward-model URI)")
         inputs["reward_model"] = reward_model
+    elif production:
+        raise ConfigError("bench.scorer: qwen_image has no judge; set it to reward_models")
     vote_battles: dict[str, list[Battle]] = {}
     if votes is not None:
         try:
@@ -103,36 +114,53 @@ def run_bench(
         except (ValueError, OSError) as exc:
             raise ConfigError(f"{votes}: {exc}") from None
         inputs["votes"] = f"{votes}#sha256={sha256_file(votes)}"
+    # the bench items (production: the prompt files, checked unseen by training) before anything loads
+    bench = bench_set(config)
+    if production:
+        inputs["bench_items"] = bench.version
     done = committed_result(STAGE, config, SECTIONS, inputs, output_root)
     if done is not None:
         return done
     # Every input is checked (manifest, checksums, weights) before any sampling.
     dirs = {name: fetch(uri) for name, uri in models.items()}
-    loaded = {name: load_checkpoint(d, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
-              for name, d in dirs.items()}
+    for directory in dirs.values():
+        check_policy(directory, config)
     names = list(models)
-    if config.bench.scorer == "reward_models":
+    if production:
+        scorer = FileBenchScorer(reward_model, pillar_sources(config.bench.scorers), config.bench.tie_tolerance,
+                                 batch_size=config.bench.batch_size)
+    elif config.bench.scorer == "reward_models":
         from flowrl.rewards.shapes_rewards import load_shapes_rewards
 
         scorer = RewardModelScorer(load_shapes_rewards(config, reward_model), config.bench.tie_tolerance)
     else:
         scorer = ShapesJudgeScorer()
-    with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
+    with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx, \
+            tempfile.TemporaryDirectory(prefix="flowrl-bench-") as spill:
         start = time.perf_counter()
-        bench = bench_set(config)
-        t_cols = _grid_columns(len(bench.t2i), config.bench.grid_items)
-        e_cols = _grid_columns(len(bench.edit), config.bench.grid_items)
-        scores, t2i_grid, edit_grid, per_model_s = {}, {}, {}, {}
+        t_cols = _grid_columns(len(bench.t2i_prompts), config.bench.grid_items)
+        e_cols = _grid_columns(len(bench.edit_instructions), config.bench.grid_items)
+        # every model samples first, one loaded at a time; the scorers load after the last one
+        images, t2i_grid, edit_grid, per_model_s = {}, {}, {}, {}
         for name in names:
             t0 = time.perf_counter()
-            images = sample_bench(loaded[name], bench, config)
-            scores[name] = scorer(bench, images)
-            t2i_grid[name], edit_grid[name] = images.t2i[t_cols], images.edit[e_cols]
-            per_model_s[name] = round(time.perf_counter() - t0, 1)
-            print(f"bench: {name} sampled and judged in {per_model_s[name]} s", flush=True)
+            views = load_task_views(dirs[name], config)
+            sampled = sample_bench(views["t2i"], bench, config, edit_model=views["edit"])
+            del views
+            _release_memory()
+            images[name] = _spilled(sampled, Path(spill) / name) if production else sampled
+            t2i_grid[name], edit_grid[name] = sampled.t2i[t_cols], sampled.edit[e_cols]
+            per_model_s[name] = time.perf_counter() - t0
+            print(f"bench: {name} sampled in {per_model_s[name]:.1f} s", flush=True)
+        scores = {}
+        for name in names:
+            t0 = time.perf_counter()
+            scores[name] = scorer(bench, images[name])
+            per_model_s[name] = round(per_model_s[name] + time.perf_counter() - t0, 1)
+            print(f"bench: {name} scored ({scorer.name})", flush=True)
         table = {name: pillars(scores[name], bench) for name in names}
         battles = arena_battles(scores, config.bench.tie_tolerance, scorer.primary_tolerance)
-        sources = {arena: "judge" for arena in ARENAS}
+        sources = {arena: "judge" if isinstance(scorer, ShapesJudgeScorer) else "reward models" for arena in ARENAS}
         for arena, arena_votes in vote_battles.items():
             battles[arena], sources[arena] = arena_votes, "human votes"
         ratings = arena_ratings(battles, names, config)
@@ -144,15 +172,16 @@ def run_bench(
             ratings=ratings,
             win_rates={arena: win_rates(battles[arena], names) for arena in ARENAS},
             battles={arena: len(battles[arena]) for arena in ARENAS},
-            t2i_grid=([bench.t2i[i].prompt for i in t_cols], t2i_grid),
-            edit_grid=([bench.edit[i].instruction for i in e_cols], to_uint8(bench.sources[e_cols]), edit_grid),
+            t2i_grid=([bench.t2i_prompts[i] for i in t_cols], t2i_grid),
+            edit_grid=([bench.edit_instructions[i] for i in e_cols], to_uint8(bench.sources[e_cols]), edit_grid),
             histories={name: h for name, d in dirs.items() if (h := _history(d)) is not None},
-            grid_marks={"t2i": {n: scores[n].t2i_correct[t_cols] >= 0.5 for n in names},
-                        "edit": {n: scores[n].edit_correct[e_cols] >= 0.5 for n in names}},
+            # a frame marks the judge's verdict; continuous reward-model scores have no verdict to show
+            grid_marks={} if production else {
+                "t2i": {n: scores[n].t2i_correct[t_cols] >= 0.5 for n in names},
+                "edit": {n: scores[n].edit_correct[e_cols] >= 0.5 for n in names}},
             notes=[
-                f"Bench {bench.version}: {len(bench.t2i)} T2I prompts and {len(bench.edit)} edits from the bench "
-                "split of the grammar, which no training, filtering or annotation stage draws from; one seed per "
-                "item, the same for every model; deployment sampler "
+                f"Bench {bench.version}: {len(bench.t2i_prompts)} T2I prompts and {len(bench.edit_instructions)} "
+                f"edits {_ITEMS_FROM[production]}; one seed per item, the same for every model; deployment sampler "
                 f"({config.sampler.num_steps} steps, CFG {config.sampler.guidance_scale}).",
                 f"Scores: {scorer.name}. Battles: T2I {sources['t2i']}, edit {sources['edit']}.",
                 "Models: " + ", ".join(f"{n} ({read_manifest(models[n]).stage})" for n in names) + ".",
@@ -169,7 +198,7 @@ def run_bench(
         ).to_parquet(ctx.staging / "battles.parquet", index=False)
         metrics = {
             "bench_version": bench.version,
-            "items": {"t2i": len(bench.t2i), "edit": len(bench.edit)},
+            "items": {"t2i": len(bench.t2i_prompts), "edit": len(bench.edit_instructions)},
             "scorer": scorer.name,
             "battle_sources": sources,
             "models": {name: {"artifact_uri": models[name], "pillars": table[name],
@@ -192,6 +221,33 @@ def run_bench(
         result = commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)
     print(f"bench: report at {file_uri(result.uri, 'report.html')}", flush=True)
     return result
+
+
+_ITEMS_FROM = {
+    False: "from the bench split of the grammar, which no training, filtering or annotation stage draws from",
+    True: "from the bench prompt files, none of whose prompts occurs in the filter or annotation files",
+}
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _spilled(images: BenchImages, directory: Path) -> BenchImages:
+    """The images written to ``directory`` and mapped back read-only: a production bench holds
+    gigabytes of images per model, which stay on disk until their batch is scored."""
+    directory.mkdir(parents=True)
+    arrays = {}
+    for part in ("t2i", "edit"):
+        np.save(directory / f"{part}.npy", getattr(images, part))
+        arrays[part] = np.load(directory / f"{part}.npy", mmap_mode="r")
+    return BenchImages(**arrays)
 
 
 def _item_scores(scores, k: int) -> dict[str, float]:

@@ -29,7 +29,7 @@ def test_bench_scores_every_model_and_fits_both_arenas(benched):
     m = json.loads((local / "bench.json").read_text())
     assert m == result.metrics
     bench = bench_set(config)
-    assert m["items"] == {"t2i": len(bench.t2i), "edit": len(bench.edit)} == {"t2i": 12, "edit": 8}
+    assert m["items"] == {"t2i": len(bench.t2i_prompts), "edit": len(bench.edit_instructions)} == {"t2i": 12, "edit": 8}
     for name in models:
         p = m["models"][name]["pillars"]
         assert all(0 <= p[k] <= 100 for k in PILLARS)
@@ -128,7 +128,7 @@ def test_no_bench_prompt_occurs_in_any_training_filtering_or_annotation_set(upst
     _, config, base, rm, prompts = upstream
     reserved = set().union(*bench_texts("t2i").values(), *bench_texts("edit").values())
     bench = bench_set(config)
-    assert {e.prompt for e in bench.t2i} | {e.instruction for e in bench.edit} <= reserved
+    assert set(bench.t2i_prompts) | set(bench.edit_instructions) <= reserved
     seen: dict[str, set[str]] = {}
     annotations = fetch(read_manifest(rm.uri).inputs["annotations"])
     for path in sorted(annotations.rglob("*.parquet")):
@@ -151,10 +151,10 @@ def test_no_bench_prompt_occurs_in_any_training_filtering_or_annotation_set(upst
     assert len(seen["pretraining stream"]) > 0.9 * len(train_texts)
 
 
-def test_bench_rejects_other_families(upstream):
+def test_bench_refuses_the_judge_for_a_family_without_one(upstream):
     _, config, base, _, _ = upstream
     other = dataclasses.replace(config, model=dataclasses.replace(config.model, family="qwen_image"))
-    with pytest.raises(NotImplementedError, match="bench"):
+    with pytest.raises(ConfigError, match="bench.scorer: qwen_image has no judge"):
         run_bench(other, {"base": base.uri, "b": base.uri})
 
 

@@ -33,6 +33,15 @@ EDIT_PROMPTS = [("make the circle red", "recolor"), ("make the square blue", "re
                 ("add a green square", "add"), ("add a red circle", "add")]
 
 
+# never in the filter files above nor in the annotations (the shapes grammar's train split)
+BENCH_T2I = [("a violet hexagon beside a lamp", "colors"), ("an amber kite over dunes", "colors"),
+             ("a teal vase", "colors"), ("five lanterns", "counting"), ("seven pebbles", "counting")]
+BENCH_EDIT = [("paint the kite amber", "recolor"), ("tint the lamp teal", "recolor"),
+              ("erase the hexagon", "remove"), ("drop the lantern", "remove")]
+BENCH_SCORERS = ["t2i_alignment=t2i/pairwise", "edit_accuracy=edit/pairwise", "fidelity=t2i/pointwise_alignment",
+                 "identity=ssim"]
+
+
 def _png(seed: int, size=(40, 24)) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -47,6 +56,10 @@ def _prompt_files(root) -> dict[str, str]:
     paths = {"t2i": root / "t2i.parquet", "edit": root / "edit.parquet"}
     t2i.to_parquet(paths["t2i"])
     edit.to_parquet(paths["edit"])
+    paths["bench_t2i"], paths["bench_edit"] = root / "bench_t2i.parquet", root / "bench_edit.parquet"
+    pd.DataFrame(BENCH_T2I, columns=["prompt", "category"]).to_parquet(paths["bench_t2i"])
+    pd.DataFrame(BENCH_EDIT, columns=["prompt", "category"]).assign(
+        source_image=[_png(100 + i, size=(32, 32)) for i in range(len(BENCH_EDIT))]).to_parquet(paths["bench_edit"])
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -73,6 +86,9 @@ def _qwen_config(root, labels: dict[str, str], weights, vlm, prompts: dict[str, 
         opd={"iterations": 2, "prompts_per_iteration": 2, "num_steps": 2, "guidance_scale": 2.0, "timesteps": "all",
              "lr": 1e-3, "ema_decay": 0.0, "zero_stage": 0, "eval_every": 1, "monitor_per_category": 1,
              "checkpoint_every": 100, "grid_every": 1, "teacher_devices": ["edit_teacher=cpu"]},
+        bench={"scorer": "reward_models", "t2i_prompts": prompts["bench_t2i"], "edit_prompts": prompts["bench_edit"],
+               "t2i_per_category": 2, "edit_per_kind": 2, "batch_size": 4, "bootstrap": 50, "grid_items": 3,
+               "scorers": BENCH_SCORERS},
     )
     for section, values in overrides.items():
         sections[section] = {**sections.get(section, {}), **values}
@@ -264,3 +280,54 @@ def test_opd_distils_both_qwen_image_teachers_into_one_student(production):
     with pytest.raises(ConfigError, match="opd.teacher_devices: no teacher named 'nobody'"):
         run_opd(bad, base.uri, {k: v.uri for k, v in teachers.items()}, {t: filtered[t].uri for t in ("t2i", "edit")},
                 progress=False)
+
+
+def test_bench_scores_every_production_model_with_the_reward_models_and_ssim(production):
+    """The bench of the production family on the tiny components: base, both GRPO teachers and the
+    OPD student (all reused from the tests above), plus the base under a second name, which must get
+    the same images, scores and rating as the base (same prompts, seeds and sampler)."""
+    import dataclasses
+
+    from flowrl.stages.bench import run_bench
+
+    _, config, base, rm, filtered, (_, _, _, prompts) = production
+    served = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, reward_backend="server", kl_coef=0.0))
+    teachers = {"t2i_teacher": run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False).uri,
+                "edit_teacher": run_grpo(served, "edit", base.uri, rm.uri, filtered["edit"].uri, progress=False).uri}
+    student = run_opd(config, base.uri, teachers, {t: filtered[t].uri for t in ("t2i", "edit")}, progress=False)
+    models = {"base": base.uri, "base_again": base.uri, **teachers, "student": student.uri}
+    result = run_bench(config, models, reward_model=rm.uri)
+    m = result.metrics
+    assert m["items"] == {"t2i": 4, "edit": 4}  # two per category, in file order
+    assert m["scorer"].startswith("reward models (t2i_alignment: t2i/pairwise")
+    assert m["battle_sources"] == {"t2i": "reward models", "edit": "reward models"}
+    table = {name: entry["pillars"] for name, entry in m["models"].items()}
+    for name, p in table.items():
+        assert all(0 <= p[k] <= 100 for k in ("t2i_alignment", "edit_accuracy", "identity", "fidelity", "overall"))
+        assert {"t2i_alignment/colors", "t2i_alignment/counting", "edit_accuracy/recolor", "edit_accuracy/remove"} <= set(p)
+    assert table["base_again"] == table["base"]
+    assert table["student"] != table["base"]  # the trained transformer samples other images
+    for arena in ("t2i", "edit"):
+        ratings = m["arenas"][arena]
+        assert ratings["base"] == {"rating": 1000.0, "ci_low": 1000.0, "ci_high": 1000.0}
+        assert ratings["base_again"]["rating"] == pytest.approx(1000.0, abs=0.5)  # ties only, same record
+    local = fetch(result.uri)
+    assert {"report.md", "report.html", "elo.png", "grid_t2i.png", "grid_edit.png", "bench.json"} <= {
+        p.name for p in local.iterdir()}
+    scores = pd.read_parquet(local / "scores.parquet")
+    assert len(scores) == 5 * 8 and scores["prompt"].isin([p for p, _ in BENCH_T2I + BENCH_EDIT]).all()
+    identity = scores[(scores["task"] == "edit")]["secondary"]
+    assert ((identity > 0) & (identity < 1)).all()  # SSIM of a generated image and its source
+    assert run_bench(config, models, reward_model=rm.uri).reused
+
+    missing = dataclasses.replace(config, bench=dataclasses.replace(
+        config.bench, scorers=(*BENCH_SCORERS[:3], "identity=edit/pointwise_identity")))
+    with pytest.raises(ConfigError, match=r"bench.scorers: identity=edit/pointwise_identity: .* has no such scorer "
+                                          r"\(its edit scorers: pairwise, pointwise_alignment\)"):
+        run_bench(missing, models, reward_model=rm.uri)
+    leaked = pd.DataFrame([*BENCH_T2I, (T2I_PROMPTS[3][0], "counting")], columns=["prompt", "category"])
+    leaked.to_parquet(prompts["bench_t2i"] + ".leaked.parquet")
+    seen = dataclasses.replace(config, bench=dataclasses.replace(
+        config.bench, t2i_prompts=prompts["bench_t2i"] + ".leaked.parquet"))
+    with pytest.raises(PromptFileError, match=r"row 5: prompt 'two circles' also occurs in filter.t2i_prompts"):
+        run_bench(seen, models, reward_model=rm.uri)
