@@ -139,11 +139,13 @@ def _tasks(bundle_dir):
 
 def _container(template):
     """(image, {resource: value}) of a task, from its container or its pod template's primary container."""
+    from flyteidl.core import tasks_pb2
     from google.protobuf.json_format import MessageToDict
 
     if template.HasField("container"):
-        names = {1: "cpu", 2: "gpu", 3: "memory"}
-        return template.container.image, {names[r.name]: r.value for r in template.container.resources.requests}
+        names = tasks_pb2.Resources.ResourceName
+        requests = template.container.resources.requests
+        return template.container.image, {names.Name(r.name).lower(): r.value for r in requests}
     pod = MessageToDict(template.k8s_pod.pod_spec)
     primary = next(c for c in pod["containers"] if c["name"] == template.config["primary_container_name"])
     return primary["image"], primary["resources"]["requests"]
@@ -169,6 +171,8 @@ def test_bundle_tasks_name_their_images_gpus_and_retries(bundle):
         assert template.metadata.retries.retries == retries, name
         if gpus:
             assert template.extended_resources.gpu_accelerator.device == "nvidia-h100", name
+    # the bench spills every model's images to local disk before scoring them
+    assert _container(tasks["tasks.bench.bench"])[1]["ephemeral_storage"] == "100Gi"
 
 
 def test_bundle_carries_the_elastic_torchrun_config(bundle):
