@@ -18,6 +18,7 @@ pillars and the battles are both computed from those arrays:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,15 +118,27 @@ class BenchImages:
     edit: np.ndarray
 
 
-def sample_bench(model: FlowModel, bench: BenchSet, config: FlowRLConfig, edit_model: FlowModel | None = None
-                 ) -> BenchImages:
-    """The model's images of every bench item with the deployment sampler; ``edit_model``: the
-    model's edit view when that is another object (Qwen-Image's edit pipeline)."""
+def sample_bench(model_for: Callable[[str], FlowModel], bench: BenchSet, config: FlowRLConfig,
+                 release: Callable[[], None] | None = None) -> BenchImages:
+    """A model's images of every bench item with the deployment sampler, as uint8.
+
+    ``model_for(task)`` builds the model as it serves ``task`` ("t2i", then "edit"): for
+    Qwen-Image the base artifact's edit model is another pipeline (Qwen-Image-Edit), so
+    each task's model is built, used and dropped before the next (``release`` runs after
+    each: frees accelerator memory). Batches become uint8 as they are decoded."""
     bs = config.bench.batch_size
-    t2i = generate(model, bench.t2i_prompts, bench.t2i_seeds, config.sampler, batch_size=bs)
-    edit = generate(edit_model or model, bench.edit_instructions, bench.edit_seeds, config.sampler,
-                    sources=bench.sources, batch_size=bs)
-    return BenchImages(to_uint8(t2i), to_uint8(edit))
+    parts = {}
+    for task, prompts, seeds, sources in (("t2i", bench.t2i_prompts, bench.t2i_seeds, None),
+                                          ("edit", bench.edit_instructions, bench.edit_seeds, bench.sources)):
+        model = model_for(task)
+        batches = [to_uint8(generate(model, prompts[i:i + bs], seeds[i:i + bs], config.sampler,
+                                     sources=None if sources is None else sources[i:i + bs], batch_size=bs))
+                   for i in range(0, len(prompts), bs)]
+        parts[task] = np.concatenate(batches)
+        del model, batches
+        if release is not None:
+            release()
+    return BenchImages(parts["t2i"], parts["edit"])
 
 
 @dataclass(frozen=True)

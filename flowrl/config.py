@@ -466,7 +466,9 @@ class BenchConfig:
          "identity=ssim"),
         "qwen_image: PILLAR=SOURCE for each of the four pillars. SOURCE is a scorer of the reward_model artifact "
         "as TASK/DIRECTORY (its expected Likert level mapped to 0-100), or for identity 'ssim' (structural "
-        "similarity of output to source). The alignment scores also decide the arena battles.", added=True)
+        "similarity of output to source). Arena battles: the primary pillar (t2i_alignment, edit_accuracy) beyond "
+        "tie_tolerance, else the secondary (fidelity, identity). The default fidelity scorer is also a GRPO reward "
+        "(not held out).", added=True)
 
 
 @dataclass(frozen=True)

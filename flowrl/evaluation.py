@@ -51,12 +51,13 @@ def generate(
             renorm_dim=model.cfg_renorm_dim,
             initial_noise=per_sample_noise(model, seeds[start:stop]),
         )
-        out.append(model.decode_latents(traj.final))
+        out.append(model.decode_latents(traj.final).cpu())  # each batch leaves the accelerator as it is decoded
     return torch.cat(out)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] in [0, 1] (or already uint8) -> [N, H, W, 3] uint8."""
+    """[N, 3, H, W] in [0, 1] (or already uint8), on any device -> [N, H, W, 3] uint8."""
+    images = images.detach().cpu()
     if images.dtype != torch.uint8:
         images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
     return images.permute(0, 2, 3, 1).numpy()

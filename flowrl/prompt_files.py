@@ -83,6 +83,12 @@ def _source(value: object, size: tuple[int, int]) -> bytes | str:
 def load_prompt_file(path: str, task: str, key: str, size: tuple[int, int]) -> pd.DataFrame:
     """Rows ``prompt``, ``category``, ``source_image`` (PNG bytes at ``size``, or None for T2I), validated;
     ``attrs["sha256"]`` is the file's digest."""
+    return _load_rows(path, task, key, size)[0]
+
+
+def _load_rows(path: str, task: str, key: str, size: tuple[int, int]) -> tuple[pd.DataFrame, list[int]]:
+    """:func:`load_prompt_file`, and each kept row's number in the file (for messages; kept out of
+    ``attrs``, which pandas copies into every derived frame)."""
     if task not in REQUIRED:
         raise ValueError(f"task must be t2i or edit, got {task!r}")
     frame = _read(path, key)
@@ -108,8 +114,7 @@ def load_prompt_file(path: str, task: str, key: str, size: tuple[int, int]) -> p
     file_rows = [int(i) for i in out.index]
     out = out.reset_index(drop=True)
     out.attrs["sha256"] = frame.attrs["sha256"]  # the file's content: part of the filter's version
-    out.attrs["file_rows"] = file_rows  # each kept row's number in the file, for messages
-    return out
+    return out, file_rows
 
 
 def row_keys(frame: pd.DataFrame) -> list[str]:
@@ -206,12 +211,12 @@ def load_bench_prompts(config, task: str, seen: dict[str, str] | None = None) ->
     if not path:
         raise PromptFileError(f"{key}: required when model.family is qwen_image")
     q = config.model.qwen_image
-    frame = load_prompt_file(path, task, key, (q.height, q.width))
+    frame, file_rows = _load_rows(path, task, key, (q.height, q.width))
     seen = seen_prompts(config, task) if seen is None else seen
     for i, prompt in enumerate(frame["prompt"]):
         where = seen.get(_normalized(prompt))
         if where is not None:
-            raise PromptFileError(f"{key}: {path} row {frame.attrs['file_rows'][i]}: prompt {prompt!r} also occurs in "
+            raise PromptFileError(f"{key}: {path} row {file_rows[i]}: prompt {prompt!r} also occurs in "
                                   f"{where}; a bench prompt must be unseen by every training, filtering and "
                                   "annotation stage")
     per_category = config.bench.t2i_per_category if task == "t2i" else config.bench.edit_per_kind

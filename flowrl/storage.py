@@ -152,6 +152,29 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def content_stamp(uri: str) -> str:
+    """What a stage's cache key records of an input file a config names, so that new content at the
+    same path misses the cache: a local file's SHA-256; an object's ETag (or checksum) from its
+    store's listing, without reading it; "missing" when there is no such file (the stage's own
+    checks name it)."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    try:
+        if _is_local(fs):
+            return "sha256:" + sha256_file(path)
+        fs.invalidate_cache(path)  # a listing cached earlier in this process may predate the object
+        info = fs.info(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return "missing"
+    for name in ("ETag", "etag", "md5", "checksum", "md5Hash", "crc32c"):
+        if info.get(name):
+            return f"{name}:{str(info[name]).strip(chr(34))}"
+    with fs.open(path, "rb") as handle:
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p or not i)
 

@@ -1,5 +1,7 @@
 """Typed values that flow between Flyte tasks."""
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -63,7 +65,9 @@ GPU = _accelerator()
 # code version of its module (flowrl.storage.module_closure: the source that stage runs), and
 # each stage reads the config through its own output of validate_config whose literal hash is
 # that stage's config sections (plus the artifact root its outputs live under). So a change to
-# the grpo section reruns GRPO and what consumes its artifacts (OPD, bench) and nothing else.
+# the grpo section reruns GRPO and what consumes its artifacts (OPD, bench) and nothing else. A stage
+# whose config names files outside the store (prompt files, labels, weights) adds their content stamps
+# (its input_stamps), so new content at the same path is a cache miss too.
 STAGE_MODULES = ("base", "annotate", "reward_model", "filter_prompts", "grpo", "opd", "bench")
 
 
@@ -73,9 +77,15 @@ def stage_config_key(module: str, config) -> str:
 
     from flowrl.config import load_config
 
-    sections = importlib.import_module(f"flowrl.stages.{module}").SECTIONS
+    stage = importlib.import_module(f"flowrl.stages.{module}")
     loaded = load_config(config.download())
-    return f"{module}:{loaded.section_hash(*sections, 'run.artifact_root')}"
+    key = f"{module}:{loaded.section_hash(*stage.SECTIONS, 'run.artifact_root')}"
+    # what the config names outside the artifact store (prompt files, labels, pretrained weights), by
+    # content: new rows or weights at the same path rerun the stage
+    stamps = getattr(stage, "input_stamps", lambda _: {})(loaded)
+    if stamps:
+        key += ":" + hashlib.sha256(json.dumps(stamps, sort_keys=True).encode()).hexdigest()[:16]
+    return key
 
 
 def _config_type(module: str):

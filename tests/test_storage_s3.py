@@ -61,3 +61,25 @@ def test_checkpoints_resume_from_s3(s3_server):
     fresh = torch.nn.Linear(2, 2)
     state = ckpts.load(ckpts.latest(), fresh, torch.optim.AdamW(fresh.parameters()), None)
     assert state.iteration == 4 and torch.equal(fresh.weight, net.weight)
+
+
+def test_content_stamps_follow_an_objects_content_not_its_path(s3_server, tmp_path):
+    """The Flyte cache key of a stage whose config names a file (prompt files, labels) records its
+    content stamp: rewriting the object at the same key changes it, rewriting the same bytes does not."""
+    import fsspec
+
+    from flowrl.storage import content_stamp
+
+    uri = f"{s3_server}/inputs/prompts.parquet"
+    fs, _ = fsspec.core.url_to_fs(uri)
+    fs.pipe_file(uri, b"first rows")
+    first = content_stamp(uri)
+    assert first.startswith("ETag:") and content_stamp(uri) == first
+    fs.pipe_file(uri, b"other rows")
+    assert content_stamp(uri) != first
+    fs.pipe_file(uri, b"first rows")
+    assert content_stamp(uri) == first
+    assert content_stamp(f"{s3_server}/inputs/absent.parquet") == "missing"
+    local = tmp_path / "labels.parquet"
+    local.write_bytes(b"abc")
+    assert content_stamp(str(local)) == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

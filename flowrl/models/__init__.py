@@ -181,8 +181,8 @@ def pretrained_path(directory: str | Path, task: str) -> str:
 
 
 def check_policy(directory: str | Path, config: FlowRLConfig) -> None:
-    """Fail now, without building the model, if :func:`load_task_views` would fail on this artifact
-    for a reason its files show: shapes, a checkpoint that does not load; Qwen-Image, changed or missing
+    """Fail now, without building the model, if :func:`load_policy` of either task would fail on this
+    artifact for a reason its files show: shapes, a checkpoint that does not load; Qwen-Image, changed or missing
     pretrained weights of either task, or a trained ``transformer/`` without its config."""
     directory = Path(directory)
     if config.model.family == "shapes":

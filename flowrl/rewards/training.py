@@ -181,7 +181,7 @@ def ordering_accuracy(reward_a: torch.Tensor, reward_b: torch.Tensor, preference
 
 
 def spearman(scores: torch.Tensor, reference: np.ndarray) -> float:
-    return float(spearmanr(scores.numpy(), reference).statistic)
+    return float(spearmanr(scores.float().cpu().numpy(), reference).statistic)
 
 
 def spearman_ceiling(reference: np.ndarray, seed: int = 0) -> float:

@@ -19,11 +19,19 @@ from flowrl.rewards.shapes_dataset import Candidates, add_model_samples, annotat
 from flowrl.stages.common import StageResult, commit_stage, committed_result, stage_context
 from flowrl.shapes.render import to_tensor
 from flowrl.rewards.annotations import load_annotations
-from flowrl.storage import fetch, sha256_file
+from flowrl.storage import content_stamp, fetch, sha256_file
 from flowrl.tracking import Tracker
 
 STAGE = "annotate"
 SECTIONS = ("run.seed", "world", "sampler", "annotate")
+
+
+def input_stamps(config: FlowRLConfig) -> dict[str, str]:
+    """{config key: content stamp} of the files this stage reads besides artifacts (the human labels):
+    part of its Flyte cache key (tasks/types.py)."""
+    a = config.annotate
+    paths = {f"annotate.{k}_path": p for k, p in (("pointwise", a.pointwise_path), ("pairwise", a.pairwise_path))}
+    return {key: content_stamp(p) for key, p in paths.items() if p}
 
 
 def _model_samples(model, candidates: list[Candidates], config: FlowRLConfig) -> list[list[np.ndarray]]:

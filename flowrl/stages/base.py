@@ -24,6 +24,19 @@ STAGE = "base"
 SECTIONS = ("run.seed", "world", "model", "sampler", "eval", "base")
 
 
+def input_stamps(config: FlowRLConfig) -> dict[str, str]:
+    """{config key: fingerprint} of the local pretrained weights directories the config names (part of
+    the stage's Flyte cache key): new weights at the same path are a cache miss. A hub id is keyed by
+    its text (pin a revision by giving its local snapshot path)."""
+    from pathlib import Path
+
+    if config.model.family != "qwen_image":
+        return {}
+    q = config.model.qwen_image
+    paths = {"model.qwen_image.pretrained": q.pretrained, "model.qwen_image.edit_pretrained": q.edit_pretrained}
+    return {key: weights_fingerprint(p) for key, p in paths.items() if p and Path(p).expanduser().is_dir()}
+
+
 def run_base(
     config: FlowRLConfig,
     *,

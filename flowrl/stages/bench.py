@@ -31,6 +31,7 @@ import json
 import re
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +53,26 @@ from flowrl.bench import (
 )
 from flowrl.config import ConfigError, FlowRLConfig, pillar_sources
 from flowrl.evaluation import to_uint8
-from flowrl.models import check_policy, load_task_views
+from flowrl.models import check_policy, load_policy
 from flowrl.report import ReportData, write_report
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
-from flowrl.storage import fetch, file_uri, read_manifest, sha256_file
+from flowrl.storage import content_stamp, fetch, file_uri, read_manifest, sha256_file
 from flowrl.tracking import Tracker
 
 STAGE = "bench"
-SECTIONS = ("run.seed", "world", "sampler", "bench")
+SECTIONS = ("run.seed", "world", "model", "sampler", "bench")
+
+
+def input_stamps(config: FlowRLConfig) -> dict[str, str]:
+    """{config key: content stamp} of the files this stage reads besides artifacts (the bench prompt
+    files, and the filter and annotation files they are checked against): part of its Flyte cache key."""
+    from flowrl.stages import annotate, filter_prompts
+
+    paths = {f"bench.{t}_prompts": getattr(config.bench, f"{t}_prompts") for t in ("t2i", "edit")}
+    stamps = {key: content_stamp(p) for key, p in paths.items() if p}
+    return {**stamps, **filter_prompts.input_stamps(config), **annotate.input_stamps(config)}
+
+
 REPORT_FILES = ("report.md", "report.html", "elo.png", "curves.png", "grid_t2i.png", "grid_edit.png")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -144,12 +157,11 @@ def run_bench(
         images, t2i_grid, edit_grid, per_model_s = {}, {}, {}, {}
         for name in names:
             t0 = time.perf_counter()
-            views = load_task_views(dirs[name], config)
-            sampled = sample_bench(views["t2i"], bench, config, edit_model=views["edit"])
-            del views
-            _release_memory()
+            # each task's own model: the base artifact's edit model is the edit pipeline, not the T2I one
+            sampled = sample_bench(partial(load_policy, dirs[name], config), bench, config, release=_release_memory)
+            t2i_grid[name], edit_grid[name] = sampled.t2i[t_cols].copy(), sampled.edit[e_cols].copy()
             images[name] = _spilled(sampled, Path(spill) / name) if production else sampled
-            t2i_grid[name], edit_grid[name] = sampled.t2i[t_cols], sampled.edit[e_cols]
+            del sampled
             per_model_s[name] = time.perf_counter() - t0
             print(f"bench: {name} sampled in {per_model_s[name]:.1f} s", flush=True)
         scores = {}

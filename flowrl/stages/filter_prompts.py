@@ -43,12 +43,19 @@ from flowrl.shapes.edits import EDIT_KINDS, sample_edit
 from flowrl.shapes.prompts import T2I_CATEGORIES, sample_t2i
 from flowrl.shapes.render import render_scene
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
-from flowrl.storage import fetch
+from flowrl.storage import content_stamp, fetch
 from flowrl.tracking import Tracker
 
 STAGE = "filter_prompts"
 HELDOUT_FILE = "heldout.parquet"
 SECTIONS = ("run.seed", "world", "grpo.guidance_scale", "grpo.cfg_mode", "filter", "rewards")
+
+
+def input_stamps(config: FlowRLConfig) -> dict[str, str]:
+    """{config key: content stamp} of the files this stage reads besides artifacts (the prompt files):
+    part of its Flyte cache key (tasks/types.py)."""
+    paths = {f"filter.{t}_prompts": getattr(config.filter, f"{t}_prompts") for t in ("t2i", "edit")}
+    return {key: content_stamp(p) for key, p in paths.items() if p}
 
 
 def candidate_prompts(config: FlowRLConfig, task: str) -> pd.DataFrame:
@@ -89,7 +96,7 @@ def group_statistics(model, reward: CompositeReward, frame: pd.DataFrame, config
         scores = reward.score_components(ro.images, ro.prompts, ro.sources)
         totals.append(scores.total.reshape(-1, f.group_size))
         firsts.append(next(iter(scores.components.values())).reshape(-1, f.group_size))
-    total, first = torch.cat(totals).numpy(), torch.cat(firsts).numpy()
+    total, first = (torch.cat(parts).float().cpu().numpy() for parts in (totals, firsts))
     out = frame.copy()
     out["reward_mean"] = total.mean(axis=1)
     out["reward_std"] = total.std(axis=1)

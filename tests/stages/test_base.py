@@ -147,21 +147,6 @@ def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
     assert [d.dataset.name for d in filtered.inputs.dataset_inputs] == ["filter_prompts_t2i/prompts"]
 
 
-def test_pipeline_skips_the_optional_branches_when_the_config_says_so(tmp_path):
-    """opd.mix_rl and opd.offpolicy_ablation off: those stages never run."""
-    from flytekit.types.file import FlyteFile
-
-    from pipelines.post_train import post_train
-
-    path = write_config(tmp_path, opd={"mix_rl": False, "offpolicy_ablation": False})
-    out = post_train(config=FlyteFile(str(path)))
-    assert out.mix_rl.uri == "" and out.student_offpolicy.uri == ""
-    assert out.student.uri and (tmp_path / "artifacts" / "opd").is_dir()
-    assert not (tmp_path / "artifacts" / "grpo_mixed").exists() and not (tmp_path / "artifacts" / "opd_offpolicy").exists()
-    assert set(out.bench.metrics) >= {"models/base/pillars/overall", "models/student/pillars/overall"}
-    assert not any(k.startswith(("models/mix_rl", "models/student_offpolicy")) for k in out.bench.metrics)
-
-
 def test_qwen_image_base_validates_and_references_weights(tmp_path):
     from tests.models.tiny_qwen_image import build_tiny_qwen_image
 
@@ -227,8 +212,9 @@ def test_qwen_image_base_names_missing_component(tmp_path):
 
 @pytest.mark.fault("an artifact deleted behind the Flyte cache", "failed clearly: the run names the missing output and how to refresh the cache")
 def test_flyte_cache_reruns_only_what_a_config_change_touches(tmp_path, monkeypatch):
-    """Nothing changed: every stage is a Flyte cache hit (no stage runs). Only the grpo section
-    changed: GRPO, OPD and bench run again and nothing else."""
+    """Nothing changed: every stage is a Flyte cache hit (no stage runs). Only the opd section
+    changed (the optional branches switched off): OPD and bench run again, the optional stages are
+    skipped, and nothing else runs."""
     from diskcache import Cache
     from flytekit.core.local_cache import LocalTaskCache
     from flytekit.types.file import FlyteFile
@@ -258,8 +244,35 @@ def test_flyte_cache_reruns_only_what_a_config_change_touches(tmp_path, monkeypa
     with pytest.raises(Exception, match=r"(?s)do not exist or are incomplete: opd \(.*--overwrite-cache"):
         post_train(config=FlyteFile(str(path)))
     moved.rename(first.student.uri)
-    write_config(tmp_path, grpo={"lr": 2e-3})
+    # only the opd section changed, switching both optional branches off: OPD and the bench (a new
+    # student) run again, Mix-RL and off-policy OPD are skipped, GRPO and everything upstream are cached
+    write_config(tmp_path, opd={"mix_rl": False, "offpolicy_ablation": False})
     changed = post_train(config=FlyteFile(str(path)))
-    assert stage_runs_of_last_pipeline() == sorted(
-        ["grpo_t2i", "grpo_edit", "grpo_mixed", "opd", "opd_offpolicy", "bench"])
-    assert changed.student.uri != first.student.uri
+    assert stage_runs_of_last_pipeline() == ["bench", "opd"]
+    assert changed.student.uri != first.student.uri and changed.t2i_teacher.uri == first.t2i_teacher.uri
+    assert changed.mix_rl.uri == "" and changed.student_offpolicy.uri == ""
+    assert set(changed.bench.metrics) >= {"models/base/pillars/overall", "models/student/pillars/overall"}
+    assert not any(k.startswith(("models/mix_rl", "models/student_offpolicy")) for k in changed.bench.metrics)
+
+
+def test_flyte_cache_keys_follow_the_content_of_the_files_a_config_names(tmp_path):
+    """New human labels written over the same paths: the stages that read them (annotate, and the bench,
+    which checks its prompts against them) get new cache keys; a stage that does not read them keeps its."""
+    from flytekit.types.file import FlyteFile
+
+    from tasks.types import stage_config_key
+
+    labels = {k: tmp_path / f"{k}.parquet" for k in ("pointwise", "pairwise")}
+    for path in labels.values():
+        path.write_bytes(b"first labels")
+    config = write_config(tmp_path, annotate={f"{k}_path": str(p) for k, p in labels.items()})
+
+    def keys():
+        return {m: stage_config_key(m, FlyteFile(str(config))) for m in ("annotate", "reward_model", "bench")}
+
+    before = keys()
+    assert keys() == before
+    labels["pairwise"].write_bytes(b"other labels")
+    after = keys()
+    assert after["annotate"] != before["annotate"] and after["bench"] != before["bench"]
+    assert after["reward_model"] == before["reward_model"]

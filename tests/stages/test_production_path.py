@@ -331,3 +331,23 @@ def test_bench_scores_every_production_model_with_the_reward_models_and_ssim(pro
         config.bench, t2i_prompts=prompts["bench_t2i"] + ".leaked.parquet"))
     with pytest.raises(PromptFileError, match=r"row 5: prompt 'two circles' also occurs in filter.t2i_prompts"):
         run_bench(seen, models, reward_model=rm.uri)
+
+
+def test_bench_samples_the_base_artifacts_edits_with_the_edit_pipeline(production):
+    """A base artifact has no trained transformer: its edits come from the edit weights it records
+    (Qwen-Image-Edit), its T2I images from the T2I weights. Two bases that share T2I weights but not
+    edit weights get the same T2I scores and different edit scores."""
+    from flowrl.stages.bench import run_bench
+    from tests.models.tiny_qwen_image import build_tiny_qwen_image
+
+    root, config, base, rm, _, (labels, weights, vlm, prompts) = production
+    edit_weights = build_tiny_qwen_image(root / "qwen-edit-tiny", task="edit", seed=7)
+    other = _qwen_config(root / "other-edit", labels, weights, vlm, prompts, model={"qwen_image": {
+        "pretrained": str(weights), "edit_pretrained": str(edit_weights), "height": 32, "width": 32,
+        "dtype": "float32"}})
+    other_base = run_base(other, progress=False)
+    result = run_bench(other, {"base": base.uri, "other_edit_base": other_base.uri}, reward_model=rm.uri)
+    scores = pd.read_parquet(fetch(result.uri) / "scores.parquet").set_index(["model", "task", "prompt"])
+    ours, theirs = scores.loc["base"], scores.loc["other_edit_base"]
+    assert ours.loc["t2i"].equals(theirs.loc["t2i"])
+    assert not np.allclose(ours.loc["edit"]["secondary"], theirs.loc["edit"]["secondary"])  # SSIM to the source
