@@ -60,7 +60,7 @@ from flowrl.storage import content_stamp, fetch, file_uri, read_manifest, sha256
 from flowrl.tracking import Tracker
 
 STAGE = "bench"
-SECTIONS = ("run.seed", "world", "model", "sampler", "bench")
+SECTIONS = ("run.seed", "world", "sampler", "bench")  # production adds the model section (_model_key)
 
 
 def input_stamps(config: FlowRLConfig) -> dict[str, str]:
@@ -70,7 +70,13 @@ def input_stamps(config: FlowRLConfig) -> dict[str, str]:
 
     paths = {f"bench.{t}_prompts": getattr(config.bench, f"{t}_prompts") for t in ("t2i", "edit")}
     stamps = {key: content_stamp(p) for key, p in paths.items() if p}
-    return {**stamps, **filter_prompts.input_stamps(config), **annotate.input_stamps(config)}
+    return {**stamps, **filter_prompts.input_stamps(config), **annotate.input_stamps(config), **_model_key(config)}
+
+
+def _model_key(config: FlowRLConfig) -> dict[str, str]:
+    """Production: the model section (pretrained weights, height, width, dtype) shapes the images of a
+    model artifact at bench time, so it is part of the bench's key; a shapes checkpoint carries its model."""
+    return {} if config.model.family == "shapes" else {"model": config.section_hash("model")}
 
 
 REPORT_FILES = ("report.md", "report.html", "elo.png", "curves.png", "grid_t2i.png", "grid_edit.png")
@@ -130,7 +136,7 @@ def run_bench(
     # the bench items (production: the prompt files, checked unseen by training) before anything loads
     bench = bench_set(config)
     if production:
-        inputs["bench_items"] = bench.version
+        inputs.update(bench_items=bench.version, **_model_key(config))
     done = committed_result(STAGE, config, SECTIONS, inputs, output_root)
     if done is not None:
         return done
