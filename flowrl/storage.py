@@ -163,16 +163,18 @@ def content_stamp(uri: str) -> str:
             return "sha256:" + sha256_file(path)
         fs.invalidate_cache(path)  # a listing cached earlier in this process may predate the object
         info = fs.info(path)
+        if info.get("type", "file") != "file":
+            return "missing"
+        for name in ("ETag", "etag", "md5", "checksum", "md5Hash", "crc32c"):
+            if info.get(name):
+                return f"{name}:{str(info[name]).strip(chr(34))}"
+        with fs.open(path, "rb") as handle:
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return "missing"
-    for name in ("ETag", "etag", "md5", "checksum", "md5Hash", "crc32c"):
-        if info.get(name):
-            return f"{name}:{str(info[name]).strip(chr(34))}"
-    with fs.open(path, "rb") as handle:
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 def _join(*parts: str) -> str:

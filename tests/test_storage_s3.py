@@ -75,10 +75,13 @@ def test_content_stamps_follow_an_objects_content_not_its_path(s3_server, tmp_pa
     fs.pipe_file(uri, b"first rows")
     first = content_stamp(uri)
     assert first.startswith("ETag:") and content_stamp(uri) == first
-    fs.pipe_file(uri, b"other rows")
+    fs.ls(f"{s3_server}/inputs", detail=True)  # this process's client now holds a listing with the old ETag
+    other_writer, _ = fsspec.core.url_to_fs(uri, skip_instance_cache=True)  # another process rewrites the object
+    other_writer.pipe_file(uri, b"other rows")
     assert content_stamp(uri) != first
-    fs.pipe_file(uri, b"first rows")
+    other_writer.pipe_file(uri, b"first rows")
     assert content_stamp(uri) == first
+    assert content_stamp(f"{s3_server}/inputs") == "missing"  # a prefix is not a file
     assert content_stamp(f"{s3_server}/inputs/absent.parquet") == "missing"
     local = tmp_path / "labels.parquet"
     local.write_bytes(b"abc")

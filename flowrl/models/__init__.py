@@ -145,11 +145,10 @@ def load_policy(directory: str | Path, config: FlowRLConfig, task: str = "t2i") 
     path = pretrained_path(directory, task)
     q = config.model.qwen_image
     device = local_device()
-    model = QwenImageModel.from_pretrained(path, task=task, dtype=_DTYPES[q.dtype], device=device, height=q.height,
-                                           width=q.width)
-    if (directory / QWEN_TRANSFORMER).is_dir():
-        model = model.with_transformer(_artifact_transformer(directory, config).to(device))
-    return model
+    # a trained artifact's transformer replaces the pretrained one, which is then never loaded
+    trained = _artifact_transformer(directory, config) if (directory / QWEN_TRANSFORMER).is_dir() else None
+    return QwenImageModel.from_pretrained(path, task=task, dtype=_DTYPES[q.dtype], device=device, height=q.height,
+                                          width=q.width, transformer=trained)
 
 
 def pretrained_path(directory: str | Path, task: str) -> str:

@@ -217,6 +217,7 @@ class QwenImageModel:
         device: str | torch.device = "cpu",
         height: int = 1024,
         width: int = 1024,
+        transformer: torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> "QwenImageModel":
         """Load a diffusers-layout directory (or hub id) with each component's
@@ -224,6 +225,8 @@ class QwenImageModel:
 
         Subfolders: ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``,
         ``scheduler`` and, for edit, ``processor`` (its image processor).
+        ``transformer``: use this network instead of the directory's (a trained
+        one), which is then never read: two 20B transformers never share a GPU.
         """
         from diffusers import (
             AutoencoderKLQwenImage,
@@ -237,9 +240,10 @@ class QwenImageModel:
         )
 
         path = str(path)
-        transformer = QwenImageTransformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=dtype
-        )
+        if transformer is None:
+            transformer = QwenImageTransformer2DModel.from_pretrained(
+                path, subfolder="transformer", torch_dtype=dtype
+            )
         vae = AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
         text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, subfolder="text_encoder", dtype=dtype

@@ -34,7 +34,8 @@ def input_stamps(config: FlowRLConfig) -> dict[str, str]:
         return {}
     q = config.model.qwen_image
     paths = {"model.qwen_image.pretrained": q.pretrained, "model.qwen_image.edit_pretrained": q.edit_pretrained}
-    return {key: weights_fingerprint(p) for key, p in paths.items() if p and Path(p).expanduser().is_dir()}
+    local = {key: Path(p).expanduser() for key, p in paths.items() if p}
+    return {key: weights_fingerprint(p) for key, p in local.items() if p.is_dir()}
 
 
 def run_base(

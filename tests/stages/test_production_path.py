@@ -144,7 +144,7 @@ def test_prompt_files_are_filtered_with_a_held_out_share_that_is_never_trained_o
             assert Image.open(io.BytesIO(curated["source_image"][0])).size == (32, 32)
 
 
-def test_grpo_trains_the_qwen_image_transformer_and_commits_a_loadable_teacher(production):
+def test_grpo_trains_the_qwen_image_transformer_and_commits_a_loadable_teacher(production, monkeypatch):
     _, config, base, rm, filtered, _ = production
     t2i = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
     again = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
@@ -157,7 +157,14 @@ def test_grpo_trains_the_qwen_image_transformer_and_commits_a_loadable_teacher(p
     assert set(m["base"]) == set(m["teacher"]) >= {"t2i/alignment", "t2i/pairwise"}
     assert [e["iteration"] for e in m["monitor"]] == [0, 1, 2] and all("heldout" in e for e in m["monitor"])
     start = trainable_module(load_policy(fetch(base.uri), config, "t2i")).state_dict()
+    from diffusers import QwenImageTransformer2DModel
+
+    read = []  # transformers read from disk: a teacher's own, never the pretrained one beside it
+    original = QwenImageTransformer2DModel.from_pretrained.__func__
+    monkeypatch.setattr(QwenImageTransformer2DModel, "from_pretrained", classmethod(
+        lambda cls, path, **kw: read.append(str(path)) or original(cls, path, **kw)))
     trained = trainable_module(load_policy(local, config, "t2i")).state_dict()
+    assert read == [str(local / "transformer")]
     assert start.keys() == trained.keys() and any(not torch.equal(start[k], trained[k]) for k in start)
 
 
