@@ -106,8 +106,8 @@ results/grpo_levers.json: venv
 	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
 	run="$(PY) -m bench.grpo_ablations --table levers --task t2i --base $$base --reward-model $$rm --prompts $$pt \
 		--threads 1 --output $@"; \
-	$$run --variants default & first=$$!; \
-	$$run --variants category_filter_balanced_unsaturated_2steps & second=$$!; \
+	$$run --variants default levers_2epochs & first=$$!; \
+	$$run --variants category_filter_balanced_unsaturated_2steps levers_4epochs & second=$$!; \
 	wait $$first; wait $$second
 
 # Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves

@@ -26,7 +26,10 @@ uniform draws over the curated prompts are mostly colour binding):
   less than the others keeps prompts; every category is drawn equally often
   (``grpo.balance_categories``) except the two the base already gets right
   (single object, colours: five times less often); two optimizer steps per
-  iteration (``grpo.minibatches: 2``).
+  iteration (``grpo.minibatches: 2``);
+* ``levers_2epochs``, ``levers_4epochs``: the levers with 2 or 4 passes over
+  each iteration's rollouts (``grpo.epochs``; 4 or 8 optimizer steps per
+  iteration), so that the ratio leaves 1 and the clip range binds.
 
 A variant with ``filter`` keys runs the filter_prompts stage itself (same
 base and reward models; a normal artifact, reused when it exists) and trains
@@ -67,13 +70,13 @@ VARIANTS = {
 # Levers of the prompt distribution (``--table levers``): a ``filter`` entry re-runs prompt filtering
 # with those keys (from the same base and reward models) and trains on what it keeps.
 PER_CATEGORY = {"filter": {"threshold_scope": "category"}}
+_LEVERS_GRPO = {"balance_categories": True, "sampling_weights": ["single_object=0.2", "colors=0.2"], "minibatches": 2}
 LEVERS = {
     "default": {},
-    "category_filter_balanced_unsaturated_2steps": {
-        **PER_CATEGORY,
-        "grpo": {"balance_categories": True, "sampling_weights": ["single_object=0.2", "colors=0.2"],
-                 "minibatches": 2},
-    },
+    "category_filter_balanced_unsaturated_2steps": {**PER_CATEGORY, "grpo": _LEVERS_GRPO},
+    # the same, with 2 or 4 passes over each iteration's rollouts (4 or 8 optimizer steps): the clip binds
+    "levers_2epochs": {**PER_CATEGORY, "grpo": {**_LEVERS_GRPO, "epochs": 2}},
+    "levers_4epochs": {**PER_CATEGORY, "grpo": {**_LEVERS_GRPO, "epochs": 4}},
 }
 TABLES = {"ablations": VARIANTS, "levers": LEVERS}
 

@@ -342,6 +342,10 @@ class GRPOConfig:
     )
     grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
     minibatches: int = param(1, "Optimizer steps per iteration (the rollouts split evenly).", ge=1)
+    epochs: int = param(
+        1, "Passes over each iteration's rollouts (PPO epochs), each split into `minibatches` in a new order: "
+        "epochs x minibatches optimizer steps per iteration. Past the first step the ratio leaves 1 and the clip "
+        "range starts to bind.", ge=1, added=True)
     ema_decay: float = param(0.0, "EMA of the weights that are evaluated and saved (0: off).", ge=0, lt=1)
     zero_stage: int = param(
         0, "0: plain PyTorch (DDP across processes); 1, 2, 3: DeepSpeed ZeRO partitions the optimizer states, "

@@ -144,12 +144,16 @@ def _manifest_bytes(manifest: Manifest) -> bytes:
     return json.dumps(asdict(manifest), indent=2, sort_keys=True).encode()
 
 
-def sha256_file(path: str | Path) -> str:
+def _sha256_stream(handle) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return _sha256_stream(fh)
 
 
 def content_stamp(uri: str) -> str:
@@ -169,12 +173,14 @@ def content_stamp(uri: str) -> str:
             if info.get(name):
                 return f"{name}:{str(info[name]).strip(chr(34))}"
         with fs.open(path, "rb") as handle:
-            digest = hashlib.sha256()
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return "sha256:" + digest.hexdigest()
+            return "sha256:" + _sha256_stream(handle)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return "missing"
+
+
+def content_stamps(paths: dict[str, str | None]) -> dict[str, str]:
+    """:func:`content_stamp` of each named path that is set (unset keys are left out)."""
+    return {key: content_stamp(p) for key, p in paths.items() if p}
 
 
 def _join(*parts: str) -> str:

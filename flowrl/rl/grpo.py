@@ -150,7 +150,7 @@ class GRPOTrainer(LoopTrainer):
     reward's components (by each prompt's category). Several tasks: all
     three are dicts keyed by task; each iteration draws
     ``prompts_per_iteration`` groups from *each* task, scores each with its
-    own reward, and takes one optimizer step per minibatch over all of them
+    own reward, and takes one optimizer step per minibatch (of each epoch) over all of them
     (rows weighted equally). ``monitor(model, iteration)`` -> held-out
     metrics with the watched score under ``"heldout"``; ``category_scale``
     multiplies the advantages of each category (the optional calibration).
@@ -268,9 +268,11 @@ class GRPOTrainer(LoopTrainer):
             n_trained = steps.shape[1]
             steps = torch.cat([steps[local], anchors[local]], dim=1)  # anchors: KL only
             plans.append((out, steps, n_trained))
-        # the row orders come after every global draw: their size is the local batch
-        plans = [(*plan, torch.randperm(plan[0].rollouts.batch_size, generator=gen).chunk(cfg.minibatches))
-                 for plan in plans]
+        # the row orders come after every global draw: their size is the local batch; each epoch
+        # (pass over the rollouts) splits them in a new order, drawn after the first's
+        orders = [[torch.randperm(plan[0].rollouts.batch_size, generator=gen).chunk(cfg.minibatches)
+                   for plan in plans] for _ in range(cfg.epochs)]
+        plans = [(*plan, tuple(chunk for epoch in orders for chunk in epoch[j])) for j, plan in enumerate(plans)]
         stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "ratio_dev": [], "kl": [], "grad_norm": []}
         self.module.train()
         for m in range(len(plans[0][3])):

@@ -19,7 +19,7 @@ from flowrl.rewards.shapes_dataset import Candidates, add_model_samples, annotat
 from flowrl.stages.common import StageResult, commit_stage, committed_result, stage_context
 from flowrl.shapes.render import to_tensor
 from flowrl.rewards.annotations import load_annotations
-from flowrl.storage import content_stamp, fetch, sha256_file
+from flowrl.storage import content_stamps, fetch, sha256_file
 from flowrl.tracking import Tracker
 
 STAGE = "annotate"
@@ -31,7 +31,7 @@ def input_stamps(config: FlowRLConfig) -> dict[str, str]:
     part of its Flyte cache key (tasks/types.py)."""
     a = config.annotate
     paths = {f"annotate.{k}_path": p for k, p in (("pointwise", a.pointwise_path), ("pairwise", a.pairwise_path))}
-    return {key: content_stamp(p) for key, p in paths.items() if p}
+    return content_stamps(paths)
 
 
 def _model_samples(model, candidates: list[Candidates], config: FlowRLConfig) -> list[list[np.ndarray]]:

@@ -56,7 +56,7 @@ from flowrl.evaluation import to_uint8
 from flowrl.models import check_policy, load_policy
 from flowrl.report import ReportData, write_report
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
-from flowrl.storage import content_stamp, fetch, file_uri, read_manifest, sha256_file
+from flowrl.storage import content_stamps, fetch, file_uri, read_manifest, sha256_file
 from flowrl.tracking import Tracker
 
 STAGE = "bench"
@@ -69,7 +69,7 @@ def input_stamps(config: FlowRLConfig) -> dict[str, str]:
     from flowrl.stages import annotate, filter_prompts
 
     paths = {f"bench.{t}_prompts": getattr(config.bench, f"{t}_prompts") for t in ("t2i", "edit")}
-    stamps = {key: content_stamp(p) for key, p in paths.items() if p}
+    stamps = content_stamps(paths)
     return {**stamps, **filter_prompts.input_stamps(config), **annotate.input_stamps(config), **_model_key(config)}
 
 

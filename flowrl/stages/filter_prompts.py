@@ -43,7 +43,7 @@ from flowrl.shapes.edits import EDIT_KINDS, sample_edit
 from flowrl.shapes.prompts import T2I_CATEGORIES, sample_t2i
 from flowrl.shapes.render import render_scene
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
-from flowrl.storage import content_stamp, fetch
+from flowrl.storage import content_stamps, fetch
 from flowrl.tracking import Tracker
 
 STAGE = "filter_prompts"
@@ -55,7 +55,7 @@ def input_stamps(config: FlowRLConfig) -> dict[str, str]:
     """{config key: content stamp} of the files this stage reads besides artifacts (the prompt files):
     part of its Flyte cache key (tasks/types.py)."""
     paths = {f"filter.{t}_prompts": getattr(config.filter, f"{t}_prompts") for t in ("t2i", "edit")}
-    return {key: content_stamp(p) for key, p in paths.items() if p}
+    return content_stamps(paths)
 
 
 def candidate_prompts(config: FlowRLConfig, task: str) -> pd.DataFrame:

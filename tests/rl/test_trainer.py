@@ -117,6 +117,47 @@ def test_fidelity_collapse_is_hacking_even_when_alignment_rises():
     assert not state.stopped  # warn only unless stop_on_hacking
 
 
+def test_epochs_pass_over_the_same_rollouts_again_and_the_clip_then_binds():
+    """PPO epochs: epochs x minibatches optimizer steps on one set of rollouts; the first step sees a ratio of
+    exactly 1, later ones do not, so a clip range below their deviation clips. One epoch is the old update."""
+
+    def run(epochs, clip_range=1e-6):
+        cfg = GRPOConfig(iterations=1, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
+                         timesteps_per_trajectory=1, eval_every=100, reward_chunks=1, minibatches=2, epochs=epochs,
+                         lr=1e-2, clip_range=clip_range)
+        model = tiny_model()
+        rewards = LocalRewards(_ConstantReward())
+        trainer = GRPOTrainer(model, model.net, None, cfg,
+                              PromptSet(["a red circle", "a blue square"], ["x", "y"], None), rewards,
+                              weights=lambda prompts: torch.ones(len(prompts), 1))
+        outs = trainer.collect(0)
+        steps = []
+        original = trainer.engine.step
+
+        def recording_step():
+            steps.append([p.detach().clone() for p in model.net.parameters()])
+            return original()
+
+        trainer.engine.step = recording_step
+        metrics = trainer.update(outs, 0)
+        rewards.close()
+        return metrics, steps, [p.detach().clone() for p in model.net.parameters()]
+
+    one, one_steps, one_params = run(1)
+    three, three_steps, three_params = run(3)
+    assert len(one_steps) == 2 and len(three_steps) == 6
+    # the first epoch is the one-epoch update, step for step; the later ones keep moving the weights
+    for a, b in zip(one_steps, three_steps[:2]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(one_params, three_params))
+    # one epoch: the first minibatch's ratio is exactly 1, only the second can clip; three: four more steps clip
+    assert one["train/clip_fraction"] <= 0.5 < three["train/clip_fraction"]
+    with pytest.raises(ValueError, match="grpo.epochs"):
+        from flowrl.config import FlowRLConfig, from_dict
+
+        from_dict(FlowRLConfig, {"grpo": {"epochs": 0}})
+
+
 def test_checkpoint_keeps_the_ema_weights(tmp_path):
     from flowrl.pretrain import EMA
 

@@ -15,7 +15,7 @@ from flowrl.config import load_config
 from flowrl.models import load_checkpoint
 from flowrl.stages.base import run_base
 from flowrl.storage import fetch, read_manifest
-from tests.conftest import ROOT, user_env, write_config
+from tests.conftest import ROOT, write_config
 
 EXPECTED_FILES = {"model.safetensors", "model.json", "metrics.json", "grid.png"}
 
@@ -111,40 +111,6 @@ def test_cli_bad_config_is_one_line_error(tmp_path):
     assert "base.lr: expected float > 0, got 'fast'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "artifacts").exists()
-
-
-def test_pyflyte_runs_the_pipeline_locally(tmp_path, smoke_config):
-    pyflyte = os.path.join(os.path.dirname(sys.executable), "pyflyte")
-    env = user_env(HOME=str(tmp_path / "home"))  # Flyte's local cache (~/.flyte) of this run only
-    proc = subprocess.run(
-        [pyflyte, "run", "pipelines/post_train.py", "post_train", "--config", str(smoke_config)],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stages = ("base", "annotate", "reward_model", "filter_prompts_t2i", "filter_prompts_edit", "grpo_t2i", "grpo_edit",
-              "opd", "opd_offpolicy", "grpo_mixed", "bench")  # smoke.yaml turns both optional branches on
-    for stage in stages:  # every stage wired so far ran and committed
-        manifests = list((tmp_path / "artifacts" / stage).glob("*/manifest.json"))
-        assert len(manifests) == 1, stage
-    for stage in ("grpo_t2i", "grpo_edit", "opd", "opd_offpolicy", "grpo_mixed"):  # the workflow returns the models
-        assert next((tmp_path / "artifacts" / stage).glob("*/manifest.json")).parent.name in proc.stdout
-    assert "base/t2i/alignment" in proc.stdout and "teacher/edit/accuracy" in proc.stdout  # the teachers' metrics
-    assert "student/edit/accuracy" in proc.stdout
-    bench = json.loads(next((tmp_path / "artifacts" / "bench").glob("*/bench.json")).read_text())
-    assert set(bench["models"]) == {"base", "t2i_teacher", "edit_teacher", "mix_rl", "student", "student_offpolicy"}
-    report = next((tmp_path / "artifacts" / "bench").glob("*/report.html"))
-    assert str(report) in proc.stdout  # the workflow's output names the report, for `make run` to show
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    pipeline = [r for r in runs if r.data.tags.get("flowrl.stage") == "pipeline"]
-    assert len(pipeline) == 1 and pipeline[0].info.status == "FINISHED"
-    stage_runs = [r for r in runs if r.data.tags.get("flowrl.stage") != "pipeline"]
-    assert len(stage_runs) == len(stages)  # one child run per stage, all under the pipeline's run
-    assert all(r.data.tags.get("mlflow.parentRunId") == pipeline[0].info.run_id for r in stage_runs)
-    assert "models/student/pillars/overall" in pipeline[0].data.metrics
-    assert "report/report.html" in {a.path for a in client.list_artifacts(pipeline[0].info.run_id, "report")}
-    filtered = next(r for r in stage_runs if r.data.tags["flowrl.stage"] == "filter_prompts_t2i")
-    assert [d.dataset.name for d in filtered.inputs.dataset_inputs] == ["filter_prompts_t2i/prompts"]
 
 
 def test_qwen_image_base_validates_and_references_weights(tmp_path):
