@@ -246,20 +246,22 @@ def save_policy(model: FlowModel, directory: str | Path, base_dir: str | Path | 
 
 def load_task_views(directory: str | Path, config: FlowRLConfig) -> dict[str, FlowModel]:
     """{"t2i": model, "edit": model}: one trainable network behind both tasks. Shapes: the
-    same model twice. Qwen-Image: the artifact's T2I pipeline, and an edit view of the same
-    transformer, VAE and text encoder with the edit weights' image processor."""
+    same model twice. Qwen-Image: the artifact's T2I pipeline, and the edit pipeline its
+    ``reference.json`` records (as :func:`load_policy` of ``"edit"`` loads it for GRPO and the
+    bench) around the same transformer. The edit view shares the T2I pipeline's VAE, text
+    encoder and tokenizer where the two weight directories hold the same files (as the
+    released Qwen-Image and Qwen-Image-Edit do) and loads its own where they differ."""
     t2i = load_policy(directory, config, "t2i")
     if config.model.family == "shapes":
         return {"t2i": t2i, "edit": t2i}
-    from transformers import Qwen2VLImageProcessorPil
+    from flowrl.models.qwen_image import QwenImageModel, same_component
 
-    from flowrl.models.qwen_image import QwenImageModel, resolve_weights
-
+    t2i_path, edit_path = pretrained_path(directory, "t2i"), pretrained_path(directory, "edit")
+    shared = {name: getattr(t2i, name) for name in ("vae", "text_encoder", "tokenizer")
+              if same_component(t2i_path, edit_path, name)}
     q = config.model.qwen_image
-    edit_path = resolve_weights(q.edit_pretrained or q.pretrained, "model.qwen_image.edit_pretrained")
-    processor = Qwen2VLImageProcessorPil.from_pretrained(edit_path, subfolder="processor")
-    edit = QwenImageModel(t2i.transformer, t2i.vae, t2i.text_encoder, t2i.tokenizer, t2i.scheduler_config,
-                          task="edit", height=q.height, width=q.width, image_processor=processor)
+    edit = QwenImageModel.from_pretrained(edit_path, task="edit", dtype=_DTYPES[q.dtype], device=local_device(),
+                                          height=q.height, width=q.width, transformer=t2i.transformer, **shared)
     return {"t2i": t2i, "edit": edit}
 
 

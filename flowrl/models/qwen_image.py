@@ -218,6 +218,9 @@ class QwenImageModel:
         height: int = 1024,
         width: int = 1024,
         transformer: torch.nn.Module | None = None,
+        vae: torch.nn.Module | None = None,
+        text_encoder: torch.nn.Module | None = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> "QwenImageModel":
         """Load a diffusers-layout directory (or hub id) with each component's
@@ -227,6 +230,9 @@ class QwenImageModel:
         ``scheduler`` and, for edit, ``processor`` (its image processor).
         ``transformer``: use this network instead of the directory's (a trained
         one), which is then never read: two 20B transformers never share a GPU.
+        ``vae``, ``text_encoder``, ``tokenizer``: components already loaded
+        (another task's pipeline, checked to hold the same files) used instead
+        of the directory's, which are then never read.
         """
         from diffusers import (
             AutoencoderKLQwenImage,
@@ -244,11 +250,14 @@ class QwenImageModel:
             transformer = QwenImageTransformer2DModel.from_pretrained(
                 path, subfolder="transformer", torch_dtype=dtype
             )
-        vae = AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
-        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, subfolder="text_encoder", dtype=dtype
-        )
-        tokenizer = Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer")
+        if vae is None:
+            vae = AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        if text_encoder is None:
+            text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                path, subfolder="text_encoder", dtype=dtype
+            )
+        if tokenizer is None:
+            tokenizer = Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer")
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         image_processor = None
         if task == "edit":
@@ -632,6 +641,29 @@ def resolve_weights(source: str, key: str) -> str:
         raise FileNotFoundError(
             f"{key}: {source!r} is not a local directory and downloading it from the hub failed: {exc}"
         ) from None
+
+
+def same_component(a: str | Path, b: str | Path, subfolder: str) -> bool:
+    """Whether two pipeline directories hold the same ``subfolder`` (e.g. Qwen-Image and Qwen-Image-Edit
+    share their VAE and text encoder): the same file names, and each file the same file on disk (a hub
+    cache links both snapshots to one content-addressed blob) or, failing that, equal in size and SHA-256."""
+    import os
+
+    from flowrl.storage import sha256_file
+
+    roots = Path(a) / subfolder, Path(b) / subfolder
+    if not all(r.is_dir() for r in roots):
+        return False
+    files = [sorted(p.relative_to(r).as_posix() for p in r.rglob("*") if p.is_file()) for r in roots]
+    if files[0] != files[1]:
+        return False
+    for rel in files[0]:
+        x, y = roots[0] / rel, roots[1] / rel
+        if os.path.samefile(x, y):  # one file behind both paths (links followed)
+            continue
+        if x.stat().st_size != y.stat().st_size or sha256_file(x) != sha256_file(y):
+            return False
+    return True
 
 
 def weights_fingerprint(path: str | Path) -> str:

@@ -358,3 +358,38 @@ def test_bench_samples_the_base_artifacts_edits_with_the_edit_pipeline(productio
     ours, theirs = scores.loc["base"], scores.loc["other_edit_base"]
     assert ours.loc["t2i"].equals(theirs.loc["t2i"])
     assert not np.allclose(ours.loc["edit"]["secondary"], theirs.loc["edit"]["secondary"])  # SSIM to the source
+
+
+def test_opd_edit_view_is_the_recorded_edit_pipeline_sharing_only_identical_components(production):
+    """OPD trains one transformer behind a T2I and an edit view. The edit view is the edit pipeline the
+    base recorded (the one GRPO-edit and the bench load): it shares the T2I pipeline's VAE, text encoder and
+    tokenizer only where the two weight directories hold the same files, and loads its own otherwise."""
+    import shutil
+
+    from flowrl.models import load_task_views
+    from tests.models.tiny_qwen_image import build_tiny_qwen_image
+
+    root, config, base, _, _, (labels, weights, vlm, prompts) = production
+    shared = ("vae", "text_encoder", "tokenizer")
+
+    def views_of(edit_weights, name):
+        other = _qwen_config(root / name, labels, weights, vlm, prompts, model={"qwen_image": {
+            "pretrained": str(weights), "edit_pretrained": str(edit_weights), "height": 32, "width": 32,
+            "dtype": "float32"}})
+        directory = fetch(run_base(other, progress=False).uri)
+        return load_task_views(directory, other), load_policy(directory, other, "edit")
+
+    same = load_task_views(fetch(base.uri), config)  # one directory for both tasks
+    assert same["edit"].transformer is same["t2i"].transformer
+    assert all(getattr(same["edit"], c) is getattr(same["t2i"], c) for c in shared)
+    copied, _ = views_of(shutil.copytree(weights, root / "qwen-tiny-copy"), "copy")  # same files, another path
+    assert all(getattr(copied["edit"], c) is getattr(copied["t2i"], c) for c in shared)
+    # another edit checkpoint (its VAE and text encoder drawn from another seed, the same tokenizer files)
+    views, edit_policy = views_of(build_tiny_qwen_image(root / "qwen-edit-tiny-opd", task="edit", seed=7), "other")
+    assert views["edit"].transformer is views["t2i"].transformer  # still one network trained for both
+    assert views["edit"].tokenizer is views["t2i"].tokenizer
+    for component in ("vae", "text_encoder"):
+        ours, theirs = getattr(views["edit"], component), getattr(views["t2i"], component)
+        assert ours is not theirs, component
+        expected = getattr(edit_policy, component).state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in ours.state_dict().items()), component
