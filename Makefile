@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
-	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json
+	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -106,8 +106,22 @@ results/grpo_levers.json: venv
 	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
 	run="$(PY) -m bench.grpo_ablations --table levers --task t2i --base $$base --reward-model $$rm --prompts $$pt \
 		--threads 1 --output $@"; \
-	$$run --variants default levers_2epochs & first=$$!; \
-	$$run --variants category_filter_balanced_unsaturated_2steps levers_4epochs & second=$$!; \
+	$$run --variants default & first=$$!; \
+	$$run --variants category_filter_balanced_unsaturated_2steps & second=$$!; \
+	wait $$first; wait $$second
+
+# PPO epochs on top of the levers (results/grpo_epochs.json; T2I, 200 iterations per variant): same
+# base, reward models and CLI-curated prompts as above; two runners of one thread each share the file.
+results/grpo_epochs.json: venv
+	set -eo pipefail; \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
+	run="$(PY) -m bench.grpo_ablations --table epochs --task t2i --base $$base --reward-model $$rm --prompts $$pt \
+		--threads 1 --output $@"; \
+	$$run --variants levers_2epochs & first=$$!; \
+	$$run --variants levers_4epochs & second=$$!; \
 	wait $$first; wait $$second
 
 # Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves

@@ -26,10 +26,11 @@ uniform draws over the curated prompts are mostly colour binding):
   less than the others keeps prompts; every category is drawn equally often
   (``grpo.balance_categories``) except the two the base already gets right
   (single object, colours: five times less often); two optimizer steps per
-  iteration (``grpo.minibatches: 2``);
-* ``levers_2epochs``, ``levers_4epochs``: the levers with 2 or 4 passes over
-  each iteration's rollouts (``grpo.epochs``; 4 or 8 optimizer steps per
-  iteration), so that the ratio leaves 1 and the clip range binds.
+  iteration (``grpo.minibatches: 2``).
+
+``--table epochs``: ``levers_2epochs``, ``levers_4epochs``, the levers with 2
+or 4 passes over each iteration's rollouts (``grpo.epochs``; 4 or 8 optimizer
+steps per iteration), so that the ratio leaves 1 and the clip range binds.
 
 A variant with ``filter`` keys runs the filter_prompts stage itself (same
 base and reward models; a normal artifact, reused when it exists) and trains
@@ -74,11 +75,14 @@ _LEVERS_GRPO = {"balance_categories": True, "sampling_weights": ["single_object=
 LEVERS = {
     "default": {},
     "category_filter_balanced_unsaturated_2steps": {**PER_CATEGORY, "grpo": _LEVERS_GRPO},
-    # the same, with 2 or 4 passes over each iteration's rollouts (4 or 8 optimizer steps): the clip binds
+}
+# PPO epochs (``--table epochs``): the levers above with 2 or 4 passes over each iteration's rollouts
+# (4 or 8 optimizer steps), so that the ratio leaves 1 and the clip range binds.
+EPOCHS = {
     "levers_2epochs": {**PER_CATEGORY, "grpo": {**_LEVERS_GRPO, "epochs": 2}},
     "levers_4epochs": {**PER_CATEGORY, "grpo": {**_LEVERS_GRPO, "epochs": 4}},
 }
-TABLES = {"ablations": VARIANTS, "levers": LEVERS}
+TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS}
 
 
 def split_variant(spec: dict) -> tuple[dict, dict]:
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes.yaml"))
     parser.add_argument("--table", default="ablations", choices=list(TABLES),
-                        help="ablations: the CFG and timestep variants; levers: prompt-distribution levers")
+                        help="ablations: the CFG and timestep variants; levers: prompt-distribution levers; "
+                        "epochs: the levers with PPO epochs")
     parser.add_argument("--variants", nargs="+", default=None, help="a subset of the table's variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--artifacts", default="artifacts")
