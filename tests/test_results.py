@@ -113,6 +113,29 @@ def test_grpo_levers_come_from_the_committed_grpo_inputs():
             assert min(entry["kept_fraction"].values()) > 0, entry["kept_fraction"]
 
 
+def test_grpo_epochs_come_from_the_same_base_as_the_levers():
+    """results/grpo_epochs.json (`make results/grpo_epochs.json`): the levers with 2 and 4 PPO epochs. Its
+    artifacts may be newer versions of the same stages (a stage's version includes its code), so the base
+    is checked by what the judge measures of it: the same as in results/grpo_shapes.json."""
+    from bench.grpo_ablations import EPOCHS, split_variant
+    from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
+
+    table = json.loads((ROOT / "results" / "grpo_epochs.json").read_text())["t2i"]
+    grpo = json.loads((ROOT / "results" / "grpo_shapes.json").read_text())["t2i"]
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    assert table["table"] == "epochs"
+    assert table["config_hash"] == config.section_hash(*GRPO_SECTIONS), "grpo_epochs.json is stale"
+    assert table["filter_config_hash"] == config.section_hash("filter"), "grpo_epochs.json is stale"
+    assert table["base"] == grpo["metrics"]["base"]
+    assert set(table["variants"]) == set(EPOCHS)
+    for name, entry in table["variants"].items():
+        grpo_keys, filter_keys = split_variant(EPOCHS[name])
+        assert entry["grpo"] == grpo_keys and entry["grpo"]["epochs"] > 1 and entry["filter"] == filter_keys, name
+        delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
+        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
+        assert [m[0] for m in entry["monitor"]] == list(range(0, config.grpo.iterations + 1, config.grpo.eval_every))
+
+
 def test_opd_results_hold_every_model_and_match_the_config():
     """results/opd_shapes.json (`make results/opd_shapes.json`): the judge on the six models of issue 6."""
     results = json.loads((ROOT / "results" / "opd_shapes.json").read_text())
