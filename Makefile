@@ -13,7 +13,8 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
-	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json
+	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
+	results/grpo_edit_levers.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -122,6 +123,20 @@ results/grpo_epochs.json: venv
 		--threads 1 --output $@"; \
 	$$run --variants levers_2epochs & first=$$!; \
 	$$run --variants levers_4epochs & second=$$!; \
+	wait $$first; wait $$second
+
+# The same levers on edits (results/grpo_edit_levers.json; 200 iterations per variant): same base, reward
+# models and CLI-curated edit prompts as above; the default-config arm is results/grpo_shapes.json's edit teacher.
+results/grpo_edit_levers.json: venv
+	set -eo pipefail; \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$base --reward-model $$rm | tail -1); \
+	run="$(PY) -m bench.grpo_ablations --table edit_levers --task edit --base $$base --reward-model $$rm \
+		--prompts $$pe --threads 1 --output $@"; \
+	$$run --variants kind_filter_balanced_2steps & first=$$!; \
+	$$run --variants kind_filter_balanced_2steps_hard_kinds & second=$$!; \
 	wait $$first; wait $$second
 
 # Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves

@@ -32,6 +32,14 @@ uniform draws over the curated prompts are mostly colour binding):
 or 4 passes over each iteration's rollouts (``grpo.epochs``; 4 or 8 optimizer
 steps per iteration), so that the ratio leaves 1 and the clip range binds.
 
+``--table edit_levers`` (``--task edit``): the same levers on edits,
+``kind_filter_balanced_2steps`` (filter cut per edit kind, kinds drawn
+equally often, two optimizer steps per iteration) and
+``kind_filter_balanced_2steps_hard_kinds`` (remove and add, which the base
+mostly gets right, drawn half as often). Its default-config arm is the edit
+teacher of ``results/grpo_shapes.json`` (same base, reward models, prompts
+and seed).
+
 A variant with ``filter`` keys runs the filter_prompts stage itself (same
 base and reward models; a normal artifact, reused when it exists) and trains
 on what that keeps; the others train on ``--prompts``.
@@ -82,7 +90,17 @@ EPOCHS = {
     "levers_2epochs": {**PER_CATEGORY, "grpo": {**_LEVERS_GRPO, "epochs": 2}},
     "levers_4epochs": {**PER_CATEGORY, "grpo": {**_LEVERS_GRPO, "epochs": 4}},
 }
-TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS}
+# The same levers on edits (``--table edit_levers``, ``--task edit``): the filter cut per edit kind, every
+# kind drawn equally often, two optimizer steps per iteration; then the two kinds the base gets mostly
+# right (remove, add) drawn half as often, so recolor and move get two thirds of the draws.
+_EDIT_LEVERS_GRPO = {"balance_categories": True, "minibatches": 2}
+EDIT_LEVERS = {
+    "kind_filter_balanced_2steps": {**PER_CATEGORY, "grpo": _EDIT_LEVERS_GRPO},
+    "kind_filter_balanced_2steps_hard_kinds": {
+        **PER_CATEGORY, "grpo": {**_EDIT_LEVERS_GRPO, "sampling_weights": ["remove=0.5", "add=0.5"]}},
+}
+TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS}
+TABLE_TASK = {"levers": "t2i", "epochs": "t2i", "edit_levers": "edit"}  # tables whose variants name one task's categories
 
 
 def split_variant(spec: dict) -> tuple[dict, dict]:
@@ -122,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes.yaml"))
     parser.add_argument("--table", default="ablations", choices=list(TABLES),
                         help="ablations: the CFG and timestep variants; levers: prompt-distribution levers; "
-                        "epochs: the levers with PPO epochs")
+                        "epochs: the levers with PPO epochs; edit_levers: the levers on edits (--task edit)")
     parser.add_argument("--variants", nargs="+", default=None, help="a subset of the table's variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--artifacts", default="artifacts")
@@ -132,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(args.config)
     if args.threads is not None:
         config = dataclasses.replace(config, run=dataclasses.replace(config.run, torch_threads=args.threads))
+    if TABLE_TASK.get(args.table, args.task) != args.task:
+        raise SystemExit(f"--table {args.table} is a {TABLE_TASK[args.table]} table, got --task {args.task}")
     specs = TABLES[args.table]
     names = args.variants or list(specs)
     unknown = sorted(set(names) - set(specs))

@@ -136,6 +136,19 @@ def test_grpo_epochs_come_from_the_same_base_as_the_levers():
         assert [m[0] for m in entry["monitor"]] == list(range(0, config.grpo.iterations + 1, config.grpo.eval_every))
 
 
+def test_an_ablation_table_of_one_task_refuses_the_other(capsys):
+    """The levers tables name one task's categories (sampling weights of T2I categories or edit kinds):
+    run on the other task they would fail after minutes of filtering, so they are refused up front."""
+    import pytest
+
+    from bench.grpo_ablations import main
+
+    common = ["--base", "unused", "--reward-model", "unused", "--prompts", "unused"]
+    for table, task in (("edit_levers", "t2i"), ("levers", "edit"), ("epochs", "edit")):
+        with pytest.raises(SystemExit, match=f"--table {table} is a .* table, got --task {task}"):
+            main(["--table", table, "--task", task, *common])
+
+
 def test_opd_results_hold_every_model_and_match_the_config():
     """results/opd_shapes.json (`make results/opd_shapes.json`): the judge on the six models of issue 6."""
     results = json.loads((ROOT / "results" / "opd_shapes.json").read_text())
