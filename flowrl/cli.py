@@ -162,7 +162,7 @@ def _dispatch(args) -> int:
         result = run_filter_prompts(config, args.task, args.base, args.reward_model,
                                     output_root=args.output, tracker=_tracker(args))
     elif args.command == "grpo":
-        from flowrl.rl.distributed import dist_info, process_group
+        from flowrl.rl.distributed import process_group
         from flowrl.stages.grpo import run_grpo
 
         if args.task == "mixed":
@@ -171,21 +171,21 @@ def _dispatch(args) -> int:
             raise ConfigError(f"--prompts: task {args.task} takes one artifact, got {len(args.prompts)}")
         else:
             prompts = args.prompts[0]
-        with process_group():  # under torchrun: each rank trains on its share
+        with process_group() as (rank, _):  # under torchrun: each rank trains on its share
             result = run_grpo(config, args.task, args.base, args.reward_model, prompts, output_root=args.output,
                               tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
-        if dist_info()[0] != 0:
+        if rank != 0:  # one URI on stdout and one results file per run, from rank 0
             return 0
     elif args.command == "opd":
-        from flowrl.rl.distributed import dist_info, process_group
+        from flowrl.rl.distributed import process_group
         from flowrl.stages.opd import run_opd
 
         teachers = _named(args.teacher, "--teacher")
         prompts = _named(args.prompts, "--prompts", required=("t2i", "edit"))
-        with process_group():
+        with process_group() as (rank, _):
             result = run_opd(config, args.base, teachers, prompts, states=args.states, output_root=args.output,
                              tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
-        if dist_info()[0] != 0:
+        if rank != 0:
             return 0
     elif args.command == "bench":
         from flowrl.stages.bench import report_files, run_bench

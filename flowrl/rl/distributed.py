@@ -40,10 +40,13 @@ def init_from_env() -> bool:
 @contextlib.contextmanager
 def process_group():
     """Join torchrun's process group for the block (when launched by it) and
-    leave it cleanly afterwards, whatever happens inside."""
+    leave it cleanly afterwards, whatever happens inside. Yields this process's
+    (rank, world size): after the block the group is gone and `dist_info()`
+    answers (0, 1) on every rank, so whatever only rank 0 should do afterwards
+    (print the artifact URI, write a results file) keys on this value."""
     init_from_env()
     try:
-        yield
+        yield dist_info()
     finally:
         shutdown()
 

@@ -240,6 +240,9 @@ def test_two_process_zero3_grpo_stage_ends_where_ddp_does(upstream, tmp_path):
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[zero] = proc.stdout.strip().splitlines()[-1]
+        # only rank 0 reports: two ranks printing at once once glued two URIs into one line (CI)
+        stage_dir = str(tmp_path / str(zero) / "out" / "grpo_t2i") + "/"
+        assert runs[zero].startswith(stage_dir) and proc.stdout.count(stage_dir) == 1, proc.stdout[-2000:]
         assert len(list((tmp_path / str(zero) / "out" / "grpo_t2i.checkpoints").glob("*/manifest.json"))) == 2
     ddp, sharded = (json.loads((fetch(runs[z]) / "metrics.json").read_text()) for z in (0, 3))
     assert [e["iteration"] for e in sharded["monitor"]] == [e["iteration"] for e in ddp["monitor"]] == [0, 2, 4]
