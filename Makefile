@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
-	results/grpo_edit_levers.json
+	results/grpo_edit_levers.json results/grpo_curve.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -138,6 +138,19 @@ results/grpo_edit_levers.json: venv
 	$$run --variants kind_filter_balanced_2steps & first=$$!; \
 	$$run --variants kind_filter_balanced_2steps_hard_kinds & second=$$!; \
 	wait $$first; wait $$second
+
+# Gain over time (results/grpo_long.json, then results/grpo_curve.json and .png): the T2I levers for 800
+# iterations on all threads, then the judge on the full held-out sets at the base and every checkpoint.
+results/grpo_curve.json: venv
+	set -eo pipefail; \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
+	$(PY) -m bench.grpo_ablations --table long --task t2i --base $$base --reward-model $$rm --prompts $$pt \
+		--output results/grpo_long.json; \
+	run=$$($(PY) -c 'import json; print(json.load(open("results/grpo_long.json"))["t2i"]["variants"]["levers_800"]["artifact"])'); \
+	$(PY) -m bench.grpo_curve --run $$run --base $$base --output $@
 
 # Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves
 # `models` holding the six --model NAME=URI flags of the compared models.

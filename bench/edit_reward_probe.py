@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowrl.machine import machine_info
 from flowrl.config import load_config
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
 from flowrl.shapes.edits import make_edit_set
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "config": args.config, "reward_model": args.reward_model, "per_kind": args.per_kind, "seed": args.seed,
         "splits": probe(args.config, args.reward_model, args.per_kind, args.seed),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {**machine_info(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for split, kinds in result["splits"].items():

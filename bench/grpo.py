@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from flowrl.machine import machine_info
 from flowrl.config import load_config
 from flowrl.models import create_model
 from flowrl.rl.objectives import ppo_clip_loss
@@ -106,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
             "trajectories": ro.batch_size, "k": g.timesteps_per_trajectory, "n": g.num_steps,
             "subset_s": subset_s, "all_s": all_s, "all_over_subset": all_s / subset_s,
         },
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "threads": args.threads},
+        "machine": {**machine_info(), "threads": args.threads},
     }
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)

@@ -57,13 +57,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import yaml
 
+from flowrl.machine import machine_info
 from flowrl.config import FlowRLConfig, from_dict, load_config
 from flowrl.stages.filter_prompts import run_filter_prompts
 from flowrl.stages.grpo import HEADLINE, run_grpo
@@ -99,8 +98,11 @@ EDIT_LEVERS = {
     "kind_filter_balanced_2steps_hard_kinds": {
         **PER_CATEGORY, "grpo": {**_EDIT_LEVERS_GRPO, "sampling_weights": ["remove=0.5", "add=0.5"]}},
 }
-TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS}
-TABLE_TASK = {"levers": "t2i", "epochs": "t2i", "edit_levers": "edit"}  # tables whose variants name one task's categories
+# Gain over time (``--table long``): the T2I levers run four times as long, a checkpoint every 100
+# iterations, each of which ``bench.grpo_curve`` then judges on the full held-out set.
+LONG = {"levers_800": {**PER_CATEGORY, "grpo": {**_LEVERS_GRPO, "iterations": 800, "checkpoint_every": 100}}}
+TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS, "long": LONG}
+TABLE_TASK = {"levers": "t2i", "epochs": "t2i", "edit_levers": "edit", "long": "t2i"}  # tables whose variants name one task's categories
 
 
 def split_variant(spec: dict) -> tuple[dict, dict]:
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default=str(ROOT / "configs" / "shapes.yaml"))
     parser.add_argument("--table", default="ablations", choices=list(TABLES),
                         help="ablations: the CFG and timestep variants; levers: prompt-distribution levers; "
-                        "epochs: the levers with PPO epochs; edit_levers: the levers on edits (--task edit)")
+                        "epochs: the levers with PPO epochs; edit_levers: the levers on edits (--task edit); "
+                        "long: the T2I levers for 800 iterations (see bench.grpo_curve)")
     parser.add_argument("--variants", nargs="+", default=None, help="a subset of the table's variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--artifacts", default="artifacts")
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "base": base_metrics,
         "inputs": {"base": args.base, "reward_model": args.reward_model, "prompts": args.prompts},
         "variants": table,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "machine": machine_info(),
     }
     if args.output:
         _merge(Path(args.output), args.task, payload)

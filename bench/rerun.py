@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from flowrl.machine import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -95,7 +97,7 @@ def _write(args, runs: list[dict]) -> int:
     result = {
         "config": args.config,
         "runs": runs,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {**machine_info(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from flowrl.machine import machine_info
 from flowrl.rewards.client import RewardClient
 from flowrl.rewards.server import ServerProcess, free_port, launch_server, load_reward
 
@@ -173,15 +173,11 @@ def measure_hiding(args: argparse.Namespace, base_url: str, kind: str) -> Hiding
                      hidden, 1.0 - 1.0 / batches)
 
 
-def machine_info() -> dict:
+def machine_of_this_bench() -> dict:
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **machine_info(),
         "load_average_1min": os.getloadavg()[0],
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
         "note": "server and client share this machine; loopback HTTP",
     }
 
@@ -227,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         "throughput_images_per_s": [asdict(row) for row in throughput],
         "latency_hiding": [asdict(row) for row in hiding],
         "hidden_fraction_definition": "1 - (pipelined_s - generation_only_s) / (batches * delay_s)",
-        "machine": machine_info(),
+        "machine": machine_of_this_bench(),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 from flowrl.config import ConfigError, describe_fields, load_config
+from flowrl.machine import machine_info
 from flowrl.models import CheckpointError
 from flowrl.prompt_files import PromptFileError
 from flowrl.rewards.annotations import AnnotationError
@@ -283,19 +282,6 @@ def judge_models(config, models: dict[str, str], path: str) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return 0
-
-
-def machine_info() -> dict[str, object]:
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-    }
 
 
 def write_results(path: str, args, result, wall_s: float) -> None:

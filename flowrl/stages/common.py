@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from flowrl.config import FlowRLConfig
+from flowrl.machine import machine_summary
 from flowrl.models import set_torch_threads, trainable_module
 from flowrl.storage import ArtifactStore, StagingDir, artifact_version, code_version
 from flowrl.tracking import NullTracker, Tracker, make_tracker
@@ -107,7 +108,8 @@ def stage_context(
     code = stage_code_version(stage)  # fixed at the start: edits to the source mid-run do not change it
     version = stage_version(stage, config, sections, inputs, code)
     tracker = tracker if tracker is not None else make_tracker(config)
-    tags = {"flowrl.version": version, "flowrl.config_hash": config_hash, "flowrl.code_version": code}
+    tags = {"flowrl.version": version, "flowrl.config_hash": config_hash, "flowrl.code_version": code,
+            "flowrl.made_on": machine_summary()}
     tags.update({f"flowrl.input.{k}": v for k, v in inputs.items()})
     with tracker.stage_run(stage, config, tags=tags), StagingDir(stage) as staging:
         yield StageContext(config=config, staging=staging, tracker=tracker, version=version, code=code)
@@ -127,7 +129,8 @@ def commit_stage(
     run_id = ctx.tracker.run_id
     uri = store.commit(
         ctx.staging, stage=stage, version=ctx.version, config_hash=ctx.config.section_hash(*sections),
-        inputs=inputs, extra={"mlflow_run_id": run_id} if run_id else {}, code=ctx.code,
+        inputs=inputs, extra={"made_on": machine_summary(), **({"mlflow_run_id": run_id} if run_id else {})},
+        code=ctx.code,
     )
     ctx.tracker.set_tags({"flowrl.artifact_uri": uri})
     return StageResult(stage=stage, version=ctx.version, uri=uri, run_id=run_id, metrics=metrics)

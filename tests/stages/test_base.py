@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from flowrl.config import load_config
+from flowrl.machine import machine_summary
 from flowrl.models import load_checkpoint
 from flowrl.stages.base import run_base
 from flowrl.storage import fetch, read_manifest
@@ -26,12 +27,14 @@ def test_base_writes_checkpoint_metrics_grid_and_tracks(smoke_config):
     manifest = read_manifest(result.uri)
     assert set(manifest.files) == EXPECTED_FILES
     assert manifest.extra["mlflow_run_id"] == result.run_id
+    assert manifest.extra["made_on"] == machine_summary()  # floats depend on the CPU: say which one
     local = fetch(result.uri)
     metrics = json.loads((local / "metrics.json").read_text())
     for key in ("t2i/alignment", "t2i/alignment/counting", "edit/accuracy", "edit/identity", "fidelity", "wall_s"):
         assert key in metrics
     run = MlflowClient(config.run.tracking_uri).get_run(result.run_id)
     assert run.data.tags["flowrl.artifact_uri"] == result.uri
+    assert run.data.tags["flowrl.made_on"] == manifest.extra["made_on"]
     assert "t2i/alignment" in run.data.metrics and "train/loss" in run.data.metrics
     assert run.data.params["base.steps"] == str(config.base.steps)
     model = load_checkpoint(local, expected_family="shapes")

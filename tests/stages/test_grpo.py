@@ -72,6 +72,29 @@ def test_grpo_trains_and_writes_a_teacher(upstream, task):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_gain_over_time_judges_the_base_and_every_checkpoint(upstream, tmp_path):
+    """bench.grpo_curve reads the run's checkpoints back: the last one is the teacher the stage judged."""
+    from bench.grpo_curve import main
+
+    root, config, base, rm, prompts = upstream
+    result = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, progress=False)
+    out = tmp_path / "curve.json"
+    curve = main(["--config", str(root / "config.yaml"), "--run", str(fetch(result.uri)),
+                  "--base", str(fetch(base.uri)), "--output", str(out), "--threads", "1"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(curve))
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    points = curve["points"]
+    assert [p["iteration"] for p in points] == [0, 2, 4]  # base, then checkpoint_every 2 of 4 iterations
+    assert points[0]["t2i/alignment"] == pytest.approx(result.metrics["base"]["t2i/alignment"])
+    assert points[-1]["t2i/alignment"] == pytest.approx(result.metrics["teacher"]["t2i/alignment"])
+    assert points[-1]["fidelity"] == pytest.approx(result.metrics["teacher"]["fidelity"], abs=1e-4)
+    assert points[0]["train_s"] == 0 < points[1]["train_s"] < points[2]["train_s"]
+    assert curve["machine"]["cpu_capability"]
+    with pytest.raises(SystemExit, match="started from"):
+        main(["--config", str(root / "config.yaml"), "--run", str(fetch(result.uri)),
+              "--base", str(tmp_path), "--output", str(out)])
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(upstream, tmp_path):
     root, config, base, rm, prompts = upstream
     whole = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "a"),
