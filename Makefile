@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
-	results/grpo_edit_levers.json results/grpo_curve.json
+	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -151,6 +151,14 @@ results/grpo_curve.json: venv
 		--output results/grpo_long.json; \
 	run=$$($(PY) -c 'import json; print(json.load(open("results/grpo_long.json"))["t2i"]["variants"]["levers_800"]["artifact"])'); \
 	$(PY) -m bench.grpo_curve --run $$run --base $$base --output $@
+
+# Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?
+results/t2i_reward_probe.json: venv
+	set -eo pipefail; \
+	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	$(PY) -m bench.t2i_reward_probe --base $$base --reward-model $$rm --output $@
 
 # Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves
 # `models` holding the six --model NAME=URI flags of the compared models.

@@ -5,6 +5,7 @@ re-measures its file after a change that affects it."""
 import json
 import re
 
+import pytest
 
 from flowrl.config import load_config
 from flowrl.stages.base import SECTIONS
@@ -134,6 +135,55 @@ def test_grpo_epochs_come_from_the_same_base_as_the_levers():
         delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
         assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
         assert [m[0] for m in entry["monitor"]] == list(range(0, config.grpo.iterations + 1, config.grpo.eval_every))
+
+
+def test_grpo_curve_judges_every_checkpoint_of_the_long_run():
+    """results/grpo_curve.json (`make results/grpo_curve.json`): the T2I levers for 800 iterations
+    (results/grpo_long.json), judged at the base and every 100 iterations. Its base is the chain of the
+    machine that ran it, so it is compared with its own base only: the curve starts at the table's base and
+    ends at the teacher the stage judged, with the same held-out sets."""
+    from bench.grpo_ablations import LONG, split_variant
+    from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
+
+    long = json.loads((ROOT / "results" / "grpo_long.json").read_text())["t2i"]
+    curve = json.loads((ROOT / "results" / "grpo_curve.json").read_text())
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    assert long["table"] == "long" and set(long["variants"]) == set(LONG)
+    assert long["config_hash"] == config.section_hash(*GRPO_SECTIONS), "grpo_long.json is stale"
+    assert long["filter_config_hash"] == config.section_hash("filter"), "grpo_long.json is stale"
+    entry = long["variants"]["levers_800"]
+    grpo_keys, filter_keys = split_variant(LONG["levers_800"])
+    assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys
+    assert curve["run"].rstrip("/").rsplit("/", 1)[-1] == entry["artifact"].rstrip("/").rsplit("/", 1)[-1]
+    assert curve["base"].rstrip("/").rsplit("/", 1)[-1] == long["inputs"]["base"].rstrip("/").rsplit("/", 1)[-1]
+    points = curve["points"]
+    assert [p["iteration"] for p in points] == list(range(0, grpo_keys["iterations"] + 1, grpo_keys["checkpoint_every"]))
+    for key in ("t2i/alignment", "fidelity", "t2i/alignment/counting"):
+        assert points[0][key] == pytest.approx(long["base"][key], abs=1e-4), key
+        assert points[-1][key] == pytest.approx(entry["judge"][key], abs=1e-4), key
+    assert all(a["train_s"] < b["train_s"] for a, b in zip(points, points[1:]))
+    for p in points:
+        assert p["headline_delta"] == pytest.approx(p["t2i/alignment"] - points[0]["t2i/alignment"], abs=1e-3)
+    assert curve["machine"]["cpu_capability"] and curve["machine"]["cpu_model"]
+    assert (ROOT / "results" / "grpo_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_t2i_reward_probe_covers_every_category_of_the_curve_chain():
+    """results/t2i_reward_probe.json (`make results/t2i_reward_probe.json`): every T2I category, from the
+    base and reward models of the results/grpo_long.json chain, as the README reads it."""
+    from flowrl.shapes.prompts import T2I_CATEGORIES
+
+    probe = json.loads((ROOT / "results" / "t2i_reward_probe.json").read_text())
+    long = json.loads((ROOT / "results" / "grpo_long.json").read_text())["t2i"]
+    name = lambda uri: uri.rstrip("/").rsplit("/", 1)[-1]  # noqa: E731
+    assert name(probe["inputs"]["base"]) == name(long["inputs"]["base"])
+    assert name(probe["inputs"]["reward_model"]) == name(long["inputs"]["reward_model"])
+    assert set(probe["categories"]) == set(T2I_CATEGORIES)
+    for category, row in probe["categories"].items():
+        assert row["groups"] == probe["per_category"] and 0 <= row["mixed_groups"] <= row["groups"], category
+        assert 0.0 <= row["p_right"] <= 1.0
+        if row["mixed_groups"]:
+            assert 0.0 <= row["auc_in_mixed"] <= 1.0 and 0.0 <= row["top_is_right_in_mixed"] <= 1.0
 
 
 def test_an_ablation_table_of_one_task_refuses_the_other(capsys):
