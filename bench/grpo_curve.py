@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -32,7 +31,8 @@ from flowrl.machine import machine_info
 from flowrl.models import load_policy, set_torch_threads, trainable_module
 from flowrl.plots import new_figure, png_of
 from flowrl.stages.grpo import HEADLINE
-from flowrl.storage import read_manifest
+from flowrl.rl.trainer import Checkpoints
+from flowrl.storage import ArtifactStore, fetch, read_manifest
 
 KEPT = ("fidelity", "t2i/alignment", "edit/accuracy", "edit/identity")
 
@@ -40,16 +40,10 @@ KEPT = ("fidelity", "t2i/alignment", "edit/accuracy", "edit/identity")
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """[(iteration, directory)] of the run's complete checkpoints, oldest first."""
     manifest = read_manifest(str(run_dir))
-    root = run_dir.parent.parent / f"{manifest.stage}.checkpoints"
-    pattern = re.compile(re.escape(manifest.version) + r"-(\d{7})$")
-    found = []
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
-        match = pattern.match(path.name)
-        if match and (path / "manifest.json").is_file():  # the manifest is written last: complete
-            found.append((int(match.group(1)), path))
+    found = Checkpoints(ArtifactStore(str(run_dir.parent.parent)), manifest.stage, manifest.version).complete()
     if not found:
-        raise SystemExit(f"{run_dir}: no complete checkpoint under {root}")
-    return found
+        raise SystemExit(f"{run_dir}: no complete checkpoint of {manifest.stage} {manifest.version}")
+    return [(iteration, Path(fetch(uri))) for iteration, uri in found]
 
 
 def judged(metrics: dict) -> dict:

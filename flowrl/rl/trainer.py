@@ -103,18 +103,23 @@ class Checkpoints:
                 inputs={"run": self.version},
             )
 
-    def latest(self) -> str | None:
-        """URI of the newest complete checkpoint of this run, or None."""
+    def complete(self) -> list[tuple[int, str]]:
+        """[(iteration, URI)] of this run's complete checkpoints, oldest first."""
         root = f"{self.store._root_path.rstrip('/')}/{self.stage}"
         if not self.store.fs.exists(root):
-            return None
+            return []
         pattern = re.compile(re.escape(self.version) + r"-(\d{7})$")
         found = []
         for path in self.store.fs.ls(root, detail=False):
             match = pattern.match(path.rstrip("/").rsplit("/", 1)[-1])
             if match and self.store.exists(self.stage, match.group(0)):
-                found.append((int(match.group(1)), match.group(0)))
-        return self.store.uri(self.stage, max(found)[1]) if found else None
+                found.append((int(match.group(1)), self.store.uri(self.stage, match.group(0))))
+        return sorted(found)
+
+    def latest(self) -> str | None:
+        """URI of the newest complete checkpoint of this run, or None."""
+        found = self.complete()
+        return found[-1][1] if found else None
 
     def load(
         self, uri: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None
