@@ -11,6 +11,15 @@ SHAPES := --config configs/shapes.yaml --output artifacts --no-progress
 # The CPU wheel of torch; GPU images install a CUDA build instead (images/).
 TORCH_SPEC ?= torch==2.13.0
 
+# The shapes chain through the CLI, each stage reused from artifacts/ when complete: REWARD_CHAIN
+# leaves `base`, `ann` and `rm` holding the base, annotations and reward-model URIs; T2I_PROMPTS and
+# EDIT_PROMPTS (after it) leave `pt` / `pe` holding a task's curated prompts.
+REWARD_CHAIN = base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1)
+T2I_PROMPTS = pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1)
+EDIT_PROMPTS = pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$base --reward-model $$rm | tail -1)
+
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
@@ -72,9 +81,7 @@ results/reward_model_shapes.json: venv
 # reused from artifacts/ when they are already there.
 results/grpo_shapes.json: venv
 	set -eo pipefail; \
-	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	$(REWARD_CHAIN); \
 	for task in t2i edit; do \
 		prompts=$$($(FLOWRL) filter-prompts $(SHAPES) --task $$task --base $$base --reward-model $$rm | tail -1); \
 		$(FLOWRL) grpo $(SHAPES) --task $$task --base $$base --reward-model $$rm --prompts $$prompts \
@@ -86,10 +93,8 @@ results/grpo_shapes.json: venv
 # results/grpo_shapes.json (reused from artifacts/); two runners of one thread each share the file.
 results/grpo_ablations.json: venv
 	set -eo pipefail; \
-	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
-	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
+	$(REWARD_CHAIN); \
+	$(T2I_PROMPTS); \
 	run="$(PY) -m bench.grpo_ablations --task t2i --base $$base --reward-model $$rm --prompts $$pt --threads 1 \
 		--set iterations=60 --set eval_every=20 --output $@"; \
 	$$run --variants cfg_hybrid cfg_both & first=$$!; \
@@ -101,10 +106,8 @@ results/grpo_ablations.json: venv
 # filter again themselves. Two runners of one thread each share the file.
 results/grpo_levers.json: venv
 	set -eo pipefail; \
-	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
-	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
+	$(REWARD_CHAIN); \
+	$(T2I_PROMPTS); \
 	run="$(PY) -m bench.grpo_ablations --table levers --task t2i --base $$base --reward-model $$rm --prompts $$pt \
 		--threads 1 --output $@"; \
 	$$run --variants default & first=$$!; \
@@ -115,10 +118,8 @@ results/grpo_levers.json: venv
 # base, reward models and CLI-curated prompts as above; two runners of one thread each share the file.
 results/grpo_epochs.json: venv
 	set -eo pipefail; \
-	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
-	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
+	$(REWARD_CHAIN); \
+	$(T2I_PROMPTS); \
 	run="$(PY) -m bench.grpo_ablations --table epochs --task t2i --base $$base --reward-model $$rm --prompts $$pt \
 		--threads 1 --output $@"; \
 	$$run --variants levers_2epochs & first=$$!; \
@@ -129,10 +130,8 @@ results/grpo_epochs.json: venv
 # models and CLI-curated edit prompts as above; the default-config arm is results/grpo_shapes.json's edit teacher.
 results/grpo_edit_levers.json: venv
 	set -eo pipefail; \
-	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
-	pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$base --reward-model $$rm | tail -1); \
+	$(REWARD_CHAIN); \
+	$(EDIT_PROMPTS); \
 	run="$(PY) -m bench.grpo_ablations --table edit_levers --task edit --base $$base --reward-model $$rm \
 		--prompts $$pe --threads 1 --output $@"; \
 	$$run --variants kind_filter_balanced_2steps & first=$$!; \
@@ -143,10 +142,8 @@ results/grpo_edit_levers.json: venv
 # iterations on all threads, then the judge on the full held-out sets at the base and every checkpoint.
 results/grpo_curve.json: venv
 	set -eo pipefail; \
-	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
-	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
+	$(REWARD_CHAIN); \
+	$(T2I_PROMPTS); \
 	$(PY) -m bench.grpo_ablations --table long --task t2i --base $$base --reward-model $$rm --prompts $$pt \
 		--output results/grpo_long.json; \
 	run=$$($(PY) -c 'import json; print(json.load(open("results/grpo_long.json"))["t2i"]["variants"]["levers_800"]["artifact"])'); \
@@ -155,18 +152,14 @@ results/grpo_curve.json: venv
 # Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?
 results/t2i_reward_probe.json: venv
 	set -eo pipefail; \
-	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	$(REWARD_CHAIN); \
 	$(PY) -m bench.t2i_reward_probe --base $$base --reward-model $$rm --output $@
 
 # Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves
 # `models` holding the six --model NAME=URI flags of the compared models.
-ALL_MODELS = base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
-	pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1); \
-	pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$base --reward-model $$rm | tail -1); \
+ALL_MODELS = $(REWARD_CHAIN); \
+	$(T2I_PROMPTS); \
+	$(EDIT_PROMPTS); \
 	tt=$$($(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt | tail -1); \
 	te=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe | tail -1); \
 	teachers="--teacher t2i_teacher=$$tt --teacher edit_teacher=$$te --prompts t2i=$$pt edit=$$pe"; \
@@ -201,9 +194,7 @@ results/rerun_shapes.json: venv
 # the reward-model artifact is reused from artifacts/ when it is already there.
 results/edit_reward_probe.json: venv
 	set -eo pipefail; \
-	base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann | tail -1); \
+	$(REWARD_CHAIN); \
 	$(PY) -m bench.edit_reward_probe --reward-model $$rm --output $@
 
 # The committed reliability record (results/reliability.json): every fault-injection test and every

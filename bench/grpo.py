@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     adv = torch.randn(ro.batch_size, generator=gen)
 
     def update(mode: str) -> None:
-        steps = select_timesteps(ro.batch_size, g.num_steps, mode, g.timestep_fraction, g.timesteps_per_trajectory, gen)
+        steps = select_timesteps(ro.batch_size, g.num_steps, mode, g.timestep_fraction, g.timesteps_per_trajectory, gen,
+                                 start=g.timestep_start)
         rows_idx = torch.arange(ro.batch_size)
         new = step_log_probs(model, ro, rows_idx, steps, settings)
         loss, _ = ppo_clip_loss(new.log_probs, ro.old_log_probs[rows_idx[:, None], steps], adv, g.clip_range)

@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"--variants: {unknown} not in the {args.table} table ({sorted(specs)})")
     common = _parse_sets(args.set)
+    for name in names:  # a variant's own keys would silently win over --set: refuse instead
+        clash = sorted(set(common) & set(split_variant(specs[name])[0]))
+        if clash:
+            raise SystemExit(f"--set {', '.join(clash)}: the variant {name} sets it itself (it is what the variant varies)")
     table, base_metrics = {}, {}
     for name in names:
         grpo_keys, filter_keys = split_variant(specs[name])

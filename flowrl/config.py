@@ -327,7 +327,12 @@ class GRPOConfig:
         "velocity; none: unguided rollouts and objective.",
     )
     timesteps: Literal["subset", "all"] = param("subset", "Train on K early steps per trajectory, or on all N.")
-    timestep_fraction: float = param(0.5, "subset: steps are drawn from this first (noisiest) share of the schedule.", gt=0, le=1)
+    timestep_fraction: float = param(
+        0.5, "subset: steps are drawn from a window this share of the schedule wide (see timestep_start).",
+        gt=0, le=1)
+    timestep_start: float = param(
+        0.0, "subset: the window begins this share into the schedule (0: the noisiest steps; "
+        "0.5 with fraction 0.5: the second half).", ge=0, lt=1, added=True)
     timesteps_per_trajectory: int = param(2, "subset: K steps trained per trajectory.", ge=1)
     lr: float = param(1e-4, "AdamW learning rate.", gt=0)
     weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
@@ -621,11 +626,19 @@ def check_consistency(config: FlowRLConfig) -> None:
                 raise ConfigError(f"reward_model.{key}: unknown criterion {name!r} (alignment, quality, fidelity)")
     g = config.grpo
     if g.timesteps == "subset":
-        window = max(1, min(g.num_steps, math.ceil(g.timestep_fraction * g.num_steps - 1e-9)))
-        if g.timesteps_per_trajectory > window:
+        from flowrl.rl.rollout import timestep_window  # the one definition of the window (imports torch)
+
+        if g.timestep_start + g.timestep_fraction > 1 + 1e-9:
             raise ConfigError(
-                f"grpo.timesteps_per_trajectory: {g.timesteps_per_trajectory} is more than the {window} steps in "
-                f"the first grpo.timestep_fraction = {g.timestep_fraction} of grpo.num_steps = {g.num_steps}"
+                f"grpo.timestep_start: {g.timestep_start} + grpo.timestep_fraction {g.timestep_fraction} "
+                "is past the end of the schedule (at most 1)"
+            )
+        lo, hi = timestep_window(g.num_steps, g.timestep_fraction, g.timestep_start)
+        if g.timesteps_per_trajectory > hi - lo:
+            raise ConfigError(
+                f"grpo.timesteps_per_trajectory: {g.timesteps_per_trajectory} is more than the {hi - lo} steps in "
+                f"the window [{lo}, {hi}) that grpo.timestep_start = {g.timestep_start} and "
+                f"grpo.timestep_fraction = {g.timestep_fraction} cut from grpo.num_steps = {g.num_steps}"
             )
     if g.prompts_per_iteration % g.reward_chunks:
         raise ConfigError(

@@ -111,6 +111,8 @@ def test_section_hash_tracks_only_its_sections():
     [
         ("grpo:\n  num_steps: 10\n  timestep_fraction: 0.2\n  timesteps_per_trajectory: 3\n",
          "grpo.timesteps_per_trajectory: 3 is more than the 2 steps"),
+        ("grpo:\n  timestep_start: 0.6\n  timestep_fraction: 0.5\n", "grpo.timestep_start: 0.6 \\+ grpo.timestep_fraction"),
+        ("grpo:\n  timestep_start: 1.0\n", "grpo.timestep_start"),
         ("grpo:\n  prompts_per_iteration: 6\n  reward_chunks: 4\n", "grpo.reward_chunks: 4 does not divide"),
         ("grpo:\n  prompts_per_iteration: 6\n  reward_chunks: 1\n  minibatches: 4\n", "grpo.minibatches: 4 does not divide"),
         ("grpo:\n  cfg_mode: sometimes\n", "grpo.cfg_mode"),

@@ -199,6 +199,18 @@ def test_an_ablation_table_of_one_task_refuses_the_other(capsys):
             main(["--table", table, "--task", task, *common])
 
 
+def test_a_set_that_names_a_key_the_variant_varies_is_refused():
+    """``--set iterations=400`` on the long table would be overridden by the variant's own 800 without a
+    word; it is refused up front, naming the key and the variant."""
+    from bench.grpo_ablations import main
+
+    common = ["--base", "unused", "--reward-model", "unused", "--prompts", "unused"]
+    with pytest.raises(SystemExit, match="--set iterations: the variant levers_800 sets it itself"):
+        main(["--table", "long", "--task", "t2i", "--set", "iterations=400", *common])
+    with pytest.raises(SystemExit, match="--set cfg_mode: the variant cfg_none sets it itself"):
+        main(["--task", "t2i", "--variants", "cfg_none", "--set", "cfg_mode=hybrid", *common])
+
+
 def test_opd_results_hold_every_model_and_match_the_config():
     """results/opd_shapes.json (`make results/opd_shapes.json`): the judge on the six models of issue 6."""
     results = json.loads((ROOT / "results" / "opd_shapes.json").read_text())

@@ -260,10 +260,12 @@ class GRPOTrainer(LoopTrainer):
             ro = out.rollouts
             # drawn for the global batch and sliced, so the update does not depend on the number of ranks
             steps = select_timesteps(ro.batch_size * self.world, cfg.num_steps, cfg.timesteps,
-                                     cfg.timestep_fraction, cfg.timesteps_per_trajectory, gen)
+                                     cfg.timestep_fraction, cfg.timesteps_per_trajectory, gen,
+                                     start=cfg.timestep_start)
             anchors = select_anchor_steps(
                 ro.batch_size * self.world, cfg.num_steps, cfg.timestep_fraction,
-                cfg.kl_anchor_steps if cfg.timesteps == "subset" and cfg.kl_coef > 0 else 0, gen)
+                cfg.kl_anchor_steps if cfg.timesteps == "subset" and cfg.kl_coef > 0 else 0, gen,
+                start=cfg.timestep_start)
             local = slice(self.rank * ro.batch_size, (self.rank + 1) * ro.batch_size)
             n_trained = steps.shape[1]
             steps = torch.cat([steps[local], anchors[local]], dim=1)  # anchors: KL only

@@ -99,35 +99,46 @@ def rollout(
     )
 
 
+def timestep_window(num_steps: int, fraction: float, start: float = 0.0) -> tuple[int, int]:
+    """The steps [lo, hi) a subset draws from: ceil(fraction N) of them (at
+    least one), beginning floor(start N) steps into the schedule (start 0: the
+    noisiest). The window is cut at the last step."""
+    lo = min(num_steps - 1, math.floor(start * num_steps + 1e-9))
+    width = max(1, math.ceil(fraction * num_steps - 1e-9))
+    return lo, min(num_steps, lo + width)
+
+
 def select_timesteps(
-    batch: int, num_steps: int, mode: Literal["subset", "all"], fraction: float, k: int, generator: torch.Generator
+    batch: int, num_steps: int, mode: Literal["subset", "all"], fraction: float, k: int, generator: torch.Generator,
+    start: float = 0.0,
 ) -> torch.Tensor:
     """[B, S] step indices to train per trajectory: all N, or K distinct ones
-    drawn uniformly from the first ceil(fraction N) (the noisiest)."""
+    drawn uniformly from the window of ``timestep_window`` (by default the
+    first ceil(fraction N), the noisiest)."""
     if mode == "all":
         return torch.arange(num_steps).expand(batch, num_steps).clone()
-    window = max(1, min(num_steps, math.ceil(fraction * num_steps - 1e-9)))
-    if k > window:
+    lo, hi = timestep_window(num_steps, fraction, start)
+    if k > hi - lo:
         raise ValueError(
-            f"grpo.timesteps_per_trajectory = {k} is more than the {window} steps in the first "
-            f"{fraction} of a {num_steps}-step schedule"
+            f"grpo.timesteps_per_trajectory = {k} is more than the {hi - lo} steps in the window "
+            f"[{lo}, {hi}) of a {num_steps}-step schedule (fraction {fraction}, start {start})"
         )
-    scores = torch.rand(batch, window, generator=generator)
-    return scores.argsort(dim=1)[:, :k]
+    scores = torch.rand(batch, hi - lo, generator=generator)
+    return lo + scores.argsort(dim=1)[:, :k]
 
 
 def select_anchor_steps(
-    batch: int, num_steps: int, fraction: float, k: int, generator: torch.Generator
+    batch: int, num_steps: int, fraction: float, k: int, generator: torch.Generator, start: float = 0.0
 ) -> torch.Tensor:
     """[B, k] distinct steps per trajectory from the part of the schedule the
-    subset never trains (after the first ceil(fraction N)); [B, 0] if none."""
-    window = max(1, min(num_steps, math.ceil(fraction * num_steps - 1e-9)))
-    rest = num_steps - window
-    k = min(k, rest)
+    subset never trains (outside ``timestep_window``); [B, 0] if none."""
+    lo, hi = timestep_window(num_steps, fraction, start)
+    rest = torch.tensor([n for n in range(num_steps) if not lo <= n < hi], dtype=torch.long)
+    k = min(k, len(rest))
     if k <= 0:
         return torch.zeros(batch, 0, dtype=torch.long)
-    scores = torch.rand(batch, rest, generator=generator)
-    return window + scores.argsort(dim=1)[:, :k]
+    scores = torch.rand(batch, len(rest), generator=generator)
+    return rest[scores.argsort(dim=1)[:, :k]]
 
 
 @dataclass(frozen=True)

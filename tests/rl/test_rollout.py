@@ -50,6 +50,21 @@ def test_subset_timesteps_come_from_the_noisy_start_and_are_distinct():
         select_timesteps(3, 10, "subset", 0.2, 3, torch.Generator())
 
 
+def test_a_later_window_draws_only_its_steps_and_the_default_window_is_unchanged():
+    from flowrl.rl.rollout import timestep_window
+
+    assert timestep_window(10, 0.5) == (0, 5) and timestep_window(10, 0.5, 0.5) == (5, 10)
+    assert timestep_window(10, 0.3, 0.35) == (3, 6)  # floor of the start, ceil of the width
+    assert timestep_window(10, 0.01, 0.99) == (9, 10)  # never empty
+    idx = select_timesteps(64, 10, "subset", 0.5, 2, torch.Generator().manual_seed(0), start=0.5)
+    assert set(idx.flatten().tolist()) == {5, 6, 7, 8, 9} and (idx[:, 0] != idx[:, 1]).all()
+    # start 0 draws exactly what the window-less selection drew (runs made before the key existed replay)
+    first = select_timesteps(64, 10, "subset", 0.5, 2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(first, torch.rand(64, 5, generator=torch.Generator().manual_seed(0)).argsort(1)[:, :2])
+    with pytest.raises(ValueError, match=r"window \[5, 7\)"):
+        select_timesteps(3, 10, "subset", 0.2, 3, torch.Generator(), start=0.5)
+
+
 def test_anchor_steps_come_from_the_untrained_rest():
     from flowrl.rl.rollout import select_anchor_steps
 
@@ -57,3 +72,6 @@ def test_anchor_steps_come_from_the_untrained_rest():
     assert idx.shape == (64, 2) and idx.min() >= 5 and idx.max() <= 9 and (idx[:, 0] != idx[:, 1]).all()
     assert select_anchor_steps(4, 10, 1.0, 2, torch.Generator()).shape == (4, 0)
     assert select_anchor_steps(4, 10, 0.8, 5, torch.Generator()).shape == (4, 2)
+    # a middle window leaves anchors on both sides of it
+    idx = select_anchor_steps(256, 10, 0.4, 3, torch.Generator().manual_seed(1), start=0.3)
+    assert set(idx.flatten().tolist()) == {0, 1, 2, 7, 8, 9}
