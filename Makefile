@@ -23,7 +23,7 @@ EDIT_PROMPTS = pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$bas
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
-	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json
+	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -148,6 +148,19 @@ results/grpo_curve.json: venv
 		--output results/grpo_long.json; \
 	run=$$($(PY) -c 'import json; print(json.load(open("results/grpo_long.json"))["t2i"]["variants"]["levers_800"]["artifact"])'); \
 	$(PY) -m bench.grpo_curve --run $$run --base $$base --output $@
+
+# Which steps of the schedule GRPO trains, and the group size (results/grpo_windows.json; the T2I levers for
+# 400 iterations per variant): same base, reward models and CLI-curated prompts as above; two runners of one
+# thread each share the file.
+results/grpo_windows.json: venv
+	set -eo pipefail; \
+	$(REWARD_CHAIN); \
+	$(T2I_PROMPTS); \
+	run="$(PY) -m bench.grpo_ablations --table windows --task t2i --base $$base --reward-model $$rm --prompts $$pt \
+		--threads 1 --output $@"; \
+	$$run --variants first_half first_30pct second_half & first=$$!; \
+	$$run --variants whole_schedule first_half_group16 & second=$$!; \
+	wait $$first; wait $$second
 
 # Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?
 results/t2i_reward_probe.json: venv

@@ -40,6 +40,13 @@ mostly gets right, drawn half as often). Its default-config arm is the edit
 teacher of ``results/grpo_shapes.json`` (same base, reward models, prompts
 and seed).
 
+``--table windows``: the T2I levers for 400 iterations with the K = 2 trained
+steps drawn from the first half of the 10-step schedule (``first_half``, the
+default), its first 30 % (``first_30pct``), all of it (``whole_schedule``)
+or its second half (``second_half``, ``grpo.timestep_start: 0.5``); and
+``first_half_group16``, 16 samples per prompt on 4 prompts per iteration
+(the same 64 samples), so that rare right answers appear in more groups.
+
 A variant with ``filter`` keys runs the filter_prompts stage itself (same
 base and reward models; a normal artifact, reused when it exists) and trains
 on what that keeps; the others train on ``--prompts``.
@@ -101,8 +108,20 @@ EDIT_LEVERS = {
 # Gain over time (``--table long``): the T2I levers run four times as long, a checkpoint every 100
 # iterations, each of which ``bench.grpo_curve`` then judges on the full held-out set.
 LONG = {"levers_800": {**PER_CATEGORY, "grpo": {**_LEVERS_GRPO, "iterations": 800, "checkpoint_every": 100}}}
-TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS, "long": LONG}
-TABLE_TASK = {"levers": "t2i", "epochs": "t2i", "edit_levers": "edit", "long": "t2i"}  # tables whose variants name one task's categories
+# Where in the schedule to train, and how many samples per group (``--table windows``): the T2I levers for
+# 400 iterations (where the long run peaked), K = 2 steps drawn from the first 5 of 10 (the default), the
+# first 3, all 10 or the last 5; and 16 samples per group on 4 prompts (same samples per iteration).
+_LEVERS_400 = {**_LEVERS_GRPO, "iterations": 400, "checkpoint_every": 100}
+WINDOWS = {
+    "first_half": {**PER_CATEGORY, "grpo": _LEVERS_400},
+    "first_30pct": {**PER_CATEGORY, "grpo": {**_LEVERS_400, "timestep_fraction": 0.3}},
+    "whole_schedule": {**PER_CATEGORY, "grpo": {**_LEVERS_400, "timestep_fraction": 1.0}},
+    "second_half": {**PER_CATEGORY, "grpo": {**_LEVERS_400, "timestep_start": 0.5}},
+    "first_half_group16": {**PER_CATEGORY, "grpo": {**_LEVERS_400, "group_size": 16, "prompts_per_iteration": 4}},
+}
+TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS, "long": LONG,
+          "windows": WINDOWS}
+TABLE_TASK = {"levers": "t2i", "epochs": "t2i", "edit_levers": "edit", "long": "t2i", "windows": "t2i"}  # tables whose variants name one task's categories
 
 
 def split_variant(spec: dict) -> tuple[dict, dict]:
@@ -143,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--table", default="ablations", choices=list(TABLES),
                         help="ablations: the CFG and timestep variants; levers: prompt-distribution levers; "
                         "epochs: the levers with PPO epochs; edit_levers: the levers on edits (--task edit); "
-                        "long: the T2I levers for 800 iterations (see bench.grpo_curve)")
+                        "long: the T2I levers for 800 iterations (see bench.grpo_curve); windows: which steps "
+                        "of the schedule are trained, and group size (T2I levers, 400 iterations)")
     parser.add_argument("--variants", nargs="+", default=None, help="a subset of the table's variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--artifacts", default="artifacts")

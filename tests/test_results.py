@@ -168,6 +168,35 @@ def test_grpo_curve_judges_every_checkpoint_of_the_long_run():
     assert (ROOT / "results" / "grpo_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_grpo_windows_come_from_the_chain_of_the_long_run():
+    """results/grpo_windows.json (`make results/grpo_windows.json`): the T2I levers for 400 iterations with
+    the trained steps from four windows of the schedule and with groups of 16, on the base and reward models
+    of results/grpo_long.json; each variant changes only its named keys. (``first_half`` is the long run's
+    config stopped at 400, but on one thread instead of two: float sums in another order, other weights.)"""
+    from bench.grpo_ablations import WINDOWS, split_variant
+    from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
+
+    table = json.loads((ROOT / "results" / "grpo_windows.json").read_text())["t2i"]
+    long = json.loads((ROOT / "results" / "grpo_long.json").read_text())["t2i"]
+    curve = json.loads((ROOT / "results" / "grpo_curve.json").read_text())
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    assert table["table"] == "windows" and set(table["variants"]) == set(WINDOWS)
+    assert table["config_hash"] == config.section_hash(*GRPO_SECTIONS), "grpo_windows.json is stale"
+    assert table["filter_config_hash"] == config.section_hash("filter"), "grpo_windows.json is stale"
+    name = lambda uri: uri.rstrip("/").rsplit("/", 1)[-1]  # noqa: E731
+    for key in ("base", "reward_model"):
+        assert name(table["inputs"][key]) == name(long["inputs"][key]), key
+    assert table["base"] == long["base"]
+    for variant, entry in table["variants"].items():
+        grpo_keys, filter_keys = split_variant(WINDOWS[variant])
+        assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys, variant
+        delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
+        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
+        assert [m[0] for m in entry["monitor"]] == list(range(0, 401, config.grpo.eval_every)), variant
+    assert "--threads 1" in table["command"]
+    assert curve["points"][0]["t2i/alignment"] == pytest.approx(table["base"]["t2i/alignment"], abs=1e-4)
+
+
 def test_t2i_reward_probe_covers_every_category_of_the_curve_chain():
     """results/t2i_reward_probe.json (`make results/t2i_reward_probe.json`): every T2I category, from the
     base and reward models of the results/grpo_long.json chain, as the README reads it."""
