@@ -12,6 +12,24 @@ from flowrl.stages.base import SECTIONS
 from tests.conftest import ROOT
 
 
+
+def _name(uri: str) -> str:
+    """An artifact URI's last part (its version), whichever root it was written under."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _current_table(file: str, name: str, variants: dict) -> tuple[dict, object]:
+    """The T2I table of ``results/<file>`` made by ``bench.grpo_ablations --table <name>`` with exactly the
+    table's variants, and on the grpo and filter config of configs/shapes.yaml (else it is stale)."""
+    from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
+
+    table = json.loads((ROOT / "results" / file).read_text())["t2i"]
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    assert table["table"] == name and set(table["variants"]) == set(variants)
+    assert table["config_hash"] == config.section_hash(*GRPO_SECTIONS), f"{file} is stale"
+    assert table["filter_config_hash"] == config.section_hash("filter"), f"{file} is stale"
+    return table, config
+
 def test_base_results_match_config_and_targets():
     results = json.loads((ROOT / "results" / "base_shapes.json").read_text())
     config = load_config(ROOT / "configs" / "shapes.yaml")
@@ -91,18 +109,12 @@ def test_grpo_levers_come_from_the_committed_grpo_inputs():
     base and reward models of results/grpo_shapes.json, each variant changing only its named keys; the
     per-category filter keeps prompts of every category."""
     from bench.grpo_ablations import LEVERS, split_variant
-    from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
 
-    table = json.loads((ROOT / "results" / "grpo_levers.json").read_text())["t2i"]
+    table, config = _current_table("grpo_levers.json", "levers", LEVERS)
     grpo = json.loads((ROOT / "results" / "grpo_shapes.json").read_text())["t2i"]
-    config = load_config(ROOT / "configs" / "shapes.yaml")
-    assert table["table"] == "levers"
-    assert table["config_hash"] == config.section_hash(*GRPO_SECTIONS), "grpo_levers.json is stale"
-    assert table["filter_config_hash"] == config.section_hash("filter"), "grpo_levers.json is stale"
     assert table["inputs"]["base"].rstrip("/").endswith(grpo["command"].split("--base ")[1].split()[0].rsplit("/", 1)[-1])
     assert table["base"] == grpo["metrics"]["base"]
     variants = table["variants"]
-    assert set(variants) == set(LEVERS)
     for name, entry in variants.items():
         grpo_keys, filter_keys = split_variant(LEVERS[name])
         assert entry["grpo"] == grpo_keys and entry.get("filter", {}) == filter_keys, name
@@ -119,16 +131,10 @@ def test_grpo_epochs_come_from_the_same_base_as_the_levers():
     artifacts may be newer versions of the same stages (a stage's version includes its code), so the base
     is checked by what the judge measures of it: the same as in results/grpo_shapes.json."""
     from bench.grpo_ablations import EPOCHS, split_variant
-    from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
 
-    table = json.loads((ROOT / "results" / "grpo_epochs.json").read_text())["t2i"]
+    table, config = _current_table("grpo_epochs.json", "epochs", EPOCHS)
     grpo = json.loads((ROOT / "results" / "grpo_shapes.json").read_text())["t2i"]
-    config = load_config(ROOT / "configs" / "shapes.yaml")
-    assert table["table"] == "epochs"
-    assert table["config_hash"] == config.section_hash(*GRPO_SECTIONS), "grpo_epochs.json is stale"
-    assert table["filter_config_hash"] == config.section_hash("filter"), "grpo_epochs.json is stale"
     assert table["base"] == grpo["metrics"]["base"]
-    assert set(table["variants"]) == set(EPOCHS)
     for name, entry in table["variants"].items():
         grpo_keys, filter_keys = split_variant(EPOCHS[name])
         assert entry["grpo"] == grpo_keys and entry["grpo"]["epochs"] > 1 and entry["filter"] == filter_keys, name
@@ -143,19 +149,14 @@ def test_grpo_curve_judges_every_checkpoint_of_the_long_run():
     machine that ran it, so it is compared with its own base only: the curve starts at the table's base and
     ends at the teacher the stage judged, with the same held-out sets."""
     from bench.grpo_ablations import LONG, split_variant
-    from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
 
-    long = json.loads((ROOT / "results" / "grpo_long.json").read_text())["t2i"]
+    long, _ = _current_table("grpo_long.json", "long", LONG)
     curve = json.loads((ROOT / "results" / "grpo_curve.json").read_text())
-    config = load_config(ROOT / "configs" / "shapes.yaml")
-    assert long["table"] == "long" and set(long["variants"]) == set(LONG)
-    assert long["config_hash"] == config.section_hash(*GRPO_SECTIONS), "grpo_long.json is stale"
-    assert long["filter_config_hash"] == config.section_hash("filter"), "grpo_long.json is stale"
     entry = long["variants"]["levers_800"]
     grpo_keys, filter_keys = split_variant(LONG["levers_800"])
     assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys
-    assert curve["run"].rstrip("/").rsplit("/", 1)[-1] == entry["artifact"].rstrip("/").rsplit("/", 1)[-1]
-    assert curve["base"].rstrip("/").rsplit("/", 1)[-1] == long["inputs"]["base"].rstrip("/").rsplit("/", 1)[-1]
+    assert _name(curve["run"]) == _name(entry["artifact"])
+    assert _name(curve["base"]) == _name(long["inputs"]["base"])
     points = curve["points"]
     assert [p["iteration"] for p in points] == list(range(0, grpo_keys["iterations"] + 1, grpo_keys["checkpoint_every"]))
     for key in ("t2i/alignment", "fidelity", "t2i/alignment/counting"):
@@ -174,18 +175,12 @@ def test_grpo_windows_come_from_the_chain_of_the_long_run():
     of results/grpo_long.json; each variant changes only its named keys. (``first_half`` is the long run's
     config stopped at 400, but on one thread instead of two: float sums in another order, other weights.)"""
     from bench.grpo_ablations import WINDOWS, split_variant
-    from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
 
-    table = json.loads((ROOT / "results" / "grpo_windows.json").read_text())["t2i"]
+    table, config = _current_table("grpo_windows.json", "windows", WINDOWS)
     long = json.loads((ROOT / "results" / "grpo_long.json").read_text())["t2i"]
     curve = json.loads((ROOT / "results" / "grpo_curve.json").read_text())
-    config = load_config(ROOT / "configs" / "shapes.yaml")
-    assert table["table"] == "windows" and set(table["variants"]) == set(WINDOWS)
-    assert table["config_hash"] == config.section_hash(*GRPO_SECTIONS), "grpo_windows.json is stale"
-    assert table["filter_config_hash"] == config.section_hash("filter"), "grpo_windows.json is stale"
-    name = lambda uri: uri.rstrip("/").rsplit("/", 1)[-1]  # noqa: E731
     for key in ("base", "reward_model"):
-        assert name(table["inputs"][key]) == name(long["inputs"][key]), key
+        assert _name(table["inputs"][key]) == _name(long["inputs"][key]), key
     assert table["base"] == long["base"]
     for variant, entry in table["variants"].items():
         grpo_keys, filter_keys = split_variant(WINDOWS[variant])
@@ -204,9 +199,8 @@ def test_t2i_reward_probe_covers_every_category_of_the_curve_chain():
 
     probe = json.loads((ROOT / "results" / "t2i_reward_probe.json").read_text())
     long = json.loads((ROOT / "results" / "grpo_long.json").read_text())["t2i"]
-    name = lambda uri: uri.rstrip("/").rsplit("/", 1)[-1]  # noqa: E731
-    assert name(probe["inputs"]["base"]) == name(long["inputs"]["base"])
-    assert name(probe["inputs"]["reward_model"]) == name(long["inputs"]["reward_model"])
+    assert _name(probe["inputs"]["base"]) == _name(long["inputs"]["base"])
+    assert _name(probe["inputs"]["reward_model"]) == _name(long["inputs"]["reward_model"])
     assert set(probe["categories"]) == set(T2I_CATEGORIES)
     for category, row in probe["categories"].items():
         assert row["groups"] == probe["per_category"] and 0 <= row["mixed_groups"] <= row["groups"], category
