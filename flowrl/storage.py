@@ -33,6 +33,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -135,8 +136,26 @@ def code_version(module: str | None = None) -> str:
     return digest.hexdigest()[:12]
 
 
+# the last two parts of an artifact's URI: ``<stage>/<version>``, or a run's checkpoint
+# ``<stage>.checkpoints/<version>-<iteration>`` (versions are 16 hex digits, see artifact_version)
+_ARTIFACT_TAIL = re.compile(r"(?:^|/)(?P<tail>[A-Za-z0-9_.-]+/[0-9a-f]{16}(?:-[0-9]+)?)/*$")
+
+
+def input_identity(value: str) -> str:
+    """What a version keys on for one input value: ``artifact:<stage>/<version>`` when the value is an
+    artifact's URI, so that one artifact gives one downstream version however its URI is spelled
+    (relative or absolute path, a trailing slash, a local copy of an S3 store); anything else (a task
+    name, a file with its checksum) as given. Purely textual: whether the artifact exists is the
+    stage's own check when it reads it."""
+    match = _ARTIFACT_TAIL.search(value)
+    return f"artifact:{match['tail']}" if match else value
+
+
 def artifact_version(stage: str, config_hash: str, code: str, inputs: dict[str, str]) -> str:
-    blob = json.dumps([stage, config_hash, code, sorted(inputs.items())])
+    """The content-derived version of a stage output: a hash of the stage, its config sections' hash, its
+    code version and its inputs, each input keyed by :func:`input_identity`."""
+    keyed = sorted((name, input_identity(value)) for name, value in inputs.items())
+    blob = json.dumps([stage, config_hash, code, keyed])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -9,6 +9,7 @@ from flowrl.storage import (
     ArtifactError,
     ArtifactStore,
     artifact_version,
+    input_identity,
     code_version,
     fetch,
     read_manifest,
@@ -113,6 +114,26 @@ def test_version_is_content_derived():
     assert a != artifact_version("grpo", "cfg2", "code1", {"base": "u1", "rm": "u2"})
     assert a != artifact_version("grpo", "cfg1", "code1", {"base": "u9", "rm": "u2"})
     assert a != artifact_version("opd", "cfg1", "code1", {"base": "u1", "rm": "u2"})
+
+
+def test_an_input_artifact_counts_by_stage_and_version_however_its_uri_is_spelled():
+    version = "69d35a4d7f427cc3"
+
+    def of(base: str, **more) -> str:
+        return artifact_version("filter_prompts_t2i", "cfg", "code", {"base": base, "task": "t2i", **more})
+
+    same = [f"artifacts/base/{version}", f"/work/main/artifacts/base/{version}/", f"s3://bucket/runs/base/{version}",
+            f"file:///srv/store/base/{version}", f"./base/{version}//"]
+    assert len({of(uri) for uri in same}) == 1
+    assert of(f"artifacts/base/{version}") != of(f"artifacts/base/{'0' * 16}")  # another version
+    assert of(f"artifacts/base/{version}") != of(f"artifacts/grpo_t2i/{version}")  # another stage
+    # a checkpoint of a run is an artifact too; a file with its checksum and a plain value are kept as given
+    ckpt = f"grpo_t2i.checkpoints/{version}-0000400"
+    assert input_identity(f"/abs/root/{ckpt}") == input_identity(f"s3://b/{ckpt}/") == f"artifact:{ckpt}"
+    for value in ("t2i", "/data/labels.parquet#abc123", f"/data/{version}.parquet", f"/data/x{version}"):
+        assert input_identity(value) == value
+    assert of(f"artifacts/base/{version}", labels="/a/labels.parquet#1") != of(
+        f"artifacts/base/{version}", labels="/b/labels.parquet#1")
 
 
 def test_stage_code_versions_follow_only_the_code_each_stage_runs():

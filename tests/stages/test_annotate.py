@@ -1,5 +1,7 @@
 """Stage `annotate` on the smoke config."""
 
+import os
+
 import pytest
 
 from flowrl.config import load_config
@@ -25,6 +27,9 @@ def test_annotate_writes_valid_datasets_with_lineage(smoke_config):
     assert len(pairwise) == prompts * a.pairs_per_prompt
     assert result.metrics["t2i/pointwise_rows"] + result.metrics["edit/pointwise_rows"] == len(pointwise)
     assert run_annotate(config, base.uri).reused
+    # the same base named by a relative path with a trailing slash: the same version, reused
+    again = run_annotate(config, os.path.relpath(base.uri) + "/")
+    assert again.reused and again.uri == result.uri
 
 
 def test_annotate_needs_a_complete_base(smoke_config, tmp_path):
