@@ -23,7 +23,8 @@ EDIT_PROMPTS = pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$bas
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
-	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json
+	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
+	results/grpo_ema.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -160,6 +161,18 @@ results/grpo_windows.json: venv
 		--threads 1 --output $@"; \
 	$$run --variants first_half first_30pct second_half & first=$$!; \
 	$$run --variants whole_schedule first_half_group16 & second=$$!; \
+	wait $$first; wait $$second
+
+# The first 30 % window with EMA weights, at the levers' lr and at twice it (results/grpo_ema.json): same chain
+# as above; two runners of one thread each share the file.
+results/grpo_ema.json: venv
+	set -eo pipefail; \
+	$(REWARD_CHAIN); \
+	$(T2I_PROMPTS); \
+	run="$(PY) -m bench.grpo_ablations --table ema --task t2i --base $$base --reward-model $$rm --prompts $$pt \
+		--threads 1 --output $@"; \
+	$$run --variants first_30pct_ema95 & first=$$!; \
+	$$run --variants first_30pct_ema95_lr2e4 & second=$$!; \
 	wait $$first; wait $$second
 
 # Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?

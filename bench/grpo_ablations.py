@@ -112,16 +112,31 @@ LONG = {"levers_800": {**PER_CATEGORY, "grpo": {**_LEVERS_GRPO, "iterations": 80
 # 400 iterations (where the long run peaked), K = 2 steps drawn from the first 5 of 10 (the default), the
 # first 3, all 10 or the last 5; and 16 samples per group on 4 prompts (same samples per iteration).
 _LEVERS_400 = {**_LEVERS_GRPO, "iterations": 400, "checkpoint_every": 100}
+_FIRST_30PCT = {**_LEVERS_400, "timestep_fraction": 0.3}
 WINDOWS = {
     "first_half": {**PER_CATEGORY, "grpo": _LEVERS_400},
-    "first_30pct": {**PER_CATEGORY, "grpo": {**_LEVERS_400, "timestep_fraction": 0.3}},
+    "first_30pct": {**PER_CATEGORY, "grpo": _FIRST_30PCT},
     "whole_schedule": {**PER_CATEGORY, "grpo": {**_LEVERS_400, "timestep_fraction": 1.0}},
     "second_half": {**PER_CATEGORY, "grpo": {**_LEVERS_400, "timestep_start": 0.5}},
     "first_half_group16": {**PER_CATEGORY, "grpo": {**_LEVERS_400, "group_size": 16, "prompts_per_iteration": 4}},
 }
+# Weight averaging (``--table ema``): the first 30 % window (the largest gain of the windows table, past the
+# fidelity bound) with the judged and saved weights an EMA of the trained ones (decay 0.95, about the last 20
+# optimizer steps), at the levers' lr and at twice it (averaging may tolerate a larger step).
+EMA = {
+    "first_30pct_ema95": {**PER_CATEGORY, "grpo": {**_FIRST_30PCT, "ema_decay": 0.95}},
+    "first_30pct_ema95_lr2e4": {**PER_CATEGORY, "grpo": {**_FIRST_30PCT, "ema_decay": 0.95, "lr": 2e-4}},
+}
+# Holding fidelity at the first 30 % window's gain (``--table hold_fidelity``): three times the KL to the base
+# (0.3), or the fidelity reward weighted as much as alignment (1.0 instead of 0.5).
+HOLD_FIDELITY = {
+    "first_30pct_kl03": {**PER_CATEGORY, "grpo": {**_FIRST_30PCT, "kl_coef": 0.3}},
+    "first_30pct_fidelity1": {**PER_CATEGORY, "grpo": _FIRST_30PCT, "rewards": {"t2i": {"fidelity": 1.0}}},
+}
 TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS, "long": LONG,
-          "windows": WINDOWS}
-TABLE_TASK = {"levers": "t2i", "epochs": "t2i", "edit_levers": "edit", "long": "t2i", "windows": "t2i"}  # tables whose variants name one task's categories
+          "windows": WINDOWS, "ema": EMA, "hold_fidelity": HOLD_FIDELITY}
+TABLE_TASK = {"levers": "t2i", "epochs": "t2i", "edit_levers": "edit", "long": "t2i", "windows": "t2i", "ema": "t2i",
+              "hold_fidelity": "t2i"}  # tables whose variants name one task's categories
 
 
 def split_variant(spec: dict) -> tuple[dict, dict]:
@@ -141,10 +156,17 @@ def _parse_sets(values: list[str]) -> dict:
     return out
 
 
+def _deep_merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def with_section(config: FlowRLConfig, section: str, overrides: dict) -> FlowRLConfig:
-    """``config`` with keys of ``section`` replaced, validated like a config file."""
+    """``config`` with keys of ``section`` replaced (nested sections key by key), validated like a config file."""
     current = getattr(config, section)
-    merged = {**dataclasses.asdict(current), **overrides}
+    merged = _deep_merge(dataclasses.asdict(current), overrides)
     return dataclasses.replace(config, **{section: from_dict(type(current), merged, f"{section}.")})
 
 
@@ -163,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ablations: the CFG and timestep variants; levers: prompt-distribution levers; "
                         "epochs: the levers with PPO epochs; edit_levers: the levers on edits (--task edit); "
                         "long: the T2I levers for 800 iterations (see bench.grpo_curve); windows: which steps "
-                        "of the schedule are trained, and group size (T2I levers, 400 iterations)")
+                        "of the schedule are trained, and group size (T2I levers, 400 iterations); ema: the first 30 %% "
+                        "window with EMA weights; hold_fidelity: that window with more KL or fidelity weight")
     parser.add_argument("--variants", nargs="+", default=None, help="a subset of the table's variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--artifacts", default="artifacts")
@@ -189,6 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         grpo_keys, filter_keys = split_variant(specs[name])
         variant = with_grpo(config, {**common, **grpo_keys})
+        rewards_keys = specs[name].get("rewards", {})
+        if rewards_keys:
+            variant = with_section(variant, "rewards", rewards_keys)
         prompts, filter_metrics = args.prompts, None
         if filter_keys:
             variant = with_section(variant, "filter", filter_keys)
@@ -201,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         base_metrics = m["base"]
         table[name] = {
             "grpo": {**common, **grpo_keys},
+            **({"rewards": rewards_keys} if rewards_keys else {}),
             **({"filter": filter_keys, "prompts": prompts,
                 "kept_fraction": filter_metrics["kept_fraction"]} if filter_keys else {}),
             "judge": m["teacher"],

@@ -192,6 +192,28 @@ def test_grpo_windows_come_from_the_chain_of_the_long_run():
     assert curve["points"][0]["t2i/alignment"] == pytest.approx(table["base"]["t2i/alignment"], abs=1e-4)
 
 
+def test_grpo_ema_comes_from_the_chain_of_the_windows_table():
+    """results/grpo_ema.json (`make results/grpo_ema.json`): the windows table's first 30 % variant with EMA
+    weights (at the levers' lr and at twice it), on the same base, reward models and curated prompts as
+    results/grpo_windows.json; each variant changes only its named keys, and EMA is on in each."""
+    from bench.grpo_ablations import EMA, WINDOWS, split_variant
+
+    table, config = _current_table("grpo_ema.json", "ema", EMA)
+    windows = json.loads((ROOT / "results" / "grpo_windows.json").read_text())["t2i"]
+    for key in ("base", "reward_model", "prompts"):
+        assert _name(table["inputs"][key]) == _name(windows["inputs"][key]), key
+    assert table["base"] == windows["base"]
+    for variant, entry in table["variants"].items():
+        grpo_keys, filter_keys = split_variant(EMA[variant])
+        assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys, variant
+        others = {k: v for k, v in grpo_keys.items() if k not in ("ema_decay", "lr")}
+        assert grpo_keys["ema_decay"] > 0 and others == split_variant(WINDOWS["first_30pct"])[0], variant
+        delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
+        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
+        assert [m[0] for m in entry["monitor"]] == list(range(0, 401, config.grpo.eval_every)), variant
+    assert "--threads 1" in table["command"]
+
+
 def test_t2i_reward_probe_covers_every_category_of_the_curve_chain():
     """results/t2i_reward_probe.json (`make results/t2i_reward_probe.json`): every T2I category, from the
     base and reward models of the results/grpo_long.json chain, as the README reads it."""
@@ -232,6 +254,21 @@ def test_a_set_that_names_a_key_the_variant_varies_is_refused():
         main(["--table", "long", "--task", "t2i", "--set", "iterations=400", *common])
     with pytest.raises(SystemExit, match="--set cfg_mode: the variant cfg_none sets it itself"):
         main(["--task", "t2i", "--variants", "cfg_none", "--set", "cfg_mode=hybrid", *common])
+
+
+def test_a_variant_overrides_nested_reward_weights_key_by_key():
+    """A table variant may set one reward weight (``{"rewards": {"t2i": {"fidelity": 1.0}}}``): the other
+    weights keep the config's values, and a misspelt key is refused like in a config file."""
+    from bench.grpo_ablations import HOLD_FIDELITY, with_section
+    from flowrl.config import ConfigError
+
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    changed = with_section(config, "rewards", HOLD_FIDELITY["first_30pct_fidelity1"]["rewards"])
+    assert changed.rewards.t2i.fidelity == 1.0 and changed.rewards.t2i.alignment == config.rewards.t2i.alignment
+    assert changed.rewards.t2i.quality == config.rewards.t2i.quality and changed.rewards.edit == config.rewards.edit
+    assert changed.section_hash("rewards") != config.section_hash("rewards")
+    with pytest.raises(ConfigError, match="rewards.t2i.fidelty"):
+        with_section(config, "rewards", {"t2i": {"fidelty": 1.0}})
 
 
 def test_opd_results_hold_every_model_and_match_the_config():
