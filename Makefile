@@ -24,7 +24,7 @@ EDIT_PROMPTS = pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$bas
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
 	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
-	results/grpo_ema.json
+	results/grpo_ema.json results/grpo_hold_fidelity.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -173,6 +173,18 @@ results/grpo_ema.json: venv
 		--threads 1 --output $@"; \
 	$$run --variants first_30pct_ema95 & first=$$!; \
 	$$run --variants first_30pct_ema95_lr2e4 & second=$$!; \
+	wait $$first; wait $$second
+
+# Holding fidelity at the first 30 % window's gain: KL 0.3, fidelity weight 1.0, and under KL 0.3 noise level 1.0
+# (results/grpo_hold_fidelity.json): same chain as above; two runners of one thread each share the file.
+results/grpo_hold_fidelity.json: venv
+	set -eo pipefail; \
+	$(REWARD_CHAIN); \
+	$(T2I_PROMPTS); \
+	run="$(PY) -m bench.grpo_ablations --table hold_fidelity --task t2i --base $$base --reward-model $$rm \
+		--prompts $$pt --threads 1 --output $@"; \
+	$$run --variants first_30pct_kl03 first_30pct_kl03_noise1 & first=$$!; \
+	$$run --variants first_30pct_fidelity1 & second=$$!; \
 	wait $$first; wait $$second
 
 # Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?

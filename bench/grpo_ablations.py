@@ -128,10 +128,13 @@ EMA = {
     "first_30pct_ema95_lr2e4": {**PER_CATEGORY, "grpo": {**_FIRST_30PCT, "ema_decay": 0.95, "lr": 2e-4}},
 }
 # Holding fidelity at the first 30 % window's gain (``--table hold_fidelity``): three times the KL to the base
-# (0.3), or the fidelity reward weighted as much as alignment (1.0 instead of 0.5).
+# (0.3), or the fidelity reward weighted as much as alignment (1.0 instead of 0.5); then, under KL 0.3, more
+# exploration in the rollouts (SDE noise level 1.0 instead of 0.7).
+_KL03 = {**_FIRST_30PCT, "kl_coef": 0.3}
 HOLD_FIDELITY = {
-    "first_30pct_kl03": {**PER_CATEGORY, "grpo": {**_FIRST_30PCT, "kl_coef": 0.3}},
+    "first_30pct_kl03": {**PER_CATEGORY, "grpo": _KL03},
     "first_30pct_fidelity1": {**PER_CATEGORY, "grpo": _FIRST_30PCT, "rewards": {"t2i": {"fidelity": 1.0}}},
+    "first_30pct_kl03_noise1": {**PER_CATEGORY, "grpo": {**_KL03, "noise_level": 1.0}},
 }
 TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS, "long": LONG,
           "windows": WINDOWS, "ema": EMA, "hold_fidelity": HOLD_FIDELITY}

@@ -192,22 +192,30 @@ def test_grpo_windows_come_from_the_chain_of_the_long_run():
     assert curve["points"][0]["t2i/alignment"] == pytest.approx(table["base"]["t2i/alignment"], abs=1e-4)
 
 
-def test_grpo_ema_comes_from_the_chain_of_the_windows_table():
-    """results/grpo_ema.json (`make results/grpo_ema.json`): the windows table's first 30 % variant with EMA
-    weights (at the levers' lr and at twice it), on the same base, reward models and curated prompts as
-    results/grpo_windows.json; each variant changes only its named keys, and EMA is on in each."""
-    from bench.grpo_ablations import EMA, WINDOWS, split_variant
+@pytest.mark.parametrize("file, name, varied", [
+    ("grpo_ema.json", "ema", {"ema_decay", "lr"}),
+    ("grpo_hold_fidelity.json", "hold_fidelity", {"kl_coef", "noise_level"}),
+])
+def test_grpo_tables_on_the_first_30pct_window_come_from_the_windows_chain(file, name, varied):
+    """results/grpo_ema.json and results/grpo_hold_fidelity.json (`make results/<file>`): the windows table's
+    first 30 % variant with only the named grpo keys (or reward weights) changed, on the same base, reward
+    models and curated prompts as results/grpo_windows.json."""
+    from bench import grpo_ablations
+    from bench.grpo_ablations import WINDOWS, split_variant
 
-    table, config = _current_table("grpo_ema.json", "ema", EMA)
+    specs = grpo_ablations.TABLES[name]
+    table, config = _current_table(file, name, specs)
     windows = json.loads((ROOT / "results" / "grpo_windows.json").read_text())["t2i"]
     for key in ("base", "reward_model", "prompts"):
         assert _name(table["inputs"][key]) == _name(windows["inputs"][key]), key
     assert table["base"] == windows["base"]
+    first_30pct = split_variant(WINDOWS["first_30pct"])
     for variant, entry in table["variants"].items():
-        grpo_keys, filter_keys = split_variant(EMA[variant])
-        assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys, variant
-        others = {k: v for k, v in grpo_keys.items() if k not in ("ema_decay", "lr")}
-        assert grpo_keys["ema_decay"] > 0 and others == split_variant(WINDOWS["first_30pct"])[0], variant
+        grpo_keys, filter_keys = split_variant(specs[variant])
+        assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys == first_30pct[1], variant
+        assert entry.get("rewards", {}) == specs[variant].get("rewards", {}), variant
+        assert {k: v for k, v in grpo_keys.items() if k not in varied} == first_30pct[0], variant
+        assert grpo_keys != first_30pct[0] or entry.get("rewards"), variant  # each variant changes something
         delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
         assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
         assert [m[0] for m in entry["monitor"]] == list(range(0, 401, config.grpo.eval_every)), variant
