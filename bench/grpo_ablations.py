@@ -143,8 +143,9 @@ TABLE_TASK = {"levers": "t2i", "epochs": "t2i", "edit_levers": "edit", "long": "
 
 
 def split_variant(spec: dict) -> tuple[dict, dict]:
-    """(grpo overrides, filter overrides) of a variant: plain grpo keys, or {"grpo": ..., "filter": ...}."""
-    if "grpo" in spec or "filter" in spec:
+    """(grpo overrides, filter overrides) of a variant: plain grpo keys, or {"grpo": ..., "filter": ...,
+    "rewards": ...} (reward weights are read by the caller)."""
+    if {"grpo", "filter", "rewards"} & set(spec):
         return dict(spec.get("grpo", {})), dict(spec.get("filter", {}))
     return dict(spec), {}
 

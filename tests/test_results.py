@@ -267,7 +267,7 @@ def test_a_set_that_names_a_key_the_variant_varies_is_refused():
 def test_a_variant_overrides_nested_reward_weights_key_by_key():
     """A table variant may set one reward weight (``{"rewards": {"t2i": {"fidelity": 1.0}}}``): the other
     weights keep the config's values, and a misspelt key is refused like in a config file."""
-    from bench.grpo_ablations import HOLD_FIDELITY, with_section
+    from bench.grpo_ablations import HOLD_FIDELITY, split_variant, with_section
     from flowrl.config import ConfigError
 
     config = load_config(ROOT / "configs" / "shapes.yaml")
@@ -277,6 +277,8 @@ def test_a_variant_overrides_nested_reward_weights_key_by_key():
     assert changed.section_hash("rewards") != config.section_hash("rewards")
     with pytest.raises(ConfigError, match="rewards.t2i.fidelty"):
         with_section(config, "rewards", {"t2i": {"fidelty": 1.0}})
+    # a variant that sets only reward weights has no grpo or filter keys
+    assert split_variant({"rewards": {"t2i": {"fidelity": 1.0}}}) == ({}, {})
 
 
 def test_opd_results_hold_every_model_and_match_the_config():
