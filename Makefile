@@ -20,6 +20,17 @@ REWARD_CHAIN = base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
 T2I_PROMPTS = pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1)
 EDIT_PROMPTS = pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$base --reward-model $$rm | tail -1)
 
+# $(call T2I_TABLE,TABLE,VARIANTS,VARIANTS): a T2I table of bench.grpo_ablations on the base, reward models and
+# CLI-curated prompts of the chain above; two runners of one thread each (one per variant list) share the file.
+T2I_TABLE = set -eo pipefail; \
+	$(REWARD_CHAIN); \
+	$(T2I_PROMPTS); \
+	run="$(PY) -m bench.grpo_ablations --table $(1) --task t2i --base $$base --reward-model $$rm --prompts $$pt \
+		--threads 1 --output $@"; \
+	$$run --variants $(2) & first=$$!; \
+	$$run --variants $(3) & second=$$!; \
+	wait $$first; wait $$second
+
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
@@ -106,26 +117,12 @@ results/grpo_ablations.json: venv
 # same base, reward models and CLI-curated prompts as above; variants that change `filter` keys
 # filter again themselves. Two runners of one thread each share the file.
 results/grpo_levers.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(T2I_PROMPTS); \
-	run="$(PY) -m bench.grpo_ablations --table levers --task t2i --base $$base --reward-model $$rm --prompts $$pt \
-		--threads 1 --output $@"; \
-	$$run --variants default & first=$$!; \
-	$$run --variants category_filter_balanced_unsaturated_2steps & second=$$!; \
-	wait $$first; wait $$second
+	$(call T2I_TABLE,levers,default,category_filter_balanced_unsaturated_2steps)
 
 # PPO epochs on top of the levers (results/grpo_epochs.json; T2I, 200 iterations per variant): same
 # base, reward models and CLI-curated prompts as above; two runners of one thread each share the file.
 results/grpo_epochs.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(T2I_PROMPTS); \
-	run="$(PY) -m bench.grpo_ablations --table epochs --task t2i --base $$base --reward-model $$rm --prompts $$pt \
-		--threads 1 --output $@"; \
-	$$run --variants levers_2epochs & first=$$!; \
-	$$run --variants levers_4epochs & second=$$!; \
-	wait $$first; wait $$second
+	$(call T2I_TABLE,epochs,levers_2epochs,levers_4epochs)
 
 # The same levers on edits (results/grpo_edit_levers.json; 200 iterations per variant): same base, reward
 # models and CLI-curated edit prompts as above; the default-config arm is results/grpo_shapes.json's edit teacher.
@@ -154,38 +151,17 @@ results/grpo_curve.json: venv
 # 400 iterations per variant): same base, reward models and CLI-curated prompts as above; two runners of one
 # thread each share the file.
 results/grpo_windows.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(T2I_PROMPTS); \
-	run="$(PY) -m bench.grpo_ablations --table windows --task t2i --base $$base --reward-model $$rm --prompts $$pt \
-		--threads 1 --output $@"; \
-	$$run --variants first_half first_30pct second_half & first=$$!; \
-	$$run --variants whole_schedule first_half_group16 & second=$$!; \
-	wait $$first; wait $$second
+	$(call T2I_TABLE,windows,first_half first_30pct second_half,whole_schedule first_half_group16)
 
 # The first 30 % window with EMA weights, at the levers' lr and at twice it (results/grpo_ema.json): same chain
 # as above; two runners of one thread each share the file.
 results/grpo_ema.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(T2I_PROMPTS); \
-	run="$(PY) -m bench.grpo_ablations --table ema --task t2i --base $$base --reward-model $$rm --prompts $$pt \
-		--threads 1 --output $@"; \
-	$$run --variants first_30pct_ema95 & first=$$!; \
-	$$run --variants first_30pct_ema95_lr2e4 & second=$$!; \
-	wait $$first; wait $$second
+	$(call T2I_TABLE,ema,first_30pct_ema95,first_30pct_ema95_lr2e4)
 
 # Holding fidelity at the first 30 % window's gain: KL 0.3, fidelity weight 1.0, and under KL 0.3 noise level 1.0
 # (results/grpo_hold_fidelity.json): same chain as above; two runners of one thread each share the file.
 results/grpo_hold_fidelity.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(T2I_PROMPTS); \
-	run="$(PY) -m bench.grpo_ablations --table hold_fidelity --task t2i --base $$base --reward-model $$rm \
-		--prompts $$pt --threads 1 --output $@"; \
-	$$run --variants first_30pct_kl03 first_30pct_kl03_noise1 & first=$$!; \
-	$$run --variants first_30pct_fidelity1 & second=$$!; \
-	wait $$first; wait $$second
+	$(call T2I_TABLE,hold_fidelity,first_30pct_kl03 first_30pct_kl03_noise1,first_30pct_fidelity1)
 
 # Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?
 results/t2i_reward_probe.json: venv
