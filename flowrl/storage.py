@@ -72,10 +72,12 @@ class Manifest:
 
 
 # Modules left out of a stage's code version: they read the config, move
-# bytes or log, and what they do to a stage's output reaches it only through
-# the config values (hashed separately) or not at all. A change to them that
-# does alter outputs must come with a config change.
-CODE_VERSION_EXCLUDED = frozenset({"flowrl.config", "flowrl.storage", "flowrl.tracking", "flowrl.cli"})
+# bytes, log or describe the host (flowrl.machine: what a record says about
+# where it was made), and what they do to a stage's output reaches it only
+# through the config values (hashed separately) or not at all. A change to
+# them that does alter outputs must come with a config change.
+CODE_VERSION_EXCLUDED = frozenset({"flowrl.config", "flowrl.storage", "flowrl.tracking", "flowrl.cli",
+                                   "flowrl.machine"})
 
 
 def _module_file(name: str) -> Path | None:
