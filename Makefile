@@ -31,11 +31,22 @@ T2I_TABLE = set -eo pipefail; \
 	$$run --variants $(3) & second=$$!; \
 	wait $$first; wait $$second
 
+# $(call T2I_CURVE,TABLE,VARIANT,TABLE_FILE,FLAGS): one long T2I variant of bench.grpo_ablations on the chain
+# above (FLAGS: e.g. --threads 1), then bench.grpo_curve judging the base and each of its checkpoints ($@, PNG beside).
+T2I_CURVE = set -eo pipefail; \
+	$(REWARD_CHAIN); \
+	$(T2I_PROMPTS); \
+	$(PY) -m bench.grpo_ablations --table $(1) --task t2i --base $$base --reward-model $$rm --prompts $$pt \
+		$(4) --output $(3); \
+	run=$$($(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["t2i"]["variants"][sys.argv[2]]["artifact"])' \
+		$(3) $(2)); \
+	$(PY) -m bench.grpo_curve --run $$run --base $$base --output $@
+
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
 	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
-	results/grpo_ema.json results/grpo_hold_fidelity.json
+	results/grpo_ema.json results/grpo_hold_fidelity.json results/grpo_kl_long_curve.json results/grpo_edit_window.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -139,13 +150,7 @@ results/grpo_edit_levers.json: venv
 # Gain over time (results/grpo_long.json, then results/grpo_curve.json and .png): the T2I levers for 800
 # iterations on all threads, then the judge on the full held-out sets at the base and every checkpoint.
 results/grpo_curve.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(T2I_PROMPTS); \
-	$(PY) -m bench.grpo_ablations --table long --task t2i --base $$base --reward-model $$rm --prompts $$pt \
-		--output results/grpo_long.json; \
-	run=$$($(PY) -c 'import json; print(json.load(open("results/grpo_long.json"))["t2i"]["variants"]["levers_800"]["artifact"])'); \
-	$(PY) -m bench.grpo_curve --run $$run --base $$base --output $@
+	$(call T2I_CURVE,long,levers_800,results/grpo_long.json,)
 
 # Which steps of the schedule GRPO trains, and the group size (results/grpo_windows.json; the T2I levers for
 # 400 iterations per variant): same base, reward models and CLI-curated prompts as above; two runners of one
@@ -162,6 +167,21 @@ results/grpo_ema.json: venv
 # (results/grpo_hold_fidelity.json): same chain as above; two runners of one thread each share the file.
 results/grpo_hold_fidelity.json: venv
 	$(call T2I_TABLE,hold_fidelity,first_30pct_kl03 first_30pct_kl03_noise1,first_30pct_fidelity1)
+
+# Past 400 iterations under KL 0.3 (results/grpo_kl_long.json, then results/grpo_kl_long_curve.json and .png): the
+# first 30 % window with KL 0.3 for 800 iterations on one thread (as the windows table), then the judge at the base
+# and every 100-iteration checkpoint.
+results/grpo_kl_long_curve.json: venv
+	$(call T2I_CURVE,kl_long,first_30pct_kl03_800,results/grpo_kl_long.json,--threads 1)
+
+# The edit levers with the best T2I window and KL 0.3, 400 iterations (results/grpo_edit_window.json): same chain
+# as above, CLI-curated edit prompts, one thread.
+results/grpo_edit_window.json: venv
+	set -eo pipefail; \
+	$(REWARD_CHAIN); \
+	$(EDIT_PROMPTS); \
+	$(PY) -m bench.grpo_ablations --table edit_window --task edit --base $$base --reward-model $$rm --prompts $$pe \
+		--threads 1 --output $@
 
 # Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?
 results/t2i_reward_probe.json: venv

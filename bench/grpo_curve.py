@@ -32,7 +32,7 @@ from flowrl.models import load_policy, set_torch_threads, trainable_module
 from flowrl.plots import new_figure, png_of
 from flowrl.stages.grpo import HEADLINE
 from flowrl.rl.trainer import Checkpoints
-from flowrl.storage import ArtifactStore, fetch, read_manifest
+from flowrl.storage import ArtifactStore, fetch, input_identity, read_manifest
 
 KEPT = ("fidelity", "t2i/alignment", "edit/accuracy", "edit/identity")
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", required=True, help="results JSON; the PNG is written beside it")
     args = parser.parse_args(argv)
     inputs = read_manifest(args.run).inputs
-    if inputs.get("base") not in (None, args.base) and Path(inputs["base"]).resolve() != Path(args.base).resolve():
+    if inputs.get("base") is not None and input_identity(inputs["base"]) != input_identity(args.base):
         raise SystemExit(f"--base {args.base}: the run {args.run} started from {inputs['base']}")
     result = measure(args.config, args.run, args.base, args.threads)
     result["machine"] = machine_info()

@@ -18,12 +18,12 @@ def _name(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _current_table(file: str, name: str, variants: dict) -> tuple[dict, object]:
-    """The T2I table of ``results/<file>`` made by ``bench.grpo_ablations --table <name>`` with exactly the
-    table's variants, and on the grpo and filter config of configs/shapes.yaml (else it is stale)."""
+def _current_table(file: str, name: str, variants: dict, task: str = "t2i") -> tuple[dict, object]:
+    """The ``task`` table of ``results/<file>`` made by ``bench.grpo_ablations --table <name>`` with exactly
+    the table's variants, and on the grpo and filter config of configs/shapes.yaml (else it is stale)."""
     from flowrl.stages.grpo import SECTIONS as GRPO_SECTIONS
 
-    table = json.loads((ROOT / "results" / file).read_text())["t2i"]
+    table = json.loads((ROOT / "results" / file).read_text())[task]
     config = load_config(ROOT / "configs" / "shapes.yaml")
     assert table["table"] == name and set(table["variants"]) == set(variants)
     assert table["config_hash"] == config.section_hash(*GRPO_SECTIONS), f"{file} is stale"
@@ -143,17 +143,24 @@ def test_grpo_epochs_come_from_the_same_base_as_the_levers():
         assert [m[0] for m in entry["monitor"]] == list(range(0, config.grpo.iterations + 1, config.grpo.eval_every))
 
 
-def test_grpo_curve_judges_every_checkpoint_of_the_long_run():
-    """results/grpo_curve.json (`make results/grpo_curve.json`): the T2I levers for 800 iterations
-    (results/grpo_long.json), judged at the base and every 100 iterations. Its base is the chain of the
-    machine that ran it, so it is compared with its own base only: the curve starts at the table's base and
-    ends at the teacher the stage judged, with the same held-out sets."""
-    from bench.grpo_ablations import LONG, split_variant
+@pytest.mark.parametrize("table_file, name, variant, curve_file", [
+    ("grpo_long.json", "long", "levers_800", "grpo_curve.json"),
+    ("grpo_kl_long.json", "kl_long", "first_30pct_kl03_800", "grpo_kl_long_curve.json"),
+])
+def test_grpo_curves_judge_every_checkpoint_of_their_long_run(table_file, name, variant, curve_file):
+    """results/grpo_curve.json and grpo_kl_long_curve.json (`make results/<curve>`): an 800-iteration T2I run
+    (results/grpo_long.json: the levers; grpo_kl_long.json: the first 30 % window with KL 0.3), judged at the
+    base and every 100 iterations. Its base is the chain of the machine that ran it, so it is compared with its
+    own base only: the curve starts at the table's base and ends at the teacher the stage judged, with the
+    same held-out sets."""
+    from bench import grpo_ablations
+    from bench.grpo_ablations import split_variant
 
-    long, _ = _current_table("grpo_long.json", "long", LONG)
-    curve = json.loads((ROOT / "results" / "grpo_curve.json").read_text())
-    entry = long["variants"]["levers_800"]
-    grpo_keys, filter_keys = split_variant(LONG["levers_800"])
+    specs = grpo_ablations.TABLES[name]
+    long, _ = _current_table(table_file, name, specs)
+    curve = json.loads((ROOT / "results" / curve_file).read_text())
+    entry = long["variants"][variant]
+    grpo_keys, filter_keys = split_variant(specs[variant])
     assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys
     assert _name(curve["run"]) == _name(entry["artifact"])
     assert _name(curve["base"]) == _name(long["inputs"]["base"])
@@ -166,7 +173,18 @@ def test_grpo_curve_judges_every_checkpoint_of_the_long_run():
     for p in points:
         assert p["headline_delta"] == pytest.approx(p["t2i/alignment"] - points[0]["t2i/alignment"], abs=1e-3)
     assert curve["machine"]["cpu_capability"] and curve["machine"]["cpu_model"]
-    assert (ROOT / "results" / "grpo_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (ROOT / "results" / curve_file).with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_kl_long_run_replays_the_400_iteration_kl_run_up_to_iteration_400():
+    """The 800-iteration KL 0.3 run differs from hold_fidelity's first_30pct_kl03 only in its length, and
+    nothing before iteration 400 depends on the length: its curve at 400 is that run's final judge."""
+    hold = json.loads((ROOT / "results" / "grpo_hold_fidelity.json").read_text())["t2i"]
+    curve = json.loads((ROOT / "results" / "grpo_kl_long_curve.json").read_text())
+    (at_400,) = [p for p in curve["points"] if p["iteration"] == 400]
+    judge = hold["variants"]["first_30pct_kl03"]["judge"]
+    for key in ("t2i/alignment", "fidelity", "t2i/alignment/color_attr", "t2i/alignment/position"):
+        assert at_400[key] == pytest.approx(judge[key], abs=1e-4), key
 
 
 def test_grpo_windows_come_from_the_chain_of_the_long_run():
@@ -195,11 +213,12 @@ def test_grpo_windows_come_from_the_chain_of_the_long_run():
 @pytest.mark.parametrize("file, name, varied", [
     ("grpo_ema.json", "ema", {"ema_decay", "lr"}),
     ("grpo_hold_fidelity.json", "hold_fidelity", {"kl_coef", "noise_level"}),
+    ("grpo_kl_long.json", "kl_long", {"kl_coef", "iterations"}),
 ])
 def test_grpo_tables_on_the_first_30pct_window_come_from_the_windows_chain(file, name, varied):
-    """results/grpo_ema.json and results/grpo_hold_fidelity.json (`make results/<file>`): the windows table's
-    first 30 % variant with only the named grpo keys (or reward weights) changed, on the same base, reward
-    models and curated prompts as results/grpo_windows.json."""
+    """results/grpo_ema.json, grpo_hold_fidelity.json and grpo_kl_long.json (`make results/<file>`): the
+    windows table's first 30 % variant with only the named grpo keys (or reward weights) changed, on the same
+    base, reward models and curated prompts as results/grpo_windows.json."""
     from bench import grpo_ablations
     from bench.grpo_ablations import WINDOWS, split_variant
 
@@ -214,11 +233,39 @@ def test_grpo_tables_on_the_first_30pct_window_come_from_the_windows_chain(file,
         grpo_keys, filter_keys = split_variant(specs[variant])
         assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys == first_30pct[1], variant
         assert entry.get("rewards", {}) == specs[variant].get("rewards", {}), variant
-        assert {k: v for k, v in grpo_keys.items() if k not in varied} == first_30pct[0], variant
+        unvaried = {k: v for k, v in first_30pct[0].items() if k not in varied}
+        assert {k: v for k, v in grpo_keys.items() if k not in varied} == unvaried, variant
         assert grpo_keys != first_30pct[0] or entry.get("rewards"), variant  # each variant changes something
         delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
         assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
-        assert [m[0] for m in entry["monitor"]] == list(range(0, 401, config.grpo.eval_every)), variant
+        iterations = grpo_keys["iterations"]
+        assert [m[0] for m in entry["monitor"]] == list(range(0, iterations + 1, config.grpo.eval_every)), variant
+    assert "--threads 1" in table["command"]
+
+
+def test_grpo_edit_window_comes_from_the_chain_of_the_curve():
+    """results/grpo_edit_window.json (`make results/grpo_edit_window.json`): the edit levers with the T2I
+    tables' best window (K = 2 of the first 30 %) and KL 0.3 for 400 iterations, on the base and reward
+    models of results/grpo_windows.json; its edit base is the curve's iteration 0 (same base, same held-out
+    edits, same sampler)."""
+    from bench.grpo_ablations import EDIT_LEVERS, EDIT_WINDOW, split_variant
+
+    table, config = _current_table("grpo_edit_window.json", "edit_window", EDIT_WINDOW, task="edit")
+    windows = json.loads((ROOT / "results" / "grpo_windows.json").read_text())["t2i"]
+    curve = json.loads((ROOT / "results" / "grpo_curve.json").read_text())
+    for key in ("base", "reward_model"):
+        assert _name(table["inputs"][key]) == _name(windows["inputs"][key]), key
+    for key in ("edit/accuracy", "edit/identity", "edit/accuracy/move", "fidelity"):
+        assert curve["points"][0][key] == pytest.approx(table["base"][key], abs=1e-4), key
+    levers_grpo, levers_filter = split_variant(EDIT_LEVERS["kind_filter_balanced_2steps"])
+    for variant, entry in table["variants"].items():
+        grpo_keys, filter_keys = split_variant(EDIT_WINDOW[variant])
+        assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys == levers_filter, variant
+        assert {k: grpo_keys[k] for k in levers_grpo} == levers_grpo, variant
+        delta = entry["judge"]["edit/accuracy"] - table["base"]["edit/accuracy"]
+        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
+        iterations = grpo_keys["iterations"]
+        assert [m[0] for m in entry["monitor"]] == list(range(0, iterations + 1, config.grpo.eval_every)), variant
     assert "--threads 1" in table["command"]
 
 

@@ -80,7 +80,7 @@ def test_gain_over_time_judges_the_base_and_every_checkpoint(upstream, tmp_path)
     result = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, progress=False)
     out = tmp_path / "curve.json"
     curve = main(["--config", str(root / "config.yaml"), "--run", str(fetch(result.uri)),
-                  "--base", str(fetch(base.uri)), "--output", str(out), "--threads", "1"])
+                  "--base", str(fetch(base.uri)) + "/", "--output", str(out), "--threads", "1"])  # any spelling
     assert json.loads(out.read_text()) == json.loads(json.dumps(curve))
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     points = curve["points"]
