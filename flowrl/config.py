@@ -358,7 +358,8 @@ class GRPOConfig:
         "of large models; needs DeepSpeed, requirements/gpu.txt). The update is the same at every stage.",
         ge=0, le=3, added=True)
     calibrate: bool = param(
-        False, "Scale each category's advantages by its share of informative groups from filtering (see docs)."
+        False, "Scale each category's advantages by its reward headroom at filtering (5 - the mean alignment "
+        "level of its samples), normalised to mean 1 (flowrl.stages.filter_prompts)."
     )
     sampling_weights: tuple[str, ...] = param(
         (),
