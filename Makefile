@@ -20,16 +20,17 @@ REWARD_CHAIN = base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
 T2I_PROMPTS = pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1)
 EDIT_PROMPTS = pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$base --reward-model $$rm | tail -1)
 
-# $(call T2I_TABLE,TABLE,VARIANTS,VARIANTS): a T2I table of bench.grpo_ablations on the base, reward models and
-# CLI-curated prompts of the chain above; two runners of one thread each (one per variant list) share the file.
-T2I_TABLE = set -eo pipefail; \
+# $(call GRPO_TABLE,TASK,TABLE,VARIANTS[,VARIANTS]): a table of bench.grpo_ablations for TASK (t2i, edit) on the
+# base, reward models and CLI-curated prompts of the chain above; one runner of one thread per variant list (two
+# side by side when a second list is given), sharing the file.
+GRPO_TABLE = set -eo pipefail; \
 	$(REWARD_CHAIN); \
-	$(T2I_PROMPTS); \
-	run="$(PY) -m bench.grpo_ablations --table $(1) --task t2i --base $$base --reward-model $$rm --prompts $$pt \
-		--threads 1 --output $@"; \
-	$$run --variants $(2) & first=$$!; \
-	$$run --variants $(3) & second=$$!; \
-	wait $$first; wait $$second
+	$(if $(filter edit,$(1)),$(EDIT_PROMPTS),$(T2I_PROMPTS)); \
+	run="$(PY) -m bench.grpo_ablations --table $(2) --task $(1) --base $$base --reward-model $$rm \
+		--prompts $(if $(filter edit,$(1)),$$pe,$$pt) --threads 1 --output $@"; \
+	$$run --variants $(3) & first=$$!; \
+	$(if $(4),$$run --variants $(4) & second=$$!;) \
+	wait $$first$(if $(4),; wait $$second)
 
 # $(call T2I_CURVE,TABLE,VARIANT,TABLE_FILE,FLAGS): one long T2I variant of bench.grpo_ablations on the chain
 # above (FLAGS: e.g. --threads 1), then bench.grpo_curve judging the base and each of its checkpoints ($@, PNG beside).
@@ -46,7 +47,8 @@ T2I_CURVE = set -eo pipefail; \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
 	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
-	results/grpo_ema.json results/grpo_hold_fidelity.json results/grpo_kl_long_curve.json results/grpo_edit_window.json
+	results/grpo_ema.json results/grpo_hold_fidelity.json results/grpo_kl_long_curve.json results/grpo_edit_window.json \
+	results/grpo_kl03_levers.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -107,7 +109,7 @@ results/grpo_shapes.json: venv
 	$(REWARD_CHAIN); \
 	for task in t2i edit; do \
 		prompts=$$($(FLOWRL) filter-prompts $(SHAPES) --task $$task --base $$base --reward-model $$rm | tail -1); \
-		$(FLOWRL) grpo $(SHAPES) --task $$task --base $$base --reward-model $$rm --prompts $$prompts \
+		$(FLOWRL) grpo $(SHAPES) --task $$task --base $$base --reward-model $$rm --prompts $(if $(filter edit,$(1)),$$pe,$$pt) \
 			--results $@ --results-key $$task; \
 	done
 
@@ -128,24 +130,17 @@ results/grpo_ablations.json: venv
 # same base, reward models and CLI-curated prompts as above; variants that change `filter` keys
 # filter again themselves. Two runners of one thread each share the file.
 results/grpo_levers.json: venv
-	$(call T2I_TABLE,levers,default,category_filter_balanced_unsaturated_2steps)
+	$(call GRPO_TABLE,t2i,levers,default,category_filter_balanced_unsaturated_2steps)
 
 # PPO epochs on top of the levers (results/grpo_epochs.json; T2I, 200 iterations per variant): same
 # base, reward models and CLI-curated prompts as above; two runners of one thread each share the file.
 results/grpo_epochs.json: venv
-	$(call T2I_TABLE,epochs,levers_2epochs,levers_4epochs)
+	$(call GRPO_TABLE,t2i,epochs,levers_2epochs,levers_4epochs)
 
 # The same levers on edits (results/grpo_edit_levers.json; 200 iterations per variant): same base, reward
 # models and CLI-curated edit prompts as above; the default-config arm is results/grpo_shapes.json's edit teacher.
 results/grpo_edit_levers.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(EDIT_PROMPTS); \
-	run="$(PY) -m bench.grpo_ablations --table edit_levers --task edit --base $$base --reward-model $$rm \
-		--prompts $$pe --threads 1 --output $@"; \
-	$$run --variants kind_filter_balanced_2steps & first=$$!; \
-	$$run --variants kind_filter_balanced_2steps_hard_kinds & second=$$!; \
-	wait $$first; wait $$second
+	$(call GRPO_TABLE,edit,edit_levers,kind_filter_balanced_2steps,kind_filter_balanced_2steps_hard_kinds)
 
 # Gain over time (results/grpo_long.json, then results/grpo_curve.json and .png): the T2I levers for 800
 # iterations on all threads, then the judge on the full held-out sets at the base and every checkpoint.
@@ -156,17 +151,17 @@ results/grpo_curve.json: venv
 # 400 iterations per variant): same base, reward models and CLI-curated prompts as above; two runners of one
 # thread each share the file.
 results/grpo_windows.json: venv
-	$(call T2I_TABLE,windows,first_half first_30pct second_half,whole_schedule first_half_group16)
+	$(call GRPO_TABLE,t2i,windows,first_half first_30pct second_half,whole_schedule first_half_group16)
 
 # The first 30 % window with EMA weights, at the levers' lr and at twice it (results/grpo_ema.json): same chain
 # as above; two runners of one thread each share the file.
 results/grpo_ema.json: venv
-	$(call T2I_TABLE,ema,first_30pct_ema95,first_30pct_ema95_lr2e4)
+	$(call GRPO_TABLE,t2i,ema,first_30pct_ema95,first_30pct_ema95_lr2e4)
 
 # Holding fidelity at the first 30 % window's gain: KL 0.3, fidelity weight 1.0, and under KL 0.3 noise level 1.0
 # (results/grpo_hold_fidelity.json): same chain as above; two runners of one thread each share the file.
 results/grpo_hold_fidelity.json: venv
-	$(call T2I_TABLE,hold_fidelity,first_30pct_kl03 first_30pct_kl03_noise1,first_30pct_fidelity1)
+	$(call GRPO_TABLE,t2i,hold_fidelity,first_30pct_kl03 first_30pct_kl03_noise1,first_30pct_fidelity1)
 
 # Past 400 iterations under KL 0.3 (results/grpo_kl_long.json, then results/grpo_kl_long_curve.json and .png): the
 # first 30 % window with KL 0.3 for 800 iterations on one thread (as the windows table), then the judge at the base
@@ -177,11 +172,13 @@ results/grpo_kl_long_curve.json: venv
 # The edit levers with the best T2I window and KL 0.3, 400 iterations (results/grpo_edit_window.json): same chain
 # as above, CLI-curated edit prompts, one thread.
 results/grpo_edit_window.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(EDIT_PROMPTS); \
-	$(PY) -m bench.grpo_ablations --table edit_window --task edit --base $$base --reward-model $$rm --prompts $$pe \
-		--threads 1 --output $@
+	$(call GRPO_TABLE,edit,edit_window,kind_levers_first_30pct_kl03)
+
+# Two levers on the first 30 % window with KL 0.3: per-category advantage calibration, and the KL on the low-noise
+# anchor steps ten times that on the trained steps (results/grpo_kl03_levers.json): same chain as above; two runners
+# of one thread each share the file.
+results/grpo_kl03_levers.json: venv
+	$(call GRPO_TABLE,t2i,kl03_levers,first_30pct_kl03_calibrate,first_30pct_kl03_anchor3)
 
 # Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?
 results/t2i_reward_probe.json: venv

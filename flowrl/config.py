@@ -345,6 +345,10 @@ class GRPOConfig:
         "KL term (the policy drifts there too, though no advantage reaches them). Needs kl_coef > 0.",
         ge=0,
     )
+    kl_anchor_coef: float | None = param(
+        None, "Weight of the KL on the anchor steps (null: kl_coef, as on the trained steps); the loss's KL term is "
+        "the mean over all KL steps of each step's weight times its KL. Needs kl_coef > 0 and kl_anchor_steps > 0.",
+        ge=0, added=True)
     grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
     minibatches: int = param(1, "Optimizer steps per iteration (the rollouts split evenly).", ge=1)
     epochs: int = param(
@@ -641,6 +645,12 @@ def check_consistency(config: FlowRLConfig) -> None:
                 f"the window [{lo}, {hi}) that grpo.timestep_start = {g.timestep_start} and "
                 f"grpo.timestep_fraction = {g.timestep_fraction} cut from grpo.num_steps = {g.num_steps}"
             )
+    if g.kl_anchor_coef is not None and (g.kl_coef <= 0 or g.kl_anchor_steps <= 0 or g.timesteps != "subset"):
+        raise ConfigError(
+            f"grpo.kl_anchor_coef: {g.kl_anchor_coef} weighs the KL on anchor steps, and there are none: it needs "
+            f"grpo.kl_coef > 0 (got {g.kl_coef}), grpo.kl_anchor_steps > 0 (got {g.kl_anchor_steps}) and "
+            f"grpo.timesteps: subset (got {g.timesteps})"
+        )
     if g.prompts_per_iteration % g.reward_chunks:
         raise ConfigError(
             f"grpo.reward_chunks: {g.reward_chunks} does not divide grpo.prompts_per_iteration {g.prompts_per_iteration}"

@@ -122,6 +122,10 @@ def test_section_hash_tracks_only_its_sections():
         ("opd:\n  zero_stage: 3\n  ema_decay: 0.9\n", "opd.zero_stage: ZeRO-3 partitions the weights"),
         ("filter:\n  threshold_scope: per_cat\n", "filter.threshold_scope"),
         ("grpo:\n  balance_categories: maybe\n", "grpo.balance_categories"),
+        ("grpo:\n  kl_anchor_coef: 3.0\n", "grpo.kl_anchor_coef: 3.0 weighs the KL on anchor steps, and there are none"),
+        ("grpo:\n  kl_coef: 0.1\n  kl_anchor_steps: 4\n  timesteps: all\n  kl_anchor_coef: 1.0\n",
+         "grpo.timesteps: subset \\(got all\\)"),
+        ("grpo:\n  kl_coef: 0.1\n  kl_anchor_steps: 4\n  kl_anchor_coef: -1.0\n", "grpo.kl_anchor_coef"),
     ],
 )
 def test_rl_cross_key_rules(tmp_path, text, message):

@@ -30,6 +30,18 @@ def _current_table(file: str, name: str, variants: dict, task: str = "t2i") -> t
     assert table["filter_config_hash"] == config.section_hash("filter"), f"{file} is stale"
     return table, config
 
+def _check_variant(name: str, entry: dict, table: dict, grpo_keys: dict, config, headline: str = "t2i/alignment"):
+    """One variant of an ablation table: trained with exactly ``grpo_keys`` over the config, its headline delta
+    the judge's score minus the table's base, a wall time, and the held-out monitor at iteration 0 and every
+    ``eval_every`` up to its last."""
+    assert entry["grpo"] == grpo_keys, name
+    delta = entry["judge"][headline] - table["base"][headline]
+    assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0, name
+    iterations = grpo_keys.get("iterations", config.grpo.iterations)
+    eval_every = grpo_keys.get("eval_every", config.grpo.eval_every)
+    assert [m[0] for m in entry["monitor"]] == list(range(0, iterations + 1, eval_every)), name
+
+
 def test_base_results_match_config_and_targets():
     results = json.loads((ROOT / "results" / "base_shapes.json").read_text())
     config = load_config(ROOT / "configs" / "shapes.yaml")
@@ -98,10 +110,7 @@ def test_grpo_ablations_come_from_the_committed_grpo_inputs():
     expected = {"cfg_hybrid": {}, "cfg_both": {"cfg_mode": "both"}, "cfg_none": {"cfg_mode": "none"},
                 "timesteps_all": {"timesteps": "all"}}
     for name, entry in variants.items():
-        assert entry["grpo"] == {"iterations": 60, "eval_every": 20, **expected[name]}, name
-        delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
-        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
-        assert [m[0] for m in entry["monitor"]] == [0, 20, 40, 60]
+        _check_variant(name, entry, table, {"iterations": 60, "eval_every": 20, **expected[name]}, config)
 
 
 def test_grpo_levers_come_from_the_committed_grpo_inputs():
@@ -117,10 +126,8 @@ def test_grpo_levers_come_from_the_committed_grpo_inputs():
     variants = table["variants"]
     for name, entry in variants.items():
         grpo_keys, filter_keys = split_variant(LEVERS[name])
-        assert entry["grpo"] == grpo_keys and entry.get("filter", {}) == filter_keys, name
-        delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
-        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
-        assert [m[0] for m in entry["monitor"]] == list(range(0, config.grpo.iterations + 1, config.grpo.eval_every))
+        _check_variant(name, entry, table, grpo_keys, config)
+        assert entry.get("filter", {}) == filter_keys, name
         if filter_keys.get("threshold_scope") == "category":
             assert entry["prompts"] != table["inputs"]["prompts"]
             assert min(entry["kept_fraction"].values()) > 0, entry["kept_fraction"]
@@ -137,10 +144,8 @@ def test_grpo_epochs_come_from_the_same_base_as_the_levers():
     assert table["base"] == grpo["metrics"]["base"]
     for name, entry in table["variants"].items():
         grpo_keys, filter_keys = split_variant(EPOCHS[name])
-        assert entry["grpo"] == grpo_keys and entry["grpo"]["epochs"] > 1 and entry["filter"] == filter_keys, name
-        delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
-        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
-        assert [m[0] for m in entry["monitor"]] == list(range(0, config.grpo.iterations + 1, config.grpo.eval_every))
+        _check_variant(name, entry, table, grpo_keys, config)
+        assert entry["grpo"]["epochs"] > 1 and entry["filter"] == filter_keys, name
 
 
 @pytest.mark.parametrize("table_file, name, variant, curve_file", [
@@ -202,10 +207,8 @@ def test_grpo_windows_come_from_the_chain_of_the_long_run():
     assert table["base"] == long["base"]
     for variant, entry in table["variants"].items():
         grpo_keys, filter_keys = split_variant(WINDOWS[variant])
-        assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys, variant
-        delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
-        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
-        assert [m[0] for m in entry["monitor"]] == list(range(0, 401, config.grpo.eval_every)), variant
+        _check_variant(variant, entry, table, grpo_keys, config)
+        assert entry["filter"] == filter_keys and grpo_keys["iterations"] == 400, variant
     assert "--threads 1" in table["command"]
     assert curve["points"][0]["t2i/alignment"] == pytest.approx(table["base"]["t2i/alignment"], abs=1e-4)
 
@@ -214,9 +217,11 @@ def test_grpo_windows_come_from_the_chain_of_the_long_run():
     ("grpo_ema.json", "ema", {"ema_decay", "lr"}),
     ("grpo_hold_fidelity.json", "hold_fidelity", {"kl_coef", "noise_level"}),
     ("grpo_kl_long.json", "kl_long", {"kl_coef", "iterations"}),
+    ("grpo_kl03_levers.json", "kl03_levers", {"kl_coef", "calibrate", "kl_anchor_coef"}),
 ])
 def test_grpo_tables_on_the_first_30pct_window_come_from_the_windows_chain(file, name, varied):
-    """results/grpo_ema.json, grpo_hold_fidelity.json and grpo_kl_long.json (`make results/<file>`): the
+    """results/grpo_ema.json, grpo_hold_fidelity.json, grpo_kl_long.json and grpo_kl03_levers.json
+    (`make results/<file>`): the
     windows table's first 30 % variant with only the named grpo keys (or reward weights) changed, on the same
     base, reward models and curated prompts as results/grpo_windows.json."""
     from bench import grpo_ablations
@@ -231,15 +236,12 @@ def test_grpo_tables_on_the_first_30pct_window_come_from_the_windows_chain(file,
     first_30pct = split_variant(WINDOWS["first_30pct"])
     for variant, entry in table["variants"].items():
         grpo_keys, filter_keys = split_variant(specs[variant])
-        assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys == first_30pct[1], variant
+        _check_variant(variant, entry, table, grpo_keys, config)
+        assert entry["filter"] == filter_keys == first_30pct[1], variant
         assert entry.get("rewards", {}) == specs[variant].get("rewards", {}), variant
         unvaried = {k: v for k, v in first_30pct[0].items() if k not in varied}
         assert {k: v for k, v in grpo_keys.items() if k not in varied} == unvaried, variant
         assert grpo_keys != first_30pct[0] or entry.get("rewards"), variant  # each variant changes something
-        delta = entry["judge"]["t2i/alignment"] - table["base"]["t2i/alignment"]
-        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
-        iterations = grpo_keys["iterations"]
-        assert [m[0] for m in entry["monitor"]] == list(range(0, iterations + 1, config.grpo.eval_every)), variant
     assert "--threads 1" in table["command"]
 
 
@@ -260,12 +262,9 @@ def test_grpo_edit_window_comes_from_the_chain_of_the_curve():
     levers_grpo, levers_filter = split_variant(EDIT_LEVERS["kind_filter_balanced_2steps"])
     for variant, entry in table["variants"].items():
         grpo_keys, filter_keys = split_variant(EDIT_WINDOW[variant])
-        assert entry["grpo"] == grpo_keys and entry["filter"] == filter_keys == levers_filter, variant
+        _check_variant(variant, entry, table, grpo_keys, config, headline="edit/accuracy")
+        assert entry["filter"] == filter_keys == levers_filter, variant
         assert {k: grpo_keys[k] for k in levers_grpo} == levers_grpo, variant
-        delta = entry["judge"]["edit/accuracy"] - table["base"]["edit/accuracy"]
-        assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0
-        iterations = grpo_keys["iterations"]
-        assert [m[0] for m in entry["monitor"]] == list(range(0, iterations + 1, config.grpo.eval_every)), variant
     assert "--threads 1" in table["command"]
 
 

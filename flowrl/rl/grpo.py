@@ -29,7 +29,7 @@ from flowrl.rewards.base import RewardScores
 from flowrl.rewards.client import RewardClientError
 from flowrl.rl.distributed import mean_across_ranks
 from flowrl.rl.engine import make_engine
-from flowrl.rl.objectives import gaussian_kl, group_advantages, ppo_clip_loss
+from flowrl.rl.objectives import anchored_kl_term, gaussian_kl, group_advantages, ppo_clip_loss
 from flowrl.rl.rollout import (
     RolloutSettings,
     Rollouts,
@@ -248,8 +248,10 @@ class GRPOTrainer(LoopTrainer):
         if self.reference is not None and cfg.kl_coef > 0:
             with torch.no_grad():
                 ref = step_log_probs(self.reference, ro, rows, steps[rows], self.settings)
-            kl = gaussian_kl(new.means.flatten(0, 1), ref.means.flatten(0, 1), new.stds.flatten()).mean()
-            loss = loss + cfg.kl_coef * kl
+            per_step = gaussian_kl(new.means.flatten(0, 1), ref.means.flatten(0, 1), new.stds.flatten())
+            per_step = per_step.view(len(rows), -1)  # [R, trained + anchor steps]
+            kl = per_step.mean()
+            loss = loss + anchored_kl_term(per_step, n_trained, cfg.kl_coef, cfg.kl_anchor_coef)
         return loss, {"kl": kl, **diag}
 
     def update(self, outs: dict[str, IterationOutput], iteration: int) -> dict[str, float]:

@@ -66,3 +66,15 @@ def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -
     the latent elements: [B, *latent], [B, *latent], [B] -> [B]."""
     diff2 = ((mean - mean_ref) ** 2).flatten(1).mean(dim=1)
     return diff2 / (2.0 * std.to(diff2.dtype) ** 2)
+
+
+def anchored_kl_term(kl: torch.Tensor, n_trained: int, coef: float, anchor_coef: float | None = None) -> torch.Tensor:
+    """The KL term of the GRPO loss from per-step KLs ``kl`` [R, S]: the first
+    ``n_trained`` columns are trained steps (weight ``coef``), the rest
+    KL-only anchor steps (weight ``anchor_coef``; None: ``coef``); the mean over
+    all R x S entries of weight times KL."""
+    if anchor_coef is None or anchor_coef == coef or n_trained >= kl.shape[1]:
+        return coef * kl.mean()
+    weights = torch.full((kl.shape[1],), float(coef), dtype=kl.dtype, device=kl.device)
+    weights[n_trained:] = anchor_coef
+    return (kl * weights).mean()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from flowrl.rl.objectives import gaussian_kl, group_advantages, ppo_clip_loss
+from flowrl.rl.objectives import anchored_kl_term, gaussian_kl, group_advantages, ppo_clip_loss
 
 
 def test_advantages_hand_computed():
@@ -81,6 +81,26 @@ def test_gaussian_kl_hand_computed_and_zero_at_reference():
     assert float(gaussian_kl(mean, torch.zeros(1, 2), torch.tensor([1.0]))) == pytest.approx(1.25)
     assert float(gaussian_kl(mean, mean, torch.tensor([0.3]))) == 0.0
     assert float(gaussian_kl(mean, torch.zeros(1, 2), torch.tensor([2.0]))) == pytest.approx(1.25 / 4)
+
+
+def test_anchored_kl_term_weighs_anchor_steps_apart():
+    # 2 rows x 3 KL steps: 1 trained step, then 2 anchors
+    kl = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    # unweighted: 0.5 * mean = 0.5 * 21 / 6
+    assert float(anchored_kl_term(kl, 1, 0.5)) == pytest.approx(1.75)
+    assert float(anchored_kl_term(kl, 1, 0.5, 0.5)) == pytest.approx(1.75)
+    # trained (1 + 4) * 0.5 + anchors (2 + 3 + 5 + 6) * 2.0 = 2.5 + 32 over 6 entries
+    assert float(anchored_kl_term(kl, 1, 0.5, 2.0)) == pytest.approx(34.5 / 6)
+    # anchors at weight 0: only the trained steps count, still over all 6 entries
+    assert float(anchored_kl_term(kl, 1, 0.5, 0.0)) == pytest.approx(2.5 / 6)
+    # no anchor columns: the anchor weight has nothing to weigh
+    assert float(anchored_kl_term(kl, 3, 0.5, 9.0)) == pytest.approx(1.75)
+
+
+def test_anchored_kl_term_gradient_follows_the_step_weights():
+    kl = torch.ones(2, 3, requires_grad=True)
+    anchored_kl_term(kl, 2, 0.3, 3.0).backward()
+    torch.testing.assert_close(kl.grad, torch.tensor([[0.3, 0.3, 3.0], [0.3, 0.3, 3.0]]) / 6)
 
 
 def test_shape_errors_name_the_argument():

@@ -158,6 +158,39 @@ def test_epochs_pass_over_the_same_rollouts_again_and_the_clip_then_binds():
         from_dict(FlowRLConfig, {"grpo": {"epochs": 0}})
 
 
+class _FlatReward:
+    def score_components(self, images, prompts, sources=None):
+        total = torch.zeros(len(images))
+        return RewardScores(total=total, components={"flat": total})
+
+
+def test_anchor_kl_weight_reaches_the_loss_and_leaves_the_measured_kl_alone():
+    """Flat rewards give zero advantages, so the loss is the KL term alone: the anchors' own weight moves it,
+    while the KL reported (the plain mean over trained and anchor steps) stays the same; at kl_coef it is the
+    unweighted update."""
+
+    def run(anchor_coef):
+        cfg = GRPOConfig(iterations=1, prompts_per_iteration=2, group_size=2, num_steps=4, timestep_fraction=0.5,
+                         timesteps_per_trajectory=1, kl_coef=0.5, kl_anchor_steps=2, kl_anchor_coef=anchor_coef,
+                         eval_every=100, reward_chunks=1)
+        model = tiny_model()
+        rewards = LocalRewards(_FlatReward())
+        trainer = GRPOTrainer(model, model.net, tiny_model(seed=1), cfg,
+                              PromptSet(["a red circle", "a blue square"], ["x", "y"], None), rewards,
+                              weights=lambda prompts: torch.ones(len(prompts), 1))
+        metrics = trainer.update(trainer.collect(0), 0)
+        rewards.close()
+        return metrics, [p.detach().clone() for p in model.net.parameters()]
+
+    (plain, plain_w), (same, same_w), (off, _), (heavy, _) = run(None), run(0.5), run(0.0), run(5.0)
+    assert plain["train/loss"] == same["train/loss"]
+    assert all(torch.equal(a, b) for a, b in zip(plain_w, same_w))
+    assert plain["train/kl"] == off["train/kl"] == heavy["train/kl"] > 0
+    assert 0 < off["train/loss"] < plain["train/loss"] < heavy["train/loss"]
+    # zero advantages: the unweighted loss is kl_coef times the mean KL
+    assert plain["train/loss"] == pytest.approx(0.5 * plain["train/kl"])
+
+
 def test_checkpoint_keeps_the_ema_weights(tmp_path):
     from flowrl.pretrain import EMA
 
