@@ -67,10 +67,9 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 
 from flowrl.machine import machine_info
-from flowrl.config import FlowRLConfig, from_dict, load_config
+from flowrl.config import ConfigError, FlowRLConfig, from_dict, load_config, merge_data, parse_overrides
 from flowrl.stages.filter_prompts import run_filter_prompts
 from flowrl.stages.grpo import HEADLINE, run_grpo
 from flowrl.tracking import NullTracker
@@ -170,26 +169,16 @@ def split_variant(spec: dict) -> tuple[dict, dict]:
 
 
 def _parse_sets(values: list[str]) -> dict:
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def _deep_merge(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    try:
+        return parse_overrides(values)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def with_section(config: FlowRLConfig, section: str, overrides: dict) -> FlowRLConfig:
     """``config`` with keys of ``section`` replaced (nested sections key by key), validated like a config file."""
     current = getattr(config, section)
-    merged = _deep_merge(dataclasses.asdict(current), overrides)
+    merged = merge_data(dataclasses.asdict(current), overrides)
     return dataclasses.replace(config, **{section: from_dict(type(current), merged, f"{section}.")})
 
 

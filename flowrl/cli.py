@@ -38,6 +38,9 @@ def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--config", required=True, help="scenario YAML (configs/*.yaml)")
     p.add_argument("--output", default=None, help="artifact root, a directory or fsspec URI (default: run.artifact_root)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one config key after reading --config (dotted KEY, YAML VALUE, e.g. "
+                   "grpo.iterations=400 or 'annotate.degradations=[noise, color_cast]'); repeatable")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument(
@@ -138,7 +141,7 @@ def _dispatch(args) -> int:
         for key, default, doc in describe_fields():
             print(f"{key} = {default}\n    {doc}")
         return 0
-    config = load_config(args.config)
+    config = load_config(args.config, getattr(args, "overrides", ()))
     if args.command == "validate":
         print(f"{args.config}: ok")
         return 0

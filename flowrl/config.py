@@ -196,6 +196,11 @@ class AnnotateConfig:
     )
     pairwise_path: str | None = param(None, "Human labels: the pairwise parquet (with pointwise_path).")
     on_bad_row: Literal["fail", "skip"] = param("fail", "Bad rows in the given parquet files: fail, or skip them (counted).")
+    degradations: tuple[Literal["noise", "blur", "blotches", "color_cast"], ...] = param(
+        ("noise", "blur", "blotches"),
+        "The degraded candidates' faults, one drawn per image: noise, blur (texture), blotches (stray blobs), "
+        "color_cast (object pixels moved off their palette colour). A reward model only learns to see the faults "
+        "its annotators were shown.", added=True)
 
 
 @dataclass(frozen=True)
@@ -521,8 +526,40 @@ class FlowRLConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path) -> FlowRLConfig:
-    """Read and validate a YAML scenario file."""
+def parse_overrides(entries: typing.Sequence[str], flag: str = "--set") -> dict[str, Any]:
+    """``["annotate.seed=7", "grpo.cfg_mode=both"]`` -> nested plain data ``{"annotate": {"seed": 7}, ...}``;
+    each value is read as YAML (``[a, b]`` is a list, ``null`` None). A malformed entry is a ConfigError
+    naming ``flag``."""
+    out: dict[str, Any] = {}
+    for entry in entries:
+        key, sep, text = entry.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"{flag} {entry!r}: expected KEY=VALUE with a dotted KEY (e.g. grpo.iterations=400)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{flag} {entry!r}: the value is not YAML: {exc}") from None
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{flag} {entry!r}: {part} is given a value and keys")
+        node[parts[-1]] = value
+    return out
+
+
+def merge_data(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` laid over it, nested mappings key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge_data(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> FlowRLConfig:
+    """Read and validate a YAML scenario file, with ``overrides`` (``KEY=VALUE``, see
+    :func:`parse_overrides`) laid over it before validation."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -532,10 +569,14 @@ def load_config(path: str | Path) -> FlowRLConfig:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if data is None:
         raise ConfigError(f"{path}: config file is empty")
+    where = str(path)
+    if overrides:
+        data = merge_data(data, parse_overrides(overrides))
+        where = f"{path} with --set {' '.join(overrides)}"
     try:
         config = from_dict(FlowRLConfig, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     check_consistency(config)
     return config
 
@@ -682,6 +723,8 @@ def check_consistency(config: FlowRLConfig) -> None:
     a = config.annotate
     if (a.pointwise_path is None) != (a.pairwise_path is None):
         raise ConfigError("annotate.pairwise_path: give both annotate.pointwise_path and annotate.pairwise_path, or neither")
+    if not a.degradations:
+        raise ConfigError("annotate.degradations: name at least one (noise, blur, blotches, color_cast)")
     if a.noise_min > a.noise_max:
         raise ConfigError(f"annotate.noise_min: {a.noise_min} is above annotate.noise_max {a.noise_max}")
     if a.labels_per_image > a.annotators:

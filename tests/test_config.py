@@ -122,6 +122,8 @@ def test_section_hash_tracks_only_its_sections():
         ("opd:\n  zero_stage: 3\n  ema_decay: 0.9\n", "opd.zero_stage: ZeRO-3 partitions the weights"),
         ("filter:\n  threshold_scope: per_cat\n", "filter.threshold_scope"),
         ("grpo:\n  balance_categories: maybe\n", "grpo.balance_categories"),
+        ("annotate:\n  degradations: []\n", "annotate.degradations: name at least one"),
+        ("annotate:\n  degradations: [noise, tint]\n", "annotate.degradations\\[1\\]: expected one of"),
         ("grpo:\n  kl_anchor_coef: 3.0\n", "grpo.kl_anchor_coef: 3.0 weighs the KL on anchor steps, and there are none"),
         ("grpo:\n  kl_coef: 0.1\n  kl_anchor_steps: 4\n  timesteps: all\n  kl_anchor_coef: 1.0\n",
          "grpo.timesteps: subset \\(got all\\)"),
@@ -133,6 +135,20 @@ def test_rl_cross_key_rules(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_overrides_replace_single_keys_of_the_file():
+    path = CONFIGS / "shapes.yaml"
+    plain = load_config(path)
+    changed = load_config(path, ["annotate.degradations=[noise, color_cast]", "grpo.iterations=7", "grpo.reward_url=null"])
+    assert changed.annotate.degradations == ("noise", "color_cast") and changed.grpo.iterations == 7
+    assert changed.grpo.reward_url is None
+    assert changed.grpo.group_size == plain.grpo.group_size and changed.base == plain.base
+    assert changed.section_hash("annotate") != plain.section_hash("annotate")
+    assert changed.section_hash("base") == plain.section_hash("base")
+    # the cross-key rules see the merged config
+    with pytest.raises(ConfigError, match="grpo.kl_anchor_coef"):
+        load_config(path, ["grpo.kl_coef=0", "grpo.kl_anchor_coef=1.0"])
 
 
 def test_a_key_added_later_leaves_the_hash_alone_at_its_default():

@@ -3,7 +3,7 @@
 Per prompt (or edit instruction) a handful of candidate images: the base
 model's samples, the clean rendering of a correct scene, a rendering
 perturbed to contradict the prompt, and degraded copies (noise, blur, stray
-blobs). Simulated annotators label each candidate (pointwise) and compare
+blobs, and by config an off-palette colour cast). Simulated annotators label each candidate (pointwise) and compare
 pairs of candidates of the same prompt (pairwise).
 """
 
@@ -36,21 +36,32 @@ class Candidates:
     source: np.ndarray | None  # edits only
 
 
-def degrade(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """One random degradation of texture (noise, blur) or structure (blotches)."""
-    choice = rng.integers(3)
-    if choice == 0:
+# Degradations of a candidate image: texture (noise, blur, an off-palette colour cast) or structure (blotches).
+DEGRADATIONS: tuple[str, ...] = ("noise", "blur", "blotches", "color_cast")
+DEFAULT_DEGRADATIONS: tuple[str, ...] = ("noise", "blur", "blotches")
+
+
+def degrade(rng: np.random.Generator, image: np.ndarray, kinds: tuple[str, ...] = DEFAULT_DEGRADATIONS) -> np.ndarray:
+    """One degradation drawn uniformly from ``kinds`` (names in DEGRADATIONS), at a random strength."""
+    choice = kinds[int(rng.integers(len(kinds)))]
+    if choice == "noise":
         return perturb.add_noise(image, rng, std=float(rng.uniform(0.02, 0.08)))
-    if choice == 1:
+    if choice == "blur":
         return perturb.blur(image, sigma=float(rng.uniform(0.4, 1.0)))
-    return perturb.add_blotches(image, rng, count=int(rng.integers(1, 4)))
+    if choice == "blotches":
+        return perturb.add_blotches(image, rng, count=int(rng.integers(1, 4)))
+    if choice == "color_cast":
+        return perturb.color_cast(image, rng, distance=float(rng.uniform(8.0, 40.0)))
+    raise ValueError(f"unknown degradation {choice!r} (known: {', '.join(DEGRADATIONS)})")
 
 
-def t2i_candidates(rng: np.random.Generator, example: T2IExample, resolution: int) -> Candidates:
+def t2i_candidates(
+    rng: np.random.Generator, example: T2IExample, resolution: int, degradations: tuple[str, ...] = DEFAULT_DEGRADATIONS
+) -> Candidates:
     clean = render_scene(example.scene, resolution)
     kind = str(rng.choice(perturb.applicable_perturbations(example.spec, example.scene)))
     wrong = render_scene(perturb.perturb_scene(rng, example.spec, example.scene, kind), resolution)
-    images = [clean, wrong, degrade(rng, clean), degrade(rng, wrong)]
+    images = [clean, wrong, degrade(rng, clean, degradations), degrade(rng, wrong, degradations)]
     return Candidates("t2i", example.prompt, example.spec.category, example.spec, images, None)
 
 
@@ -65,23 +76,27 @@ def _recolor_untouched(rng: np.random.Generator, example: EditExample) -> Scene:
     return example.target.replace(victim, ShapeObject(victim.shape, color, victim.row, victim.col))
 
 
-def edit_candidates(rng: np.random.Generator, example: EditExample, resolution: int) -> Candidates:
+def edit_candidates(
+    rng: np.random.Generator, example: EditExample, resolution: int, degradations: tuple[str, ...] = DEFAULT_DEGRADATIONS
+) -> Candidates:
     target = render_scene(example.target, resolution)
     unchanged = render_scene(example.source, resolution)
     drifted = render_scene(_recolor_untouched(rng, example), resolution)
-    images = [target, unchanged, drifted, degrade(rng, target)]
+    images = [target, unchanged, drifted, degrade(rng, target, degradations)]
     return Candidates("edit", example.instruction, example.kind, example.spec, images, unchanged)
 
 
 def draw_candidates(
-    rng: np.random.Generator, t2i_per_category: int, edits_per_kind: int, resolution: int
+    rng: np.random.Generator, t2i_per_category: int, edits_per_kind: int, resolution: int,
+    degradations: tuple[str, ...] = DEFAULT_DEGRADATIONS,
 ) -> list[Candidates]:
     """Rendered candidates for fresh prompts of every category and edit kind."""
     out = []
     for category in T2I_CATEGORIES:
-        out += [t2i_candidates(rng, sample_t2i(rng, category), resolution) for _ in range(t2i_per_category)]
+        out += [t2i_candidates(rng, sample_t2i(rng, category), resolution, degradations)
+                for _ in range(t2i_per_category)]
     for kind in EDIT_KINDS:
-        out += [edit_candidates(rng, sample_edit(rng, kind), resolution) for _ in range(edits_per_kind)]
+        out += [edit_candidates(rng, sample_edit(rng, kind), resolution, degradations) for _ in range(edits_per_kind)]
     return out
 
 

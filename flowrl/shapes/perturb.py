@@ -113,3 +113,14 @@ def add_blotches(image: np.ndarray, rng: np.random.Generator, count: int = 1, si
         clear[max(top - size - 1, 0) : top + 2 * size + 1, max(left - size - 1, 0) : left + 2 * size + 1] = False
         candidates = np.argwhere(clear)
     return out
+
+
+def color_cast(image: np.ndarray, rng: np.random.Generator, distance: float = 20.0) -> np.ndarray:
+    """uint8 image whose object pixels (every pixel not pure white) all move ``distance`` levels (of 255) in one
+    random RGB direction: off-palette colours on the same shapes, in the same places."""
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    out = image.astype(np.float64)
+    objects = (image < 255).any(-1)
+    out[objects] += distance * direction
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)

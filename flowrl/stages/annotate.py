@@ -71,7 +71,8 @@ def run_annotate(
     with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
         a = config.annotate
         rng = np.random.default_rng([config.run.seed, a.seed])
-        candidates = draw_candidates(rng, a.t2i_per_category, a.edits_per_kind, config.world.resolution)
+        candidates = draw_candidates(rng, a.t2i_per_category, a.edits_per_kind, config.world.resolution,
+                                     a.degradations)
         if a.model_samples:
             candidates = add_model_samples(candidates, _model_samples(model, candidates, config))
         pool = annotator_pool(rng, a.annotators, a.bias_std, (a.noise_min, a.noise_max))

@@ -1,12 +1,14 @@
 """Annotation datasets: schema, row validation, simulated annotators."""
 
+import typing
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from flowrl.rewards.annotations import AnnotationError, load_annotations, png_bytes
 from flowrl.rewards.shapes_annotators import Annotator, Latents, annotator_pool, latents_for
-from flowrl.rewards.shapes_dataset import annotate, draw_candidates
+from flowrl.rewards.shapes_dataset import DEGRADATIONS, annotate, degrade, draw_candidates
 from flowrl.shapes import perturb
 from flowrl.shapes.prompts import sample_t2i
 from flowrl.shapes.render import render_scene
@@ -95,6 +97,27 @@ def test_latents_follow_the_judge():
     assert bad.alignment < 0.7 and bad.fidelity == 1.0
     assert tex.quality < 0.9 and tex.alignment == 1.0
     assert struct.fidelity < 0.9
+
+
+def test_degradations_are_drawn_from_the_configured_kinds_only():
+    """The default kinds give the candidates every earlier annotation set had; color_cast alone makes every
+    degraded candidate an off-palette copy of its clean image that the annotators' quality latent sees."""
+    from flowrl.config import AnnotateConfig
+
+    default = draw_candidates(np.random.default_rng(5), 2, 1, 32)
+    explicit = draw_candidates(np.random.default_rng(5), 2, 1, 32, ("noise", "blur", "blotches"))
+    assert AnnotateConfig().degradations == ("noise", "blur", "blotches")
+    assert all(np.array_equal(a, b) for c, d in zip(default, explicit) for a, b in zip(c.images, d.images))
+    cast = draw_candidates(np.random.default_rng(5), 2, 0, 32, ("color_cast",))
+    for c in cast:
+        clean, degraded = c.images[0], c.images[2]  # [clean, wrong, degrade(clean), degrade(wrong)]
+        assert ((degraded == 255).all(-1) == (clean == 255).all(-1)).all()
+        ok, cast_latents = latents_for(np.stack([clean, degraded]), [c.spec] * 2)
+        assert cast_latents.quality < ok.quality and cast_latents.alignment == ok.alignment, c.prompt
+    assert set(DEGRADATIONS) == set(typing.get_args(typing.get_args(
+        typing.get_type_hints(AnnotateConfig)["degradations"])[0]))
+    with pytest.raises(ValueError, match="unknown degradation 'tint'"):
+        degrade(np.random.default_rng(0), cast[0].images[0], ("tint",))
 
 
 def test_annotators_are_noisy_biased_and_in_range():

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from flowrl.shapes.detect import read_scene
+from flowrl.shapes.detect import read_images, read_scene
 from flowrl.shapes.judge import fidelity, t2i_correct_batch
-from flowrl.shapes.perturb import PERTURBATIONS, add_blotches, applicable_perturbations, perturb_scene
+from flowrl.shapes.perturb import PERTURBATIONS, add_blotches, applicable_perturbations, color_cast, perturb_scene
 from flowrl.shapes.prompts import T2I_CATEGORIES, parse_t2i, sample_t2i
 from flowrl.shapes.render import render_scene
 from flowrl.shapes.scene import Scene, ShapeObject
@@ -53,3 +53,17 @@ def test_blotches_are_strays_that_lower_fidelity():
         assert len(read.strays) == count and read.objects == clean.objects
         scores.append(fidelity(blotched))
     assert scores[0] == 1.0 and scores[1] > scores[2] > scores[3], scores
+
+
+def test_a_colour_cast_moves_object_colours_off_palette_and_nothing_else():
+    rng = np.random.default_rng(2)
+    image = render_scene(sample_t2i(rng, "color_attr").scene)
+    errors = [read_images(image[None])[0].color_error]
+    for distance in (10.0, 20.0, 40.0):
+        cast = color_cast(image, np.random.default_rng(3), distance)
+        assert (cast[(image == 255).all(-1)] == 255).all()  # the background is left white
+        (reading,) = read_images(cast[None])
+        assert reading.scene.objects == read_scene(image).objects  # same shapes, colours and places
+        errors.append(reading.color_error)
+    assert errors[0] < errors[1] < errors[2] < errors[3], errors
+    assert fidelity(color_cast(image, np.random.default_rng(3), 40.0)) < fidelity(image) == 1.0

@@ -30,6 +30,12 @@ def test_annotate_writes_valid_datasets_with_lineage(smoke_config):
     # the same base named by a relative path with a trailing slash: the same version, reused
     again = run_annotate(config, os.path.relpath(base.uri) + "/")
     assert again.reused and again.uri == result.uri
+    # other degraded candidates (a --set on the command line): a new version with other images, as many rows
+    cast = run_annotate(load_config(smoke_config, ["annotate.degradations=[color_cast]"]), base.uri)
+    assert not cast.reused and cast.uri != result.uri
+    cast_pointwise, _ = load_annotations(fetch(cast.uri) / "pointwise.parquet", "pointwise")
+    assert len(cast_pointwise) == len(pointwise)
+    assert read_manifest(cast.uri).files["pointwise.parquet"] != manifest.files["pointwise.parquet"]
 
 
 def test_annotate_needs_a_complete_base(smoke_config, tmp_path):

@@ -68,6 +68,19 @@ def test_bad_config_files(tmp_path, capsys, text, needle):
     _fails(capsys, ["validate", "--config", path], needle)
 
 
+@pytest.mark.parametrize("override,needles", [
+    ("base.lrr=1.0", ("--set base.lrr=1.0", "base.lrr: unknown key")),
+    ("base.lr=fast", ("--set base.lr=fast", "base.lr")),
+    ("baselr", ("--set 'baselr'", "expected KEY=VALUE")),
+    ("base..lr=1", ("--set 'base..lr=1'", "dotted KEY")),
+    ("annotate.degradations=[noise, tint]", ("annotate.degradations[1]",)),
+], ids=["unknown key", "wrong type", "no value", "empty key part", "unknown degradation"])
+def test_bad_overrides_on_the_command_line(tmp_path, capsys, override, needles):
+    path = _config(tmp_path)
+    _fails(capsys, ["base", "--config", path, "--set", override], *needles)
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_missing_config_file(tmp_path, capsys):
     _fails(capsys, ["validate", "--config", str(tmp_path / "nope.yaml")], "nope.yaml", "not found")
 
