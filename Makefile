@@ -48,7 +48,7 @@ T2I_CURVE = set -eo pipefail; \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
 	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
 	results/grpo_ema.json results/grpo_hold_fidelity.json results/grpo_kl_long_curve.json results/grpo_edit_window.json \
-	results/grpo_kl03_levers.json
+	results/grpo_kl03_levers.json results/grpo_cast_rm.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -179,6 +179,14 @@ results/grpo_edit_window.json: venv
 # of one thread each share the file.
 results/grpo_kl03_levers.json: venv
 	$(call GRPO_TABLE,t2i,kl03_levers,first_30pct_kl03_calibrate,first_30pct_kl03_anchor3)
+
+# The first 30 % window with KL 0.3 and with KL 0.1 on reward models whose annotation data also held off-palette
+# colour casts (results/grpo_cast_rm.json): the same base; annotate, reward-model and filter-prompts run with the
+# --set below (new versions of those stages); two runners of one thread each share the file.
+CAST_SET := --set 'annotate.degradations=[noise, blur, blotches, color_cast]'
+results/grpo_cast_rm.json: SHAPES += $(CAST_SET)
+results/grpo_cast_rm.json: venv
+	$(call GRPO_TABLE,t2i,cast_rm,first_30pct_kl03,first_30pct)
 
 # Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?
 results/t2i_reward_probe.json: venv

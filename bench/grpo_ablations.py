@@ -152,12 +152,18 @@ KL03_LEVERS = {
     "first_30pct_kl03_calibrate": {**PER_CATEGORY, "grpo": {**_KL03, "calibrate": True}},
     "first_30pct_kl03_anchor3": {**PER_CATEGORY, "grpo": {**_KL03, "kl_anchor_coef": 3.0}},
 }
+# The same configurations on reward models that were shown off-palette colours (``--table cast_rm``, run with
+# ``--reward-model`` from ``flowrl annotate`` / ``reward-model`` with ``--set 'annotate.degradations=[noise, blur,
+# blotches, color_cast]'``): the drift of the KL runs' fidelity is object colours leaving the palette, a fault the
+# shipped reward models never saw in their annotation data and cannot rank.
+CAST_RM = {"first_30pct_kl03": HOLD_FIDELITY["first_30pct_kl03"], "first_30pct": WINDOWS["first_30pct"]}
 TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS, "long": LONG,
           "windows": WINDOWS, "ema": EMA, "hold_fidelity": HOLD_FIDELITY, "kl_long": KL_LONG,
-          "edit_window": EDIT_WINDOW, "kl03_levers": KL03_LEVERS}
+          "edit_window": EDIT_WINDOW, "kl03_levers": KL03_LEVERS,
+          "cast_rm": CAST_RM}
 TABLE_TASK = {"levers": "t2i", "epochs": "t2i", "edit_levers": "edit", "long": "t2i", "windows": "t2i", "ema": "t2i",
               "hold_fidelity": "t2i", "kl_long": "t2i", "edit_window": "edit",
-              "kl03_levers": "t2i"}  # tables whose variants name one task's categories
+              "kl03_levers": "t2i", "cast_rm": "t2i"}  # tables whose variants name one task's categories
 
 
 def split_variant(spec: dict) -> tuple[dict, dict]:
