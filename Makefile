@@ -109,7 +109,7 @@ results/grpo_shapes.json: venv
 	$(REWARD_CHAIN); \
 	for task in t2i edit; do \
 		prompts=$$($(FLOWRL) filter-prompts $(SHAPES) --task $$task --base $$base --reward-model $$rm | tail -1); \
-		$(FLOWRL) grpo $(SHAPES) --task $$task --base $$base --reward-model $$rm --prompts $(if $(filter edit,$(1)),$$pe,$$pt) \
+		$(FLOWRL) grpo $(SHAPES) --task $$task --base $$base --reward-model $$rm --prompts $$prompts \
 			--results $@ --results-key $$task; \
 	done
 
@@ -174,11 +174,10 @@ results/grpo_kl_long_curve.json: venv
 results/grpo_edit_window.json: venv
 	$(call GRPO_TABLE,edit,edit_window,kind_levers_first_30pct_kl03)
 
-# Two levers on the first 30 % window with KL 0.3: per-category advantage calibration, and the KL on the low-noise
-# anchor steps ten times that on the trained steps (results/grpo_kl03_levers.json): same chain as above; two runners
-# of one thread each share the file.
+# The first 30 % window with KL 0.3 and per-category advantage calibration (results/grpo_kl03_levers.json): same
+# chain as above, one thread.
 results/grpo_kl03_levers.json: venv
-	$(call GRPO_TABLE,t2i,kl03_levers,first_30pct_kl03_calibrate,first_30pct_kl03_anchor3)
+	$(call GRPO_TABLE,t2i,kl03_levers,first_30pct_kl03_calibrate)
 
 # The first 30 % window with KL 0.3 and with KL 0.1 on reward models whose annotation data also held off-palette
 # colour casts (results/grpo_cast_rm.json): the same base; annotate, reward-model and filter-prompts run with the

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from scipy.stats import spearmanr
 
 from flowrl.config import load_config, name_value_pairs
-from flowrl.evaluation import generate, heldout_sets, to_uint8
+from flowrl.evaluation import generate, heldout_sets, item_seeds, to_uint8
 from flowrl.machine import machine_info
 from flowrl.models import load_policy, set_torch_threads, trainable_module
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
@@ -68,7 +68,7 @@ def probe(config_path: str, base: str, policies: list[tuple[str, str]], reward_m
     rewards = {name: load_shapes_rewards(config, uri)["t2i"] for name, uri in reward_models}
     t2i_set, _ = heldout_sets(config)
     prompts = [e.prompt for e in t2i_set]
-    seeds = [config.eval.seed * 1_000_003 + i for i in range(len(t2i_set))]  # the judge's own held-out seeds
+    seeds, _ = item_seeds(config.eval.seed, len(t2i_set))  # the judge's own held-out seeds
     models, all_errors, all_scores = {}, [], {}
     for name, path in [("base", None), *policies]:
         model = base_model

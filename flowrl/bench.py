@@ -26,7 +26,7 @@ import torch
 
 from flowrl.arena import Battle, Rating, battle_totals, fit_elo, judge_battles
 from flowrl.config import BENCH_PILLARS, FlowRLConfig
-from flowrl.evaluation import generate, to_uint8
+from flowrl.evaluation import generate, item_seeds, to_uint8
 from flowrl.models.base import FlowModel
 from flowrl.shapes import judge
 from flowrl.shapes.edits import make_edit_set
@@ -67,10 +67,6 @@ class BenchSet:
         return rows
 
 
-def _item_seeds(seed: int, n_t2i: int, n_edit: int) -> tuple[list[int], list[int]]:
-    return [seed * 1_000_003 + i for i in range(n_t2i)], [seed * 1_000_003 + 500_000 + i for i in range(n_edit)]
-
-
 def bench_set(config: FlowRLConfig) -> BenchSet:
     """The bench items of ``config.bench``: the grammar's bench split (shapes) or the bench prompt
     files (qwen_image, checked unseen by training, :func:`flowrl.prompt_files.load_bench_prompts`)."""
@@ -79,7 +75,7 @@ def bench_set(config: FlowRLConfig) -> BenchSet:
         return _file_bench_set(config)
     t2i = make_t2i_set(b.seed, b.t2i_per_category, split="bench")
     edit = make_edit_set(b.seed, b.edit_per_kind, split="bench")
-    t2i_seeds, edit_seeds = _item_seeds(b.seed, len(t2i), len(edit))
+    t2i_seeds, edit_seeds = item_seeds(b.seed, len(t2i), len(edit))
     sources = render_batch([e.source for e in edit], config.world.resolution)
     version = f"{BENCH_VERSION}-s{b.seed}-t{b.t2i_per_category}-e{b.edit_per_kind}"
     return BenchSet([e.prompt for e in t2i], [e.spec.category for e in t2i], [e.instruction for e in edit],
@@ -92,7 +88,7 @@ def _file_bench_set(config: FlowRLConfig) -> BenchSet:
 
     b = config.bench
     t2i, edit = load_bench_prompts(config, "t2i"), load_bench_prompts(config, "edit")
-    t2i_seeds, edit_seeds = _item_seeds(b.seed, len(t2i), len(edit))
+    t2i_seeds, edit_seeds = item_seeds(b.seed, len(t2i), len(edit))
     # sources stay uint8 (a thousand 1024-pixel sources are 3 GB so, 12 GB as float)
     sources = torch.from_numpy(np.stack([_rgb(data) for data in edit["source_image"]])).permute(0, 3, 1, 2)
     version = (f"files-t{t2i.attrs['sha256'][:12]}-e{edit.attrs['sha256'][:12]}-s{b.seed}"

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,6 +178,10 @@ class BaseConfig:
     log_every: int = param(50, "Log training metrics every N steps.", ge=1)
 
 
+# The faults a degraded annotation candidate can show (flowrl.rewards.shapes_dataset.degrade).
+Degradation = Literal["noise", "blur", "blotches", "color_cast"]
+
+
 @dataclass(frozen=True)
 class AnnotateConfig:
     """Stage `annotate`: candidate images and simulated annotators (shapes world)."""
@@ -196,7 +201,7 @@ class AnnotateConfig:
     )
     pairwise_path: str | None = param(None, "Human labels: the pairwise parquet (with pointwise_path).")
     on_bad_row: Literal["fail", "skip"] = param("fail", "Bad rows in the given parquet files: fail, or skip them (counted).")
-    degradations: tuple[Literal["noise", "blur", "blotches", "color_cast"], ...] = param(
+    degradations: tuple[Degradation, ...] = param(
         ("noise", "blur", "blotches"),
         "The degraded candidates' faults, one drawn per image: noise, blur (texture), blotches (stray blobs), "
         "color_cast (object pixels moved off their palette colour). A reward model only learns to see the faults "
@@ -352,7 +357,8 @@ class GRPOConfig:
     )
     kl_anchor_coef: float | None = param(
         None, "Weight of the KL on the anchor steps (null: kl_coef, as on the trained steps); the loss's KL term is "
-        "the mean over all KL steps of each step's weight times its KL. Needs kl_coef > 0 and kl_anchor_steps > 0.",
+        "the mean over all KL steps of each step's weight times its KL. Needs kl_coef > 0, kl_anchor_steps > 0 "
+        "and timesteps: subset.",
         ge=0, added=True)
     grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
     minibatches: int = param(1, "Optimizer steps per iteration (the rollouts split evenly).", ge=1)
@@ -535,7 +541,7 @@ def parse_overrides(entries: typing.Sequence[str], flag: str = "--set") -> dict[
         key, sep, text = entry.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
-            raise ConfigError(f"{flag} {entry!r}: expected KEY=VALUE with a dotted KEY (e.g. grpo.iterations=400)")
+            raise ConfigError(f"{flag} {entry!r}: expected KEY=VALUE (a dotted KEY for a nested key)")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -572,7 +578,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> FlowR
     where = str(path)
     if overrides:
         data = merge_data(data, parse_overrides(overrides))
-        where = f"{path} with --set {' '.join(overrides)}"
+        where = f"{path} with {' '.join(f'--set {shlex.quote(o)}' for o in overrides)}"
     try:
         config = from_dict(FlowRLConfig, data)
     except ConfigError as exc:
@@ -724,7 +730,7 @@ def check_consistency(config: FlowRLConfig) -> None:
     if (a.pointwise_path is None) != (a.pairwise_path is None):
         raise ConfigError("annotate.pairwise_path: give both annotate.pointwise_path and annotate.pairwise_path, or neither")
     if not a.degradations:
-        raise ConfigError("annotate.degradations: name at least one (noise, blur, blotches, color_cast)")
+        raise ConfigError(f"annotate.degradations: name at least one ({', '.join(typing.get_args(Degradation))})")
     if a.noise_min > a.noise_max:
         raise ConfigError(f"annotate.noise_min: {a.noise_min} is above annotate.noise_max {a.noise_max}")
     if a.labels_per_image > a.annotators:

@@ -25,6 +25,12 @@ def per_sample_noise(model: FlowModel, seeds: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def item_seeds(seed: int, n_t2i: int, n_edit: int = 0) -> tuple[list[int], list[int]]:
+    """The sampling seeds of ``n_t2i`` T2I and ``n_edit`` edit items of a fixed set drawn with ``seed``
+    (held-out evaluation, bench): the same item gets the same seed in every model's run."""
+    return [seed * 1_000_003 + i for i in range(n_t2i)], [seed * 1_000_003 + 500_000 + i for i in range(n_edit)]
+
+
 def generate(
     model: FlowModel,
     prompts: list[str],
@@ -102,8 +108,7 @@ def evaluate_shapes(model: FlowModel, config: FlowRLConfig, grid_items: int = 12
     start = time.perf_counter()
     t2i_set, edit_set = heldout_sets(config)
     res, ev = config.world.resolution, config.eval
-    t2i_seeds = [ev.seed * 1_000_003 + i for i in range(len(t2i_set))]
-    edit_seeds = [ev.seed * 1_000_003 + 500_000 + i for i in range(len(edit_set))]
+    t2i_seeds, edit_seeds = item_seeds(ev.seed, len(t2i_set), len(edit_set))
     t2i_images = generate(model, [e.prompt for e in t2i_set], t2i_seeds, config.sampler, batch_size=ev.batch_size)
     sources = render_batch([e.source for e in edit_set], res)
     edit_images = generate(
@@ -140,7 +145,7 @@ def reward_evaluation(model, frame, scorers: dict, sampler, seed: int, batch_siz
     ``scorers`` ({name: reward}): the mean over the prompts and per category; and a grid."""
     prompts = list(frame["prompt"])
     sources = decode_sources(frame)
-    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
+    seeds, _ = item_seeds(seed, len(prompts))
     images = generate(model, prompts, seeds, sampler, sources=sources, batch_size=batch_size)
     metrics = {}
     for name, scorer in scorers.items():

@@ -151,6 +151,14 @@ def test_overrides_replace_single_keys_of_the_file():
         load_config(path, ["grpo.kl_coef=0", "grpo.kl_anchor_coef=1.0"])
 
 
+def test_keys_added_later_are_left_out_of_the_hash_at_their_defaults():
+    from flowrl.config import AnnotateConfig, GRPOConfig, _hash_payload
+
+    assert "degradations" not in _hash_payload(AnnotateConfig())
+    assert "kl_anchor_coef" not in _hash_payload(GRPOConfig())
+    assert "degradations" in _hash_payload(AnnotateConfig(degradations=("color_cast",)))
+
+
 def test_a_key_added_later_leaves_the_hash_alone_at_its_default():
     import dataclasses
 

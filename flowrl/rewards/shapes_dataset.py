@@ -10,11 +10,13 @@ pairs of candidates of the same prompt (pairwise).
 from __future__ import annotations
 
 import itertools
+import typing
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from flowrl.config import AnnotateConfig, Degradation
 from flowrl.rewards.annotations import PAIRWISE_COLUMNS, POINTWISE_COLUMNS, png_bytes
 from flowrl.rewards.shapes_annotators import Annotator, Latents, latents_for
 from flowrl.shapes import perturb
@@ -37,8 +39,8 @@ class Candidates:
 
 
 # Degradations of a candidate image: texture (noise, blur, an off-palette colour cast) or structure (blotches).
-DEGRADATIONS: tuple[str, ...] = ("noise", "blur", "blotches", "color_cast")
-DEFAULT_DEGRADATIONS: tuple[str, ...] = ("noise", "blur", "blotches")
+DEGRADATIONS: tuple[str, ...] = typing.get_args(Degradation)
+DEFAULT_DEGRADATIONS: tuple[str, ...] = AnnotateConfig().degradations
 
 
 def degrade(rng: np.random.Generator, image: np.ndarray, kinds: tuple[str, ...] = DEFAULT_DEGRADATIONS) -> np.ndarray:
