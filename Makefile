@@ -32,6 +32,10 @@ GRPO_TABLE = set -eo pipefail; \
 	$(if $(4),$$run --variants $(4) & second=$$!;) \
 	wait $$first$(if $(4),; wait $$second)
 
+# $(call ARTIFACT_OF,TABLE_FILE,VARIANT): prints the grpo artifact a T2I table of bench.grpo_ablations holds for VARIANT.
+ARTIFACT_OF = $(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["t2i"]["variants"][sys.argv[2]]["artifact"])' \
+	$(1) $(2)
+
 # $(call T2I_CURVE,TABLE,VARIANT,TABLE_FILE,FLAGS): one long T2I variant of bench.grpo_ablations on the chain
 # above (FLAGS: e.g. --threads 1), then bench.grpo_curve judging the base and each of its checkpoints ($@, PNG beside).
 T2I_CURVE = set -eo pipefail; \
@@ -39,8 +43,7 @@ T2I_CURVE = set -eo pipefail; \
 	$(T2I_PROMPTS); \
 	$(PY) -m bench.grpo_ablations --table $(1) --task t2i --base $$base --reward-model $$rm --prompts $$pt \
 		$(4) --output $(3); \
-	run=$$($(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["t2i"]["variants"][sys.argv[2]]["artifact"])' \
-		$(3) $(2)); \
+	run=$$($(call ARTIFACT_OF,$(3),$(2))); \
 	$(PY) -m bench.grpo_curve --run $$run --base $$base --output $@
 
 .PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
@@ -48,7 +51,7 @@ T2I_CURVE = set -eo pipefail; \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
 	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
 	results/grpo_ema.json results/grpo_hold_fidelity.json results/grpo_kl_long_curve.json results/grpo_edit_window.json \
-	results/grpo_kl03_levers.json results/grpo_cast_rm.json
+	results/grpo_kl03_levers.json results/grpo_cast_rm.json results/fidelity_probe.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -186,6 +189,20 @@ CAST_SET := --set 'annotate.degradations=[noise, blur, blotches, color_cast]'
 results/grpo_cast_rm.json: SHAPES += $(CAST_SET)
 results/grpo_cast_rm.json: venv
 	$(call GRPO_TABLE,t2i,cast_rm,first_30pct_kl03,first_30pct)
+
+# Which judge fault the KL 0.3 long run drifts into, and whether the shipped and the colour-cast reward models rank
+# it (results/fidelity_probe.json): the base and that run's checkpoints at 100, 400 and 800 iterations, read from
+# results/grpo_kl_long.json (make it first).
+results/fidelity_probe.json: venv
+	set -eo pipefail; \
+	$(REWARD_CHAIN); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) $(CAST_SET) --base $$base | tail -1); \
+	cast=$$($(FLOWRL) reward-model $(SHAPES) $(CAST_SET) --annotations $$ann | tail -1); \
+	run=$$($(call ARTIFACT_OF,results/grpo_kl_long.json,first_30pct_kl03_800)); \
+	ckpt=$$(dirname $$run).checkpoints/$$(basename $$run); \
+	$(PY) -m bench.fidelity_probe --base $$base --reward-model shipped=$$rm --reward-model cast=$$cast \
+		--policy kl03_it100=$$ckpt-0000100 --policy kl03_it400=$$ckpt-0000400 --policy kl03_it800=$$ckpt-0000800 \
+		--threads 1 --output $@
 
 # Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?
 results/t2i_reward_probe.json: venv

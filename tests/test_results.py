@@ -268,6 +268,56 @@ def test_grpo_edit_window_comes_from_the_chain_of_the_curve():
     assert "--threads 1" in table["command"]
 
 
+def test_grpo_cast_rm_trains_the_kl_configurations_on_other_reward_models_of_the_same_base():
+    """results/grpo_cast_rm.json (`make results/grpo_cast_rm.json`): the first 30 % window with KL 0.3 (as in
+    results/grpo_hold_fidelity.json) and with KL 0.1 (as in results/grpo_windows.json), on the same base but on
+    reward models whose annotation data also held colour casts: other reward models and curated prompts, the
+    same base judged the same."""
+    from bench.grpo_ablations import CAST_RM, HOLD_FIDELITY, WINDOWS, split_variant
+
+    table, config = _current_table("grpo_cast_rm.json", "cast_rm", CAST_RM)
+    windows = json.loads((ROOT / "results" / "grpo_windows.json").read_text())["t2i"]
+    assert _name(table["inputs"]["base"]) == _name(windows["inputs"]["base"]) and table["base"] == windows["base"]
+    for key in ("reward_model", "prompts"):
+        assert _name(table["inputs"][key]) != _name(windows["inputs"][key]), key
+    same_as = {"first_30pct_kl03": HOLD_FIDELITY["first_30pct_kl03"], "first_30pct": WINDOWS["first_30pct"]}
+    for variant, entry in table["variants"].items():
+        grpo_keys, filter_keys = split_variant(CAST_RM[variant])
+        assert (grpo_keys, filter_keys) == split_variant(same_as[variant]), variant
+        _check_variant(variant, entry, table, grpo_keys, config)
+        assert entry["filter"] == filter_keys and entry["prompts"] != table["inputs"]["prompts"], variant
+    assert "--threads 1" in table["command"]
+
+
+def test_fidelity_probe_reads_the_kl_long_run_on_both_reward_models():
+    """results/fidelity_probe.json (`make results/fidelity_probe.json`): the base and checkpoints of the KL 0.3
+    long run, judged as the GRPO stage judged them (same held-out T2I set and seeds: the same T2I fidelity as
+    the tables' base, the 400-iteration KL 0.3 run and the 800-iteration one), each reward model's components,
+    and every reward component ranked against every judge term."""
+    from flowrl.shapes.judge import FIDELITY_SCALES
+
+    probe = json.loads((ROOT / "results" / "fidelity_probe.json").read_text())
+    windows = json.loads((ROOT / "results" / "grpo_windows.json").read_text())["t2i"]
+    hold = json.loads((ROOT / "results" / "grpo_hold_fidelity.json").read_text())["t2i"]
+    long = json.loads((ROOT / "results" / "grpo_kl_long.json").read_text())["t2i"]
+    cast = json.loads((ROOT / "results" / "grpo_cast_rm.json").read_text())["t2i"]
+    assert set(probe["models"]) == {"base", "kl03_it100", "kl03_it400", "kl03_it800"}
+    assert _name(probe["inputs"]["base"]) == _name(windows["inputs"]["base"])
+    assert set(probe["inputs"]["reward_models"]) == {"shipped", "cast"}
+    assert _name(probe["inputs"]["reward_models"]["shipped"]) == _name(windows["inputs"]["reward_model"])
+    assert _name(probe["inputs"]["reward_models"]["cast"]) == _name(cast["inputs"]["reward_model"])
+    judged = {"base": windows["base"], "kl03_it400": hold["variants"]["first_30pct_kl03"]["judge"],
+              "kl03_it800": long["variants"]["first_30pct_kl03_800"]["judge"]}
+    for name, entry in probe["models"].items():
+        assert set(entry["terms"]) == set(FIDELITY_SCALES)
+        assert {k.split("/")[0] for k in entry["rewards"]} == {"shipped", "cast"}, name
+        if name in judged:
+            assert entry["fidelity"] == pytest.approx(judged[name]["t2i/fidelity"], abs=1e-3), name
+    for component, row in probe["rank_agreement"].items():
+        assert set(row) == set(FIDELITY_SCALES), component
+        assert all(v is None or -1 <= v <= 1 for v in row.values()), component
+
+
 def test_t2i_reward_probe_covers_every_category_of_the_curve_chain():
     """results/t2i_reward_probe.json (`make results/t2i_reward_probe.json`): every T2I category, from the
     base and reward models of the results/grpo_long.json chain, as the README reads it."""
