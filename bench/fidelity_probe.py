@@ -21,17 +21,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from scipy.stats import spearmanr
 
+from bench import provenance, write_result
 from flowrl.config import load_config, name_value_pairs
 from flowrl.evaluation import generate, heldout_sets, item_seeds, to_uint8
-from flowrl.machine import machine_info
 from flowrl.models import load_policy, set_torch_threads, trainable_module
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
 from flowrl.shapes.detect import read_images
@@ -110,12 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         **probe(args.config, args.base, policies, reward_models, args.threads),
         "inputs": {"base": args.base, "policies": dict(policies), "reward_models": dict(reward_models)},
-        "command": " ".join(["python -m bench.fidelity_probe", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(),
+        **provenance("bench.fidelity_probe", argv),
     }
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_result(args.output, result)
     return result
 
 

@@ -18,16 +18,13 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench import provenance, write_result
 from flowrl.config import load_config
 from flowrl.evaluation import to_uint8
-from flowrl.machine import machine_info
 from flowrl.models import load_policy, set_torch_threads
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
 from flowrl.rl.rollout import RolloutSettings, rollout
@@ -92,14 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
                             args.seed, args.threads),
         "inputs": {"base": args.base, "reward_model": args.reward_model},
         "per_category": args.per_category, "group_size": args.group_size, "seed": args.seed,
-        "command": " ".join(["python -m bench.t2i_reward_probe", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(),
+        **provenance("bench.t2i_reward_probe", argv),
     }
     for category, row in result["categories"].items():
         print(category, row, flush=True)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_result(args.output, result)
     return result
 
 
