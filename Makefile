@@ -51,7 +51,7 @@ T2I_CURVE = set -eo pipefail; \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
 	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
 	results/grpo_ema.json results/grpo_hold_fidelity.json results/grpo_kl_long_curve.json results/grpo_edit_window.json \
-	results/grpo_kl03_levers.json results/grpo_cast_rm.json results/fidelity_probe.json
+	results/grpo_kl03_levers.json results/grpo_cast_rm.json results/fidelity_probe.json results/grpo_trainable.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -189,6 +189,12 @@ CAST_SET := --set 'annotate.degradations=[noise, blur, blotches, color_cast]'
 results/grpo_cast_rm.json: SHAPES += $(CAST_SET)
 results/grpo_cast_rm.json: venv
 	$(call GRPO_TABLE,t2i,cast_rm,first_30pct_kl03,first_30pct)
+
+# Which weights GRPO may move (results/grpo_trainable.json): the first 30 % window training only the blocks'
+# attention (KL 0.3), and only their attention and MLPs (KL 0.1); same chain as above, two runners of one thread
+# each share the file.
+results/grpo_trainable.json: venv
+	$(call GRPO_TABLE,t2i,trainable,first_30pct_kl03_attention,first_30pct_kl01_blocks)
 
 # Which judge fault the KL 0.3 long run drifts into, and whether the shipped and the colour-cast reward models rank
 # it (results/fidelity_probe.json): the base and that run's checkpoints at 100, 400 and 800 iterations, read from

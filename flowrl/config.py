@@ -367,6 +367,10 @@ class GRPOConfig:
         "epochs x minibatches optimizer steps per iteration. Past the first step the ratio leaves 1 and the clip "
         "range starts to bind.", ge=1, added=True)
     ema_decay: float = param(0.0, "EMA of the weights that are evaluated and saved (0: off).", ge=0, lt=1)
+    trainable: tuple[str, ...] = param(
+        (), "Shell-style patterns over the trained network's parameter names (e.g. 'blocks.*.qkv.*'): only the "
+        "parameters matching one are trained, the rest stay at the base's values. Empty: all are trained. A "
+        "pattern matching no parameter is an error. Needs zero_stage 0.", added=True)
     zero_stage: int = param(
         0, "0: plain PyTorch (DDP across processes); 1, 2, 3: DeepSpeed ZeRO partitions the optimizer states, "
         "+ gradients, + weights across the data-parallel ranks (the production path for full-parameter training "
@@ -697,6 +701,12 @@ def check_consistency(config: FlowRLConfig) -> None:
             f"grpo.kl_anchor_coef: {g.kl_anchor_coef} weighs the KL on anchor steps, and there are none: it needs "
             f"grpo.kl_coef > 0 (got {g.kl_coef}), grpo.kl_anchor_steps > 0 (got {g.kl_anchor_steps}) and "
             f"grpo.timesteps: subset (got {g.timesteps})"
+        )
+    if g.trainable and g.zero_stage > 0:
+        raise ConfigError(
+            f"grpo.trainable: {list(g.trainable)} trains a subset of the parameters, which grpo.zero_stage = "
+            f"{g.zero_stage} does not support (its checkpoints hold AdamW moments for every parameter); use "
+            "zero_stage 0 or leave trainable empty"
         )
     if g.prompts_per_iteration % g.reward_chunks:
         raise ConfigError(

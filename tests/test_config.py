@@ -128,6 +128,8 @@ def test_section_hash_tracks_only_its_sections():
         ("grpo:\n  kl_coef: 0.1\n  kl_anchor_steps: 4\n  timesteps: all\n  kl_anchor_coef: 1.0\n",
          "grpo.timesteps: subset \\(got all\\)"),
         ("grpo:\n  kl_coef: 0.1\n  kl_anchor_steps: 4\n  kl_anchor_coef: -1.0\n", "grpo.kl_anchor_coef"),
+        ("grpo:\n  trainable: ['blocks.*']\n  zero_stage: 2\n",
+         "grpo.trainable: \\['blocks.\\*'\\] trains a subset of the parameters, which grpo.zero_stage = 2"),
     ],
 )
 def test_rl_cross_key_rules(tmp_path, text, message):
@@ -156,6 +158,8 @@ def test_keys_added_later_are_left_out_of_the_hash_at_their_defaults():
 
     assert "degradations" not in _hash_payload(AnnotateConfig())
     assert "kl_anchor_coef" not in _hash_payload(GRPOConfig())
+    assert "trainable" not in _hash_payload(GRPOConfig())
+    assert _hash_payload(GRPOConfig(trainable=("blocks.*",)))["trainable"] == ["blocks.*"]
     assert "degradations" in _hash_payload(AnnotateConfig(degradations=("color_cast",)))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import os
 from typing import Iterator
 
@@ -321,9 +322,39 @@ class ZeroEngine(TorchEngine):
             self._own_local_rank = False
 
 
+def freeze_except(module: torch.nn.Module, patterns: tuple[str, ...], where: str = "grpo") -> int:
+    """Train only the parameters whose names (``module.named_parameters()``)
+    match one of the shell-style ``patterns`` (``blocks.*.qkv.*``); every other
+    parameter gets ``requires_grad`` False, so it has no gradient, no AdamW
+    state and no decay, and DDP leaves it out of its buckets. Empty
+    ``patterns``: all are trained (nothing changes). Returns the number of
+    trained elements. A pattern that matches nothing is an error naming it and
+    some real names (a typo would otherwise train less than asked, silently)."""
+    if not patterns:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    names = [name for name, _ in module.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(
+                f"{where}.trainable: {pattern!r} matches no parameter of {type(module).__name__} "
+                f"(names look like {', '.join(names[:3])}, ...; {len(names)} in all)")
+    trained = 0
+    for name, param in module.named_parameters():
+        keep = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        param.requires_grad_(keep)
+        trained += param.numel() if keep else 0
+    return trained
+
+
 def make_engine(model: FlowModel, module: torch.nn.Module, *, lr: float, weight_decay: float, grad_clip: float,
-                zero_stage: int = 0, ema: bool = False, where: str = "grpo") -> TorchEngine:
-    """The engine of ``where``'s config: plain / DDP at ``zero_stage`` 0, DeepSpeed ZeRO above."""
+                zero_stage: int = 0, ema: bool = False, where: str = "grpo",
+                trainable: tuple[str, ...] = ()) -> TorchEngine:
+    """The engine of ``where``'s config: plain / DDP at ``zero_stage`` 0, DeepSpeed ZeRO above.
+    ``trainable``: name patterns of the parameters trained (:func:`freeze_except`; empty: all)."""
+    if trainable and zero_stage > 0:
+        raise ValueError(f"{where}.trainable with {where}.zero_stage = {zero_stage}: the ZeRO checkpoint format "
+                         "assembles AdamW moments for every parameter; train a subset with zero_stage 0")
+    freeze_except(module, trainable, where)
     if zero_stage == 0:
         return TorchEngine(module, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
     if ema and zero_stage == 3:

@@ -183,7 +183,8 @@ class GRPOTrainer(LoopTrainer):
         else:
             self.tasks = {"": TaskData(prompts, rewards, weights)}
         engine = make_engine(model, module, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                             zero_stage=cfg.zero_stage, ema=cfg.ema_decay > 0, where="grpo")
+                             zero_stage=cfg.zero_stage, ema=cfg.ema_decay > 0, where="grpo",
+                             trainable=cfg.trainable)
         ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         super().__init__(model, module, engine, ema, loop_settings(cfg), monitor, checkpoints, config_hash)
         if cfg.prompts_per_iteration % (cfg.reward_chunks * self.world):

@@ -1,5 +1,6 @@
 """Trainer machinery: the hacking monitor, checkpoints, seeded draws."""
 
+import fnmatch
 import os
 
 import pytest
@@ -290,3 +291,44 @@ def test_a_fatal_step_error_becomes_a_clear_stop_and_other_errors_propagate(tmp_
         trainer.train(progress=False)
     with pytest.raises(ZeroDivisionError):
         _Scripted([ZeroDivisionError("bug")], None).train(progress=False)
+
+
+def test_trainable_patterns_train_only_the_matching_parameters_and_resume_exactly(tmp_path):
+    """grpo.trainable: the matching parameters move, the rest keep the base's values bit for bit and get no AdamW
+    state; a run killed after one iteration and resumed from its checkpoint ends on the uninterrupted weights."""
+    pattern = "blocks.*.qkv.*"
+
+    def trainer_for(root, trainable=(pattern,)):
+        cfg = GRPOConfig(iterations=2, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
+                         timesteps_per_trajectory=1, eval_every=100, reward_chunks=1, lr=1e-2, checkpoint_every=1,
+                         trainable=trainable)
+        model = tiny_model()
+        rewards = LocalRewards(_ConstantReward())
+        trainer = GRPOTrainer(model, model.net, None, cfg,
+                              PromptSet(["a red circle", "a blue square"], ["x", "y"], None), rewards,
+                              weights=lambda prompts: torch.ones(len(prompts), 1),
+                              checkpoints=Checkpoints(ArtifactStore(str(root)), "grpo_t2i", "v"))
+        return trainer, rewards, model
+
+    before = dict(tiny_model().net.named_parameters())
+    trainer, rewards, model = trainer_for(tmp_path / "whole")
+    trainer.train(progress=False)
+    rewards.close()
+    after = dict(model.net.named_parameters())
+    trained = {n for n in after if not torch.equal(after[n], before[n])}
+    assert trained and all(fnmatch.fnmatchcase(n, pattern) for n in trained)
+    assert {n for n in after if fnmatch.fnmatchcase(n, pattern)} == trained
+    stepped = {id(p) for p in trainer.engine.optimizer.state}
+    assert stepped == {id(after[n]) for n in trained}
+
+    killed, rewards, _ = trainer_for(tmp_path / "resumed")
+    killed.train(progress=False, stop_after=1)
+    rewards.close()
+    resumed, rewards, resumed_model = trainer_for(tmp_path / "resumed")
+    assert resumed.resume() and resumed.state.iteration == 1
+    resumed.train(progress=False)
+    rewards.close()
+    assert all(torch.equal(a, b) for a, b in zip(model.net.parameters(), resumed_model.net.parameters()))
+
+    with pytest.raises(ValueError, match=r"grpo.trainable: 'blocks.\*.qkvv' matches no parameter of ShapesDiT"):
+        trainer_for(tmp_path / "typo", ("blocks.*.qkv.*", "blocks.*.qkvv"))
