@@ -11,17 +11,16 @@ import os
 
 from flytekit import task
 from flytekit.types.file import FlyteFile
-from flytekitplugins.kfpytorch import Elastic
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for, training_requests
+from tasks.types import GPU, StageArtifact, elastic, image, stage_cache, tracker_for, training_requests
 
 PROCS = int(os.environ.get("FLOWRL_GRPO_PROCS", "1"))  # per node: one per GPU
 NODES = int(os.environ.get("FLOWRL_GRPO_NODES", "1"))  # > 1: a PyTorchJob across nodes
 
 
 @task(
-    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn", increase_shared_mem=False),
+    task_config=elastic(NODES, PROCS),
     shared_memory=True,  # /dev/shm as a memory-backed volume, for the workers' DataLoader and NCCL
     container_image=image("grpo"),
     requests=training_requests("grpo", PROCS),
@@ -44,7 +43,7 @@ def grpo(
 
 
 @task(
-    task_config=Elastic(nnodes=NODES, nproc_per_node=PROCS, start_method="spawn", increase_shared_mem=False),
+    task_config=elastic(NODES, PROCS),
     shared_memory=True,  # /dev/shm as a memory-backed volume, for the workers' DataLoader and NCCL
     container_image=image("grpo"),
     requests=training_requests("grpo", PROCS),
