@@ -191,10 +191,11 @@ results/grpo_cast_rm.json: venv
 	$(call GRPO_TABLE,t2i,cast_rm,first_30pct_kl03,first_30pct)
 
 # Which weights GRPO may move (results/grpo_trainable.json): the first 30 % window training only the blocks'
-# attention (KL 0.3), and only their attention and MLPs (KL 0.1); same chain as above, two runners of one thread
-# each share the file.
+# attention (KL 0.3), only their attention and MLPs (KL 0.1), and those at twice the lr or with no KL; same chain
+# as above, two runners of one thread each share the file.
 results/grpo_trainable.json: venv
-	$(call GRPO_TABLE,t2i,trainable,first_30pct_kl03_attention,first_30pct_kl01_blocks)
+	$(call GRPO_TABLE,t2i,trainable,first_30pct_kl03_attention first_30pct_kl01_blocks_lr2e4,first_30pct_kl01_blocks \
+		first_30pct_nokl_blocks)
 
 # Which judge fault the KL 0.3 long run drifts into, and whether the shipped and the colour-cast reward models rank
 # it (results/fidelity_probe.json): the base and that run's checkpoints at 100, 400 and 800 iterations, read from

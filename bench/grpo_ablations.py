@@ -162,10 +162,15 @@ CAST_RM = {"first_30pct_kl03": HOLD_FIDELITY["first_30pct_kl03"], "first_30pct":
 # first 30 % window with KL 0.3 (all weights: +0.133, -0.018), and the blocks' attention and MLPs against the same
 # window with KL 0.1 (all weights: +0.153, -0.047).
 _ATTENTION = ["blocks.*.qkv.*", "blocks.*.proj.*"]
+# Then the blocks' attention and MLPs (which held fidelity at KL 0.1) pushed harder: twice the lr, or no KL.
+_BLOCKS = [*_ATTENTION, "blocks.*.mlp.*"]
 TRAINABLE = {
     "first_30pct_kl03_attention": {**PER_CATEGORY, "grpo": {**_KL03, "trainable": _ATTENTION}},
-    "first_30pct_kl01_blocks": {**PER_CATEGORY, "grpo": {
-        **_FIRST_30PCT, "kl_coef": 0.1, "trainable": [*_ATTENTION, "blocks.*.mlp.*"]}},
+    "first_30pct_kl01_blocks": {**PER_CATEGORY, "grpo": {**_FIRST_30PCT, "kl_coef": 0.1, "trainable": _BLOCKS}},
+    "first_30pct_kl01_blocks_lr2e4": {**PER_CATEGORY, "grpo": {
+        **_FIRST_30PCT, "kl_coef": 0.1, "trainable": _BLOCKS, "lr": 2e-4}},
+    "first_30pct_nokl_blocks": {**PER_CATEGORY, "grpo": {
+        **_FIRST_30PCT, "kl_coef": 0.0, "kl_anchor_steps": 0, "trainable": _BLOCKS}},
 }
 TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS, "long": LONG,
           "windows": WINDOWS, "ema": EMA, "hold_fidelity": HOLD_FIDELITY, "kl_long": KL_LONG,
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "that window with KL 0.3 for 800 iterations; edit_window: the edit levers with that window "
                         "and KL 0.3 (--task edit); kl03_levers: that window with KL 0.3 and grpo.calibrate; cast_rm: "
                         "that window with KL 0.3 and 0.1, for --reward-model trained with color_cast candidates; trainable: "
-                        "that window training only the blocks' attention (KL 0.3) or attention and MLPs (KL 0.1)")
+                        "that window training only the blocks' attention (KL 0.3) or attention and MLPs (KL 0.1; "
+                        "also at twice the lr, and with no KL)")
     parser.add_argument("--variants", nargs="+", default=None, help="a subset of the table's variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--artifacts", default="artifacts")

@@ -218,10 +218,11 @@ def test_grpo_windows_come_from_the_chain_of_the_long_run():
     ("grpo_hold_fidelity.json", "hold_fidelity", {"kl_coef", "noise_level"}),
     ("grpo_kl_long.json", "kl_long", {"kl_coef", "iterations"}),
     ("grpo_kl03_levers.json", "kl03_levers", {"kl_coef", "calibrate"}),
+    ("grpo_trainable.json", "trainable", {"kl_coef", "kl_anchor_steps", "trainable", "lr"}),
 ])
 def test_grpo_tables_on_the_first_30pct_window_come_from_the_windows_chain(file, name, varied):
-    """results/grpo_ema.json, grpo_hold_fidelity.json, grpo_kl_long.json and grpo_kl03_levers.json
-    (`make results/<file>`): the
+    """results/grpo_ema.json, grpo_hold_fidelity.json, grpo_kl_long.json, grpo_kl03_levers.json and
+    grpo_trainable.json (`make results/<file>`): the
     windows table's first 30 % variant with only the named grpo keys (or reward weights) changed, on the same
     base, reward models and curated prompts as results/grpo_windows.json."""
     from bench import grpo_ablations
