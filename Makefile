@@ -51,7 +51,8 @@ T2I_CURVE = set -eo pipefail; \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
 	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
 	results/grpo_ema.json results/grpo_hold_fidelity.json results/grpo_kl_long_curve.json results/grpo_edit_window.json \
-	results/grpo_kl03_levers.json results/grpo_cast_rm.json results/fidelity_probe.json results/grpo_trainable.json
+	results/grpo_kl03_levers.json results/grpo_cast_rm.json results/fidelity_probe.json results/grpo_trainable.json \
+	results/grpo_trainable_long.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -196,6 +197,18 @@ results/grpo_cast_rm.json: venv
 results/grpo_trainable.json: venv
 	$(call GRPO_TABLE,t2i,trainable,first_30pct_kl03_attention first_30pct_kl01_blocks_lr2e4,first_30pct_kl01_blocks \
 		first_30pct_nokl_blocks)
+
+# The trainable subsets past 400 iterations (results/grpo_trainable_long.json, then one curve per variant,
+# results/grpo_trainable_long_{blocks,attention}_curve.json and .png): the blocks' attention and MLPs, and the
+# attention alone, at lr 2e-4 under KL 0.1 for 800 iterations, two runners of one thread side by side; then the judge
+# at the base and every 100-iteration checkpoint of each.
+results/grpo_trainable_long.json: venv
+	$(call GRPO_TABLE,t2i,trainable_long,first_30pct_kl01_blocks_lr2e4_800,first_30pct_kl01_attention_lr2e4_800); \
+	pids=; for part in blocks attention; do \
+		run=$$($(call ARTIFACT_OF,$@,first_30pct_kl01_$${part}_lr2e4_800)); \
+		$(PY) -m bench.grpo_curve --run $$run --base $$base --output results/grpo_trainable_long_$${part}_curve.json & \
+		pids="$$pids $$!"; \
+	done; for pid in $$pids; do wait $$pid; done
 
 # Which judge fault the KL 0.3 long run drifts into, and whether the shipped and the colour-cast reward models rank
 # it (results/fidelity_probe.json): the base and that run's checkpoints at 100, 400 and 800 iterations, read from

@@ -48,7 +48,7 @@ or its second half (``second_half``, ``grpo.timestep_start: 0.5``); and
 (the same 64 samples), so that rare right answers appear in more groups.
 
 The later tables (``ema``, ``hold_fidelity``, ``kl_long``, ``edit_window``,
-``kl03_levers``, ``cast_rm``) each build on the windows table's first 30 %
+``kl03_levers``, ``cast_rm``, ``trainable``, ``trainable_long``) each build on the windows table's first 30 %
 variant; the comment above each table's definition below says what it varies.
 
 A variant with ``filter`` keys runs the filter_prompts stage itself (same
@@ -172,13 +172,24 @@ TRAINABLE = {
     "first_30pct_nokl_blocks": {**PER_CATEGORY, "grpo": {
         **_FIRST_30PCT, "kl_coef": 0.0, "kl_anchor_steps": 0, "trainable": _BLOCKS}},
 }
+# The trainable subsets past 400 iterations (``--table trainable_long``): the blocks' attention and MLPs at lr 2e-4
+# under KL 0.1 (at 400: +0.140, -0.013, against all weights under KL 0.3 at +0.133, -0.018, which went on to +0.177,
+# -0.065 at 800), and the attention alone with the same lr and KL, for 800 iterations; a checkpoint every 100 for
+# ``bench.grpo_curve``.
+TRAINABLE_LONG = {
+    "first_30pct_kl01_blocks_lr2e4_800": {**PER_CATEGORY, "grpo": {
+        **TRAINABLE["first_30pct_kl01_blocks_lr2e4"]["grpo"], "iterations": 800}},
+    "first_30pct_kl01_attention_lr2e4_800": {**PER_CATEGORY, "grpo": {
+        **_FIRST_30PCT, "kl_coef": 0.1, "trainable": _ATTENTION, "lr": 2e-4, "iterations": 800}},
+}
 TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS, "long": LONG,
           "windows": WINDOWS, "ema": EMA, "hold_fidelity": HOLD_FIDELITY, "kl_long": KL_LONG,
           "edit_window": EDIT_WINDOW, "kl03_levers": KL03_LEVERS,
-          "cast_rm": CAST_RM, "trainable": TRAINABLE}
+          "cast_rm": CAST_RM, "trainable": TRAINABLE, "trainable_long": TRAINABLE_LONG}
 TABLE_TASK = {"levers": "t2i", "epochs": "t2i", "edit_levers": "edit", "long": "t2i", "windows": "t2i", "ema": "t2i",
               "hold_fidelity": "t2i", "kl_long": "t2i", "edit_window": "edit",
-              "kl03_levers": "t2i", "cast_rm": "t2i", "trainable": "t2i"}  # tables whose variants name one task's categories
+              "kl03_levers": "t2i", "cast_rm": "t2i", "trainable": "t2i",
+              "trainable_long": "t2i"}  # tables whose variants name one task's categories
 
 
 def split_variant(spec: dict) -> tuple[dict, dict]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import logging
 import os
 from typing import Iterator
 
@@ -30,6 +31,8 @@ import torch.distributed as dist
 
 from flowrl.models.base import FlowModel
 from flowrl.rl.distributed import dist_info
+
+log = logging.getLogger(__name__)
 
 TRAINABLE_ATTRS = ("net", "transformer")  # where each family keeps the network it trains
 
@@ -354,7 +357,11 @@ def make_engine(model: FlowModel, module: torch.nn.Module, *, lr: float, weight_
     if trainable and zero_stage > 0:
         raise ValueError(f"{where}.trainable with {where}.zero_stage = {zero_stage}: the ZeRO checkpoint format "
                          "assembles AdamW moments for every parameter; train a subset with zero_stage 0")
-    freeze_except(module, trainable, where)
+    trained = freeze_except(module, trainable, where)
+    if trainable:
+        total = sum(p.numel() for p in module.parameters())
+        log.info("%s.trainable: training %d of %d parameters (%.1f %%), matching %s", where, trained, total,
+                 100.0 * trained / total, ", ".join(trainable))
     if zero_stage == 0:
         return TorchEngine(module, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
     if ema and zero_stage == 3:

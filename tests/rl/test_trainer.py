@@ -1,6 +1,7 @@
 """Trainer machinery: the hacking monitor, checkpoints, seeded draws."""
 
 import fnmatch
+import logging
 import os
 
 import pytest
@@ -293,9 +294,10 @@ def test_a_fatal_step_error_becomes_a_clear_stop_and_other_errors_propagate(tmp_
         _Scripted([ZeroDivisionError("bug")], None).train(progress=False)
 
 
-def test_trainable_patterns_train_only_the_matching_parameters_and_resume_exactly(tmp_path):
+def test_trainable_patterns_train_only_the_matching_parameters_and_resume_exactly(tmp_path, caplog):
     """grpo.trainable: the matching parameters move, the rest keep the base's values bit for bit and get no AdamW
-    state; a run killed after one iteration and resumed from its checkpoint ends on the uninterrupted weights."""
+    state, and the log says how many are trained; a run killed after one iteration and resumed from its checkpoint
+    ends on the uninterrupted weights."""
     pattern = "blocks.*.qkv.*"
 
     def trainer_for(root, trainable=(pattern,)):
@@ -311,7 +313,11 @@ def test_trainable_patterns_train_only_the_matching_parameters_and_resume_exactl
         return trainer, rewards, model
 
     before = dict(tiny_model().net.named_parameters())
-    trainer, rewards, model = trainer_for(tmp_path / "whole")
+    with caplog.at_level(logging.INFO, logger="flowrl.rl.engine"):
+        trainer, rewards, model = trainer_for(tmp_path / "whole")
+    matching = sum(p.numel() for n, p in before.items() if fnmatch.fnmatchcase(n, pattern))
+    total = sum(p.numel() for p in before.values())
+    assert f"grpo.trainable: training {matching} of {total} parameters" in caplog.text
     trainer.train(progress=False)
     rewards.close()
     after = dict(model.net.named_parameters())
