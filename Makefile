@@ -72,8 +72,11 @@ run: venv
 	set -o pipefail; $(VENV)/bin/pyflyte run pipelines/post_train.py post_train --config $(CONFIG) 2>&1 | tee .run.log
 	@echo "bench report: $$(grep -o "[^\"' =]*/bench/[0-9a-f]*/report.html" .run.log | tail -1)"
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (0: in this process), each test going to whichever
+# worker is free; most tests run on one core, so on a 2-core machine two workers take about half the time.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -m "not gpu" -q
+	$(PY) -m pytest -m "not gpu" -q -n $(TEST_WORKERS) --dist worksteal
 
 test-gpu: venv
 	$(PY) -m pytest -m gpu -q
@@ -200,12 +203,12 @@ results/grpo_trainable.json: venv
 
 # The trainable subsets past 400 iterations (results/grpo_trainable_long.json, then one curve per variant,
 # results/grpo_trainable_long_{blocks,attention}_curve.json and .png): the blocks' attention and MLPs, and the
-# attention alone, at lr 2e-4 under KL 0.1 for 800 iterations, two runners of one thread side by side; then the judge
+# attention alone, at lr 2e-4 under KL 0.1 for 600 iterations, two runners of one thread side by side; then the judge
 # at the base and every 100-iteration checkpoint of each.
 results/grpo_trainable_long.json: venv
-	$(call GRPO_TABLE,t2i,trainable_long,first_30pct_kl01_blocks_lr2e4_800,first_30pct_kl01_attention_lr2e4_800); \
+	$(call GRPO_TABLE,t2i,trainable_long,first_30pct_kl01_blocks_lr2e4_600,first_30pct_kl01_attention_lr2e4_600); \
 	pids=; for part in blocks attention; do \
-		run=$$($(call ARTIFACT_OF,$@,first_30pct_kl01_$${part}_lr2e4_800)); \
+		run=$$($(call ARTIFACT_OF,$@,first_30pct_kl01_$${part}_lr2e4_600)); \
 		$(PY) -m bench.grpo_curve --run $$run --base $$base --output results/grpo_trainable_long_$${part}_curve.json & \
 		pids="$$pids $$!"; \
 	done; for pid in $$pids; do wait $$pid; done
