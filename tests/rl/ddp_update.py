@@ -1,9 +1,11 @@
 """One GRPO update on a fixed global batch, in one process or under torchrun.
 
-Usage: python tests/rl/ddp_update.py OUT.safetensors [single|mixed|opd] [ZERO_STAGE]  (or under torchrun).
+Usage: python tests/rl/ddp_update.py OUT.safetensors [single|subset|mixed|opd|resume] [ZERO_STAGE]  (or under
+torchrun).
 Every rank builds the same rollouts and advantages for the whole batch,
 keeps its share of the prompt groups and takes the update; rank 0 writes the
-updated weights. ``mixed``: two tasks at once (T2I and edit, Mix-RL), whose
+updated weights. ``subset``: as ``single`` with only the blocks' qkv
+weights trained (``grpo.trainable``, the rest frozen). ``mixed``: two tasks at once (T2I and edit, Mix-RL), whose
 conditions differ, so the update accumulates one backward per task. ``opd``:
 one OPD iteration (both tasks, states from the student's own trajectories).
 ``resume``: one GRPO update, then the engine's checkpoint state (full
@@ -33,6 +35,7 @@ from tests.rl.conftest import tiny_model  # noqa: E402
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a red square above a blue circle"]
 EDITS = ["make the red circle blue", "remove the blue square", "add a green triangle", "move the circle left"]
 GROUP = 3
+SUBSET = ("blocks.*.qkv.*",)  # the ``subset`` mode's grpo.trainable
 
 
 def _task_batch(model, cfg, prompts, sources, rank, world, seed):
@@ -49,7 +52,8 @@ def main(out: str, mode: str = "single", zero_stage: str = "0") -> None:
     init_from_env()
     rank, world = dist_info()
     cfg = GRPOConfig(prompts_per_iteration=4, group_size=GROUP, num_steps=3, timestep_fraction=1.0,
-                     timesteps_per_trajectory=2, reward_chunks=1, lr=1e-3, zero_stage=int(zero_stage))
+                     timesteps_per_trajectory=2, reward_chunks=1, lr=1e-3, zero_stage=int(zero_stage),
+                     trainable=SUBSET if mode == "subset" else ())
     model = tiny_model()
     if mode == "opd":
         from flowrl.config import OPDConfig

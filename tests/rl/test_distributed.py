@@ -2,6 +2,7 @@
 under torchrun take the same GRPO / OPD update as one process on the same batch,
 through DDP and through DeepSpeed ZeRO (stages 2 and 3, DeepSpeed's CPU accelerator)."""
 
+import fnmatch
 import os
 import subprocess
 import sys
@@ -55,17 +56,28 @@ def _assert_same_update(a, b):
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode, zero", [("single", 0), ("mixed", 0), ("opd", 0),
+@pytest.mark.parametrize("mode, zero", [("single", 0), ("subset", 0), ("mixed", 0), ("opd", 0),
                                         ("single", 3), ("mixed", 2), ("opd", 3)])
 def test_two_processes_take_the_single_process_update(tmp_path, mode, zero):
-    """GRPO on one task, on two at once (Mix-RL: a backward per task, reduced on the last),
-    and one OPD iteration (the student's trajectories, both tasks); zero 0 is DDP, 2 and 3
-    DeepSpeed ZeRO, against plain PyTorch in one process."""
+    """GRPO on one task, on one task training only the blocks' qkv weights (grpo.trainable), on two
+    tasks at once (Mix-RL: a backward per task, reduced on the last), and one OPD iteration (the
+    student's trajectories, both tasks); zero 0 is DDP, 2 and 3 DeepSpeed ZeRO, against plain PyTorch
+    in one process."""
     single = _run(tmp_path / "one.safetensors", mode)
     double = _run(tmp_path / "two.safetensors", mode, zero, processes=2)
     # ZeRO steps flat partitions: a parameter no batch reached (the source branch in T2I) has zero
     # moments there and none in plain AdamW; both leave it where it was
     _assert_same_update(single, double)
+    if mode == "subset":  # DDP reduces the trained parameters' gradients only; the frozen ones stay put
+        from tests.rl.conftest import tiny_model
+        from tests.rl.ddp_update import SUBSET
+
+        start = tiny_model().net.state_dict()
+        trained = {k for k in start if any(fnmatch.fnmatchcase(k, p) for p in SUBSET)}
+        assert trained and {k[len("grad."):] for k in double if k.startswith("grad.")} == trained
+        for key in start.keys() - trained:
+            assert torch.equal(double[key], start[key]), key
+        assert all(not torch.equal(double[k], start[k]) for k in trained)
 
 
 @pytest.mark.parametrize("zero", [2, 3])
