@@ -151,6 +151,10 @@ def test_grpo_epochs_come_from_the_same_base_as_the_levers():
 @pytest.mark.parametrize("table_file, name, variant, curve_file", [
     ("grpo_long.json", "long", "levers_800", "grpo_curve.json"),
     ("grpo_kl_long.json", "kl_long", "first_30pct_kl03_800", "grpo_kl_long_curve.json"),
+    ("grpo_trainable_long.json", "trainable_long", "first_30pct_kl01_blocks_lr2e4_600",
+     "grpo_trainable_long_blocks_curve.json"),
+    ("grpo_trainable_long.json", "trainable_long", "first_30pct_kl01_attention_lr2e4_600",
+     "grpo_trainable_long_attention_curve.json"),
 ])
 def test_grpo_curves_judge_every_checkpoint_of_their_long_run(table_file, name, variant, curve_file):
     """results/grpo_curve.json and grpo_kl_long_curve.json (`make results/<curve>`): an 800-iteration T2I run
@@ -243,6 +247,29 @@ def test_grpo_tables_on_the_first_30pct_window_come_from_the_windows_chain(file,
         unvaried = {k: v for k, v in first_30pct[0].items() if k not in varied}
         assert {k: v for k, v in grpo_keys.items() if k not in varied} == unvaried, variant
         assert grpo_keys != first_30pct[0] or entry.get("rewards"), variant  # each variant changes something
+    assert "--threads 1" in table["command"]
+
+
+def test_grpo_trainable_long_runs_the_trainable_subsets_for_600_iterations():
+    """results/grpo_trainable_long.json (`make results/grpo_trainable_long.json`): the windows table's first 30 %
+    variant with only kl_coef, trainable, lr and iterations changed, two subsets (the trainable table's attention +
+    MLPs at lr 2e-4, and attention alone at the same lr and KL) for 600 iterations on one thread. Its chain is the
+    one `make` rebuilt on 2026-12-04 (a new base: the headline base score is the windows chain's 0.513, its
+    categories are not), so its deltas are read against its own base only."""
+    from bench.grpo_ablations import TRAINABLE, TRAINABLE_LONG, WINDOWS, split_variant
+
+    table, config = _current_table("grpo_trainable_long.json", "trainable_long", TRAINABLE_LONG)
+    first_30pct, first_30pct_filter = split_variant(WINDOWS["first_30pct"])
+    varied = {"kl_coef", "trainable", "lr", "iterations"}
+    for variant, entry in table["variants"].items():
+        grpo_keys, filter_keys = split_variant(TRAINABLE_LONG[variant])
+        _check_variant(variant, entry, table, grpo_keys, config)
+        assert entry["filter"] == filter_keys == first_30pct_filter, variant
+        assert {k: v for k, v in grpo_keys.items() if k not in varied} == \
+            {k: v for k, v in first_30pct.items() if k not in varied}, variant
+        assert grpo_keys["iterations"] == 600 and grpo_keys["kl_coef"] == 0.1 and grpo_keys["lr"] == 2e-4, variant
+    blocks = split_variant(TRAINABLE_LONG["first_30pct_kl01_blocks_lr2e4_600"])[0]
+    assert {**blocks, "iterations": 400} == split_variant(TRAINABLE["first_30pct_kl01_blocks_lr2e4"])[0]
     assert "--threads 1" in table["command"]
 
 
