@@ -176,11 +176,10 @@ TRAINABLE = {
 # under KL 0.1 (at 400: +0.140, -0.013, against all weights under KL 0.3 at +0.133, -0.018, which went on to +0.177,
 # -0.065 at 800), and the attention alone with the same lr and KL, for 600 iterations; a checkpoint every 100 for
 # ``bench.grpo_curve``.
+_BLOCKS_LR2E4_600 = {**TRAINABLE["first_30pct_kl01_blocks_lr2e4"]["grpo"], "iterations": 600}
 TRAINABLE_LONG = {
-    "first_30pct_kl01_blocks_lr2e4_600": {**PER_CATEGORY, "grpo": {
-        **TRAINABLE["first_30pct_kl01_blocks_lr2e4"]["grpo"], "iterations": 600}},
-    "first_30pct_kl01_attention_lr2e4_600": {**PER_CATEGORY, "grpo": {
-        **_FIRST_30PCT, "kl_coef": 0.1, "trainable": _ATTENTION, "lr": 2e-4, "iterations": 600}},
+    "first_30pct_kl01_blocks_lr2e4_600": {**PER_CATEGORY, "grpo": _BLOCKS_LR2E4_600},
+    "first_30pct_kl01_attention_lr2e4_600": {**PER_CATEGORY, "grpo": {**_BLOCKS_LR2E4_600, "trainable": _ATTENTION}},
 }
 TABLES = {"ablations": VARIANTS, "levers": LEVERS, "epochs": EPOCHS, "edit_levers": EDIT_LEVERS, "long": LONG,
           "windows": WINDOWS, "ema": EMA, "hold_fidelity": HOLD_FIDELITY, "kl_long": KL_LONG,

@@ -157,9 +157,10 @@ def test_grpo_epochs_come_from_the_same_base_as_the_levers():
      "grpo_trainable_long_attention_curve.json"),
 ])
 def test_grpo_curves_judge_every_checkpoint_of_their_long_run(table_file, name, variant, curve_file):
-    """results/grpo_curve.json and grpo_kl_long_curve.json (`make results/<curve>`): an 800-iteration T2I run
-    (results/grpo_long.json: the levers; grpo_kl_long.json: the first 30 % window with KL 0.3), judged at the
-    base and every 100 iterations. Its base is the chain of the machine that ran it, so it is compared with its
+    """results/grpo_curve.json, grpo_kl_long_curve.json and grpo_trainable_long_*_curve.json (`make results/<curve>`;
+    the trainable ones from `make results/grpo_trainable_long.json`): a long T2I run (results/grpo_long.json: the
+    levers, 800 iterations; grpo_kl_long.json: the first 30 % window with KL 0.3, 800; grpo_trainable_long.json:
+    two trainable subsets, 600), judged at the base and every 100 iterations. Its base is the chain of the machine that ran it, so it is compared with its
     own base only: the curve starts at the table's base and ends at the teacher the stage judged, with the
     same held-out sets."""
     from bench import grpo_ablations

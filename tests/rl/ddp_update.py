@@ -4,9 +4,10 @@ Usage: python tests/rl/ddp_update.py OUT.safetensors [single|subset|mixed|opd|re
 torchrun).
 Every rank builds the same rollouts and advantages for the whole batch,
 keeps its share of the prompt groups and takes the update; rank 0 writes the
-updated weights. ``subset``: as ``single`` with only the blocks' qkv
-weights trained (``grpo.trainable``, the rest frozen). ``mixed``: two tasks at once (T2I and edit, Mix-RL), whose
-conditions differ, so the update accumulates one backward per task. ``opd``:
+updated weights. ``subset``: as ``single`` with only the blocks' qkv weights
+trained (``grpo.trainable``, the rest frozen). ``mixed``: two tasks at once
+(T2I and edit, Mix-RL), whose conditions differ, so the update accumulates
+one backward per task. ``opd``:
 one OPD iteration (both tasks, states from the student's own trajectories).
 ``resume``: one GRPO update, then the engine's checkpoint state (full
 weights, AdamW state) is loaded into a second trainer on a fresh model, and
