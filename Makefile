@@ -52,7 +52,7 @@ T2I_CURVE = set -eo pipefail; \
 	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
 	results/grpo_ema.json results/grpo_hold_fidelity.json results/grpo_kl_long_curve.json results/grpo_edit_window.json \
 	results/grpo_kl03_levers.json results/grpo_cast_rm.json results/fidelity_probe.json results/grpo_trainable.json \
-	results/grpo_trainable_long.json
+	results/grpo_trainable_long.json results/opd_levers.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -236,11 +236,12 @@ results/t2i_reward_probe.json: venv
 
 # Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves
 # `models` holding the six --model NAME=URI flags of the compared models.
-ALL_MODELS = $(REWARD_CHAIN); \
+TEACHERS = $(REWARD_CHAIN); \
 	$(T2I_PROMPTS); \
 	$(EDIT_PROMPTS); \
 	tt=$$($(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt | tail -1); \
-	te=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe | tail -1); \
+	te=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe | tail -1)
+ALL_MODELS = $(TEACHERS); \
 	teachers="--teacher t2i_teacher=$$tt --teacher edit_teacher=$$te --prompts t2i=$$pt edit=$$pe"; \
 	on=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers | tail -1); \
 	off=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers --states off_policy | tail -1); \
@@ -263,6 +264,19 @@ results/bench_shapes.json: venv
 	set -eo pipefail; \
 	$(ALL_MODELS); \
 	$(FLOWRL) bench $(SHAPES) $$models --results $@ --report-dir results
+
+# OPD's cost against what the student keeps (results/opd_levers.json): the shipped opd section, the student's
+# rollouts with 10 ODE steps, 2 matched states per trajectory, and both, one after the other at 2 threads (the
+# machine of issue 6's 8-minute budget; run it with nothing else running), on the teachers of the chain in artifacts/;
+# then the variant the config ships (match_2states) once more through `pyflyte run ... opd_stage`, the OPD task in
+# its Elastic worker.
+results/opd_levers.json: venv
+	set -eo pipefail; \
+	$(TEACHERS); \
+	run="$(PY) -m bench.opd_levers --base $$base --teacher t2i_teacher=$$tt --teacher edit_teacher=$$te \
+		--prompts t2i=$$pt edit=$$pe --threads 2 --output $@"; \
+	$$run; \
+	$$run --pipeline match_2states
 
 # A second `make run` of the shapes config with nothing changed, timed, with the stages that ran
 # (results/rerun_shapes.json); run it right after a `make run` of that config has completed.

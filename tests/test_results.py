@@ -445,6 +445,36 @@ def test_opd_results_hold_every_model_and_match_the_config():
         assert results[name][key] == grpo[task]["metrics"]["teacher"][key.replace("_", "/", 1)], name
 
 
+def test_opd_levers_vary_the_named_keys_and_the_shipped_section_is_the_one_within_budget():
+    """results/opd_levers.json (`make results/opd_levers.json`): four OPD variants on one chain, one after the
+    other at 2 threads, each changing only its named opd keys over the table's section; the shipped opd section
+    of configs/shapes.yaml is that section with ``match_2states``, which ran within issue 6's 8 minutes both
+    through the CLI and as the pipeline's OPD task."""
+    import dataclasses
+
+    from bench.opd_levers import LEVERS_BASE, VARIANTS
+    from flowrl.stages.opd import HEADLINE, SECTIONS
+
+    table = json.loads((ROOT / "results" / "opd_levers.json").read_text())["levers"]
+    config = load_config(ROOT / "configs" / "shapes.yaml")
+    assert table["shared_config_hash"] == config.section_hash(*(s for s in SECTIONS if s != "opd")), "stale"
+    assert table["machine"]["cpu_count"] == 2
+    assert table["opd_config"]["timesteps_per_trajectory"] == LEVERS_BASE["timesteps_per_trajectory"]
+    shipped = json.loads(json.dumps(dataclasses.asdict(config.opd)))
+    assert {**table["opd_config"], **table["variants"]["match_2states"]["opd"]} == shipped
+    assert set(table["variants"]) == set(VARIANTS)
+    for name, row in table["variants"].items():
+        assert row["opd"] == VARIANTS[name] and row["threads"] == 2 and not row["reused"], name
+        for task in ("t2i", "edit"):
+            assert abs(row["deltas"][task] - (row["judge"][HEADLINE[task]] - table["base"][HEADLINE[task]])) < 1e-9
+        assert [m[0] for m in row["monitor"]] == list(range(0, config.opd.iterations + 1, config.opd.eval_every))
+    # what the README claims: the old section over the budget, the shipped one within it, in the CLI and the pipeline
+    assert table["variants"]["config"]["wall_s"] > 480.0 >= table["variants"]["match_2states"]["wall_s"]
+    pipeline = table["pipeline"]
+    assert pipeline["variant"] == "match_2states" and pipeline["threads"] == 2
+    assert pipeline["command_wall_s"] <= 480.0 and pipeline["machine"]["cpu_count"] == 2
+
+
 def test_reliability_results_cover_every_fault_and_the_bad_input_battery():
     """results/reliability.json (`make results/reliability.json`): each fault scenario of issue 9 with
     the outcome its tests proved, and the bad-input cases tried and passed."""

@@ -16,6 +16,12 @@ drawn uniformly, and the sum is scaled by N / K, an unbiased estimate of the
 full sum. Off-policy distillation (the ablation) takes the states from the
 teacher's own trajectories instead.
 
+The K states of each trajectory are drawn before it is sampled, and each
+trajectory is integrated only as far as its deepest drawn state
+(:func:`ode_states_at`): the states it holds are those the
+full trajectory passes through, and the forwards after the deepest one,
+whose states nothing would match at, are never run.
+
 No reward model takes part. Teachers are frozen, loaded once and run under
 ``torch.no_grad``; they share the student's family and text conditioning.
 """
@@ -35,7 +41,7 @@ from flowrl.rl.distributed import mean_across_ranks
 from flowrl.rl.engine import make_engine
 from flowrl.rl.grpo import PromptSet, draw_prompts
 from flowrl.rl.trainer import EMA, Checkpoints, LoopSettings, LoopTrainer, seeded_generator
-from flowrl.sampling import sample
+from flowrl.sampling import cfg_velocity, euler_step
 
 
 def velocity_matching_loss(v_student: torch.Tensor, v_teacher: torch.Tensor, step_scale: float = 1.0) -> torch.Tensor:
@@ -50,6 +56,52 @@ def velocity_matching_loss(v_student: torch.Tensor, v_teacher: torch.Tensor, ste
         )
     per_step = (v_student - v_teacher.detach()).pow(2).flatten(2).mean(dim=2)  # [R, S]
     return step_scale * per_step.sum(dim=1).mean()
+
+
+@torch.no_grad()
+def ode_states_at(
+    model: FlowModel,
+    cond: Condition,
+    sigmas: torch.Tensor,
+    steps: torch.Tensor,
+    initial_noise: torch.Tensor,
+    *,
+    null_cond: Condition | None = None,
+    guidance_scale: float = 1.0,
+    renorm_dim: int | None = None,
+) -> torch.Tensor:
+    """The ODE sampler's states at chosen indices: ``states[b, k]`` is row b's
+    state at ``sigmas[steps[b, k]]`` (``steps``: [B, K] indices into the N + 1
+    states), what :func:`flowrl.sampling.sample` would give there.
+
+    Each row is integrated only as far as its deepest chosen index, so rows
+    leave the batch as soon as they have what is asked of them: when K of N
+    states are drawn uniformly, the deepest lies about K / (K + 1) of the
+    way down the schedule, and the forwards after it are never run.
+    """
+    batch = cond.batch_size
+    if steps.ndim != 2 or steps.shape[0] != batch:
+        raise ValueError(f"steps must be [{batch}, K] indices, got {tuple(steps.shape)}")
+    if int(steps.min()) < 0 or int(steps.max()) >= len(sigmas):
+        raise ValueError(
+            f"steps must index the {len(sigmas)} states of the schedule, got {int(steps.min())}..{int(steps.max())}")
+    x = initial_noise.clone()
+    out = torch.empty(batch, steps.shape[1], *x.shape[1:], dtype=x.dtype, device=x.device)
+    depth = steps.max(dim=1).values  # [B] the last index each row needs
+    for n in range(int(depth.max()) + 1):
+        rows, cols = (steps == n).nonzero(as_tuple=True)
+        out[rows, cols] = x[rows]
+        active = (depth > n).nonzero(as_tuple=True)[0]
+        if len(active) == 0:
+            break
+        t = torch.full((len(active),), float(sigmas[n]), device=x.device)
+        t_next = torch.full((len(active),), float(sigmas[n + 1]), device=x.device)
+        whole = len(active) == batch
+        vel = cfg_velocity(model, x if whole else x[active], t, cond if whole else cond.index(active),
+                           None if null_cond is None else (null_cond if whole else null_cond.index(active)),
+                           guidance_scale, renorm_dim)
+        x[active] = euler_step(x[active], vel.guided, t, t_next)
+    return out
 
 
 def parse_routes(routes: tuple[str, ...], tasks: tuple[str, ...], teachers: tuple[str, ...]) -> dict[str, str]:
@@ -68,13 +120,16 @@ def parse_routes(routes: tuple[str, ...], tasks: tuple[str, ...], teachers: tupl
 
 @dataclass(frozen=True)
 class DistillBatch:
-    """One task's share of an iteration."""
+    """One task's share of an iteration: R trajectories, the K states of each that are matched."""
 
     task: str
     cond: Condition
     null_cond: Condition
-    states: torch.Tensor  # [R, N + 1, *latent]
+    noise: torch.Tensor  # [R, *latent] where each trajectory starts
+    steps: torch.Tensor  # [R, K] indices of the matched states (into the N + 1 states of the schedule)
+    states: torch.Tensor  # [R, K, *latent] the states at those indices
     sigmas: torch.Tensor  # [N + 1]
+    step_scale: float  # N / K for a subset, 1 for all N
     teacher_names: list[str]  # [R]
 
 
@@ -136,14 +191,14 @@ class OPDTrainer(LoopTrainer):
         return self.routes.get(category, self.routes[task])
 
     # ------------------------------------------------------------------ states
-    @torch.no_grad()
-    def _trajectories(self, sampler_model: FlowModel, cond, null_cond, sigmas, noise) -> torch.Tensor:
-        return sample(sampler_model, cond, sigmas, null_cond=null_cond, guidance_scale=self.guidance_scale,
-                      renorm_dim=sampler_model.cfg_renorm_dim, initial_noise=noise).states
+    def _states(self, sampler_model: FlowModel, cond, null_cond, sigmas, noise, steps) -> torch.Tensor:
+        return ode_states_at(sampler_model, cond, sigmas, steps, noise, null_cond=null_cond,
+                             guidance_scale=self.guidance_scale, renorm_dim=sampler_model.cfg_renorm_dim)
 
     def collect(self, iteration: int) -> list[DistillBatch]:
         cfg = self.cfg
         gen = seeded_generator(cfg.seed, iteration, stream=100)  # global draws, sliced per rank
+        step_gen = seeded_generator(cfg.seed, iteration, stream=1)
         out = []
         for index, (task, prompt_set) in enumerate(self.prompts.items()):
             n = self.counts.get(task, 0)
@@ -160,16 +215,19 @@ class OPDTrainer(LoopTrainer):
             null_cond = student.null_condition(cond)
             sigmas = student.schedule(cfg.num_steps, self.shift)
             noise = noise.reshape(len(texts), *student.latent_shape())
+            steps, scale = self._select_steps(len(texts), step_gen)
+            if cfg.timesteps == "subset":  # drawn for the global batch, so ranks do not change the update
+                steps = steps[self.rank * len(texts) : (self.rank + 1) * len(texts)]
             if cfg.states == "on_policy":
                 self.module.eval()
-                states = self._trajectories(student, cond, null_cond, sigmas, noise)
+                states = self._states(student, cond, null_cond, sigmas, noise, steps)
             else:  # off-policy ablation: each row follows its own teacher
-                states = torch.empty(len(texts), cfg.num_steps + 1, *noise.shape[1:])
+                states = torch.empty(len(texts), steps.shape[1], *noise.shape[1:])
                 for name in sorted(set(names)):
                     rows = torch.tensor([i for i, t in enumerate(names) if t == name])
-                    states[rows] = self._trajectories(self.teachers[name], cond.index(rows), null_cond.index(rows),
-                                                      sigmas, noise[rows])
-            out.append(DistillBatch(task, cond, null_cond, states, sigmas, names))
+                    states[rows] = self._states(self.teachers[name], cond.index(rows), null_cond.index(rows),
+                                                sigmas, noise[rows], steps[rows])
+            out.append(DistillBatch(task, cond, null_cond, noise, steps, states, sigmas, scale, names))
         return out
 
     # ------------------------------------------------------------------ update
@@ -180,44 +238,37 @@ class OPDTrainer(LoopTrainer):
         k = self.cfg.timesteps_per_trajectory
         return torch.rand(rows * self.world, n, generator=gen).argsort(dim=1)[:, :k], n / k
 
-    def _velocities(self, model: FlowModel, batch: DistillBatch, rows: torch.Tensor, steps: torch.Tensor):
-        """[R, 2S, *latent]: both CFG branches at the chosen states, in one batched forward."""
-        r, s = steps.shape
+    def _velocities(self, model: FlowModel, batch: DistillBatch, rows: torch.Tensor):
+        """[R, 2K, *latent]: both CFG branches at the matched states of ``rows``, in one batched forward."""
+        r, s = batch.steps[rows].shape
         flat_rows = rows[:, None].expand(r, s).reshape(-1)
-        x = batch.states[flat_rows, steps.reshape(-1)]
-        t = batch.sigmas[steps.reshape(-1)].to(x.device)
+        x = batch.states[rows].flatten(0, 1)
+        t = batch.sigmas[batch.steps[rows].reshape(-1)].to(x.device)
         cond = batch.cond.index(flat_rows).cat(batch.null_cond.index(flat_rows))
         v = model.velocity(torch.cat([x, x]), torch.cat([t, t]), cond)
         v_c, v_u = v.chunk(2)
         return torch.cat([v_c.reshape(r, s, *x.shape[1:]), v_u.reshape(r, s, *x.shape[1:])], dim=1)
 
     def update(self, batches: list[DistillBatch], iteration: int) -> dict[str, float]:
-        gen = seeded_generator(self.cfg.seed, iteration, stream=1)
-        plans = []
-        for batch in batches:
-            rows = batch.states.shape[0]
-            steps, scale = self._select_steps(rows, gen)
-            if self.cfg.timesteps == "subset":  # drawn for the global batch, so ranks do not change the update
-                steps = steps[self.rank * rows : (self.rank + 1) * rows]
-            plans.append((batch, steps, scale))
         total = sum(b.states.shape[0] for b in batches)
         metrics: dict[str, float] = {}
         self.module.train()
         self.engine.zero_grad()
         loss_sum = 0.0
-        for j, (batch, steps, scale) in enumerate(plans):
-            target = torch.empty(batch.states.shape[0], 2 * steps.shape[1], *batch.states.shape[2:])
+        for j, batch in enumerate(batches):
+            scale = batch.step_scale
+            target = torch.empty(batch.states.shape[0], 2 * batch.steps.shape[1], *batch.states.shape[2:])
             with torch.no_grad():
                 for name in sorted(set(batch.teacher_names)):
                     rows = torch.tensor([i for i, t in enumerate(batch.teacher_names) if t == name])
-                    target[rows] = self._velocities(self.teachers[name], batch, rows, steps[rows])
+                    target[rows] = self._velocities(self.teachers[name], batch, rows)
             share = batch.states.shape[0] / total
             train_model = self.train_models[batch.task]
-            with self.engine.accumulate(train_model, last=j == len(plans) - 1):
-                pred = self._velocities(train_model, batch, torch.arange(batch.states.shape[0]), steps)
+            with self.engine.accumulate(train_model, last=j == len(batches) - 1):
+                pred = self._velocities(train_model, batch, torch.arange(batch.states.shape[0]))
                 loss = velocity_matching_loss(pred, target, scale)
                 self.engine.backward(loss * share)
-            half = steps.shape[1]
+            half = batch.steps.shape[1]
             with torch.no_grad():
                 per_branch = (pred.detach() - target).pow(2).flatten(2).mean(dim=2)
             metrics[f"train/loss_{batch.task}"] = float(loss.detach())

@@ -10,9 +10,10 @@ import torch
 
 from flowrl.config import OPDConfig
 from flowrl.rl.grpo import PromptSet
-from flowrl.rl.opd import OPDTrainer, parse_routes, task_counts, velocity_matching_loss
-from flowrl.sampling import sample
+from flowrl.rl.opd import OPDTrainer, ode_states_at, parse_routes, task_counts, velocity_matching_loss
+from flowrl.sampling import flow_match_sigmas, sample
 from tests.rl.conftest import tiny_model
+from tests.test_sampling import LinearFlow
 
 T2I = PromptSet(["a red circle", "two blue squares", "a green triangle", "a red square above a blue circle"],
                 ["single_object", "counting", "single_object", "position"], None)
@@ -85,13 +86,54 @@ def test_off_policy_states_are_the_teachers_trajectories():
     student, teacher = tiny_model(seed=0), tiny_model(seed=1)
     trainer = _trainer(student, {"t": teacher, "e": teacher}, states="off_policy")
     on = _trainer(student, {"t": teacher, "e": teacher})
-    off_batch, on_batch = trainer.collect(0)[0], on.collect(0)[0]
-    noise = off_batch.states[:, 0]
-    assert torch.equal(noise, on_batch.states[:, 0])  # same prompts and noise either way
-    expected = sample(teacher, off_batch.cond, off_batch.sigmas, null_cond=off_batch.null_cond, guidance_scale=3.0,
-                      initial_noise=noise).states
-    torch.testing.assert_close(off_batch.states, expected)
-    assert not torch.allclose(on_batch.states[:, -1], expected[:, -1])  # the student's own are elsewhere
+    for off_batch, on_batch in zip(trainer.collect(0), on.collect(0)):
+        # the same prompts, noise and matched steps either way
+        assert torch.equal(off_batch.noise, on_batch.noise) and torch.equal(off_batch.steps, on_batch.steps)
+        rows = torch.arange(len(off_batch.steps))[:, None]
+        for model, batch in ((teacher, off_batch), (student, on_batch)):
+            full = sample(model, batch.cond, batch.sigmas, null_cond=batch.null_cond, guidance_scale=3.0,
+                          initial_noise=batch.noise).states
+            torch.testing.assert_close(batch.states, full[rows, batch.steps])
+        deep = on_batch.steps > 0  # the students' own states are elsewhere (state 0 is the shared noise)
+        assert not torch.allclose(on_batch.states[deep], off_batch.states[deep])
+
+
+def test_the_matched_steps_are_drawn_per_iteration_and_bound_the_rollout():
+    """K = 2 of N = 3 distinct steps per trajectory, the same draws for a rerun of the iteration, others for the next;
+    the update matches exactly the states the batch holds."""
+    student, teacher = tiny_model(seed=0), tiny_model(seed=1)
+    trainer = _trainer(student, {"t": teacher, "e": teacher})
+    first, again, second = trainer.collect(0), trainer.collect(0), trainer.collect(1)
+    for batch, same in zip(first, again):
+        assert batch.steps.shape == (2, 2) and batch.step_scale == 1.5
+        assert all(len(set(row)) == 2 and max(row) < 3 for row in batch.steps.tolist())
+        assert torch.equal(batch.steps, same.steps) and torch.equal(batch.states, same.states)
+    assert any(not torch.equal(a.steps, b.steps) for a, b in zip(first, second))
+
+
+def test_states_at_chosen_steps_are_the_full_trajectory_s_and_stop_at_the_deepest():
+    """``ode_states_at`` gives what ``sample`` gives at each row's chosen indices, with CFG; a row leaves the
+    batch after its deepest index, and nothing runs past the deepest of all."""
+    model = LinearFlow()
+    rows_seen = []
+    velocity = model.velocity
+    model.velocity = lambda x, t, cond: rows_seen.append(len(x)) or velocity(x, t, cond)
+    cond = model.encode_prompts(["ab", "abcd", "x"])
+    null = model.null_condition(cond)
+    sigmas = flow_match_sigmas(6)
+    noise = torch.randn(3, model.dim, generator=torch.Generator().manual_seed(1))
+    full = sample(model, cond, sigmas, null_cond=null, guidance_scale=3.0, initial_noise=noise).states
+    rows_seen.clear()
+    steps = torch.tensor([[0, 2], [4, 1], [1, 0]])
+    got = ode_states_at(model, cond, sigmas, steps, noise, null_cond=null, guidance_scale=3.0)
+    torch.testing.assert_close(got, full[torch.arange(3)[:, None], steps])
+    # deepest indices 2, 4, 1: step 0 for all three rows, 1 for rows 0 and 1, 2 and 3 for row 1; CFG doubles each
+    assert rows_seen == [6, 4, 2, 2]
+    assert torch.equal(noise, full[:, 0])  # the caller's noise is left as it was
+    with pytest.raises(ValueError, match="steps must index the 7 states"):
+        ode_states_at(model, cond, sigmas, torch.tensor([[7], [0], [0]]), noise)
+    with pytest.raises(ValueError, match=r"steps must be \[3, K\]"):
+        ode_states_at(model, cond, sigmas, torch.tensor([0, 1, 2]), noise)
 
 
 def test_category_routes_win_over_task_routes():
