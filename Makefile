@@ -265,18 +265,20 @@ results/bench_shapes.json: venv
 	$(ALL_MODELS); \
 	$(FLOWRL) bench $(SHAPES) $$models --results $@ --report-dir results
 
-# OPD's cost against what the student keeps (results/opd_levers.json): the shipped opd section, the student's
-# rollouts with 10 ODE steps, 2 matched states per trajectory, and both, one after the other at 2 threads (the
+# OPD's cost against what the student keeps (results/opd_levers.json): the opd section with K = 4 matched states
+# (shipped until 2026-12-05), the student's rollouts with 10 ODE steps, K = 2 (shipped now), and both, one after the other at 2 threads (the
 # machine of issue 6's 8-minute budget; run it with nothing else running), on the teachers of the chain in artifacts/;
 # then the variant the config ships (match_2states) once more through `pyflyte run ... opd_stage`, the OPD task in
-# its Elastic worker.
+# its Elastic worker; and Mix-RL on the same chain (`mix_rl`: the stage's metrics, with the judge on both tasks).
 results/opd_levers.json: venv
 	set -eo pipefail; \
 	$(TEACHERS); \
 	run="$(PY) -m bench.opd_levers --base $$base --teacher t2i_teacher=$$tt --teacher edit_teacher=$$te \
 		--prompts t2i=$$pt edit=$$pe --threads 2 --output $@"; \
 	$$run; \
-	$$run --pipeline match_2states
+	$$run --pipeline match_2states; \
+	$(FLOWRL) grpo $(SHAPES) --task mixed --base $$base --reward-model $$rm --prompts t2i=$$pt edit=$$pe \
+		--results $@ --results-key mix_rl
 
 # A second `make run` of the shapes config with nothing changed, timed, with the stages that ran
 # (results/rerun_shapes.json); run it right after a `make run` of that config has completed.

@@ -6,11 +6,12 @@ base, the two GRPO teachers and both curated prompt sets of one chain:
     .venv/bin/python -m bench.opd_levers --base URI --teacher t2i_teacher=URI \\
         --teacher edit_teacher=URI --prompts t2i=URI edit=URI --output results/opd_levers.json
 
-Issue 6 gives OPD 8 minutes on 2 CPU cores. An iteration of the shipped config
-(32 prompts, the deployment sampler's 20 ODE steps with CFG, K = 4 matched
-states per trajectory on both CFG branches) costs about 1.5 s of rollouts and
-1.1 s of teacher + student passes at 2 threads, so 200 iterations alone are
-over the budget. Each variant changes only the ``opd`` keys named below:
+Issue 6 gives OPD 8 minutes on 2 CPU cores. An iteration of the config as it
+was shipped until 2026-12-05 (32 prompts, the deployment sampler's 20 ODE
+steps with CFG, K = 4 matched states per trajectory on both CFG branches) cost
+about 1.5 s of rollouts and 1.1 s of teacher + student passes at 2 threads, so
+200 iterations alone were over the budget. Each variant changes only the
+``opd`` keys named below:
 
 * ``config``: the ``opd`` section the table varies: configs/shapes.yaml's as
   it was when the table was made (K = 4; :data:`LEVERS_BASE` pins it, so the
@@ -25,8 +26,8 @@ Each run writes a normal opd artifact under ``--artifacts``; the table holds,
 per variant, the judge's scores of the student on the held-out sets, the share
 of each teacher's gain it kept, the monitor curve, and the stage's training and
 total wall time (``train_s``, ``wall_s``: sampling, updates, monitor, the final
-judge; not the process start). ``--threads`` sets torch's threads (issue 6's budget is
-read at 2, one variant at a time, nothing else running).
+judge; not the process start). ``--threads`` sets torch's threads (issue 6's
+budget is read at 2, one variant at a time, nothing else running).
 
 ``--pipeline VARIANT`` runs that variant instead as the pipeline does:
 `pyflyte run pipelines/post_train.py opd_stage` on the same inputs, the OPD

@@ -473,6 +473,15 @@ def test_opd_levers_vary_the_named_keys_and_the_shipped_section_is_the_one_withi
     pipeline = table["pipeline"]
     assert pipeline["variant"] == "match_2states" and pipeline["threads"] == 2
     assert pipeline["command_wall_s"] <= 480.0 and pipeline["machine"]["cpu_count"] == 2
+    # Mix-RL on the same chain (same base, judged the same); the README reports it above the student on the mean
+    mix = json.loads((ROOT / "results" / "opd_levers.json").read_text())["mix_rl"]
+    m = mix["metrics"]
+    assert m["task"] == "mixed" and not mix["reused"]
+    assert m["base"] and all(table["base"][k] == v for k, v in m["base"].items())
+    assert f"--base {table['inputs']['base']} " in mix["command"]
+    student = table["variants"]["match_2states"]["judge"]
+    mean = lambda s: (s["t2i/alignment"] + s["edit/accuracy"]) / 2  # noqa: E731
+    assert mean(m["teacher"]) > mean(student)
 
 
 def test_reliability_results_cover_every_fault_and_the_bad_input_battery():
