@@ -85,15 +85,20 @@ test-gpu: venv
 base: venv
 	$(VENV)/bin/flowrl base --config $(CONFIG) --output artifacts
 
-# Container images (images/): built and tagged with the docker SDK; DRY_RUN=1 prints the builds,
-# PUSH=1 pushes them. Registry and tag: FLOWRL_REGISTRY, FLOWRL_IMAGE_TAG (images/build.py).
+# Container images (images/, docs/images.md): built with the docker SDK and tagged by their contents,
+# under PACKAGE_CONFIG's launch.registry (the names `make package` bakes into the tasks) or REGISTRY=host/org;
+# DRY_RUN=1 prints the builds, PUSH=1 pushes them.
 images: venv
-	$(PY) images/build.py $(if $(DRY_RUN),--dry-run) $(if $(PUSH),--push)
+	$(PY) images/build.py $(if $(REGISTRY),--registry $(REGISTRY),--config $(PACKAGE_CONFIG)) $(if $(DRY_RUN),--dry-run) \
+		$(if $(PUSH),--push)
 
-# The remote bundle, offline: every task names its stage image (same registry and tag as `make images`).
-# PLAN_CONFIG=configs/qwen_image.yaml: GRPO and OPD resources from the memory planner (FLOWRL_GPU_MEM GiB per GPU).
+# The remote bundle, offline (no model hub): every task launched as CONFIG's `launch` section says (images
+# under launch.registry, tagged by their contents; worker processes, nodes, resources, secrets), GRPO and OPD
+# memory from the planner. PACKAGE_CONFIG defaults to the production scenario.
+PACKAGE_CONFIG ?= configs/qwen_image.yaml
+PACKAGE_OUTPUT ?= flyte-package.tgz
 package: venv
-	FLOWRL_PLAN_CONFIG=$(PLAN_CONFIG) $(VENV)/bin/pyflyte --pkgs pipelines package $$($(PY) images/build.py --flags) --output flyte-package.tgz --force
+	$(PY) -m tasks.package --config $(PACKAGE_CONFIG) --output $(PACKAGE_OUTPUT)
 
 clean:
 	-$(VENV)/bin/pyflyte local-cache clear

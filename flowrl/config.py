@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import shlex
 import types
 import typing
@@ -113,6 +114,24 @@ class ShapesModelConfig:
 
 
 @dataclass(frozen=True)
+class QwenImageLoraConfig:
+    """LoRA adapters (peft) on the Qwen-Image transformer, trained instead of its weights (docs/lora.md)."""
+
+    rank: int = param(0, "Adapter rank (0: off, full-parameter training).", ge=0)
+    alpha: float | None = param(None, "LoRA alpha: the adapter's output is scaled by alpha / rank (null: the rank, "
+                                "a scale of 1).", gt=0)
+    dropout: float = param(0.0, "Dropout on the adapter's input while training. Above 0 the training forward no "
+                           "longer reproduces the rollout's, so GRPO's ratio is not 1 before the first update.",
+                           ge=0, lt=1)
+    target_modules: tuple[str, ...] = param(
+        ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+        "Linear layers that get an adapter, by the end of their module path as peft matches them: by default the "
+        "attention projections of both streams; add img_mlp.net.0.proj, img_mlp.net.2, txt_mlp.net.0.proj, "
+        "txt_mlp.net.2 (MLPs) or img_mod.1, txt_mod.1 (modulation) for more capacity. A name matching no layer "
+        "is an error.", nonempty=True)
+
+
+@dataclass(frozen=True)
 class QwenImageModelConfig:
     """Production family: diffusers Qwen-Image / Qwen-Image-Edit weights."""
 
@@ -123,6 +142,13 @@ class QwenImageModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = param("bfloat16", "Compute dtype.")
     height: int = param(1024, "Image height in pixels (multiple of 16).", ge=16)
     width: int = param(1024, "Image width in pixels (multiple of 16).", ge=16)
+    lora: QwenImageLoraConfig | None = param(
+        None, "GRPO and OPD train LoRA adapters on the transformer (rank > 0): the reference and the OPD starting "
+        "point are the base with adapters off (no copy), teachers are adapters; artifacts hold the adapter and the "
+        "merged transformer. Needs grpo/opd.zero_stage 0. null or rank 0: full-parameter training.", added=True)
+    text_encoder_device: Literal["same", "cpu"] = param(
+        "same", "Where the Qwen2.5-VL text encoder of the RL stages runs: same (the transformer's device) or cpu "
+        "(off the GPU; prompts are encoded once per rollout, slowly, and the embeddings moved over).", added=True)
 
 
 @dataclass(frozen=True)
@@ -376,6 +402,18 @@ class GRPOConfig:
         "+ gradients, + weights across the data-parallel ranks (the production path for full-parameter training "
         "of large models; needs DeepSpeed, requirements/gpu.txt). The update is the same at every stage.",
         ge=0, le=3, added=True)
+    gradient_checkpointing: bool = param(
+        False, "Recompute the trained network's activations in the backward instead of keeping them (diffusers' "
+        "per-block checkpointing for qwen_image, torch.utils.checkpoint per block for shapes): the same update, "
+        "one more forward of the trained part.", added=True)
+    micro_batch: int | None = param(
+        None, "Trajectories per forward / backward: each minibatch's rows run in parts of this many (each part "
+        "holds micro_batch x the steps trained per trajectory states) and their gradients accumulate, weighted so "
+        "the update is the whole minibatch's. null: the whole minibatch in one forward.", ge=1, added=True)
+    reference_device: Literal["same", "cpu"] = param(
+        "same", "Full-parameter training with kl_coef > 0: where the frozen copy of the base that the KL compares "
+        "against lives: same (the policy's device) or cpu (off the GPU; its forwards run on the CPU, slowly). With "
+        "LoRA there is no copy (the base is the transformer with adapters off): leave it at same.", added=True)
     calibrate: bool = param(
         False, "Scale each category's advantages by its reward headroom at filtering (5 - the mean alignment "
         "level of its samples), normalised to mean 1 (flowrl.stages.filter_prompts)."
@@ -451,6 +489,13 @@ class OPDConfig:
         "+ gradients, + weights across the data-parallel ranks (the production path for full-parameter training "
         "of large models; needs DeepSpeed, requirements/gpu.txt). The update is the same at every stage.",
         ge=0, le=3, added=True)
+    gradient_checkpointing: bool = param(
+        False, "Recompute the student's activations in the backward instead of keeping them (as grpo's): the same "
+        "update, one more forward of the student.", added=True)
+    micro_batch: int | None = param(
+        None, "Trajectories per forward / backward of the student and of each teacher (each part holds micro_batch "
+        "x 2 x the matched states per trajectory); gradients accumulate, weighted so the update is the whole "
+        "batch's. null: each task's batch in one forward.", ge=1, added=True)
     eval_every: int = param(25, "Judge score of the held-out monitor sets every N iterations.", ge=1)
     monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
     checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1)
@@ -458,7 +503,9 @@ class OPDConfig:
     teacher_devices: tuple[str, ...] = param(
         (), "qwen_image: TEACHER=DEVICE entries placing a teacher's transformer on its own device (cuda:1, ...) or "
         "offloading it to cpu; others share the student's device. Teachers share the student's frozen VAE and "
-        "text encoder.", added=True)
+        "text encoder. With LoRA a teacher named here is loaded as its whole merged transformer on that device; "
+        "one not named is an adapter on the student's transformer when it was trained with LoRA on the same "
+        "pretrained weights (else its whole transformer, on the student's device).", added=True)
     offpolicy_ablation: bool = param(False, "Pipeline: also run the off-policy ablation (stage opd_offpolicy).")
     mix_rl: bool = param(False, "Pipeline: also run the Mix-RL baseline (grpo --task mixed, stage grpo_mixed).")
 
@@ -501,6 +548,51 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class StageLaunchConfig:
+    """How one stage's Flyte task is launched. Read when the workflow is registered and
+    serialized into the task's spec (tasks/launch.py); null keeps the task's own default."""
+
+    nodes: int = param(1, "Nodes (grpo / opd only; more than 1 is a PyTorchJob across nodes).", ge=1)
+    procs: int = param(1, "Worker processes per node, one per GPU (grpo / opd only).", ge=1)
+    gpus: int | None = param(None, "GPUs per node (null: the task's default; grpo / opd: one per process).", ge=0)
+    cpu: str | None = param(None, "CPU request per node, a Kubernetes quantity such as '8' or '500m'.")
+    mem: str | None = param(
+        None, "Memory request per node, a Kubernetes quantity such as '64Gi' (null: the task's default; grpo / opd "
+        "with model.family qwen_image: from the memory planner).")
+    disk: str | None = param(None, "Ephemeral storage request per node, a Kubernetes quantity such as '200Gi'.")
+
+
+def _stage_launch(**defaults: Any) -> Any:
+    return field(default_factory=lambda: StageLaunchConfig(**defaults),
+                 metadata={"doc": "Launch settings of the stage's task.", "bounds": {}})
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where and how the workflow's tasks run on a cluster. Fixed when the workflow is
+    registered (``pyflyte run --remote ... --config FILE``, ``make package CONFIG=FILE``):
+    a pod never reads the submitter's environment. No stage's results depend on it."""
+
+    registry: str | None = param(
+        None, "Container registry the stage images were pushed to (`make images PUSH=1`); each task names its "
+        "image REGISTRY/flowrl-STAGE:TAG, TAG derived from the image's contents (null: images come from pyflyte's "
+        "--image flags).")
+    accelerator: str = param("H100", "GPU kind of the GPU tasks: a name in flytekit.extras.accelerators.",
+                             nonempty=True)
+    gpu_mem_gib: float = param(80.0, "Memory of one GPU in GiB, for the memory planner.", gt=0)
+    secrets: tuple[str, ...] = param(
+        (), "Flyte secrets every task requests, as ENV_VAR=GROUP/KEY: the secret GROUP/KEY of the cluster is "
+        "set as ENV_VAR in the pod (e.g. MLFLOW_TRACKING_TOKEN=mlflow/token).")
+    base: StageLaunchConfig = _stage_launch()
+    annotate: StageLaunchConfig = _stage_launch()
+    reward_model: StageLaunchConfig = _stage_launch()
+    filter_prompts: StageLaunchConfig = _stage_launch()
+    grpo: StageLaunchConfig = _stage_launch()
+    opd: StageLaunchConfig = _stage_launch()
+    bench: StageLaunchConfig = _stage_launch()
+
+
+@dataclass(frozen=True)
 class FlowRLConfig:
     """A whole scenario: one YAML file."""
 
@@ -517,6 +609,7 @@ class FlowRLConfig:
     grpo: GRPOConfig = section(GRPOConfig, "Stages grpo_t2i, grpo_edit and grpo_mixed (Mix-RL).")
     opd: OPDConfig = section(OPDConfig, "Stage opd (and opd_offpolicy).")
     bench: BenchConfig = section(BenchConfig, "Stage bench.")
+    launch: LaunchConfig = section(LaunchConfig, "How the tasks run on a cluster (read at registration).")
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the given sections (what a stage's output depends on)."""
@@ -747,6 +840,7 @@ def check_consistency(config: FlowRLConfig) -> None:
         raise ConfigError(
             f"annotate.labels_per_image: {a.labels_per_image} is more than annotate.annotators {a.annotators}"
         )
+    check_launch(config)
     if m.family == "qwen_image":
         q = m.qwen_image
         if not q.pretrained:
@@ -768,6 +862,100 @@ def check_consistency(config: FlowRLConfig) -> None:
         if not config.grpo.monitor_reward:
             raise ConfigError("grpo.monitor_reward: required when model.family is qwen_image (there is no judge: name "
                               "the held-out reward model that watches for hacking, e.g. pairwise)")
+        _check_lora(config)
+
+
+def _check_lora(config: FlowRLConfig) -> None:
+    """LoRA (model.qwen_image.lora) against the RL stages' settings."""
+    lora = config.model.qwen_image.lora
+    if lora is None or lora.rank == 0:
+        return
+    if not lora.target_modules:
+        raise ConfigError("model.qwen_image.lora.target_modules: name at least one linear layer (or set rank 0)")
+    for section in ("grpo", "opd"):
+        stage = getattr(config, section).zero_stage
+        if stage:
+            raise ConfigError(
+                f"{section}.zero_stage: {stage} with LoRA (model.qwen_image.lora.rank {lora.rank}): the adapters "
+                "train with plain PyTorch / DDP (their weights and AdamW states are small, the frozen base is not "
+                "the optimizer's); set zero_stage 0, or rank 0 for full-parameter training under ZeRO")
+    if config.grpo.trainable:
+        raise ConfigError(f"grpo.trainable: {list(config.grpo.trainable)} selects transformer weights to train, and "
+                          f"with LoRA (model.qwen_image.lora.rank {lora.rank}) only the adapters train; leave it empty")
+    if config.grpo.reference_device != "same":
+        raise ConfigError(f"grpo.reference_device: {config.grpo.reference_device} places the full-parameter "
+                          "reference copy, and with LoRA the reference is the base with adapters off (no copy); "
+                          "leave it at same")
+
+
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
+_ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRET_PART = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
+TRAINING_STAGES = ("grpo", "opd")  # the stages that run torchrun workers (Flyte Elastic / PyTorchJob)
+
+
+def secret_requests(entries: tuple[str, ...], key: str = "launch.secrets") -> list[tuple[str, str, str]]:
+    """``("MLFLOW_TRACKING_TOKEN=mlflow/token",)`` -> [(env var, group, key)]; a malformed entry is a
+    ConfigError naming ``key[i]``."""
+    out, seen = [], set()
+    for i, (env, ref) in enumerate(name_value_pairs(entries, key, "ENV_VAR=GROUP/KEY")):
+        group, sep, name = ref.partition("/")
+        if not _ENV_VAR.match(env):
+            raise ConfigError(f"{key}[{i}]: {env!r} is not an environment variable name")
+        if not sep or not _SECRET_PART.match(group) or not _SECRET_PART.match(name):
+            raise ConfigError(f"{key}[{i}]: expected ENV_VAR=GROUP/KEY (lower-case Kubernetes names), got "
+                              f"{entries[i]!r}")
+        if env in seen:
+            raise ConfigError(f"{key}[{i}]: {env} is given twice")
+        seen.add(env)
+        out.append((env, group, name))
+    return out
+
+
+def is_local_path(value: str) -> bool:
+    """True for a path on this machine's disk (no ``scheme://``)."""
+    return "://" not in value
+
+
+def check_launch(config: FlowRLConfig) -> None:
+    """The launch section, and the rule that a remote scenario names no file on the submitter's disk."""
+    launch = config.launch
+    secret_requests(launch.secrets)
+    for stage in ("base", "annotate", "reward_model", "filter_prompts", "grpo", "opd", "bench"):
+        sec: StageLaunchConfig = getattr(launch, stage)
+        for name in ("cpu", "mem", "disk"):
+            value = getattr(sec, name)
+            if value is not None and not _QUANTITY.match(value):
+                raise ConfigError(f"launch.{stage}.{name}: expected a Kubernetes quantity such as "
+                                  f"{'8' if name == 'cpu' else '64Gi'}, got {value!r}")
+        if stage not in TRAINING_STAGES:
+            for name in ("nodes", "procs"):
+                if getattr(sec, name) != 1:
+                    raise ConfigError(f"launch.{stage}.{name}: only the training stages ({', '.join(TRAINING_STAGES)}) "
+                                      f"run several workers; {stage} runs in one process (got {getattr(sec, name)})")
+        elif sec.gpus is not None and sec.gpus not in (0, sec.procs):
+            raise ConfigError(f"launch.{stage}.gpus: {sec.gpus} GPUs for launch.{stage}.procs = {sec.procs} workers; "
+                              "each worker drives one GPU (give the same number, 0 for CPU workers, or null)")
+    if launch.registry is not None and (not launch.registry.strip() or launch.registry != launch.registry.strip()
+                                        or launch.registry.endswith("/") or "://" in launch.registry):
+        raise ConfigError(f"launch.registry: expected a registry and path such as ghcr.io/acme/flowrl, got "
+                          f"{launch.registry!r}")
+    if is_local_path(config.run.artifact_root):
+        return
+    # the artifacts live in object storage: the stages run in pods, which see none of the submitter's files
+    files = {
+        "annotate.pointwise_path": config.annotate.pointwise_path,
+        "annotate.pairwise_path": config.annotate.pairwise_path,
+        "filter.t2i_prompts": config.filter.t2i_prompts,
+        "filter.edit_prompts": config.filter.edit_prompts,
+        "bench.t2i_prompts": config.bench.t2i_prompts,
+        "bench.edit_prompts": config.bench.edit_prompts,
+    }
+    for key, value in files.items():
+        if value and is_local_path(value):
+            raise ConfigError(f"{key}: {value!r} is a path on this machine, and run.artifact_root "
+                              f"({config.run.artifact_root}) is object storage: the stages run in pods that cannot "
+                              "read it; upload the file and give its URI (s3://...)")
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:

@@ -2,15 +2,15 @@
 
 import json
 
-from flytekit import Resources, task
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from flowrl.stages.base import run_base
-from tasks.types import STAGE_MODULES, StageArtifact, StageConfigs, image, stage_cache, tracker_for
+from tasks.launch import stage_task
+from tasks.types import STAGE_MODULES, StageArtifact, StageConfigs, stage_cache, tracker_for
 
 
-@task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"))
+@stage_task("default")
 def validate_config(config: FlyteFile) -> StageConfigs:
     """Fail the workflow on a bad config before any stage starts; hand each stage
     the config under its own cache hash (its sections, see tasks.types)."""
@@ -22,7 +22,7 @@ def validate_config(config: FlyteFile) -> StageConfigs:
     return StageConfigs(**{module: config for module in STAGE_MODULES})
 
 
-@task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"), retries=2)
+@stage_task("default", retries=2)
 def start_pipeline_run(config: FlyteFile) -> str:
     """Open the MLflow run of this pipeline execution; every stage's run nests under it."""
     from flowrl.tracking import MLflowTracker
@@ -31,7 +31,7 @@ def start_pipeline_run(config: FlyteFile) -> str:
     return MLflowTracker(loaded.run.tracking_uri).start_pipeline(loaded, "post_train")
 
 
-@task(container_image=image("base"), requests=Resources(cpu="2", mem="8Gi"), retries=1, cache=stage_cache("base"))
+@stage_task("base", retries=1, cache=stage_cache("base"))
 def base(config: FlyteFile, parent_run: str) -> StageArtifact:
     cfg = load_config(config.download())
     result = run_base(cfg, tracker=tracker_for(cfg, parent_run))

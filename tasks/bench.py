@@ -6,11 +6,12 @@ arrives as an artifact with an empty uri and is left out.
 
 from typing import List
 
-from flytekit import Deck, Resources, task
+from flytekit import Deck
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for
+from tasks.launch import stage_task
+from tasks.types import StageArtifact, stage_cache, tracker_for
 
 
 def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
@@ -20,8 +21,7 @@ def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
 
 # production: one generator loaded at a time (a Qwen-Image pipeline passes through host memory on
 # loading), each model's images spilled to local disk until the VLM scorers read them
-@task(container_image=image("bench"), requests=Resources(cpu="4", mem="64Gi", gpu="1", ephemeral_storage="100Gi"),
-      accelerator=GPU, retries=1, enable_deck=True, cache=stage_cache("bench"))
+@stage_task("bench", retries=1, enable_deck=True, cache=stage_cache("bench"))
 def bench(
     config: FlyteFile, parent_run: str, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
     mix_rl: StageArtifact, student: StageArtifact, student_offpolicy: StageArtifact, reward_model: StageArtifact,
@@ -38,7 +38,7 @@ def bench(
     return StageArtifact.of(result)
 
 
-@task(container_image=image("default"), requests=Resources(cpu="1", mem="2Gi"), retries=2)
+@stage_task("default", retries=2)
 def finish_pipeline_run(config: FlyteFile, parent_run: str, bench: StageArtifact,
                         outputs: List[StageArtifact]) -> str:
     """Check that every output of the run exists (a Flyte cache hit can hand on

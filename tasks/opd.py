@@ -1,47 +1,35 @@
 """Flyte task for stages `opd` / `opd_offpolicy`, and the switch of the optional branches.
 
-Like GRPO, OPD runs under Flyte's Elastic plugin (``FLOWRL_OPD_PROCS``
-processes, DDP across them) and a retry resumes from the newest complete
-checkpoint. The teachers are frozen and share the student's device.
+Like GRPO, OPD runs under Flyte's Elastic plugin (``launch.opd.procs`` processes on
+``launch.opd.nodes`` nodes, fixed at registration: :mod:`tasks.launch`) and a retry resumes from
+the newest complete checkpoint. The teachers are frozen and share the student's device.
 """
 
-import os
 from typing import NamedTuple
 
-from flytekit import Resources, task
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
-from tasks.types import GPU, StageArtifact, elastic, image, stage_cache, tracker_for, training_requests
-
-PROCS = int(os.environ.get("FLOWRL_OPD_PROCS", "1"))  # per node: one per GPU
-NODES = int(os.environ.get("FLOWRL_OPD_NODES", "1"))  # > 1: a PyTorchJob across nodes
+from tasks.launch import check_workers, stage_task
+from tasks.types import StageArtifact, stage_cache, tracker_for
 
 Switches = NamedTuple("Switches", [("mix_rl", bool), ("offpolicy", bool)])
 
 
-@task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"))
+@stage_task("default")
 def branch_switches(config: FlyteFile) -> Switches:
     """Which optional branches the config turns on (opd.mix_rl, opd.offpolicy_ablation)."""
     o = load_config(config.download()).opd
     return Switches(mix_rl=o.mix_rl, offpolicy=o.offpolicy_ablation)
 
 
-@task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"))
+@stage_task("default")
 def skipped(stage: str) -> StageArtifact:
     """The value of a branch the config turned off: no artifact (empty uri)."""
     return StageArtifact(stage=stage, version="", uri="", mlflow_run_id="", metrics={})
 
 
-@task(
-    task_config=elastic(NODES, PROCS),
-    shared_memory=True,  # /dev/shm as a memory-backed volume, for the workers' DataLoader and NCCL
-    container_image=image("opd"),
-    requests=training_requests("opd", PROCS),
-    accelerator=GPU,
-    retries=2,
-    cache=stage_cache("opd"),
-)
+@stage_task("opd", retries=2, cache=stage_cache("opd"))
 def opd(
     config: FlyteFile, parent_run: str, base: StageArtifact, t2i_teacher: StageArtifact, edit_teacher: StageArtifact,
     t2i_prompts: StageArtifact, edit_prompts: StageArtifact, states: str,
@@ -51,6 +39,7 @@ def opd(
 
     with process_group():
         cfg = load_config(config.download())
+        check_workers("opd", cfg)
         result = run_opd(
             cfg, base.uri,
             {"t2i_teacher": t2i_teacher.uri, "edit_teacher": edit_teacher.uri},

@@ -4,12 +4,12 @@ take, so one stage runs alone on the outputs of earlier runs
 
 import json
 
-from flytekit import Resources, task
 
-from tasks.types import StageArtifact, image
+from tasks.launch import stage_task
+from tasks.types import StageArtifact
 
 
-@task(container_image=image("default"), requests=Resources(cpu="1", mem="1Gi"), retries=2)
+@stage_task("default", retries=2)
 def artifact_at(uri: str, expect: str, optional: bool = False) -> StageArtifact:
     """The complete artifact at ``uri``; its stage must start with ``expect``
     (``grpo_`` takes either teacher). With ``optional``, an empty ``uri``

@@ -1,15 +1,14 @@
 """Flyte task for stage `reward_model`."""
 
-from flytekit import Resources, task
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from flowrl.stages.reward_model import run_reward_model
-from tasks.types import GPU, StageArtifact, image, stage_cache, tracker_for
+from tasks.launch import stage_task
+from tasks.types import StageArtifact, stage_cache, tracker_for
 
 
-@task(container_image=image("reward_model"), requests=Resources(cpu="8", mem="64Gi", gpu="1"),
-      accelerator=GPU, retries=1, cache=stage_cache("reward_model"))
+@stage_task("reward_model", retries=1, cache=stage_cache("reward_model"))
 def reward_model(config: FlyteFile, parent_run: str, annotations: StageArtifact) -> StageArtifact:
     cfg = load_config(config.download())
     result = run_reward_model(cfg, annotations.uri, tracker=tracker_for(cfg, parent_run))

@@ -37,28 +37,6 @@ def tracker_for(config, parent_run: str):
     return make_tracker(config, parent_run_id=parent_run or None)
 
 
-def image(name: str) -> str:
-    """The container image of a task: the image ``name`` given to pyflyte as
-    ``--image NAME=REGISTRY/REPO:TAG`` (``make images`` prints those flags;
-    ``make package`` passes them). Local runs ignore it."""
-    return "{{.image.%s.fqn}}:{{.image.%s.version}}" % (name, name)
-
-
-# The GPU every GPU task asks for (FLOWRL_ACCELERATOR: a name from flytekit.extras.accelerators).
-def _accelerator():
-    import os
-
-    from flytekit.extras import accelerators
-
-    name = os.environ.get("FLOWRL_ACCELERATOR", "H100")
-    if not hasattr(accelerators, name):
-        raise ValueError(f"FLOWRL_ACCELERATOR: {name!r} is not an accelerator of flytekit.extras.accelerators")
-    return getattr(accelerators, name)
-
-
-GPU = _accelerator()
-
-
 # --------------------------------------------------------------------------- caching
 #
 # Flyte's cache key is (task, cache version, input literals). Each stage's cache version is the
@@ -108,32 +86,3 @@ def stage_cache(module: str):
     from flowrl.storage import code_version
 
     return Cache(version=code_version(f"flowrl.stages.{module}"), ignored_inputs=("parent_run",))
-
-
-def elastic(nodes: int, procs: int):
-    """The Elastic (torchrun) config of the GRPO / OPD tasks. The agent polls its workers every
-    ``monitor_interval`` seconds and a task ends only at the first poll after they exit: the plugin's
-    default of 5 s adds up to 5 s to every task, at 1 s at most 1 (measured on the pipeline-cache test,
-    6 Elastic tasks: 180 s -> 168 s, one run each). Polling every second is no load on the agent."""
-    from flytekitplugins.kfpytorch import Elastic
-
-    return Elastic(nnodes=nodes, nproc_per_node=procs, start_method="spawn", increase_shared_mem=False,
-                   monitor_interval=1)
-
-
-def training_requests(stage: str, procs: int):
-    """Resources of the GRPO / OPD task. With ``FLOWRL_PLAN_CONFIG`` (a scenario YAML; ``make package
-    PLAN_CONFIG=...``) they come from the memory planner for ``procs`` GPUs of ``FLOWRL_GPU_MEM`` GiB
-    (default 80); otherwise a fixed default."""
-    import os
-
-    from flytekit import Resources
-
-    path = os.environ.get("FLOWRL_PLAN_CONFIG")
-    if not path:
-        return Resources(cpu="8", mem="64Gi", gpu=str(procs))
-    from flowrl.config import load_config
-    from flowrl.planner import task_requests
-
-    requests, _ = task_requests(load_config(path), stage, procs, float(os.environ.get("FLOWRL_GPU_MEM", "80")))
-    return Resources(**requests)

@@ -154,7 +154,8 @@ def load_policy(directory: str | Path, config: FlowRLConfig, task: str = "t2i") 
 def pretrained_path(directory: str | Path, task: str) -> str:
     """The pretrained ``task`` weights a Qwen-Image model artifact builds on (its ``reference.json``),
     checked to be the ones the base stage fingerprinted; reads no weights."""
-    from flowrl.models.qwen_image import resolve_weights, weights_fingerprint
+    from flowrl.models.qwen_image import weights_fingerprint
+    from flowrl.weights import local_weights
 
     directory = Path(directory)
     meta_path = directory / QWEN_REFERENCE
@@ -168,7 +169,7 @@ def pretrained_path(directory: str | Path, task: str) -> str:
     except (ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(f"{meta_path}: no pretrained weights recorded for task {task!r} ({exc})") from None
     try:
-        path = resolve_weights(source, f"{meta_path}: pretrained.{task}")
+        path = local_weights(source, f"{meta_path}: pretrained.{task}")
     except FileNotFoundError as exc:
         raise CheckpointError(str(exc)) from None
     if weights_fingerprint(path) != recorded:
@@ -219,10 +220,10 @@ def trained_state(directory: str | Path, config: FlowRLConfig, task: str = "t2i"
         return _artifact_transformer(directory, config).state_dict()
     from diffusers import QwenImageTransformer2DModel
 
-    from flowrl.models.qwen_image import resolve_weights
+    from flowrl.weights import local_weights
 
     reference = json.loads((directory / QWEN_REFERENCE).read_text())
-    path = resolve_weights(reference["pretrained"][task], f"{directory / QWEN_REFERENCE}: pretrained.{task}")
+    path = local_weights(reference["pretrained"][task], f"{directory / QWEN_REFERENCE}: pretrained.{task}")
     return QwenImageTransformer2DModel.from_pretrained(
         path, subfolder="transformer", torch_dtype=_DTYPES[config.model.qwen_image.dtype]).state_dict()
 

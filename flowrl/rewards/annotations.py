@@ -130,6 +130,22 @@ class LoadReport:
     skipped: tuple[str, ...]
 
 
+def _read_parquet(path: str) -> pd.DataFrame:
+    """A label table from a local path or an fsspec URI (``s3://...``: what a pod can read)."""
+    import fsspec
+
+    fs, local = fsspec.core.url_to_fs(path)
+    try:
+        if not fs.isfile(local):
+            raise AnnotationError(f"{path}: annotation file not found")
+        with fs.open(local, "rb") as handle:
+            return pd.read_parquet(io.BytesIO(handle.read()))
+    except AnnotationError:
+        raise
+    except Exception as exc:  # pyarrow and fsspec raise several types for a missing or non-parquet file
+        raise AnnotationError(f"{path}: not a readable parquet file ({exc})") from None
+
+
 def load_annotations(
     path: str | Path,
     kind: Literal["pointwise", "pairwise"],
@@ -137,13 +153,7 @@ def load_annotations(
 ) -> tuple[pd.DataFrame, LoadReport]:
     """Read and validate every row; fail on the first bad rows or skip them,
     as configured, and always say which and why."""
-    path = Path(path)
-    if not path.is_file():
-        raise AnnotationError(f"{path}: annotation file not found")
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for a non-parquet file
-        raise AnnotationError(f"{path}: not a readable parquet file ({exc})") from None
+    frame = _read_parquet(str(path))
     columns = POINTWISE_COLUMNS if kind == "pointwise" else PAIRWISE_COLUMNS
     missing = [c for c in columns if c not in frame.columns]
     if missing:

@@ -15,10 +15,11 @@ from PIL import Image
 
 from flowrl.config import FlowRLConfig
 from flowrl.models import CheckpointError, count_parameters, create_model, save_checkpoint
-from flowrl.models.qwen_image import resolve_weights, validate_pretrained, weights_fingerprint
+from flowrl.models.qwen_image import validate_pretrained, weights_fingerprint
 from flowrl.pretrain import pretrain
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
 from flowrl.tracking import Tracker
+from flowrl.weights import is_store_uri, local_weights
 
 STAGE = "base"
 SECTIONS = ("run.seed", "world", "model", "sampler", "eval", "base")
@@ -77,13 +78,29 @@ def run_base(
         return commit_stage(ctx, STAGE, SECTIONS, {}, metrics, output_root)
 
 
+def _mirrored(sources: dict[str, str], keys: dict[str, str], config: FlowRLConfig,
+              output_root: str | None) -> dict[str, str]:
+    """With the artifacts in object storage (a cluster run), each hub id becomes the URI of its mirror
+    in the store (:func:`flowrl.weights.mirror`): downloaded from the hub once per commit, then read by
+    every stage and retry from the store. Local artifact roots keep the hub's own cache."""
+    from flowrl.storage import ArtifactStore
+    from flowrl.weights import is_hub_id, mirror
+
+    root = output_root or config.run.artifact_root
+    if "://" not in root or root.startswith("file://"):
+        return sources
+    store = ArtifactStore(root)
+    return {task: mirror(source, store, f"model.qwen_image.{keys[task]}") if is_hub_id(source) else source
+            for task, source in sources.items()}
+
+
 def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker: Tracker | None) -> StageResult:
     """Validate production weights and write a reference to them."""
     q = config.model.qwen_image
     keys = {"t2i": "pretrained", "edit": "edit_pretrained" if q.edit_pretrained else "pretrained"}
-    sources = {task: getattr(q, key) for task, key in keys.items()}
     try:
-        local = {task: resolve_weights(sources[task], f"model.qwen_image.{keys[task]}") for task in keys}
+        sources = _mirrored({task: getattr(q, key) for task, key in keys.items()}, keys, config, output_root)
+        local = {task: local_weights(sources[task], f"model.qwen_image.{keys[task]}") for task in keys}
     except FileNotFoundError as exc:
         raise CheckpointError(str(exc)) from None
     summaries = {}
@@ -93,7 +110,9 @@ def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker
         except (FileNotFoundError, ValueError) as exc:
             raise CheckpointError(f"model.qwen_image.{keys[task]}: {exc}") from None
     # the weights are this stage's inputs: a changed checkpoint at the same path is a new version
-    inputs = {f"pretrained.{task}": f"{path}#{weights_fingerprint(path)}" for task, path in local.items()}
+    # (a mirror by its URI in the store, not by where this machine cached it)
+    inputs = {f"pretrained.{task}": f"{sources[task] if is_store_uri(sources[task]) else path}#{weights_fingerprint(path)}"
+              for task, path in local.items()}
     done = committed_result(STAGE, config, SECTIONS, inputs, output_root)
     if done is not None:
         return done
