@@ -30,7 +30,7 @@ PROVIDED = {"torch"}
 # What each file adds on top of the runtime; the runtime roots are the library's dependencies less these.
 GROUPS = {
     "reward": ("fastapi", "uvicorn", "aiohttp", "pydantic"),
-    "train": ("deepspeed",),
+    "train": ("deepspeed", "setuptools"),  # setuptools: DeepSpeed's sdist is built without isolation
 }
 NOT_IN_IMAGES = ("docker",)  # `make images` runs it on the build host
 

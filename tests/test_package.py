@@ -221,3 +221,39 @@ def test_a_remote_scenario_names_no_local_file():
         load_config(ROOT / "configs" / "smoke.yaml", ["run.artifact_root=s3://bucket/x",
                                                       "annotate.pointwise_path=/data/l.parquet",
                                                       "annotate.pairwise_path=s3://bucket/p.parquet"])
+
+
+def _package(config: Path, out: Path) -> subprocess.CompletedProcess:
+    # no hub: offline mode, and an endpoint nothing listens on should anything still try
+    env = {**_clean_env(), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    return subprocess.run([sys.executable, "-m", "tasks.package", "--config", str(config), "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def test_the_production_bundle_packages_offline_with_planned_resources(tmp_path):
+    """`make package` of configs/qwen_image.yaml as shipped: hub ids, no hub reachable; GRPO and OPD get
+    the planner's host memory and CPUs for their 8 GPUs."""
+    from flowrl.config import load_config
+    from flowrl.planner import task_requests
+
+    proc = _package(ROOT / "configs" / "qwen_image.yaml", tmp_path / "prod.tgz")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with tarfile.open(tmp_path / "prod.tgz") as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    tasks = _tasks(tmp_path / "x")
+    config = load_config(ROOT / "configs" / "qwen_image.yaml")
+    for task, stage in (("tasks.grpo.grpo", "grpo"), ("tasks.opd.opd", "opd")):
+        expected, _ = task_requests(config, stage, 8, config.launch.gpu_mem_gib)
+        requests = _primary(tasks[task])["requests"]
+        assert requests["gpu"] == "8" and requests["cpu"] == expected["cpu"], task
+        assert requests["memory"] == expected["mem"], task
+
+
+def test_a_training_stage_that_fits_nowhere_is_refused_at_packaging(tmp_path):
+    data = yaml.safe_load((ROOT / "configs" / "qwen_image.yaml").read_text())
+    data["launch"]["gpu_mem_gib"] = 1.0
+    path = tmp_path / "tiny_gpus.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = _package(path, tmp_path / "none.tgz")
+    assert proc.returncode != 0 and "grpo" in proc.stderr and "fits" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "none.tgz").exists()

@@ -7,9 +7,18 @@ surrogate on the per-step ratio ``exp(logp_new - logp_old)``, averaged over
 the trained timesteps; the optional KL to a reference policy is the closed
 form between two Gaussians of equal std,
 ``||mean_theta - mean_ref||^2 / (2 std^2)``, averaged over latent elements.
+
+KL convention (docs/kl.md): ``std`` is the std of the whole transition,
+``sigma_t sqrt(|dt|)``, so :func:`gaussian_kl` is the exact KL of the two
+steps. Flow-GRPO divides by ``sigma_t^2`` alone, so its per-step KL is ours
+times ``|dt|``, and its ``beta`` converts with
+:func:`flow_grpo_equivalent_kl_coef`.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -63,9 +72,43 @@ def ppo_clip_loss(
 
 def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """KL between N(mean, std^2) and N(mean_ref, std^2) per row, averaged over
-    the latent elements: [B, *latent], [B, *latent], [B] -> [B]."""
-    diff2 = ((mean - mean_ref) ** 2).flatten(1).mean(dim=1)
-    return diff2 / (2.0 * std.to(diff2.dtype) ** 2)
+    the latent elements: [B, *latent], [B, *latent], [B] -> [B].
+
+    The trainers pass the transition's own std, ``sigma_t sqrt(|dt|)``
+    (:class:`flowrl.sampling.SDEStep`), which makes this the exact KL of the
+    policy's and the reference's Gaussian steps x_t -> x_{t+dt}. Flow-GRPO
+    divides the same squared distance by ``2 sigma_t^2`` (no ``|dt|``): its
+    value is this one times ``|dt|``, so a coefficient tuned there is
+    ``1 / |dt|`` times too strong here (10-16x over the noisiest half of
+    Qwen-Image's 10-step 1024 x 1024 schedule) unless converted
+    (:func:`flow_grpo_equivalent_kl_coef`)."""
+    diff2 = ((mean - mean_ref) ** 2).flatten(1).mean(dim=1)  # [B]
+    return diff2 / (2.0 * std.to(diff2.dtype) ** 2)  # [B]
+
+
+def flow_grpo_equivalent_kl_coef(beta: float, dts: Sequence[float] | torch.Tensor) -> float:
+    """``grpo.kl_coef`` that weighs the KL as Flow-GRPO's ``beta`` does.
+
+    ``dts``: the step sizes ``t_next - t`` (either sign) of the steps the KL
+    term averages over, e.g. the trained window of the schedule. Both
+    trainers average the per-step KL uniformly over those steps (ours draws
+    them uniformly from the window, so in expectation), and Flow-GRPO's
+    per-step KL is ours times ``|dt|``: its term is
+    ``beta * mean_s(|dt_s| KL_s)``, ours ``kl_coef * mean_s(KL_s)``. They are
+    equal for ``kl_coef = beta * mean_s |dt_s|`` whenever the exact per-step
+    KLs ``KL_s`` are equal across the steps; otherwise Flow-GRPO's term is a
+    KL-weighted mean of ``|dt|`` instead, and its ratio to ours stays
+    within ``[min |dt|, max |dt|] / mean |dt|``. No single coefficient can do
+    better: per step the exact factor is ``|dt_s|``.
+    """
+    steps = torch.as_tensor(dts, dtype=torch.float64).flatten().abs()  # [S]
+    if steps.numel() == 0:
+        raise ValueError("dts: no steps to average the KL over")
+    if not bool(torch.isfinite(steps).all()) or bool((steps == 0).any()):
+        raise ValueError(f"dts: step sizes must be finite and non-zero, got {steps.tolist()}")
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta: a KL coefficient must be finite and >= 0, got {beta}")
+    return float(beta * steps.mean())
 
 
 def anchored_kl_term(kl: torch.Tensor, n_trained: int, coef: float, anchor_coef: float | None = None) -> torch.Tensor:
