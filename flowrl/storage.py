@@ -25,6 +25,12 @@ store that goes away mid-upload:
   ``FLOWRL_STORAGE_RETRY_S``); past that, :class:`ArtifactError` names the
   file, the cause and that nothing was published. A payload left by a failed
   upload is never named by a manifest, so no later run reads any of it.
+
+A manifest is input like any other: every field of it that becomes a path
+(stage, version, payload, each file name) must be a safe relative path
+(:func:`unsafe_relpath`) or reading it fails, and wherever a local path is
+built from one it is resolved and checked to stay inside its artifact, so a
+crafted manifest can neither read nor write outside the artifact.
 """
 
 from __future__ import annotations
@@ -53,6 +59,58 @@ _T = TypeVar("_T")
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, incomplete or corrupted; the message names it."""
+
+
+# what a path inside an artifact may be: bounded in all and per segment (the usual filesystem limit)
+MAX_RELPATH_CHARS = 1024
+MAX_SEGMENT_CHARS = 255
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def unsafe_relpath(value: object, single: bool = False) -> str | None:
+    """Why ``value`` is not a safe relative path inside an artifact, or None when it is.
+
+    Safe: a non-empty string of at most :data:`MAX_RELPATH_CHARS` characters, of
+    ``/``-separated segments that are neither empty, ``.`` nor ``..`` nor longer than
+    :data:`MAX_SEGMENT_CHARS`, with no backslash, no NUL or other control character and no
+    ``::`` (fsspec's URL chaining). Such a path joined under a directory stays under it
+    (symbolic links aside, which the readers check by resolving). ``single``: one segment
+    only (a stage or version name)."""
+    if not isinstance(value, str):
+        return f"expected a string, got {type(value).__name__}"
+    if not value:
+        return "empty"
+    if len(value) > MAX_RELPATH_CHARS:
+        return f"longer than {MAX_RELPATH_CHARS} characters"
+    if _CONTROL_CHARS.search(value):
+        return "a NUL or control character"
+    if "\\" in value:
+        return "a backslash"
+    if value.startswith("/"):
+        return "an absolute path"
+    if "::" in value:
+        return "'::' (a chained URL)"
+    segments = value.split("/")
+    if single and len(segments) > 1:
+        return "a '/' (one name expected)"
+    for segment in segments:
+        if not segment:
+            return "an empty path segment"
+        if segment in (".", ".."):
+            return f"a {segment!r} segment"
+        if len(segment) > MAX_SEGMENT_CHARS:
+            return f"a segment longer than {MAX_SEGMENT_CHARS} characters"
+    return None
+
+
+def _contained(root: str | Path, rel: str, uri: str, what: str) -> Path:
+    """``root / rel``, having checked that it resolves (symbolic links followed) to a path
+    inside ``root`` resolved; else ArtifactError naming ``uri`` and ``what``."""
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise ArtifactError(f"{uri}: {what} {rel!r:.120} resolves to {target}, outside the artifact ({base})")
+    return Path(root) / rel
 
 
 @dataclass(frozen=True)
@@ -338,6 +396,19 @@ def _check_manifest_fields(data: dict) -> None:
     for name, (ok, expected) in optional.items():
         if name in data and not ok(data[name]):
             raise ValueError(f"field {name!r}: expected {expected}, got {data[name]!r:.80}")
+    # the fields that become paths: each one a safe relative path (stage and version one segment)
+    for name in ("stage", "version"):
+        why = unsafe_relpath(data[name], single=True)
+        if why:
+            raise ValueError(f"field {name!r}: {data[name]!r:.80} is not a safe name ({why})")
+    if data.get("payload"):
+        why = unsafe_relpath(data["payload"])
+        if why:
+            raise ValueError(f"field 'payload': {data['payload']!r:.80} is not a safe relative path ({why})")
+    for rel in data["files"]:
+        why = unsafe_relpath(rel)
+        if why:
+            raise ValueError(f"field 'files': file name {rel!r:.80} is not a safe relative path ({why})")
 
 
 class ArtifactStore:
@@ -352,8 +423,9 @@ class ArtifactStore:
 
     def uri(self, stage: str, version: str) -> str:
         for name, value in (("stage", stage), ("version", version)):
-            if not value or "/" in value or value in (".", "..") or "\\" in value:
-                raise ArtifactError(f"invalid artifact {name} {value!r}")
+            why = unsafe_relpath(value, single=True)
+            if why:
+                raise ArtifactError(f"invalid artifact {name} {value!r:.80}: {why}")
         return _join(self.root, stage, version)
 
     def _path(self, uri: str) -> str:
@@ -398,6 +470,9 @@ class ArtifactStore:
             rel = path.relative_to(staging_dir).as_posix()
             if rel == MANIFEST:
                 raise ArtifactError(f"{staging_dir}: a stage may not write its own {MANIFEST}")
+            why = unsafe_relpath(rel)
+            if why:  # a manifest naming it could not be read back
+                raise ArtifactError(f"{staging_dir}: file name {rel!r:.80} is not a safe relative path ({why})")
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         token = uuid.uuid4().hex[:16]
         local = _is_local(self.fs)
@@ -502,9 +577,16 @@ def file_uri(uri: str, rel: str, fs: fsspec.AbstractFileSystem | None = None) ->
     """Where file ``rel`` of the complete artifact at ``uri`` lives (under its
     manifest's payload prefix on object stores): for readers that stream one
     file instead of fetching the artifact."""
+    why = unsafe_relpath(rel)
+    if why:
+        raise ArtifactError(f"{uri}: file name {rel!r:.80} is not a safe relative path ({why})")
     manifest = read_manifest(uri, fs)
     if rel not in manifest.files:
         raise ArtifactError(f"{uri}: the artifact has no file {rel}")
+    fs, root = _fs_and_path(uri, fs)
+    if _is_local(fs):  # symbolic links inside a local artifact may not lead out of it
+        _contained(_contained(root, manifest.payload, uri, "payload") if manifest.payload else root, rel, uri,
+                   "file")
     return _join(uri, manifest.payload, rel)
 
 
@@ -518,15 +600,20 @@ def fetch(
 
     Local artifacts are read in place; remote ones are downloaded first.
     """
-    manifest = read_manifest(uri, fs)
+    manifest = read_manifest(uri, fs)  # every path it names is checked to be a safe relative one
     fs, src = _fs_and_path(uri, fs)
+    if _is_local(fs):  # on this disk, symbolic links inside the artifact may not lead out of it
+        source = _contained(src, manifest.payload, uri, "payload") if manifest.payload else Path(src)
+        for rel in manifest.files:
+            _contained(source, rel, uri, "file")
     if local_dir is None and _is_local(fs):
-        local = Path(src) / manifest.payload if manifest.payload else Path(src)
+        local = source
     else:
         local = Path(local_dir or tempfile.mkdtemp(prefix=f"flowrl-{manifest.stage}-"))
         for rel in manifest.files:
-            (local / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(_join(src, manifest.payload, rel), str(local / rel))
+            target = _contained(local, rel, uri, "file")  # nor may one in the target: checked before writing
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(_join(src, manifest.payload, rel), str(target))
     if verify:
         for rel, meta in manifest.files.items():
             path = local / rel
