@@ -7,7 +7,8 @@ import base64
 import numpy as np
 import pytest
 
-from flowrl.rewards.server import create_app, load_reward, main
+from flowrl.rewards.composite import CompositeReward
+from flowrl.rewards.server import DEFAULT_MAX_BODY_BYTES, create_app, load_reward, main
 from tests.rewards.conftest import SERVER_MAX_BATCH, TOKEN, grid_images, http
 from tests.rewards.fake_rewards import BrightnessReward, SourceSimilarityReward, brightness
 
@@ -30,6 +31,7 @@ def test_health_lists_rewards_and_their_source_policy(server):
     assert body["rewards"] == {"t2i": {"sources": "forbidden"}, "edit": {"sources": "required"},
                                "faulty": {"sources": "optional"}}
     assert body["max_batch"] == SERVER_MAX_BATCH
+    assert body["max_body_bytes"] == DEFAULT_MAX_BODY_BYTES and body["image_size"] is None
 
 
 def test_scores_equal_in_process_scores(server):
@@ -79,7 +81,7 @@ BAD_REQUESTS = {
     "missing shape": ("t2i", _set("images.shape", ...), 422, "images.shape: Field required"),
     "prompts not a list": ("t2i", _set("prompts", "a prompt"), 422, "prompts:"),
     "prompt not a string": ("t2i", _set("prompts", ["ok", 3]), 422, "prompts[1]:"),
-    "unknown field": ("t2i", _set("extra", 1), 422, "extra: Extra inputs"),
+    "unknown field": ("t2i", _set("extra", 1), 422, "extra: unknown field; allowed: ['prompts', 'images', 'sources']"),
     "shape of wrong rank": ("t2i", _set("images.shape", [2, 8, 24]), 422, "images.shape: expected [B, H, W, 3]"),
     "channels first": ("t2i", _set("images.shape", [2, 3, 8, 8]), 422, "images.shape: expected [B, H, W, 3]"),
     "float pixels": ("t2i", _set("images", wire(FLOAT_PIXELS)), 422, "images.dtype: only 'uint8'"),
@@ -88,7 +90,10 @@ BAD_REQUESTS = {
     "batch size 0": ("t2i", {"prompts": [], "images": {"shape": [0, 8, 8, 3], "dtype": "uint8", "data": ""}},
                      422, "images.shape: every size must be >= 1"),
     "negative size": ("t2i", _set("images.shape", [2, -8, -8, 3]), 422, "images.shape: every size"),
-    "batch over max_batch": ("t2i", good_body(SERVER_MAX_BATCH + 1), 413, "images.shape: batch of 9 exceeds"),
+    "batch over max_batch": ("t2i", good_body(SERVER_MAX_BATCH + 1), 413,
+                             "prompts: 9 prompts exceed this server's max_batch 8"),
+    "images batch over max_batch": ("t2i", _set("images", wire(pixels(SERVER_MAX_BATCH + 1))), 413,
+                                    "images.shape: batch of 9 exceeds"),
     "blank prompt": ("t2i", _set("prompts", ["fine", "   "]), 422, "prompts[1]: empty prompt"),
     "prompt count mismatch": ("t2i", _set("prompts", ["only one"]), 422, "prompts: 1 prompts for 2 images"),
     "sources to a t2i reward": ("t2i", _set("sources", wire(pixels(2))), 422, "sources: reward 't2i' takes no"),
@@ -144,6 +149,14 @@ def test_create_app_refuses_bad_settings():
         create_app({"t2i": brightness()}, max_batch=0)
     with pytest.raises(TypeError, match="RewardModel"):
         create_app({"t2i": object()}, max_batch=4)
+    with pytest.raises(ValueError, match="image_size"):
+        create_app({"t2i": brightness()}, max_batch=4, image_size=(0, 8))
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        create_app({"t2i": brightness()}, max_batch=4, max_body_bytes=0)
+    mixed = CompositeReward(components={"b": brightness(), "s": SourceSimilarityReward()}, weights={},
+                            categorize=lambda prompt: "", default_weights={"b": 1.0})
+    with pytest.raises(ValueError, match="some components need source images and others refuse them"):
+        create_app({"mixed": mixed}, max_batch=4)
 
 
 def test_command_line_refuses_bad_specs_and_an_unset_token_variable(monkeypatch):
