@@ -118,8 +118,6 @@ def test_section_hash_tracks_only_its_sections():
         ("grpo:\n  cfg_mode: sometimes\n", "grpo.cfg_mode"),
         ("filter:\n  threshold_mode: quantile\n  threshold: 1.5\n", "filter.threshold: a quantile must be below 1"),
         ("grpo:\n  zero_stage: 4\n", "grpo.zero_stage"),
-        ("grpo:\n  zero_stage: 3\n  ema_decay: 0.9\n", "grpo.zero_stage: ZeRO-3 partitions the weights"),
-        ("opd:\n  zero_stage: 3\n  ema_decay: 0.9\n", "opd.zero_stage: ZeRO-3 partitions the weights"),
         ("filter:\n  threshold_scope: per_cat\n", "filter.threshold_scope"),
         ("grpo:\n  balance_categories: maybe\n", "grpo.balance_categories"),
         ("annotate:\n  degradations: []\n", "annotate.degradations: name at least one"),

@@ -9,7 +9,9 @@ complete or invisible: stage ``<stage>.checkpoints``, version
 ``<run version>-<iteration>``. ``latest`` finds the newest complete one of a
 run; a killed run restarts from it. Every random draw of an iteration is
 seeded from (seed, iteration), so a resumed run replays exactly what the
-uninterrupted one did.
+uninterrupted one did. The plain engine's checkpoints hold the full weights
+and optimizer state (rank 0 writes them); a ZeRO engine's are sharded, one
+file per rank in the same artifact (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,17 +32,23 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from flowrl.pretrain import EMA
 from flowrl.rl.distributed import barrier, broadcast, dist_info
-from flowrl.rl.engine import TorchEngine
-from flowrl.storage import ArtifactError, ArtifactStore, fetch
+from flowrl.rl.engine import ShardedEMA, TorchEngine, ZeroEngine
+from flowrl.rl.shards import SHARD_FORMAT, SHARDED, SafetensorsWriter, ShardError, consolidate, shard_name
+from flowrl.storage import ArtifactError, ArtifactStore, fetch, read_manifest
 
 log = logging.getLogger(__name__)
 
 _WEIGHTS, _EMA, _TRAINER, _STATE = "model.safetensors", "ema.safetensors", "trainer.pt", "state.json"
+# where the ranks of a ZeRO run write their checkpoint shards before rank 0 commits them (default: the
+# system's temporary directory, which the ranks of one node share; ranks on several nodes need a
+# directory they all see)
+STAGING_ENV = "FLOWRL_CHECKPOINT_STAGING"
 
 
 class TrainingStopped(RuntimeError):
@@ -95,13 +105,83 @@ class Checkpoints:
             tmp = Path(tmp)
             save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / _WEIGHTS)
             if ema is not None:
-                save_file({k: v.contiguous() for k, v in ema.shadow.state_dict().items()}, tmp / _EMA)
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / _EMA)
             torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / _TRAINER)
             (tmp / _STATE).write_text(json.dumps(state.__dict__, sort_keys=True))
             return self.store.commit(
                 tmp, stage=self.stage, version=self._name(state.iteration), config_hash=config_hash,
                 inputs={"run": self.version},
             )
+
+    def save_sharded(self, state: TrainerState, engine: ZeroEngine, ema: ShardedEMA | None,
+                     config_hash: str) -> str:
+        """Commit a ZeRO engine's checkpoint, each rank writing only its own shard (collective).
+
+        Rank 0 makes a staging directory and names it to the others; every rank writes
+        ``rank-<r>-of-<n>.safetensors`` there (:meth:`ZeroEngine.write_shard`); once all have
+        written (or one failed: then nothing is committed and every rank raises), rank 0 adds
+        ``sharded.json``, ``trainer.pt`` (its RNG state, AdamW's hyperparameters) and ``state.json``
+        and commits the directory through the store, manifest last. Returns the URI on every rank."""
+        rank, world = dist_info()
+        staging = None
+        if rank == 0:
+            root = os.environ.get(STAGING_ENV) or None
+            if root:
+                Path(root).mkdir(parents=True, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix="flowrl-ckpt-", dir=root)
+        staging = Path(broadcast(staging))
+        try:
+            outcome = self._write_shard(staging, engine, ema, rank, world)
+            outcomes = [None] * world
+            if world > 1:
+                dist.all_gather_object(outcomes, outcome)
+            else:
+                outcomes = [outcome]
+            failed = [f"rank {r}: {text}" for r, (ok, text) in enumerate(outcomes) if not ok]
+            result = None
+            if rank == 0:
+                if failed:
+                    result = (False, "; ".join(failed))
+                else:
+                    try:
+                        result = (True, self._commit_sharded(staging, state, engine, ema, config_hash))
+                    except Exception as exc:  # every rank must hear of it, or the others would wait forever
+                        result = (False, f"rank 0: {type(exc).__name__}: {exc}")
+            ok, text = broadcast(result)
+        finally:
+            barrier()  # every rank is done with the staging directory
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+        if not ok:
+            raise ArtifactError(f"{self.stage}/{self._name(state.iteration)}: checkpoint not written (nothing was "
+                                f"committed): {text}")
+        return text
+
+    @staticmethod
+    def _write_shard(staging: Path, engine: ZeroEngine, ema: ShardedEMA | None, rank: int,
+                     world: int) -> tuple[bool, str]:
+        if not staging.is_dir():
+            return False, (f"cannot see rank 0's staging directory {staging}: ranks on several nodes need a "
+                           f"directory they share, named by {STAGING_ENV}")
+        try:
+            size = engine.write_shard(staging / shard_name(rank, world), ema)
+        except Exception as exc:
+            log.exception("rank %d: writing its checkpoint shard failed", rank)
+            return False, f"{type(exc).__name__}: {exc}"
+        return True, str(size)
+
+    def _commit_sharded(self, staging: Path, state: TrainerState, engine: ZeroEngine, ema: ShardedEMA | None,
+                        config_hash: str) -> str:
+        _, world = dist_info()
+        missing = [shard_name(r, world) for r in range(world) if not (staging / shard_name(r, world)).is_file()]
+        if missing:
+            raise ShardError(f"{staging}: {', '.join(missing)} missing although every rank reported it written")
+        layout = {"format": SHARD_FORMAT, **engine.layout(), "ema": ema is not None}
+        (staging / SHARDED).write_text(json.dumps(layout, indent=1))
+        torch.save({"param_groups": engine.param_groups(), "torch_rng": torch.get_rng_state()}, staging / _TRAINER)
+        (staging / _STATE).write_text(json.dumps(state.__dict__, sort_keys=True))
+        return self.store.commit(staging, stage=self.stage, version=self._name(state.iteration),
+                                 config_hash=config_hash, inputs={"run": self.version})
 
     def complete(self) -> list[tuple[int, str]]:
         """[(iteration, URI)] of this run's complete checkpoints, oldest first."""
@@ -126,18 +206,88 @@ class Checkpoints:
     ) -> TrainerState:
         return self.load_into(uri, TorchEngine.of(module, optimizer), ema)
 
-    def load_into(self, uri: str, engine: TorchEngine, ema: EMA | None) -> TrainerState:
-        """Restore a checkpoint into ``engine`` (collective under ZeRO: every rank calls it)."""
+    def load_into(self, uri: str, engine: TorchEngine, ema: EMA | ShardedEMA | None) -> TrainerState:
+        """Restore a checkpoint into ``engine`` (collective under ZeRO: every rank calls it).
+
+        A sharded checkpoint loads into the ZeRO engine layout that wrote it (each rank reads its
+        own shard), or into one plain process (assembled in memory, as ``flowrl consolidate``
+        would); anything else is an error pointing at ``flowrl consolidate``. A full-format
+        checkpoint loads into any engine."""
         local = fetch(uri, fs=self.store.fs) if "://" in uri else fetch(uri)
+        if (local / SHARDED).is_file():
+            return self._load_sharded(uri, local, engine, ema)
         engine.load_full_state_dict(load_file(local / _WEIGHTS))
         if ema is not None:
             if not (local / _EMA).is_file():
                 raise ArtifactError(f"{uri}: the run uses EMA but the checkpoint has no {_EMA}")
-            ema.shadow.load_state_dict(load_file(local / _EMA), strict=True)
+            if isinstance(ema, ShardedEMA):
+                ema.load_full(load_file(local / _EMA))
+            else:
+                ema.load_state_dict(load_file(local / _EMA))
         trainer = torch.load(io.BytesIO((local / _TRAINER).read_bytes()), weights_only=True)
         engine.load_optimizer_state(trainer["optimizer"])
         torch.set_rng_state(trainer["torch_rng"])
         return TrainerState(**json.loads((local / _STATE).read_text()))
+
+    def _load_sharded(self, uri: str, local: Path, engine: TorchEngine, ema) -> TrainerState:
+        layout = json.loads((local / SHARDED).read_text())
+        if isinstance(engine, ZeroEngine):
+            engine.load_shard(local, layout, ema, uri)
+        elif engine.world == 1:
+            log.warning("%s: assembling a sharded checkpoint of %d ranks in memory for one plain process",
+                        uri, layout["world"])
+            full = consolidate(local)
+            engine.load_full_state_dict(full.weights)
+            engine.load_optimizer_state(full.optimizer)
+            if ema is not None:
+                if full.ema is None:
+                    raise ArtifactError(f"{uri}: the run uses EMA but the checkpoint holds no EMA partitions")
+                ema.load_state_dict(full.ema)
+        else:
+            raise ShardError(
+                f"{uri}: a sharded checkpoint of {layout['world']} ZeRO-{layout['zero_stage']} ranks does not load "
+                f"into {engine.world} plain processes: run `flowrl consolidate {uri} --output ROOT` and resume from "
+                "the full-format checkpoint it commits under ROOT")
+        trainer = torch.load(io.BytesIO((local / _TRAINER).read_bytes()), weights_only=True)
+        torch.set_rng_state(trainer["torch_rng"])
+        return TrainerState(**json.loads((local / _STATE).read_text()))
+
+
+def checkpoint_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The trained module's weights in a local checkpoint directory of either format (a sharded
+    one is assembled in memory, on the CPU)."""
+    directory = Path(directory)
+    if (directory / SHARDED).is_file():
+        return consolidate(directory).weights
+    return load_file(directory / _WEIGHTS)
+
+
+def consolidate_checkpoint(uri: str, output_root: str, storage_options: dict | None = None) -> str:
+    """``flowrl consolidate``: the sharded checkpoint at ``uri`` in the full format (the weights in
+    the training dtype, a torch AdamW state dict, the EMA's weights with the averages in fp32, the
+    run's state), committed under ``output_root`` with the same stage and version, where a run
+    resumes from it on any engine and any number of ranks. One process, on the CPU; it holds the
+    whole full-format checkpoint in host memory (what the old per-rank gathering held on every rank)."""
+    local = fetch(uri)
+    if not (local / SHARDED).is_file():
+        raise ShardError(f"{uri}: not a sharded checkpoint (no {SHARDED}); it is in the full format already")
+    manifest = read_manifest(uri)
+    store = ArtifactStore(output_root, storage_options)
+    target = store.uri(manifest.stage, manifest.version)
+    if target.rstrip("/") == (uri if "://" in uri else str(Path(uri).resolve())).rstrip("/"):
+        raise ShardError(f"{uri}: --output names the store that holds it; the consolidated checkpoint keeps the "
+                         "same stage and version, so it needs another artifact root")
+    full = consolidate(local)
+    trainer = torch.load(io.BytesIO((local / _TRAINER).read_bytes()), weights_only=True)
+    with tempfile.TemporaryDirectory(prefix="flowrl-consolidate-") as tmp:
+        tmp = Path(tmp)
+        save_file({k: v.contiguous() for k, v in full.weights.items()}, tmp / _WEIGHTS)
+        if full.ema is not None:
+            save_file({k: v.contiguous() for k, v in full.ema.items()}, tmp / _EMA)
+        torch.save({"optimizer": full.optimizer, "torch_rng": trainer["torch_rng"]}, tmp / _TRAINER)
+        shutil.copyfile(local / _STATE, tmp / _STATE)
+        return store.commit(tmp, stage=manifest.stage, version=manifest.version, config_hash=manifest.config_hash,
+                            inputs={**manifest.inputs, "sharded": uri}, code=manifest.code_version)
 
 
 @dataclass
@@ -187,7 +337,8 @@ class LoopSettings:
 @dataclass(frozen=True)
 class TrainResult:
     state: TrainerState
-    module_state: dict[str, torch.Tensor]  # the weights to deploy (EMA when on)
+    # the weights to deploy (EMA when on); under ZeRO on rank 0 alone, in host memory ({} elsewhere)
+    module_state: dict[str, torch.Tensor]
 
 
 class LoopTrainer(abc.ABC):
@@ -200,8 +351,11 @@ class LoopTrainer(abc.ABC):
     ``eval_every`` iterations (evaluated on the EMA weights when EMA is on),
     the hacking check on the watched monitor scores, checkpoints every
     ``checkpoint_every`` iterations and at the end, and an early stop.
-    Under torch.distributed every rank runs the loop; rank 0 alone
-    evaluates (its verdict is broadcast), logs and writes checkpoints.
+    Under torch.distributed every rank runs the loop; rank 0 alone logs and
+    evaluates (its verdict is broadcast), except under ZeRO-3, where every
+    rank samples the monitor's batch through the partitioned module and
+    rank 0's scores are kept. Rank 0 writes full-format checkpoints; under
+    ZeRO every rank writes its own shard.
     """
 
     def __init__(
@@ -218,6 +372,9 @@ class LoopTrainer(abc.ABC):
         self.rank, self.world = dist_info()
         # the engine steps the weights (plain / DDP, or DeepSpeed ZeRO); a bare optimizer gets a plain one
         self.engine = optimizer if isinstance(optimizer, TorchEngine) else TorchEngine.of(module, optimizer)
+        if ema is not None and self.engine.sharded != isinstance(ema, ShardedEMA):
+            raise TypeError(f"{type(ema).__name__} with a {type(self.engine).__name__}: build the EMA with the "
+                            "engine's make_ema (under ZeRO it is sharded like the optimizer state)")
         self.model, self.module, self.optimizer, self.ema = model, module, self.engine.optimizer, ema
         self.loop, self.monitor, self.checkpoints, self.config_hash = settings, monitor, checkpoints, config_hash
         self.state = TrainerState()
@@ -254,22 +411,57 @@ class LoopTrainer(abc.ABC):
 
     # ------------------------------------------------------------------ the loop
     def _evaluate(self, iteration: int, model) -> dict[str, float]:
+        """The monitor's scores (plain engine: on this rank alone, the EMA's weights swapped in)."""
         if self.ema is None:
             return self.monitor(model, iteration)
-        live = {k: v.clone() for k, v in self.module.state_dict().items()}
-        self.module.load_state_dict(self.ema.shadow.state_dict())
-        try:
+        with self.ema.swapped(self.module):
             return self.monitor(model, iteration)
-        finally:
-            self.module.load_state_dict(live)
+
+    def _monitor_scores(self, iteration: int) -> dict[str, float]:
+        """Rank 0's monitor scores, on every rank. Plain engine: rank 0 evaluates alone. ZeRO: every
+        rank takes part in putting the EMA's weights into the module (and back); under ZeRO-3 every
+        rank then samples the same batch through the partitioned module (each forward gathers the
+        layer weights it needs), and rank 0's scores are kept."""
+        if not self.engine.sharded:
+            return broadcast(self._evaluate(iteration, self.model) if self.rank == 0 else None)
+        with self.engine.holding(self.ema):
+            every_rank = self.engine.partitioned
+            return broadcast(self.monitor(self.model, iteration) if every_rank or self.rank == 0 else None)
 
     def _checkpoint(self) -> None:
         if self.checkpoints is not None:
-            # collective under ZeRO (the ranks' partitions are assembled); rank 0 writes
-            weights, optimizer_state = self.engine.full_state_dict(), self.engine.optimizer_state()
-            if self.rank == 0:
-                self.checkpoints.save_payload(self.state, weights, optimizer_state, self.ema, self.config_hash)
+            if self.engine.sharded:  # every rank writes its own shard; rank 0 commits
+                self.checkpoints.save_sharded(self.state, self.engine, self.ema, self.config_hash)
+            elif self.rank == 0:
+                self.checkpoints.save_payload(self.state, self.engine.full_state_dict(),
+                                              self.engine.optimizer_state(), self.ema, self.config_hash)
         barrier()
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        """The weights to deploy (the EMA's when on), as a state dict of the trained module. Plain
+        engine: on every rank, on the module's device. ZeRO: on rank 0 alone ({} elsewhere), in host
+        memory, gathered one tensor at a time (collective)."""
+        if self.engine.sharded:
+            weights: dict[str, torch.Tensor] = {}
+            self.engine.export(self.ema, lambda name, tensor: weights.__setitem__(name, tensor.to("cpu", copy=True)))
+            return weights
+        weights = self.ema.weights(self.module) if self.ema is not None else self.engine.full_state_dict()
+        return {k: v.detach().clone() for k, v in weights.items()}
+
+    def export_weights(self, path: str | Path) -> None:
+        """Write :meth:`final_weights` to one safetensors file at ``path`` on rank 0, streamed one
+        tensor at a time (collective under ZeRO): no rank holds a second copy of the model."""
+        if self.engine.sharded:
+            writer = SafetensorsWriter(path, self.engine.export_specs()) if self.rank == 0 else None
+            self.engine.export(self.ema, writer.add if writer is not None else None)
+            if writer is not None:
+                writer.close()
+            return
+        if self.rank == 0:
+            weights = self.ema.weights(self.module) if self.ema is not None else self.module.state_dict()
+            with SafetensorsWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in weights.items()]) as writer:
+                for name, tensor in weights.items():
+                    writer.add(name, tensor)
 
     def _stopped(self, iteration: int, cause: str) -> TrainingStopped:
         last = self.checkpoints.latest() if self.checkpoints is not None else None
@@ -279,9 +471,7 @@ class LoopTrainer(abc.ABC):
                                f"{cause}; nothing of this iteration was saved; {where}")
 
     def _monitor_step(self, iteration: int, log_metrics=None) -> dict:
-        with self.engine.evaluation_model(self.model) as model:  # collective to enter under ZeRO-3
-            # one judge, same verdict everywhere
-            scores = broadcast(self._evaluate(iteration, model) if self.rank == 0 else None)
+        scores = self._monitor_scores(iteration)  # one judge, same verdict everywhere
         recent = [h[self.loop.tracked] for h in self.state.history[-MONITOR_WINDOW:] if self.loop.tracked in h]
         tracked = float(np.mean(recent)) if recent else None
         entry = {"iteration": iteration, "train_reward": tracked, **scores}
@@ -345,5 +535,7 @@ class LoopTrainer(abc.ABC):
             if self.state.stopped:
                 self._checkpoint()
                 break
-        weights = self.ema.shadow.state_dict() if self.ema is not None else self.engine.full_state_dict()
-        return TrainResult(self.state, {k: v.detach().clone() for k, v in weights.items()})
+        weights = self.final_weights()
+        if self.engine.sharded:
+            self.engine.settle(self.ema)
+        return TrainResult(self.state, weights)
