@@ -83,9 +83,9 @@ class RunConfig:
         nonempty=True,
     )
     tracking_uri: str = param(
-        "sqlite:///mlflow.db",
-        "MLflow tracking URI: a local sqlite store by default, or http(s)://host:port.",
-        nonempty=True,
+        "",
+        "MLflow tracking URI: http(s)://host:port or sqlite:///FILE; empty (the default): "
+        "$MLFLOW_TRACKING_URI, else the local sqlite:///mlflow.db (MLflow's convention).",
     )
     torch_threads: int | None = param(2, "CPU threads torch may use (null: torch's own default).", ge=1)
 
@@ -145,7 +145,9 @@ class QwenImageModelConfig:
     lora: QwenImageLoraConfig | None = param(
         None, "GRPO and OPD train LoRA adapters on the transformer (rank > 0): the reference and the OPD starting "
         "point are the base with adapters off (no copy), teachers are adapters; artifacts hold the adapter and the "
-        "merged transformer. Needs grpo/opd.zero_stage 0. null or rank 0: full-parameter training.", added=True)
+        "merged transformer. Keys: rank (0: off), alpha (null: the rank), dropout (0.0), target_modules (default: "
+        "the 8 attention projections); docs/lora.md. grpo/opd.zero_stage 0-2 (not 3). null or rank 0: "
+        "full-parameter training.", added=True)
     text_encoder_device: Literal["same", "cpu"] = param(
         "same", "Where the Qwen2.5-VL text encoder of the RL stages runs: same (the transformer's device) or cpu "
         "(off the GPU; prompts are encoded once per rollout, slowly, and the embeddings moved over).", added=True)
@@ -696,6 +698,20 @@ def name_value_pairs(entries: tuple[str, ...], key: str, form: str = "NAME=VALUE
     return pairs
 
 
+SAFE_NAME_MAX = 128
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def safe_name(value: Any, key: str) -> str:
+    """``value`` when it may become part of a path (an MLflow experiment's artifact directory, a
+    scorer directory of an artifact, a teacher): letters, digits, '.', '_' and '-', not starting
+    with '.' or '-', at most :data:`SAFE_NAME_MAX` characters; else a ConfigError naming ``key``."""
+    if not isinstance(value, str) or len(value) > SAFE_NAME_MAX or not _SAFE_NAME.fullmatch(value):
+        raise ConfigError(f"{key}: {value!r:.80} is not a safe name (letters, digits, '.', '_', '-', not starting "
+                          f"with '.' or '-', at most {SAFE_NAME_MAX} characters; it becomes part of a path)")
+    return value
+
+
 BENCH_PILLARS: tuple[str, ...] = ("t2i_alignment", "edit_accuracy", "identity", "fidelity")
 
 
@@ -721,7 +737,7 @@ def pillar_sources(entries: tuple[str, ...], key: str = "bench.scorers") -> dict
             if task != _PILLAR_TASK[pillar]:
                 raise ConfigError(f"{key}[{i}]: {pillar} is scored by a {_PILLAR_TASK[pillar]} scorer "
                                   f"({_PILLAR_TASK[pillar]}/DIRECTORY), got {entries[i]!r}")
-            out[pillar] = (task, name)
+            out[pillar] = (task, safe_name(name, f"{key}[{i}]"))  # a directory of the reward_model artifact
         else:
             raise ConfigError(f"{key}[{i}]: expected {pillar}=TASK/DIRECTORY (TASK t2i or edit, e.g. t2i/pairwise)"
                               f"{' or identity=ssim' if pillar == 'identity' else ''}, got {entries[i]!r}")
@@ -748,6 +764,7 @@ def category_weights(entries: tuple[str, ...], key: str) -> dict[str, float]:
 
 def check_consistency(config: FlowRLConfig) -> None:
     """Rules that involve more than one key."""
+    _check_names(config)
     m = config.model
     if m.shapes.width % m.shapes.heads:
         raise ConfigError(
@@ -809,13 +826,6 @@ def check_consistency(config: FlowRLConfig) -> None:
         raise ConfigError(
             f"grpo.minibatches: {g.minibatches} does not divide grpo.prompts_per_iteration {g.prompts_per_iteration}"
         )
-    for section in ("grpo", "opd"):
-        sec = getattr(config, section)
-        if sec.zero_stage == 3 and sec.ema_decay > 0:
-            raise ConfigError(
-                f"{section}.zero_stage: ZeRO-3 partitions the weights that {section}.ema_decay = {sec.ema_decay} "
-                "averages every step; use zero_stage 1 or 2 with EMA, or turn EMA off"
-            )
     o = config.opd
     opd_steps = o.num_steps or config.sampler.num_steps
     if o.timesteps == "subset" and o.timesteps_per_trajectory > opd_steps:
@@ -865,6 +875,20 @@ def check_consistency(config: FlowRLConfig) -> None:
         _check_lora(config)
 
 
+def _check_names(config: FlowRLConfig) -> None:
+    """The name-like keys that are joined into paths follow :func:`safe_name` (the bench's scorer
+    directories: :func:`pillar_sources`)."""
+    safe_name(config.run.name, "run.name")  # the MLflow experiment, whose artifacts live under its name
+    for i, (_, teacher) in enumerate(name_value_pairs(config.opd.routes, "opd.routes", "SELECTOR=TEACHER")):
+        safe_name(teacher, f"opd.routes[{i}]")
+    for i, (teacher, _) in enumerate(name_value_pairs(config.opd.teacher_devices, "opd.teacher_devices",
+                                                       "TEACHER=DEVICE")):
+        safe_name(teacher, f"opd.teacher_devices[{i}]")
+    if config.grpo.monitor_reward is not None:
+        safe_name(config.grpo.monitor_reward, "grpo.monitor_reward")  # a scorer directory of the artifact
+    safe_name(config.bench.anchor, "bench.anchor")
+
+
 def _check_lora(config: FlowRLConfig) -> None:
     """LoRA (model.qwen_image.lora) against the RL stages' settings."""
     lora = config.model.qwen_image.lora
@@ -874,11 +898,11 @@ def _check_lora(config: FlowRLConfig) -> None:
         raise ConfigError("model.qwen_image.lora.target_modules: name at least one linear layer (or set rank 0)")
     for section in ("grpo", "opd"):
         stage = getattr(config, section).zero_stage
-        if stage:
+        if stage == 3:
             raise ConfigError(
-                f"{section}.zero_stage: {stage} with LoRA (model.qwen_image.lora.rank {lora.rank}): the adapters "
-                "train with plain PyTorch / DDP (their weights and AdamW states are small, the frozen base is not "
-                "the optimizer's); set zero_stage 0, or rank 0 for full-parameter training under ZeRO")
+                f"{section}.zero_stage: 3 with LoRA (model.qwen_image.lora.rank {lora.rank}): ZeRO-3 would partition "
+                "the adapters while the frozen base they sit in stays whole on every rank; use zero_stage 0 (DDP) "
+                "or 1-2 (the adapters' AdamW states and gradients partitioned), or rank 0 for full-parameter ZeRO-3")
     if config.grpo.trainable:
         raise ConfigError(f"grpo.trainable: {list(config.grpo.trainable)} selects transformer weights to train, and "
                           f"with LoRA (model.qwen_image.lora.rank {lora.rank}) only the adapters train; leave it empty")

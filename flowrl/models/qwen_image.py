@@ -221,6 +221,7 @@ class QwenImageModel:
         vae: torch.nn.Module | None = None,
         text_encoder: torch.nn.Module | None = None,
         tokenizer: Any = None,
+        text_encoder_device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> "QwenImageModel":
         """Load a diffusers-layout directory (or hub id) with each component's
@@ -233,6 +234,8 @@ class QwenImageModel:
         ``vae``, ``text_encoder``, ``tokenizer``: components already loaded
         (another task's pipeline, checked to hold the same files) used instead
         of the directory's, which are then never read.
+        ``text_encoder_device``: where the text encoder runs (None: ``device``);
+        ``cpu`` keeps Qwen2.5-VL off the accelerator (see :meth:`_encode_text`).
         """
         from diffusers import (
             AutoencoderKLQwenImage,
@@ -266,7 +269,7 @@ class QwenImageModel:
         return cls(
             transformer.to(device),
             vae.to(device),
-            text_encoder.to(device),
+            text_encoder.to(text_encoder_device if text_encoder_device is not None else device),
             tokenizer,
             dict(scheduler.config),
             task=task,
@@ -284,15 +287,38 @@ class QwenImageModel:
         view.transformer = transformer
         return view
 
+    def move_text_encoder(self, device: str | torch.device) -> None:
+        """Run the text encoder on ``device`` from now on (``cpu``: off the accelerator; the
+        embeddings it gives are moved to the transformer's device). Views sharing it follow."""
+        self.text_encoder.to(device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the encoder's accelerator memory goes back for the transformer
+
     # ------------------------------------------------------------------ shapes and schedule
+
+    def network(self) -> torch.nn.Module:
+        """The diffusers transformer behind ``transformer``, which may be a wrapper: DDP or DeepSpeed
+        (``module``), or a LoRA adapter view (``network``, :mod:`flowrl.models.lora`)."""
+        net = self.transformer
+        while True:
+            inner = getattr(net, "network", None)
+            inner = inner if isinstance(inner, torch.nn.Module) else getattr(net, "module", None)
+            if not isinstance(inner, torch.nn.Module):
+                return net
+            net = inner
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        return next(self.network().parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        return next(self.network().parameters()).dtype
+
+    @property
+    def text_encoder_device(self) -> torch.device:
+        """Where the text encoder runs (``model.qwen_image.text_encoder_device``)."""
+        return next(self.text_encoder.parameters()).device
 
     def _token_grid(self, height: int, width: int) -> tuple[int, int]:
         """Image-token grid (rows, cols) of a ``height`` x ``width`` image."""
@@ -301,7 +327,7 @@ class QwenImageModel:
 
     def latent_shape(self) -> tuple[int, ...]:
         rows, cols = self._token_grid(self.height, self.width)
-        return (rows * cols, self.transformer.config.in_channels)
+        return (rows * cols, self.network().config.in_channels)
 
     def schedule(self, num_steps: int, shift: float = 1.0) -> torch.Tensor:
         """The pipelines' N + 1 sigmas for this image size (first 1.0, last 0).
@@ -315,7 +341,7 @@ class QwenImageModel:
     ) -> torch.Tensor:
         """Initial noise [B, *latent] drawn as the pipelines draw it (unpacked
         [B, 1, C, h, w] layout, then packed), so a seed gives diffusers' image."""
-        channels = self.transformer.config.in_channels // 4
+        channels = self.network().config.in_channels // 4
         h, w = (2 * g for g in self._token_grid(self.height, self.width))
         noise = torch.randn((batch_size, 1, channels, h, w), generator=generator)  # [B, 1, C, h, w]
         return pack_latents(noise[:, 0])  # [B, (h/2)(w/2), 4C]
@@ -375,7 +401,11 @@ class QwenImageModel:
         self, prompts: list[str], sources: torch.Tensor | None, min_length: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states of the templated prompts without the dropped
-        prefix, right-padded to at least ``min_length``: [B, L, D] and [B, L]."""
+        prefix, right-padded to at least ``min_length``: [B, L, D] and [B, L].
+
+        The encoder runs on its own device (the CPU with ``text_encoder_device: cpu``) and the
+        results move to the transformer's: a rollout encodes its prompts once and stores them, so
+        training never re-encodes."""
         inputs: dict[str, torch.Tensor] = {}
         image_tokens = None
         if sources is not None:
@@ -391,18 +421,19 @@ class QwenImageModel:
         if sources is not None and self.mrope_image_positions:
             image_id = self.text_encoder.config.image_token_id
             inputs["mm_token_type_ids"] = (tokens.input_ids == image_id).int()  # [B, T]
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        encoder_device = self.text_encoder_device
+        inputs = {k: v.to(encoder_device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.text_encoder.dtype)
         outputs = self.text_encoder(**inputs, output_hidden_states=True)
         hidden = outputs.hidden_states[-1]  # [B, T, D]
-        valid = tokens.attention_mask.bool().to(self.device)  # [B, T]
+        valid = tokens.attention_mask.bool().to(encoder_device)  # [B, T]
         rows = [h[m][self.prompt_drop_index :] for h, m in zip(hidden, valid)]  # [L_i, D] each
         if self.task == "t2i":  # QwenImagePipeline truncates, the edit pipeline does not
             rows = [r[: self.max_sequence_length] for r in rows]
         length = max(min_length, *(r.shape[0] for r in rows))
         embeds, mask = pad_prompt_rows(rows, length)
-        return embeds.to(self.dtype), mask
+        return embeds.to(self.device, self.dtype), mask.to(self.device)
 
     def _null_prompt_length(self, image_tokens: list[int] | None) -> int:
         """Encoded length of the negative prompt, without running the encoder."""

@@ -7,6 +7,9 @@ sampling chunk i + 1); normalise each reward component within its prompt
 group and weight by category into one advantage per trajectory; recompute
 the log-probs of K selected steps per trajectory with gradient and take the
 PPO-clipped step (plus the optional closed-form KL to the reference policy).
+With ``micro_batch`` each minibatch's rows run through the network in parts
+whose gradients accumulate, each weighted by its share of the rows, so the
+step is the one the whole minibatch in one forward would take.
 
 Everything an iteration draws is seeded from (seed, iteration), so a run
 resumed from a checkpoint replays exactly.
@@ -25,6 +28,7 @@ import torch
 
 from flowrl.config import GRPOConfig, category_weights
 from flowrl.models.base import Condition, FlowModel
+from flowrl.models.lora import enable_gradient_checkpointing
 from flowrl.rewards.base import RewardScores
 from flowrl.rewards.client import RewardClientError
 from flowrl.rl.distributed import mean_across_ranks
@@ -38,7 +42,7 @@ from flowrl.rl.rollout import (
     select_timesteps,
     step_log_probs,
 )
-from flowrl.rl.trainer import EMA, Checkpoints, LoopSettings, LoopTrainer, seeded_generator
+from flowrl.rl.trainer import Checkpoints, LoopSettings, LoopTrainer, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +186,12 @@ class GRPOTrainer(LoopTrainer):
             self.tasks = {t: TaskData(prompts[t], rewards[t], weights[t]) for t in prompts}
         else:
             self.tasks = {"": TaskData(prompts, rewards, weights)}
+        if cfg.gradient_checkpointing:  # before the engine wraps the module
+            enable_gradient_checkpointing(module, "grpo.gradient_checkpointing")
         engine = make_engine(model, module, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                              zero_stage=cfg.zero_stage, ema=cfg.ema_decay > 0, where="grpo",
                              trainable=cfg.trainable)
-        ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        ema = engine.make_ema(cfg.ema_decay) if cfg.ema_decay > 0 else None  # sharded under ZeRO
         super().__init__(model, module, engine, ema, loop_settings(cfg), monitor, checkpoints, config_hash)
         if cfg.prompts_per_iteration % (cfg.reward_chunks * self.world):
             raise ValueError(
@@ -255,6 +261,30 @@ class GRPOTrainer(LoopTrainer):
             loss = loss + anchored_kl_term(per_step, n_trained, cfg.kl_coef, cfg.kl_anchor_coef)
         return loss, {"kl": kl, **diag}
 
+    def _micro_batches(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``rows`` in the parts that run through the network one at a time (all at once by default)."""
+        return (rows,) if self.cfg.micro_batch is None else torch.split(rows, self.cfg.micro_batch)
+
+    def _task_step(self, out: IterationOutput, rows: torch.Tensor, steps: torch.Tensor, n_trained: int,
+                   share: float, last: bool) -> dict[str, float]:
+        """Forward and backward of one task's share of a minibatch (``rows``, weighted ``share`` of the
+        step), one micro-batch at a time; the last part of the ``last`` task reduces across ranks.
+        Returns its diagnostics over all rows: means weighted by rows, ``ratio_dev`` the largest."""
+        parts = self._micro_batches(rows)
+        stats: dict[str, float] = {}
+        for p, part in enumerate(parts):
+            frac = len(part) / len(rows)  # every row has the same steps: the part's mean weighs its rows
+            with self.engine.accumulate(self.train_model, last=last and p == len(parts) - 1):
+                loss, diag = self._part_loss(out, part, steps, n_trained)
+                self.engine.backward(loss * share * frac)
+            for key, value in (("loss", loss), *diag.items()):
+                value = float(value.detach()) if torch.is_tensor(value) else float(value)
+                if key == "ratio_dev":
+                    stats[key] = max(stats.get(key, value), value)
+                else:
+                    stats[key] = stats.get(key, 0.0) + frac * value
+        return stats
+
     def update(self, outs: dict[str, IterationOutput], iteration: int) -> dict[str, float]:
         cfg = self.cfg
         gen = seeded_generator(cfg.seed, iteration, stream=1)
@@ -288,11 +318,8 @@ class GRPOTrainer(LoopTrainer):
                 share = len(chunks[m]) / rows_total
                 # several tasks: one backward per task (their conditions differ), gradients accumulate;
                 # only the last backward reduces across ranks
-                with self.engine.accumulate(self.train_model, last=j == len(plans) - 1):
-                    loss, diag = self._part_loss(out, chunks[m], steps, n_trained)
-                    self.engine.backward(loss * share)
-                for key, value in (("loss", loss), *diag.items()):
-                    value = float(value.detach()) if torch.is_tensor(value) else float(value)
+                task_stats = self._task_step(out, chunks[m], steps, n_trained, share, last=j == len(plans) - 1)
+                for key, value in task_stats.items():
                     step_stats[key] = step_stats.get(key, 0.0) + share * value
             grad_norm = self.engine.step()  # global-norm clip, then AdamW
             if self.ema is not None:

@@ -24,6 +24,9 @@ whose states nothing would match at, are never run.
 
 No reward model takes part. Teachers are frozen, loaded once and run under
 ``torch.no_grad``; they share the student's family and text conditioning.
+With ``micro_batch`` the student's and the teachers' forwards run over parts
+of each batch's rows; the student's gradients accumulate, each part weighted
+by its share of the rows, so the step is the whole batch's.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ import torch
 from flowrl.config import OPDConfig, name_value_pairs
 from flowrl.models import trainable_module
 from flowrl.models.base import Condition, FlowModel
+from flowrl.models.lora import enable_gradient_checkpointing
 from flowrl.rl.distributed import mean_across_ranks
 from flowrl.rl.engine import make_engine
 from flowrl.rl.grpo import PromptSet, draw_prompts
-from flowrl.rl.trainer import EMA, Checkpoints, LoopSettings, LoopTrainer, seeded_generator
+from flowrl.rl.trainer import Checkpoints, LoopSettings, LoopTrainer, seeded_generator
 from flowrl.sampling import cfg_velocity, euler_step
 
 
@@ -168,9 +172,11 @@ class OPDTrainer(LoopTrainer):
         config_hash: str = "",
         task_models: dict[str, FlowModel] | None = None,
     ):
+        if cfg.gradient_checkpointing:  # before the engine wraps the module
+            enable_gradient_checkpointing(module, "opd.gradient_checkpointing")
         engine = make_engine(model, module, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
                              zero_stage=cfg.zero_stage, ema=cfg.ema_decay > 0, where="opd")
-        ema = EMA(module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        ema = engine.make_ema(cfg.ema_decay) if cfg.ema_decay > 0 else None  # sharded under ZeRO
         settings = LoopSettings(cfg.iterations, cfg.eval_every, cfg.checkpoint_every, name="opd", tracked="train/loss")
         super().__init__(model, module, engine, ema, settings, monitor, checkpoints, config_hash)
         self.teachers, self.cfg, self.prompts, self.routes = teachers, cfg, prompts, routes
@@ -249,6 +255,41 @@ class OPDTrainer(LoopTrainer):
         v_c, v_u = v.chunk(2)
         return torch.cat([v_c.reshape(r, s, *x.shape[1:]), v_u.reshape(r, s, *x.shape[1:])], dim=1)
 
+    def _micro_batches(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``rows`` in the parts that run through a network one at a time (all at once by default)."""
+        return (rows,) if self.cfg.micro_batch is None else torch.split(rows, self.cfg.micro_batch)
+
+    def _targets(self, batch: DistillBatch) -> torch.Tensor:
+        """[R, 2K, *latent]: each row's teacher's velocities at its matched states, both branches."""
+        target = torch.empty(batch.states.shape[0], 2 * batch.steps.shape[1], *batch.states.shape[2:])
+        with torch.no_grad():
+            for name in sorted(set(batch.teacher_names)):
+                rows = torch.tensor([i for i, t in enumerate(batch.teacher_names) if t == name])
+                for part in self._micro_batches(rows):
+                    target[part] = self._velocities(self.teachers[name], batch, part)
+        return target
+
+    def _task_step(self, batch: DistillBatch, target: torch.Tensor, share: float, last: bool) -> tuple[float, float]:
+        """Forward and backward of one task's batch (weighted ``share`` of the step), one micro-batch
+        at a time; the last part of the ``last`` task reduces across ranks. Returns the task's loss and
+        its unconditional-branch part, over all rows."""
+        rows = torch.arange(batch.states.shape[0])
+        parts = self._micro_batches(rows)
+        train_model = self.train_models[batch.task]
+        half = batch.steps.shape[1]
+        loss_total, uncond_total = 0.0, 0.0
+        for p, part in enumerate(parts):
+            frac = len(part) / len(rows)  # the loss is a mean over rows: each part's mean weighs its rows
+            with self.engine.accumulate(train_model, last=last and p == len(parts) - 1):
+                pred = self._velocities(train_model, batch, part)
+                loss = velocity_matching_loss(pred, target[part], batch.step_scale)
+                self.engine.backward(loss * share * frac)
+            with torch.no_grad():
+                per_branch = (pred.detach() - target[part]).pow(2).flatten(2).mean(dim=2)
+            loss_total += frac * float(loss.detach())
+            uncond_total += frac * float(batch.step_scale * per_branch[:, half:].sum(1).mean())
+        return loss_total, uncond_total
+
     def update(self, batches: list[DistillBatch], iteration: int) -> dict[str, float]:
         total = sum(b.states.shape[0] for b in batches)
         metrics: dict[str, float] = {}
@@ -256,24 +297,12 @@ class OPDTrainer(LoopTrainer):
         self.engine.zero_grad()
         loss_sum = 0.0
         for j, batch in enumerate(batches):
-            scale = batch.step_scale
-            target = torch.empty(batch.states.shape[0], 2 * batch.steps.shape[1], *batch.states.shape[2:])
-            with torch.no_grad():
-                for name in sorted(set(batch.teacher_names)):
-                    rows = torch.tensor([i for i, t in enumerate(batch.teacher_names) if t == name])
-                    target[rows] = self._velocities(self.teachers[name], batch, rows)
+            target = self._targets(batch)
             share = batch.states.shape[0] / total
-            train_model = self.train_models[batch.task]
-            with self.engine.accumulate(train_model, last=j == len(batches) - 1):
-                pred = self._velocities(train_model, batch, torch.arange(batch.states.shape[0]))
-                loss = velocity_matching_loss(pred, target, scale)
-                self.engine.backward(loss * share)
-            half = batch.steps.shape[1]
-            with torch.no_grad():
-                per_branch = (pred.detach() - target).pow(2).flatten(2).mean(dim=2)
-            metrics[f"train/loss_{batch.task}"] = float(loss.detach())
-            metrics[f"train/loss_{batch.task}_uncond"] = float(scale * per_branch[:, half:].sum(1).mean())
-            loss_sum += share * float(loss.detach())
+            loss, uncond = self._task_step(batch, target, share, last=j == len(batches) - 1)
+            metrics[f"train/loss_{batch.task}"] = loss
+            metrics[f"train/loss_{batch.task}_uncond"] = uncond
+            loss_sum += share * loss
         grad_norm = self.engine.step()  # global-norm clip, then AdamW
         if self.ema is not None:
             self.ema.update(self.module)

@@ -4,7 +4,10 @@ the judge on a fixed held-out monitor set (the reward-hacking monitor).
 
 For ``qwen_image`` (no judge) a held-out reward model (``grpo.monitor_reward``)
 takes the judge's place on the filter's held-out prompts, and the teacher
-artifact is its transformer beside the base's ``reference.json``.
+artifact is its transformer beside the base's ``reference.json``. With LoRA
+(``model.qwen_image.lora``) the adapters train, the KL reference and the base
+it is scored against are the transformer with adapters off, and the artifact
+also holds the adapter (``adapter/``; ``transformer/`` has it merged).
 
 Outputs: the teacher checkpoint, ``history.json`` (every iteration's
 training metrics and every monitor evaluation), ``curves.png`` (training
@@ -15,10 +18,12 @@ teacher per category on the held-out evaluation sets) and ``grid.png``.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
 from flowrl.config import FlowRLConfig
@@ -27,8 +32,11 @@ from flowrl.evaluation import evaluate_shapes, generate, heldout_sample, image_g
 from flowrl.models import (
     load_checkpoint, load_policy, save_checkpoint, save_policy, trainable_module, trained_state,
 )
+from flowrl.models.base import Condition, FlowModel
+from flowrl.models.lora import STUDENT, AdapterView, add_adapter, lora_settings, save_lora_policy
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
 from flowrl.rl.distributed import dist_info
+from flowrl.rl.engine import trainable_attr
 from flowrl.rl.grpo import GRPOTrainer, LocalRewards, PromptSet
 from flowrl.rl.trainer import Checkpoints
 from flowrl.shapes import judge
@@ -99,6 +107,51 @@ def monitor_for(config: FlowRLConfig, task: str, tracker: Tracker, per_category:
                 "fidelity": (scores["t2i_fidelity"] + scores["edit_fidelity"]) / 2}
 
     return monitor
+
+
+def model_key(config: FlowRLConfig) -> dict[str, str]:
+    """Production: the model section (LoRA, where the text encoder runs, dtype, size) shapes what GRPO and OPD
+    train, and the base URI carries it only while the base is rerun with the same config; an input of the
+    stage's version (as the bench's). A shapes checkpoint carries its model."""
+    return {} if config.model.family == "shapes" else {"model": config.section_hash("model")}
+
+
+def frozen_copy(module: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """A frozen (eval, no grad) copy of ``module`` on ``device``, made one tensor at a time: the
+    module's own device never holds a second copy of its weights."""
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        moved = tensor.detach().to(device, copy=True)
+        memo[id(tensor)] = torch.nn.Parameter(moved, requires_grad=False) if isinstance(
+            tensor, torch.nn.Parameter) else moved
+    return copy.deepcopy(module, memo).to(device).requires_grad_(False).eval()
+
+
+class OffloadedModel:
+    """A frozen model whose network lives on another device (the CPU): inputs move there, velocities
+    come back to the caller's device. Only what the GRPO objective calls (:meth:`velocity`)."""
+
+    def __init__(self, model: FlowModel, device: str | torch.device):
+        self.model, self.device = model, torch.device(device)
+        self.cfg_renorm_dim = model.cfg_renorm_dim
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        return self.model.velocity(x.to(self.device), t.to(self.device), cond.to(self.device)).to(x.device)
+
+
+def offloaded_reference(model: FlowModel, module: torch.nn.Module, device: str) -> OffloadedModel:
+    """The frozen KL reference of full-parameter training with ``grpo.reference_device: cpu``: a copy of
+    the starting weights of ``module`` (``model``'s trained network) made on ``device``, run there."""
+    view = copy.copy(model)
+    setattr(view, trainable_attr(model, module), frozen_copy(module, device))
+    return OffloadedModel(view, device)
+
+
+def place_text_encoders(config: FlowRLConfig, models) -> None:
+    """``model.qwen_image.text_encoder_device``: cpu moves each view's text encoder off the accelerator."""
+    if config.model.qwen_image.text_encoder_device == "cpu":
+        for model in models:
+            model.move_text_encoder("cpu")
 
 
 def _curves_png(history: list[dict], monitor: list[dict], task: str, heldout_label: str | None = None) -> bytes:
@@ -234,7 +287,8 @@ def run_grpo(
     stage = f"grpo_{task}"
     inputs = {"base": base_uri, "reward_model": reward_model_uri}
     inputs.update({"prompts": uris[task]} if task != "mixed" else {f"prompts_{t}": uris[t] for t in tasks})
-    done = committed_result(stage, config, SECTIONS, inputs, output_root)
+    inputs.update(model_key(config))
+    done = committed_result(stage, config, SECTIONS, inputs, output_root, tracker)
     if done is not None:
         return done
     if config.model.family == "qwen_image":
@@ -247,7 +301,10 @@ def run_grpo(
     g = config.grpo
     base_dir = fetch(base_uri)
     model = load_checkpoint(base_dir, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
-    reference = copy.deepcopy(model) if g.kl_coef > 0 else None
+    reference = None
+    if g.kl_coef > 0:
+        reference = copy.deepcopy(model) if g.reference_device == "same" else offloaded_reference(
+            model, model.net, g.reference_device)
     prompt_sets = {}
     for t in tasks:
         frame = load_prompt_set(uris[t])
@@ -318,10 +375,21 @@ def _run_grpo_pretrained(config: FlowRLConfig, task: str, base_uri: str, reward_
     composite = load_production_rewards(config, reward_model_uri, task, prompt_categories(curated, heldout))
     watcher = load_monitor_scorer(reward_model_uri, task, g.monitor_reward, composite)
     model = load_policy(base_dir, config, task)
-    module = trainable_module(model)
-    reference = None
-    if g.kl_coef > 0:
-        reference = model.with_transformer(copy.deepcopy(module).requires_grad_(False).eval())
+    place_text_encoders(config, [model])
+    lora = lora_settings(config)
+    if lora is not None:  # adapters train; the base is the transformer with them off
+        network = model.transformer
+        add_adapter(network, lora, seed=g.seed)
+        module = AdapterView(network, STUDENT)
+        base_view = model.with_transformer(AdapterView(network, None))
+        model = model.with_transformer(module)
+        reference = base_view if g.kl_coef > 0 else None
+    else:
+        module = trainable_module(model)
+        reference = None
+        if g.kl_coef > 0:
+            reference = model.with_transformer(copy.deepcopy(module).requires_grad_(False).eval()) if (
+                g.reference_device == "same") else offloaded_reference(model, module, g.reference_device)
     prompt_set = PromptSet(list(curated["prompt"]), list(curated["category"]), decode_sources(curated))
     scale = json.loads((fetch(prompts_uri) / "metrics.json").read_text())["calibration"] if g.calibrate else None
     store = ArtifactStore(output_root or config.run.artifact_root)
@@ -362,11 +430,16 @@ def _run_grpo_pretrained(config: FlowRLConfig, task: str, base_uri: str, reward_
             model = trained_model(trainer, model, result)
             teacher_scores, grid = reward_evaluation(model, eval_rows, scorers, config.sampler, config.eval.seed,
                                                      config.eval.batch_size)
-            save_policy(model, ctx.staging, base_dir)
-            # the base on the same prompts and seeds: its weights back into the same module (no second copy)
-            trainable_module(model).load_state_dict(trained_state(base_dir, config, task))
-            base_scores, _ = reward_evaluation(model, eval_rows, scorers, config.sampler, config.eval.seed,
-                                               config.eval.batch_size)
+            if lora is not None:  # the base is the transformer with adapters off; exporting merges them, last
+                base_scores, _ = reward_evaluation(base_view, eval_rows, scorers, config.sampler, config.eval.seed,
+                                                   config.eval.batch_size)
+                save_lora_policy(network, ctx.staging, base_dir)
+            else:
+                save_policy(model, ctx.staging, base_dir)
+                # the base on the same prompts and seeds: its weights back into the same module (no second copy)
+                trainable_module(model).load_state_dict(trained_state(base_dir, config, task))
+                base_scores, _ = reward_evaluation(model, eval_rows, scorers, config.sampler, config.eval.seed,
+                                                   config.eval.batch_size)
             rows = {f"{task}/{k}": {"base": base_scores[k], "teacher": teacher_scores[k],
                                     "delta": teacher_scores[k] - base_scores[k]} for k in sorted(base_scores)}
             metrics = {

@@ -8,12 +8,20 @@ model is used. Outputs: the student checkpoint, ``history.json``,
 ``curves.png`` (distillation loss and held-out judge scores), ``table.md``
 (base, each teacher and the student on both tasks, and the share of each
 teacher's gain the student kept) and ``grid.png``.
+
+``qwen_image`` with LoRA (``model.qwen_image.lora``): the student is a fresh
+adapter on the base transformer (on the init teacher's merged one with
+``opd.init`` a teacher); a teacher trained with LoRA on the same pretrained
+weights is its adapter loaded beside the student's on that transformer
+(unless ``opd.teacher_devices`` places it); the artifact holds the student's
+adapter and the transformer with it merged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 
 import numpy as np
@@ -23,8 +31,13 @@ from flowrl.config import FlowRLConfig
 from flowrl.evaluation import evaluate_shapes
 from flowrl.config import ConfigError, name_value_pairs
 from flowrl.models import (
-    load_checkpoint, load_frozen_network, load_task_views, save_checkpoint, save_policy, trainable_module,
+    load_checkpoint, load_frozen_network, load_task_views, pretrained_path, save_checkpoint, save_policy,
+    trainable_module,
 )
+from flowrl.models.lora import (
+    ADAPTER_DIR, STUDENT, AdapterView, add_adapter, load_adapter, lora_settings, save_lora_policy,
+)
+from flowrl.models.qwen_image import same_component
 from flowrl.plots import new_figure, png_of
 from flowrl.rl.distributed import dist_info
 from flowrl.rl.grpo import PromptSet
@@ -45,9 +58,11 @@ from flowrl.stages.common import (
 from flowrl.evaluation import heldout_sample, reward_evaluation
 from flowrl.prompt_files import decode_sources
 from flowrl.stages.filter_prompts import load_heldout_set, load_prompt_set
-from flowrl.stages.grpo import MONITOR_SEED_OFFSET, monitor_for
+from flowrl.stages.grpo import MONITOR_SEED_OFFSET, model_key, monitor_for, place_text_encoders
 from flowrl.storage import ArtifactError, ArtifactStore, fetch
 from flowrl.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 SECTIONS = ("run.seed", "world", "sampler", "eval", "opd")
 TASKS = ("t2i", "edit")
@@ -131,8 +146,8 @@ def run_opd(
     if init_name is not None and init_name not in teacher_uris:
         raise ValueError(f"opd.init: {o.init} but no teacher named {init_name!r} is given")
     inputs = {"base": base_uri, **{f"teacher_{k}": v for k, v in sorted(teacher_uris.items())},
-              **{f"prompts_{k}": v for k, v in sorted(prompts_uris.items())}}
-    done = committed_result(stage, config, SECTIONS, inputs, output_root)
+              **{f"prompts_{k}": v for k, v in sorted(prompts_uris.items())}, **model_key(config)}
+    done = committed_result(stage, config, SECTIONS, inputs, output_root, tracker)
     if done is not None:
         return done
     if config.model.family == "qwen_image":
@@ -230,6 +245,15 @@ def _reward_model_of(teacher_uris: dict[str, str], store: ArtifactStore) -> str:
     return used.pop()
 
 
+def _adapter_on(teacher_dir, task: str, base_dir) -> bool:
+    """Whether a teacher artifact holds a LoRA adapter of the pretrained transformer the student
+    starts from (the base's T2I one): then the adapter alone is the teacher's difference to it."""
+    if not (teacher_dir / ADAPTER_DIR).is_dir():
+        return False
+    ours, theirs = pretrained_path(base_dir, "t2i"), pretrained_path(teacher_dir, task)
+    return ours == theirs or same_component(ours, theirs, "transformer")
+
+
 def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[str, str],
                         prompts_uris: dict[str, str], stage: str, inputs: dict, routes: dict[str, str],
                         init_name: str | None, *, output_root, tracker, resume, progress, stop_after) -> StageResult:
@@ -256,10 +280,26 @@ def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[
         scorers[t] = {**dict(composite.components), config.grpo.monitor_reward: watchers[t]}
     base_dir = fetch(base_uri)
     views = load_task_views(fetch(teacher_uris[init_name]) if init_name else base_dir, config)
+    place_text_encoders(config, list(views.values()))
+    lora = lora_settings(config)
+    network = views["t2i"].transformer
+    if lora is not None:  # a fresh adapter on the starting transformer trains, behind both task views
+        add_adapter(network, lora, seed=o.seed)
+        module = AdapterView(network, STUDENT)
+        views = {t: view.with_transformer(module) for t, view in views.items()}
     model, module = views["t2i"], trainable_module(views["t2i"])
-    teachers = {name: views[teacher_task[name]].with_transformer(
-                    load_frozen_network(fetch(uri), config, teacher_task[name], devices.get(name)))
-                for name, uri in teacher_uris.items()}
+    teachers = {}
+    for name, uri in teacher_uris.items():
+        teacher_dir, task = fetch(uri), teacher_task[name]
+        if lora is not None and name not in devices and init_name is None and _adapter_on(
+                teacher_dir, task, base_dir):
+            load_adapter(network, teacher_dir / ADAPTER_DIR, name)  # costs its adapter only
+            teachers[name] = views[task].with_transformer(AdapterView(network, name))
+            log.info("opd: teacher %s is its LoRA adapter on the student's transformer", name)
+        else:
+            teachers[name] = views[task].with_transformer(
+                load_frozen_network(teacher_dir, config, task, devices.get(name)))
+            log.info("opd: teacher %s is its whole transformer (on %s)", name, devices.get(name, "the student's device"))
     prompt_sets = {}
     for t in TASKS:
         prompt_sets[t] = PromptSet(list(curated[t]["prompt"]), list(curated[t]["category"]),
@@ -339,7 +379,10 @@ def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[
             "final_loss": float(np.mean([h["train/loss"] for h in trainer.state.history[-10:]])),
             "monitor": trainer.state.monitor,
         }
-        save_policy(trained, ctx.staging, base_dir)
+        if lora is not None:
+            save_lora_policy(network, ctx.staging, base_dir)  # merges the adapter: the network's last use
+        else:
+            save_policy(trained, ctx.staging, base_dir)
         write_history(ctx.staging, trainer.state)
         (ctx.staging / "curves.png").write_bytes(_curves_png(trainer.state.history, trainer.state.monitor, headline,
                                                              config.grpo.monitor_reward))
