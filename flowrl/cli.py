@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -101,19 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="per-GPU memory of the training stages and the cheapest setting that fits",
                        description="Estimate per-GPU memory of GRPO and OPD for a config (parameter counts from "
                        "the model's config files alone) and pick the cheapest ZeRO / offload / recompute / batch "
-                       "setting that fits.")
+                       "setting that fits. Exits 1 (after the table) when a stage fits no setting, 2 on bad "
+                       "flags.")
     p.add_argument("--config", required=True, help="scenario YAML (configs/*.yaml)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the data-parallel group")
-    p.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="memory per GPU, GiB")
-    p.add_argument("--margin", type=float, default=0.15, help="share of memory kept free (default 0.15)")
+    p.add_argument("--gpu-mem", type=float, required=True, metavar="GIB", help="memory per GPU, GiB (finite, > 0)")
+    p.add_argument("--margin", type=float, default=0.15,
+                   help="share of memory kept free, in [0, 1) (default 0.15)")
     p = sub.add_parser("lineage", help="the runs and artifacts a model came from, from MLflow alone",
                        description="Print the tree from a run, an artifact URI or a registered model version "
-                       "(models:/NAME/VERSION) back to the base model, from the MLflow tracking store alone.")
-    p.add_argument("ref", help="run id, artifact URI, or registered model version (models:/NAME/VERSION)")
-    p.add_argument("--config", required=True, help="scenario YAML: its run.tracking_uri is read")
+                       "(models:/NAME/VERSION or models:/NAME@ALIAS) back to the base model, from the MLflow "
+                       "tracking store alone.")
+    p.add_argument("ref", help="run id, artifact URI, or registered model version (models:/NAME/VERSION, "
+                   "models:/NAME@ALIAS)")
+    p.add_argument("--config", default=None, help="scenario YAML whose run.tracking_uri is read (default, or when "
+                   "the config leaves it empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     v = sub.add_parser("validate", help="check a config file and exit")
     v.add_argument("--config", required=True)
     sub.add_parser("config-doc", help="print every config key with its default and meaning")
+    p = sub.add_parser("consolidate", help="turn a sharded (ZeRO) checkpoint into the full format, offline",
+                       description="Assemble the per-rank shards of a ZeRO run's checkpoint into the full format "
+                       "(weights, torch AdamW state, EMA) in one CPU process, and commit it under --output with the "
+                       "same stage and version: a run resumes from it with any engine and number of ranks.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_URI", help="the sharded checkpoint artifact")
+    p.add_argument("--output", required=True, help="artifact root to commit the consolidated checkpoint under "
+                   "(a directory or fsspec URI; not the one holding CHECKPOINT_URI)")
     return parser
 
 
@@ -140,6 +153,13 @@ def _dispatch(args) -> int:
     if args.command == "config-doc":
         for key, default, doc in describe_fields():
             print(f"{key} = {default}\n    {doc}")
+        return 0
+    if args.command == "lineage":
+        return _lineage(args)
+    if args.command == "consolidate":
+        from flowrl.rl.trainer import consolidate_checkpoint
+
+        print(consolidate_checkpoint(args.checkpoint, args.output))
         return 0
     config = load_config(args.config, getattr(args, "overrides", ()))
     if args.command == "validate":
@@ -205,19 +225,17 @@ def _dispatch(args) -> int:
 
         if args.gpus < 1:
             raise ConfigError(f"--gpus: a plan needs at least one GPU, got {args.gpus}")
-        if args.gpu_mem <= 0:
-            raise ConfigError(f"--gpu-mem: GiB per GPU must be > 0, got {args.gpu_mem}")
-        print(plan_table(config, args.gpus, args.gpu_mem, args.margin), end="")
-        return 0
-    elif args.command == "lineage":
-        from flowrl.lineage import LineageError, lineage, render, resolve
-        from flowrl.tracking import MLflowTracker
-
-        tracker = MLflowTracker(config.run.tracking_uri)
-        try:
-            print(render(lineage(tracker, resolve(tracker, args.ref))), end="")
-        except LineageError as exc:
-            raise ConfigError(str(exc)) from None
+        if not (math.isfinite(args.gpu_mem) and args.gpu_mem > 0):
+            raise ConfigError(f"--gpu-mem: GiB per GPU must be a finite number > 0, got {args.gpu_mem}")
+        if not 0 <= args.margin < 1:  # false for nan too
+            raise ConfigError(f"--margin: the share of GPU memory kept free must be in [0, 1), got {args.margin}")
+        table = plan_table(config, args.gpus, args.gpu_mem, args.margin)
+        print(table, end="")
+        unfit = _unfit_stages(table)
+        if unfit:
+            print(f"flowrl plan: error: no setting fits {args.gpus} x {args.gpu_mem:g} GiB for "
+                  f"{', '.join(unfit)}; use more or larger GPUs, or a smaller --margin", file=sys.stderr)
+            return 1
         return 0
     elif args.command == "judge":
         return judge_models(config, _named(args.model, "--model"), args.results)
@@ -230,6 +248,35 @@ def _dispatch(args) -> int:
         write_results(args.results, args, result, time.perf_counter() - start)
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
     print(result.uri)
+    return 0
+
+
+def _unfit_stages(table: str) -> list[str]:
+    """The stages (first column) of the rows a plan table marks "does not fit"."""
+    return [line.split("|")[1].strip() for line in table.splitlines()
+            if line.startswith("|") and "does not fit" in line]
+
+
+def _lineage(args) -> int:
+    """`flowrl lineage REF`: the tree of runs and artifacts behind REF; a registered model reference
+    (models:/NAME@ALIAS too) first prints the version it names."""
+    from flowrl.lineage import lineage, render, resolve
+    from flowrl.tracking import MLflowTracker, check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(load_config(args.config).run.tracking_uri if args.config else "")
+    check_reachable(uri)
+    tracker = MLflowTracker(uri)
+    try:
+        ref = args.ref
+        if ref.startswith("models:/"):
+            version = tracker.model_version(ref)
+            if not version.run_id:
+                raise LookupError(f"{ref}: model version {version.name}/{version.version} names no run")
+            print(f"{ref}: {version.name} version {version.version}, run {version.run_id}")
+            ref = version.run_id
+        print(render(lineage(tracker, resolve(tracker, ref))), end="")
+    except LookupError as exc:  # LineageError too
+        raise ConfigError(str(exc)) from None
     return 0
 
 

@@ -3,14 +3,24 @@
 Stages log through :class:`Tracker`; :class:`MLflowTracker` is the real one
 (a local sqlite store by default, an MLflow server in production) and
 :class:`NullTracker` is for callers that want no tracking. The library never
-reaches MLflow except through this module.
+reaches MLflow except through this module. docs/tracking.md says what a run
+records and how lineage is read back.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import os
+import re
+import subprocess
+import tempfile
+import time
+import warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -19,13 +29,28 @@ import numpy as np
 from flowrl.config import FlowRLConfig
 from flowrl.storage import file_uri
 
+log = logging.getLogger(__name__)
+
 # Keys never logged as params, whatever section they appear in: these names,
 # or any key ending in "_" + one of them (api_token, aws_secret_access_key...).
 _SECRET_NAMES = ("secret", "password", "token", "credentials", "access_key", "secret_key", "api_key")
+# The userinfo of a URL (scheme://user:password@host): never logged, whatever key holds it.
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#@\s]+@")
 
+# MLflow's own convention: the tracking URI from the environment when nothing else names one.
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Set in a container image (with the image's tag) to record which image a run ran in.
+IMAGE_ENV = "FLOWRL_IMAGE_TAG"
 
 INPUT_TAG = "flowrl.input."
 INPUT_RUN_TAG = "flowrl.input_run."
+EXECUTION_TAG = "flowrl.flyte.execution_id"
+FAILED_STAGE_TAG = "flowrl.failed_stage"
+FAILED_RUN_TAG = "flowrl.failed_run"
+# The folder of a registered stage's run holding ``artifact.json`` (the artifact's URI and manifest):
+# the model version's source where the registry cannot take the artifact's URI itself.
+MODEL_REFERENCE_DIR = "flowrl_model"
 # Stages whose artifact is a model worth a registry entry, and the role it is registered under.
 REGISTERED_ROLES = {
     "reward_model": "reward_model", "grpo_t2i": "t2i_teacher", "grpo_edit": "edit_teacher", "grpo_mixed": "mix_rl",
@@ -47,13 +72,31 @@ def registered_name(run_name: str, role: str) -> str:
     return f"{run_name}-{role}"
 
 
+def resolve_tracking_uri(configured: str | None) -> str:
+    """The tracking URI a run uses: ``run.tracking_uri`` when the config sets one (explicit
+    config wins), else ``$MLFLOW_TRACKING_URI``, else the local ``sqlite:///mlflow.db``."""
+    if configured and configured.strip():
+        return configured.strip()
+    return os.environ.get(TRACKING_ENV, "").strip() or DEFAULT_TRACKING_URI
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced (``http://***@host``)."""
+    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
+
+
 def _is_secret(key: str) -> bool:
     key = key.lower()
     return any(key == name or key.endswith("_" + name) for name in _SECRET_NAMES)
 
 
+def _param_value(value: Any) -> str:
+    return redact(json.dumps(value) if isinstance(value, (list, tuple)) else str(value))
+
+
 def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"base.lr": "0.001", ...}, without secret-looking keys."""
+    """Nested config -> {"base.lr": "0.001", ...}, without secret-looking keys
+    and with the credentials of URLs redacted."""
     flat: dict[str, str] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
@@ -62,15 +105,105 @@ def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             flat.update(flatten_params(value, path + "."))
         else:
-            flat[path] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            flat[path] = _param_value(value)
     return flat
+
+
+def section_params(data: dict[str, Any], sections: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """The params of the named config sections only (``"grpo"``, or one key such as ``"run.seed"``)."""
+    flat: dict[str, str] = {}
+    for name in sections:
+        value: Any = data
+        for part in name.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise KeyError(f"config section {name!r}: no such key in the config")
+            value = value[part]
+        if any(_is_secret(part) for part in name.split(".")):
+            continue
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, name + "."))
+        else:
+            flat[name] = _param_value(value)
+    return flat
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def source_tags() -> dict[str, str]:
+    """What identifies the code a run ran: the hash of the library's source (always; the same in a
+    container image as in the checkout), the git commit (``mlflow.source.git.commit``) and whether
+    tracked files differ from it when the code is a git checkout, and the image tag when the
+    environment names one (``FLOWRL_IMAGE_TAG``)."""
+    from flowrl.storage import code_version
+
+    tags = {"flowrl.source.code_digest": code_version()}
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists() and (commit := _git(root, "rev-parse", "HEAD")):
+        tags["mlflow.source.git.commit"] = commit
+        status = _git(root, "status", "--porcelain", "--untracked-files=no")
+        if status is not None:
+            tags["flowrl.source.git.dirty"] = "true" if status else "false"
+    if image := os.environ.get(IMAGE_ENV, "").strip():
+        tags["flowrl.source.image"] = image
+    return tags
+
+
+def _file_input(value: str) -> tuple[str, str] | None:
+    """(path, checksum) of an input given as ``<path>#<sha256 prefix>`` (a label or prompt file)."""
+    match = re.fullmatch(r"(?P<path>.+)#(?P<sha>[0-9a-f]{8,64})", value)
+    return (match["path"], match["sha"]) if match else None
+
+
+def _dataset_source(uri: str) -> tuple[str, str]:
+    """(source_type, source JSON) of a dataset at ``uri``, as MLflow's dataset sources write them."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # a local path matches two equivalent sources; MLflow warns and picks one
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(uri)
+    return source._get_source_type(), redact(source.to_json())
+
+
+def input_dataset(name: str, value: str):
+    """The MLflow dataset of one input of a stage, or None when the value names no data (a task
+    name, a hub id): a flowrl artifact (name ``<stage>@<version>``, digest of its files' checksums,
+    profile its file count and bytes) or a file given with its checksum."""
+    from mlflow.entities import Dataset
+
+    from flowrl.storage import ArtifactError, read_manifest
+
+    if (file := _file_input(value)) is not None:
+        source_type, source = _dataset_source(file[0])
+        return Dataset(name=name, digest=file[1][:32], source_type=source_type, source=source)
+    if "/" not in value:
+        return None
+    try:
+        manifest = read_manifest(value)
+    except (ArtifactError, OSError, ValueError) as exc:
+        log.debug("input %s=%s: not logged as a dataset (%s)", name, value, exc)
+        return None
+    files = sorted((path, str(meta.get("sha256", ""))) for path, meta in manifest.files.items())
+    digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:32]
+    profile = {"files": len(files), "bytes": sum(int(m.get("bytes", 0)) for m in manifest.files.values()),
+               "stage": manifest.stage, "version": manifest.version}
+    source_type, source = _dataset_source(value)
+    return Dataset(name=f"{manifest.stage}@{manifest.version}", digest=digest, source_type=source_type,
+                   source=source, profile=json.dumps(profile))
 
 
 class Tracker(Protocol):
     """What a stage may log. ``stage_run`` scopes one run (one per stage)."""
 
     def stage_run(
-        self, stage: str, config: FlowRLConfig, tags: dict[str, str] | None = None
+        self, stage: str, config: FlowRLConfig, tags: dict[str, str] | None = None,
+        sections: tuple[str, ...] | None = None,
     ) -> Any: ...
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
@@ -83,6 +216,10 @@ class Tracker(Protocol):
 
     def promote(self, role: str, uri: str, score: float, run_name: str, alias: str = "champion") -> bool: ...
 
+    def register_artifact(
+        self, stage: str, config: FlowRLConfig, uri: str, run_id: str | None = None
+    ) -> str | None: ...
+
     @property
     def run_id(self) -> str | None: ...
 
@@ -93,7 +230,7 @@ class NullTracker:
     run_id = None
 
     @contextmanager
-    def stage_run(self, stage, config, tags=None) -> Iterator["NullTracker"]:
+    def stage_run(self, stage, config, tags=None, sections=None) -> Iterator["NullTracker"]:
         yield self
 
     def log_metrics(self, metrics, step=None) -> None:
@@ -111,24 +248,36 @@ class NullTracker:
     def promote(self, role, uri, score, run_name, alias="champion") -> bool:
         return False
 
+    def register_artifact(self, stage, config, uri, run_id=None) -> str | None:
+        return None
+
 
 class MLflowTracker:
     """One MLflow run per stage, in the experiment named after ``run.name``.
 
-    ``parent_run_id`` nests the stage run under a pipeline run.
+    ``parent_run_id`` nests the stage run under a pipeline run; a stage run that fails ends that
+    pipeline run FAILED too (a retry of the same stage opens it again). ``tags`` go on every run it
+    opens (e.g. the Flyte execution id), beside :func:`source_tags`. An empty ``tracking_uri``
+    means ``$MLFLOW_TRACKING_URI`` (:func:`resolve_tracking_uri`).
     """
 
-    def __init__(self, tracking_uri: str, parent_run_id: str | None = None):
+    def __init__(self, tracking_uri: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None):
         from mlflow.tracking import MlflowClient  # heavy import: only when tracking
 
-        self.tracking_uri = _resolve_sqlite(tracking_uri)
+        self.tracking_uri = _resolve_sqlite(resolve_tracking_uri(tracking_uri))
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.parent_run_id = parent_run_id
+        self.run_tags = {**source_tags(), **{k: v for k, v in (tags or {}).items() if v}}
         self._run_id: str | None = None
 
     @property
     def run_id(self) -> str | None:
         return self._run_id
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store is a tracking server (which validates model version sources)."""
+        return self.tracking_uri.startswith(("http://", "https://", "databricks"))
 
     def _experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -136,34 +285,83 @@ class MLflowTracker:
             return exp.experiment_id
         return self.client.create_experiment(name, artifact_location=_default_artifact_location(self.tracking_uri, name))
 
-    @contextmanager
-    def stage_run(self, stage, config, tags=None) -> Iterator["MLflowTracker"]:
-        all_tags = {"flowrl.stage": stage, "mlflow.runName": stage, **(tags or {})}
-        if self.parent_run_id:
-            all_tags["mlflow.parentRunId"] = self.parent_run_id
-        experiment_id = self._experiment_id(config.run.name)
-        # lineage: the run that made each input artifact, found in MLflow itself
-        for key, uri in list(all_tags.items()):
-            if key.startswith(INPUT_TAG) and (producer := self.run_of_artifact(uri)) is not None:
-                all_tags[INPUT_RUN_TAG + key[len(INPUT_TAG):]] = producer
-        run = self.client.create_run(experiment_id, tags=all_tags)
-        self._run_id = run.info.run_id
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        params = flatten_params(config.to_dict())
         items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self._run_id, params=items[i : i + 100])
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    @contextmanager
+    def stage_run(self, stage, config, tags=None, sections=None) -> Iterator["MLflowTracker"]:
+        """One stage's run: its config ``sections`` as params (all of the config when None), its
+        inputs (``flowrl.input.<name>`` tags) as dataset inputs and tagged with the runs that made
+        them; ended FINISHED, or FAILED (with its parent) when the body raises. A registered role's
+        artifact is registered once the run has finished."""
+        all_tags = {**self.run_tags, "flowrl.stage": stage, "mlflow.runName": stage, **(tags or {})}
+        if self.parent_run_id:
+            all_tags["mlflow.parentRunId"] = self.parent_run_id
+            self._reopen_parent(stage)
+        experiment_id = self._experiment_id(config.run.name)
+        # lineage: the run that made each input artifact, found in MLflow itself
+        inputs = {key[len(INPUT_TAG):]: uri for key, uri in all_tags.items() if key.startswith(INPUT_TAG)}
+        for name, uri in inputs.items():
+            if (producer := self.run_of_artifact(uri)) is not None:
+                all_tags[INPUT_RUN_TAG + name] = producer
+        run = self.client.create_run(experiment_id, tags={k: redact(str(v)) for k, v in all_tags.items()})
+        self._run_id = run.info.run_id
+        data = config.to_dict()
+        self._log_params(self._run_id, flatten_params(data) if sections is None else section_params(data, sections))
+        self._log_input_datasets(inputs)
         status = "FAILED"
         try:
             yield self
             status = "FINISHED"
         finally:
             self.client.set_terminated(self._run_id, status=status)
+            if status == "FAILED":
+                self._fail_parent(stage)
         if stage in REGISTERED_ROLES:
-            self._register(stage, config)
+            self._register(stage, config, self._run_id)
         if _dataset_files(stage):
             self._log_datasets(stage)
+
+    def _reopen_parent(self, stage: str) -> None:
+        """A retry of the stage that failed the pipeline run: the pipeline is running again."""
+        parent = self.client.get_run(self.parent_run_id)
+        if parent.info.status == "FAILED" and parent.data.tags.get(FAILED_STAGE_TAG) == stage:
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+            for key in (FAILED_STAGE_TAG, FAILED_RUN_TAG):
+                self.client.delete_tag(self.parent_run_id, key)
+
+    def _fail_parent(self, stage: str) -> None:
+        """End the pipeline run FAILED when one of its stages failed (nothing else will end it:
+        the pipeline's last step never runs). Never masks the stage's own error."""
+        if not self.parent_run_id:
+            return
+        try:
+            parent = self.client.get_run(self.parent_run_id)
+            if parent.info.status != "RUNNING":
+                return
+            self.client.set_tag(self.parent_run_id, FAILED_STAGE_TAG, stage)
+            self.client.set_tag(self.parent_run_id, FAILED_RUN_TAG, self._run_id)
+            self.client.set_terminated(self.parent_run_id, status="FAILED")
+        except Exception as exc:  # noqa: BLE001 - the stage's exception is the one to report
+            log.warning("could not end the pipeline run %s FAILED: %s", self.parent_run_id, exc)
+
+    def _log_input_datasets(self, inputs: dict[str, str]) -> None:
+        """Each input of the stage that names data (an artifact, a checked file) as a dataset input
+        of its run, context ``input``, tagged with the input's name."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        entries = []
+        for name, value in sorted(inputs.items()):
+            dataset = input_dataset(name, value)
+            if dataset is not None:
+                entries.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "input"),
+                                                           InputTag("flowrl.input", name)]))
+        if entries:
+            self.client.log_inputs(self._run_id, datasets=entries)
 
     def _log_datasets(self, stage: str) -> None:
         """The stage's prompt / annotation tables as MLflow datasets of its run
@@ -181,28 +379,26 @@ class MLflowTracker:
             source = file_uri(uri, name)
             frame = pd.read_parquet(source)
             frame = frame[[c for c in frame.columns if frame[c].dtype != object or c in ("prompt", "category")]]
-            dataset = mlflow.data.from_pandas(frame, source=source,
-                                              name=f"{stage}/{name.removesuffix('.parquet')}")
+            with warnings.catch_warnings():  # a local path matches two equivalent sources; MLflow warns
+                warnings.simplefilter("ignore")
+                dataset = mlflow.data.from_pandas(frame, source=source,
+                                                  name=f"{stage}/{name.removesuffix('.parquet')}")
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "output")]))
         self.client.log_inputs(self._run_id, datasets=inputs)
 
     def start_pipeline(self, config, pipeline: str, tags: dict[str, str] | None = None) -> str:
         """Open the parent run of one pipeline execution; stage runs nest under it
         (``MLflowTracker(uri, parent_run_id=...)``). Returns its run id."""
-        all_tags = {"flowrl.stage": "pipeline", "flowrl.pipeline": pipeline, "mlflow.runName": pipeline,
-                    **(tags or {})}
-        run = self.client.create_run(self._experiment_id(config.run.name), tags=all_tags)
-        from mlflow.entities import Param
-
-        params = [Param(k, v[:6000]) for k, v in sorted(flatten_params(config.to_dict()).items())]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        all_tags = {**self.run_tags, "flowrl.stage": "pipeline", "flowrl.pipeline": pipeline,
+                    "mlflow.runName": pipeline, **(tags or {})}
+        run = self.client.create_run(self._experiment_id(config.run.name),
+                                     tags={k: redact(str(v)) for k, v in all_tags.items()})
+        self._log_params(run.info.run_id, flatten_params(config.to_dict()))
         return run.info.run_id
 
     def finish_pipeline(self, run_id: str, metrics: dict[str, float], files: list | None = None) -> None:
         """Close a pipeline run with its headline metrics and files (the bench report)."""
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
@@ -211,6 +407,21 @@ class MLflowTracker:
         for path in files or []:
             self.client.log_artifact(run_id, str(path), artifact_path="report")
         self.client.set_terminated(run_id, status="FINISHED")
+
+    def end_open_runs(self, experiment: str, execution_id: str, status: str = "FAILED") -> list[str]:
+        """End every run of one Flyte execution (tag ``flowrl.flyte.execution_id``) still RUNNING in
+        ``experiment``: what a workflow's failure handler calls, so that stages aborted with the
+        pipeline are not left RUNNING. Returns the ids of the runs it ended."""
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None or not execution_id:
+            return []
+        quoted = execution_id.replace("'", "\\'")
+        runs = self.client.search_runs(
+            [exp.experiment_id], max_results=1000,
+            filter_string=f"tags.`{EXECUTION_TAG}` = '{quoted}' and attributes.status = 'RUNNING'")
+        for run in runs:
+            self.client.set_terminated(run.info.run_id, status=status)
+        return [run.info.run_id for run in runs]
 
     def run_of_artifact(self, uri: str) -> str | None:
         """The id of the finished run that committed the artifact at ``uri``, if one was tracked here."""
@@ -223,38 +434,140 @@ class MLflowTracker:
             max_results=1, order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
 
-    def _register(self, stage: str, config) -> None:
-        """A new version of the registered model of the stage's role (``<run.name>-<role>``),
-        its source the artifact URI; the run is tagged with it."""
+    def _versions_of(self, name: str, uri: str) -> list:
+        """The versions of registered model ``name`` whose artifact is ``uri``."""
         from mlflow.exceptions import MlflowException
 
-        run = self.client.get_run(self._run_id)
+        quoted = name.replace("'", "\\'")
+        try:
+            versions = self.client.search_model_versions(f"name = '{quoted}'")
+        except MlflowException:
+            return []
+        return [v for v in versions if v.tags.get("flowrl.artifact_uri", v.source) == uri]
+
+    def _model_source(self, run_id: str, uri: str) -> str:
+        """The model version's source: the artifact's own URI where the registry takes it (object
+        storage; any path in a local store); for a local artifact tracked by a server, which refuses
+        paths outside the run's artifacts, the reference logged in the run (``runs:/<run>/flowrl_model``)."""
+        if ("://" in uri and not uri.startswith("file://")) or not self.remote:
+            return uri
+        return f"runs:/{run_id}/{MODEL_REFERENCE_DIR}"
+
+    def _log_model_reference(self, run_id: str, uri: str) -> None:
+        """``flowrl_model/artifact.json`` in the run: the artifact's URI and manifest (files, checksums,
+        inputs), so the run's own artifacts say where the model is and what it holds."""
+        from flowrl.storage import ArtifactError, read_manifest
+
+        if any(a.path.endswith("artifact.json") for a in self.client.list_artifacts(run_id, MODEL_REFERENCE_DIR)):
+            return
+        try:
+            manifest = asdict(read_manifest(uri))
+            manifest["inputs"] = {k: redact(v) for k, v in manifest["inputs"].items()}
+        except ArtifactError as exc:  # the URI alone still says where the model is
+            log.warning("model reference of run %s: %s", run_id, exc)
+            manifest = None
+        reference = {"uri": redact(uri), "manifest": manifest}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "artifact.json"
+            path.write_text(json.dumps(reference, indent=1, sort_keys=True))
+            self.client.log_artifact(run_id, str(path), artifact_path=MODEL_REFERENCE_DIR)
+
+    def _register(self, stage: str, config, run_id: str) -> str | None:
+        """A new version of the registered model of the stage's role (``<run.name>-<role>``) for the
+        artifact run ``run_id`` committed, unless one already names that artifact; the run is tagged
+        with it. Returns ``NAME/VERSION``."""
+        from mlflow.exceptions import MlflowException
+
+        run = self.client.get_run(run_id)
         uri = run.data.tags.get("flowrl.artifact_uri")
         if run.info.status != "FINISHED" or not uri:
-            return
+            return None
         name = registered_name(config.run.name, REGISTERED_ROLES[stage])
+        if existing := self._versions_of(name, uri):
+            version = min(existing, key=lambda v: int(v.version)).version
+        else:
+            try:
+                self.client.get_registered_model(name)
+            except MlflowException:
+                self.client.create_registered_model(
+                    name, description=f"flowrl {REGISTERED_ROLES[stage]} ({stage} stage)")
+            self._log_model_reference(run_id, uri)
+            version = self.client.create_model_version(
+                name, source=self._model_source(run_id, uri), run_id=run_id,
+                tags={"flowrl.stage": stage, "flowrl.artifact_uri": uri,
+                      "flowrl.version": run.data.tags.get("flowrl.version", "")}).version
+        entry = f"{name}/{version}"
+        if run.data.tags.get("flowrl.registered_model") != entry:
+            self.client.set_tag(run_id, "flowrl.registered_model", entry)
+        return entry
+
+    def register_artifact(self, stage: str, config, uri: str, run_id: str | None = None) -> str | None:
+        """Register a complete artifact a stage reused (nothing ran) unless a version already names it:
+        a first run whose registration failed is registered on the rerun, and never twice. The version's
+        run is ``run_id`` (the manifest's) when it is the tracked run that committed ``uri``, else any
+        such run here, else a new FINISHED run recording the reuse. Returns ``NAME/VERSION`` (None:
+        not a registered role)."""
+        from mlflow.exceptions import MlflowException
+
+        if stage not in REGISTERED_ROLES:
+            return None
+        name = registered_name(config.run.name, REGISTERED_ROLES[stage])
+        if existing := self._versions_of(name, uri):
+            return f"{name}/{min(existing, key=lambda v: int(v.version)).version}"
+        producer = None
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+                if run.info.status == "FINISHED" and run.data.tags.get("flowrl.artifact_uri") == uri:
+                    producer = run_id
+            except MlflowException:  # made against another tracking store
+                pass
+        producer = producer or self.run_of_artifact(uri) or self._record_reuse(stage, config, uri)
+        return self._register(stage, config, producer)
+
+    def _record_reuse(self, stage: str, config, uri: str) -> str:
+        """A FINISHED run for an artifact no run here committed (made untracked or against another
+        store): its stage, URI and inputs (from the manifest, so lineage reaches them)."""
+        from flowrl.storage import read_manifest
+
+        manifest = read_manifest(uri)
+        tags = {**self.run_tags, "flowrl.stage": stage, "mlflow.runName": stage, "flowrl.artifact_uri": uri,
+                "flowrl.version": manifest.version, "flowrl.reused": "true",
+                **{INPUT_TAG + k: v for k, v in manifest.inputs.items()}}
+        for name, value in manifest.inputs.items():
+            if (producer := self.run_of_artifact(value)) is not None:
+                tags[INPUT_RUN_TAG + name] = producer
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = self.client.create_run(self._experiment_id(config.run.name),
+                                     tags={k: redact(str(v)) for k, v in tags.items()})
+        self.client.set_terminated(run.info.run_id, status="FINISHED")
+        return run.info.run_id
+
+    def model_version(self, ref: str):
+        """The registered model version ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` names
+        (LookupError naming the reference when there is none)."""
+        from mlflow.exceptions import MlflowException
+
+        match = re.fullmatch(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))", ref)
+        if match is None:
+            raise LookupError(f"{ref}: not a registered model reference (models:/NAME/VERSION or models:/NAME@ALIAS)")
         try:
-            self.client.get_registered_model(name)
-        except MlflowException:
-            self.client.create_registered_model(name, description=f"flowrl {REGISTERED_ROLES[stage]} ({stage} stage)")
-        version = self.client.create_model_version(
-            name, source=uri, run_id=self._run_id,
-            tags={"flowrl.stage": stage, "flowrl.artifact_uri": uri,
-                  "flowrl.version": run.data.tags.get("flowrl.version", "")})
-        self.client.set_tag(self._run_id, "flowrl.registered_model", f"{name}/{version.version}")
+            if match["alias"]:
+                return self.client.get_model_version_by_alias(match["name"], match["alias"])
+            return self.client.get_model_version(match["name"], match["version"])
+        except MlflowException as exc:
+            raise LookupError(f"{ref}: no such model version in {redact(self.tracking_uri)} "
+                              f"({exc.error_code})") from None
 
     def promote(self, role: str, uri: str, score: float, run_name: str, alias: str = "champion") -> bool:
-        """Point ``alias`` of ``<run_name>-<role>`` at the version whose source is ``uri``
+        """Point ``alias`` of ``<run_name>-<role>`` at the version of the artifact ``uri``
         when ``score`` beats the current holder's (recorded on it as ``flowrl.bench_overall``);
         returns whether it moved. No registered version of ``uri``: nothing moves."""
         from mlflow.exceptions import MlflowException
 
         name = registered_name(run_name, role)
-        try:
-            versions = self.client.search_model_versions(f"name = '{name}'")
-        except MlflowException:
-            return False
-        mine = [v for v in versions if v.source == uri]
+        mine = self._versions_of(name, uri)
         if not mine:
             return False
         candidate = max(mine, key=lambda v: int(v.version))
@@ -273,7 +586,6 @@ class MLflowTracker:
 
     def log_metrics(self, metrics, step=None) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
@@ -287,7 +599,7 @@ class MLflowTracker:
 
     def set_tags(self, tags) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self._run_id, key, value)
+            self.client.set_tag(self._run_id, key, redact(str(value)))
 
 
 def _resolve_sqlite(uri: str) -> str:
@@ -314,6 +626,7 @@ class TrackingUnavailable(RuntimeError):
 
 def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """For an http(s) tracking URI, fail fast (before a stage's work) when the server does not answer."""
+    tracking_uri = resolve_tracking_uri(tracking_uri)
     if not tracking_uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -332,11 +645,15 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     except (OSError, ValueError) as exc:
         problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
     raise TrackingUnavailable(
-        f"run.tracking_uri: the MLflow server at {tracking_uri} is unreachable ({problem}); start it, fix the URI, "
-        "or run with --no-tracking")
+        f"run.tracking_uri: the MLflow server at {redact(tracking_uri)} is unreachable ({redact(problem)}); start it, "
+        "fix the URI, or run with --no-tracking")
 
 
-def make_tracker(config: FlowRLConfig, parent_run_id: str | None = None) -> Tracker:
-    """The stage's tracker; an unreachable tracking server is an error here, before the stage's work."""
-    check_reachable(config.run.tracking_uri)
-    return MLflowTracker(config.run.tracking_uri, parent_run_id)
+def make_tracker(config: FlowRLConfig, parent_run_id: str | None = None,
+                 flyte_execution_id: str | None = None) -> Tracker:
+    """The stage's tracker; an unreachable tracking server is an error here, before the stage's work.
+    ``flyte_execution_id`` (a plain string the Flyte task hands in) tags every run it opens."""
+    uri = resolve_tracking_uri(config.run.tracking_uri)
+    check_reachable(uri)
+    tags = {EXECUTION_TAG: flyte_execution_id} if flyte_execution_id else None
+    return MLflowTracker(uri, parent_run_id, tags=tags)

@@ -24,11 +24,10 @@ def validate_config(config: FlyteFile) -> StageConfigs:
 
 @stage_task("default", retries=2)
 def start_pipeline_run(config: FlyteFile) -> str:
-    """Open the MLflow run of this pipeline execution; every stage's run nests under it."""
-    from flowrl.tracking import MLflowTracker
-
+    """Open the MLflow run of this pipeline execution; every stage's run nests under it. It is tagged
+    like the stage runs (code version, Flyte execution id); a failing stage ends it FAILED."""
     loaded = load_config(config.download())
-    return MLflowTracker(loaded.run.tracking_uri).start_pipeline(loaded, "post_train")
+    return tracker_for(loaded, "").start_pipeline(loaded, "post_train")
 
 
 @stage_task("base", retries=1, cache=stage_cache("base"))

@@ -31,10 +31,20 @@ class StageArtifact:
 
 
 def tracker_for(config, parent_run: str):
-    """The stage's MLflow tracker, its run nested under the pipeline's run ``parent_run``."""
+    """The stage's MLflow tracker, its run nested under the pipeline's run ``parent_run`` and tagged
+    with this Flyte execution's id (none in a local run, whose id is the placeholder local:local:local)."""
     from flowrl.tracking import make_tracker
 
-    return make_tracker(config, parent_run_id=parent_run or None)
+    execution = None
+    try:
+        import flytekit
+
+        found = flytekit.current_context().execution_id
+        if found is not None and found.name and (found.project, found.domain, found.name) != ("local",) * 3:
+            execution = f"{found.project}:{found.domain}:{found.name}"
+    except Exception:  # noqa: BLE001 - no Flyte context here (a worker process): the runs go untagged
+        execution = None
+    return make_tracker(config, parent_run_id=parent_run or None, flyte_execution_id=execution)
 
 
 # --------------------------------------------------------------------------- caching

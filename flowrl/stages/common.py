@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,10 @@ from flowrl.config import FlowRLConfig
 from flowrl.machine import machine_summary
 from flowrl.models import set_torch_threads, trainable_module
 from flowrl.storage import ArtifactStore, StagingDir, artifact_version, code_version
-from flowrl.tracking import NullTracker, Tracker, make_tracker
+from flowrl.tracking import REGISTERED_ROLES, NullTracker, Tracker, make_tracker
+
+# committed_result's default: callers that pass no tracker register nothing
+_NOT_REGISTERED = NullTracker()
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,15 @@ def committed_result(
     sections: tuple[str, ...],
     inputs: dict[str, str],
     output_root: str | None = None,
+    tracker: Tracker | None = _NOT_REGISTERED,
 ) -> StageResult | None:
     """The already complete output of this exact stage run, if there is one.
 
     Stages call this first, so a rerun with nothing changed costs a manifest
-    read instead of the stage's work.
+    read instead of the stage's work. A stage passing its ``tracker`` (None:
+    the config's, as in :func:`stage_context`) has a reused model registered
+    when no registry entry names it yet (a first run whose registration
+    failed); rank 0 only, under torchrun.
     """
     store = ArtifactStore(output_root or config.run.artifact_root)
     version = stage_version(stage, config, sections, inputs)
@@ -74,7 +82,10 @@ def committed_result(
     uri = store.uri(stage, version)
     manifest = store.read_manifest(uri)
     metrics = json.loads((store.fetch(uri) / "metrics.json").read_text())
-    return StageResult(stage, version, uri, manifest.extra.get("mlflow_run_id"), metrics, reused=True)
+    run_id = manifest.extra.get("mlflow_run_id")
+    if stage in REGISTERED_ROLES and int(os.environ.get("RANK", "0")) == 0:
+        (tracker if tracker is not None else make_tracker(config)).register_artifact(stage, config, uri, run_id)
+    return StageResult(stage, version, uri, run_id, metrics, reused=True)
 
 
 @dataclass
@@ -111,7 +122,7 @@ def stage_context(
     tags = {"flowrl.version": version, "flowrl.config_hash": config_hash, "flowrl.code_version": code,
             "flowrl.made_on": machine_summary()}
     tags.update({f"flowrl.input.{k}": v for k, v in inputs.items()})
-    with tracker.stage_run(stage, config, tags=tags), StagingDir(stage) as staging:
+    with tracker.stage_run(stage, config, tags=tags, sections=sections), StagingDir(stage) as staging:
         yield StageContext(config=config, staging=staging, tracker=tracker, version=version, code=code)
 
 

@@ -232,6 +232,11 @@ def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri
     token = os.environ.get(g.reward_token_env) if g.reward_token_env else None
     if g.reward_token_env and not token:
         raise ValueError(f"grpo.reward_token_env: environment variable {g.reward_token_env} is unset or empty")
+    # images per request: a whole submission for the small shapes images; one prompt group of 1024 x 1024
+    # images for qwen_image, so a request body stays in the tens of MB the server accepts
+    per_request = g.group_size if config.model.family == "qwen_image" else g.prompts_per_iteration * g.group_size
+    size = ((config.model.qwen_image.height, config.model.qwen_image.width) if config.model.family == "qwen_image"
+            else (config.world.resolution, config.world.resolution))
     sidecar = None
     url = g.reward_url
     if url is None:
@@ -242,7 +247,8 @@ def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri
             factory, kwargs["prompts_uri"] = "flowrl.rewards.production:served_composite", prompts_uri
         sidecar = launch_server(
             {task: factory}, port=free_port(), log_path=log_path, reward_kwargs={task: kwargs},
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, max_batch=per_request, image_size=size,
+            token_env=g.reward_token_env,  # the sidecar asks for the same token the client sends
         )
         try:
             sidecar.wait_until_healthy(timeout_s=120)
@@ -251,7 +257,7 @@ def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri
             raise
         url = sidecar.base_url
     client = RewardClient(url, task, token=token, timeout_s=g.reward_timeout_s, retries=g.reward_retries,
-                          max_batch=g.prompts_per_iteration * g.group_size, max_in_flight=g.reward_chunks)
+                          max_batch=per_request, max_in_flight=g.reward_chunks)
     return client, sidecar
 
 

@@ -171,7 +171,7 @@ def run_reward_model(
     tracker: Tracker | None = None,
 ) -> StageResult:
     inputs = {"annotations": annotations_uri}
-    done = committed_result(STAGE, config, SECTIONS, inputs, output_root)
+    done = committed_result(STAGE, config, SECTIONS, inputs, output_root, tracker)
     if done is not None:
         return done
     local = fetch(annotations_uri)
