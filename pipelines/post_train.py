@@ -8,7 +8,7 @@ from flytekit import conditional, workflow
 from flytekit.types.file import FlyteFile
 
 from tasks.annotate import annotate
-from tasks.base import base, start_pipeline_run, validate_config
+from tasks.base import base, fail_pipeline_run, start_pipeline_run, validate_config
 from tasks.bench import bench, finish_pipeline_run
 from tasks.filter_prompts import filter_prompts
 from tasks.grpo import grpo, grpo_mixed
@@ -23,7 +23,7 @@ Models = NamedTuple("Models", [
 ])
 
 
-@workflow
+@workflow(on_failure=fail_pipeline_run)  # ends the execution's MLflow runs still RUNNING as FAILED
 def post_train(config: FlyteFile) -> Models:
     checked = validate_config(config=config)  # one config per stage, each cached on its own sections
     run = start_pipeline_run(config=checked.base)  # the MLflow run every stage's run nests under

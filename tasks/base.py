@@ -1,13 +1,15 @@
 """Flyte tasks for config validation and stage `base`."""
 
 import json
+from typing import Optional
 
+from flytekit.types.error import FlyteError
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from flowrl.stages.base import run_base
 from tasks.launch import stage_task
-from tasks.types import STAGE_MODULES, StageArtifact, StageConfigs, stage_cache, tracker_for
+from tasks.types import STAGE_MODULES, StageArtifact, StageConfigs, flyte_execution_id, stage_cache, tracker_for
 
 
 @stage_task("default")
@@ -28,6 +30,20 @@ def start_pipeline_run(config: FlyteFile) -> str:
     like the stage runs (code version, Flyte execution id); a failing stage ends it FAILED."""
     loaded = load_config(config.download())
     return tracker_for(loaded, "").start_pipeline(loaded, "post_train")
+
+
+@stage_task("default", retries=2)
+def fail_pipeline_run(config: FlyteFile, err: Optional[FlyteError] = None) -> None:
+    """The workflow's failure handler: every MLflow run of this execution still RUNNING (the pipeline's,
+    and stages whose pods were killed with the workflow) ends FAILED."""
+    from flowrl.tracking import MLflowTracker
+
+    loaded = load_config(config.download())
+    execution = flyte_execution_id()
+    if execution is None:  # a local run: its stages end their own runs FAILED as they raise
+        return
+    ended = MLflowTracker(loaded.run.tracking_uri).end_open_runs(loaded.run.name, execution)
+    print(f"ended {len(ended)} MLflow run(s) of {execution} as FAILED ({err.message if err else 'no error given'})")
 
 
 @stage_task("base", retries=1, cache=stage_cache("base"))

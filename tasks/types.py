@@ -35,16 +35,21 @@ def tracker_for(config, parent_run: str):
     with this Flyte execution's id (none in a local run, whose id is the placeholder local:local:local)."""
     from flowrl.tracking import make_tracker
 
-    execution = None
+    return make_tracker(config, parent_run_id=parent_run or None, flyte_execution_id=flyte_execution_id())
+
+
+def flyte_execution_id() -> str | None:
+    """``project:domain:name`` of this Flyte execution; None in a local run (whose id is the placeholder
+    local:local:local) or outside a Flyte context (a worker process)."""
     try:
         import flytekit
 
         found = flytekit.current_context().execution_id
         if found is not None and found.name and (found.project, found.domain, found.name) != ("local",) * 3:
-            execution = f"{found.project}:{found.domain}:{found.name}"
-    except Exception:  # noqa: BLE001 - no Flyte context here (a worker process): the runs go untagged
-        execution = None
-    return make_tracker(config, parent_run_id=parent_run or None, flyte_execution_id=execution)
+            return f"{found.project}:{found.domain}:{found.name}"
+    except Exception:  # noqa: BLE001 - no Flyte context here: the runs go untagged
+        pass
+    return None
 
 
 # --------------------------------------------------------------------------- caching

@@ -133,6 +133,7 @@ def test_every_task_names_its_image_resources_and_secrets(bundle):
     tasks = _tasks(bundle)
     expected = {  # task: (image, gpus per node)
         "tasks.base.validate_config": ("default", None), "tasks.base.start_pipeline_run": ("default", None),
+        "tasks.base.fail_pipeline_run": ("default", None),
         "tasks.base.base": ("base", None), "tasks.annotate.annotate": ("annotate", "1"),
         "tasks.reward_model.reward_model": ("reward_model", "1"),
         "tasks.filter_prompts.filter_prompts": ("filter_prompts", "1"), "tasks.grpo.grpo": ("grpo", "8"),

@@ -329,3 +329,24 @@ def test_a_flyte_task_hands_its_execution_id_to_the_tracker(tmp_path, monkeypatc
         with tracker.stage_run("base", config):
             pass
         assert MlflowClient(uri).get_run(tracker.run_id).data.tags.get("flowrl.flyte.execution_id") == expected
+
+
+def test_the_workflows_failure_handler_ends_the_executions_open_runs(tmp_path, monkeypatch):
+    """pipelines/post_train.py's on_failure task: a stage pod killed with the workflow never ended its run."""
+    import yaml
+    from flytekit.types.file import FlyteFile
+
+    import pipelines.post_train  # noqa: F401 - the workflow names the handler
+    import tasks.base
+    from tasks.base import fail_pipeline_run
+
+    assert pipelines.post_train.post_train.on_failure.name == fail_pipeline_run.name
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "killed", "tracking_uri": uri}}))
+    tracker = MLflowTracker(uri, tags={"flowrl.flyte.execution_id": "p:d:run1"})
+    pipeline = tracker.start_pipeline(from_dict(FlowRLConfig, {"run": {"name": "killed", "tracking_uri": uri}}),
+                                      "post_train")
+    monkeypatch.setattr(tasks.base, "flyte_execution_id", lambda: "p:d:run1")
+    fail_pipeline_run(config=FlyteFile(str(path)), err=None)
+    assert MlflowClient(uri).get_run(pipeline).info.status == "FAILED"
