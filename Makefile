@@ -46,13 +46,13 @@ T2I_CURVE = set -eo pipefail; \
 	run=$$($(call ARTIFACT_OF,$(3),$(2))); \
 	$(PY) -m bench.grpo_curve --run $$run --base $$base --output $@
 
-.PHONY: venv run test test-gpu base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
+.PHONY: venv run test test-gpu gpu-check base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
 	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
 	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
 	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
 	results/grpo_ema.json results/grpo_hold_fidelity.json results/grpo_kl_long_curve.json results/grpo_edit_window.json \
 	results/grpo_kl03_levers.json results/grpo_cast_rm.json results/fidelity_probe.json results/grpo_trainable.json \
-	results/grpo_trainable_long.json results/opd_levers.json
+	results/grpo_trainable_long.json results/opd_levers.json results/planner_validation.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -81,6 +81,11 @@ test: venv
 
 test-gpu: venv
 	$(PY) -m pytest -m gpu -q
+
+# On a GPU machine, at most 8 minutes: the tiny production path on CUDA in bfloat16 and the planner against
+# memory measured on the GPU (results/gpu_check.json; bench/gpu_check.py, `--device cpu` to try it here).
+gpu-check: venv
+	$(PY) -m bench.gpu_check --output results/gpu_check.json
 
 base: venv
 	$(VENV)/bin/flowrl base --config $(CONFIG) --output artifacts
@@ -284,6 +289,14 @@ results/opd_levers.json: venv
 	$$run --pipeline match_2states; \
 	$(FLOWRL) grpo $(SHAPES) --task mixed --base $$base --reward-model $$rm --prompts t2i=$$pt edit=$$pe \
 		--results $@ --results-key mix_rl
+
+# The memory planner against measured memory (results/planner_validation.json): for each memory mode (LoRA as
+# configs/qwen_image.yaml ships it, LoRA under DDP, ZeRO-2, ZeRO-3 with gradient checkpointing) and stage (GRPO,
+# OPD), two gloo processes on the CPU run two iterations with checkpoints of a real-width Qwen-Image transformer
+# block; each rank's peak resident memory against flowrl.planner's estimate (docs/memory.md). About 30 minutes;
+# up to 10 GiB per process, one pair at a time.
+results/planner_validation.json: venv
+	$(PY) -m bench.planner_validation --output $@
 
 # A second `make run` of the shapes config with nothing changed, timed, with the stages that ran
 # (results/rerun_shapes.json); run it right after a `make run` of that config has completed.

@@ -30,7 +30,6 @@ import copy
 import hashlib
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -651,28 +650,6 @@ def _check_geometry(configs: dict[str, dict]) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- weights on disk
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_weights(source: str, key: str) -> str:
-    """A local directory as is (resolved); a hub id ("org/name") is downloaded
-    to the local Hugging Face cache, whose snapshot path names the exact
-    revision. FileNotFoundError names ``key`` (the config key) when neither works."""
-    local = Path(source).expanduser()
-    if local.exists():
-        return str(local.resolve())
-    if not _HUB_ID.match(source):
-        raise FileNotFoundError(f"{key}: {source} does not exist")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id=source)
-    except Exception as exc:  # network, auth and not-found errors all end here
-        raise FileNotFoundError(
-            f"{key}: {source!r} is not a local directory and downloading it from the hub failed: {exc}"
-        ) from None
-
 
 def same_component(a: str | Path, b: str | Path, subfolder: str) -> bool:
     """Whether two pipeline directories hold the same ``subfolder`` (e.g. Qwen-Image and Qwen-Image-Edit

@@ -6,6 +6,7 @@ each committing an artifact the next stage loads."""
 
 import io
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -63,10 +64,14 @@ def _prompt_files(root) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
+# the production path in another dtype (bench/gpu_check.py runs it in bfloat16 on a GPU): float32 by default
+DTYPE = os.environ.get("FLOWRL_CHECK_DTYPE", "float32")
+
+
 def _qwen_config(root, labels: dict[str, str], weights, vlm, prompts: dict[str, str], **overrides):
     sections = dict(
         model={"family": "qwen_image", "qwen_image": {"pretrained": str(weights), "edit_pretrained": str(weights),
-                                                      "height": 32, "width": 32, "dtype": "float32"}},
+                                                      "height": 32, "width": 32, "dtype": DTYPE}},
         run={"torch_threads": 1},
         sampler={"num_steps": 2, "guidance_scale": 2.0},
         eval={"t2i_per_category": 1, "edit_per_kind": 1, "batch_size": 4},
