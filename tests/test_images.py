@@ -437,6 +437,7 @@ def test_image_flags_override_the_task_images(bundle):
         "tasks.base.validate_config": ("cuda-base", 0), "tasks.opd.branch_switches": ("cuda-base", 0),
         "tasks.opd.skipped": ("cuda-base", 0), "tasks.base.base": ("base", 1),
         "tasks.base.start_pipeline_run": ("cuda-base", 2), "tasks.bench.finish_pipeline_run": ("cuda-base", 2),
+        "tasks.base.fail_pipeline_run": ("cuda-base", 2),
         "tasks.reference.artifact_at": ("cuda-base", 2),
         "tasks.annotate.annotate": ("annotate", 1), "tasks.reward_model.reward_model": ("reward-model", 1),
         "tasks.filter_prompts.filter_prompts": ("filter-prompts", 1), "tasks.grpo.grpo": ("grpo", 2),

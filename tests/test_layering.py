@@ -43,7 +43,9 @@ def test_pipelines_only_wire_tasks():
         tree = ast.parse(path.read_text())
         for node in tree.body:
             if isinstance(node, ast.FunctionDef):
-                decorators = {getattr(d, "id", getattr(d, "attr", "")) for d in node.decorator_list}
+                # @workflow, or @workflow(...) with options such as its failure handler
+                called = [d.func if isinstance(d, ast.Call) else d for d in node.decorator_list]
+                decorators = {getattr(d, "id", getattr(d, "attr", "")) for d in called}
                 assert "workflow" in decorators, f"{path.name}: {node.name} is not a @workflow"
                 for stmt in node.body:
                     allowed = (ast.Assign, ast.Return, ast.Expr)
