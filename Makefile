@@ -82,8 +82,8 @@ test: venv
 test-gpu: venv
 	$(PY) -m pytest -m gpu -q
 
-# On a GPU machine, at most 8 minutes: the tiny production path on CUDA in bfloat16 and the planner against
-# memory measured on the GPU (results/gpu_check.json; bench/gpu_check.py, `--device cpu` to try it here).
+# On a GPU machine, at most 8 minutes: the tiny production path on CUDA in bfloat16, and the memory check
+# (results/gpu_check.json; bench/gpu_check.py, `--device cpu` to try it here; its CUDA memory meter is not built).
 gpu-check: venv
 	$(PY) -m bench.gpu_check --output results/gpu_check.json
 
