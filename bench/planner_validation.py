@@ -1,38 +1,40 @@
-"""The memory planner against measured memory: per-rank peak of one GRPO and one OPD
-iteration (each with a checkpoint) on the CPU, in each memory mode, beside what
+"""The memory planner against measured memory: per-rank peak of GRPO and OPD iterations
+(each with a checkpoint) on the CPU, in each memory mode, beside what
 :mod:`flowrl.planner` predicts for the same components and settings.
 
 Not a test: it measures. From the repository root:
 
     .venv/bin/python -m bench.planner_validation --output results/planner_validation.json
 
-(``make results/planner_validation.json``). Each (mode, stage) runs in two fresh
-processes joined by gloo (``torch.distributed.run``), through the trainers the
-stages use (:class:`flowrl.rl.grpo.GRPOTrainer`, :class:`flowrl.rl.opd.OPDTrainer`),
-built as ``flowrl.stages.grpo`` / ``flowrl.stages.opd`` build them: the KL
-reference, LoRA adapters and teachers, the engine, the EMA, a checkpoint and the
-final weights. The transformer is Qwen-Image's at its real width (24 heads x 128 =
-3072, joint attention dim 3584) with ``--layers`` blocks; the text encoder (a
-Qwen2.5-VL of hidden size 3584, one layer), the VAE and the tokenizer are tiny,
-and the reward is an in-process stand-in (no reward model: the planner is told
-the rewards come from a shared server). Modes:
+(``make results/planner_validation.json``, about 35 minutes). Each (mode, stage) runs in
+two fresh processes joined by gloo (``torch.distributed.run``), through the trainers the
+stages use (:class:`flowrl.rl.grpo.GRPOTrainer`, :class:`flowrl.rl.opd.OPDTrainer`), built
+as ``flowrl.stages.grpo`` / ``flowrl.stages.opd`` build them: the KL reference, LoRA
+adapters and teachers, the engine, the EMA (OPD), a checkpoint after every iteration and
+the final weights. Two iterations: the first one's backward has no AdamW state yet, the
+second holds everything a long run holds. The transformer is Qwen-Image's at its real
+width (24 heads x 128 = 3072, joint attention dim 3584) with ``--layers`` blocks; the
+text encoder (a one-layer Qwen2.5-VL of hidden size 3584), the VAE and the tokenizer are
+tiny, and the reward is an in-process stand-in (the planner is told the rewards come from
+a shared server). Modes (the stage's keys in ``MODE_SETTINGS``):
 
-* ``lora``: LoRA rank ``--lora-rank`` on the attention projections, plain
-  PyTorch + DDP (what the config allows with LoRA);
+* ``lora``: LoRA rank ``--lora-rank`` on the attention projections as
+  configs/qwen_image.yaml ships it: ZeRO-2, gradient checkpointing, micro-batches of 2;
+* ``lora_ddp``: the same adapters under plain PyTorch + DDP;
 * ``zero2``: full parameters under DeepSpeed ZeRO-2;
 * ``zero3``: full parameters under ZeRO-3 with gradient checkpointing.
 
 Memory is the resident set of each process: the peak (``VmHWM``, reset through
-``/proc/self/clear_refs`` once the components are built) minus the resident set
-after the imports and the process group, before anything is built; the row's
-``measured_gib`` is the larger of the two ranks. Two glibc settings make the
-resident set count what a GPU allocator would: ``MALLOC_MMAP_THRESHOLD_`` (every
-allocation of 64 KiB or more is its own mapping, returned to the system when
-freed) and ``MALLOC_PERTURB_`` (every allocation is written when made, so memory
-allocated but never touched, such as the unused end of a communication bucket,
-is resident as it is on a GPU). The planner predicts with ``platform="cpu"``: on
-one machine without a GPU, host-side copies (the final weights rank 0 gathers
-to host memory) land in the same memory.
+``/proc/self/clear_refs`` once the components are built: loading them is host memory on
+a GPU machine) minus the resident set after the imports and the process group, before
+anything is built; the row's ``measured_gib`` is the larger of the two ranks. Two glibc
+settings make the resident set count what a GPU allocator would: ``MALLOC_MMAP_THRESHOLD_``
+(every allocation of 64 KiB or more is its own mapping, returned to the system when freed)
+and ``MALLOC_PERTURB_`` (every allocation is written when made, so memory allocated but
+never touched, such as the unused end of a communication bucket, is resident as it is on
+a GPU). The planner predicts with ``platform="cpu"`` (docs/memory.md says what differs).
+The full-parameter pairs hold up to 10 GiB per process; a pair waits for ``--free-gib``
+of available memory before it starts.
 """
 
 from __future__ import annotations
@@ -379,21 +381,39 @@ def predict(record: dict, ranks: int):
 # --------------------------------------------------------------------------- driver
 
 
+def available_gib() -> float:
+    """The machine's available memory (``MemAvailable``), GiB."""
+    text = Path("/proc/meminfo").read_text()
+    return int(re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M).group(1)) * 1024 / GiB
+
+
 def run_pair(mode: str, stage: str, args) -> list[dict]:
-    """Both ranks of one (mode, stage) under torch.distributed.run; their records."""
+    """Both ranks of one (mode, stage) under torch.distributed.run; their records. The machine is shared:
+    a pair starts once ``--free-gib`` is available (or after ten minutes of waiting), and one the kernel's
+    out-of-memory killer ended is run again, at most twice."""
     from flowrl.rewards.server import free_port
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(MALLOC_ENV, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    with tempfile.TemporaryDirectory(prefix="flowrl-plan-pair-") as out:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "bench.planner_validation",
-                   "--worker", "--mode", mode, "--stage", stage, "--out", out, *worker_flags(args)]
-        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
+    attempt = 0
+    while True:
+        attempt += 1
+        waited = time.monotonic()
+        while available_gib() < args.free_gib and time.monotonic() - waited < 600:
+            time.sleep(10)
+        with tempfile.TemporaryDirectory(prefix="flowrl-plan-pair-") as out:
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
+                       "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m",
+                       "bench.planner_validation", "--worker", "--mode", mode, "--stage", stage, "--out", out,
+                       *worker_flags(args)]
+            proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode == 0:
+                return [json.loads((Path(out) / f"rank-{r}.json").read_text()) for r in range(args.processes)]
+        killed = "exitcode  : -9" in proc.stderr or "SIGKILL" in proc.stderr
+        if not killed or attempt == 3:
             raise RuntimeError(f"{mode}/{stage}: the workers failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        return [json.loads((Path(out) / f"rank-{r}.json").read_text()) for r in range(args.processes)]
+        print(f"{mode}/{stage}: a worker was killed (out of memory?); running the pair again", file=sys.stderr)
 
 
 def worker_flags(args) -> list[str]:
@@ -410,6 +430,8 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--free-gib", type=float, default=20.0,
+                        help="memory the machine must have available before a pair starts (waits up to 10 min)")
     parser.add_argument("--layers", type=int, default=1, help="transformer blocks")
     parser.add_argument("--heads", type=int, default=24, help="attention heads of 128 (24: the real width 3072)")
     parser.add_argument("--size", type=int, default=256, help="image height and width in pixels")

@@ -311,7 +311,7 @@ def test_the_validation_bench_measures_two_ranks_within_15_percent(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.planner_validation", "--output", str(out), "--modes", "zero2", "--stages",
-         "grpo", "--heads", "12", "--size", "128", "--group-size", "2"],
+         "grpo", "--heads", "12", "--size", "128", "--group-size", "2", "--free-gib", "0"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
