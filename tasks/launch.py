@@ -178,7 +178,7 @@ class Registration:
         mem = section.mem if section is not None and section.mem else None
         if mem is None and stage in TRAINING_STAGES and self.config is not None \
                 and self.config.model.family != "shapes":
-            cpu_planned, mem = self._planned(stage, procs)
+            cpu_planned, mem = self._planned(stage, procs, nodes)
             if not (section is not None and section.cpu):
                 cpu = cpu_planned
         disk = (section.disk if section is not None and section.disk else None) or defaults.get("disk")
@@ -188,11 +188,12 @@ class Registration:
             secrets=tuple(secret_requests(self.launch.secrets)),
         )
 
-    def _planned(self, stage: str, procs: int) -> tuple[str, str]:
-        """CPU and host memory of a training task from the memory planner (no hub access needed)."""
+    def _planned(self, stage: str, procs: int, nodes: int) -> tuple[str, str]:
+        """CPU and host memory of one node of a training task from the memory planner (no hub access needed);
+        the ranks of all ``nodes`` share the sharded states."""
         from flowrl.planner import task_requests
 
-        requests, _ = task_requests(self.config, stage, procs, self.launch.gpu_mem_gib)
+        requests, _ = task_requests(self.config, stage, procs, self.launch.gpu_mem_gib, nodes=nodes)
         return requests["cpu"], requests["mem"]
 
 
