@@ -218,6 +218,9 @@ def elastic(nodes: int, procs: int):
                    monitor_interval=1)
 
 
+_BUILT: list[PythonAutoContainerTask] = []
+
+
 def build_task(fn: Callable, stage: str, launch: TaskLaunch, options: dict[str, Any]) -> PythonAutoContainerTask:
     """The Flyte task running ``fn`` with ``launch``; ``options``: the other @task arguments (cache, retries)."""
     kwargs = dict(options, container_image=launch.image, requests=launch.resources(), task_resolver=resolver,
@@ -230,6 +233,7 @@ def build_task(fn: Callable, stage: str, launch: TaskLaunch, options: dict[str, 
         kwargs.update(task_config=elastic(launch.nodes, launch.procs), shared_memory=True)
     built = task(fn, **kwargs)
     built._flowrl_launch = (stage, launch, options)
+    _BUILT.append(built)
     return built
 
 
@@ -269,7 +273,8 @@ class LaunchResolver(TrackedInstance, TaskResolverMixin):
         return build_task(registered.task_function, stage, TaskLaunch.from_json(args["launch"]), options)
 
     def get_all_tasks(self) -> list[PythonAutoContainerTask]:  # type: ignore[override]
-        raise NotImplementedError
+        """Every task built in this process with its launch (:func:`build_task`)."""
+        return list(_BUILT)
 
 
 resolver = LaunchResolver()

@@ -268,3 +268,10 @@ def test_a_training_stage_that_fits_nowhere_is_refused_at_packaging(tmp_path):
     said = " ".join((proc.stdout + proc.stderr).split())  # pyflyte prints the import error, wrapped, on stdout
     assert proc.returncode != 0 and "grpo: the configured setting" in said and "does not fit" in said, said[-2000:]
     assert not (tmp_path / "none.tgz").exists()
+
+
+def test_the_resolver_lists_the_tasks_it_built():
+    import tasks.grpo
+    from tasks.launch import resolver
+
+    assert tasks.grpo.grpo in resolver.get_all_tasks()
