@@ -148,9 +148,16 @@ class QwenImageModelConfig:
         "merged transformer. Keys: rank (0: off), alpha (null: the rank), dropout (0.0), target_modules (default: "
         "the 8 attention projections); docs/lora.md. grpo/opd.zero_stage 0-2 (not 3). null or rank 0: "
         "full-parameter training.", added=True)
-    text_encoder_device: Literal["same", "cpu"] = param(
-        "same", "Where the Qwen2.5-VL text encoder of the RL stages runs: same (the transformer's device) or cpu "
-        "(off the GPU; prompts are encoded once per rollout, slowly, and the embeddings moved over).", added=True)
+    text_encoder_device: Literal["same", "cpu", "offload"] = param(
+        "same", "Where the Qwen2.5-VL text encoder of the RL stages runs: same (the transformer's device), cpu "
+        "(off the GPU; prompts are encoded once per rollout, slowly, and the embeddings moved over) or offload "
+        "(kept in host memory and copied to the transformer's GPU for each prompt encoding, then dropped there: "
+        "off the GPU while sampling and training, encoding at GPU speed plus one host-to-GPU copy of its weights "
+        "per call).", added=True)
+    decode_batch: int | None = param(
+        None, "Images per VAE call when decoding latents (and encoding edit sources): a batch is decoded in parts "
+        "of at most this many, joined in order, to bound the VAE's working set (about 4 GiB per 1024x1024 image). "
+        "null: the whole batch in one call.", ge=1, added=True)
 
 
 @dataclass(frozen=True)
@@ -412,6 +419,11 @@ class GRPOConfig:
         None, "Trajectories per forward / backward: each minibatch's rows run in parts of this many (each part "
         "holds micro_batch x the steps trained per trajectory states) and their gradients accumulate, weighted so "
         "the update is the whole minibatch's. null: the whole minibatch in one forward.", ge=1, added=True)
+    rollout_micro_batch: int | None = param(
+        None, "Trajectories per sampling forward (twice that many rows under CFG) and per VAE decode of a rollout "
+        "chunk: its prompts x group_size rows are sampled in parts of at most this many. The noise is drawn for "
+        "the whole chunk, so the rollouts are the same (up to float differences of smaller batches). null: the "
+        "whole chunk in one forward per step.", ge=1, added=True)
     reference_device: Literal["same", "cpu"] = param(
         "same", "Full-parameter training with kl_coef > 0: where the frozen copy of the base that the KL compares "
         "against lives: same (the policy's device) or cpu (off the GPU; its forwards run on the CPU, slowly). With "
@@ -448,6 +460,11 @@ class GRPOConfig:
         "sidecar server started from the reward_model artifact when reward_url is null).",
     )
     reward_url: str | None = param(None, "server backend: base URL of a running reward server serving the task.")
+    reward_gpus: int = param(
+        0, "server backend with reward_url null: 0 starts a sidecar reward server per rank, its scorers on the "
+        "rank's GPU; k > 0 starts one sidecar per node (by local rank 0) on k GPUs of its own, those after the "
+        "node's training processes' (the Flyte task asks for launch.grpo.procs + k GPUs per node), its scorers "
+        "spread over them; every rank of the node scores through it.", ge=0, added=True)
     reward_token_env: str | None = param(None, "server backend: environment variable holding the bearer token.")
     reward_timeout_s: float = param(120.0, "server backend: per-request timeout before a retry.", gt=0)
     reward_retries: int = param(
@@ -498,6 +515,12 @@ class OPDConfig:
         None, "Trajectories per forward / backward of the student and of each teacher (each part holds micro_batch "
         "x 2 x the matched states per trajectory); gradients accumulate, weighted so the update is the whole "
         "batch's. null: each task's batch in one forward.", ge=1, added=True)
+    states_per_forward: int | None = param(
+        None, "(trajectory, matched state) pairs per forward / backward of the student and of each teacher (each "
+        "part holds 2 x states_per_forward rows: both CFG branches of each pair), below one trajectory. With "
+        "micro_batch it splits each micro_batch part further (a forward holds at most min(states_per_forward, "
+        "micro_batch x matched states) pairs). Gradients accumulate, weighted so the update and the reported losses "
+        "are the whole batch's. null: parts of whole trajectories (micro_batch).", ge=1, added=True)
     eval_every: int = param(25, "Judge score of the held-out monitor sets every N iterations.", ge=1)
     monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
     checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1)
@@ -556,7 +579,8 @@ class StageLaunchConfig:
 
     nodes: int = param(1, "Nodes (grpo / opd only; more than 1 is a PyTorchJob across nodes).", ge=1)
     procs: int = param(1, "Worker processes per node, one per GPU (grpo / opd only).", ge=1)
-    gpus: int | None = param(None, "GPUs per node (null: the task's default; grpo / opd: one per process).", ge=0)
+    gpus: int | None = param(None, "GPUs per node (null: the task's default; grpo / opd: one per process). The "
+                             "grpo task asks for grpo.reward_gpus more, for its reward sidecar.", ge=0)
     cpu: str | None = param(None, "CPU request per node, a Kubernetes quantity such as '8' or '500m'.")
     mem: str | None = param(
         None, "Memory request per node, a Kubernetes quantity such as '64Gi' (null: the task's default; grpo / opd "
@@ -818,6 +842,15 @@ def check_consistency(config: FlowRLConfig) -> None:
             f"{g.zero_stage} does not support (its checkpoints hold AdamW moments for every parameter); use "
             "zero_stage 0 or leave trainable empty"
         )
+    if g.reward_gpus and (g.reward_backend != "server" or g.reward_url is not None):
+        raise ConfigError(
+            f"grpo.reward_gpus: {g.reward_gpus} GPUs for a sidecar reward server, which only "
+            "grpo.reward_backend: server with grpo.reward_url null starts (got reward_backend "
+            f"{g.reward_backend}, reward_url {g.reward_url or 'null'}); set grpo.reward_gpus to 0"
+        )
+    if g.reward_gpus and config.launch.grpo.gpus == 0:
+        raise ConfigError(f"grpo.reward_gpus: {g.reward_gpus} GPUs after the training processes' GPUs, and "
+                          "launch.grpo.gpus is 0 (CPU workers); set grpo.reward_gpus to 0")
     if g.prompts_per_iteration % g.reward_chunks:
         raise ConfigError(
             f"grpo.reward_chunks: {g.reward_chunks} does not divide grpo.prompts_per_iteration {g.prompts_per_iteration}"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import math
 import shlex
 from dataclasses import dataclass
@@ -63,14 +64,17 @@ ADVISED_LORA_RANK = 64  # the rank the plan proposes when the config has LoRA of
 PROMPT_TOKENS = 512  # text tokens planned per prompt: the T2I pipeline's cap (max_sequence_length)
 VL_PIXELS_PER_TOKEN = 28  # Qwen2.5-VL: 14-pixel patches merged 2 x 2, so an edit source adds (H/28)(W/28) tokens
 TERMS = ("weights", "masters", "grads", "adam", "ema", "reference", "teachers", "text_encoder", "vae",
-         "reward_models", "buffers", "activations", "sampling", "monitor", "step", "checkpoint", "export")
-TRANSIENT_TERMS = ("activations", "sampling", "monitor", "step", "checkpoint", "export")  # one phase's only
+         "reward_models", "buffers", "activations", "sampling", "monitor", "encoding", "step", "checkpoint",
+         "export")
+TRANSIENT_TERMS = ("activations", "sampling", "monitor", "encoding", "step", "checkpoint", "export")
+SCORER_BATCH = 8  # images a reward model scores at once (flowrl.rewards.production: ScorerReward batch_size)
 TERM_LABELS = {
     "weights": "weights (trained network)", "masters": "fp32 master weights", "grads": "gradients",
     "adam": "AdamW moments", "ema": "EMA", "reference": "KL reference", "teachers": "OPD teachers",
     "text_encoder": "text encoder", "vae": "VAE", "reward_models": "reward models",
     "buffers": "communication buffers", "activations": "activations (training forward / backward)",
     "sampling": "sampling (rollout forward, VAE decode)", "monitor": "held-out monitor (sampling, VAE decode)",
+    "encoding": "text encoding (prompt embeddings)",
     "step": "optimizer step transient",
     "checkpoint": "checkpoint transient", "export": "export transient",
 }
@@ -192,7 +196,8 @@ class Workload:
     image_tokens: int
     text_tokens: int
     sample_rows: int
-    decode_images: int = 0  # images one sampling chunk decodes at once (GRPO's rewards need them)
+    sample_unit: int = 1  # sampling rows per trajectory (2 with CFG): a rollout micro-batch is in trajectories
+    decode_images: int = 0  # images one sampling chunk decodes (GRPO's rewards need them)
     pixels: int = 0  # pixels of one image
     vae_base_dim: int = 0  # the VAE decoder's base width
     monitor_images: int = 0  # images of one held-out monitor batch (sampled with CFG, decoded at once)
@@ -201,7 +206,12 @@ class Workload:
     scorer: int = 0  # parameters of one reward model
     scorer_dtype: str = "float32"
     colocated_scorers: int = 0  # reward models the rank loads to score its rollouts (reward_url null)
-    monitor_scorers: int = 0  # held-out monitor reward models (rank 0; every rank under ZeRO-3)
+    monitor_scorers: int = 0  # held-out monitor reward models (rank 0), loaded one at a time per evaluation
+    encoder: tuple[int, int, int] = (0, 0, 0)  # the text encoder's (layers, hidden, MLP width)
+    encode_rows: int = 0  # prompts (rows) one encoding call runs at once, and their tokens
+    encode_tokens: int = 0
+    scorer_tokens: int = 0  # tokens of one reward-model input (image and prompt)
+    scorer_geometry: tuple[int, int] = (0, 0)  # a reward model's (hidden, MLP width)
     teachers: tuple[str, ...] = ()
     teachers_as_adapters: bool = True  # with LoRA: each teacher an adapter on the student's base (opd.init base)
     ema: bool = False
@@ -209,9 +219,17 @@ class Workload:
     no_grad_in_train: bool = False
     notes: tuple[str, ...] = ()
 
-    def batch(self, micro_batch: int | None) -> Batch:
+    def batch(self, micro_batch: int | None, states: int | None = None) -> Batch:
+        """The rows of one training forward: ``micro_batch`` trajectories, or (OPD) at most ``states``
+        (trajectory, state) pairs of them, both CFG branches each."""
         trajectories = self.train_trajectories if micro_batch is None else min(micro_batch, self.train_trajectories)
-        return Batch(trajectories * self.rows_per_trajectory, self.image_tokens, self.text_tokens)
+        rows = trajectories * self.rows_per_trajectory
+        return Batch(rows if states is None else min(rows, 2 * states), self.image_tokens, self.text_tokens)
+
+    def sampling_rows(self, rollout_micro_batch: int | None) -> int:
+        if rollout_micro_batch is None:
+            return self.sample_rows
+        return min(self.sample_rows, rollout_micro_batch * self.sample_unit)
 
 
 @dataclass(frozen=True)
@@ -225,7 +243,13 @@ class Setting:
     reference_device: str = "same"
     text_encoder_device: str = "same"
     teachers_on_cpu: tuple[str, ...] = ()
-    shared_rewards: bool = False  # grpo.reward_url: a reward server with its own GPUs
+    shared_rewards: bool = False  # grpo.reward_url or grpo.reward_gpus: the reward models on GPUs of their own
+    rollout_micro_batch: int | None = None  # grpo: trajectories of one sampling forward
+    decode_batch: int | None = None  # model.qwen_image.decode_batch: images the VAE decodes at once
+    states_per_forward: int | None = None  # opd: (trajectory, state) pairs of one forward
+    reward_gpus: int = 0  # grpo.reward_gpus of the configured setting (0 with reward_url or co-located)
+    monitor_batch: int | None = None  # eval.batch_size when the plan sets it (None: the config's)
+    reward_url: bool = False  # the configured rewards come from grpo.reward_url (a server deployed apart)
 
     def flags(self, stage: str, qwen: bool = True) -> list[str]:
         """``--set KEY=VALUE`` arguments that give a config this setting (``URL``: the shared reward
@@ -235,13 +259,19 @@ class Setting:
                f"{stage}.micro_batch={'null' if self.micro_batch is None else self.micro_batch}"]
         if qwen:
             out = [f"model.qwen_image.lora.rank={self.lora_rank}", *out,
-                   f"model.qwen_image.text_encoder_device={self.text_encoder_device}"]
+                   f"model.qwen_image.text_encoder_device={self.text_encoder_device}",
+                   f"model.qwen_image.decode_batch={_null(self.decode_batch)}"]
         if stage == "grpo":
             out.append(f"grpo.reference_device={self.reference_device}")
-            if self.shared_rewards:
-                out.append("grpo.reward_url=URL")
-        if stage == "opd" and qwen:
-            out.append(f"opd.teacher_devices=[{', '.join(f'{t}=cpu' for t in self.teachers_on_cpu)}]")
+            out.append(f"grpo.rollout_micro_batch={_null(self.rollout_micro_batch)}")
+            if not self.reward_url:
+                out.append(f"grpo.reward_gpus={(self.reward_gpus or 'N') if self.shared_rewards else 0}")
+        if stage == "opd":
+            out.append(f"opd.states_per_forward={_null(self.states_per_forward)}")
+            if qwen:
+                out.append(f"opd.teacher_devices=[{', '.join(f'{t}=cpu' for t in self.teachers_on_cpu)}]")
+        if self.monitor_batch is not None:
+            out.append(f"eval.batch_size={self.monitor_batch}")
         return ["--set " + shlex.quote(flag) for flag in out]
 
     def describe(self) -> str:
@@ -251,14 +281,30 @@ class Setting:
             parts.append("checkpointing")
         if self.micro_batch is not None:
             parts.append(f"micro-batch {self.micro_batch}")
+        if self.states_per_forward is not None:
+            parts.append(f"{self.states_per_forward} state(s) per forward")
+        if self.rollout_micro_batch is not None:
+            parts.append(f"rollout micro-batch {self.rollout_micro_batch}")
+        if self.decode_batch is not None:
+            parts.append(f"VAE decode {self.decode_batch} at a time")
+        if self.monitor_batch is not None:
+            parts.append(f"monitor batch {self.monitor_batch}")  # eval.batch_size
         placed = [name for name, where in (("text encoder", self.text_encoder_device),
                                            ("reference", self.reference_device)) if where == "cpu"]
         placed += list(self.teachers_on_cpu)
         if placed:
             parts.append(f"{', '.join(placed)} on cpu")
+        if self.text_encoder_device == "offload":
+            parts.append("text encoder offloaded between encodings")
         if self.shared_rewards:
-            parts.append("shared reward server")
+            parts.append("reward models at grpo.reward_url" if self.reward_url else
+                         f"reward models on {self.reward_gpus} GPU(s) of their own" if self.reward_gpus
+                         else "reward models off the training GPUs")
         return ", ".join(p for p in parts if p)
+
+
+def _null(value) -> str:
+    return "null" if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -424,18 +470,20 @@ def estimate(workload: Workload, setting: Setting, gpus: int, platform: str = "c
         host += size if on_cpu else 0.0
     te = workload.text_encoder * w
     resident["text_encoder"] = te if setting.text_encoder_device == "same" or cpu else 0.0
-    host += te if setting.text_encoder_device == "cpu" else 0.0
+    host += te if setting.text_encoder_device != "same" else 0.0  # cpu, or offload between encodings
     resident["vae"] = workload.vae * w
-    scorers = (0 if setting.shared_rewards else workload.colocated_scorers) + workload.monitor_scorers
-    resident["reward_models"] = scorers * workload.scorer * dtype_bytes(workload.scorer_dtype)
-    batch = workload.batch(setting.micro_batch)
+    scorer = workload.scorer * dtype_bytes(workload.scorer_dtype)
+    resident["reward_models"] = (0 if setting.shared_rewards else workload.colocated_scorers) * scorer
+    batch = workload.batch(setting.micro_batch, setting.states_per_forward)
     workspace = (TRAIN_WORKSPACE_UNITS["frozen" if setting.lora_rank else "full"] if net.qwen else 0.0) \
         * batch.rows * batch.tokens * net.hidden * w
     if workload.no_grad_in_train:  # the KL reference's forward while the policy's activations are kept
         workspace = max(workspace, no_grad_bytes(net, batch, w))
     acts = activation_bytes(net, batch, w, setting.gradient_checkpointing, setting.lora_rank) + workspace
-    sample = max(no_grad_bytes(net, Batch(workload.sample_rows, workload.image_tokens, workload.text_tokens), w),
-                 decode_bytes(workload, workload.decode_images, w))
+    sample_rows = workload.sampling_rows(setting.rollout_micro_batch)
+    decoded = _at_most(workload.decode_images, setting.decode_batch)
+    sample = max(no_grad_bytes(net, Batch(sample_rows, workload.image_tokens, workload.text_tokens), w),
+                 decode_bytes(workload, decoded, w))
     gathered = {"buffers": states["backward"]["buffers"]} if setting.zero_stage == 3 else {}  # layers gathered
     phases = {
         "set-up": states["setup"],
@@ -447,11 +495,70 @@ def estimate(workload: Workload, setting: Setting, gpus: int, platform: str = "c
     }
     if states["reduction"]:
         phases["gradient reduction"] = states["reduction"]
-    if workload.monitor_images:  # the held-out monitor: CFG sampling and decoding one batch
-        rows = Batch(2 * workload.monitor_images, workload.image_tokens, workload.text_tokens)
-        phases["monitor"] = {"monitor": max(no_grad_bytes(net, rows, w),
-                                            decode_bytes(workload, workload.monitor_images, w)), **gathered}
+    if workload.monitor_images:  # the held-out monitor: CFG sampling and decoding one batch at a time
+        images = setting.monitor_batch or workload.monitor_images
+        rows = Batch(2 * images, workload.image_tokens, workload.text_tokens)
+        phases["monitor"] = {"monitor": max(no_grad_bytes(net, rows, w), decode_bytes(
+            workload, _at_most(images, setting.decode_batch), w)), **gathered}
+    if workload.monitor_scorers:  # then one monitor scorer at a time, loaded for the scoring and released after
+        phases["monitor scoring"] = {"reward_models": scorer + scoring_bytes(workload)}
+    if workload.encoder[0] and not cpu:  # the prompts' encoding (on the GPU unless text_encoder_device cpu)
+        if setting.text_encoder_device != "cpu":
+            phases["text encoding"] = {"encoding": encoding_bytes(workload, w)}
+            if setting.text_encoder_device == "offload":
+                phases["text encoding"]["text_encoder"] = te  # moved over for the call only
     return Estimate(resident=resident, phases=phases, host=host)
+
+
+def _at_most(n: int, cap: int | None) -> int:
+    return n if cap is None else min(n, cap)
+
+
+def encoding_bytes(workload: Workload, w: int) -> float:
+    """The text encoder's working set for one call: every layer's hidden states (the pipelines read the
+    last of ``output_hidden_states``, so all are returned), one MLP's gate, up and product at a time, and
+    the logits of the last position only (``logits_to_keep=1``)."""
+    layers, hidden, mlp = workload.encoder
+    cells = workload.encode_rows * workload.encode_tokens
+    return cells * ((layers + 1) * hidden + 3 * mlp) * w
+
+
+def scoring_bytes(workload: Workload) -> float:
+    """A reward model's working set for one batch of :data:`SCORER_BATCH` images: one layer's residual
+    stream, normed input and attention output, and its MLP's gate, up and product (no hidden states are
+    kept: the scorer reads the last position's logits, flowrl.rewards.vlm)."""
+    hidden, mlp = workload.scorer_geometry
+    return SCORER_BATCH * workload.scorer_tokens * (3 * hidden + 3 * mlp) * dtype_bytes(workload.scorer_dtype)
+
+
+def reward_server_bytes(workload: Workload, gpus: int) -> float:
+    """Per GPU of a reward server holding the stage's co-located scorers round-robin over ``gpus``."""
+    one = workload.scorer * dtype_bytes(workload.scorer_dtype)
+    return math.ceil(workload.colocated_scorers / gpus) * one + scoring_bytes(workload)
+
+
+def reward_server_line(workload: Workload, setting: Setting, budget: float) -> str:
+    """What the reward models of ``workload`` need where ``setting`` runs them."""
+    n, one = workload.colocated_scorers, workload.scorer * dtype_bytes(workload.scorer_dtype)
+    head = f"{workload.stage} reward models: {n} scorer(s) of {_gib(one)} GiB ({workload.scorer_dtype})"
+    if setting.reward_gpus:
+        per = reward_server_bytes(workload, setting.reward_gpus)
+        return (f"{head} on {setting.reward_gpus} GPU(s) of their own (grpo.reward_gpus): {_gib(per)} GiB per GPU "
+                f"with a batch's working set, {'fits' if per <= budget else 'over budget'}")
+    if setting.reward_url:
+        return f"{head} on the reward server at grpo.reward_url (its own deployment)"
+    need = reward_gpus_needed(workload, budget)
+    return (f"{head} co-located on every training GPU (counted above); a reward server of their own would need "
+            + (f"{need} GPU(s) (grpo.reward_gpus={need})" if need else "more memory than one GPU has per scorer"))
+
+
+def reward_gpus_needed(workload: Workload, budget: float) -> int | None:
+    """GPUs a reward server of the stage's co-located scorers needs (scorers placed round-robin), each
+    within ``budget`` bytes; None when one scorer alone does not fit a GPU."""
+    n = workload.colocated_scorers
+    if not n:
+        return 0
+    return next((k for k in range(1, n + 1) if reward_server_bytes(workload, k) <= budget), None)
 
 
 def decode_bytes(workload: Workload, images: int, w: int) -> float:
@@ -580,7 +687,14 @@ def configured_setting(config, stage: str) -> Setting:
         reference_device=getattr(g, "reference_device", "same") if stage == "grpo" else "same",
         text_encoder_device=getattr(q, "text_encoder_device", "same") if q is not None else "same",
         teachers_on_cpu=teachers,
-        shared_rewards=stage == "grpo" and g.reward_backend == "server" and g.reward_url is not None)
+        shared_rewards=stage == "grpo" and g.reward_backend == "server" and (
+            g.reward_url is not None or getattr(g, "reward_gpus", 0) > 0),
+        reward_gpus=getattr(g, "reward_gpus", 0) if stage == "grpo" else 0,
+        reward_url=stage == "grpo" and g.reward_backend == "server" and g.reward_url is not None,
+        rollout_micro_batch=getattr(g, "rollout_micro_batch", None) if stage == "grpo" else None,
+        decode_batch=getattr(q, "decode_batch", None) if q is not None else None,
+        states_per_forward=getattr(section, "states_per_forward", None) if stage == "opd" else None,
+        monitor_batch=config.eval.batch_size if q is not None else None)
 
 
 def stage_workloads(config, gpus: int) -> dict[str, Workload]:
@@ -606,9 +720,11 @@ def stage_workloads(config, gpus: int) -> dict[str, Workload]:
         common = dict(network=net, dtype="float32", image_tokens=image, text_tokens=text)
         return {
             "grpo": Workload("grpo", train_trajectories=grpo_rows, rows_per_trajectory=grpo_steps,
-                             sample_rows=sample, kl=g.kl_coef > 0, ema=g.ema_decay > 0, **common),
+                             sample_rows=sample, sample_unit=1 if g.cfg_mode == "none" else 2, kl=g.kl_coef > 0,
+                             ema=g.ema_decay > 0, **common),
             "opd": Workload("opd", train_trajectories=opd_rows, rows_per_trajectory=2 * matched,
-                            sample_rows=2 * opd_rows, teachers=tuple(routes), ema=o.ema_decay > 0, **common),
+                            sample_rows=2 * opd_rows, sample_unit=2, teachers=tuple(routes), ema=o.ema_decay > 0,
+                            **common),
         }
     q = config.model.qwen_image
     parts = _components(q.pretrained)
@@ -624,20 +740,35 @@ def stage_workloads(config, gpus: int) -> dict[str, Workload]:
     from flowrl.models.qwen_image_specs import component_configs
 
     base_dim = component_configs(q.pretrained, required=("vae",))["vae"].get("base_dim", 96)
+    te = component_configs(q.pretrained, required=("text_encoder",))["text_encoder"]
+    te = te.get("text_config", te)
+    scorer_geometry = (0, 0)
+    if config.reward_model.vlm_pretrained:
+        sc = component_configs(config.reward_model.vlm_pretrained, key="reward_model.vlm_pretrained",
+                               required=("model",))["model"]
+        sc = sc.get("text_config", sc)
+        scorer_geometry = (sc["hidden_size"], sc["intermediate_size"])
+    chunk = max(1, per_rank // g.reward_chunks) * g.group_size  # trajectories of one rollout chunk
+    vl_image = (q.height // VL_PIXELS_PER_TOKEN) * (q.width // VL_PIXELS_PER_TOKEN)
     common = dict(network=net, dtype=q.dtype, image_tokens=image, text_tokens=text,
                   text_encoder=parts["text_encoder"][0], vae=parts["vae"][0], scorer=scorer,
                   scorer_dtype=scorer_dtype(), pixels=q.height * q.width, vae_base_dim=base_dim,
-                  monitor_images=config.eval.batch_size)
+                  monitor_images=config.eval.batch_size,
+                  encoder=(te["num_hidden_layers"], te["hidden_size"], te["intermediate_size"]),
+                  encode_tokens=text, scorer_tokens=2 * vl_image + PROMPT_TOKENS, scorer_geometry=scorer_geometry)
     colocated = 0 if g.reward_backend == "server" and g.reward_url is not None else \
         max(composite_scorers(config, t) for t in ("t2i", "edit"))
     monitors = 1 if g.monitor_reward else 0
-    notes = ("the held-out monitor's reward model(s) load on rank 0 (under ZeRO-3 on every rank)",)
+    notes = ("the held-out monitor's reward model loads on rank 0 for each evaluation, one at a time, and is "
+             "released after it",)
     return {
         "grpo": Workload("grpo", train_trajectories=grpo_rows, rows_per_trajectory=grpo_steps, sample_rows=sample,
-                         decode_images=max(1, per_rank // g.reward_chunks) * g.group_size,
+                         sample_unit=1 if g.cfg_mode == "none" else 2, decode_images=chunk,
+                         encode_rows=max(chunk, config.eval.batch_size),
                          colocated_scorers=colocated, monitor_scorers=monitors, kl=g.kl_coef > 0,
                          no_grad_in_train=g.kl_coef > 0, ema=g.ema_decay > 0, notes=notes, **common),
         "opd": Workload("opd", train_trajectories=opd_rows, rows_per_trajectory=2 * matched, sample_rows=2 * opd_rows,
+                        sample_unit=2, encode_rows=max(opd_rows, config.eval.batch_size),
                         monitor_scorers=2 * monitors, teachers=tuple(routes), teachers_as_adapters=o.init == "base",
                         ema=o.ema_decay > 0, notes=notes, **common),
     }
@@ -656,24 +787,32 @@ def candidates(workload: Workload, family: str, configured: Setting) -> list[Set
     micro = [None] + [m for m in (8, 4, 2, 1) if m < rows]
     zeros = (0, 2) if lora else (0, 2, 3)
     refs = ("same", "cpu") if workload.kl and not lora else ("same",)
-    encoders = ("same", "cpu") if workload.text_encoder else ("same",)
+    encoders = ("same", "offload", "cpu") if workload.text_encoder else ("same",)
     teacher_sets = ((), tuple(workload.teachers)) if workload.teachers and not lora else ((),)
     rewards = (False, True) if workload.stage == "grpo" and workload.colocated_scorers else (
         (configured.shared_rewards,) if workload.stage == "grpo" else (False,))
+    rollouts = (None,) + tuple(m for m in (4, 1) if m * workload.sample_unit < workload.sample_rows) \
+        if workload.stage == "grpo" else (None,)
+    decodes = (None, 1) if max(workload.decode_images, workload.monitor_images) > 1 and workload.pixels else (None,)
+    monitors = (configured.monitor_batch,) + tuple(m for m in (4, 1) if m < workload.monitor_images)
+    states = (None, 2, 1) if workload.stage == "opd" and workload.rows_per_trajectory > 2 else (None,)
     out = []
-    for zero in zeros:
-        for ckpt in (False, True):
-            for mb in micro:
-                for ref in refs:
-                    for enc in encoders:
-                        for teachers in teacher_sets:
-                            for shared in rewards:
-                                out.append(Setting(rank, zero, ckpt, mb, ref, enc, teachers, shared))
+    for zero, ckpt, mb, ref, enc, teachers, shared, rollout, decode, state, monitor in itertools.product(
+            zeros, (False, True), micro, refs, encoders, teacher_sets, rewards, rollouts, decodes, states, monitors):
+        out.append(Setting(rank, zero, ckpt, mb, ref, enc, teachers, shared, rollout_micro_batch=rollout,
+                           decode_batch=decode, states_per_forward=state, monitor_batch=monitor,
+                           reward_gpus=configured.reward_gpus if shared else 0,
+                           reward_url=configured.reward_url and shared))
 
     def cost(s: Setting):
         offloaded = (s.reference_device == "cpu") + (s.text_encoder_device == "cpu") + len(s.teachers_on_cpu)
+        # then the splits that cost little time: the text encoder moved over per encoding, sampling and
+        # decoding in parts, OPD's states a few per forward
         return (offloaded, s.shared_rewards, s.zero_stage, s.gradient_checkpointing,
-                -(s.micro_batch or rows + 1))
+                -(s.micro_batch or rows + 1), s.text_encoder_device == "offload",
+                -(s.states_per_forward or rows * workload.rows_per_trajectory + 1),
+                -(s.rollout_micro_batch or workload.sample_rows + 1), -(s.decode_batch or workload.decode_images + 1),
+                -(s.monitor_batch or workload.monitor_images + 1))
 
     return sorted(out, key=cost)
 
@@ -686,16 +825,25 @@ def plan(workload: Workload, gpus: int, gpu_mem_gib: float, margin: float = 0.15
     for setting in candidates(workload, family, configured or Setting()):
         found = estimate(workload, setting, gpus, platform)
         if found.total <= budget:
-            return setting, found
+            return _with_reward_gpus(setting, workload, budget), found
     return None
 
 
+def _with_reward_gpus(setting: Setting, workload: Workload, budget: float) -> Setting:
+    """``setting`` with the GPUs its reward server needs, when it moves the reward models off the training
+    GPUs and does not say how many (left at 0, flagged N, when one scorer alone does not fit a GPU)."""
+    if not setting.shared_rewards or setting.reward_gpus or setting.reward_url:
+        return setting
+    return dataclasses.replace(setting, reward_gpus=reward_gpus_needed(workload, budget) or 0)
+
+
 def frugal(workload: Workload, gpus: int, family: str, configured: Setting | None = None,
-           platform: str = "cuda") -> tuple[Setting, Estimate]:
+           platform: str = "cuda", budget: float | None = None) -> tuple[Setting, Estimate]:
     """The setting of ``family`` with the smallest peak (what to read when none fits); among equal peaks the
-    one whose other phases hold least."""
+    one whose other phases hold least. ``budget`` (bytes per GPU) sizes its reward server, if it has one."""
     found = [(s, estimate(workload, s, gpus, platform)) for s in candidates(workload, family, configured or Setting())]
-    return min(found, key=lambda pair: (pair[1].total, sum(pair[1].phase_total(p) for p in pair[1].phases)))
+    setting, est = min(found, key=lambda pair: (pair[1].total, sum(pair[1].phase_total(p) for p in pair[1].phases)))
+    return (setting if budget is None else _with_reward_gpus(setting, workload, budget)), est
 
 
 def check_budget(gpu_mem_gib: float, margin: float) -> None:
@@ -763,7 +911,7 @@ def plan_table(config, gpus: int, gpu_mem_gib: float, margin: float = 0.15) -> s
             found = plan(workload, gpus, gpu_mem_gib, margin, family, configured)
             label = "LoRA" if family == "lora" else "full parameters"
             if found is None:
-                setting, est = frugal(workload, gpus, family, configured)
+                setting, est = frugal(workload, gpus, family, configured, budget=budget * GiB)
                 columns[f"most frugal, {label}"] = est
                 lines.append(f"| {stage} | most frugal, {label}: {setting.describe()} | {_gib(est.total)} | "
                              f"over budget | {' '.join(setting.flags(stage, qwen))} |")
@@ -776,9 +924,12 @@ def plan_table(config, gpus: int, gpu_mem_gib: float, margin: float = 0.15) -> s
         if not any_fit:
             lines.append(f"| {stage} | no setting of the config's keys | | does not fit | |")
         details += ["", f"{stage}: " + "; ".join(workload.notes) if workload.notes else "", ""]
+        if workload.colocated_scorers:
+            details += [reward_server_line(workload, configured, budget * GiB), ""]
         details += term_table(columns)
     notes = ["", "`*`: held in one phase only (the total adds the largest phase to the resident terms). "
-             "`grpo.reward_url=URL`: the base URL of a reward server running on its own GPUs."]
+             "`grpo.reward_gpus=N`: one reward server per node on N GPUs of the pod beyond the training "
+             "processes' (or `grpo.reward_url`, a reward server deployed apart)."]
     return "\n".join(lines + [line for line in details] + notes) + "\n"
 
 

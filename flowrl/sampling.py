@@ -3,7 +3,8 @@
 Conventions: ``x_t = (1 - t) x_0 + t * eps``, velocity ``v = eps - x_0``,
 sampling runs from t = 1 to t = 0 over a schedule ``sigmas`` of N + 1 values
 (the last one 0). Every function here is free of I/O and model state except
-:func:`cfg_velocity` and :func:`sample`, which call a :class:`FlowModel`.
+:func:`cfg_velocity`, :func:`cfg_velocity_in_parts` and :func:`sample`, which
+call a :class:`FlowModel`.
 
 The SDE step is the Flow-GRPO form (DESIGN.md section 3): with
 ``dt = t' - t < 0`` and noise level ``a``,
@@ -163,6 +164,37 @@ def cfg_velocity(
     return CFGVelocity(guided=guided_velocity(v_c, v_u, scale, renorm_dim), cond=v_c)
 
 
+def cfg_velocity_in_parts(
+    model: FlowModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Condition,
+    null_cond: Condition | None,
+    scale: float,
+    renorm_dim: int | None = None,
+    micro_batch: int | None = None,
+) -> CFGVelocity:
+    """:func:`cfg_velocity` over the rows in consecutive parts of at most
+    ``micro_batch`` rows each (under CFG each forward then holds twice that),
+    joined back in row order. None, or a part size covering the batch, is the
+    single call of :func:`cfg_velocity`."""
+    batch = x.shape[0]
+    if micro_batch is None or micro_batch >= batch:
+        return cfg_velocity(model, x, t, cond, null_cond, scale, renorm_dim)
+    guided, conditional = [], []
+    for start in range(0, batch, micro_batch):
+        rows = slice(start, start + micro_batch)
+        part = cfg_velocity(
+            model, x[rows], t[rows], cond.index(rows), None if null_cond is None else null_cond.index(rows),
+            scale, renorm_dim,
+        )
+        guided.append(part.guided)
+        conditional.append(part.cond)
+    v_guided = torch.cat(guided)
+    unguided = all(g is c for g, c in zip(guided, conditional))  # one tensor for both: keep it one
+    return CFGVelocity(guided=v_guided, cond=v_guided if unguided else torch.cat(conditional))
+
+
 @dataclass(frozen=True)
 class Trajectory:
     """A batch of sampled trajectories.
@@ -202,8 +234,16 @@ def sample(
     noise_level: float = 0.0,
     generator: torch.Generator | None = None,
     initial_noise: torch.Tensor | None = None,
+    micro_batch: int | None = None,
 ) -> Trajectory:
-    """Run the ODE (noise_level 0) or SDE sampler over ``sigmas``."""
+    """Run the ODE (noise_level 0) or SDE sampler over ``sigmas``.
+
+    ``micro_batch``: the model's forwards take at most this many rows (x2
+    under CFG) at a time. Only the forwards are split: the initial noise and
+    every step's noise are drawn for the whole batch in the same order as
+    without it, so the trajectories are the same up to float differences of
+    the smaller forwards. None: the whole batch in one forward per step.
+    """
     batch = cond.batch_size
     if initial_noise is None:
         initial_noise = model.prepare_noise(batch, generator)
@@ -213,7 +253,7 @@ def sample(
     for n in range(len(sigmas) - 1):
         t = torch.full((batch,), float(sigmas[n]), device=x.device)
         t_next = torch.full((batch,), float(sigmas[n + 1]), device=x.device)
-        vel = cfg_velocity(model, x, t, cond, null_cond, guidance_scale, renorm_dim)
+        vel = cfg_velocity_in_parts(model, x, t, cond, null_cond, guidance_scale, renorm_dim, micro_batch)
         if noise_level == 0.0:
             x = euler_step(x, vel.guided, t, t_next)
         else:

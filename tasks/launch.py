@@ -60,7 +60,7 @@ class TaskLaunch:
     image: str
     cpu: str
     mem: str
-    gpus: int = 0  # per node
+    gpus: int = 0  # per node: the workers' and (GRPO) the reward sidecar's, grpo.reward_gpus
     disk: str | None = None
     nodes: int = 1
     procs: int = 1  # worker processes per node (training stages)
@@ -174,6 +174,8 @@ class Registration:
         gpus = section.gpus if section is not None and section.gpus is not None else defaults["gpus"]
         if gpus is None:  # a training stage: one GPU per worker process
             gpus = procs
+        if stage == "grpo" and gpus and self.config is not None:
+            gpus += self.config.grpo.reward_gpus  # the node's reward sidecar's, after the workers' (procs stays)
         cpu = (section.cpu if section is not None and section.cpu else None) or defaults["cpu"]
         mem = section.mem if section is not None and section.mem else None
         if mem is None and stage in TRAINING_STAGES and self.config is not None \

@@ -231,21 +231,15 @@ def _package(config: Path, out: Path) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, env=env)
 
 
-def test_a_production_bundle_packages_offline_with_planned_resources(tmp_path):
-    """`make package` of configs/qwen_image.yaml with hub ids and no hub reachable, on settings the planner
-    finds room for (512 x 512, a shared reward server, the text encoder on the CPU, 8 GPUs of 141 GiB): GRPO
-    and OPD get the planner's host memory and CPUs for their 8 GPUs."""
+def test_the_production_config_packages_offline_as_shipped_with_planned_resources(tmp_path):
+    """`make package` of configs/qwen_image.yaml as shipped, with hub ids and no hub reachable: the planner
+    finds its setting within launch.gpu_mem_gib, and GRPO and OPD get the planner's host memory and CPUs,
+    GRPO its workers' GPUs plus those of its reward server (grpo.reward_gpus) with one worker per training
+    GPU."""
     from flowrl.config import load_config
     from flowrl.planner import task_requests
 
-    data = yaml.safe_load((ROOT / "configs" / "qwen_image.yaml").read_text())
-    data["model"]["qwen_image"].update(height=512, width=512, text_encoder_device="cpu")
-    data["grpo"]["reward_url"] = "http://rewards.example:8000"
-    data["opd"]["micro_batch"] = 1
-    data["eval"]["batch_size"] = 1
-    data["launch"]["gpu_mem_gib"] = 141.0
-    path = tmp_path / "fits.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = ROOT / "configs" / "qwen_image.yaml"
     proc = _package(path, tmp_path / "prod.tgz")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     with tarfile.open(tmp_path / "prod.tgz") as tar:
@@ -253,10 +247,13 @@ def test_a_production_bundle_packages_offline_with_planned_resources(tmp_path):
     tasks = _tasks(tmp_path / "x")
     config = load_config(path)
     for task, stage in (("tasks.grpo.grpo", "grpo"), ("tasks.opd.opd", "opd")):
-        expected, _ = task_requests(config, stage, 8, config.launch.gpu_mem_gib)
+        launch = getattr(config.launch, stage)
+        expected, _ = task_requests(config, stage, launch.procs, config.launch.gpu_mem_gib, nodes=launch.nodes)
+        extra = config.grpo.reward_gpus if stage == "grpo" else 0
         requests = _primary(tasks[task])["requests"]
-        assert requests["gpu"] == "8" and requests["cpu"] == expected["cpu"], task
-        assert requests["memory"] == expected["mem"], task
+        assert requests["gpu"] == str(launch.procs + extra), (task, requests)
+        assert requests["cpu"] == expected["cpu"] and requests["memory"] == expected["mem"], task
+    assert config.grpo.reward_gpus > 0  # the shipped config gives the reward models GPUs of their own
 
 
 def test_a_training_stage_that_fits_nowhere_is_refused_at_packaging(tmp_path):

@@ -109,10 +109,76 @@ def test_lora_holds_the_base_once_and_trains_fp32_adapters():
         estimate(workload, Setting(lora_rank=8, zero_stage=3), gpus=8)
 
 
-def test_rewards_served_elsewhere_leave_only_the_monitor():
-    workload = _workload(scorer=BILLION, scorer_dtype="float32", colocated_scorers=3, monitor_scorers=1)
-    assert estimate(workload, Setting(), gpus=1).resident["reward_models"] == 4 * 4e9
-    assert estimate(workload, Setting(shared_rewards=True), gpus=1).resident["reward_models"] == 4e9
+def test_rewards_served_elsewhere_leave_only_the_monitor_which_loads_for_its_scoring():
+    workload = _workload(scorer=BILLION, scorer_dtype="bfloat16", colocated_scorers=3, monitor_scorers=1,
+                         scorer_tokens=100, scorer_geometry=(10, 20))
+    scoring = 8 * 100 * (3 * 10 + 3 * 20) * 2  # a batch of 8 inputs: one layer's streams and MLP temporaries
+    here = estimate(workload, Setting(), gpus=1)
+    assert here.resident["reward_models"] == 3 * 2e9
+    assert here.phases["monitor scoring"] == {"reward_models": 2e9 + scoring}
+    apart = estimate(workload, Setting(shared_rewards=True, reward_gpus=1), gpus=1)
+    assert apart.resident["reward_models"] == 0 and apart.term("reward_models") == 2e9 + scoring
+
+
+def test_a_reward_server_takes_the_fewest_gpus_its_scorers_fit():
+    from flowrl.planner import reward_gpus_needed, reward_server_bytes
+
+    workload = _workload(scorer=10 * GiB // 2, scorer_dtype="bfloat16", colocated_scorers=3,
+                         scorer_tokens=0, scorer_geometry=(0, 0))  # 10 GiB each, no working set
+    assert reward_server_bytes(workload, 2) == 2 * 10 * GiB  # round-robin: two on the first GPU
+    assert reward_gpus_needed(workload, 30 * GiB) == 1
+    assert reward_gpus_needed(workload, 29 * GiB) == 2
+    assert reward_gpus_needed(workload, 19 * GiB) == 3
+    assert reward_gpus_needed(workload, 9 * GiB) is None
+
+
+def test_sampling_in_parts_bounds_the_rollout_forward_and_the_vae_decode():
+    """A rollout chunk of 16 trajectories with CFG (32 rows): rollout_micro_batch 4 runs 8 rows a forward,
+    decode_batch 1 decodes one image at a time; the held-out monitor samples eval.batch_size prompts."""
+    from flowrl.planner import decode_bytes, no_grad_bytes
+
+    net = Network(parameters=BILLION, tensors=10, largest=BILLION // 10, layers=4, hidden=64, qwen=True)
+    workload = _workload(net, image_tokens=100, text_tokens=20, sample_rows=32, sample_unit=2, decode_images=16,
+                         pixels=64 * 64, vae_base_dim=8, monitor_images=8)
+    w = 2
+
+    def sampling(setting):
+        return estimate(workload, setting, gpus=1).phases["sampling"]["sampling"]
+
+    rows = lambda n: no_grad_bytes(net, Batch(n, 100, 20), w)  # noqa: E731
+    assert sampling(Setting()) == max(rows(32), decode_bytes(workload, 16, w))
+    assert sampling(Setting(rollout_micro_batch=4, decode_batch=1)) == max(rows(8), decode_bytes(workload, 1, w))
+    assert sampling(Setting(rollout_micro_batch=100)) == sampling(Setting())  # more than the chunk: the chunk
+    monitor = estimate(workload, Setting(monitor_batch=2, decode_batch=1), gpus=1).phases["monitor"]["monitor"]
+    assert monitor == max(rows(4), decode_bytes(workload, 1, w))
+    assert decode_bytes(workload, 16, w) == 16 * decode_bytes(workload, 1, w)
+
+
+def test_opd_states_per_forward_bound_the_rows_of_a_training_forward():
+    workload = _workload(stage="opd", train_trajectories=4, rows_per_trajectory=8)  # 4 states x 2 branches
+    assert workload.batch(None).rows == 32 and workload.batch(2).rows == 16
+    assert workload.batch(None, 3).rows == 6 and workload.batch(1, 1).rows == 2
+    assert workload.batch(None, 100).rows == 32
+    net = Network(parameters=10, tensors=1, largest=10, layers=4, hidden=64, qwen=False)
+    small = _workload(net, stage="opd", train_trajectories=4, rows_per_trajectory=8, image_tokens=10)
+    acts = [estimate(small, Setting(states_per_forward=s), gpus=1).phases["forward/backward"]["activations"]
+            for s in (None, 2, 1)]
+    assert acts[0] == 16 * acts[2] and acts[1] == 2 * acts[2]  # per row: 32, 4 and 2 rows
+
+
+def test_an_offloaded_text_encoder_is_on_the_gpu_while_it_encodes_only():
+    from flowrl.planner import encoding_bytes
+
+    workload = _workload(text_encoder=BILLION, encoder=(2, 16, 32), encode_rows=4, encode_tokens=10)
+    ws = 4 * 10 * (3 * 16 + 3 * 32) * 2  # hidden states of every layer and the input, one MLP's temporaries
+    assert encoding_bytes(workload, 2) == ws
+    same = estimate(workload, Setting(), gpus=1)
+    assert same.resident["text_encoder"] == 2e9 and same.phases["text encoding"] == {"encoding": ws}
+    offload = estimate(workload, Setting(text_encoder_device="offload"), gpus=1)
+    assert offload.resident["text_encoder"] == 0 and offload.host == 2e9
+    assert offload.phases["text encoding"] == {"encoding": ws, "text_encoder": 2e9}
+    on_cpu = estimate(workload, Setting(text_encoder_device="cpu"), gpus=1)
+    assert on_cpu.resident["text_encoder"] == 0 and "text encoding" not in on_cpu.phases and on_cpu.host == 2e9
 
 
 def test_the_peak_is_the_largest_phase_over_the_resident_terms():
@@ -202,11 +268,12 @@ def test_advised_settings_load_as_the_config_that_runs_them(tmp_path):
     for stage, workload in workloads.items():
         for family in families(config):
             for gpu_mem in (80.0, 2000.0):  # the most frugal setting when nothing fits, else the advice
-                found = plan(workload, 8, gpu_mem, family=family)
+                configured = configured_setting(config, stage)
+                found = plan(workload, 8, gpu_mem, family=family, configured=configured)
                 if found is None:
                     from flowrl.planner import frugal
 
-                    found = frugal(workload, 8, family)
+                    found = frugal(workload, 8, family, configured, budget=0.85 * gpu_mem * GiB)
                 setting, est = found
                 flags = [f.removeprefix("--set ").strip("'") for f in setting.flags(stage)]
                 loaded = load_config(QWEN_YAML, flags)
@@ -257,7 +324,7 @@ def test_task_requests_count_every_process_loading_its_models():
     from flowrl.config import load_config
 
     config = load_config(QWEN_YAML, ["model.qwen_image.lora.rank=0", "grpo.zero_stage=3",
-                                     "model.qwen_image.text_encoder_device=same", "grpo.reward_url=http://rm:1"])
+                                     "model.qwen_image.text_encoder_device=same", "grpo.reward_url=http://rm:1", "grpo.reward_gpus=0"])
     workload = stage_workloads(config, 8)["grpo"]
     requests, setting = task_requests(config, "grpo", 8, 2000.0)
     assert setting == configured_setting(config, "grpo") and setting.zero_stage == 3
@@ -319,3 +386,26 @@ def test_the_validation_bench_measures_two_ranks_within_15_percent(tmp_path):
     assert (row["mode"], row["stage"]) == ("zero2", "grpo")
     assert 0.85 <= row["ratio"] <= 1.15, row
     assert result["torch"] == torch.__version__ and "planner_validation" in result["command"]
+
+
+def test_the_shipped_production_config_fits_the_gpus_it_registers(monkeypatch):
+    """configs/qwen_image.yaml is what README's remote command runs: its GRPO and OPD settings fit the
+    GPUs its launch section registers (launch.gpu_mem_gib, the planner's margin), with the reward models'
+    own GPUs sized too, offline."""
+    from flowrl.config import load_config
+    from flowrl.planner import reward_server_bytes
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = load_config(QWEN_YAML)
+    budget = 0.85 * config.launch.gpu_mem_gib * GiB
+    for stage in ("grpo", "opd"):
+        launch = getattr(config.launch, stage)
+        ranks = launch.procs * launch.nodes
+        est = estimate(stage_workloads(config, ranks)[stage], configured_setting(config, stage), ranks)
+        assert est.total <= budget, (stage, est.total / GiB, est.peak_phase)
+        task_requests(config, stage, launch.procs, config.launch.gpu_mem_gib, nodes=launch.nodes)  # no refusal
+    g = config.grpo
+    if g.reward_backend == "server" and g.reward_url is None:
+        workload = stage_workloads(config, config.launch.grpo.procs)["grpo"]
+        per_rank_sidecars = workload.colocated_scorers and not g.reward_gpus
+        assert per_rank_sidecars or reward_server_bytes(workload, g.reward_gpus) <= budget

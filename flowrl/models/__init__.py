@@ -148,7 +148,7 @@ def load_policy(directory: str | Path, config: FlowRLConfig, task: str = "t2i") 
     # a trained artifact's transformer replaces the pretrained one, which is then never loaded
     trained = _artifact_transformer(directory, config) if (directory / QWEN_TRANSFORMER).is_dir() else None
     return QwenImageModel.from_pretrained(path, task=task, dtype=_DTYPES[q.dtype], device=device, height=q.height,
-                                          width=q.width, transformer=trained)
+                                          width=q.width, transformer=trained, decode_batch=q.decode_batch)
 
 
 def pretrained_path(directory: str | Path, task: str) -> str:
@@ -262,7 +262,8 @@ def load_task_views(directory: str | Path, config: FlowRLConfig) -> dict[str, Fl
               if same_component(t2i_path, edit_path, name)}
     q = config.model.qwen_image
     edit = QwenImageModel.from_pretrained(edit_path, task="edit", dtype=_DTYPES[q.dtype], device=local_device(),
-                                          height=q.height, width=q.width, transformer=t2i.transformer, **shared)
+                                          height=q.height, width=q.width, transformer=t2i.transformer,
+                                          decode_batch=q.decode_batch, **shared)
     return {"t2i": t2i, "edit": edit}
 
 

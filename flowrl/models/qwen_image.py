@@ -26,8 +26,10 @@ Differences from the pipelines, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -145,6 +147,25 @@ def pad_condition(cond: Condition, length: int) -> Condition:
     return Condition(tensors, dict(cond.extras))
 
 
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's data and buffer of ``module`` by qualified name, aliases included
+    (a tied tensor appears under each of its names)."""
+    params = ((n, p.data) for n, p in module.named_parameters(remove_duplicate=False))
+    return dict(itertools.chain(params, module.named_buffers(remove_duplicate=False)))
+
+
+def set_module_tensors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put ``tensors`` (as :func:`module_tensors` names them) back into ``module``: a parameter
+    keeps its object and gets the tensor as its data, a buffer is replaced."""
+    for name, tensor in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        if leaf in sub._parameters:
+            sub._parameters[leaf].data = tensor
+        else:
+            sub._buffers[leaf] = tensor
+
+
 def to_pil_images(images: torch.Tensor) -> list[PIL.Image.Image]:
     """[B, 3, H, W] in [0, 1] -> 8-bit RGB PIL images (what the pipelines feed
     the Qwen2.5-VL image processor)."""
@@ -161,6 +182,10 @@ class QwenImageModel:
     ``transformer`` is the trainable policy; the VAE and text encoder are
     frozen (eval mode, no grad). Images are ``height`` x ``width`` pixels,
     multiples of 16 (8x VAE, then 2x2 patches).
+
+    ``decode_batch``: the VAE decodes (and encodes) at most this many images
+    per call, to bound its working set (``model.qwen_image.decode_batch``;
+    None: the whole batch in one call).
     """
 
     cfg_renorm_dim = -1  # the pipelines rescale guided velocity per token over channels
@@ -180,11 +205,14 @@ class QwenImageModel:
         negative_prompt: str = " ",
         max_sequence_length: int = 512,
         mrope_image_positions: bool = True,
+        decode_batch: int | None = None,
     ):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if task == "edit" and image_processor is None:
             raise ValueError("task 'edit' needs the Qwen2.5-VL image processor")
+        if decode_batch is not None and decode_batch < 1:
+            raise ValueError(f"decode_batch must be at least 1 (or None), got {decode_batch}")
         if transformer.config.guidance_embeds:
             raise ValueError("transformer/config.json: guidance_embeds is set; guidance-distilled transformers are not supported")
         self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
@@ -198,6 +226,10 @@ class QwenImageModel:
         self.negative_prompt = negative_prompt
         self.max_sequence_length = max_sequence_length
         self.mrope_image_positions = mrope_image_positions
+        self.decode_batch = decode_batch
+        # Offloaded text encoder (move_text_encoder(..., offload=True)): its weights in host memory,
+        # put back after each call; None: it runs wherever its parameters are.
+        self._text_encoder_host: dict[str, torch.Tensor] | None = None
         self.template = T2I_PROMPT_TEMPLATE if task == "t2i" else EDIT_PROMPT_TEMPLATE
         self.prompt_drop_index = self._count_prefix_tokens()
         for frozen in (vae, text_encoder):
@@ -233,8 +265,10 @@ class QwenImageModel:
         ``vae``, ``text_encoder``, ``tokenizer``: components already loaded
         (another task's pipeline, checked to hold the same files) used instead
         of the directory's, which are then never read.
-        ``text_encoder_device``: where the text encoder runs (None: ``device``);
-        ``cpu`` keeps Qwen2.5-VL off the accelerator (see :meth:`_encode_text`).
+        ``text_encoder_device``: where the text encoder runs (None or ``same``: ``device``);
+        ``cpu`` keeps Qwen2.5-VL off the accelerator (see :meth:`_encode_text`); ``offload``
+        keeps it in host memory and runs it on ``device`` (:meth:`move_text_encoder`), so it
+        never occupies the accelerator between calls, not even at load time.
         """
         from diffusers import (
             AutoencoderKLQwenImage,
@@ -265,10 +299,15 @@ class QwenImageModel:
         if task == "edit":
             # The PIL backend: the torchvision one (and Qwen2_5_VLProcessor) need torchvision.
             image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, subfolder="processor")
-        return cls(
+        offload = text_encoder_device == "offload"
+        if offload:
+            text_encoder_device = "cpu"
+        elif text_encoder_device is None or text_encoder_device == "same":
+            text_encoder_device = device
+        model = cls(
             transformer.to(device),
             vae.to(device),
-            text_encoder.to(text_encoder_device if text_encoder_device is not None else device),
+            text_encoder.to(text_encoder_device),
             tokenizer,
             dict(scheduler.config),
             task=task,
@@ -277,6 +316,9 @@ class QwenImageModel:
             image_processor=image_processor,
             **kwargs,
         )
+        if offload:
+            model.move_text_encoder("cpu", offload=True)
+        return model
 
     def with_transformer(self, transformer: torch.nn.Module) -> "QwenImageModel":
         """The same pipeline view (task, size, frozen VAE and text encoder,
@@ -286,12 +328,37 @@ class QwenImageModel:
         view.transformer = transformer
         return view
 
-    def move_text_encoder(self, device: str | torch.device) -> None:
-        """Run the text encoder on ``device`` from now on (``cpu``: off the accelerator; the
-        embeddings it gives are moved to the transformer's device). Views sharing it follow."""
+    def move_text_encoder(self, device: str | torch.device, *, offload: bool = False) -> None:
+        """Keep the text encoder on ``device`` from now on. Without ``offload`` it also runs there
+        (``cpu``: off the accelerator, slowly; the embeddings it gives are moved to the transformer's
+        device). With ``offload`` ``device`` is only its home (host memory): each :meth:`_encode_text`
+        copies it to the transformer's device, runs it there and puts the home weights back (no copy
+        back: the encoder is frozen). The home is not page-locked: torch's pinned allocator rounds
+        each tensor up to a power of two, nearly doubling Qwen2.5-VL's footprint. The module is moved
+        for every view sharing it; the offload setting is this view's (views made later inherit it),
+        so call this on each view that encodes."""
         self.text_encoder.to(device)
+        self._text_encoder_host = module_tensors(self.text_encoder) if offload else None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the encoder's accelerator memory goes back for the transformer
+
+    @contextlib.contextmanager
+    def _text_encoder_running(self):
+        """The block runs with the text encoder where :attr:`text_encoder_device` says: an offloaded
+        encoder is copied to the transformer's device for it and its home weights are put back
+        after (its accelerator copy freed, and the cache emptied on CUDA)."""
+        home = self._text_encoder_host
+        if home is None:
+            yield
+            return
+        device = self.device
+        self.text_encoder.to(device)
+        try:
+            yield
+        finally:
+            set_module_tensors(self.text_encoder, home)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ shapes and schedule
 
@@ -316,8 +383,16 @@ class QwenImageModel:
 
     @property
     def text_encoder_device(self) -> torch.device:
-        """Where the text encoder runs (``model.qwen_image.text_encoder_device``)."""
+        """Where the text encoder runs (``model.qwen_image.text_encoder_device``): where its
+        parameters are, or the transformer's device when it is offloaded."""
+        if self._text_encoder_host is not None:
+            return self.device
         return next(self.text_encoder.parameters()).device
+
+    @property
+    def text_encoder_offloaded(self) -> bool:
+        """Whether the text encoder lives in host memory and visits the accelerator per call."""
+        return self._text_encoder_host is not None
 
     def _token_grid(self, height: int, width: int) -> tuple[int, int]:
         """Image-token grid (rows, cols) of a ``height`` x ``width`` image."""
@@ -347,10 +422,21 @@ class QwenImageModel:
 
     # ------------------------------------------------------------------ VAE
 
+    def _vae_parts(self, batch: torch.Tensor, run) -> torch.Tensor:
+        """``run`` over consecutive parts of at most ``decode_batch`` rows of ``batch``, joined in
+        row order (None, or a part covering the batch: one call on the whole batch)."""
+        if self.decode_batch is None or batch.shape[0] <= self.decode_batch:
+            return run(batch)
+        return torch.cat([run(part) for part in batch.split(self.decode_batch)])
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] -> packed normalised latents [B, N, 64]
-        (the distribution's mode, as the edit pipeline encodes its source)."""
+        (the distribution's mode, as the edit pipeline encodes its source); at most
+        ``decode_batch`` images per VAE call."""
+        return self._vae_parts(images, self._encode_images)
+
+    def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
         pixels = (images * 2.0 - 1.0).to(self.device, self.vae.dtype)  # [B, 3, H, W]
         pixels = pixels.unsqueeze(2)  # [B, 3, 1, H, W]: a one-frame video
         latents = self.vae.encode(pixels).latent_dist.mode()  # [B, C, 1, h, w]
@@ -361,7 +447,11 @@ class QwenImageModel:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Packed latents [B, N, 64] -> images [B, 3, H, W] in [0, 1]."""
+        """Packed latents [B, N, 64] -> images [B, 3, H, W] in [0, 1]; at most
+        ``decode_batch`` images per VAE call."""
+        return self._vae_parts(latents, self._decode_latents)
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         rows, cols = self._token_grid(self.height, self.width)
         latents = latents.to(self.device, self.vae.dtype)  # [B, N, 64]
         z = unpack_latents(latents, 2 * rows, 2 * cols)  # [B, C, h, w]
@@ -402,9 +492,10 @@ class QwenImageModel:
         """Last hidden states of the templated prompts without the dropped
         prefix, right-padded to at least ``min_length``: [B, L, D] and [B, L].
 
-        The encoder runs on its own device (the CPU with ``text_encoder_device: cpu``) and the
-        results move to the transformer's: a rollout encodes its prompts once and stores them, so
-        training never re-encodes."""
+        The encoder runs on its own device (the CPU with ``text_encoder_device: cpu``; the
+        transformer's, visited for this call only, with ``offload``) and the results move to the
+        transformer's: a rollout encodes its prompts once and stores them, so training never
+        re-encodes."""
         inputs: dict[str, torch.Tensor] = {}
         image_tokens = None
         if sources is not None:
@@ -424,10 +515,14 @@ class QwenImageModel:
         inputs = {k: v.to(encoder_device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.text_encoder.dtype)
-        outputs = self.text_encoder(**inputs, output_hidden_states=True)
-        hidden = outputs.hidden_states[-1]  # [B, T, D]
-        valid = tokens.attention_mask.bool().to(encoder_device)  # [B, T]
-        rows = [h[m][self.prompt_drop_index :] for h, m in zip(hidden, valid)]  # [L_i, D] each
+        with self._text_encoder_running():
+            # logits_to_keep=1: the language head runs on the last position only (its logits over the whole
+            # vocabulary at every token would be 16 rows x 1,881 tokens x 152,064 x 2 bytes = 9 GB, unused)
+            hidden = self.text_encoder(**inputs, output_hidden_states=True,
+                                       logits_to_keep=1).hidden_states[-1]  # [B, T, D]
+            valid = tokens.attention_mask.bool().to(encoder_device)  # [B, T]
+            rows = [h[m][self.prompt_drop_index :] for h, m in zip(hidden, valid)]  # [L_i, D] each
+            del hidden  # the other layers' states went with the output: only the rows stay
         if self.task == "t2i":  # QwenImagePipeline truncates, the edit pipeline does not
             rows = [r[: self.max_sequence_length] for r in rows]
         length = max(min_length, *(r.shape[0] for r in rows))

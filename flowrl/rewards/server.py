@@ -81,7 +81,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -776,6 +776,80 @@ def launch_server(
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     return ServerProcess(process=process, base_url=f"http://{host}:{port}", log_path=log_path)
+
+
+# --------------------------------------------------------------------------- one sidecar per node
+
+
+def sidecar_env(env: Mapping[str, str], procs: int, gpus: int, device_count: int | None = None) -> dict[str, str]:
+    """The environment of a node's reward sidecar on ``gpus`` GPUs of its own: those after the GPUs of
+    the node's ``procs`` training processes (indices procs .. procs + gpus - 1 of the node's GPUs, or of
+    the CUDA_VISIBLE_DEVICES list when the node already narrows it), and no LOCAL_RANK, which would
+    place the server's models on a training rank's GPU. ``device_count``, when known, is how many GPUs
+    the node has."""
+    if procs < 1 or gpus < 1:
+        raise ValueError(f"sidecar_env: procs and gpus must be >= 1, got {procs} and {gpus}")
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    have = len(ids) if ids is not None else device_count
+    if have is not None and have < procs + gpus:
+        raise ValueError(
+            f"grpo.reward_gpus: {gpus} GPU(s) for the reward sidecar after the node's {procs} training "
+            f"process(es) need {procs + gpus} GPUs, and this node has {have}"
+            + (f" (CUDA_VISIBLE_DEVICES={visible})" if ids is not None else "")
+        )
+    chosen = [ids[i] if ids is not None else str(i) for i in range(procs, procs + gpus)]
+    out = {k: v for k, v in env.items() if k != "LOCAL_RANK"}
+    out["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
+    return out
+
+
+def node_server_url(gathered: list[tuple[str, int, str | None]], host: str) -> str | None:
+    """Among every rank's (host name, local rank, URL of the server it started or None), the URL of
+    ``host``'s node server: the one its local rank 0 started (None: it did not start)."""
+    urls = [url for h, local_rank, url in gathered if h == host and local_rank == 0]
+    if len(urls) != 1:
+        raise RuntimeError(f"grpo.reward_gpus: expected one local rank 0 on host {host}, found {len(urls)} among "
+                           f"{sorted({(h, r) for h, r, _ in gathered})} (is LOCAL_RANK set by torchrun?)")
+    return urls[0]
+
+
+def _gather_object(entry: object) -> list:
+    """Every rank's ``entry`` in rank order over the default process group; [entry] without one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [entry]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, entry)
+    return gathered
+
+
+def node_sidecar(start: Callable[[], ServerProcess], local_rank: int) -> tuple[str, ServerProcess | None]:
+    """One reward server per node: local rank 0 calls ``start`` (which returns a healthy
+    :class:`ServerProcess` or raises) and every rank gets that server's URL, gathered over the process
+    group with each rank's host name (one process: its own). Returns (URL, the server on the rank that
+    started it, else None). A failed start still takes part in the gather, so the node's other ranks
+    fail with a clear error instead of waiting for the collective to time out."""
+    server, error = None, None
+    if local_rank == 0:
+        try:
+            server = start()
+        except Exception as exc:  # re-raised below, after the other ranks have heard of it
+            error = exc
+    host = socket.gethostname()
+    try:
+        url = node_server_url(_gather_object((host, local_rank, server.base_url if server else None)), host)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    if error is not None:
+        raise error
+    if url is None:
+        raise RuntimeError(f"grpo.reward_gpus: the reward sidecar of host {host} did not start; the error is in "
+                           "the log of its local rank 0")
+    return url, server
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ the log-probs of K selected steps per trajectory with gradient and take the
 PPO-clipped step (plus the optional closed-form KL to the reference policy).
 With ``micro_batch`` each minibatch's rows run through the network in parts
 whose gradients accumulate, each weighted by its share of the rows, so the
-step is the one the whole minibatch in one forward would take.
+step is the one the whole minibatch in one forward would take. With
+``rollout_micro_batch`` the sampling forwards and the decoding of a chunk run in
+parts of that many trajectories; the noise is drawn for the whole chunk, so the
+rollouts are the same.
 
 Everything an iteration draws is seeded from (seed, iteration), so a run
 resumed from a checkpoint replays exactly.
@@ -68,7 +71,8 @@ class PromptSet:
 
 
 def settings_of(cfg: GRPOConfig) -> RolloutSettings:
-    return RolloutSettings(cfg.num_steps, cfg.noise_level, cfg.guidance_scale, cfg.cfg_mode)
+    return RolloutSettings(cfg.num_steps, cfg.noise_level, cfg.guidance_scale, cfg.cfg_mode,
+                           micro_batch=cfg.rollout_micro_batch)
 
 
 def cat_rollouts(parts: Sequence[Rollouts]) -> Rollouts:

@@ -27,6 +27,17 @@ No reward model takes part. Teachers are frozen, loaded once and run under
 With ``micro_batch`` the student's and the teachers' forwards run over parts
 of each batch's rows; the student's gradients accumulate, each part weighted
 by its share of the rows, so the step is the whole batch's.
+
+The loss is a sum over (trajectory, matched state) pairs, so a part need not
+hold whole trajectories: with ``states_per_forward = s`` each forward holds at
+most s pairs, 2 s rows (both CFG branches of each pair). It splits further
+within each ``micro_batch`` part (the pairs of one part's trajectories, in
+trajectory-major order; a part of pairs never spans two trajectory parts),
+so with both keys set a forward holds at most ``min(s, micro_batch * K)``
+pairs. Each part's mean over its pairs is weighted by its pairs over the
+batch's trajectories, so the loss, its gradient and the reported metrics are
+the whole batch's (up to the order of float sums). Unset, the parts are
+whole trajectories, as above.
 """
 
 from __future__ import annotations
@@ -120,6 +131,17 @@ def parse_routes(routes: tuple[str, ...], tasks: tuple[str, ...], teachers: tupl
     if missing:
         raise ValueError(f"opd.routes: no teacher for task {missing[0]!r} (add {missing[0]}=TEACHER)")
     return out
+
+
+def pair_parts(rows: torch.Tensor, states: int, per_part: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (trajectory, state) pairs of trajectories ``rows``, each with ``states`` matched states, in
+    trajectory-major order, cut into parts of at most ``per_part`` pairs: [(trajectory indices [P],
+    state columns [P]), ...]."""
+    if states < 1 or per_part < 1:
+        raise ValueError(f"pair_parts: states and per_part must be >= 1, got {states} and {per_part}")
+    trajectories = rows.repeat_interleave(states)
+    columns = torch.arange(states).repeat(len(rows))
+    return list(zip(torch.split(trajectories, per_part), torch.split(columns, per_part)))
 
 
 @dataclass(frozen=True)
@@ -255,24 +277,49 @@ class OPDTrainer(LoopTrainer):
         v_c, v_u = v.chunk(2)
         return torch.cat([v_c.reshape(r, s, *x.shape[1:]), v_u.reshape(r, s, *x.shape[1:])], dim=1)
 
+    def _pair_velocities(self, model: FlowModel, batch: DistillBatch, rows: torch.Tensor,
+                         cols: torch.Tensor) -> torch.Tensor:
+        """[P, 2, *latent]: the cond and uncond velocities at the matched states ``cols`` of trajectories
+        ``rows`` (P pairs, one batched forward of 2 P rows)."""
+        x = batch.states[rows, cols]
+        t = batch.sigmas[batch.steps[rows, cols]].to(x.device)
+        cond = batch.cond.index(rows).cat(batch.null_cond.index(rows))
+        v_c, v_u = model.velocity(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
+        return torch.stack([v_c, v_u], dim=1)
+
     def _micro_batches(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``rows`` in the parts that run through a network one at a time (all at once by default)."""
         return (rows,) if self.cfg.micro_batch is None else torch.split(rows, self.cfg.micro_batch)
 
+    def _pair_parts(self, rows: torch.Tensor, states: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (trajectory, state) pairs of ``rows`` in the parts that run one at a time with
+        ``states_per_forward`` (see :func:`pair_parts`)."""
+        return [part for group in self._micro_batches(rows)
+                for part in pair_parts(group, states, self.cfg.states_per_forward)]
+
     def _targets(self, batch: DistillBatch) -> torch.Tensor:
         """[R, 2K, *latent]: each row's teacher's velocities at its matched states, both branches."""
-        target = torch.empty(batch.states.shape[0], 2 * batch.steps.shape[1], *batch.states.shape[2:])
+        k = batch.steps.shape[1]
+        target = torch.empty(batch.states.shape[0], 2 * k, *batch.states.shape[2:])
         with torch.no_grad():
             for name in sorted(set(batch.teacher_names)):
                 rows = torch.tensor([i for i, t in enumerate(batch.teacher_names) if t == name])
-                for part in self._micro_batches(rows):
-                    target[part] = self._velocities(self.teachers[name], batch, part)
+                if self.cfg.states_per_forward is None:
+                    for part in self._micro_batches(rows):
+                        target[part] = self._velocities(self.teachers[name], batch, part)
+                    continue
+                for part_rows, part_cols in self._pair_parts(rows, k):
+                    v = self._pair_velocities(self.teachers[name], batch, part_rows, part_cols)
+                    target[part_rows, part_cols] = v[:, 0].to(target)
+                    target[part_rows, k + part_cols] = v[:, 1].to(target)
         return target
 
     def _task_step(self, batch: DistillBatch, target: torch.Tensor, share: float, last: bool) -> tuple[float, float]:
         """Forward and backward of one task's batch (weighted ``share`` of the step), one micro-batch
         at a time; the last part of the ``last`` task reduces across ranks. Returns the task's loss and
         its unconditional-branch part, over all rows."""
+        if self.cfg.states_per_forward is not None:
+            return self._pair_task_step(batch, target, share, last)
         rows = torch.arange(batch.states.shape[0])
         parts = self._micro_batches(rows)
         train_model = self.train_models[batch.task]
@@ -288,6 +335,29 @@ class OPDTrainer(LoopTrainer):
                 per_branch = (pred.detach() - target[part]).pow(2).flatten(2).mean(dim=2)
             loss_total += frac * float(loss.detach())
             uncond_total += frac * float(batch.step_scale * per_branch[:, half:].sum(1).mean())
+        return loss_total, uncond_total
+
+    def _pair_task_step(self, batch: DistillBatch, target: torch.Tensor, share: float,
+                        last: bool) -> tuple[float, float]:
+        """:meth:`_task_step` over parts of (trajectory, state) pairs (``states_per_forward``). The loss is
+        ``step_scale / R`` times the sum over pairs of both branches' errors; a part's mean over its P
+        pairs therefore weighs P / R."""
+        total_rows, k = batch.steps.shape
+        parts = self._pair_parts(torch.arange(total_rows), k)
+        train_model = self.train_models[batch.task]
+        loss_total, uncond_total = 0.0, 0.0
+        for p, (rows, cols) in enumerate(parts):
+            frac = len(rows) / total_rows
+            part_target = torch.stack([target[rows, cols], target[rows, k + cols]], dim=1)  # [P, 2, *latent]
+            with self.engine.accumulate(train_model, last=last and p == len(parts) - 1):
+                pred = self._pair_velocities(train_model, batch, rows, cols)
+                part_target = part_target.to(pred)
+                loss = velocity_matching_loss(pred, part_target, batch.step_scale)
+                self.engine.backward(loss * share * frac)
+            with torch.no_grad():
+                per_branch = (pred.detach() - part_target).pow(2).flatten(2).mean(dim=2)  # [P, 2]
+            loss_total += frac * float(loss.detach())
+            uncond_total += frac * float(batch.step_scale * per_branch[:, 1].mean())
         return loss_total, uncond_total
 
     def update(self, batches: list[DistillBatch], iteration: int) -> dict[str, float]:

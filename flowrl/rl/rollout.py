@@ -38,6 +38,9 @@ class RolloutSettings:
     guidance_scale: float
     cfg_mode: CFGMode
     shift: float = 1.0
+    # trajectories per sampling forward (x2 under CFG) and per decode; None: the whole chunk at once.
+    # The noise is drawn for the whole chunk either way, so the rollouts do not depend on it.
+    micro_batch: int | None = None
 
     @property
     def guided(self) -> bool:
@@ -81,7 +84,11 @@ def rollout(
     generator: torch.Generator,
     sources: torch.Tensor | None = None,
 ) -> Rollouts:
-    """Sample ``group_size`` SDE trajectories for each of ``prompts`` (sources: one per prompt)."""
+    """Sample ``group_size`` SDE trajectories for each of ``prompts`` (sources: one per prompt).
+
+    The prompts of all rows are encoded in one call (their padded length is the
+    batch's, so the parts of ``settings.micro_batch`` share one condition);
+    sampling forwards and decoding run in parts of ``settings.micro_batch`` rows."""
     rows = [p for p in prompts for _ in range(group_size)]
     group_ids = torch.arange(len(prompts)).repeat_interleave(group_size)
     row_sources = None if sources is None else sources.repeat_interleave(group_size, dim=0)
@@ -91,12 +98,22 @@ def rollout(
     traj = sample(
         model, cond, sigmas, null_cond=null_cond, guidance_scale=settings.guidance_scale if settings.guided else 1.0,
         renorm_dim=model.cfg_renorm_dim, noise_level=settings.noise_level, generator=generator,
+        micro_batch=settings.micro_batch,
     )
     old = traj.log_probs if settings.cfg_mode == "both" else traj.cond_log_probs
     return Rollouts(
         prompts=rows, group_ids=group_ids, sources=row_sources, cond=cond, null_cond=null_cond,
-        states=traj.states, sigmas=sigmas, old_log_probs=old, images=model.decode_latents(traj.final),
+        states=traj.states, sigmas=sigmas, old_log_probs=old, images=decode_in_parts(model, traj.final,
+                                                                                      settings.micro_batch),
     )
+
+
+def decode_in_parts(model: FlowModel, latents: torch.Tensor, micro_batch: int | None) -> torch.Tensor:
+    """``model.decode_latents`` over consecutive parts of at most ``micro_batch``
+    rows, joined in row order (None, or a part covering the batch: one call)."""
+    if micro_batch is None or micro_batch >= latents.shape[0]:
+        return model.decode_latents(latents)
+    return torch.cat([model.decode_latents(part) for part in latents.split(micro_batch)])
 
 
 def timestep_window(num_steps: int, fraction: float, start: float = 0.0) -> tuple[int, int]:

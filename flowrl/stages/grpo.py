@@ -148,10 +148,12 @@ def offloaded_reference(model: FlowModel, module: torch.nn.Module, device: str) 
 
 
 def place_text_encoders(config: FlowRLConfig, models) -> None:
-    """``model.qwen_image.text_encoder_device``: cpu moves each view's text encoder off the accelerator."""
-    if config.model.qwen_image.text_encoder_device == "cpu":
+    """``model.qwen_image.text_encoder_device``: cpu moves each view's text encoder off the accelerator;
+    offload keeps it in host memory and has each prompt encoding run it on the accelerator."""
+    where = config.model.qwen_image.text_encoder_device
+    if where != "same":
         for model in models:
-            model.move_text_encoder("cpu")
+            model.move_text_encoder("cpu", offload=where == "offload")
 
 
 def _curves_png(history: list[dict], monitor: list[dict], task: str, heldout_label: str | None = None) -> bytes:
@@ -218,7 +220,8 @@ def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri
                     prompts_uri: str | None = None):
     """(the submitter GRPO scores through, the sidecar server process or None). A sidecar
     serves the shapes composite, or for qwen_image the production one (``prompts_uri``
-    gives it the prompts' categories)."""
+    gives it the prompts' categories): one per rank, on the rank's GPU, or with
+    ``grpo.reward_gpus`` one per node, started by local rank 0 on GPUs of its own."""
     g = config.grpo
     if g.reward_backend == "inprocess":
         return LocalRewards(composite), None
@@ -227,7 +230,7 @@ def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri
     from pathlib import Path
 
     from flowrl.rewards.client import RewardClient
-    from flowrl.rewards.server import free_port, launch_server
+    from flowrl.rewards.server import free_port, launch_server, node_sidecar, sidecar_env
 
     token = os.environ.get(g.reward_token_env) if g.reward_token_env else None
     if g.reward_token_env and not token:
@@ -245,17 +248,31 @@ def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri
         factory = "flowrl.rewards.shapes_rewards:served_composite"
         if config.model.family == "qwen_image":
             factory, kwargs["prompts_uri"] = "flowrl.rewards.production:served_composite", prompts_uri
-        sidecar = launch_server(
-            {task: factory}, port=free_port(), log_path=log_path, reward_kwargs={task: kwargs},
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, max_batch=per_request, image_size=size,
-            token_env=g.reward_token_env,  # the sidecar asks for the same token the client sends
-        )
-        try:
-            sidecar.wait_until_healthy(timeout_s=120)
-        except Exception:
-            sidecar.stop()
-            raise
-        url = sidecar.base_url
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if g.reward_gpus:  # the GPUs after the node's training processes', the scorers spread over them
+            env = sidecar_env(env, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), g.reward_gpus,
+                              torch.cuda.device_count() if torch.cuda.is_available() else None)
+            if config.model.family == "qwen_image":
+                kwargs["spread"] = True
+
+        def start():
+            server = launch_server(
+                {task: factory}, port=free_port(), log_path=log_path, reward_kwargs={task: kwargs},
+                env=env, max_batch=per_request, image_size=size,
+                token_env=g.reward_token_env,  # the sidecar asks for the same token the client sends
+            )
+            try:
+                server.wait_until_healthy(timeout_s=120)
+            except Exception:
+                server.stop()
+                raise
+            return server
+
+        if g.reward_gpus:
+            url, sidecar = node_sidecar(start, int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            sidecar = start()
+            url = sidecar.base_url
     client = RewardClient(url, task, token=token, timeout_s=g.reward_timeout_s, retries=g.reward_retries,
                           max_batch=per_request, max_in_flight=g.reward_chunks)
     return client, sidecar
@@ -373,7 +390,9 @@ def _run_grpo_pretrained(config: FlowRLConfig, task: str, base_uri: str, reward_
     """GRPO of a pretrained family (qwen_image): the same trainer, with the production
     composite of VLM scorers, and a held-out reward model where the shapes world has its judge:
     it watches the filter's held-out prompts for hacking and scores base against teacher."""
-    from flowrl.rewards.production import load_monitor_scorer, load_production_rewards, prompt_categories
+    from flowrl.rewards.production import (
+        ReleasedAfterScoring, load_monitor_scorer, load_production_rewards, prompt_categories,
+    )
 
     g = config.grpo
     base_dir = fetch(base_uri)
@@ -407,9 +426,9 @@ def _run_grpo_pretrained(config: FlowRLConfig, task: str, base_uri: str, reward_
     seed = config.eval.seed + MONITOR_SEED_OFFSET
 
     def monitor_with(tracker_: Tracker):
-        def monitor(model_, iteration: int) -> dict[str, float]:
-            scores, grid = reward_evaluation(model_, monitor_rows, {"heldout": watcher}, config.sampler, seed,
-                                             config.eval.batch_size)
+        def monitor(model_, iteration: int) -> dict[str, float]:  # the watcher is loaded for the call only
+            scores, grid = reward_evaluation(model_, monitor_rows, {"heldout": ReleasedAfterScoring(watcher)},
+                                             config.sampler, seed, config.eval.batch_size)
             if iteration % g.grid_every == 0:
                 tracker_.log_image(grid, f"monitor/grid_{task}_{iteration:06d}.png")
             return {"heldout": scores["heldout"]}
@@ -425,7 +444,9 @@ def _run_grpo_pretrained(config: FlowRLConfig, task: str, base_uri: str, reward_
                              progress=progress, stop_after=stop_after)
         return trainer, result
 
-    scorers = {**dict(composite.components), g.monitor_reward: watcher}
+    # the final evaluation loads one scorer at a time
+    scorers = {name: ReleasedAfterScoring(r) for name, r in {**dict(composite.components),
+                                                             g.monitor_reward: watcher}.items()}
     try:
         if rank != 0:
             return follow_rank0(config, store, stage, version, train)

@@ -261,7 +261,9 @@ def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[
     edit pipeline view; each teacher's transformer (frozen, on its own device if placed there)
     behind the student's frozen VAE and text encoder. The held-out reward model of GRPO
     (``grpo.monitor_reward``) watches both tasks' held-out prompts and scores the student."""
-    from flowrl.rewards.production import load_monitor_scorer, load_production_rewards, prompt_categories
+    from flowrl.rewards.production import (
+        ReleasedAfterScoring, load_monitor_scorer, load_production_rewards, prompt_categories,
+    )
 
     o = config.opd
     store = ArtifactStore(output_root or config.run.artifact_root)
@@ -276,8 +278,11 @@ def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[
     watchers, scorers = {}, {}
     for t in TASKS:
         composite = load_production_rewards(config, reward_model_uri, t, prompt_categories(curated[t], heldout[t]))
-        watchers[t] = load_monitor_scorer(reward_model_uri, t, config.grpo.monitor_reward, composite)
-        scorers[t] = {**dict(composite.components), config.grpo.monitor_reward: watchers[t]}
+        # each loaded for its call only: one on the GPU at a time (the monitor's, the final evaluation's)
+        watchers[t] = ReleasedAfterScoring(load_monitor_scorer(reward_model_uri, t, config.grpo.monitor_reward,
+                                                               composite))
+        scorers[t] = {name: ReleasedAfterScoring(r) for name, r in dict(composite.components).items()}
+        scorers[t][config.grpo.monitor_reward] = watchers[t]
     base_dir = fetch(base_uri)
     views = load_task_views(fetch(teacher_uris[init_name]) if init_name else base_dir, config)
     place_text_encoders(config, list(views.values()))

@@ -86,6 +86,7 @@ def _qwen_config(root, labels: dict[str, str], weights, vlm, prompts: dict[str, 
         grpo={"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "num_steps": 2, "guidance_scale": 2.0,
               "timestep_fraction": 1.0, "timesteps_per_trajectory": 1, "lr": 1e-3, "kl_coef": 0.1,
               "minibatches": 1, "zero_stage": 0, "reward_chunks": 1, "reward_backend": "inprocess",
+              "reward_gpus": 0,
               "eval_every": 1, "monitor_per_category": 1, "monitor_reward": "pairwise", "checkpoint_every": 100,
               "grid_every": 1, "balance_categories": False},
         opd={"iterations": 2, "prompts_per_iteration": 2, "num_steps": 2, "guidance_scale": 2.0, "timesteps": "all",
@@ -177,7 +178,9 @@ def test_edit_grpo_scores_through_a_sidecar_reward_server(production):
     root, config, base, rm, filtered, _ = production
     import dataclasses
 
-    served = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, reward_backend="server", kl_coef=0.0))
+    # one sidecar for the node on a GPU of its own (grpo.reward_gpus; on this CPU machine, the CPU)
+    served = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, reward_backend="server", kl_coef=0.0,
+                                                                  reward_gpus=1))
     edit = run_grpo(served, "edit", base.uri, rm.uri, filtered["edit"].uri, progress=False)
     assert edit.metrics["iterations"] == 2 and "edit/instruction" in edit.metrics["teacher"]
     history = json.loads((fetch(edit.uri) / "history.json").read_text())["history"]
