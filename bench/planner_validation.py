@@ -18,9 +18,9 @@ text encoder (a one-layer Qwen2.5-VL of hidden size 3584), the VAE and the token
 tiny, and the reward is an in-process stand-in (the planner is told the rewards come from
 a shared server). Modes (the stage's keys in ``MODE_SETTINGS``):
 
-* ``lora``: LoRA rank ``--lora-rank`` on the attention projections as
-  configs/qwen_image.yaml ships it: ZeRO-2, gradient checkpointing, micro-batches of 2;
-* ``lora_ddp``: the same adapters under plain PyTorch + DDP;
+* ``lora``: LoRA rank ``--lora-rank`` on the attention projections under ZeRO-2, gradient
+  checkpointing, micro-batches of 2;
+* ``lora_ddp``: the same adapters under plain PyTorch + DDP (configs/qwen_image.yaml's engine);
 * ``zero2``: full parameters under DeepSpeed ZeRO-2;
 * ``zero3``: full parameters under ZeRO-3 with gradient checkpointing.
 
@@ -55,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("lora", "lora_ddp", "zero2", "zero3")
 STAGES = ("grpo", "opd")
-# the memory settings of each mode, as config keys of the stage's section (lora: configs/qwen_image.yaml's)
+# the memory settings of each mode, as config keys of the stage's section
 MODE_SETTINGS = {
     "lora": {"zero_stage": 2, "gradient_checkpointing": True, "micro_batch": 2},
     "lora_ddp": {"zero_stage": 0, "gradient_checkpointing": False, "micro_batch": None},
