@@ -106,14 +106,18 @@ class ReleasedAfterScoring:
             release(self.reward)
 
 
-def scorer_devices(count: int, device_count: int) -> list[str]:
-    """Devices of ``count`` scorers spread round-robin over ``device_count`` GPUs (scorer i on
-    ``cuda:(i % device_count)``); all on the CPU when there is no GPU."""
-    if count < 0 or device_count < 0:
-        raise ValueError(f"scorer_devices: counts must be >= 0, got {count} scorers, {device_count} devices")
+def scorer_devices(count: int, device_count: int, first: int = 0) -> list[str]:
+    """Devices of ``count`` scorers spread round-robin over GPUs ``first`` .. ``device_count - 1`` (scorer i
+    on ``cuda:(first + i % (device_count - first))``; ``first`` > 0 leaves the GPUs before it to the policy,
+    and when there are no others they share them all); all on the CPU when there is no GPU."""
+    if count < 0 or device_count < 0 or first < 0:
+        raise ValueError(f"scorer_devices: counts must be >= 0, got {count} scorers, {device_count} devices, "
+                         f"first {first}")
     if device_count == 0:
         return ["cpu"] * count
-    return [f"cuda:{i % device_count}" for i in range(count)]
+    if first >= device_count:
+        first = 0
+    return [f"cuda:{first + i % (device_count - first)}" for i in range(count)]
 
 
 def scorer_directories(local: Path, task: str) -> dict[str, Path]:
@@ -137,11 +141,13 @@ def _weights(section: object, key: str, present: set[str]) -> dict[str, float]:
 
 
 def load_production_rewards(config: FlowRLConfig, reward_model_uri: str, task: str,
-                            categories: dict[str, str], *, spread: bool = False) -> CompositeReward:
+                            categories: dict[str, str], *, spread: bool = False,
+                            first_device: int = 0) -> CompositeReward:
     """The ``task`` composite over the artifact's VLM scorers; ``categories``
     maps each prompt to its category for the per-category weights. ``spread``:
-    the scorers go round-robin over every visible GPU (a reward server on GPUs of
-    its own) instead of each onto the process's GPU."""
+    the scorers go round-robin over the visible GPUs from ``first_device`` on (a
+    reward server on GPUs of its own; the filter's GPUs after the policy's)
+    instead of each onto the process's GPU."""
     if config.reward_model.backbone != "vlm":
         raise ConfigError("reward_model.backbone: the qwen_image family scores with the vlm backbone")
     local = Path(fetch(reward_model_uri))
@@ -157,7 +163,8 @@ def load_production_rewards(config: FlowRLConfig, reward_model_uri: str, task: s
                          set(directories))
         for f in dataclasses.fields(overrides) if getattr(overrides, f.name) is not None
     }
-    devices = scorer_devices(len(default), torch.cuda.device_count()) if spread else [None] * len(default)
+    devices = scorer_devices(len(default), torch.cuda.device_count(), first_device) if spread \
+        else [None] * len(default)
     components = {name: ScorerReward(LazyVLMScorer(directories[name], device=device), name, batch_size=8)
                   for name, device in zip(default, devices)}
     table = dict(categories)

@@ -43,7 +43,7 @@ from flowrl.shapes.edits import EDIT_KINDS, sample_edit
 from flowrl.shapes.prompts import T2I_CATEGORIES, sample_t2i
 from flowrl.shapes.render import render_scene
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
-from flowrl.storage import content_stamps, fetch
+from flowrl.storage import ArtifactError, content_stamps, fetch, read_manifest
 from flowrl.tracking import Tracker
 
 STAGE = "filter_prompts"
@@ -84,7 +84,8 @@ def candidate_prompts(config: FlowRLConfig, task: str) -> pd.DataFrame:
 def group_statistics(model, reward: CompositeReward, frame: pd.DataFrame, config: FlowRLConfig) -> pd.DataFrame:
     """Sample a group per prompt and add its reward statistics to the frame."""
     f, g = config.filter, config.grpo
-    settings = RolloutSettings(f.num_steps, f.noise_level, g.guidance_scale, g.cfg_mode)
+    settings = RolloutSettings(f.num_steps, f.noise_level, g.guidance_scale, g.cfg_mode,
+                               micro_batch=g.rollout_micro_batch)  # the same samples, fewer rows a forward
     sources = decode_sources(frame)
     per_batch = max(1, f.batch_size // f.group_size)
     totals, firsts = [], []
@@ -223,14 +224,30 @@ def _filter_prompt_file(config: FlowRLConfig, task: str, base_uri: str, reward_m
     done = committed_result(stage, config, SECTIONS, inputs, output_root)
     if done is not None:
         return done
+    from flowrl.stages.grpo import place_text_encoders
+
     model = load_policy(fetch(base_uri), config, task)
+    place_text_encoders(config, [model])  # model.qwen_image.text_encoder_device, as in GRPO
+    # the scorers on the task's GPUs after the policy's (launch.filter_prompts.gpus > 1), else beside it
     reward = load_production_rewards(config, reward_model_uri, task,
-                                     dict(zip(candidates["prompt"], candidates["category"])))
+                                     dict(zip(candidates["prompt"], candidates["category"])),
+                                     spread=torch.cuda.is_available() and torch.cuda.device_count() > 1,
+                                     first_device=1)
     with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
         train = candidates[~heldout].reset_index(drop=True)
         frame = group_statistics(model, reward, train, config)
         return _cut_and_commit(ctx, config, task, frame, stage, inputs, output_root,
                                heldout=candidates[heldout].reset_index(drop=True))
+
+
+def check_prompt_tasks(uris: dict[str, str]) -> None:
+    """Each task's prompts are a filter_prompts artifact of that task, by its manifest; read before
+    any work (edit prompts carry source images that T2I ones lack: a mix-up fails only when the
+    first rollout is scored)."""
+    for task, uri in uris.items():
+        stage = read_manifest(uri).stage
+        if stage != f"{STAGE}_{task}":
+            raise ArtifactError(f"{uri}: a {stage} artifact where the {task} prompts ({STAGE}_{task}) belong")
 
 
 def load_prompt_set(uri: str) -> pd.DataFrame:

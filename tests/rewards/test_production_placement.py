@@ -49,6 +49,10 @@ def test_scorers_go_round_robin_over_the_gpus():
     assert scorer_devices(2, 4) == ["cuda:0", "cuda:1"]
     assert scorer_devices(3, 1) == ["cuda:0"] * 3
     assert scorer_devices(3, 0) == ["cpu"] * 3
+    # the filter stage: the policy on GPU 0, the scorers on the GPUs after it (or beside it on one GPU)
+    assert scorer_devices(3, 2, first=1) == ["cuda:1"] * 3
+    assert scorer_devices(3, 3, first=1) == ["cuda:1", "cuda:2", "cuda:1"]
+    assert scorer_devices(2, 1, first=1) == ["cuda:0"] * 2
     assert scorer_devices(0, 2) == []
     with pytest.raises(ValueError, match="counts must be >= 0"):
         scorer_devices(-1, 2)
