@@ -7,6 +7,12 @@ last line. User errors (bad config, missing artifact) exit with status 2 and
 a one-line message, without a traceback; a training run that cannot go on
 (non-finite loss or rewards, the reward server gone) exits with status 1 and
 a message naming the iteration and the last good checkpoint.
+
+Before any work, :func:`preflight` checks that every place the command will
+write (the artifact root, ``--results``, ``--report-dir``) is writable, and
+for an object store that its credentials are found, so a bad path fails in
+a second instead of after training. Any other exception is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -15,24 +21,28 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from flowrl.config import ConfigError, describe_fields, load_config
+from flowrl.config import ConfigError, describe_fields, load_config, safe_name
 from flowrl.machine import machine_info
 from flowrl.models import CheckpointError
 from flowrl.prompt_files import PromptFileError
 from flowrl.rewards.annotations import AnnotationError
 from flowrl.rewards.client import RewardClientError
 from flowrl.rl.trainer import TrainingStopped
-from flowrl.storage import ArtifactError
+from flowrl.storage import ArtifactError, url_to_fs
 from flowrl.tracking import TrackingUnavailable
 
 USER_ERRORS = (ConfigError, ArtifactError, CheckpointError, AnnotationError, PromptFileError, FileNotFoundError,
                TrackingUnavailable)
 # a run that could not go on (exit 1): non-finite loss or rewards, the reward server gone past every retry
 RUN_ERRORS = (TrainingStopped, RewardClientError)
+# the subcommands that commit artifacts under --output (default run.artifact_root)
+STORE_COMMANDS = ("base", "annotate", "reward-model", "filter-prompts", "grpo", "opd", "bench", "consolidate")
 
 
 def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -137,16 +147,24 @@ def _tracker(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flowrl.redact import install_redaction, redact_url
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    install_redaction()  # no credential of a URL in a log line or a traceback
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except USER_ERRORS as exc:
-        print(f"flowrl {args.command}: error: {exc}", file=sys.stderr)
+        print(f"flowrl {args.command}: error: {one_line(redact_url(str(exc)))}", file=sys.stderr)
         return 2
     except RUN_ERRORS as exc:  # the run could not go on; no traceback, the message says what is kept
-        print(f"flowrl {args.command}: error: {exc}", file=sys.stderr)
+        print(f"flowrl {args.command}: error: {one_line(redact_url(str(exc)))}", file=sys.stderr)
         return 1
+
+
+def one_line(message: object) -> str:
+    """A message on one line (a YAML error spans several)."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 def _dispatch(args) -> int:
@@ -159,12 +177,15 @@ def _dispatch(args) -> int:
     if args.command == "consolidate":
         from flowrl.rl.trainer import consolidate_checkpoint
 
+        preflight(args, None)
         print(consolidate_checkpoint(args.checkpoint, args.output))
         return 0
     config = load_config(args.config, getattr(args, "overrides", ()))
     if args.command == "validate":
         print(f"{args.config}: ok")
         return 0
+    named = {flag: _named(*spec) for flag, spec in _named_flags(args).items()}
+    preflight(args, config)
     start = time.perf_counter()
     if args.command == "base":
         from flowrl.stages.base import run_base
@@ -188,7 +209,7 @@ def _dispatch(args) -> int:
         from flowrl.stages.grpo import run_grpo
 
         if args.task == "mixed":
-            prompts = _named(args.prompts, "--prompts", required=("t2i", "edit"))
+            prompts = named["--prompts"]
         elif len(args.prompts) != 1:
             raise ConfigError(f"--prompts: task {args.task} takes one artifact, got {len(args.prompts)}")
         else:
@@ -202,8 +223,7 @@ def _dispatch(args) -> int:
         from flowrl.rl.distributed import process_group
         from flowrl.stages.opd import run_opd
 
-        teachers = _named(args.teacher, "--teacher")
-        prompts = _named(args.prompts, "--prompts", required=("t2i", "edit"))
+        teachers, prompts = named["--teacher"], named["--prompts"]
         with process_group() as (rank, _):
             result = run_opd(config, args.base, teachers, prompts, states=args.states, output_root=args.output,
                              tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
@@ -212,7 +232,7 @@ def _dispatch(args) -> int:
     elif args.command == "bench":
         from flowrl.stages.bench import report_files, run_bench
 
-        result = run_bench(config, _named(args.model, "--model"), votes=args.votes, reward_model=args.reward_model,
+        result = run_bench(config, named["--model"], votes=args.votes, reward_model=args.reward_model,
                            output_root=args.output, tracker=_tracker(args))
         if args.report_dir:
             target = Path(args.report_dir)
@@ -238,7 +258,7 @@ def _dispatch(args) -> int:
             return 1
         return 0
     elif args.command == "judge":
-        return judge_models(config, _named(args.model, "--model"), args.results)
+        return judge_models(config, named["--model"], args.results)
     else:  # pragma: no cover - argparse restricts the choices
         raise AssertionError(args.command)
     if result.reused:
@@ -280,19 +300,114 @@ def _lineage(args) -> int:
     return 0
 
 
+def _named_flags(args) -> dict[str, tuple]:
+    """The NAME=URI flags of this command: flag -> :func:`_named`'s arguments."""
+    if args.command in ("bench", "judge"):
+        return {"--model": (args.model, "--model")}
+    if args.command == "opd":
+        return {"--teacher": (args.teacher, "--teacher"), "--prompts": (args.prompts, "--prompts", ("t2i", "edit"))}
+    if args.command == "grpo" and args.task == "mixed":
+        return {"--prompts": (args.prompts, "--prompts", ("t2i", "edit"))}
+    return {}
+
+
 def _named(values: list[str], flag: str, required: tuple[str, ...] = ()) -> dict[str, str]:
-    """``["a=URI", ...]`` -> {"a": "URI"}, with errors that name the flag."""
+    """``["a=URI", ...]`` -> {"a": "URI"}, with errors that name the flag; each NAME a
+    :func:`flowrl.config.safe_name` (names become input keys and directories)."""
     out = {}
     for value in values:
         name, sep, uri = value.partition("=")
         if not sep or not name or not uri:
-            raise ConfigError(f"{flag}: expected NAME=URI, got {value!r}")
+            raise ConfigError(f"{flag}: expected NAME=URI, got {value!r:.200}")
+        safe_name(name, f"{flag}: {flag.lstrip('-')} name {name!r:.80}")
         if name in out:
             raise ConfigError(f"{flag}: {name!r} given twice")
         out[name] = uri
     if required and set(out) != set(required):
         raise ConfigError(f"{flag}: expected exactly {' '.join(f'{r}=URI' for r in required)}, got {' '.join(values)}")
     return out
+
+
+def preflight(args, config) -> None:
+    """Before any work: the artifact root (``--output``, else ``run.artifact_root``), ``--results``
+    and ``--report-dir`` are writable, so that a bad path costs a second instead of the run; each
+    problem a ConfigError naming the flag (or key) and the path."""
+    results = getattr(args, "results", None)
+    if getattr(args, "results_key", None) and not results:
+        raise ConfigError("--results-key: needs --results FILE")
+    if results:
+        check_results_file(results, "--results", getattr(args, "results_key", None))
+    if getattr(args, "report_dir", None):
+        check_writable_dir(args.report_dir, "--report-dir")
+    if args.command in STORE_COMMANDS:
+        root = args.output or config.run.artifact_root
+        check_writable_root(root, "--output" if args.output else "run.artifact_root")
+
+
+def check_writable_root(root: str, flag: str) -> None:
+    """An artifact root can take a commit: a local directory that is (or can be made) writable; an
+    object store whose protocol is known and whose credentials are found."""
+    if "://" not in root or root.startswith("file://"):
+        check_writable_dir(root.removeprefix("file://"), flag)
+        return
+    try:
+        fs, path = url_to_fs(root, skip_instance_cache=True)  # fresh: credentials as the environment has them now
+    except ArtifactError as exc:
+        raise ConfigError(f"{flag} {exc}") from None
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        pass  # a new root: the first commit makes it
+    except Exception as exc:
+        if isinstance(exc, PermissionError) or "Credentials" in type(exc).__name__:
+            raise ConfigError(f"{flag} {root}: the store refuses access or no credentials were found "
+                              f"({type(exc).__name__}: {one_line(exc):.200})") from None
+        # a store that is unreachable right now: the commit's own retries decide (flowrl.storage)
+        logging.getLogger(__name__).warning("%s %s: could not check the store now (%s: %.200s)", flag, root,
+                                            type(exc).__name__, exc)
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """``path`` is a directory this process can create files in, or can be made one: its nearest
+    existing ancestor is a directory that takes a file (a probe file, removed at once). Nothing is
+    created otherwise."""
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: not a writable directory ({existing} is not a directory)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".flowrl-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: not a writable directory ({exc.strerror or type(exc).__name__}"
+                          f"{'' if existing == target else f' in {existing}'})") from None
+
+
+def check_results_file(path: str, flag: str, key: str | None) -> None:
+    """A results file can be written (its directory writable, an existing file writable); with
+    ``key`` an existing file is a JSON object that the entry is merged into."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory, not a file")
+    check_writable_dir(str(target.parent), f"{flag} {path}: its directory")
+    if not target.exists():
+        return
+    try:
+        with open(target, "r+b") as handle:  # writable, left as it is
+            text = handle.read() if key else b""
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: not writable ({exc.strerror or type(exc).__name__})") from None
+    if key:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{flag} {path}: --results-key {key} merges into a JSON object, and the file "
+                              "holds none")
 
 
 def judge_models(config, models: dict[str, str], path: str) -> int:
@@ -326,12 +441,19 @@ def judge_models(config, models: dict[str, str], path: str) -> int:
         print(f"{name}: t2i {entries[name]['t2i_alignment']:.3f}  edit {entries[name]['edit_accuracy']:.3f}  "
               f"identity {entries[name]['identity']:.3f}  fidelity {entries[name]['fidelity']:.3f}")
     meta = {"config_hash": config.section_hash("run.seed", "world", "sampler", "eval"),
-            "command": " ".join(["flowrl", *sys.argv[1:]]), "machine": machine_info()}
+            "command": _command_line(), "machine": machine_info()}
     payload = {**entries, "meta": meta}
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return 0
+
+
+def _command_line() -> str:
+    """This run's command line for a results file, with the credentials of any URL in it masked."""
+    from flowrl.redact import redact_url
+
+    return redact_url(" ".join(["flowrl", *sys.argv[1:]]))
 
 
 def write_results(path: str, args, result, wall_s: float) -> None:
@@ -341,7 +463,7 @@ def write_results(path: str, args, result, wall_s: float) -> None:
     manifest = read_manifest(result.uri)
     payload = {
         "config_hash": manifest.config_hash,
-        "command": " ".join(["flowrl", *sys.argv[1:]]),
+        "command": _command_line(),
         "code_version": manifest.code_version,  # what made the artifact (the source may change mid-run)
         "version": result.version,
         "reused": result.reused,

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 import shlex
 import types
 import typing
@@ -26,13 +27,35 @@ from typing import Any, Literal
 
 import yaml
 
+from flowrl.redact import redact_url
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the key path."""
 
+    def __init__(self, *args: object) -> None:  # no credential of a URL in an error line (flowrl.redact)
+        super().__init__(*(redact_url(a) if isinstance(a, str) else a for a in args))
+
+
+# Limits on what a config may ask for, so that a hostile or mistaken file fails at load with a short
+# message instead of allocating, overflowing or printing megabytes later.
+CONFIG_MAX_BYTES = 1 << 20  # a config file (and one --set value); the shipped ones are a few KB
+YAML_MAX_NODES = 10_000  # values of a document, aliases expanded (each use counts its whole target); shipped: ~300
+YAML_MAX_DEPTH = 64  # nesting of lists and mappings
+SHOWN_MAX = 200  # characters of a user's value quoted in an error message
+SEED_MAX = 2**32 - 1  # stages derive seeds as seed * 1_000_003 + item, which must stay in torch's 64-bit range
+INT_MAX = 2**31 - 1  # an integer key without an upper bound of its own
+BATCH_MAX = 65_536  # items in one batch, group or micro-batch (each allocates its images at once)
+STEPS_MAX = 10_000  # sampler steps of one trajectory (a trajectory keeps its states)
+MODEL_WIDTH_MAX = 8192  # transformer width of the shapes-world DiT and scorer
+MODEL_DEPTH_MAX = 256  # transformer blocks of those
+LORA_RANK_MAX = 4096  # above the width of any layer it adapts
+IMAGE_SIDE_MAX = 4096  # model.qwen_image height / width in pixels (Qwen-Image works near 1 megapixel)
+
 
 def param(
-    default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None, nonempty: bool = False, added: bool = False
+    default: Any, doc: str, *, gt=None, ge=None, lt=None, le=None, nonempty: bool = False, added: bool = False,
+    operational: bool = False, cap: int | None = None,
 ) -> Any:
     """A documented config field with optional numeric bounds (or, for
     strings, ``nonempty``).
@@ -40,22 +63,38 @@ def param(
     ``added``: a key added after results and caches were keyed on its
     section, whose default reproduces the earlier behaviour; at its default
     it is left out of :meth:`FlowRLConfig.section_hash`, so those stay valid.
+
+    ``operational``: a key that changes how a stage runs but not what it
+    produces (where a service is, its retries and timeouts, on which GPUs a
+    sidecar runs, how often checkpoints are saved or images logged to the
+    tracker). :meth:`FlowRLConfig.section_hash` counts it at its default
+    whatever its value, so the version, hence ``--resume`` and caching, does
+    not depend on it, and a config at the default hashes as before.
+
+    ``cap``: for an integer, the largest value taken where a larger one would only exhaust memory or
+    time (a batch size, an image side); checked after the bounds. An integer key without ``le``,
+    ``lt`` or ``cap`` is capped at :data:`INT_MAX`.
     """
-    bounds = {k: v for k, v in dict(gt=gt, ge=ge, lt=lt, le=le).items() if v is not None}
+    bounds = {k: v for k, v in dict(gt=gt, ge=ge, lt=lt, le=le, cap=cap).items() if v is not None}
     if nonempty:
         bounds["nonempty"] = True
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples / nested dataclasses for config defaults")
-    return field(default=default, metadata={"doc": doc, "bounds": bounds, "added": added})
+    if operational:
+        doc += " Operational: not part of the stage's version (a run may --resume with another value)."
+    return field(default=default, metadata={"doc": doc, "bounds": bounds, "added": added, "operational": operational})
 
 
 def _hash_payload(value: Any) -> Any:
-    """Plain data of a config value for hashing; ``added`` keys at their default are left out."""
+    """Plain data of a config value for hashing: ``operational`` keys count at their default whatever
+    their value, and ``added`` keys at their default are left out."""
     if dataclasses.is_dataclass(value):
+        items = {f.name: (f.default if f.metadata.get("operational") else getattr(value, f.name), f)
+                 for f in dataclasses.fields(value)}
         return {
-            f.name: _hash_payload(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if not (f.metadata.get("added") and getattr(value, f.name) == f.default)
+            name: _hash_payload(item)
+            for name, (item, f) in items.items()
+            if not (f.metadata.get("added") and item == f.default)
         }
     if isinstance(value, (list, tuple)):
         return [_hash_payload(v) for v in value]
@@ -75,7 +114,7 @@ class RunConfig:
     """Where a run writes and how it is identified."""
 
     name: str = param("shapes", "Run name; the MLflow experiment is named after it.", nonempty=True)
-    seed: int = param(0, "Global seed: every stage derives its own seeds from it.", ge=0)
+    seed: int = param(0, "Global seed: every stage derives its own seeds from it.", ge=0, le=SEED_MAX)
     artifact_root: str = param(
         "artifacts",
         "Root of the artifact store: a local directory (relative to the working "
@@ -101,15 +140,15 @@ class WorldConfig:
 class ShapesModelConfig:
     """The shapes-world DiT: pixel-space, patch tokens + prompt tokens + source tokens."""
 
-    width: int = param(128, "Transformer width.", gt=0)
-    depth: int = param(6, "Number of transformer blocks.", ge=1)
+    width: int = param(128, "Transformer width.", gt=0, cap=MODEL_WIDTH_MAX)
+    depth: int = param(6, "Number of transformer blocks.", ge=1, cap=MODEL_DEPTH_MAX)
     heads: int = param(4, "Attention heads (must divide width).", ge=1)
     patch: int = param(8, "Patch size in pixels (must divide the resolution).", ge=1)
     prediction: Literal["x", "v"] = param(
         "x", "Network output: the clean image (x, converted to a velocity) or the velocity (v)."
     )
     head_channels: int = param(
-        16, "Channels of the unpatchified map fed to the final 3x3 conv head.", ge=1
+        16, "Channels of the unpatchified map fed to the final 3x3 conv head.", ge=1, cap=MODEL_WIDTH_MAX
     )
 
 
@@ -117,7 +156,7 @@ class ShapesModelConfig:
 class QwenImageLoraConfig:
     """LoRA adapters (peft) on the Qwen-Image transformer, trained instead of its weights (docs/lora.md)."""
 
-    rank: int = param(0, "Adapter rank (0: off, full-parameter training).", ge=0)
+    rank: int = param(0, "Adapter rank (0: off, full-parameter training).", ge=0, cap=LORA_RANK_MAX)
     alpha: float | None = param(None, "LoRA alpha: the adapter's output is scaled by alpha / rank (null: the rank, "
                                 "a scale of 1).", gt=0)
     dropout: float = param(0.0, "Dropout on the adapter's input while training. Above 0 the training forward no "
@@ -140,8 +179,10 @@ class QwenImageModelConfig:
         None, "Weights used for the edit task (Qwen-Image-Edit); null: the same as pretrained."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = param("bfloat16", "Compute dtype.")
-    height: int = param(1024, "Image height in pixels (multiple of 16).", ge=16)
-    width: int = param(1024, "Image width in pixels (multiple of 16).", ge=16)
+    height: int = param(1024, f"Image height in pixels (multiple of 16, at most {IMAGE_SIDE_MAX}).", ge=16,
+                         cap=IMAGE_SIDE_MAX)
+    width: int = param(1024, f"Image width in pixels (multiple of 16, at most {IMAGE_SIDE_MAX}).", ge=16,
+                        cap=IMAGE_SIDE_MAX)
     lora: QwenImageLoraConfig | None = param(
         None, "GRPO and OPD train LoRA adapters on the transformer (rank > 0): the reference and the OPD starting "
         "point are the base with adapters off (no copy), teachers are adapters; artifacts hold the adapter and the "
@@ -157,7 +198,7 @@ class QwenImageModelConfig:
     decode_batch: int | None = param(
         None, "Images per VAE call when decoding latents (and encoding edit sources): a batch is decoded in parts "
         "of at most this many, joined in order, to bound the VAE's working set (about 4 GiB per 1024x1024 image). "
-        "null: the whole batch in one call.", ge=1, added=True)
+        "null: the whole batch in one call.", ge=1, cap=BATCH_MAX, added=True)
 
 
 @dataclass(frozen=True)
@@ -175,7 +216,7 @@ class ModelConfig:
 class SamplerConfig:
     """The deployment sampler (bench, evaluation, OPD student rollouts)."""
 
-    num_steps: int = param(20, "Number of denoising steps.", ge=1)
+    num_steps: int = param(20, "Number of denoising steps.", ge=1, cap=STEPS_MAX)
     shift: float = param(1.0, "Static timestep shift s t / (1 + (s - 1) t).", gt=0)
     guidance_scale: float = param(3.0, "Classifier-free guidance scale (1 = off).", ge=1)
     cfg_renorm: bool = param(
@@ -189,10 +230,10 @@ class SamplerConfig:
 class EvalConfig:
     """The fixed held-out prompt sets scored by the judge."""
 
-    seed: int = param(1234, "Seed of the held-out prompt sets (never used for training).", ge=0)
+    seed: int = param(1234, "Seed of the held-out prompt sets (never used for training).", ge=0, le=SEED_MAX)
     t2i_per_category: int = param(50, "Held-out T2I prompts per category.", ge=1)
     edit_per_kind: int = param(50, "Held-out edit instructions per kind.", ge=1)
-    batch_size: int = param(100, "Sampling batch size for evaluation.", ge=1)
+    batch_size: int = param(100, "Sampling batch size for evaluation.", ge=1, cap=BATCH_MAX)
 
 
 @dataclass(frozen=True)
@@ -200,7 +241,7 @@ class BaseConfig:
     """Stage `base`: pretrain the shapes model (or validate production weights)."""
 
     steps: int = param(3000, "Optimizer steps.", ge=1)
-    batch_size: int = param(32, "Images per step.", ge=1)
+    batch_size: int = param(32, "Images per step.", ge=1, cap=BATCH_MAX)
     lr: float = param(1e-3, "Peak AdamW learning rate.", gt=0)
     warmup_steps: int = param(100, "Linear warm-up steps.", ge=0)
     weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
@@ -210,7 +251,7 @@ class BaseConfig:
     edit_fraction: float = param(0.5, "Fraction of each batch that is edit triples.", ge=0, le=1)
     cond_dropout: float = param(0.1, "Probability of dropping the prompt (trains the CFG null branch).", ge=0, lt=1)
     grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
-    log_every: int = param(50, "Log training metrics every N steps.", ge=1)
+    log_every: int = param(50, "Log training metrics every N steps.", ge=1, operational=True)
 
 
 # The faults a degraded annotation candidate can show (flowrl.rewards.shapes_dataset.degrade).
@@ -221,7 +262,7 @@ Degradation = Literal["noise", "blur", "blotches", "color_cast"]
 class AnnotateConfig:
     """Stage `annotate`: candidate images and simulated annotators (shapes world)."""
 
-    seed: int = param(101, "Seed of the annotation prompts (disjoint use from eval.seed).", ge=0)
+    seed: int = param(101, "Seed of the annotation prompts (disjoint use from eval.seed).", ge=0, le=SEED_MAX)
     t2i_per_category: int = param(300, "Fresh T2I prompts per category.", ge=1)
     edits_per_kind: int = param(300, "Fresh edit instructions per kind.", ge=1)
     model_samples: int = param(2, "Base-model samples per prompt added to the rendered candidates.", ge=0)
@@ -254,14 +295,14 @@ class RewardModelConfig:
         None, "vlm backbone: a Qwen2.5-VL directory (model, tokenizer, image processor) or hub id."
     )
     vlm_rationale: bool = param(False, "vlm backbone: generate a rationale before scoring (chain of thought).")
-    width: int = param(96, "Scorer width.", ge=8)
-    depth: int = param(4, "Scorer transformer blocks.", ge=1)
+    width: int = param(96, "Scorer width.", ge=8, cap=MODEL_WIDTH_MAX)
+    depth: int = param(4, "Scorer transformer blocks.", ge=1, cap=MODEL_DEPTH_MAX)
     heads: int = param(4, "Scorer attention heads.", ge=1)
     steps: int = param(2000, "Optimizer steps of the alignment and pairwise models.", ge=1)
     easy_steps: int = param(
         1000, "Optimizer steps of the quality and fidelity models (texture and structure learn much faster).", ge=1
     )
-    batch_size: int = param(64, "Rows per step.", ge=1)
+    batch_size: int = param(64, "Rows per step.", ge=1, cap=BATCH_MAX)
     lr: float = param(1e-3, "AdamW learning rate.", gt=0)
     heldout_fraction: float = param(
         0.2, "Share of annotation groups (prompt instances) held out for the metrics.", gt=0, lt=1
@@ -328,11 +369,12 @@ class RewardsConfig:
 class FilterConfig:
     """Stage `filter_prompts`: keep the prompts whose base-model rewards spread within a group."""
 
-    seed: int = param(202, "Seed of the candidate prompts and of the base model's samples.")
+    seed: int = param(202, "Seed of the candidate prompts and of the base model's samples.", ge=0, le=SEED_MAX)
     t2i_per_category: int = param(100, "Candidate T2I prompts per category (shapes world).", ge=1)
     edits_per_kind: int = param(100, "Candidate edit instructions per kind (shapes world).", ge=1)
-    group_size: int = param(8, "Samples per candidate prompt.", ge=2)
-    num_steps: int = param(10, "Sampler steps of the candidate samples (the GRPO rollout sampler).", ge=1)
+    group_size: int = param(8, "Samples per candidate prompt.", ge=2, cap=BATCH_MAX)
+    num_steps: int = param(10, "Sampler steps of the candidate samples (the GRPO rollout sampler).", ge=1,
+                           cap=STEPS_MAX)
     noise_level: float = param(0.7, "SDE noise level of the candidate samples (as in GRPO rollouts).", ge=0)
     threshold_mode: Literal["absolute", "quantile"] = param(
         "quantile", "absolute: keep ranges >= threshold; quantile: drop the lowest `threshold` share of ranges."
@@ -342,7 +384,7 @@ class FilterConfig:
         "all", "quantile mode: the quantile is taken over all candidates, or within each category (edit kind), so "
         "a category whose groups spread less than the others' still keeps its most informative prompts.",
         added=True)
-    batch_size: int = param(256, "Samples per generation batch.", ge=1)
+    batch_size: int = param(256, "Samples per generation batch.", ge=1, cap=BATCH_MAX)
     t2i_prompts: str | None = param(
         None, "qwen_image: the T2I candidate prompt file (parquet with prompt and category; local path or fsspec "
         "URI; schema in flowrl/prompt_files.py). The shapes world draws from its grammar instead.", added=True)
@@ -359,11 +401,12 @@ class FilterConfig:
 class GRPOConfig:
     """Stages `grpo_t2i` / `grpo_edit`: Flow-GRPO on the learned composite rewards."""
 
-    seed: int = param(303, "Seed of prompt draws and rollout noise (per iteration, so resumes replay exactly).")
+    seed: int = param(303, "Seed of prompt draws and rollout noise (per iteration, so resumes replay exactly).", ge=0,
+                     le=SEED_MAX)
     iterations: int = param(200, "Rollout + update iterations.", ge=1)
-    prompts_per_iteration: int = param(8, "Prompt groups per iteration.", ge=1)
-    group_size: int = param(8, "Samples per prompt (G).", ge=2)
-    num_steps: int = param(10, "Rollout sampler steps (N).", ge=1)
+    prompts_per_iteration: int = param(8, "Prompt groups per iteration.", ge=1, cap=BATCH_MAX)
+    group_size: int = param(8, "Samples per prompt (G).", ge=2, cap=BATCH_MAX)
+    num_steps: int = param(10, "Rollout sampler steps (N).", ge=1, cap=STEPS_MAX)
     noise_level: float = param(0.7, "SDE noise level a of the rollouts.", gt=0)
     guidance_scale: float = param(3.0, "Rollout CFG scale (cfg_mode none ignores it).", ge=1)
     cfg_mode: Literal["hybrid", "both", "none"] = param(
@@ -418,12 +461,13 @@ class GRPOConfig:
     micro_batch: int | None = param(
         None, "Trajectories per forward / backward: each minibatch's rows run in parts of this many (each part "
         "holds micro_batch x the steps trained per trajectory states) and their gradients accumulate, weighted so "
-        "the update is the whole minibatch's. null: the whole minibatch in one forward.", ge=1, added=True)
+        "the update is the whole minibatch's. null: the whole minibatch in one forward.", ge=1, cap=BATCH_MAX,
+        added=True)
     rollout_micro_batch: int | None = param(
         None, "Trajectories per sampling forward (twice that many rows under CFG) and per VAE decode of a rollout "
         "chunk: its prompts x group_size rows are sampled in parts of at most this many. The noise is drawn for "
         "the whole chunk, so the rollouts are the same (up to float differences of smaller batches). null: the "
-        "whole chunk in one forward per step.", ge=1, added=True)
+        "whole chunk in one forward per step.", ge=1, cap=BATCH_MAX, added=True)
     reference_device: Literal["same", "cpu"] = param(
         "same", "Full-parameter training with kl_coef > 0: where the frozen copy of the base that the KL compares "
         "against lives: same (the policy's device) or cpu (off the GPU; its forwards run on the CPU, slowly). With "
@@ -451,35 +495,40 @@ class GRPOConfig:
         0.05, "Warn when the held-out score falls this much below its best while the training reward rose.", gt=0
     )
     stop_on_hacking: bool = param(False, "Stop the run (keeping the best checkpoint) when hacking is seen.")
-    checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1)
-    grid_every: int = param(100, "Image grid of fixed prompts every N iterations.", ge=1)
+    checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1, operational=True)
+    grid_every: int = param(100, "Image grid of fixed prompts every N iterations.", ge=1, operational=True)
     reward_chunks: int = param(2, "Rollouts are generated in this many chunks; chunk i is scored while i+1 is sampled.", ge=1)
     reward_backend: Literal["inprocess", "server"] = param(
         "inprocess",
         "inprocess: score in a worker thread; server: through the reward server's client (reward_url, or a "
         "sidecar server started from the reward_model artifact when reward_url is null).",
     )
-    reward_url: str | None = param(None, "server backend: base URL of a running reward server serving the task.")
+    reward_url: str | None = param(None, "server backend: base URL of a running reward server serving the task.",
+                                   operational=True)
     reward_gpus: int = param(
         0, "server backend with reward_url null: 0 starts a sidecar reward server per rank, its scorers on the "
         "rank's GPU; k > 0 starts one sidecar per node (by local rank 0) on k GPUs of its own, those after the "
         "node's training processes' (the Flyte task asks for launch.grpo.procs + k GPUs per node), its scorers "
-        "spread over them; every rank of the node scores through it.", ge=0, added=True)
-    reward_token_env: str | None = param(None, "server backend: environment variable holding the bearer token.")
-    reward_timeout_s: float = param(120.0, "server backend: per-request timeout before a retry.", gt=0)
+        "spread over them; every rank of the node scores through it.", ge=0, added=True, operational=True)
+    reward_token_env: str | None = param(None, "server backend: environment variable holding the bearer token.",
+                                         operational=True)
+    reward_timeout_s: float = param(120.0, "server backend: per-request timeout before a retry.", gt=0,
+                                    operational=True)
     reward_retries: int = param(
         3, "server backend: retries of a failed request (connection refused, timeout, 5xx) with exponential backoff "
         "(0.5 s doubling, at most 10 s) before the iteration fails with a clear error; the last checkpoint is kept.",
-        ge=0, added=True)
+        ge=0, added=True, operational=True)
 
 
 @dataclass(frozen=True)
 class OPDConfig:
     """Stage `opd`: on-policy distillation of the task teachers into one student (and the Mix-RL switch)."""
 
-    seed: int = param(404, "Seed of prompt draws and of the student's initial noise (per iteration).")
+    seed: int = param(404, "Seed of prompt draws and of the student's initial noise (per iteration).", ge=0,
+                     le=SEED_MAX)
     iterations: int = param(150, "Sample + update iterations.", ge=1)
-    prompts_per_iteration: int = param(32, "Prompts (one trajectory each) per iteration, over both tasks.", ge=1)
+    prompts_per_iteration: int = param(32, "Prompts (one trajectory each) per iteration, over both tasks.", ge=1,
+                                        cap=BATCH_MAX)
     t2i_fraction: float = param(0.5, "Share of each iteration's prompts drawn from the T2I set (the rest: edit).",
                                 ge=0, le=1)
     init: Literal["base", "t2i_teacher", "edit_teacher"] = param(
@@ -494,7 +543,8 @@ class OPDConfig:
         "on_policy", "on_policy: states from the student's own trajectories; off_policy: from the teacher's (ablation)."
     )
     num_steps: int | None = param(
-        None, "Steps of the student's (ODE) trajectories (null: sampler.num_steps, the deployment sampler's).", ge=1
+        None, "Steps of the student's (ODE) trajectories (null: sampler.num_steps, the deployment sampler's).", ge=1,
+        cap=STEPS_MAX
     )
     guidance_scale: float | None = param(None, "CFG scale of those trajectories (null: sampler.guidance_scale).", ge=1)
     timesteps: Literal["all", "subset"] = param("subset", "Match at all N visited states, or K of them (scaled N/K).")
@@ -514,17 +564,17 @@ class OPDConfig:
     micro_batch: int | None = param(
         None, "Trajectories per forward / backward of the student and of each teacher (each part holds micro_batch "
         "x 2 x the matched states per trajectory); gradients accumulate, weighted so the update is the whole "
-        "batch's. null: each task's batch in one forward.", ge=1, added=True)
+        "batch's. null: each task's batch in one forward.", ge=1, cap=BATCH_MAX, added=True)
     states_per_forward: int | None = param(
         None, "(trajectory, matched state) pairs per forward / backward of the student and of each teacher (each "
         "part holds 2 x states_per_forward rows: both CFG branches of each pair), below one trajectory. With "
         "micro_batch it splits each micro_batch part further (a forward holds at most min(states_per_forward, "
         "micro_batch x matched states) pairs). Gradients accumulate, weighted so the update and the reported losses "
-        "are the whole batch's. null: parts of whole trajectories (micro_batch).", ge=1, added=True)
+        "are the whole batch's. null: parts of whole trajectories (micro_batch).", ge=1, cap=BATCH_MAX, added=True)
     eval_every: int = param(25, "Judge score of the held-out monitor sets every N iterations.", ge=1)
     monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
-    checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1)
-    grid_every: int = param(100, "Image grid of the monitor prompts every N iterations.", ge=1)
+    checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1, operational=True)
+    grid_every: int = param(100, "Image grid of the monitor prompts every N iterations.", ge=1, operational=True)
     teacher_devices: tuple[str, ...] = param(
         (), "qwen_image: TEACHER=DEVICE entries placing a teacher's transformer on its own device (cuda:1, ...) or "
         "offloading it to cpu; others share the student's device. Teachers share the student's frozen VAE and "
@@ -540,10 +590,10 @@ class BenchConfig:
     """Stage `bench`: pillar scores, T2I and edit arenas, and the report over any set of models."""
 
     seed: int = param(505, "Seed of the bench sets (drawn from the bench split of the grammar) and of each item's noise.",
-                      ge=0)
+                      ge=0, le=SEED_MAX)
     t2i_per_category: int = param(50, "Bench T2I prompts per category (one seed each).", ge=1)
     edit_per_kind: int = param(50, "Bench edits per kind (instruction + source, one seed each).", ge=1)
-    batch_size: int = param(100, "Sampling batch size.", ge=1)
+    batch_size: int = param(100, "Sampling batch size.", ge=1, cap=BATCH_MAX)
     scorer: Literal["judge", "reward_models"] = param(
         "judge", "Who scores the bench: the shapes world's held-out judge, or the reward_model stage's models "
         "(production, where there is no judge; the stage then takes the reward_model artifact).")
@@ -655,6 +705,107 @@ class FlowRLConfig:
 # --------------------------------------------------------------------------- loading
 
 
+class _YAMLLimit(yaml.YAMLError):
+    """A YAML document past one of :class:`_BoundedLoader`'s limits."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts a document's values while composing it, an alias counting the
+    whole value it names each time it is used, and stops past :data:`YAML_MAX_NODES` values, past
+    :data:`YAML_MAX_DEPTH` levels of nesting, or at an alias inside the value it names (a recursive
+    structure). A "billion laughs" file of a few KB then fails after YAML_MAX_NODES values instead of
+    building (or printing, in an error message) billions."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._values = 0  # values composed so far, aliases expanded
+        self._depth = 0
+        self._sizes: dict[str, int] = {}  # anchor -> values of the node it names, aliases expanded
+        self._open: set[str] = set()  # anchors whose node is being composed
+
+    def _count(self, n: int, mark: Any) -> None:
+        self._values += n
+        if self._values > YAML_MAX_NODES:
+            raise _YAMLLimit(f"more than {YAML_MAX_NODES} values once aliases are expanded (at line {mark.line + 1}; "
+                             "each use of an alias counts the whole value it names)")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise _YAMLLimit(f"the alias *{_clip(event.anchor)} at line {event.start_mark.line + 1} is inside the "
+                                 "value it names (a recursive structure)")
+            self._count(self._sizes.get(event.anchor, 0), event.start_mark)  # an unknown one: the composer's error
+            return super().compose_node(parent, index)
+        if self._depth >= YAML_MAX_DEPTH:
+            raise _YAMLLimit(f"lists and mappings nested more than {YAML_MAX_DEPTH} deep (at line "
+                             f"{event.start_mark.line + 1})")
+        anchor, before = event.anchor, self._values
+        self._count(1, event.start_mark)
+        self._depth += 1
+        if anchor is not None:
+            self._open.add(anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            self._open.discard(anchor)
+        if anchor is not None:
+            self._sizes[anchor] = self._values - before
+        return node
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """The plain data of one YAML document, read within the limits of :class:`_BoundedLoader`; any
+    problem is a short ConfigError starting with ``where``."""
+    loader = None
+    try:
+        loader = _BoundedLoader(text)  # its reader refuses control characters already
+        return loader.get_single_data()
+    except _YAMLLimit as exc:
+        raise ConfigError(f"{where}: refused: {exc}") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a timestamp like 2001-13-45, an int of 5000 digits
+        raise ConfigError(f"{where}: invalid YAML: {_clip(_yaml_problem(exc), 2 * SHOWN_MAX)}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own message spans several, with a
+    snippet of the text)."""
+    mark = getattr(exc, "problem_mark", None)
+    if isinstance(exc, yaml.MarkedYAMLError) and mark is not None:
+        said = "; ".join(str(part) for part in (exc.context, exc.problem) if part)
+        return f"{said} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
+def read_config_text(path: Path) -> str:
+    """The text of config file ``path``: at most :data:`CONFIG_MAX_BYTES` bytes of UTF-8 without NUL
+    bytes, else a ConfigError naming the file (its size, or the first bad byte)."""
+    try:
+        size = path.stat().st_size
+        raw = b""
+        if size <= CONFIG_MAX_BYTES:
+            with path.open("rb") as fh:
+                raw = fh.read(CONFIG_MAX_BYTES + 1)  # bounded: the file may have grown, or report no size (/proc)
+            size = max(size, len(raw))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    if size > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{path}: the file has {size} bytes, more than the {CONFIG_MAX_BYTES} a config file "
+                          "may have")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start} is {raw[exc.start]:#04x}); a config "
+                          "is YAML text") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: a NUL byte at offset {raw.index(0)}: a binary file, not YAML text")
+    return text
+
+
 def parse_overrides(entries: typing.Sequence[str], flag: str = "--set") -> dict[str, Any]:
     """``["annotate.seed=7", "grpo.cfg_mode=both"]`` -> nested plain data ``{"annotate": {"seed": 7}, ...}``;
     each value is read as YAML (``[a, b]`` is a list, ``null`` None). A malformed entry is a ConfigError
@@ -664,16 +815,16 @@ def parse_overrides(entries: typing.Sequence[str], flag: str = "--set") -> dict[
         key, sep, text = entry.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
-            raise ConfigError(f"{flag} {entry!r}: expected KEY=VALUE (a dotted KEY for a nested key)")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{flag} {entry!r}: the value is not YAML: {exc}") from None
+            raise ConfigError(f"{flag} {_shown(entry)}: expected KEY=VALUE (a dotted KEY for a nested key)")
+        if len(text) > CONFIG_MAX_BYTES:
+            raise ConfigError(f"{flag} {_shown(entry)}: the value has {len(text)} characters, more than the "
+                              f"{CONFIG_MAX_BYTES} of a whole config file")
+        value = parse_yaml(text, f"{flag} {_shown(entry)}")
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{flag} {entry!r}: {part} is given a value and keys")
+                raise ConfigError(f"{flag} {_shown(entry)}: {_clip(part)} is given a value and keys")
         node[parts[-1]] = value
     return out
 
@@ -692,16 +843,16 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> FlowR
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    data = parse_yaml(read_config_text(path), str(path))
     if data is None:
         raise ConfigError(f"{path}: config file is empty")
     where = str(path)
     if overrides:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {_show(data)}")
         data = merge_data(data, parse_overrides(overrides))
-        where = f"{path} with {' '.join(f'--set {shlex.quote(o)}' for o in overrides)}"
+        given = ' '.join(f'--set {shlex.quote(_clip(o))}' for o in overrides)
+        where = f"{path} with {_clip(given, 2 * SHOWN_MAX)}"
     try:
         config = from_dict(FlowRLConfig, data)
     except ConfigError as exc:
@@ -717,7 +868,7 @@ def name_value_pairs(entries: tuple[str, ...], key: str, form: str = "NAME=VALUE
     for i, entry in enumerate(entries):
         name, sep, value = entry.partition("=")
         if not sep or not name.strip() or not value.strip():
-            raise ConfigError(f"{key}[{i}]: expected {form}, got {entry!r}")
+            raise ConfigError(f"{key}[{i}]: expected {form}, got {_shown(entry)}")
         pairs.append((name.strip(), value.strip()))
     return pairs
 
@@ -749,9 +900,9 @@ def pillar_sources(entries: tuple[str, ...], key: str = "bench.scorers") -> dict
     out: dict[str, tuple[str, str]] = {}
     for i, (pillar, source) in enumerate(name_value_pairs(entries, key, "PILLAR=SOURCE")):
         if pillar not in BENCH_PILLARS:
-            raise ConfigError(f"{key}[{i}]: unknown pillar {pillar!r} (pillars: {', '.join(BENCH_PILLARS)})")
+            raise ConfigError(f"{key}[{i}]: unknown pillar {_shown(pillar)} (pillars: {', '.join(BENCH_PILLARS)})")
         if pillar in out:
-            raise ConfigError(f"{key}[{i}]: pillar {pillar!r} is given twice")
+            raise ConfigError(f"{key}[{i}]: pillar {_shown(pillar)} is given twice")
         task, sep, name = source.partition("/")
         if source == "ssim":
             if pillar != "identity":
@@ -760,11 +911,11 @@ def pillar_sources(entries: tuple[str, ...], key: str = "bench.scorers") -> dict
         elif sep and task in ("t2i", "edit") and name and "/" not in name:
             if task != _PILLAR_TASK[pillar]:
                 raise ConfigError(f"{key}[{i}]: {pillar} is scored by a {_PILLAR_TASK[pillar]} scorer "
-                                  f"({_PILLAR_TASK[pillar]}/DIRECTORY), got {entries[i]!r}")
+                                  f"({_PILLAR_TASK[pillar]}/DIRECTORY), got {_shown(entries[i])}")
             out[pillar] = (task, safe_name(name, f"{key}[{i}]"))  # a directory of the reward_model artifact
         else:
             raise ConfigError(f"{key}[{i}]: expected {pillar}=TASK/DIRECTORY (TASK t2i or edit, e.g. t2i/pairwise)"
-                              f"{' or identity=ssim' if pillar == 'identity' else ''}, got {entries[i]!r}")
+                              f"{' or identity=ssim' if pillar == 'identity' else ''}, got {_shown(entries[i])}")
     missing = [p for p in BENCH_PILLARS if p not in out]
     if missing:
         raise ConfigError(f"{key}: no source for pillar {missing[0]!r} (every one of {', '.join(BENCH_PILLARS)} "
@@ -781,7 +932,7 @@ def category_weights(entries: tuple[str, ...], key: str) -> dict[str, float]:
         except ValueError:
             weight = -1.0
         if weight <= 0:
-            raise ConfigError(f"{key}[{i}]: expected CATEGORY=POSITIVE_WEIGHT, got {entries[i]!r}")
+            raise ConfigError(f"{key}[{i}]: expected CATEGORY=POSITIVE_WEIGHT, got {_shown(entries[i])}")
         out[name] = weight
     return out
 
@@ -813,7 +964,8 @@ def check_consistency(config: FlowRLConfig) -> None:
     for key in ("t2i_criteria", "edit_criteria"):
         for name in getattr(r, key):
             if name not in ("alignment", "quality", "fidelity"):
-                raise ConfigError(f"reward_model.{key}: unknown criterion {name!r} (alignment, quality, fidelity)")
+                raise ConfigError(f"reward_model.{key}: unknown criterion {_shown(name)} (alignment, quality, "
+                                  "fidelity)")
     g = config.grpo
     if g.timesteps == "subset":
         from flowrl.rl.rollout import timestep_window  # the one definition of the window (imports torch)
@@ -838,15 +990,19 @@ def check_consistency(config: FlowRLConfig) -> None:
         )
     if g.trainable and g.zero_stage > 0:
         raise ConfigError(
-            f"grpo.trainable: {list(g.trainable)} trains a subset of the parameters, which grpo.zero_stage = "
+            f"grpo.trainable: {_shown(list(g.trainable))} trains a subset of the parameters, which grpo.zero_stage = "
             f"{g.zero_stage} does not support (its checkpoints hold AdamW moments for every parameter); use "
             "zero_stage 0 or leave trainable empty"
         )
+    if g.reward_url is not None and g.reward_token_env and "@" in g.reward_url.split("://", 1)[-1].split("/", 1)[0]:
+        raise ConfigError("grpo.reward_url: carries user:password credentials and grpo.reward_token_env names a "
+                          "bearer token; a request can carry one of them: drop one")
     if g.reward_gpus and (g.reward_backend != "server" or g.reward_url is not None):
         raise ConfigError(
             f"grpo.reward_gpus: {g.reward_gpus} GPUs for a sidecar reward server, which only "
             "grpo.reward_backend: server with grpo.reward_url null starts (got reward_backend "
-            f"{g.reward_backend}, reward_url {g.reward_url or 'null'}); set grpo.reward_gpus to 0"
+            f"{g.reward_backend}, reward_url {_clip(g.reward_url or 'null')}); set "
+            "grpo.reward_gpus to 0"
         )
     if g.reward_gpus and config.launch.grpo.gpus == 0:
         raise ConfigError(f"grpo.reward_gpus: {g.reward_gpus} GPUs after the training processes' GPUs, and "
@@ -937,7 +1093,8 @@ def _check_lora(config: FlowRLConfig) -> None:
                 "the adapters while the frozen base they sit in stays whole on every rank; use zero_stage 0 (DDP) "
                 "or 1-2 (the adapters' AdamW states and gradients partitioned), or rank 0 for full-parameter ZeRO-3")
     if config.grpo.trainable:
-        raise ConfigError(f"grpo.trainable: {list(config.grpo.trainable)} selects transformer weights to train, and "
+        raise ConfigError(f"grpo.trainable: {_shown(list(config.grpo.trainable))} selects transformer weights to "
+                          "train, and "
                           f"with LoRA (model.qwen_image.lora.rank {lora.rank}) only the adapters train; leave it empty")
     if config.grpo.reference_device != "same":
         raise ConfigError(f"grpo.reference_device: {config.grpo.reference_device} places the full-parameter "
@@ -958,10 +1115,10 @@ def secret_requests(entries: tuple[str, ...], key: str = "launch.secrets") -> li
     for i, (env, ref) in enumerate(name_value_pairs(entries, key, "ENV_VAR=GROUP/KEY")):
         group, sep, name = ref.partition("/")
         if not _ENV_VAR.match(env):
-            raise ConfigError(f"{key}[{i}]: {env!r} is not an environment variable name")
+            raise ConfigError(f"{key}[{i}]: {_shown(env)} is not an environment variable name")
         if not sep or not _SECRET_PART.match(group) or not _SECRET_PART.match(name):
             raise ConfigError(f"{key}[{i}]: expected ENV_VAR=GROUP/KEY (lower-case Kubernetes names), got "
-                              f"{entries[i]!r}")
+                              f"{_shown(entries[i])}")
         if env in seen:
             raise ConfigError(f"{key}[{i}]: {env} is given twice")
         seen.add(env)
@@ -984,7 +1141,7 @@ def check_launch(config: FlowRLConfig) -> None:
             value = getattr(sec, name)
             if value is not None and not _QUANTITY.match(value):
                 raise ConfigError(f"launch.{stage}.{name}: expected a Kubernetes quantity such as "
-                                  f"{'8' if name == 'cpu' else '64Gi'}, got {value!r}")
+                                  f"{'8' if name == 'cpu' else '64Gi'}, got {_shown(value)}")
         if stage not in TRAINING_STAGES:
             for name in ("nodes", "procs"):
                 if getattr(sec, name) != 1:
@@ -996,7 +1153,7 @@ def check_launch(config: FlowRLConfig) -> None:
     if launch.registry is not None and (not launch.registry.strip() or launch.registry != launch.registry.strip()
                                         or launch.registry.endswith("/") or "://" in launch.registry):
         raise ConfigError(f"launch.registry: expected a registry and path such as ghcr.io/acme/flowrl, got "
-                          f"{launch.registry!r}")
+                          f"{_shown(launch.registry)}")
     if is_local_path(config.run.artifact_root):
         return
     # the artifacts live in object storage: the stages run in pods, which see none of the submitter's files
@@ -1010,7 +1167,7 @@ def check_launch(config: FlowRLConfig) -> None:
     }
     for key, value in files.items():
         if value and is_local_path(value):
-            raise ConfigError(f"{key}: {value!r} is a path on this machine, and run.artifact_root "
+            raise ConfigError(f"{key}: {_shown(value)} is a path on this machine, and run.artifact_root "
                               f"({config.run.artifact_root}) is object storage: the stages run in pods that cannot "
                               "read it; upload the file and give its URI (s3://...)")
 
@@ -1024,7 +1181,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     unknown = sorted(map(str, set(data) - set(fields)))
     if unknown:
         raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(sorted(fields))})"
+            f"{prefix}{_clip(unknown[0])}: unknown key (allowed: {', '.join(sorted(fields))})"
         )
     hints = typing.get_type_hints(cls)
     values = {}
@@ -1078,6 +1235,9 @@ def _scalar(tp: type, value: Any, key: str, bounds: dict[str, float]) -> Any:
         raise TypeError(f"{key}: unsupported config type {tp}")
     if not ok or not _in_bounds(value, bounds):
         raise ConfigError(f"{key}: expected {expected}, got {_show(value)}")
+    cap = bounds.get("cap", INT_MAX if "le" not in bounds and "lt" not in bounds else None)
+    if tp is int and cap is not None and abs(value) > cap:
+        raise ConfigError(f"{key}: expected int{_describe({**bounds, 'le': cap})}, got {_show(value)}")
     return value
 
 
@@ -1095,7 +1255,7 @@ def _in_bounds(value: float, b: dict[str, float]) -> bool:
 
 
 def _describe(b: dict[str, float]) -> str:
-    b = {k: v for k, v in b.items() if k != "nonempty"}
+    b = {k: v for k, v in b.items() if k not in ("nonempty", "cap")}
     if not b:
         return ""
     lo = f"({b['gt']}" if "gt" in b else f"[{b['ge']}" if "ge" in b else None
@@ -1108,7 +1268,44 @@ def _describe(b: dict[str, float]) -> str:
 
 
 def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+    return _shown(value) if isinstance(value, str) else f"{_shown(value)} ({type(value).__name__})"
+
+
+_REPR = reprlib.Repr()  # containers show their first items, a few levels deep
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, SHOWN_MAX, SHOWN_MAX, SHOWN_MAX
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 6
+
+
+def _head(text: str, limit: int = SHOWN_MAX) -> str:
+    """The first ``limit`` characters of ``text``. A cut inside a URL's authority masks what it kept of
+    it, which may be part of a password that flowrl.redact no longer recognises as one."""
+    head = text[:limit]
+    scheme = head.rfind("://")
+    if len(text) > limit and scheme >= 0 and not re.search(r"[\s/?#@]", head[scheme + 3:]):
+        head = head[:scheme + 3] + "***"
+    return head
+
+
+def _clip(text: str, limit: int = SHOWN_MAX) -> str:
+    """``text`` cut to ``limit`` characters (:func:`_head`), saying how long it was."""
+    return text if len(text) <= limit else f"{_head(text, limit)}... ({len(text)} characters)"
+
+
+def _shown(value: Any) -> str:
+    """The repr of a user's value for an error message, about :data:`SHOWN_MAX` characters at most
+    whatever its size: a long string is cut (saying how long it was), a large list or mapping shows
+    its first items (saying how many it had)."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= SHOWN_MAX else f"{_head(value)!r}... ({len(value)} characters)"
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int past Python's limit of digits for str()
+        return f"<an integer of {value.bit_length()} bits>"
+    if len(text) > SHOWN_MAX:
+        text = text[:SHOWN_MAX] + "..."
+    if isinstance(value, (list, tuple, dict)) and len(value) > 6:
+        text += f" ({len(value)} items)"
+    return text
 
 
 def describe_fields(cls: type = FlowRLConfig, prefix: str = "") -> list[tuple[str, str, str]]:

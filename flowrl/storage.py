@@ -50,6 +50,8 @@ from typing import Callable, TypeVar
 
 import fsspec
 
+from flowrl.redact import redact, redact_url
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 PARTIAL_DIR = ".partial"  # local stores: versions being built, under the root
@@ -59,6 +61,9 @@ _T = TypeVar("_T")
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, incomplete or corrupted; the message names it."""
+
+    def __init__(self, *args: object) -> None:  # no credential of a URL in an error line (flowrl.redact)
+        super().__init__(*(redact_url(a) if isinstance(a, str) else a for a in args))
 
 
 # what a path inside an artifact may be: bounded in all and per segment (the usual filesystem limit)
@@ -240,7 +245,7 @@ def content_stamp(uri: str) -> str:
     same path misses the cache: a local file's SHA-256; an object's ETag (or checksum) from its
     store's listing, without reading it; "missing" when there is no such file (the stage's own
     checks name it)."""
-    fs, path = fsspec.core.url_to_fs(str(uri))
+    fs, path = url_to_fs(str(uri))
     try:
         if _is_local(fs):
             return "sha256:" + sha256_file(path)
@@ -316,10 +321,29 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols
 
 
+def refuse_credentials(uri: str) -> None:
+    """ArtifactError for a URI with credentials in it (``s3://KEY:SECRET@bucket``): an artifact's URI is
+    printed, tagged and written into manifests, and s3fs would take them for the bucket's name."""
+    if redact_url(uri) != uri:
+        raise ArtifactError(f"{redact_url(uri)}: an artifact URI may not carry credentials (user:password@ or a "
+                            "token in its query); give them through the environment (AWS_ACCESS_KEY_ID, "
+                            "AWS_SECRET_ACCESS_KEY, ...) or the store's own configuration")
+
+
+def url_to_fs(uri: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem and path of ``uri``; an ArtifactError naming ``uri`` when its protocol is
+    unknown or the package serving it is not installed (bad input, not a bug), or credentials in it."""
+    refuse_credentials(uri)
+    try:
+        return fsspec.core.url_to_fs(uri, **storage_options)
+    except (ValueError, ImportError) as exc:  # "Protocol not known: foo", "Install s3fs to access S3"
+        raise ArtifactError(f"{uri}: {exc}") from None
+
+
 def _fs_and_path(uri: str, fs: fsspec.AbstractFileSystem | None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem to use for ``uri`` (``fs`` when given, so a store's
     storage options apply) and the path inside it."""
-    url_fs, path = fsspec.core.url_to_fs(uri)
+    url_fs, path = url_to_fs(uri)
     return (fs or url_fs), path
 
 
@@ -418,7 +442,7 @@ class ArtifactStore:
         if "://" not in root:
             root = str(Path(root).resolve())
         self.root = root
-        self.fs, self._root_path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        self.fs, self._root_path = url_to_fs(root, **(storage_options or {}))
         self.retry_s = _default_retry_s() if retry_s is None else retry_s
 
     def uri(self, stage: str, version: str) -> str:
@@ -478,7 +502,7 @@ class ArtifactStore:
         local = _is_local(self.fs)
         manifest = Manifest(
             stage=stage, version=version, config_hash=config_hash, code_version=code or code_version(),
-            inputs=dict(inputs), files=files, created_unix=time.time(), extra=dict(extra or {}),
+            inputs=redact(dict(inputs)), files=files, created_unix=time.time(), extra=redact(dict(extra or {})),
             payload="" if local else f".payload-{token}",
         )
         if local:

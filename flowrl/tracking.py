@@ -27,18 +27,21 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 from flowrl.config import FlowRLConfig
+from flowrl.redact import is_secret_key, redact_url
+from flowrl.redact import redact as redact_values
 from flowrl.storage import file_uri
 
 log = logging.getLogger(__name__)
 
-# Keys never logged as params, whatever section they appear in: these names,
-# or any key ending in "_" + one of them (api_token, aws_secret_access_key...).
-_SECRET_NAMES = ("secret", "password", "token", "credentials", "access_key", "secret_key", "api_key")
-# The userinfo of a URL (scheme://user:password@host): never logged, whatever key holds it.
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#@\s]+@")
+# Keys never logged as params, whatever section they appear in: flowrl.redact.SECRET_NAMES (password,
+# api_token, aws_secret_access_key...). The credentials of URLs (scheme://user:password@host, ?token=...)
+# are masked in every param, tag and error message, whatever key holds them (flowrl.redact).
+redact = redact_url  # text -> text with URL credentials masked
 
 # MLflow's own convention: the tracking URI from the environment when nothing else names one.
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+# MLflow's variables for a tracking server's basic auth, read by its client on every request.
+_USERNAME_ENV, _PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Set in a container image (with the image's tag) to record which image a run ran in.
 IMAGE_ENV = "FLOWRL_IMAGE_TAG"
@@ -80,16 +83,6 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return os.environ.get(TRACKING_ENV, "").strip() or DEFAULT_TRACKING_URI
 
 
-def redact(text: str) -> str:
-    """``text`` with the credentials of any URL in it replaced (``http://***@host``)."""
-    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
-
-
-def _is_secret(key: str) -> bool:
-    key = key.lower()
-    return any(key == name or key.endswith("_" + name) for name in _SECRET_NAMES)
-
-
 def _param_value(value: Any) -> str:
     return redact(json.dumps(value) if isinstance(value, (list, tuple)) else str(value))
 
@@ -100,7 +93,7 @@ def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
-        if _is_secret(key):
+        if is_secret_key(key):
             continue
         if isinstance(value, dict):
             flat.update(flatten_params(value, path + "."))
@@ -118,7 +111,7 @@ def section_params(data: dict[str, Any], sections: tuple[str, ...] | list[str]) 
             if not isinstance(value, dict) or part not in value:
                 raise KeyError(f"config section {name!r}: no such key in the config")
             value = value[part]
-        if any(_is_secret(part) for part in name.split(".")):
+        if any(is_secret_key(part) for part in name.split(".")):
             continue
         if isinstance(value, dict):
             flat.update(flatten_params(value, name + "."))
@@ -258,13 +251,14 @@ class MLflowTracker:
     ``parent_run_id`` nests the stage run under a pipeline run; a stage run that fails ends that
     pipeline run FAILED too (a retry of the same stage opens it again). ``tags`` go on every run it
     opens (e.g. the Flyte execution id), beside :func:`source_tags`. An empty ``tracking_uri``
-    means ``$MLFLOW_TRACKING_URI`` (:func:`resolve_tracking_uri`).
+    means ``$MLFLOW_TRACKING_URI`` (:func:`resolve_tracking_uri`); its ``user:password@``, if any,
+    goes to MLflow's basic-auth variables and ``self.tracking_uri`` is the URI without it.
     """
 
     def __init__(self, tracking_uri: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None):
         from mlflow.tracking import MlflowClient  # heavy import: only when tracking
 
-        self.tracking_uri = _resolve_sqlite(resolve_tracking_uri(tracking_uri))
+        self.tracking_uri = _credentials_to_env(_resolve_sqlite(resolve_tracking_uri(tracking_uri)))
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.parent_run_id = parent_run_id
         self.run_tags = {**source_tags(), **{k: v for k, v in (tags or {}).items() if v}}
@@ -428,7 +422,7 @@ class MLflowTracker:
         experiments = [e.experiment_id for e in self.client.search_experiments()]
         if not experiments:
             return None
-        quoted = uri.replace("'", "\\'")
+        quoted = redact(uri).replace("'", "\\'")  # tags hold URIs without their credentials
         runs = self.client.search_runs(
             experiments, filter_string=f"tags.`flowrl.artifact_uri` = '{quoted}' and attributes.status = 'FINISHED'",
             max_results=1, order_by=["attributes.start_time DESC"])
@@ -443,7 +437,7 @@ class MLflowTracker:
             versions = self.client.search_model_versions(f"name = '{quoted}'")
         except MlflowException:
             return []
-        return [v for v in versions if v.tags.get("flowrl.artifact_uri", v.source) == uri]
+        return [v for v in versions if v.tags.get("flowrl.artifact_uri", v.source) == redact(uri)]
 
     def _model_source(self, run_id: str, uri: str) -> str:
         """The model version's source: the artifact's own URI where the registry takes it (object
@@ -462,7 +456,7 @@ class MLflowTracker:
             return
         try:
             manifest = asdict(read_manifest(uri))
-            manifest["inputs"] = {k: redact(v) for k, v in manifest["inputs"].items()}
+            manifest = redact_values(manifest)
         except ArtifactError as exc:  # the URI alone still says where the model is
             log.warning("model reference of run %s: %s", run_id, exc)
             manifest = None
@@ -493,8 +487,8 @@ class MLflowTracker:
                     name, description=f"flowrl {REGISTERED_ROLES[stage]} ({stage} stage)")
             self._log_model_reference(run_id, uri)
             version = self.client.create_model_version(
-                name, source=self._model_source(run_id, uri), run_id=run_id,
-                tags={"flowrl.stage": stage, "flowrl.artifact_uri": uri,
+                name, source=redact(self._model_source(run_id, uri)), run_id=run_id,
+                tags={"flowrl.stage": stage, "flowrl.artifact_uri": redact(uri),
                       "flowrl.version": run.data.tags.get("flowrl.version", "")}).version
         entry = f"{name}/{version}"
         if run.data.tags.get("flowrl.registered_model") != entry:
@@ -518,7 +512,7 @@ class MLflowTracker:
         if run_id:
             try:
                 run = self.client.get_run(run_id)
-                if run.info.status == "FINISHED" and run.data.tags.get("flowrl.artifact_uri") == uri:
+                if run.info.status == "FINISHED" and run.data.tags.get("flowrl.artifact_uri") == redact(uri):
                     producer = run_id
             except MlflowException:  # made against another tracking store
                 pass
@@ -624,6 +618,43 @@ class TrackingUnavailable(RuntimeError):
     """The configured MLflow tracking server cannot be reached; the message names the key and URI."""
 
 
+def _split_userinfo(url: str) -> tuple[str, str | None, str | None]:
+    """(``url`` without its ``user:password@``, the user, the password), percent-decoded."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None, None
+    user, _, password = parts.netloc.rpartition("@")[0].partition(":")
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), unquote(user), unquote(password)
+
+
+def _without_userinfo(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without its ``user:password@`` and the HTTP basic-auth header that carries them instead
+    (urllib would take the userinfo for part of the host name)."""
+    import base64
+
+    bare, user, password = _split_userinfo(url)
+    if user is None:
+        return url, {}
+    return bare, {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def _credentials_to_env(uri: str) -> str:
+    """An http(s) tracking URI without its ``user:password@``, which go to MLflow's own basic-auth
+    variables (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) instead: MLflow prints its tracking
+    URI ("View run ... at") and puts it in its errors, never those variables."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    bare, user, password = _split_userinfo(uri)
+    if user is None:
+        return uri
+    os.environ[_USERNAME_ENV], os.environ[_PASSWORD_ENV] = user, password or ""
+    log.info("run.tracking_uri: the user and password in the URI are handed to MLflow as %s / %s",
+             _USERNAME_ENV, _PASSWORD_ENV)
+    return bare
+
+
 def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """For an http(s) tracking URI, fail fast (before a stage's work) when the server does not answer."""
     tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -632,9 +663,9 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
-    url = tracking_uri.rstrip("/") + "/health"
+    url, headers = _without_userinfo(tracking_uri.rstrip("/") + "/health")
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
             if response.status == 200:
                 return
             problem = f"HTTP {response.status}"

@@ -22,6 +22,7 @@ before its resolver runs) the defaults of :class:`flowrl.config.LaunchConfig` ap
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -35,6 +36,7 @@ from flytekit import Resources, Secret, task
 from flytekit.core.base_task import TaskResolverMixin
 from flytekit.core.python_auto_container import PythonAutoContainerTask
 from flytekit.core.tracker import TrackedInstance, extract_task_module
+from flytekit.exceptions.user import FlyteUserException
 
 from flowrl.config import TRAINING_STAGES, FlowRLConfig, LaunchConfig, load_config, secret_requests
 
@@ -223,6 +225,36 @@ def elastic(nodes: int, procs: int):
 _BUILT: list[PythonAutoContainerTask] = []
 
 
+class FlowRLUserError(FlyteUserException):
+    """A task stopped by bad input (config, artifact, credential, path): the message is the one line
+    the ``flowrl`` CLI prints for it (exit status 2 there), without the library's traceback."""
+
+    _ERROR_CODE = "USER:FlowRLBadInput"
+
+
+def user_error_boundary(fn: Callable) -> Callable:
+    """``fn`` with the CLI's error boundary: a user error (:data:`flowrl.cli.USER_ERRORS`) becomes a
+    :class:`FlowRLUserError` naming the task and what was wrong; anything else (a bug) is raised as it
+    is, with its traceback."""
+    if getattr(fn, "_flowrl_boundary", False):  # the resolver rebuilds tasks from the wrapped function
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            from flowrl.cli import USER_ERRORS, one_line
+            from flowrl.redact import redact_url
+
+            if isinstance(exc, USER_ERRORS):
+                raise FlowRLUserError(f"{fn.__name__}: {one_line(redact_url(str(exc)))}") from None
+            raise
+
+    run._flowrl_boundary = True
+    return run
+
+
 def build_task(fn: Callable, stage: str, launch: TaskLaunch, options: dict[str, Any]) -> PythonAutoContainerTask:
     """The Flyte task running ``fn`` with ``launch``; ``options``: the other @task arguments (cache, retries)."""
     kwargs = dict(options, container_image=launch.image, requests=launch.resources(), task_resolver=resolver,
@@ -233,7 +265,7 @@ def build_task(fn: Callable, stage: str, launch: TaskLaunch, options: dict[str, 
     if stage in TRAINING_STAGES:
         # /dev/shm as a memory-backed volume, for the workers' DataLoader and NCCL
         kwargs.update(task_config=elastic(launch.nodes, launch.procs), shared_memory=True)
-    built = task(fn, **kwargs)
+    built = task(user_error_boundary(fn), **kwargs)
     built._flowrl_launch = (stage, launch, options)
     _BUILT.append(built)
     return built

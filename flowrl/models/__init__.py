@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flowrl.config import ConfigError, FlowRLConfig, ShapesModelConfig, from_dict
@@ -68,39 +70,107 @@ def load_checkpoint(
     """Rebuild a model saved by :func:`save_checkpoint` (safetensors only, never pickle).
 
     ``cfg_renorm`` is the caller's ``sampler.cfg_renorm``: a sampling choice,
-    so it is not stored with the weights.
+    so it is not stored with the weights. ``model.json`` is checked against its
+    schema (:func:`read_checkpoint_meta`) before anything is allocated.
     """
-    from flowrl.models.shapes_dit import ShapesDiT, ShapesFlowModel
+    from flowrl.models.shapes_dit import ShapesDiT, ShapesFlowModel, shapes_parameter_count
 
     directory = Path(directory)
     meta_path, weights_path = directory / CHECKPOINT_META, directory / CHECKPOINT_WEIGHTS
     for path in (meta_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"{directory}: missing {path.name}")
+    arch, resolution = read_checkpoint_meta(meta_path, expected_family)
     try:
-        meta = json.loads(meta_path.read_text())
-        family = meta["family"]
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({exc})") from None
-    if expected_family and family != expected_family:
-        raise CheckpointError(f"{directory}: checkpoint family {family!r}, expected {expected_family!r}")
-    if family != "shapes":
-        raise CheckpointError(f"{meta_path}: unknown model family {family!r}")
-    try:
-        arch = from_dict(ShapesModelConfig, meta["shapes"], "shapes.")
-    except (ConfigError, KeyError) as exc:
-        raise CheckpointError(f"{meta_path}: {exc}") from None
-    net = ShapesDiT(arch, int(meta["resolution"]))
+        with safe_open(str(weights_path), "pt") as handle:  # reads the header alone
+            stored = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{weights_path}: unreadable safetensors file ({str(exc)[:200]})") from None
+    # the model model.json asks for is built only when the file holds as many elements: a small file
+    # cannot make this process allocate a large model
+    needed = shapes_parameter_count(arch, resolution)
+    if stored < needed:
+        raise CheckpointError(f"{weights_path}: weights do not fit the model: {meta_path.name} describes "
+                              f"{needed} parameters, the file holds {stored} elements")
+    net = ShapesDiT(arch, resolution)
     try:
         state = load_file(weights_path)
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"{weights_path}: unreadable safetensors file ({exc})") from None
+        raise CheckpointError(f"{weights_path}: unreadable safetensors file ({str(exc)[:200]})") from None
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{weights_path}: weights do not fit the model: {exc}") from None
     net.eval()
     return ShapesFlowModel(net, cfg_renorm=cfg_renorm)
+
+
+# The schema of a shapes checkpoint's model.json. It is read from an artifact, so it is untrusted: the
+# ``shapes`` keys within their config bounds (flowrl.config.ShapesModelConfig), a resolution of at most
+# MODEL_JSON_MAX_RESOLUTION (world.resolution is 32 or 64) and a model of at most MAX_SHAPES_PARAMETERS;
+# a model.json asking for more is refused before a tensor is allocated.
+MODEL_JSON_MAX_BYTES = 64 * 1024
+MODEL_JSON_MAX_RESOLUTION = 256
+MAX_SHAPES_PARAMETERS = 1 << 30  # 4 GiB of fp32 weights, some 500 times the shipped shapes model
+_MODEL_JSON_KEYS = ("family", "resolution", "shapes")
+MODEL_FAMILIES = ("shapes", "qwen_image")
+
+
+def read_checkpoint_meta(meta_path: Path, expected_family: str | None = None) -> tuple[ShapesModelConfig, int]:
+    """(architecture, resolution) of a shapes checkpoint's ``model.json``, validated: a JSON object with
+    exactly the keys ``family`` (a known family, ``expected_family`` when given), ``resolution`` (an
+    integer in 1..:data:`MODEL_JSON_MAX_RESOLUTION`) and ``shapes`` (:class:`ShapesModelConfig`, its bounds), the
+    keys consistent with each other (as the config's own rules require) and the model at most
+    :data:`MAX_SHAPES_PARAMETERS`; else a CheckpointError naming the file and the field."""
+    from flowrl.models.shapes_dit import shapes_parameter_count
+
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{meta_path}: {field}: {why}")
+
+    size = meta_path.stat().st_size
+    if size > MODEL_JSON_MAX_BYTES:
+        raise CheckpointError(f"{meta_path}: {size} bytes, more than a checkpoint's metadata may hold "
+                              f"({MODEL_JSON_MAX_BYTES})")
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({str(exc)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    for key in _MODEL_JSON_KEYS:
+        if key not in meta:
+            raise bad(key, "required key missing")
+    unknown = sorted(str(k) for k in meta if k not in _MODEL_JSON_KEYS)
+    if unknown:
+        raise bad(unknown[0][:80], f"unknown key (allowed: {', '.join(_MODEL_JSON_KEYS)})")
+    family = meta["family"]
+    if not isinstance(family, str) or family not in MODEL_FAMILIES:
+        raise bad("family", f"expected one of {list(MODEL_FAMILIES)}, got {_short(family)}")
+    if expected_family and family != expected_family:
+        raise CheckpointError(f"{meta_path.parent}: checkpoint family {family!r}, expected {expected_family!r}")
+    if family != "shapes":
+        raise bad("family", f"{family!r} checkpoints are not stored as {CHECKPOINT_META}")
+    resolution, limit = meta["resolution"], MODEL_JSON_MAX_RESOLUTION
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or not 1 <= resolution <= limit:
+        raise bad("resolution", f"expected an integer in 1..{limit}, got {_short(resolution)}")
+    try:
+        arch = from_dict(ShapesModelConfig, meta["shapes"], "shapes.")
+    except ConfigError as exc:
+        raise CheckpointError(f"{meta_path}: {str(exc)[:300]}") from None
+    if arch.width % arch.heads or (arch.width // arch.heads) % 4:
+        raise bad("shapes.heads", f"{arch.heads} must divide shapes.width {arch.width} into heads of a multiple of 4")
+    if resolution % arch.patch:
+        raise bad("shapes.patch", f"{arch.patch} does not divide resolution {resolution}")
+    count = shapes_parameter_count(arch, resolution)
+    if count > MAX_SHAPES_PARAMETERS:
+        raise CheckpointError(f"{meta_path}: describes a model of {count} parameters, more than the "
+                              f"{MAX_SHAPES_PARAMETERS} a shapes checkpoint may have")
+    return arch, resolution
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def count_parameters(model: FlowModel) -> int:

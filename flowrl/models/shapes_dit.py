@@ -77,6 +77,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
+def shapes_parameter_count(config: ShapesModelConfig, resolution: int) -> int:
+    """Parameters of ``ShapesDiT(config, resolution)``, without building it (what a checkpoint's
+    ``model.json`` asks to allocate)."""
+    w, p, hc = config.width, config.patch, config.head_channels
+    patch_dim = 3 * p * p
+    linear = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731  weight and bias
+    block = linear(w, 3 * w) + linear(w, w) + linear(w, 4 * w) + linear(4 * w, w) + linear(w, 6 * w)
+    return (
+        2 * linear(patch_dim, w)  # patch_in, source_in
+        + (resolution // p) ** 2 * w + w  # image_pos, source_type
+        + (len(vocab.VOCAB) + vocab.MAX_PROMPT_TOKENS) * w  # word, text_pos
+        + 2 * linear(w, w) + linear(w, w)  # time_mlp, text_pool
+        + config.depth * block
+        + linear(w, 2 * w) + linear(w, hc * p * p)  # out_modulation, patch_out
+        + hc * 3 * 9 + 3  # conv_out
+    )
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with adaLN shift/scale/gate modulation."""
 

@@ -89,8 +89,18 @@ def _image_problem(value: object) -> str | None:
     return None
 
 
+def _is_collection(value: object) -> bool:
+    """A cell holding several values (parquet list columns read back as arrays) where one is expected."""
+    return isinstance(value, (list, tuple, dict, set, np.ndarray))
+
+
 def _row_problems(row: pd.Series, kind: Literal["pointwise", "pairwise"]) -> list[tuple[str, str]]:
     """(field, message) for every problem of one row."""
+    columns = POINTWISE_COLUMNS if kind == "pointwise" else PAIRWISE_COLUMNS
+    nested = [(name, f"expected a single value, got a {type(row[name]).__name__} of {len(row[name])} item(s)")
+              for name in (*columns, "group", "rationale") if name in row.index and _is_collection(row[name])]
+    if nested:  # the checks below compare single values
+        return nested
     problems = []
     task = row["task"]
     if task not in TASKS:
@@ -163,7 +173,9 @@ def load_annotations(
         for field, message in _row_problems(row, kind):
             errors.append(f"{path}: row {index}: {field}: {message}")
             bad.add(index)
-    duplicated = frame["id"].duplicated(keep="first").to_numpy()
+    # a list-valued id is already a bad row; it stands in as a value equal to no other
+    ids = pd.Series([object() if _is_collection(v) else v for v in frame["id"]], dtype=object)
+    duplicated = ids.duplicated(keep="first").to_numpy()
     for index in np.flatnonzero(duplicated):
         errors.append(f"{path}: row {index}: id: duplicate id {frame['id'].iloc[index]!r}")
         bad.add(int(index))
@@ -174,4 +186,7 @@ def load_annotations(
     if errors:
         log.warning("%s: skipping %d bad row(s) of %d (first: %s)", path, len(bad), len(frame), errors[0])
     kept = frame.drop(index=frame.index[sorted(bad)]).reset_index(drop=True)
+    if kept.empty:
+        why = f"all {len(frame)} rows are bad (first: {errors[0][:300]})" if errors else "the table has no rows"
+        raise AnnotationError(f"{path}: 0 usable rows: {why}; a {kind} dataset needs at least one")
     return kept, LoadReport(str(path), len(frame), len(kept), tuple(errors))

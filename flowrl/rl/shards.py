@@ -25,8 +25,10 @@ the plain engine reads (``flowrl consolidate``).
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import BinaryIO
 
 import torch
 
+from flowrl.models import CheckpointError
 from flowrl.storage import ArtifactError
 
 SHARDED = "sharded.json"  # the layout of a sharded checkpoint; its presence marks the format
@@ -194,24 +197,136 @@ def shard_metadata(rank: int, world: int, zero_stage: int, groups: int, fragment
 
 
 def read_shard_metadata(path: Path) -> dict:
+    """The fragments a rank file says it holds, checked against their schema (a ShardError naming the
+    file and the field otherwise)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as handle:
-        raw = (handle.metadata() or {}).get(SHARD_META_KEY)
+    try:
+        with safe_open(str(path), "pt") as handle:
+            raw = (handle.metadata() or {}).get(SHARD_META_KEY)
+    except Exception as exc:  # safetensors raises its own error types for a corrupt file
+        raise ShardError(f"{path}: unreadable safetensors file ({str(exc)[:200]})") from None
     if raw is None:
         raise ShardError(f"{path}: not a flowrl rank file (no {SHARD_META_KEY} metadata)")
-    meta = json.loads(raw)
+    where = f"{path}: {SHARD_META_KEY}"
+    meta = _json_object(raw, where)
+    for key in ("format", "rank", "world", "zero_stage", "groups"):
+        _bounded_int(meta, key, where, MAX_WORLD if key in ("rank", "world") else MAX_COUNT)
+    for key, width in (("fragments", 5), ("frozen", 3)):
+        entries = meta.get(key)
+        if not isinstance(entries, list):
+            raise ShardError(f"{where}: {key}: expected a list, got {type(entries).__name__}")
+        for i, entry in enumerate(entries):
+            if (not isinstance(entry, list) or len(entry) != width or not isinstance(entry[0], str)
+                    or not all(_is_count(v, MAX_ELEMENTS) for v in entry[1:])):
+                raise ShardError(f"{where}: {key}[{i}]: expected [name, {width - 1} integers >= 0], "
+                                 f"got {str(entry)[:80]}")
     meta["fragments"] = [Fragment(*entry) for entry in meta["fragments"]]
     meta["frozen"] = [FrozenPiece(*entry) for entry in meta["frozen"]]
     return meta
 
 
+# Bounds of what a checkpoint's metadata may say (it is read from an artifact: untrusted input).
+MAX_WORLD = 1 << 16  # ranks
+MAX_COUNT = 1 << 20  # format, ZeRO stage, groups, one dimension of a tensor
+MAX_ELEMENTS = 1 << 40  # elements of one tensor, or an offset into one
+LAYOUT_MAX_BYTES = 256 << 20
+
+
+def _is_count(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+def _bounded_int(data: dict, key: str, where: str, limit: int) -> int:
+    value = data.get(key)
+    if not _is_count(value, limit):
+        raise ShardError(f"{where}: {key}: expected an integer in 0..{limit}, got {str(value)[:80]}")
+    return value
+
+
+def _json_object(text: str | bytes, where: str) -> dict:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ShardError(f"{where}: unreadable JSON ({str(exc)[:200]})") from None
+    if not isinstance(data, dict):
+        raise ShardError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_layout(directory: Path) -> dict:
-    """``sharded.json`` of a checkpoint directory."""
-    layout = json.loads((directory / SHARDED).read_text())
+    """``sharded.json`` of a checkpoint directory, checked against its schema: ``format``, ``world``
+    (1..65536), ``zero_stage`` (1..3), ``ema`` (bool), ``params`` ({name, shape, dtype, trained}),
+    ``buffers`` and ``state_keys`` (names); a ShardError naming the file and the field otherwise."""
+    path = directory / SHARDED
+    if path.stat().st_size > LAYOUT_MAX_BYTES:
+        raise ShardError(f"{path}: {path.stat().st_size} bytes, more than a layout may hold ({LAYOUT_MAX_BYTES})")
+    layout = _json_object(path.read_bytes(), str(path))
     if layout.get("format") != SHARD_FORMAT:
-        raise ShardError(f"{directory / SHARDED}: format {layout.get('format')!r}, expected {SHARD_FORMAT}")
+        raise ShardError(f"{path}: format {str(layout.get('format'))[:40]}, expected {SHARD_FORMAT}")
+    if _bounded_int(layout, "world", str(path), MAX_WORLD) < 1:
+        raise ShardError(f"{path}: world: expected at least 1 rank, got 0")
+    if layout.get("zero_stage") not in (1, 2, 3) or isinstance(layout.get("zero_stage"), bool):
+        raise ShardError(f"{path}: zero_stage: expected 1, 2 or 3, got {str(layout.get('zero_stage'))[:40]}")
+    if not isinstance(layout.get("ema"), bool):
+        raise ShardError(f"{path}: ema: expected true or false, got {str(layout.get('ema'))[:40]}")
+    params = layout.get("params")
+    if not isinstance(params, list):
+        raise ShardError(f"{path}: params: expected a list, got {type(params).__name__}")
+    for i, entry in enumerate(params):
+        ok = (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("dtype"), str)
+              and isinstance(entry.get("trained"), bool) and isinstance(entry.get("shape"), list)
+              and all(_is_count(d, MAX_ELEMENTS) for d in entry["shape"]))
+        if not ok:
+            raise ShardError(f"{path}: params[{i}]: expected {{name: str, shape: [int >= 0], dtype: str, "
+                             f"trained: bool}}, got {str(entry)[:80]}")
+        if math.prod(entry["shape"]) > MAX_ELEMENTS:
+            raise ShardError(f"{path}: params[{i}] ({entry['name'][:80]}): shape {entry['shape']} has more than "
+                             f"{MAX_ELEMENTS} elements")
+        if not isinstance(getattr(torch, entry["dtype"], None), torch.dtype):
+            raise ShardError(f"{path}: params[{i}] ({entry['name'][:80]}): unknown dtype {entry['dtype'][:40]!r}")
+    for key in ("buffers", "state_keys"):
+        names = layout.get(key)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ShardError(f"{path}: {key}: expected a list of names, got {str(names)[:80]}")
     return layout
+
+
+def read_trainer_file(path: Path, required: tuple[str, ...]) -> dict:
+    """A checkpoint's ``trainer.pt``: tensors and plain containers only (``weights_only``: a pickle that
+    would build any other object, which could run code, is refused) holding the ``required`` keys and a
+    CPU RNG state ``torch_rng`` of this torch's size; a one-line CheckpointError naming the file otherwise."""
+    try:
+        data = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain containers "
+                              f"(never unpickled, that could run code){': ' + detail[:200] if detail else ''}"
+                              ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable torch file ({first})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a mapping, got {type(data).__name__}")
+    for key in ("torch_rng",) + required:
+        if key not in data:
+            raise CheckpointError(f"{path}: {key}: required key missing")
+    rng, expected = data["torch_rng"], torch.get_rng_state()
+    if not torch.is_tensor(rng) or rng.dtype != torch.uint8 or tuple(rng.shape) != tuple(expected.shape):
+        got = f"{rng.dtype} {tuple(rng.shape)}" if torch.is_tensor(rng) else type(rng).__name__
+        raise CheckpointError(f"{path}: torch_rng: expected a uint8 tensor of shape {tuple(expected.shape)} "
+                              f"(torch's CPU generator state), got {got}")
+    if "optimizer" in required:
+        optimizer = data["optimizer"]
+        if (not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict)
+                or not isinstance(optimizer.get("param_groups"), list)):
+            raise CheckpointError(f"{path}: optimizer: expected a torch optimizer state dict "
+                                  "({state: ..., param_groups: [...]})")
+    if "param_groups" in required:
+        groups = data["param_groups"]
+        if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+            raise CheckpointError(f"{path}: param_groups: expected a non-empty list of mappings")
+    return data
 
 
 # --------------------------------------------------------------------------- consolidation
@@ -260,15 +375,14 @@ def consolidate(directory: str | Path) -> FullCheckpoint:
     def assemble(name: str, numel: int, dtype: torch.dtype, pieces, key_of) -> torch.Tensor:
         """The flattened parameter ``name`` from its pieces in the rank files (``key_of``: a piece's
         tensor name and start in it); every element must be covered exactly once."""
+        covered = sum(piece.numel for _, piece in pieces)  # checked before anything is allocated
+        if covered != numel or any(piece.param_start + piece.numel > numel for _, piece in pieces):
+            raise ShardError(f"{directory}: the rank files hold {covered} of the {numel} elements of {name}")
         full = torch.empty(numel, dtype=dtype)
-        covered = 0
         for rank, piece in pieces:
             key, start = key_of(piece)
             full[piece.param_start:piece.param_start + piece.numel] = handles[rank].get_slice(key)[
                 start:start + piece.numel]
-            covered += piece.numel
-        if covered != numel:
-            raise ShardError(f"{directory}: the rank files hold {covered} of the {numel} elements of {name}")
         return full
 
     weights, ema, state = {}, {}, {}
@@ -300,7 +414,7 @@ def consolidate(directory: str | Path) -> FullCheckpoint:
     order = layout["state_keys"]
     if set(order) != set(weights):
         raise ShardError(f"{directory}: assembled {len(weights)} tensors, the module's state dict has {len(order)}")
-    trainer = torch.load(directory / "trainer.pt", weights_only=True)
+    trainer = read_trainer_file(directory / "trainer.pt", ("param_groups",))
     group = dict(trainer["param_groups"][0])
     group["params"] = list(range(len(layout["params"])))
     return FullCheckpoint(weights={k: weights[k] for k in order}, optimizer={"state": state, "param_groups": [group]},

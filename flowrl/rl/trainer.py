@@ -17,7 +17,6 @@ file per rank in the same artifact (docs/checkpoints.md).
 from __future__ import annotations
 
 import abc
-import io
 import json
 import logging
 import math
@@ -39,7 +38,9 @@ from tqdm.auto import tqdm
 from flowrl.pretrain import EMA
 from flowrl.rl.distributed import barrier, broadcast, dist_info
 from flowrl.rl.engine import ShardedEMA, TorchEngine, ZeroEngine
-from flowrl.rl.shards import SHARD_FORMAT, SHARDED, SafetensorsWriter, ShardError, consolidate, shard_name
+from flowrl.models import CheckpointError
+from flowrl.rl.shards import (SHARD_FORMAT, SHARDED, SafetensorsWriter, ShardError, consolidate, read_layout,
+                              read_trainer_file, shard_name)
 from flowrl.storage import ArtifactError, ArtifactStore, fetch, read_manifest
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,78 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)  # one metrics dict per iteration
     monitor: list[dict] = field(default_factory=list)  # one dict per held-out evaluation
     stopped: str | None = None  # why the run stopped early, if it did
+
+
+# a checkpoint's version ends in its iteration, 7 digits (``Checkpoints._name``): no run goes further
+MAX_ITERATION = 10**7 - 1
+_STATE_MAX_BYTES = 256 << 20
+
+
+def read_trainer_state(path: Path, iteration: int | None = None) -> TrainerState:
+    """A checkpoint's ``state.json``, checked against :class:`TrainerState`'s schema: ``iteration`` an
+    integer in 0..MAX_ITERATION (equal to ``iteration``, the one the checkpoint's name says, when given),
+    ``history`` a list of {metric: number}, ``monitor`` a list of {key: number, text or null} with
+    ``iteration`` and ``train_reward``, ``stopped`` text or null; a CheckpointError naming the file and
+    the field otherwise."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    size = path.stat().st_size if path.is_file() else None
+    if size is None:
+        raise CheckpointError(f"{path}: missing (not a complete checkpoint)")
+    if size > _STATE_MAX_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes, more than a checkpoint's state may hold ({_STATE_MAX_BYTES})")
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint state ({str(exc)[:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    fields = ("iteration", "history", "monitor", "stopped")
+    for key in fields[:3]:
+        if key not in data:
+            raise CheckpointError(f"{path}: {key}: required key missing")
+    unknown = sorted(str(k)[:80] for k in data if k not in fields)
+    if unknown:
+        raise CheckpointError(f"{path}: {unknown[0]}: unknown key (allowed: {', '.join(fields)})")
+    value = data["iteration"]
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ITERATION:
+        raise CheckpointError(f"{path}: iteration: expected an integer in 0..{MAX_ITERATION}, got {str(value)[:80]}")
+    if iteration is not None and value != iteration:
+        raise CheckpointError(f"{path}: iteration: {value}, but the checkpoint is named for iteration {iteration}")
+    history, monitor, stopped = data["history"], data["monitor"], data.get("stopped")
+    if not isinstance(history, list):
+        raise CheckpointError(f"{path}: history: expected a list, got {type(history).__name__}")
+    for i, entry in enumerate(history):
+        if not isinstance(entry, dict) or not all(number(v) for v in entry.values()):
+            raise CheckpointError(f"{path}: history[{i}]: expected {{metric: number}}, got {str(entry)[:80]}")
+    if not isinstance(monitor, list):
+        raise CheckpointError(f"{path}: monitor: expected a list, got {type(monitor).__name__}")
+    for i, entry in enumerate(monitor):
+        ok = (isinstance(entry, dict) and isinstance(entry.get("iteration"), int) and "train_reward" in entry
+              and all(v is None or number(v) or isinstance(v, str) for v in entry.values()))
+        if not ok:
+            raise CheckpointError(f"{path}: monitor[{i}]: expected {{iteration: int, train_reward: number or null, "
+                                  f"score: number, ...}}, got {str(entry)[:80]}")
+    if stopped is not None and not isinstance(stopped, str):
+        raise CheckpointError(f"{path}: stopped: expected text or null, got {str(stopped)[:80]}")
+    return TrainerState(iteration=value, history=history, monitor=monitor, stopped=stopped)
+
+
+def _named_iteration(uri: str) -> int | None:
+    """The iteration a checkpoint's URI names (``<run version>-<7 digits>``), or None."""
+    match = re.search(r"-(\d{7})$", uri.rstrip("/"))
+    return int(match.group(1)) if match else None
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file, or a CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a complete checkpoint)")
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for a corrupt or planted file
+        raise CheckpointError(f"{path}: unreadable safetensors file ({str(exc)[:200]})") from None
 
 
 class Checkpoints:
@@ -216,21 +289,24 @@ class Checkpoints:
         local = fetch(uri, fs=self.store.fs) if "://" in uri else fetch(uri)
         if (local / SHARDED).is_file():
             return self._load_sharded(uri, local, engine, ema)
-        engine.load_full_state_dict(load_file(local / _WEIGHTS))
+        state = read_trainer_state(local / _STATE, _named_iteration(uri))  # the small files first
+        trainer = read_trainer_file(local / _TRAINER, ("optimizer",))
+        engine.load_full_state_dict(_load_weights(local / _WEIGHTS))
         if ema is not None:
             if not (local / _EMA).is_file():
                 raise ArtifactError(f"{uri}: the run uses EMA but the checkpoint has no {_EMA}")
             if isinstance(ema, ShardedEMA):
-                ema.load_full(load_file(local / _EMA))
+                ema.load_full(_load_weights(local / _EMA))
             else:
-                ema.load_state_dict(load_file(local / _EMA))
-        trainer = torch.load(io.BytesIO((local / _TRAINER).read_bytes()), weights_only=True)
+                ema.load_state_dict(_load_weights(local / _EMA))
         engine.load_optimizer_state(trainer["optimizer"])
         torch.set_rng_state(trainer["torch_rng"])
-        return TrainerState(**json.loads((local / _STATE).read_text()))
+        return state
 
     def _load_sharded(self, uri: str, local: Path, engine: TorchEngine, ema) -> TrainerState:
-        layout = json.loads((local / SHARDED).read_text())
+        layout = read_layout(local)
+        state = read_trainer_state(local / _STATE, _named_iteration(uri))
+        trainer = read_trainer_file(local / _TRAINER, ("param_groups",))
         if isinstance(engine, ZeroEngine):
             engine.load_shard(local, layout, ema, uri)
         elif engine.world == 1:
@@ -248,9 +324,8 @@ class Checkpoints:
                 f"{uri}: a sharded checkpoint of {layout['world']} ZeRO-{layout['zero_stage']} ranks does not load "
                 f"into {engine.world} plain processes: run `flowrl consolidate {uri} --output ROOT` and resume from "
                 "the full-format checkpoint it commits under ROOT")
-        trainer = torch.load(io.BytesIO((local / _TRAINER).read_bytes()), weights_only=True)
         torch.set_rng_state(trainer["torch_rng"])
-        return TrainerState(**json.loads((local / _STATE).read_text()))
+        return state
 
 
 def checkpoint_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -277,8 +352,9 @@ def consolidate_checkpoint(uri: str, output_root: str, storage_options: dict | N
     if target.rstrip("/") == (uri if "://" in uri else str(Path(uri).resolve())).rstrip("/"):
         raise ShardError(f"{uri}: --output names the store that holds it; the consolidated checkpoint keeps the "
                          "same stage and version, so it needs another artifact root")
+    read_trainer_state(local / _STATE, _named_iteration(uri))
+    trainer = read_trainer_file(local / _TRAINER, ("param_groups",))
     full = consolidate(local)
-    trainer = torch.load(io.BytesIO((local / _TRAINER).read_bytes()), weights_only=True)
     with tempfile.TemporaryDirectory(prefix="flowrl-consolidate-") as tmp:
         tmp = Path(tmp)
         save_file({k: v.contiguous() for k, v in full.weights.items()}, tmp / _WEIGHTS)
@@ -397,16 +473,29 @@ class LoopTrainer(abc.ABC):
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> bool:
-        """Load the newest complete checkpoint of this run, if there is one."""
-        uri = self.checkpoints.latest() if self.checkpoints else None
+        """Load the newest complete checkpoint of this run, if there is one. Rank 0 logs what it
+        resumed from (stage, version, iteration, checkpoint) or, as a warning, that it found none
+        and the run starts fresh."""
+        if self.checkpoints is None:
+            if self.rank == 0:
+                log.warning("%s: --resume: this run keeps no checkpoints; starting fresh from iteration 0",
+                            self.loop.name)
+            return False
+        stage = self.checkpoints.stage.removesuffix(".checkpoints")
+        uri = self.checkpoints.latest()
         if uri is None:
+            if self.rank == 0:
+                log.warning("%s: --resume: no checkpoint of version %s in %s; starting fresh from iteration 0",
+                            stage, self.checkpoints.version, self.checkpoints.store.root)
             return False
         self.state = self.checkpoints.load_into(uri, self.engine, self.ema)
         for entry in self.state.monitor:  # rebuild the monitor's memory
             for key, watch in self.hacking.items():
                 if key in entry:
                     watch.check(entry[key], entry["train_reward"])
-        log.info("resumed from %s at iteration %d", uri, self.state.iteration)
+        if self.rank == 0:
+            log.info("%s: --resume: resumed version %s at iteration %d of %d from the checkpoint %s",
+                     stage, self.checkpoints.version, self.state.iteration, self.loop.iterations, uri)
         return True
 
     # ------------------------------------------------------------------ the loop

@@ -19,7 +19,7 @@ from flowrl.rewards.shapes_dataset import Candidates, add_model_samples, annotat
 from flowrl.stages.common import StageResult, commit_stage, committed_result, stage_context
 from flowrl.shapes.render import to_tensor
 from flowrl.rewards.annotations import load_annotations
-from flowrl.storage import content_stamps, fetch, sha256_file
+from flowrl.storage import content_stamps, fetch, read_manifest, sha256_file
 from flowrl.tracking import Tracker
 
 STAGE = "annotate"
@@ -88,7 +88,9 @@ def _import_labels(
     config: FlowRLConfig, base_uri: str, output_root: str | None, tracker: Tracker | None
 ) -> StageResult:
     """Validate human labels given as parquet files and version them (the
-    production path): bad rows fail the stage or are skipped, by config."""
+    production path): bad rows fail the stage or are skipped, by config. The labels are versioned
+    against ``base_uri``, so that artifact must exist (its manifest is read, no weights)."""
+    read_manifest(base_uri)  # ArtifactError naming the URI when it does not exist or is incomplete
     a = config.annotate
     paths = {"pointwise": str(a.pointwise_path), "pairwise": str(a.pairwise_path)}
     frames = {kind: load_annotations(path, kind, a.on_bad_row) for kind, path in paths.items()}

@@ -12,6 +12,7 @@ from typing import Iterator
 from flowrl.config import FlowRLConfig
 from flowrl.machine import machine_summary
 from flowrl.models import set_torch_threads, trainable_module
+from flowrl.redact import install_redaction
 from flowrl.storage import ArtifactStore, StagingDir, artifact_version, code_version
 from flowrl.tracking import REGISTERED_ROLES, NullTracker, Tracker, make_tracker
 
@@ -115,6 +116,7 @@ def stage_context(
     that looks complete.
     """
     set_torch_threads(config.run.torch_threads)
+    install_redaction(excepthook=False)  # no credential of a URL in this stage's log lines, whoever logs them
     config_hash = config.section_hash(*sections)
     code = stage_code_version(stage)  # fixed at the start: edits to the source mid-run do not change it
     version = stage_version(stage, config, sections, inputs, code)

@@ -182,7 +182,7 @@ def _cut_and_commit(ctx, config: FlowRLConfig, task: str, frame: pd.DataFrame, s
                                config.filter.threshold_scope)
     frame["kept"] = frame["reward_range"] >= frame["category"].map(cuts)
     if not frame["kept"].any():
-        raise ValueError(
+        raise ConfigError(
             f"filter.threshold = {config.filter.threshold} ({config.filter.threshold_mode}) keeps no {task} "
             f"prompt: the largest range is {frame['reward_range'].max():.4f}"
         )

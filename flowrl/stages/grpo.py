@@ -20,13 +20,14 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from flowrl.config import FlowRLConfig
+from flowrl.config import ConfigError, FlowRLConfig
 from flowrl.plots import new_figure, png_of
 from flowrl.evaluation import evaluate_shapes, generate, heldout_sample, image_grid, reward_evaluation, to_uint8
 from flowrl.models import (
@@ -56,7 +57,7 @@ from flowrl.stages.common import (
     write_history,
 )
 from flowrl.prompt_files import decode_sources
-from flowrl.stages.filter_prompts import load_heldout_set, load_prompt_set
+from flowrl.stages.filter_prompts import check_prompt_tasks, load_heldout_set, load_prompt_set
 from flowrl.storage import ArtifactStore, fetch
 from flowrl.tracking import Tracker
 
@@ -216,6 +217,18 @@ def _write_outputs(ctx, trainer: GRPOTrainer, rows: dict, task: str, grid: np.nd
     ctx.tracker.log_image(grid, "grid.png")
 
 
+def reward_token(config: FlowRLConfig) -> str | None:
+    """The reward server's bearer token from the variable ``grpo.reward_token_env`` names (None when it
+    names none); a ConfigError when that variable is unset or empty (checked before any work)."""
+    name = config.grpo.reward_token_env
+    if not name or config.grpo.reward_backend == "inprocess":
+        return None
+    token = os.environ.get(name)
+    if not token:
+        raise ConfigError(f"grpo.reward_token_env: environment variable {name} is unset or empty")
+    return token
+
+
 def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri: str,
                     prompts_uri: str | None = None):
     """(the submitter GRPO scores through, the sidecar server process or None). A sidecar
@@ -225,16 +238,13 @@ def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri
     g = config.grpo
     if g.reward_backend == "inprocess":
         return LocalRewards(composite), None
-    import os
     import tempfile
     from pathlib import Path
 
     from flowrl.rewards.client import RewardClient
     from flowrl.rewards.server import free_port, launch_server, node_sidecar, sidecar_env
 
-    token = os.environ.get(g.reward_token_env) if g.reward_token_env else None
-    if g.reward_token_env and not token:
-        raise ValueError(f"grpo.reward_token_env: environment variable {g.reward_token_env} is unset or empty")
+    token = reward_token(config)
     # images per request: a whole submission for the small shapes images; one prompt group of 1024 x 1024
     # images for qwen_image, so a request body stays in the tens of MB the server accepts
     per_request = g.group_size if config.model.family == "qwen_image" else g.prompts_per_iteration * g.group_size
@@ -314,9 +324,11 @@ def run_grpo(
     done = committed_result(stage, config, SECTIONS, inputs, output_root, tracker)
     if done is not None:
         return done
+    check_prompt_tasks(uris)  # the cheap checks of user input before any work
+    reward_token(config)
     if config.model.family == "qwen_image":
         if task == "mixed":
-            raise ValueError("grpo --task mixed (Mix-RL) runs on the shapes family only: on qwen_image it would need "
+            raise ConfigError("grpo --task mixed (Mix-RL) runs on the shapes family only: on qwen_image it would need "
                              "the T2I and edit pipeline views of one transformer in one trainer; set opd.mix_rl: false")
         return _run_grpo_pretrained(config, task, base_uri, reward_model_uri, uris[task], stage, inputs,
                                     output_root=output_root, tracker=tracker, resume=resume, progress=progress,

@@ -29,7 +29,7 @@ from PIL import Image
 
 from flowrl.config import FlowRLConfig
 from flowrl.evaluation import evaluate_shapes
-from flowrl.config import ConfigError, name_value_pairs
+from flowrl.config import ConfigError, name_value_pairs, safe_name
 from flowrl.models import (
     load_checkpoint, load_frozen_network, load_task_views, pretrained_path, save_checkpoint, save_policy,
     trainable_module,
@@ -57,7 +57,7 @@ from flowrl.stages.common import (
 )
 from flowrl.evaluation import heldout_sample, reward_evaluation
 from flowrl.prompt_files import decode_sources
-from flowrl.stages.filter_prompts import load_heldout_set, load_prompt_set
+from flowrl.stages.filter_prompts import check_prompt_tasks, load_heldout_set, load_prompt_set
 from flowrl.stages.grpo import MONITOR_SEED_OFFSET, model_key, monitor_for, place_text_encoders
 from flowrl.storage import ArtifactError, ArtifactStore, fetch
 from flowrl.tracking import Tracker
@@ -138,18 +138,24 @@ def run_opd(
     o = config.opd
     stage = "opd" if o.states == "on_policy" else "opd_offpolicy"
     if set(prompts_uris) != set(TASKS):
-        raise ValueError(f"opd: prompts must be given for both tasks {TASKS}, got {sorted(prompts_uris)}")
+        raise ConfigError(f"opd: prompts must be given for both tasks {TASKS}, got {sorted(prompts_uris)}")
     if not teacher_uris:
-        raise ValueError("opd: no teacher given")
-    routes = parse_routes(o.routes, TASKS, tuple(teacher_uris))
+        raise ConfigError("opd: no teacher given")
+    for name in teacher_uris:
+        safe_name(name, "opd: teacher name")
+    try:
+        routes = parse_routes(o.routes, TASKS, tuple(teacher_uris))
+    except ValueError as exc:  # the routes name teachers that were not given: the user's config and flags
+        raise ConfigError(str(exc)) from None
     init_name = {"t2i_teacher": "t2i_teacher", "edit_teacher": "edit_teacher"}.get(o.init)
     if init_name is not None and init_name not in teacher_uris:
-        raise ValueError(f"opd.init: {o.init} but no teacher named {init_name!r} is given")
+        raise ConfigError(f"opd.init: {o.init} but no teacher named {init_name!r} is given")
     inputs = {"base": base_uri, **{f"teacher_{k}": v for k, v in sorted(teacher_uris.items())},
               **{f"prompts_{k}": v for k, v in sorted(prompts_uris.items())}, **model_key(config)}
     done = committed_result(stage, config, SECTIONS, inputs, output_root, tracker)
     if done is not None:
         return done
+    check_prompt_tasks(prompts_uris)
     if config.model.family == "qwen_image":
         return _run_opd_pretrained(config, base_uri, teacher_uris, prompts_uris, stage, inputs, routes, init_name,
                                    output_root=output_root, tracker=tracker, resume=resume, progress=progress,

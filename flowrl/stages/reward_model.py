@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from flowrl.config import FlowRLConfig
-from flowrl.rewards.annotations import decode_png, load_annotations
+from flowrl.config import ConfigError, FlowRLConfig
+from flowrl.rewards.annotations import AnnotationError, decode_png, load_annotations
 from flowrl.rewards.backbone import ScoreBackbone
 from flowrl.rewards.shapes_annotators import Annotator, Latents, latents_for
 from flowrl.rewards.shapes_scorer import ScorerArch, ShapesScorer
@@ -130,7 +130,7 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
     split_q = split_annotations(pairs[pairs.task == task].reset_index(drop=True),
                                 r.heldout_fraction, r.unseen_prompt_fraction, seed)
     if split_p.heldout.empty or split_q.heldout.empty or split_p.train.empty or split_q.train.empty:
-        raise ValueError(
+        raise ConfigError(
             f"reward_model.heldout_fraction = {r.heldout_fraction}: the {task} annotations "
             f"({len(split_p.train) + len(split_p.heldout)} pointwise, {len(split_q.train) + len(split_q.heldout)} "
             "pairwise rows outside the unseen prompts) leave an empty training or held-out split; "
@@ -178,6 +178,11 @@ def run_reward_model(
     policy = config.reward_model.on_bad_row
     points, point_report = load_annotations(local / "pointwise.parquet", "pointwise", policy)
     pairs, pair_report = load_annotations(local / "pairwise.parquet", "pairwise", policy)
+    for name, frame in (("pointwise", points), ("pairwise", pairs)):  # both tasks are trained: each needs rows
+        for task in ("t2i", "edit"):
+            if not (frame["task"] == task).any():
+                raise AnnotationError(f"{annotations_uri}: {name}.parquet has 0 usable {task} rows; the reward "
+                                      f"models of both tasks are trained from it")
     with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
         metrics: dict = {
             "skipped_rows": {"pointwise": point_report.rows - point_report.kept,
