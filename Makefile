@@ -313,7 +313,7 @@ results/edit_reward_probe.json: venv
 # The committed reliability record (results/reliability.json): every fault-injection test and every
 # bad-input case, with what passed.
 results/reliability.json: venv
-	$(PY) -m pytest -q -m "fault or bad_input" --reliability-report=$@
+	$(PY) -m pytest -q -m "fault or bad_input" -n $(TEST_WORKERS) --dist worksteal --reliability-report=$@
 
 # Benchmarks: measure and write results/*.json (they assert nothing).
 bench: venv

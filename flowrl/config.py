@@ -1318,3 +1318,8 @@ def describe_fields(cls: type = FlowRLConfig, prefix: str = "") -> list[tuple[st
         else:
             rows.append((f"{prefix}{f.name}", repr(f.default), f.metadata.get("doc", "")))
     return rows
+
+
+# for other modules' error messages (label tables, manifests): the same cuts
+clip_text = _clip
+shown_value = _shown

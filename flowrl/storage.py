@@ -50,6 +50,7 @@ from typing import Callable, TypeVar
 
 import fsspec
 
+from flowrl.config import clip_text, shown_value
 from flowrl.redact import redact, redact_url
 
 MANIFEST = "manifest.json"
@@ -384,12 +385,14 @@ def read_manifest(uri: str, fs: fsspec.AbstractFileSystem | None = None) -> Mani
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         if data.get("format") != MANIFEST_FORMAT:
             raise ArtifactError(
-                f"{uri}/{MANIFEST}: manifest format {data.get('format')!r}, expected {MANIFEST_FORMAT}"
+                f"{uri}/{MANIFEST}: manifest format {shown_value(data.get('format'))}, expected {MANIFEST_FORMAT}"
             )
         _check_manifest_fields(data)
         return Manifest(**data)
-    except (ValueError, TypeError) as exc:
-        raise ArtifactError(f"{uri}/{MANIFEST}: unreadable manifest: {exc}") from None
+    except RecursionError:  # JSON nested past Python's recursion limit
+        raise ArtifactError(f"{uri}/{MANIFEST}: unreadable manifest: nested too deeply") from None
+    except (ValueError, TypeError) as exc:  # the reason may quote a field's value: cut short
+        raise ArtifactError(f"{uri}/{MANIFEST}: unreadable manifest: {clip_text(str(exc), 500)}") from None
 
 
 def _check_manifest_fields(data: dict) -> None:

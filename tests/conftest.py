@@ -174,7 +174,9 @@ def _isolated_flyte_cache(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------
 # results/reliability.json: `pytest -m "fault or bad_input" --reliability-report PATH` records, from the
 # tests that ran, each fault scenario (marker `fault(scenario, outcome)`) with whether every test of it
-# passed, and how many bad-input cases (marker `bad_input`) were tried and passed.
+# passed, how many bad-input cases (marker `bad_input`) were tried and passed, and how many cases the
+# property battery generated (tests/test_property_battery.py: `generated`, `failed`, `seed`). What a test
+# counts travels on its reports' user_properties, so the report is also right under pytest-xdist.
 
 _RELIABILITY: dict[str, dict] = {}
 
@@ -188,15 +190,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         fault = item.get_closest_marker("fault")
         if fault is not None:
-            _RELIABILITY[item.nodeid] = {"kind": "fault", "scenario": fault.args[0], "outcome": fault.args[1]}
+            entry = {"kind": "fault", "scenario": fault.args[0], "outcome": fault.args[1]}
         elif item.get_closest_marker("bad_input") is not None:
-            _RELIABILITY[item.nodeid] = {"kind": "bad_input"}
+            entry = {"kind": "bad_input"}
+        else:
+            continue
+        item.user_properties.append(("reliability", entry))  # on every report, to xdist's controller too
 
 
 def pytest_runtest_logreport(report):
-    entry = _RELIABILITY.get(report.nodeid)
-    if entry is None:
+    properties = dict(report.user_properties)
+    if "reliability" not in properties:
         return
+    entry = _RELIABILITY.setdefault(report.nodeid, dict(properties["reliability"]))
+    if "property_battery" in properties:  # the battery's counts, set at its teardown
+        entry.update(properties["property_battery"])
     if report.failed:
         entry["result"] = "failed"
     elif report.when == "call" and report.passed and entry.get("result") != "failed":
@@ -207,7 +215,7 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     path = session.config.getoption("--reliability-report", default=None)
-    if not path or not _RELIABILITY:
+    if not path or not _RELIABILITY or hasattr(session.config, "workerinput"):  # xdist: the controller writes it
         return
     import json
     import platform
@@ -232,6 +240,15 @@ def pytest_sessionfinish(session, exitstatus):
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "faults": list(scenarios.values()),
         "bad_input": {"tried": len(bad), "passed": sum(v["result"] == "passed" for v in bad)},
+    }
+    battery = {nodeid: v for nodeid, v in sorted(ran.items()) if "generated" in v}
+    seeds = sorted({v["seed"] for v in battery.values()})
+    report |= {  # the generated cases: how many ran, how many broke the contract, from which seed (None: none ran)
+        "generated": sum(v["generated"] for v in battery.values()),
+        "failed": sum(v["failed"] for v in battery.values()),
+        "seed": seeds[0] if len(seeds) == 1 else seeds or None,
+        "property_battery": {nodeid: {"generated": v["generated"], "failed": v["failed"], "result": v["result"]}
+                             for nodeid, v in battery.items()},
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")

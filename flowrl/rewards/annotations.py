@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from flowrl.config import clip_text, shown_value
 from flowrl.shapes.edits import EDIT_KINDS
 from flowrl.shapes.prompts import T2I_CATEGORIES
 
@@ -171,13 +172,13 @@ def load_annotations(
     errors, bad = [], set()
     for index, (_, row) in enumerate(frame.iterrows()):
         for field, message in _row_problems(row, kind):
-            errors.append(f"{path}: row {index}: {field}: {message}")
+            errors.append(clip_text(f"{path}: row {index}: {field}: {message}", 500))  # a value may be huge
             bad.add(index)
     # a list-valued id is already a bad row; it stands in as a value equal to no other
     ids = pd.Series([object() if _is_collection(v) else v for v in frame["id"]], dtype=object)
     duplicated = ids.duplicated(keep="first").to_numpy()
     for index in np.flatnonzero(duplicated):
-        errors.append(f"{path}: row {index}: id: duplicate id {frame['id'].iloc[index]!r}")
+        errors.append(f"{path}: row {index}: id: duplicate id {shown_value(frame['id'].iloc[index])}")
         bad.add(int(index))
     if errors and on_bad_row == "fail":
         shown = "\n  ".join(errors[:10])
