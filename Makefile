@@ -20,39 +20,9 @@ REWARD_CHAIN = base=$$($(FLOWRL) base $(SHAPES) | tail -1); \
 T2I_PROMPTS = pt=$$($(FLOWRL) filter-prompts $(SHAPES) --task t2i --base $$base --reward-model $$rm | tail -1)
 EDIT_PROMPTS = pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$base --reward-model $$rm | tail -1)
 
-# $(call GRPO_TABLE,TASK,TABLE,VARIANTS[,VARIANTS]): a table of bench.grpo_ablations for TASK (t2i, edit) on the
-# base, reward models and CLI-curated prompts of the chain above; one runner of one thread per variant list (two
-# side by side when a second list is given), sharing the file.
-GRPO_TABLE = set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(if $(filter edit,$(1)),$(EDIT_PROMPTS),$(T2I_PROMPTS)); \
-	run="$(PY) -m bench.grpo_ablations --table $(2) --task $(1) --base $$base --reward-model $$rm \
-		--prompts $(if $(filter edit,$(1)),$$pe,$$pt) --threads 1 --output $@"; \
-	$$run --variants $(3) & first=$$!; \
-	$(if $(4),$$run --variants $(4) & second=$$!;) \
-	wait $$first$(if $(4),; wait $$second)
-
-# $(call ARTIFACT_OF,TABLE_FILE,VARIANT): prints the grpo artifact a T2I table of bench.grpo_ablations holds for VARIANT.
-ARTIFACT_OF = $(PY) -c 'import json, sys; print(json.load(open(sys.argv[1]))["t2i"]["variants"][sys.argv[2]]["artifact"])' \
-	$(1) $(2)
-
-# $(call T2I_CURVE,TABLE,VARIANT,TABLE_FILE,FLAGS): one long T2I variant of bench.grpo_ablations on the chain
-# above (FLAGS: e.g. --threads 1), then bench.grpo_curve judging the base and each of its checkpoints ($@, PNG beside).
-T2I_CURVE = set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(T2I_PROMPTS); \
-	$(PY) -m bench.grpo_ablations --table $(1) --task t2i --base $$base --reward-model $$rm --prompts $$pt \
-		$(4) --output $(3); \
-	run=$$($(call ARTIFACT_OF,$(3),$(2))); \
-	$(PY) -m bench.grpo_curve --run $$run --base $$base --output $@
-
-.PHONY: venv run test test-gpu gpu-check base bench images package clean results/base_shapes.json results/reward_model_shapes.json \
-	results/grpo_shapes.json results/opd_shapes.json results/bench_shapes.json results/reliability.json results/rerun_shapes.json \
-	results/edit_reward_probe.json results/grpo_ablations.json results/grpo_levers.json results/grpo_epochs.json \
-	results/grpo_edit_levers.json results/grpo_curve.json results/t2i_reward_probe.json results/grpo_windows.json \
-	results/grpo_ema.json results/grpo_hold_fidelity.json results/grpo_kl_long_curve.json results/grpo_edit_window.json \
-	results/grpo_kl03_levers.json results/grpo_cast_rm.json results/fidelity_probe.json results/grpo_trainable.json \
-	results/grpo_trainable_long.json results/opd_levers.json results/planner_validation.json
+.PHONY: venv browser run test test-gpu gpu-check base bench images package clean experiments-test results-check \
+	results/base_shapes.json results/reward_model_shapes.json results/grpo_shapes.json results/opd_shapes.json \
+	results/bench_shapes.json results/reliability.json results/rerun_shapes.json results/planner_validation.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -76,8 +46,19 @@ run: venv
 # to whichever worker is free. Most tests keep one core busy: on 2 cores, 454 s with two workers against 649 s
 # in one process (2026-12-04, one run each).
 TEST_WORKERS ?= 2
-test: venv
+test: venv browser
 	$(PY) -m pytest -m "not gpu" -q -n $(TEST_WORKERS) --dist worksteal
+
+# A test opens report.html in a real headless browser: Debian's chromium, installed with apt-get (as root, or
+# through sudo) when no chromium, chromium-browser or google-chrome is on PATH; nothing to do when one is.
+BROWSERS := chromium chromium-browser google-chrome
+browser:
+	@for b in $(BROWSERS); do command -v $$b >/dev/null && exit 0; done; \
+	command -v apt-get >/dev/null || { echo "make: no headless browser ($(BROWSERS)) and no apt-get:" \
+		"install chromium yourself"; exit 1; }; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	echo "make: installing Debian's chromium for the report test ($${sudo:+sudo }apt-get install chromium)"; \
+	$$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium >/dev/null
 
 test-gpu: venv
 	$(PY) -m pytest -m gpu -q
@@ -131,119 +112,6 @@ results/grpo_shapes.json: venv
 			--results $@ --results-key $$task; \
 	done
 
-# The GRPO ablation table (results/grpo_ablations.json; T2I, 60 iterations per variant, everything else
-# as configs/shapes.yaml): base, reward models and curated prompts come from the same CLI calls as
-# results/grpo_shapes.json (reused from artifacts/); two runners of one thread each share the file.
-results/grpo_ablations.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(T2I_PROMPTS); \
-	run="$(PY) -m bench.grpo_ablations --task t2i --base $$base --reward-model $$rm --prompts $$pt --threads 1 \
-		--set iterations=60 --set eval_every=20 --output $@"; \
-	$$run --variants cfg_hybrid cfg_both & first=$$!; \
-	$$run --variants cfg_none timesteps_all & second=$$!; \
-	wait $$first; wait $$second
-
-# The prompt-distribution levers of GRPO (results/grpo_levers.json; T2I, 200 iterations per variant):
-# same base, reward models and CLI-curated prompts as above; variants that change `filter` keys
-# filter again themselves. Two runners of one thread each share the file.
-results/grpo_levers.json: venv
-	$(call GRPO_TABLE,t2i,levers,default,category_filter_balanced_unsaturated_2steps)
-
-# PPO epochs on top of the levers (results/grpo_epochs.json; T2I, 200 iterations per variant): same
-# base, reward models and CLI-curated prompts as above; two runners of one thread each share the file.
-results/grpo_epochs.json: venv
-	$(call GRPO_TABLE,t2i,epochs,levers_2epochs,levers_4epochs)
-
-# The same levers on edits (results/grpo_edit_levers.json; 200 iterations per variant): same base, reward
-# models and CLI-curated edit prompts as above; the default-config arm is results/grpo_shapes.json's edit teacher.
-results/grpo_edit_levers.json: venv
-	$(call GRPO_TABLE,edit,edit_levers,kind_filter_balanced_2steps,kind_filter_balanced_2steps_hard_kinds)
-
-# Gain over time (results/grpo_long.json, then results/grpo_curve.json and .png): the T2I levers for 800
-# iterations on all threads, then the judge on the full held-out sets at the base and every checkpoint.
-results/grpo_curve.json: venv
-	$(call T2I_CURVE,long,levers_800,results/grpo_long.json,)
-
-# Which steps of the schedule GRPO trains, and the group size (results/grpo_windows.json; the T2I levers for
-# 400 iterations per variant): same base, reward models and CLI-curated prompts as above; two runners of one
-# thread each share the file.
-results/grpo_windows.json: venv
-	$(call GRPO_TABLE,t2i,windows,first_half first_30pct second_half,whole_schedule first_half_group16)
-
-# The first 30 % window with EMA weights, at the levers' lr and at twice it (results/grpo_ema.json): same chain
-# as above; two runners of one thread each share the file.
-results/grpo_ema.json: venv
-	$(call GRPO_TABLE,t2i,ema,first_30pct_ema95,first_30pct_ema95_lr2e4)
-
-# Holding fidelity at the first 30 % window's gain: KL 0.3, fidelity weight 1.0, and under KL 0.3 noise level 1.0
-# (results/grpo_hold_fidelity.json): same chain as above; two runners of one thread each share the file.
-results/grpo_hold_fidelity.json: venv
-	$(call GRPO_TABLE,t2i,hold_fidelity,first_30pct_kl03 first_30pct_kl03_noise1,first_30pct_fidelity1)
-
-# Past 400 iterations under KL 0.3 (results/grpo_kl_long.json, then results/grpo_kl_long_curve.json and .png): the
-# first 30 % window with KL 0.3 for 800 iterations on one thread (as the windows table), then the judge at the base
-# and every 100-iteration checkpoint.
-results/grpo_kl_long_curve.json: venv
-	$(call T2I_CURVE,kl_long,first_30pct_kl03_800,results/grpo_kl_long.json,--threads 1)
-
-# The edit levers with the best T2I window and KL 0.3, 400 iterations (results/grpo_edit_window.json): same chain
-# as above, CLI-curated edit prompts, one thread.
-results/grpo_edit_window.json: venv
-	$(call GRPO_TABLE,edit,edit_window,kind_levers_first_30pct_kl03)
-
-# The first 30 % window with KL 0.3 and per-category advantage calibration (results/grpo_kl03_levers.json): same
-# chain as above, one thread.
-results/grpo_kl03_levers.json: venv
-	$(call GRPO_TABLE,t2i,kl03_levers,first_30pct_kl03_calibrate)
-
-# The first 30 % window with KL 0.3 and with KL 0.1 on reward models whose annotation data also held off-palette
-# colour casts (results/grpo_cast_rm.json): the same base; annotate, reward-model and filter-prompts run with the
-# --set below (new versions of those stages); two runners of one thread each share the file.
-CAST_SET := --set 'annotate.degradations=[noise, blur, blotches, color_cast]'
-results/grpo_cast_rm.json: SHAPES += $(CAST_SET)
-results/grpo_cast_rm.json: venv
-	$(call GRPO_TABLE,t2i,cast_rm,first_30pct_kl03,first_30pct)
-
-# Which weights GRPO may move (results/grpo_trainable.json): the first 30 % window training only the blocks'
-# attention (KL 0.3), only their attention and MLPs (KL 0.1), and those at twice the lr or with no KL; same chain
-# as above, two runners of one thread each share the file.
-results/grpo_trainable.json: venv
-	$(call GRPO_TABLE,t2i,trainable,first_30pct_kl03_attention first_30pct_kl01_blocks_lr2e4,first_30pct_kl01_blocks \
-		first_30pct_nokl_blocks)
-
-# The trainable subsets past 400 iterations (results/grpo_trainable_long.json, then one curve per variant,
-# results/grpo_trainable_long_{blocks,attention}_curve.json and .png): the blocks' attention and MLPs, and the
-# attention alone, at lr 2e-4 under KL 0.1 for 600 iterations, two runners of one thread side by side; then the judge
-# at the base and every 100-iteration checkpoint of each.
-results/grpo_trainable_long.json: venv
-	$(call GRPO_TABLE,t2i,trainable_long,first_30pct_kl01_blocks_lr2e4_600,first_30pct_kl01_attention_lr2e4_600); \
-	pids=; for part in blocks attention; do \
-		run=$$($(call ARTIFACT_OF,$@,first_30pct_kl01_$${part}_lr2e4_600)); \
-		$(PY) -m bench.grpo_curve --run $$run --base $$base --output results/grpo_trainable_long_$${part}_curve.json & \
-		pids="$$pids $$!"; \
-	done; for pid in $$pids; do wait $$pid; done
-
-# Which judge fault the KL 0.3 long run drifts into, and whether the shipped and the colour-cast reward models rank
-# it (results/fidelity_probe.json): the base and that run's checkpoints at 100, 400 and 800 iterations, read from
-# results/grpo_kl_long.json (make it first).
-results/fidelity_probe.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) $(CAST_SET) --base $$base | tail -1); \
-	cast=$$($(FLOWRL) reward-model $(SHAPES) $(CAST_SET) --annotations $$ann | tail -1); \
-	run=$$($(call ARTIFACT_OF,results/grpo_kl_long.json,first_30pct_kl03_800)); \
-	ckpt=$$(dirname $$run).checkpoints/$$(basename $$run); \
-	$(PY) -m bench.fidelity_probe --base $$base --reward-model shipped=$$rm --reward-model cast=$$cast \
-		--policy kl03_it100=$$ckpt-0000100 --policy kl03_it400=$$ckpt-0000400 --policy kl03_it800=$$ckpt-0000800 \
-		--threads 1 --output $@
-
-# Does the T2I reward rank the right samples of a base group first, per category (results/t2i_reward_probe.json)?
-results/t2i_reward_probe.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(PY) -m bench.t2i_reward_probe --base $$base --reward-model $$rm --output $@
-
 # Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves
 # `models` holding the six --model NAME=URI flags of the compared models.
 TEACHERS = $(REWARD_CHAIN); \
@@ -275,21 +143,6 @@ results/bench_shapes.json: venv
 	$(ALL_MODELS); \
 	$(FLOWRL) bench $(SHAPES) $$models --results $@ --report-dir results
 
-# OPD's cost against what the student keeps (results/opd_levers.json): the opd section with K = 4 matched states
-# (shipped until 2026-12-05), the student's rollouts with 10 ODE steps, K = 2 (shipped now), and both, one after the other at 2 threads (the
-# machine of issue 6's 8-minute budget; run it with nothing else running), on the teachers of the chain in artifacts/;
-# then the variant the config ships (match_2states) once more through `pyflyte run ... opd_stage`, the OPD task in
-# its Elastic worker; and Mix-RL on the same chain (`mix_rl`: the stage's metrics, with the judge on both tasks).
-results/opd_levers.json: venv
-	set -eo pipefail; \
-	$(TEACHERS); \
-	run="$(PY) -m bench.opd_levers --base $$base --teacher t2i_teacher=$$tt --teacher edit_teacher=$$te \
-		--prompts t2i=$$pt edit=$$pe --threads 2 --output $@"; \
-	$$run; \
-	$$run --pipeline match_2states; \
-	$(FLOWRL) grpo $(SHAPES) --task mixed --base $$base --reward-model $$rm --prompts t2i=$$pt edit=$$pe \
-		--results $@ --results-key mix_rl
-
 # The memory planner against measured memory (results/planner_validation.json): for each memory mode (LoRA as
 # configs/qwen_image.yaml ships it, LoRA under DDP, ZeRO-2, ZeRO-3 with gradient checkpointing) and stage (GRPO,
 # OPD), two gloo processes on the CPU run two iterations with checkpoints of a real-width Qwen-Image transformer
@@ -303,17 +156,25 @@ results/planner_validation.json: venv
 results/rerun_shapes.json: venv
 	$(PY) -m bench.rerun --in-place --config configs/shapes.yaml --output $@
 
-# The edit reward on held-out instruction texts: ideal output vs no-op (results/edit_reward_probe.json);
-# the reward-model artifact is reused from artifacts/ when it is already there.
-results/edit_reward_probe.json: venv
-	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	$(PY) -m bench.edit_reward_probe --reward-model $$rm --output $@
-
 # The committed reliability record (results/reliability.json): every fault-injection test and every
 # bad-input case, with what passed.
 results/reliability.json: venv
 	$(PY) -m pytest -q -m "fault or bad_input" -n $(TEST_WORKERS) --dist worksteal --reliability-report=$@
+
+# The studies beside the product (experiments/<study>/: script, study.mk, results, README.md): each results file is a
+# target of its study.mk, e.g. `make experiments/grpo_ablations/results/grpo_levers.json` (fidelity_probe's recipe
+# uses CAST_SET and ARTIFACT_OF of grpo_ablations' fragment).
+STUDIES := grpo_ablations opd_levers fidelity_probe t2i_reward_probe edit_reward_probe
+include $(foreach s,$(STUDIES),experiments/$(s)/study.mk)
+
+# The checks of the studies' committed results (experiments/*/test_results.py; not part of `make test`).
+experiments-test: venv
+	$(PY) -m pytest -q $(foreach s,$(STUDIES),experiments/$(s))
+
+# Whether the committed product results (results/*.json) still match configs/shapes.yaml; after a change of a default
+# they are stale until re-measured by their make target (not part of `make test`, which checks only their form).
+results-check: venv
+	$(PY) -m pytest -q results/test_fresh.py
 
 # Benchmarks: measure and write results/*.json (they assert nothing).
 bench: venv

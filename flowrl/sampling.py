@@ -6,7 +6,7 @@ sampling runs from t = 1 to t = 0 over a schedule ``sigmas`` of N + 1 values
 :func:`cfg_velocity`, :func:`cfg_velocity_in_parts` and :func:`sample`, which
 call a :class:`FlowModel`.
 
-The SDE step is the Flow-GRPO form (DESIGN.md section 3): with
+The SDE step is the Flow-GRPO form (docs/design.md, Math): with
 ``dt = t' - t < 0`` and noise level ``a``,
 ``sigma_t = a * sqrt(t / (1 - t))``,
 ``mean = x (1 + sigma_t^2 dt / (2t)) + v (1 + sigma_t^2 (1 - t) / (2t)) dt``,

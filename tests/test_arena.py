@@ -1,4 +1,4 @@
-"""Elo from a Bradley-Terry fit (DESIGN.md section 3): recovery, invariances, edge cases, vote validation."""
+"""Elo from a Bradley-Terry fit (docs/design.md, Math): recovery, invariances, edge cases, vote validation."""
 
 import math
 import random

@@ -1,9 +1,9 @@
-"""The arithmetic of bench.fidelity_probe on hand-made values."""
+"""The arithmetic of experiments.fidelity_probe.fidelity_probe on hand-made values."""
 
 import numpy as np
 import pytest
 
-from bench.fidelity_probe import rank_agreement, term_errors
+from experiments.fidelity_probe.fidelity_probe import rank_agreement, term_errors
 from flowrl.shapes.judge import FIDELITY_SCALES, FidelityTerms
 
 

@@ -1,4 +1,4 @@
-"""Imports go one way: flowrl <- tasks <- pipelines (STYLE.md)."""
+"""Imports go one way: flowrl <- tasks <- pipelines (docs/design.md, Layers)."""
 
 import ast
 import subprocess

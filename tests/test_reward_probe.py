@@ -1,9 +1,9 @@
-"""The arithmetic of bench.t2i_reward_probe on hand-made groups."""
+"""The arithmetic of experiments.t2i_reward_probe.t2i_reward_probe on hand-made groups."""
 
 import numpy as np
 import pytest
 
-from bench.t2i_reward_probe import ranking_auc, summarise
+from experiments.t2i_reward_probe.t2i_reward_probe import ranking_auc, summarise
 
 
 def test_ranking_auc_counts_pairs_and_halves_ties():

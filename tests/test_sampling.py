@@ -1,4 +1,4 @@
-"""Reference tests for the pure sampler functions (DESIGN.md section 3)."""
+"""Reference tests for the pure sampler functions (docs/design.md, Math)."""
 
 import math
 
@@ -126,7 +126,7 @@ def test_sde_sigma_guards_t_equal_one():
 
 
 def test_log_prob_matches_float64_gaussian():
-    """Mean, std and density re-derived in float64 from DESIGN.md section 3,
+    """Mean, std and density re-derived in float64 from docs/design.md, Math,
     independently of the code under test (including the t = 1 guard)."""
     g = torch.Generator().manual_seed(3)
     x, v = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)

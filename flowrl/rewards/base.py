@@ -3,7 +3,7 @@
 A reward scores a batch of generated images against their prompts (and, for
 edits, the source images) and returns one number per image. Composite
 rewards also expose their components, because GRPO normalises each component
-within a prompt group before weighting them (DESIGN.md section 3).
+within a prompt group before weighting them (docs/design.md, Math).
 """
 
 from __future__ import annotations

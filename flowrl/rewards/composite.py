@@ -5,7 +5,7 @@ edit: instruction following, identity preservation) and weights the parts by
 prompt category. The composition here is the plain weighted sum; GRPO does
 not use that sum directly but normalises each component within a prompt group
 first, ``A_i = sum_k w_k(category) (R_k,i - mean_k) / (std_k + eps)``
-(DESIGN.md section 3), which is why :meth:`CompositeReward.weight_matrix`
+(docs/design.md, Math), which is why :meth:`CompositeReward.weight_matrix`
 hands out the per-row weights and ``score_components`` the raw parts.
 """
 

@@ -1,4 +1,4 @@
-"""The GRPO objective as pure functions (DESIGN.md section 3).
+"""The GRPO objective as pure functions (docs/design.md, Math).
 
 Advantages per prompt group of G samples and K reward components:
 ``A_i = sum_k w_k(category_i) (R_k,i - mean_k) / (std_k + eps)`` with the mean

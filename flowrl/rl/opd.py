@@ -9,7 +9,7 @@ so that guided sampling with the student follows the teacher's guided field:
     L = mean_trajectories  sum_n  sum_{branch in (cond, uncond)}
             mean_elements (v_student(x_tn, t_n, c_b) - v_teacher(x_tn, t_n, c_b))^2
 
-(the squared norm of DESIGN.md section 3, divided by the number of latent
+(the squared norm of docs/design.md, Math, divided by the number of latent
 elements so the scale does not depend on the resolution). With
 ``timesteps: subset`` each trajectory contributes K of its N visited steps,
 drawn uniformly, and the sum is scaled by N / K, an unbiased estimate of the

@@ -3,7 +3,7 @@
 A rollout samples G trajectories per prompt with the SDE sampler and keeps,
 per step, the state, the sampled next state and the old log-prob the
 objective compares against. Which old log-prob that is depends on the CFG
-mode (DESIGN.md section 3):
+mode (docs/design.md, Math):
 
 - ``hybrid``: guided rollouts; the objective sees only the conditional
   branch, so the old log-prob is the conditional one, which the sampler

@@ -1,6 +1,6 @@
 """The deterministic shapes-world judge: alignment, edit accuracy, identity, fidelity.
 
-It is strict on purpose (DESIGN.md section 4): extra objects make a prompt
+It is strict on purpose (docs/design.md, The shapes world): extra objects make a prompt
 wrong, and merged or unclassifiable blobs count as objects of unknown shape,
 because a lenient judge is what a policy learns to exploit. Every scorer has
 a scene-level form (for callers that read an image once and score it many

@@ -2,7 +2,7 @@
 
 Objects sit in grid cells rather than at free pixel positions: with 8-px cells
 at 32x32 a patch-8 model sees one object per image token, which is what let a
-tiny DiT learn in minutes (DESIGN.md section 4). Every object has the same
+tiny DiT learn in minutes (docs/design.md, The shapes world). Every object has the same
 nominal size at a given resolution, so size is part of identity, not of the
 prompt.
 """

@@ -5,7 +5,7 @@ production layout and loaded back with ``QwenImageModel.from_pretrained``.
 Images are 32 x 64 (not square, so a swapped height/width shows up): 2 x 4
 image tokens.
 
-Adapter parity (DESIGN.md section 6) is checked stage by stage: prompt
+Adapter parity (docs/design.md, Invariants) is checked stage by stage: prompt
 encoding, latent packing and noise, sigmas, VAE encode, the whole
 deterministic sampling loop (with and without true CFG) and the VAE decode.
 """

@@ -1,6 +1,6 @@
 """LoRA on the tiny Qwen-Image transformer (flowrl/models/lora.py): the adapter starts at the base, the
 reference and the base are the transformer with adapters off (no copy), a teacher is a saved adapter
-loaded beside the student's, the export merges; GRPO with LoRA keeps DESIGN.md section 6's invariants
+loaded beside the student's, the export merges; GRPO with LoRA keeps the invariants of docs/design.md
 (ratio 1 before the first update, resume = uninterrupted, two processes = one).
 
 Run as a script (under torchrun) it takes one LoRA GRPO update: the two-process test below."""

@@ -1,5 +1,5 @@
-"""Rollout/training consistency on the tiny Qwen-Image components (DESIGN.md
-section 6): recomputing each stored SDE step's conditional log-prob with a
+"""Rollout/training consistency on the tiny Qwen-Image components
+(docs/design.md, Invariants): recomputing each stored SDE step's conditional log-prob with a
 fresh forward gives a ratio of exactly 1 before any update."""
 
 import pytest

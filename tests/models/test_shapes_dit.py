@@ -100,7 +100,7 @@ def test_rope_same_cell_scores_do_not_depend_on_the_cell():
 @pytest.mark.parametrize("task", ["t2i", "edit"])
 @pytest.mark.parametrize("guidance,renorm", [(1.0, None), (3.0, None), (3.0, 1)])
 def test_rollout_log_probs_recompute_exactly(model, task, guidance, renorm):
-    """Rollout/training consistency (DESIGN.md section 6) on the shapes DiT:
+    """Rollout/training consistency (docs/design.md, Invariants) on the shapes DiT:
     both the conditional-branch log-probs (hybrid CFG) and the guided ones
     (CFG in the objective) recompute to a ratio of 1."""
     if task == "t2i":

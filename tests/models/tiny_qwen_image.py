@@ -49,7 +49,7 @@ _CORPUS_PROMPTS = [
     "Score the image from 1 to 5: 1 2 3 4 5",
 ]
 
-# Shapes from DESIGN.md section 7: joint dim 64 = text hidden size, 4 heads x 32,
+# Shapes from docs/design.md, Tiny test components: joint dim 64 = text hidden size, 4 heads x 32,
 # RoPE axes (8, 12, 12) summing to the head size, 16 latent channels packed to 64.
 TRANSFORMER_CONFIG = dict(
     patch_size=2,

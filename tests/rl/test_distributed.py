@@ -1,4 +1,4 @@
-"""Distributed = single process (DESIGN.md section 6): two gloo processes
+"""Distributed = single process (docs/design.md, Invariants): two gloo processes
 under torchrun take the same GRPO / OPD update as one process on the same batch,
 through DDP and through DeepSpeed ZeRO (stages 2 and 3, DeepSpeed's CPU accelerator)."""
 

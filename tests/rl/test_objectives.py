@@ -1,5 +1,5 @@
 """The GRPO objective's pure functions: hand-computed values and the
-advantage invariants of DESIGN.md section 6."""
+advantage invariants of docs/design.md, Invariants."""
 
 import math
 

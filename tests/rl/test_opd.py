@@ -1,4 +1,4 @@
-"""OPD (DESIGN.md sections 3 and 6): the velocity-matching loss, the fixed
+"""OPD (docs/design.md, Math and Invariants): the velocity-matching loss, the fixed
 point, the unbiased step subset, off-policy states, routing, and a loss that
 falls on a smoke setting."""
 

@@ -1,6 +1,6 @@
 """OPD's production code path on tiny random Qwen-Image components: one
 student transformer behind a T2I and an edit pipeline view, a T2I teacher and
-an edit teacher, two iterations of two steps (DESIGN.md section 6)."""
+an edit teacher, two iterations of two steps (docs/design.md, Invariants)."""
 
 import copy
 

@@ -1,5 +1,5 @@
 """Rollouts store what the objective needs, and the training path recomputes
-their log-probs exactly before any update (DESIGN.md section 6)."""
+their log-probs exactly before any update (docs/design.md, Invariants)."""
 
 import pytest
 import torch

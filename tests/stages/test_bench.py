@@ -185,7 +185,7 @@ def _chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if path := shutil.which(name):
             return path
-    raise AssertionError("no headless browser: install Debian's chromium (apt-get install chromium; .ci/run does)")
+    raise AssertionError("no headless browser: install Debian's chromium (apt-get install chromium; `make test` does, through its browser target)")
 
 
 def test_report_renders_in_a_real_browser(benched, tmp_path):

@@ -73,8 +73,9 @@ def test_grpo_trains_and_writes_a_teacher(upstream, task):
 
 
 def test_gain_over_time_judges_the_base_and_every_checkpoint(upstream, tmp_path):
-    """bench.grpo_curve reads the run's checkpoints back: the last one is the teacher the stage judged."""
-    from bench.grpo_curve import main
+    """experiments/grpo_ablations/grpo_curve.py reads the run's checkpoints back: the last one is the teacher
+    the stage judged."""
+    from experiments.grpo_ablations.grpo_curve import main
 
     root, config, base, rm, prompts = upstream
     result = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, progress=False)

@@ -1,11 +1,11 @@
-"""bench.opd_levers: OPD variants on one chain, each a normal opd artifact, in one table."""
+"""experiments.opd_levers.opd_levers: OPD variants on one chain, each a normal opd artifact, in one table."""
 
 import dataclasses
 import json
 
 import pytest
 
-from bench.opd_levers import VARIANTS, main
+from experiments.opd_levers.opd_levers import VARIANTS, main
 from flowrl.config import load_config
 from flowrl.stages.opd import SECTIONS
 from tests.conftest import ROOT, write_config
@@ -15,7 +15,7 @@ UNUSED = ["--base", "unused", "--teacher", "t2i_teacher=unused", "--teacher", "e
 
 
 def test_each_variant_is_a_valid_opd_section_that_changes_only_its_keys():
-    from bench.grpo_ablations import with_section
+    from experiments.grpo_ablations.grpo_ablations import with_section
 
     config = load_config(ROOT / "configs" / "shapes.yaml")
     for name, keys in VARIANTS.items():
@@ -48,8 +48,8 @@ def test_the_table_holds_each_variant_of_one_chain(upstream, teachers, tmp_path)
     """On the smoke chain: every variant over the table's base section (K = 4), each a run of its own; the
     same variant again is the same artifact, reused and said to be. Each entry's deltas are its judge scores
     minus the base's."""
-    from bench.grpo_ablations import with_section
-    from bench.opd_levers import LEVERS_BASE
+    from experiments.grpo_ablations.grpo_ablations import with_section
+    from experiments.opd_levers.opd_levers import LEVERS_BASE
 
     output = tmp_path / "opd_levers.json"
     main([*_chain_args(upstream, teachers, tmp_path), "--output", str(output), "--variants", "config", "match_2states"])

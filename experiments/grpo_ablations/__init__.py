@@ -1,0 +1,1 @@
+"""GRPO ablation tables and their gain-over-time curves (README.md beside this file)."""
