@@ -71,7 +71,9 @@ def bench_set(config: FlowRLConfig) -> BenchSet:
     """The bench items of ``config.bench``: the grammar's bench split (shapes) or the bench prompt
     files (qwen_image, checked unseen by training, :func:`flowrl.prompt_files.load_bench_prompts`)."""
     b = config.bench
-    if config.model.family != "shapes":
+    from flowrl.models.families import family_of
+
+    if family_of(config).prompt_files:
         return _file_bench_set(config)
     t2i = make_t2i_set(b.seed, b.t2i_per_category, split="bench")
     edit = make_edit_set(b.seed, b.edit_per_kind, split="bench")

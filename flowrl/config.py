@@ -1040,28 +1040,9 @@ def check_consistency(config: FlowRLConfig) -> None:
             f"annotate.labels_per_image: {a.labels_per_image} is more than annotate.annotators {a.annotators}"
         )
     check_launch(config)
-    if m.family == "qwen_image":
-        q = m.qwen_image
-        if not q.pretrained:
-            raise ConfigError("model.qwen_image.pretrained: required when model.family is qwen_image")
-        for key in ("height", "width"):
-            if getattr(q, key) % 16:
-                raise ConfigError(f"model.qwen_image.{key}: expected a multiple of 16, got {getattr(q, key)}")
-        for task in ("t2i", "edit"):
-            if not getattr(config.filter, f"{task}_prompts"):
-                raise ConfigError(f"filter.{task}_prompts: required when model.family is qwen_image (the {task} "
-                                  "candidate prompt file, see flowrl/prompt_files.py)")
-        if config.bench.scorer != "reward_models":
-            raise ConfigError("bench.scorer: qwen_image has no judge; set it to reward_models")
-        for task in ("t2i", "edit"):
-            if not getattr(config.bench, f"{task}_prompts"):
-                raise ConfigError(f"bench.{task}_prompts: required when model.family is qwen_image (the {task} "
-                                  "bench prompt file, unseen by every training stage)")
-        pillar_sources(config.bench.scorers)
-        if not config.grpo.monitor_reward:
-            raise ConfigError("grpo.monitor_reward: required when model.family is qwen_image (there is no judge: name "
-                              "the held-out reward model that watches for hacking, e.g. pairwise)")
-        _check_lora(config)
+    from flowrl.models.families import family_of  # the models import this module: imported here
+
+    family_of(config).check_config(config)  # the family's own rules (qwen_image: weights, prompt files, judge)
 
 
 def _check_names(config: FlowRLConfig) -> None:

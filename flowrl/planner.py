@@ -671,9 +671,9 @@ def _tokens(config, task: str) -> tuple[int, int]:
 
 def configured_setting(config, stage: str) -> Setting:
     """The memory setting a config gives ``stage``."""
+    from flowrl.models.families import family_of
+
     section = getattr(config, stage)
-    q = config.model.qwen_image if config.model.family == "qwen_image" else None
-    lora = q.lora.rank if q is not None and q.lora is not None else 0
     teachers = ()
     if stage == "opd":
         from flowrl.config import name_value_pairs
@@ -681,25 +681,25 @@ def configured_setting(config, stage: str) -> Setting:
         teachers = tuple(n for n, d in name_value_pairs(section.teacher_devices, "opd.teacher_devices") if d == "cpu")
     g = config.grpo
     return Setting(
-        lora_rank=lora, zero_stage=section.zero_stage,
+        zero_stage=section.zero_stage,
         gradient_checkpointing=bool(getattr(section, "gradient_checkpointing", False)),
         micro_batch=getattr(section, "micro_batch", None),
         reference_device=getattr(g, "reference_device", "same") if stage == "grpo" else "same",
-        text_encoder_device=getattr(q, "text_encoder_device", "same") if q is not None else "same",
         teachers_on_cpu=teachers,
         shared_rewards=stage == "grpo" and g.reward_backend == "server" and (
             g.reward_url is not None or getattr(g, "reward_gpus", 0) > 0),
         reward_gpus=getattr(g, "reward_gpus", 0) if stage == "grpo" else 0,
         reward_url=stage == "grpo" and g.reward_backend == "server" and g.reward_url is not None,
         rollout_micro_batch=getattr(g, "rollout_micro_batch", None) if stage == "grpo" else None,
-        decode_batch=getattr(q, "decode_batch", None) if q is not None else None,
         states_per_forward=getattr(section, "states_per_forward", None) if stage == "opd" else None,
-        monitor_batch=config.eval.batch_size if q is not None else None)
+        **family_of(config).memory_setting(config))  # LoRA, text encoder, decode and monitor batches
 
 
 def stage_workloads(config, gpus: int) -> dict[str, Workload]:
     """The GRPO and OPD stages of ``config`` on ``gpus`` data-parallel ranks, each at its largest task
     (Qwen-Image: edit, whose rows also carry the source's tokens)."""
+    from flowrl.models.families import family_of
+
     g, o = config.grpo, config.opd
     routes = sorted({route.split("=", 1)[1].strip() for route in o.routes})
     opd_steps = o.num_steps or config.sampler.num_steps
@@ -711,21 +711,21 @@ def stage_workloads(config, gpus: int) -> dict[str, Workload]:
     grpo_rows = max(1, per_rank * g.group_size // g.minibatches)
     sample = max(1, per_rank // g.reward_chunks) * g.group_size * (1 if g.cfg_mode == "none" else 2)
     opd_rows = max(1, math.ceil(o.prompts_per_iteration * max(o.t2i_fraction, 1 - o.t2i_fraction) / gpus))
-    if config.model.family == "shapes":
-        from flowrl.models import create_model
+    common, grpo, opd = family_of(config).planner_figures(config, per_rank, opd_rows)
+    return {
+        "grpo": Workload("grpo", train_trajectories=grpo_rows, rows_per_trajectory=grpo_steps, sample_rows=sample,
+                         sample_unit=1 if g.cfg_mode == "none" else 2, kl=g.kl_coef > 0, ema=g.ema_decay > 0,
+                         **grpo, **common),
+        "opd": Workload("opd", train_trajectories=opd_rows, rows_per_trajectory=2 * matched, sample_rows=2 * opd_rows,
+                        sample_unit=2, teachers=tuple(routes), ema=o.ema_decay > 0, **opd, **common),
+    }
 
-        net = network_of(create_model(config).net)
-        s = config.model.shapes
-        image, text = 2 * (config.world.resolution // s.patch) ** 2, 16  # target + source patches, the prompt
-        common = dict(network=net, dtype="float32", image_tokens=image, text_tokens=text)
-        return {
-            "grpo": Workload("grpo", train_trajectories=grpo_rows, rows_per_trajectory=grpo_steps,
-                             sample_rows=sample, sample_unit=1 if g.cfg_mode == "none" else 2, kl=g.kl_coef > 0,
-                             ema=g.ema_decay > 0, **common),
-            "opd": Workload("opd", train_trajectories=opd_rows, rows_per_trajectory=2 * matched,
-                            sample_rows=2 * opd_rows, sample_unit=2, teachers=tuple(routes), ema=o.ema_decay > 0,
-                            **common),
-        }
+
+def qwen_image_figures(config, per_rank: int, opd_rows: int) -> tuple[dict, dict, dict]:
+    """The qwen_image family's planner figures (:meth:`flowrl.models.families.ModelFamily.planner_figures`):
+    the transformer and its LoRA targets, the text encoder, VAE and reward models from their configs, the
+    edit task's tokens, and the decoding, encoding and scoring the stages do beside training."""
+    g = config.grpo
     q = config.model.qwen_image
     parts = _components(q.pretrained)
     lora = q.lora
@@ -761,27 +761,21 @@ def stage_workloads(config, gpus: int) -> dict[str, Workload]:
     monitors = 1 if g.monitor_reward else 0
     notes = ("the held-out monitor's reward model loads on rank 0 for each evaluation, one at a time, and is "
              "released after it",)
-    return {
-        "grpo": Workload("grpo", train_trajectories=grpo_rows, rows_per_trajectory=grpo_steps, sample_rows=sample,
-                         sample_unit=1 if g.cfg_mode == "none" else 2, decode_images=chunk,
-                         encode_rows=max(chunk, config.eval.batch_size),
-                         colocated_scorers=colocated, monitor_scorers=monitors, kl=g.kl_coef > 0,
-                         no_grad_in_train=g.kl_coef > 0, ema=g.ema_decay > 0, notes=notes, **common),
-        "opd": Workload("opd", train_trajectories=opd_rows, rows_per_trajectory=2 * matched, sample_rows=2 * opd_rows,
-                        sample_unit=2, encode_rows=max(opd_rows, config.eval.batch_size),
-                        monitor_scorers=2 * monitors, teachers=tuple(routes), teachers_as_adapters=o.init == "base",
-                        ema=o.ema_decay > 0, notes=notes, **common),
-    }
+    grpo = dict(decode_images=chunk, encode_rows=max(chunk, config.eval.batch_size), colocated_scorers=colocated,
+                monitor_scorers=monitors, no_grad_in_train=g.kl_coef > 0, notes=notes)
+    opd = dict(encode_rows=max(opd_rows, config.eval.batch_size), monitor_scorers=2 * monitors,
+               teachers_as_adapters=config.opd.init == "base", notes=notes)
+    return common, grpo, opd
 
 
 # --------------------------------------------------------------------------- advice
 
 
-def candidates(workload: Workload, family: str, configured: Setting) -> list[Setting]:
-    """The settings of ``family`` ("lora" or "full") the config can express, cheapest first: what runs
+def candidates(workload: Workload, mode: str, configured: Setting) -> list[Setting]:
+    """The settings of ``mode`` ("lora" or "full") the config can express, cheapest first: what runs
     fastest and needs nothing else deployed (no offload to the CPU, rewards co-located, less sharding, no
     recompute, whole batches) before what saves memory at a cost."""
-    lora = family == "lora"
+    lora = mode == "lora"
     rank = (configured.lora_rank or ADVISED_LORA_RANK) if lora else 0
     rows = workload.train_trajectories
     micro = [None] + [m for m in (8, 4, 2, 1) if m < rows]
@@ -854,8 +848,11 @@ def check_budget(gpu_mem_gib: float, margin: float) -> None:
 
 
 def families(config) -> tuple[str, ...]:
-    """LoRA exists for the qwen_image family only."""
-    return ("lora", "full") if config.model.family == "qwen_image" else ("full",)
+    """The training modes to advise, "lora" and "full" (parameters): LoRA exists for the families with model
+    keys (qwen_image) only."""
+    from flowrl.models.families import family_of
+
+    return ("lora", "full") if family_of(config).model_keys else ("full",)
 
 
 # --------------------------------------------------------------------------- the printed plan
@@ -892,7 +889,9 @@ def plan_table(config, gpus: int, gpu_mem_gib: float, margin: float = 0.15) -> s
              "per rank (the largest rank), peak over the run's phases.", "",
              "| stage | setting | peak GiB / GPU | fits | config keys |", "|---|---|---:|---|---|"]
     details = []
-    qwen = config.model.family == "qwen_image"
+    from flowrl.models.families import family_of
+
+    qwen = family_of(config).model_keys  # the flags name the family's model keys
     workloads = stage_workloads(config, gpus)
     for stage, workload in workloads.items():
         configured = configured_setting(config, stage)
@@ -907,11 +906,11 @@ def plan_table(config, gpus: int, gpu_mem_gib: float, margin: float = 0.15) -> s
                          f"{'yes' if ok else 'over budget'} | |")
             columns["as configured"] = mine
         any_fit = False
-        for family in families(config):
-            found = plan(workload, gpus, gpu_mem_gib, margin, family, configured)
-            label = "LoRA" if family == "lora" else "full parameters"
+        for mode in families(config):
+            found = plan(workload, gpus, gpu_mem_gib, margin, mode, configured)
+            label = "LoRA" if mode == "lora" else "full parameters"
             if found is None:
-                setting, est = frugal(workload, gpus, family, configured, budget=budget * GiB)
+                setting, est = frugal(workload, gpus, mode, configured, budget=budget * GiB)
                 columns[f"most frugal, {label}"] = est
                 lines.append(f"| {stage} | most frugal, {label}: {setting.describe()} | {_gib(est.total)} | "
                              f"over budget | {' '.join(setting.flags(stage, qwen))} |")
@@ -950,7 +949,9 @@ def task_requests(config, stage: str, gpus: int, gpu_mem_gib: float, margin: flo
     check_budget(gpu_mem_gib, margin)
     if found.total > (1 - margin) * gpu_mem_gib * GiB:
         advice = [plan(workload, gpus * nodes, gpu_mem_gib, margin, f, setting) for f in families(config)]
-        qwen = config.model.family == "qwen_image"
+        from flowrl.models.families import family_of
+
+        qwen = family_of(config).model_keys
         hint = next((" ".join(a[0].flags(stage, qwen)) for a in advice if a is not None), None)
         raise ValueError(
             f"{stage}: the configured setting ({setting.describe()}) needs {_gib(found.total)} GiB per GPU and "

@@ -7,6 +7,7 @@ from flytekit.types.error import FlyteError
 from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
+from flowrl.models.families import family_of
 from flowrl.stages.base import run_base
 from tasks.launch import stage_task
 from tasks.types import STAGE_MODULES, StageArtifact, StageConfigs, flyte_execution_id, stage_cache, tracker_for
@@ -17,7 +18,7 @@ def validate_config(config: FlyteFile) -> StageConfigs:
     """Fail the workflow on a bad config before any stage starts; hand each stage
     the config under its own cache hash (its sections, see tasks.types)."""
     loaded = load_config(config.download())
-    if loaded.model.family == "qwen_image":  # the prompt files are read hours later: check them now
+    if family_of(loaded).prompt_files:  # the prompt files are read hours later: check them now
         from flowrl.prompt_files import check_prompt_files
 
         check_prompt_files(loaded)

@@ -39,6 +39,7 @@ from flytekit.core.tracker import TrackedInstance, extract_task_module
 from flytekit.exceptions.user import FlyteUserException
 
 from flowrl.config import TRAINING_STAGES, FlowRLConfig, LaunchConfig, load_config, secret_requests
+from flowrl.models.families import family_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,7 +182,7 @@ class Registration:
         cpu = (section.cpu if section is not None and section.cpu else None) or defaults["cpu"]
         mem = section.mem if section is not None and section.mem else None
         if mem is None and stage in TRAINING_STAGES and self.config is not None \
-                and self.config.model.family != "shapes":
+                and family_of(self.config).model_keys:  # qwen_image: the requests come from the planner
             cpu_planned, mem = self._planned(stage, procs, nodes)
             if not (section is not None and section.cpu):
                 cpu = cpu_planned

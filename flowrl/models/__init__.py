@@ -187,12 +187,10 @@ def set_torch_threads(n: int | None) -> None:
 
 
 def trainable_module(model: FlowModel) -> torch.nn.Module:
-    """The network RL trains: the shapes DiT's ``net``, Qwen-Image's ``transformer``."""
-    for name in ("net", "transformer"):
-        module = getattr(model, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise TypeError(f"{type(model).__name__} has no trainable network (net / transformer)")
+    """The network RL trains: the shapes DiT's ``net``, Qwen-Image's ``transformer`` (its family's answer)."""
+    from flowrl.models.families import family_of_model
+
+    return family_of_model(model).trainable_module(model)
 
 
 def load_policy(directory: str | Path, config: FlowRLConfig, task: str = "t2i") -> FlowModel:
@@ -204,21 +202,13 @@ def load_policy(directory: str | Path, config: FlowRLConfig, task: str = "t2i") 
     stage's record), with the artifact's own ``transformer/`` when it has one.
     The pretrained weights must still be the ones the base stage fingerprinted.
     """
-    directory = Path(directory)
-    family = config.model.family
-    if family == "shapes":
-        return load_checkpoint(directory, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
-    if family != "qwen_image":
-        raise CheckpointError(f"model.family {family!r} has no loader")
-    from flowrl.models.qwen_image import QwenImageModel
+    from flowrl.models.families import family_of
 
-    path = pretrained_path(directory, task)
-    q = config.model.qwen_image
-    device = local_device()
-    # a trained artifact's transformer replaces the pretrained one, which is then never loaded
-    trained = _artifact_transformer(directory, config) if (directory / QWEN_TRANSFORMER).is_dir() else None
-    return QwenImageModel.from_pretrained(path, task=task, dtype=_DTYPES[q.dtype], device=device, height=q.height,
-                                          width=q.width, transformer=trained, decode_batch=q.decode_batch)
+    try:
+        family = family_of(config)
+    except ConfigError:
+        raise CheckpointError(f"model.family {config.model.family!r} has no loader") from None
+    return family.load_policy(Path(directory), config, task)
 
 
 def pretrained_path(directory: str | Path, task: str) -> str:
@@ -254,14 +244,9 @@ def check_policy(directory: str | Path, config: FlowRLConfig) -> None:
     """Fail now, without building the model, if :func:`load_policy` of either task would fail on this
     artifact for a reason its files show: shapes, a checkpoint that does not load; Qwen-Image, changed or missing
     pretrained weights of either task, or a trained ``transformer/`` without its config."""
-    directory = Path(directory)
-    if config.model.family == "shapes":
-        load_policy(directory, config)
-        return
-    for task in ("t2i", "edit"):
-        pretrained_path(directory, task)
-    if (directory / QWEN_TRANSFORMER).is_dir() and not (directory / QWEN_TRANSFORMER / "config.json").is_file():
-        raise CheckpointError(f"{directory / QWEN_TRANSFORMER}: no config.json (not a saved transformer)")
+    from flowrl.models.families import family_of
+
+    family_of(config).check_policy(Path(directory), config)
 
 
 def local_device() -> torch.device:
@@ -283,36 +268,18 @@ def _artifact_transformer(directory: Path, config: FlowRLConfig) -> torch.nn.Mod
 def trained_state(directory: str | Path, config: FlowRLConfig, task: str = "t2i") -> dict[str, torch.Tensor]:
     """The trainable network's weights of a model artifact, on the CPU, without
     building the rest of the model (Qwen-Image: the transformer alone)."""
-    directory = Path(directory)
-    if config.model.family == "shapes":
-        return trainable_module(load_policy(directory, config, task)).state_dict()
-    if (directory / QWEN_TRANSFORMER).is_dir():
-        return _artifact_transformer(directory, config).state_dict()
-    from diffusers import QwenImageTransformer2DModel
+    from flowrl.models.families import family_of
 
-    from flowrl.weights import local_weights
-
-    reference = json.loads((directory / QWEN_REFERENCE).read_text())
-    path = local_weights(reference["pretrained"][task], f"{directory / QWEN_REFERENCE}: pretrained.{task}")
-    return QwenImageTransformer2DModel.from_pretrained(
-        path, subfolder="transformer", torch_dtype=_DTYPES[config.model.qwen_image.dtype]).state_dict()
+    return family_of(config).trained_state(Path(directory), config, task)
 
 
 def save_policy(model: FlowModel, directory: str | Path, base_dir: str | Path | None = None) -> None:
     """Write ``model`` as a model artifact :func:`load_policy` reads: the
     shapes checkpoint, or Qwen-Image's trained transformer (safetensors via
     ``save_pretrained``) beside the base artifact's ``reference.json``."""
-    from flowrl.models.shapes_dit import ShapesFlowModel
+    from flowrl.models.families import family_of_model
 
-    if isinstance(model, ShapesFlowModel):
-        save_checkpoint(model, directory)
-        return
-    if base_dir is None or not (Path(base_dir) / QWEN_REFERENCE).is_file():
-        raise CheckpointError(f"saving a {type(model).__name__} needs the base artifact's {QWEN_REFERENCE}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / QWEN_REFERENCE).write_bytes((Path(base_dir) / QWEN_REFERENCE).read_bytes())
-    trainable_module(model).save_pretrained(str(directory / QWEN_TRANSFORMER), safe_serialization=True)
+    family_of_model(model).save_policy(model, Path(directory), base_dir)
 
 
 def load_task_views(directory: str | Path, config: FlowRLConfig) -> dict[str, FlowModel]:
@@ -322,29 +289,15 @@ def load_task_views(directory: str | Path, config: FlowRLConfig) -> dict[str, Fl
     bench) around the same transformer. The edit view shares the T2I pipeline's VAE, text
     encoder and tokenizer where the two weight directories hold the same files (as the
     released Qwen-Image and Qwen-Image-Edit do) and loads its own where they differ."""
-    t2i = load_policy(directory, config, "t2i")
-    if config.model.family == "shapes":
-        return {"t2i": t2i, "edit": t2i}
-    from flowrl.models.qwen_image import QwenImageModel, same_component
+    from flowrl.models.families import family_of
 
-    t2i_path, edit_path = pretrained_path(directory, "t2i"), pretrained_path(directory, "edit")
-    shared = {name: getattr(t2i, name) for name in ("vae", "text_encoder", "tokenizer")
-              if same_component(t2i_path, edit_path, name)}
-    q = config.model.qwen_image
-    edit = QwenImageModel.from_pretrained(edit_path, task="edit", dtype=_DTYPES[q.dtype], device=local_device(),
-                                          height=q.height, width=q.width, transformer=t2i.transformer,
-                                          decode_batch=q.decode_batch, **shared)
-    return {"t2i": t2i, "edit": edit}
+    return family_of(config).load_task_views(Path(directory), config)
 
 
 def load_frozen_network(directory: str | Path, config: FlowRLConfig, task: str, device: str | None = None):
     """A model artifact's trainable network alone, frozen (eval, no grad), on ``device`` (default: this
     process's): a teacher placed beside the student, sharing the student's other components."""
-    directory = Path(directory)
-    if config.model.family == "shapes":
-        module = trainable_module(load_policy(directory, config, task))
-    else:
-        module = _artifact_transformer(directory, config) if (directory / QWEN_TRANSFORMER).is_dir() else None
-        if module is None:
-            raise CheckpointError(f"{directory}: no trained {QWEN_TRANSFORMER}/ (not a GRPO or OPD artifact)")
+    from flowrl.models.families import family_of
+
+    module = family_of(config).load_frozen_network(Path(directory), config, task)
     return module.to(device or local_device()).requires_grad_(False).eval()

@@ -328,6 +328,10 @@ class QwenImageModel:
         view.transformer = transformer
         return view
 
+    def with_trainable(self, module: torch.nn.Module) -> "QwenImageModel":
+        """:meth:`with_transformer` under the name every family's model answers to."""
+        return self.with_transformer(module)
+
     def move_text_encoder(self, device: str | torch.device, *, offload: bool = False) -> None:
         """Keep the text encoder on ``device`` from now on. Without ``offload`` it also runs there
         (``cpu``: off the accelerator, slowly; the embeddings it gives are moved to the transformer's

@@ -12,6 +12,7 @@ predicting v directly, while training still minimises the velocity loss.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -243,3 +244,10 @@ class ShapesFlowModel:
 
     def parameters(self):
         return self.net.parameters()
+
+    def with_trainable(self, net: torch.nn.Module) -> "ShapesFlowModel":
+        """The same adapter around another network (a reference policy, a teacher, trained weights); the
+        name every family's model answers to (Qwen-Image: around another transformer)."""
+        view = copy.copy(self)
+        view.net = net
+        return view

@@ -15,6 +15,7 @@ from PIL import Image
 
 from flowrl.config import FlowRLConfig
 from flowrl.models import CheckpointError, count_parameters, create_model, save_checkpoint
+from flowrl.models.families import family_of
 from flowrl.models.qwen_image import validate_pretrained, weights_fingerprint
 from flowrl.pretrain import pretrain
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
@@ -29,14 +30,7 @@ def input_stamps(config: FlowRLConfig) -> dict[str, str]:
     """{config key: fingerprint} of the local pretrained weights directories the config names (part of
     the stage's Flyte cache key): new weights at the same path are a cache miss. A hub id is keyed by
     its text (pin a revision by giving its local snapshot path)."""
-    from pathlib import Path
-
-    if config.model.family != "qwen_image":
-        return {}
-    q = config.model.qwen_image
-    paths = {"model.qwen_image.pretrained": q.pretrained, "model.qwen_image.edit_pretrained": q.edit_pretrained}
-    local = {key: Path(p).expanduser() for key, p in paths.items() if p}
-    return {key: weights_fingerprint(p) for key, p in local.items() if p.is_dir()}
+    return family_of(config).input_stamps(config)
 
 
 def run_base(
@@ -48,7 +42,7 @@ def run_base(
 ) -> StageResult:
     """Run the stage and commit its artifact; returns where it is (an
     identical earlier run's artifact is returned as is)."""
-    if config.model.family == "qwen_image":
+    if family_of(config).from_pretrained:
         return _reference_pretrained(config, output_root, tracker)
     done = committed_result(STAGE, config, SECTIONS, {}, output_root)
     if done is not None:

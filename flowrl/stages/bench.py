@@ -54,6 +54,7 @@ from flowrl.bench import (
 from flowrl.config import ConfigError, FlowRLConfig, pillar_sources
 from flowrl.evaluation import to_uint8
 from flowrl.models import check_policy, load_policy
+from flowrl.models.families import family_of
 from flowrl.report import ReportData, write_report
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
 from flowrl.storage import content_stamps, fetch, file_uri, read_manifest, sha256_file
@@ -76,7 +77,7 @@ def input_stamps(config: FlowRLConfig) -> dict[str, str]:
 def _model_key(config: FlowRLConfig) -> dict[str, str]:
     """Production: the model section (pretrained weights, height, width, dtype) shapes the images of a
     model artifact at bench time, so it is part of the bench's key; a shapes checkpoint carries its model."""
-    return {} if config.model.family == "shapes" else {"model": config.section_hash("model")}
+    return family_of(config).model_key(config)
 
 
 REPORT_FILES = ("report.md", "report.html", "elo.png", "curves.png", "grid_t2i.png", "grid_edit.png")
@@ -117,7 +118,7 @@ def run_bench(
     the reward_model stage's artifact, used (and required) when ``bench.scorer`` is
     ``reward_models``."""
     _check_models(config, models)
-    production = config.model.family != "shapes"
+    production = not family_of(config).has_judge
     inputs = {f"model_{name}": uri for name, uri in models.items()}
     if config.bench.scorer == "reward_models":
         if not reward_model:
@@ -125,7 +126,7 @@ def run_bench(
                               "(--reward-model URI)")
         inputs["reward_model"] = reward_model
     elif production:
-        raise ConfigError("bench.scorer: qwen_image has no judge; set it to reward_models")
+        raise ConfigError(f"bench.scorer: {config.model.family} has no judge; set it to reward_models")
     vote_battles: dict[str, list[Battle]] = {}
     if votes is not None:
         try:

@@ -33,6 +33,7 @@ from flowrl.config import FlowRLConfig
 from flowrl.plots import new_figure, png_of
 from flowrl.config import ConfigError
 from flowrl.models import load_checkpoint, load_policy
+from flowrl.models.families import family_of
 from flowrl.prompt_files import decode_sources, heldout_mask, load_prompt_file
 from flowrl.rewards.annotations import png_bytes
 from flowrl.rewards.composite import CompositeReward
@@ -161,7 +162,7 @@ def run_filter_prompts(
 ) -> StageResult:
     if task not in ("t2i", "edit"):
         raise ValueError(f"task must be t2i or edit, got {task!r}")
-    if config.model.family == "qwen_image":
+    if family_of(config).prompt_files:
         return _filter_prompt_file(config, task, base_uri, reward_model_uri, output_root, tracker)
     inputs = {"base": base_uri, "reward_model": reward_model_uri, "task": task}
     stage = f"{STAGE}_{task}"

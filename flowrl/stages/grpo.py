@@ -34,6 +34,7 @@ from flowrl.models import (
     load_checkpoint, load_policy, save_checkpoint, save_policy, trainable_module, trained_state,
 )
 from flowrl.models.base import Condition, FlowModel
+from flowrl.models.families import family_of
 from flowrl.models.lora import STUDENT, AdapterView, add_adapter, lora_settings, save_lora_policy
 from flowrl.rewards.shapes_rewards import load_shapes_rewards
 from flowrl.rl.distributed import dist_info
@@ -114,7 +115,7 @@ def model_key(config: FlowRLConfig) -> dict[str, str]:
     """Production: the model section (LoRA, where the text encoder runs, dtype, size) shapes what GRPO and OPD
     train, and the base URI carries it only while the base is rerun with the same config; an input of the
     stage's version (as the bench's). A shapes checkpoint carries its model."""
-    return {} if config.model.family == "shapes" else {"model": config.section_hash("model")}
+    return family_of(config).model_key(config)
 
 
 def frozen_copy(module: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
@@ -245,25 +246,22 @@ def _reward_backend(config: FlowRLConfig, task: str, composite, reward_model_uri
     from flowrl.rewards.server import free_port, launch_server, node_sidecar, sidecar_env
 
     token = reward_token(config)
+    family = family_of(config)
     # images per request: a whole submission for the small shapes images; one prompt group of 1024 x 1024
     # images for qwen_image, so a request body stays in the tens of MB the server accepts
-    per_request = g.group_size if config.model.family == "qwen_image" else g.prompts_per_iteration * g.group_size
-    size = ((config.model.qwen_image.height, config.model.qwen_image.width) if config.model.family == "qwen_image"
-            else (config.world.resolution, config.world.resolution))
+    per_request = family.reward_request_images(config)
+    size = family.image_size(config)
     sidecar = None
     url = g.reward_url
     if url is None:
         log_path = Path(tempfile.mkdtemp(prefix="flowrl-reward-server-")) / "server.log"
         kwargs = {"config": config.to_dict(), "reward_model_uri": reward_model_uri, "task": task}
-        factory = "flowrl.rewards.shapes_rewards:served_composite"
-        if config.model.family == "qwen_image":
-            factory, kwargs["prompts_uri"] = "flowrl.rewards.production:served_composite", prompts_uri
+        factory = family.reward_factory
+        kwargs.update(family.reward_server_kwargs(prompts_uri, spread=bool(g.reward_gpus)))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if g.reward_gpus:  # the GPUs after the node's training processes', the scorers spread over them
             env = sidecar_env(env, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), g.reward_gpus,
                               torch.cuda.device_count() if torch.cuda.is_available() else None)
-            if config.model.family == "qwen_image":
-                kwargs["spread"] = True
 
         def start():
             server = launch_server(
@@ -326,7 +324,7 @@ def run_grpo(
         return done
     check_prompt_tasks(uris)  # the cheap checks of user input before any work
     reward_token(config)
-    if config.model.family == "qwen_image":
+    if family_of(config).from_pretrained:
         if task == "mixed":
             raise ConfigError("grpo --task mixed (Mix-RL) runs on the shapes family only: on qwen_image it would need "
                              "the T2I and edit pipeline views of one transformer in one trainer; set opd.mix_rl: false")

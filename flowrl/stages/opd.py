@@ -34,6 +34,7 @@ from flowrl.models import (
     load_checkpoint, load_frozen_network, load_task_views, pretrained_path, save_checkpoint, save_policy,
     trainable_module,
 )
+from flowrl.models.families import family_of
 from flowrl.models.lora import (
     ADAPTER_DIR, STUDENT, AdapterView, add_adapter, load_adapter, lora_settings, save_lora_policy,
 )
@@ -156,7 +157,7 @@ def run_opd(
     if done is not None:
         return done
     check_prompt_tasks(prompts_uris)
-    if config.model.family == "qwen_image":
+    if family_of(config).from_pretrained:
         return _run_opd_pretrained(config, base_uri, teacher_uris, prompts_uris, stage, inputs, routes, init_name,
                                    output_root=output_root, tracker=tracker, resume=resume, progress=progress,
                                    stop_after=stop_after)

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from flowrl.config import ConfigError, FlowRLConfig
+from flowrl.models.families import family_of
 from flowrl.rewards.annotations import AnnotationError, decode_png, load_annotations
 from flowrl.rewards.backbone import ScoreBackbone
 from flowrl.rewards.shapes_annotators import Annotator, Latents, latents_for
@@ -137,7 +138,7 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
             "annotate more prompts or change the fraction"
         )
     criteria = r.t2i_criteria if task == "t2i" else r.edit_criteria
-    judge = config.model.family == "shapes"  # only the shapes world has a judge
+    judge = family_of(config).has_judge  # only the shapes world has a judge
     log = lambda metrics, step: ctx.tracker.log_metrics({f"{task}/{k}": v for k, v in metrics.items()}, step)
     metrics: dict = {"split": {name: {"pointwise": len(getattr(split_p, name)), "pairwise": len(getattr(split_q, name))}
                                for name in ("train", "heldout", "unseen")}}
