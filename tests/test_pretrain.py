@@ -7,7 +7,8 @@ import torch
 
 from flowrl.config import BaseConfig, FlowRLConfig, from_dict
 from flowrl.models import create_model
-from flowrl.pretrain import EMA, draw_batch, drop_prompts, flow_matching_loss, lr_at, pretrain
+from flowrl.pretrain import draw_batch, drop_prompts, flow_matching_loss, lr_at, pretrain
+from flowrl.rl.ema import EMA
 
 TINY = {"model": {"shapes": {"width": 32, "depth": 1, "heads": 2, "head_channels": 4}}}
 

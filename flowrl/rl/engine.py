@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from flowrl.models.base import FlowModel
-from flowrl.pretrain import EMA
+from flowrl.rl.ema import EMA
 from flowrl.rl.distributed import dist_info
 from flowrl.rl.shards import (Fragment, FrozenPiece, SafetensorsWriter, ShardError, dtype_name, read_into,
                               read_shard_metadata, shard_metadata, shard_name)
@@ -136,7 +136,7 @@ class TorchEngine:
         self.optimizer.load_state_dict(copy.deepcopy(state))
 
     def make_ema(self, decay: float) -> EMA:
-        """The EMA of the trained weights (:class:`flowrl.pretrain.EMA`)."""
+        """The EMA of the trained weights (:class:`flowrl.rl.ema.EMA`)."""
         return EMA(self.module, decay)
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """Trainer machinery shared by GRPO and OPD: the iteration loop
 (:class:`LoopTrainer`: progress bar, tracker metrics, held-out monitor,
 checkpoints, resume, early stop), checkpoints as artifacts, and the
-hacking monitor (the EMA is :class:`flowrl.pretrain.EMA`).
+hacking monitor (the EMA is :class:`flowrl.rl.ema.EMA`).
 
 Checkpoints are small artifacts of their own, committed through the
 artifact store (files first, manifest last), so a checkpoint is either
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from flowrl.pretrain import EMA
+from flowrl.rl.ema import EMA
 from flowrl.rl.distributed import barrier, broadcast, dist_info
 from flowrl.rl.engine import ShardedEMA, TorchEngine, ZeroEngine
 from flowrl.models import CheckpointError

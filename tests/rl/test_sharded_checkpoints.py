@@ -144,7 +144,7 @@ def test_consolidate_command_commits_a_full_checkpoint_any_engine_loads(zero_run
     version); one plain process loads it, or the sharded checkpoint itself (assembled in memory);
     a ZeRO engine on another number of ranks refuses the shards, naming the command."""
     from flowrl.cli import main
-    from flowrl.pretrain import EMA
+    from flowrl.rl.ema import EMA
     from flowrl.rl.engine import TorchEngine
     from flowrl.rl.shards import consolidate
     from flowrl.rl.trainer import Checkpoints

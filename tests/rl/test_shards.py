@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import flowrl.rl.shards as shards
-from flowrl.pretrain import EMA
+from flowrl.rl.ema import EMA
 from flowrl.rl.shards import (SHARDED, Fragment, FrozenPiece, SafetensorsWriter, ShardError, consolidate, read_into,
                               shard_metadata, shard_name)
 

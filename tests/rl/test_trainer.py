@@ -194,7 +194,7 @@ def test_anchor_kl_weight_reaches_the_loss_and_leaves_the_measured_kl_alone():
 
 
 def test_checkpoint_keeps_the_ema_weights(tmp_path):
-    from flowrl.pretrain import EMA
+    from flowrl.rl.ema import EMA
 
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(net.parameters())
