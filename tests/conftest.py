@@ -1,5 +1,6 @@
 """Shared fixtures: scenario configs pointed at temporary storage."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -254,3 +255,36 @@ def pytest_sessionfinish(session, exitstatus):
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def mlflow_server_at(root: Path, artifacts: str):
+    """A real `mlflow server` on a free loopback port, its backend store and log under ``root`` and its
+    artifacts proxied to ``artifacts``; yields its URL once /health answers, stops it afterwards."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [shutil.which("mlflow", path=os.path.dirname(sys.executable)), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", artifacts, "--serve-artifacts"],
+        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, env=dict(os.environ),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -3,12 +3,8 @@ with its artifact store on the S3 test server (moto), as a team would run it."""
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,38 +13,14 @@ from mlflow.tracking import MlflowClient
 
 from flowrl.config import load_config
 from flowrl.stages.base import run_base
-from tests.conftest import ROOT, user_env, write_config
+from tests.conftest import ROOT, mlflow_server_at, user_env, write_config
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = shutil.which("mlflow", path=os.path.dirname(sys.executable))
-    proc = subprocess.Popen(
-        [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", f"{s3_server}/mlflow-artifacts", "--serve-artifacts"],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, env=dict(os.environ),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
+    with mlflow_server_at(root, f"{s3_server}/mlflow-artifacts") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_a_stage_logs_params_metrics_and_images_to_the_server(mlflow_server, s3_server, tmp_path):

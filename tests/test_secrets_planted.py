@@ -6,12 +6,8 @@ stdout, stderr and the log records are searched for every planted string."""
 
 import logging
 import os
-import shutil
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flowrl.cli import main
-from tests.conftest import ROOT, write_config
+from tests.conftest import ROOT, mlflow_server_at, write_config
 
 # one distinct string per place, so a leak says where it came from
 ENV_SECRETS = {
@@ -42,32 +38,9 @@ def secret_server(s3_server, tmp_path_factory):
     """A real MLflow tracking server on loopback, its artifacts proxied into the S3 test server;
     yields (URL, its root directory holding the backend store and the server's log, the S3 prefix)."""
     root = tmp_path_factory.mktemp("mlflow-secrets")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     artifacts = f"{s3_server}/secrets-mlflow-artifacts"
-    proc = subprocess.Popen(
-        [shutil.which("mlflow", path=os.path.dirname(sys.executable)), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", artifacts, "--serve-artifacts"],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, env=dict(os.environ),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
+    with mlflow_server_at(root, artifacts) as url:
         yield url, root, artifacts
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _closed_port() -> int:

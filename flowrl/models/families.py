@@ -20,6 +20,7 @@ The facts a family states as class attributes:
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -86,7 +87,7 @@ def family_of_model(model: FlowModel) -> "ModelFamily":
     raise TypeError(f"{type(model).__name__} is the model of no registered family ({', '.join(_REGISTRY)})")
 
 
-class ModelFamily:
+class ModelFamily(abc.ABC):
     """One model family. Subclasses implement every method; the class attributes are documented in the
     module docstring."""
 
@@ -100,13 +101,13 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ the model and its network
 
+    @abc.abstractmethod
     def owns(self, model: FlowModel) -> bool:
         """Whether ``model`` is this family's adapter."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def trainable_module(self, model: FlowModel) -> torch.nn.Module:
         """The network RL trains."""
-        raise NotImplementedError
 
     def with_trainable(self, model: FlowModel, module: torch.nn.Module) -> FlowModel:
         """The same model (its frozen parts shared, not copied) around another trainable network: a
@@ -115,67 +116,67 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ model artifacts
 
+    @abc.abstractmethod
     def load_policy(self, directory: Path, config: FlowRLConfig, task: str) -> FlowModel:
         """The model of a model artifact, set up for ``task`` (see :func:`flowrl.models.load_policy`)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def check_policy(self, directory: Path, config: FlowRLConfig) -> None:
         """Fail now, without building the model, where :meth:`load_policy` of either task would fail."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def trained_state(self, directory: Path, config: FlowRLConfig, task: str) -> dict[str, torch.Tensor]:
         """The trainable network's weights of a model artifact, on the CPU."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def save_policy(self, model: FlowModel, directory: Path, base_dir: Path | None) -> None:
         """Write ``model`` as a model artifact :meth:`load_policy` reads."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_task_views(self, directory: Path, config: FlowRLConfig) -> dict[str, FlowModel]:
         """{"t2i": model, "edit": model} around one trainable network."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_frozen_network(self, directory: Path, config: FlowRLConfig, task: str) -> torch.nn.Module:
         """A model artifact's trainable network alone (not yet placed or frozen)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ facts the stages ask for
 
+    @abc.abstractmethod
     def input_stamps(self, config: FlowRLConfig) -> dict[str, str]:
         """{config key: fingerprint} of local weights the config names (the base stage's cache key)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def model_key(self, config: FlowRLConfig) -> dict[str, str]:
         """The inputs a stage's version takes from the model section when its artifacts do not carry it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def image_size(self, config: FlowRLConfig) -> tuple[int, int]:
         """(height, width) of the images the model makes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def reward_request_images(self, config: FlowRLConfig) -> int:
         """Images per request to a reward server."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def reward_server_kwargs(self, prompts_uri: Any, spread: bool) -> dict[str, Any]:
         """The keyword arguments the reward factory takes beyond config, reward model and task; ``spread``:
         the server has GPUs of its own to spread the scorers over."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ config and planner
 
+    @abc.abstractmethod
     def check_config(self, config: FlowRLConfig) -> None:
         """The family's own config rules (part of :func:`flowrl.config.check_consistency`)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def memory_setting(self, config: FlowRLConfig) -> dict[str, Any]:
         """The family's fields of the planner's configured :class:`~flowrl.planner.Setting`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def planner_figures(self, config: FlowRLConfig, per_rank: int, opd_rows: int) -> tuple[dict, dict, dict]:
         """(common, grpo, opd): the :class:`~flowrl.planner.Workload` fields of the network, tokens and
         frozen components both training stages share, and those of each stage alone."""
-        raise NotImplementedError
 
 
 @register_family("shapes")
