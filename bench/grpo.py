@@ -72,22 +72,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = load_config(args.config)
-    g = config.grpo
+    g, r = config.grpo, config.grpo.rollout
     model = create_model(config, seed=0)
     prompts = [e.prompt for e in make_t2i_set(0, 20)][: args.batch // g.group_size]
-    settings = RolloutSettings(g.num_steps, g.noise_level, g.guidance_scale, "hybrid")
+    settings = RolloutSettings(r.num_steps, r.noise_level, r.guidance_scale, "hybrid")
     gen = torch.Generator().manual_seed(0)
     ours = _timed(lambda: rollout(model, prompts, g.group_size, settings, gen), args.repeats)
     rows = [p for p in prompts for _ in range(g.group_size)]
-    theirs = _timed(lambda: diffusers_loop(model, rows, g.num_steps, g.guidance_scale, gen), args.repeats)
+    theirs = _timed(lambda: diffusers_loop(model, rows, r.num_steps, r.guidance_scale, gen), args.repeats)
     n_images = len(rows)
 
     ro = rollout(model, prompts, g.group_size, settings, gen)
     adv = torch.randn(ro.batch_size, generator=gen)
 
     def update(mode: str) -> None:
-        steps = select_timesteps(ro.batch_size, g.num_steps, mode, g.timestep_fraction, g.timesteps_per_trajectory, gen,
-                                 start=g.timestep_start)
+        steps = select_timesteps(ro.batch_size, r.num_steps, mode, g.timesteps.fraction, g.timesteps.per_trajectory,
+                                 gen, start=g.timesteps.start)
         rows_idx = torch.arange(ro.batch_size)
         new = step_log_probs(model, ro, rows_idx, steps, settings)
         loss, _ = ppo_clip_loss(new.log_probs, ro.old_log_probs[rows_idx[:, None], steps], adv, g.clip_range)
@@ -98,12 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
     all_s = _timed(lambda: update("all"), args.repeats)
     result = {
         "rollout": {
-            "images": n_images, "num_steps": g.num_steps, "guidance_scale": g.guidance_scale,
+            "images": n_images, "num_steps": r.num_steps, "guidance_scale": r.guidance_scale,
             "flowrl_images_per_s": n_images / ours, "diffusers_loop_images_per_s": n_images / theirs,
             "speedup": theirs / ours,
         },
         "update": {
-            "trajectories": ro.batch_size, "k": g.timesteps_per_trajectory, "n": g.num_steps,
+            "trajectories": ro.batch_size, "k": g.timesteps.per_trajectory, "n": r.num_steps,
             "subset_s": subset_s, "all_s": all_s, "all_over_subset": all_s / subset_s,
         },
         "machine": {**machine_info(), "threads": args.threads},

@@ -52,10 +52,12 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
+from flowrl.stages.registry import TRAINING_STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("lora", "lora_ddp", "zero2", "zero3")
-STAGES = ("grpo", "opd")
-# the memory settings of each mode, as config keys of the stage's section
+STAGES = TRAINING_STAGES  # the stages whose memory the planner models
+# the memory settings of each mode, as config keys of the stage's optim subsection
 MODE_SETTINGS = {
     "lora": {"zero_stage": 2, "gradient_checkpointing": True, "micro_batch": 2},
     "lora_ddp": {"zero_stage": 0, "gradient_checkpointing": False, "micro_batch": None},
@@ -192,24 +194,28 @@ def lora_section(rank: int):
 
 
 def grpo_config(args, mode: str):
-    from flowrl.config import GRPOConfig
+    from flowrl.config import GRPOConfig, LoopConfig, OptimConfig, RolloutConfig, WindowTimestepsConfig
 
-    return GRPOConfig(iterations=args.iterations, prompts_per_iteration=2, group_size=args.group_size,
-                      num_steps=args.num_steps, timesteps="subset", timestep_fraction=1.0,
-                      timesteps_per_trajectory=args.num_steps, kl_coef=0.01, lr=1e-5, reward_chunks=1,
-                      minibatches=1, checkpoint_every=1, eval_every=1000, **MODE_SETTINGS[mode])
+    return GRPOConfig(loop=LoopConfig(iterations=args.iterations, checkpoint_every=1, eval_every=1000),
+                      prompts_per_iteration=2, group_size=args.group_size,
+                      rollout=RolloutConfig(num_steps=args.num_steps),
+                      timesteps=WindowTimestepsConfig(mode="subset", fraction=1.0, per_trajectory=args.num_steps),
+                      kl_coef=0.01, optim=OptimConfig(lr=1e-5, **MODE_SETTINGS[mode]), reward_chunks=1,
+                      minibatches=1)
 
 
 def opd_config(args, mode: str):
-    from flowrl.config import OPDConfig
+    from flowrl.config import LoopConfig, OPDConfig, OptimConfig, TimestepsConfig
 
-    return OPDConfig(iterations=args.iterations, prompts_per_iteration=args.opd_prompts, t2i_fraction=0.5,
-                     num_steps=args.num_steps, timesteps="subset", timesteps_per_trajectory=args.num_steps,
-                     lr=1e-5, ema_decay=0.999, checkpoint_every=1, eval_every=1000, **MODE_SETTINGS[mode])
+    return OPDConfig(loop=LoopConfig(iterations=args.iterations, checkpoint_every=1, eval_every=1000),
+                     prompts_per_iteration=args.opd_prompts, t2i_fraction=0.5, num_steps=args.num_steps,
+                     timesteps=TimestepsConfig(mode="subset", per_trajectory=args.num_steps),
+                     optim=OptimConfig(lr=1e-5, ema_decay=0.999, **MODE_SETTINGS[mode]))
 
 
 def grpo_trainer(args, mode: str, store_root: Path, views: dict):
-    """GRPO on T2I with the KL on, built as flowrl.stages.grpo._run_grpo_pretrained builds it."""
+    """GRPO on T2I with the KL on, built as flowrl.stages.grpo.run_grpo builds it
+    (flowrl.stages.policy.trainable_policy)."""
     import copy
 
     import torch
@@ -240,7 +246,7 @@ def grpo_trainer(args, mode: str, store_root: Path, views: dict):
 
 def opd_trainer(args, mode: str, store_root: Path, views: dict):
     """OPD of two teachers into one student behind both task views, built as
-    flowrl.stages.opd._run_opd_pretrained builds it: with LoRA the teachers are adapters on the
+    flowrl.stages.opd.run_opd builds it (flowrl.stages.opd._teachers): with LoRA the teachers are adapters on the
     student's transformer, else whole frozen transformers."""
     import copy
 

@@ -34,6 +34,7 @@ from flowrl.prompt_files import PromptFileError
 from flowrl.rewards.annotations import AnnotationError
 from flowrl.rewards.client import RewardClientError
 from flowrl.rl.trainer import TrainingStopped
+from flowrl.stages.registry import STAGES, by_command
 from flowrl.storage import ArtifactError, url_to_fs
 from flowrl.tracking import TrackingUnavailable
 
@@ -42,7 +43,7 @@ USER_ERRORS = (ConfigError, ArtifactError, CheckpointError, AnnotationError, Pro
 # a run that could not go on (exit 1): non-finite loss or rewards, the reward server gone past every retry
 RUN_ERRORS = (TrainingStopped, RewardClientError)
 # the subcommands that commit artifacts under --output (default run.artifact_root)
-STORE_COMMANDS = ("base", "annotate", "reward-model", "filter-prompts", "grpo", "opd", "bench", "consolidate")
+STORE_COMMANDS = (*(stage.command for stage in STAGES), "consolidate")
 
 
 def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -51,7 +52,7 @@ def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="artifact root, a directory or fsspec URI (default: run.artifact_root)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override one config key after reading --config (dotted KEY, YAML VALUE, e.g. "
-                   "grpo.iterations=400 or 'annotate.degradations=[noise, color_cast]'); repeatable")
+                   "grpo.loop.iterations=400 or 'annotate.degradations=[noise, color_cast]'); repeatable")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument(
@@ -68,41 +69,10 @@ def _stage_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowrl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _stage_parser(sub, "base", "pretrain the shapes model, or validate Qwen-Image weights")
-    p = _stage_parser(sub, "annotate", "build the annotation datasets (simulated annotators on the shapes world)")
-    p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
-    p = _stage_parser(sub, "reward-model", "train the reward models on the annotation datasets")
-    p.add_argument("--annotations", required=True, metavar="URI", help="the annotate stage's artifact")
-    p = _stage_parser(sub, "filter-prompts", "keep the prompts whose base-model rewards spread within a group")
-    p.add_argument("--task", required=True, choices=("t2i", "edit"))
-    p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
-    p.add_argument("--reward-model", required=True, metavar="URI", help="the reward_model stage's artifact")
-    p = _stage_parser(sub, "grpo", "GRPO from the base model on the curated prompts of one task (mixed: Mix-RL)")
-    p.add_argument("--task", required=True, choices=("t2i", "edit", "mixed"))
-    p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
-    p.add_argument("--reward-model", required=True, metavar="URI", help="the reward_model stage's artifact")
-    p.add_argument("--prompts", required=True, nargs="+", metavar="URI",
-                   help="the filter_prompts stage's artifact of the task; mixed: t2i=URI edit=URI")
-    p.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
-    p = _stage_parser(sub, "opd", "on-policy distillation of the task teachers into one student")
-    p.add_argument("--base", required=True, metavar="URI", help="the base stage's artifact")
-    p.add_argument("--teacher", required=True, action="append", metavar="NAME=URI",
-                   help="a teacher (grpo artifact) by the name opd.routes uses; repeat per teacher")
-    p.add_argument("--prompts", required=True, nargs=2, metavar="TASK=URI",
-                   help="the filter_prompts artifacts: t2i=URI edit=URI")
-    p.add_argument("--states", choices=("on_policy", "off_policy"), default=None,
-                   help="override opd.states (off_policy: the ablation, stage opd_offpolicy)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's newest complete checkpoint")
-    p = _stage_parser(sub, "bench", "pillar scores, T2I and edit arenas, and the report for any set of models")
-    p.add_argument("--model", required=True, action="append", metavar="NAME=URI",
-                   help="a model artifact (base, grpo, opd) by name; repeat per model; bench.anchor names the base")
-    p.add_argument("--votes", default=None, metavar="FILE",
-                   help="parquet of human votes (arena, prompt, model_a, model_b, winner); they replace the "
-                   "judge's battles in the arenas they cover")
-    p.add_argument("--reward-model", default=None, metavar="URI",
-                   help="the reward_model stage's artifact (needed when bench.scorer is reward_models)")
-    p.add_argument("--report-dir", default=None, metavar="DIR",
-                   help="also copy report.md, report.html and the PNGs to DIR (e.g. results/)")
+    for stage in STAGES:  # one subcommand per stage, its own arguments from the registry
+        p = _stage_parser(sub, stage.command, stage.help)
+        for arg in stage.cli:
+            p.add_argument(arg.flag, **arg.argparse_kwargs())
     p = sub.add_parser("judge", help="the judge's held-out metrics of model artifacts, one results entry per model",
                        description="Evaluate model artifacts (base, grpo, opd) with the shapes judge on the held-out "
                        "sets and write one entry per model to FILE.")
@@ -187,59 +157,13 @@ def _dispatch(args) -> int:
     named = {flag: _named(*spec) for flag, spec in _named_flags(args).items()}
     preflight(args, config)
     start = time.perf_counter()
-    if args.command == "base":
-        from flowrl.stages.base import run_base
-
-        result = run_base(config, output_root=args.output, tracker=_tracker(args), progress=not args.no_progress)
-    elif args.command == "annotate":
-        from flowrl.stages.annotate import run_annotate
-
-        result = run_annotate(config, args.base, output_root=args.output, tracker=_tracker(args))
-    elif args.command == "reward-model":
-        from flowrl.stages.reward_model import run_reward_model
-
-        result = run_reward_model(config, args.annotations, output_root=args.output, tracker=_tracker(args))
-    elif args.command == "filter-prompts":
-        from flowrl.stages.filter_prompts import run_filter_prompts
-
-        result = run_filter_prompts(config, args.task, args.base, args.reward_model,
-                                    output_root=args.output, tracker=_tracker(args))
-    elif args.command == "grpo":
-        from flowrl.rl.distributed import process_group
-        from flowrl.stages.grpo import run_grpo
-
-        if args.task == "mixed":
-            prompts = named["--prompts"]
-        elif len(args.prompts) != 1:
-            raise ConfigError(f"--prompts: task {args.task} takes one artifact, got {len(args.prompts)}")
-        else:
-            prompts = args.prompts[0]
-        with process_group() as (rank, _):  # under torchrun: each rank trains on its share
-            result = run_grpo(config, args.task, args.base, args.reward_model, prompts, output_root=args.output,
-                              tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
-        if rank != 0:  # one URI on stdout and one results file per run, from rank 0
+    stage = by_command(args.command)
+    if stage is not None:
+        result = _run_stage(stage, args, config, named)
+        if result is None:  # a rank other than 0: one URI on stdout and one results file per run, from rank 0
             return 0
-    elif args.command == "opd":
-        from flowrl.rl.distributed import process_group
-        from flowrl.stages.opd import run_opd
-
-        teachers, prompts = named["--teacher"], named["--prompts"]
-        with process_group() as (rank, _):
-            result = run_opd(config, args.base, teachers, prompts, states=args.states, output_root=args.output,
-                             tracker=_tracker(args), resume=args.resume, progress=not args.no_progress)
-        if rank != 0:
-            return 0
-    elif args.command == "bench":
-        from flowrl.stages.bench import report_files, run_bench
-
-        result = run_bench(config, named["--model"], votes=args.votes, reward_model=args.reward_model,
-                           output_root=args.output, tracker=_tracker(args))
-        if args.report_dir:
-            target = Path(args.report_dir)
-            target.mkdir(parents=True, exist_ok=True)
-            for name, data in report_files(result.uri).items():
-                (target / name).write_bytes(data)
-            print(f"flowrl bench: report copied to {target / 'report.md'}", file=sys.stderr)
+        if getattr(args, "report_dir", None):
+            _copy_report(result.uri, Path(args.report_dir))
     elif args.command == "plan":
         from flowrl.planner import plan_table
 
@@ -269,6 +193,46 @@ def _dispatch(args) -> int:
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
     print(result.uri)
     return 0
+
+
+def _run_stage(stage, args, config, named: dict[str, dict[str, str]]):
+    """Run ``stage`` (:mod:`flowrl.stages.registry`) with the arguments its subcommand parsed; a
+    training stage runs in a process group (each rank of torchrun trains its share) and returns
+    None on ranks other than 0."""
+    kwargs = {}
+    for arg in stage.cli:
+        if arg.param is None:
+            continue
+        if arg.flag in named:
+            kwargs[arg.param] = named[arg.flag]
+        elif arg.kind == "task_uris":
+            values = getattr(args, arg.dest)
+            if len(values) != 1:
+                raise ConfigError(f"{arg.flag}: task {args.task} takes one artifact, got {len(values)}")
+            kwargs[arg.param] = values[0]
+        else:
+            kwargs[arg.param] = getattr(args, arg.dest)
+    kwargs.update(output_root=args.output, tracker=_tracker(args))
+    if stage.progress:
+        kwargs["progress"] = not args.no_progress
+    run = stage.run_function()
+    if not stage.training:
+        return run(config, **kwargs)
+    from flowrl.rl.distributed import process_group
+
+    with process_group() as (rank, _):
+        result = run(config, **kwargs)
+    return result if rank == 0 else None
+
+
+def _copy_report(uri: str, target: Path) -> None:
+    """``--report-dir``: the bench report's files next to the results."""
+    from flowrl.stages.bench import report_files
+
+    target.mkdir(parents=True, exist_ok=True)
+    for name, data in report_files(uri).items():
+        (target / name).write_bytes(data)
+    print(f"flowrl bench: report copied to {target / 'report.md'}", file=sys.stderr)
 
 
 def _unfit_stages(table: str) -> list[str]:
@@ -302,13 +266,16 @@ def _lineage(args) -> int:
 
 def _named_flags(args) -> dict[str, tuple]:
     """The NAME=URI flags of this command: flag -> :func:`_named`'s arguments."""
-    if args.command in ("bench", "judge"):
+    if args.command == "judge":
         return {"--model": (args.model, "--model")}
-    if args.command == "opd":
-        return {"--teacher": (args.teacher, "--teacher"), "--prompts": (args.prompts, "--prompts", ("t2i", "edit"))}
-    if args.command == "grpo" and args.task == "mixed":
-        return {"--prompts": (args.prompts, "--prompts", ("t2i", "edit"))}
-    return {}
+    stage = by_command(args.command)
+    flags = {}
+    for arg in stage.cli if stage is not None else ():
+        if arg.kind == "named":
+            flags[arg.flag] = (getattr(args, arg.dest), arg.flag, *((arg.names,) if arg.names else ()))
+        elif arg.kind == "task_uris" and args.task == "mixed":
+            flags[arg.flag] = (getattr(args, arg.dest), arg.flag, arg.names)
+    return flags
 
 
 def _named(values: list[str], flag: str, required: tuple[str, ...] = ()) -> dict[str, str]:

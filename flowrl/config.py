@@ -106,6 +106,14 @@ def section(factory: type, doc: str) -> Any:
     return field(default_factory=factory, metadata={"doc": doc, "bounds": {}})
 
 
+def _moved_keys(data: dict, prefix: str, moved: dict[str, str]) -> None:
+    """A key of ``data`` that is a key of ``moved`` (an earlier config's key, without the section) is a
+    ConfigError naming it and its new full key path, ``moved[key]``."""
+    for key, new in moved.items():
+        if key in data:
+            raise ConfigError(f"{prefix}{key}: this key moved; write {new} instead")
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -187,7 +195,7 @@ class QwenImageModelConfig:
         None, "GRPO and OPD train LoRA adapters on the transformer (rank > 0): the reference and the OPD starting "
         "point are the base with adapters off (no copy), teachers are adapters; artifacts hold the adapter and the "
         "merged transformer. Keys: rank (0: off), alpha (null: the rank), dropout (0.0), target_modules (default: "
-        "the 8 attention projections); docs/lora.md. grpo/opd.zero_stage 0-2 (not 3). null or rank 0: "
+        "the 8 attention projections); docs/lora.md. grpo/opd.optim.zero_stage 0-2 (not 3). null or rank 0: "
         "full-parameter training.", added=True)
     text_encoder_device: Literal["same", "cpu", "offload"] = param(
         "same", "Where the Qwen2.5-VL text encoder of the RL stages runs: same (the transformer's device), cpu "
@@ -202,14 +210,34 @@ class QwenImageModelConfig:
 
 
 @dataclass(frozen=True)
+class SD3ModelConfig:
+    """Stable Diffusion 3 / 3.5 (text-to-image) from diffusers weights (flowrl/models/sd3.py)."""
+
+    pretrained: str = param("", "Local directory in the diffusers layout (StableDiffusion3Pipeline), or a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = param("bfloat16", "Compute dtype.")
+    height: int = param(1024, f"Image height in pixels (multiple of 16, at most {IMAGE_SIDE_MAX}).", ge=16,
+                         cap=IMAGE_SIDE_MAX)
+    width: int = param(1024, f"Image width in pixels (multiple of 16, at most {IMAGE_SIDE_MAX}).", ge=16,
+                        cap=IMAGE_SIDE_MAX)
+    text_encoder_3: bool = param(True, "Load the T5 encoder when the weights have it; false: its part of the "
+                                 "prompt is zeros, as the pipeline does with text_encoder_3=None.")
+    max_sequence_length: int = param(256, "T5 tokens of a prompt (the pipeline's max_sequence_length).", ge=1, le=512)
+    shift: float | None = param(None, "Static shift of the sigma schedule (null: the scheduler config's, 3.0 for "
+                                "SD3.5).", gt=0)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which model family and its settings."""
 
-    family: Literal["shapes", "qwen_image"] = param("shapes", "Model family (one adapter each).")
+    family: Literal["shapes", "qwen_image", "sd3"] = param("shapes", "Model family (one adapter each).")
     shapes: ShapesModelConfig = section(ShapesModelConfig, "Settings of the shapes family.")
     qwen_image: QwenImageModelConfig = section(
         QwenImageModelConfig, "Settings of the qwen_image family."
     )
+    sd3: SD3ModelConfig | None = param(None, "Settings of the sd3 family (required when model.family is sd3; keys: "
+                                       "pretrained, dtype, height, width, text_encoder_3, max_sequence_length, "
+                                       "shift).", added=True)
 
 
 @dataclass(frozen=True)
@@ -252,6 +280,9 @@ class BaseConfig:
     cond_dropout: float = param(0.1, "Probability of dropping the prompt (trains the CFG null branch).", ge=0, lt=1)
     grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
     log_every: int = param(50, "Log training metrics every N steps.", ge=1, operational=True)
+    checkpoint_every: int = param(
+        500, "Checkpoint to the artifact store every N steps (and after the last); `--resume` continues from the "
+        "newest.", ge=1, operational=True, added=True)
 
 
 # The faults a degraded annotation candidate can show (flowrl.rewards.shapes_dataset.degrade).
@@ -264,7 +295,7 @@ class AnnotateConfig:
 
     seed: int = param(101, "Seed of the annotation prompts (disjoint use from eval.seed).", ge=0, le=SEED_MAX)
     t2i_per_category: int = param(300, "Fresh T2I prompts per category.", ge=1)
-    edits_per_kind: int = param(300, "Fresh edit instructions per kind.", ge=1)
+    edit_per_kind: int = param(300, "Fresh edit instructions per kind.", ge=1)
     model_samples: int = param(2, "Base-model samples per prompt added to the rendered candidates.", ge=0)
     annotators: int = param(8, "Simulated annotators in the pool.", ge=1)
     bias_std: float = param(0.3, "Std of an annotator's bias, in Likert levels.", ge=0)
@@ -282,6 +313,12 @@ class AnnotateConfig:
         "The degraded candidates' faults, one drawn per image: noise, blur (texture), blotches (stray blobs), "
         "color_cast (object pixels moved off their palette colour). A reward model only learns to see the faults "
         "its annotators were shown.", added=True)
+
+    @staticmethod
+    def check_data_shape(data: dict, prefix: str) -> None:
+        """(:func:`from_dict` calls it before reading the keys.) The earlier spelling is a ConfigError naming
+        the key that replaced it."""
+        _moved_keys(data, prefix, {"edits_per_kind": "annotate.edit_per_kind"})
 
 
 @dataclass(frozen=True)
@@ -304,6 +341,11 @@ class RewardModelConfig:
     )
     batch_size: int = param(64, "Rows per step.", ge=1, cap=BATCH_MAX)
     lr: float = param(1e-3, "AdamW learning rate.", gt=0)
+    weight_decay: float = param(0.01, "AdamW weight decay.", ge=0, added=True)
+    grad_clip: float = param(1.0, "Gradient norm clip.", gt=0, added=True)
+    checkpoint_every: int | None = param(
+        None, "Checkpoint each scorer's training to the artifact store every N steps (and after its last), so "
+        "`resume` continues a stopped stage; null: no checkpoints.", ge=1, operational=True, added=True)
     heldout_fraction: float = param(
         0.2, "Share of annotation groups (prompt instances) held out for the metrics.", gt=0, lt=1
     )
@@ -316,53 +358,148 @@ class RewardModelConfig:
     pairwise: bool = param(True, "Also train the pairwise (Bradley-Terry) model per task, for comparison.")
 
 
-@dataclass(frozen=True)
-class T2IWeights:
-    """Weights of the T2I composite reward's components."""
+@dataclass(frozen=True, repr=False)
+class RewardComponent:
+    """One component of a composite reward: a scorer, its weight, and its weight for some prompt categories.
+    A YAML entry reads ``{name: quality, scorer: learned, weight: 0.25, categories: [counting=0.5]}``."""
 
-    alignment: float = param(1.0, "Prompt adherence (pointwise alignment model).", ge=0)
-    quality: float = param(0.25, "Texture and aesthetics (pointwise quality model).", ge=0)
-    fidelity: float = param(0.5, "Structural correctness (pointwise fidelity model).", ge=0)
+    name: str = param("", "The component's name, unique within its task (required): its scores are logged under "
+                      "it and GRPO normalises each component's rewards apart before weighting them.", nonempty=True)
+    scorer: str = param(
+        "learned", "Scorer type, a name in the scorer registry (flowrl/rewards/registry.py): learned (the "
+        "reward_model artifact's pointwise scorer of `criterion`, in reward_model.backbone's model), identity "
+        "(how well an edit keeps the objects its instruction leaves alone; shapes family only) or "
+        "jpeg_compressibility (rule-based: the negated JPEG size in kB).", nonempty=True)
+    criterion: str | None = param(
+        None, "learned: the reward_model criterion (reward_model.t2i_criteria / edit_criteria) whose pointwise "
+        "scorer this is; null: the component's name. Other scorer types take none.")
+    weight: float = param(1.0, "Weight in the composite's sum for prompts of a category not in `categories`.", ge=0)
+    categories: tuple[str, ...] = param(
+        (), "CATEGORY=WEIGHT entries: this component's weight for prompts of that category (a T2I category or an "
+        "edit kind; qwen_image: the prompt files' categories) instead of `weight`. A category named by one "
+        "component takes the other components' `weight`.")
+
+    def __repr__(self) -> str:  # the YAML flow form, as the config reference shows the defaults
+        keys = [f"name: {self.name}", f"scorer: {self.scorer}"]
+        if self.criterion is not None:
+            keys.append(f"criterion: {self.criterion}")
+        keys.append(f"weight: {self.weight}")
+        if self.categories:
+            keys.append(f"categories: [{', '.join(self.categories)}]")
+        return "{" + ", ".join(keys) + "}"
+
+    @staticmethod
+    def check_data_shape(data: dict, prefix: str) -> None:
+        """(:func:`from_dict` calls it before reading the keys.) ``categories`` given as a mapping is a
+        ConfigError showing it as the list of entries it takes."""
+        given = data.get("categories")
+        if isinstance(given, dict):
+            entries = ", ".join(f"{_clip(str(k)) if isinstance(k, str) else _shown(k)}={_shown(v)}"
+                                for k, v in list(given.items())[:6])
+            raise ConfigError(f"{prefix}categories: expected a list of CATEGORY=WEIGHT entries, here [{entries}]")
+
+    def category_weights(self, key: str) -> dict[str, float]:
+        """``categories`` as {category: weight}; a malformed entry is a ConfigError naming ``key.categories[i]``."""
+        out: dict[str, float] = {}
+        for i, (category, value) in enumerate(name_value_pairs(self.categories, f"{key}.categories",
+                                                               "CATEGORY=WEIGHT")):
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = math.nan
+            if not math.isfinite(weight) or weight < 0:
+                raise ConfigError(f"{key}.categories[{i}]: expected CATEGORY=WEIGHT with a weight >= 0, got "
+                                  f"{_shown(self.categories[i])}")
+            if category in out:
+                raise ConfigError(f"{key}.categories[{i}]: category {_shown(category)} is given twice")
+            out[category] = weight
+        return out
 
 
-@dataclass(frozen=True)
-class EditWeights:
-    """Weights of the edit composite reward's components."""
-
-    instruction: float = param(1.0, "Instruction following (pointwise alignment model on edits).", ge=0)
-    identity: float = param(0.5, "Identity preservation of untouched regions (embedding similarity).", ge=0)
-
-
-@dataclass(frozen=True)
-class T2ICategoryWeights:
-    """Per-category overrides of ``rewards.t2i`` (null: the default weights)."""
-
-    single_object: T2IWeights | None = param(None, "Weights for single_object prompts.")
-    two_objects: T2IWeights | None = param(None, "Weights for two_objects prompts.")
-    counting: T2IWeights | None = param(None, "Weights for counting prompts.")
-    colors: T2IWeights | None = param(None, "Weights for colors prompts.")
-    position: T2IWeights | None = param(None, "Weights for position prompts.")
-    color_attr: T2IWeights | None = param(None, "Weights for color_attr prompts.")
-
-
-@dataclass(frozen=True)
-class EditKindWeights:
-    """Per-kind overrides of ``rewards.edit`` (null: the default weights)."""
-
-    recolor: EditWeights | None = param(None, "Weights for recolor instructions.")
-    remove: EditWeights | None = param(None, "Weights for remove instructions.")
-    add: EditWeights | None = param(None, "Weights for add instructions.")
-    move: EditWeights | None = param(None, "Weights for move instructions.")
+REWARD_TASKS = ("t2i", "edit")
+_DEFAULT_T2I = (
+    RewardComponent(name="alignment", scorer="learned", weight=1.0),
+    RewardComponent(name="quality", scorer="learned", weight=0.25),
+    RewardComponent(name="fidelity", scorer="learned", weight=0.5),
+)
+_DEFAULT_EDIT = (
+    RewardComponent(name="instruction", scorer="learned", criterion="alignment", weight=1.0),
+    RewardComponent(name="identity", scorer="identity", weight=0.5),
+)
+# what a weight of the earlier mapping shape (rewards.t2i: {alignment: 1.0, ...}) became, for its error message
+_OLD_COMPONENT = {"instruction": ("learned", "alignment"), "identity": ("identity", None)}
 
 
 @dataclass(frozen=True)
 class RewardsConfig:
-    """The composite rewards RL optimises: components and per-category weights."""
+    """The composite rewards RL optimises: per task, a list of components whose scores are summed with their
+    weights (per prompt category). Each component is {name, scorer, criterion, weight, categories}
+    (rewards.<task>[].* below); the composite keeps the list's order."""
 
-    t2i: T2IWeights = section(T2IWeights, "Default T2I weights.")
-    edit: EditWeights = section(EditWeights, "Default edit weights.")
-    t2i_categories: T2ICategoryWeights = section(T2ICategoryWeights, "T2I weights by prompt category.")
-    edit_kinds: EditKindWeights = section(EditKindWeights, "Edit weights by instruction kind.")
+    t2i: tuple[RewardComponent, ...] = param(_DEFAULT_T2I, "The T2I composite's components, in order.")
+    edit: tuple[RewardComponent, ...] = param(_DEFAULT_EDIT, "The edit composite's components, in order.")
+
+    def __post_init__(self) -> None:
+        for task in REWARD_TASKS:
+            self.weights(task)  # names, categories and weights checked now, naming the key
+
+    def weights(self, task: str) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """(default weights, {category: weights}) of ``task``'s components, each a {component: weight} in
+        component order; a category's weights are the components' `weight` where they do not name it."""
+        key = f"rewards.{task}"
+        components = getattr(self, task)
+        if not components:
+            raise ConfigError(f"{key}: give at least one component, e.g. [{_DEFAULT_T2I[0]!r}]")
+        seen: set[str] = set()
+        by_component = []
+        for i, component in enumerate(components):
+            if not isinstance(component, RewardComponent):
+                raise ConfigError(f"{key}[{i}]: expected a component {{name, scorer, weight, ...}}, got "
+                                  f"{_show(component)}")
+            if not component.name:
+                raise ConfigError(f"{key}[{i}].name: required (the component's name, e.g. alignment)")
+            safe_name(component.name, f"{key}[{i}].name")  # a metric key
+            if component.name in seen:
+                raise ConfigError(f"{key}[{i}].name: {_shown(component.name)} is given twice in {key}")
+            seen.add(component.name)
+            if component.criterion is not None:
+                safe_name(component.criterion, f"{key}[{i}].criterion")  # part of a scorer's directory name
+            by_component.append(component.category_weights(f"{key}[{i}]"))
+        default = {c.name: c.weight for c in components}
+        if not any(default.values()):
+            raise ConfigError(f"{key}: every weight is zero; give at least one component a positive weight")
+        categories = list(dict.fromkeys(category for weights in by_component for category in weights))
+        rows = {}
+        for category in categories:
+            rows[category] = {c.name: w.get(category, c.weight) for c, w in zip(components, by_component)}
+            if not any(rows[category].values()):
+                raise ConfigError(f"{key}: every weight of category {_shown(category)} is zero; give one "
+                                  "component a positive weight there")
+        return default, rows
+
+    @staticmethod
+    def check_data_shape(data: dict, prefix: str) -> None:
+        """(:func:`from_dict` calls it before reading the keys.) The earlier shape (a mapping of weights per task, t2i_categories / edit_kinds) is a ConfigError that
+        names the new key and shows the given weights in the new shape."""
+        for old, task in (("t2i_categories", "t2i"), ("edit_kinds", "edit")):
+            if old in data:
+                raise ConfigError(
+                    f"{prefix}{old}: per-category weights moved into the components of {prefix}{task}: each "
+                    f"component takes `categories: [CATEGORY=WEIGHT, ...]`, e.g. {prefix}{task}: "
+                    f"[{RewardComponent(name='alignment', weight=1.0, categories=('counting=2.0',))!r}, ...]")
+        for task in REWARD_TASKS:
+            given = data.get(task)
+            if not isinstance(given, dict):
+                continue
+            shown = []
+            for name, weight in list(given.items())[:6]:
+                scorer, criterion = _OLD_COMPONENT.get(name, ("learned", None)) if isinstance(name, str) else (
+                    "learned", None)
+                shown.append(f"{{name: {_clip(name) if isinstance(name, str) else _shown(name)}, scorer: {scorer}"
+                             f"{f', criterion: {criterion}' if criterion else ''}, weight: {_shown(weight)}}}")
+            raise ConfigError(
+                f"{prefix}{task}: a mapping of weights is the earlier shape; {prefix}{task} is now a list of "
+                f"components {{name, scorer, criterion, weight, categories}}, here: [{', '.join(shown)}]")
 
 
 @dataclass(frozen=True)
@@ -371,11 +508,9 @@ class FilterConfig:
 
     seed: int = param(202, "Seed of the candidate prompts and of the base model's samples.", ge=0, le=SEED_MAX)
     t2i_per_category: int = param(100, "Candidate T2I prompts per category (shapes world).", ge=1)
-    edits_per_kind: int = param(100, "Candidate edit instructions per kind (shapes world).", ge=1)
-    group_size: int = param(8, "Samples per candidate prompt.", ge=2, cap=BATCH_MAX)
-    num_steps: int = param(10, "Sampler steps of the candidate samples (the GRPO rollout sampler).", ge=1,
-                           cap=STEPS_MAX)
-    noise_level: float = param(0.7, "SDE noise level of the candidate samples (as in GRPO rollouts).", ge=0)
+    edit_per_kind: int = param(100, "Candidate edit instructions per kind (shapes world).", ge=1)
+    group_size: int = param(8, "Samples per candidate prompt; each is drawn with GRPO's rollout sampler "
+                            "(grpo.rollout), whose reward spread the filter measures.", ge=2, cap=BATCH_MAX)
     threshold_mode: Literal["absolute", "quantile"] = param(
         "quantile", "absolute: keep ranges >= threshold; quantile: drop the lowest `threshold` share of ranges."
     )
@@ -396,6 +531,122 @@ class FilterConfig:
         "GRPO's hacking monitor and before/after evaluation score; never filtered or trained on.",
         gt=0, lt=1, added=True)
 
+    @staticmethod
+    def check_data_shape(data: dict, prefix: str) -> None:
+        """(:func:`from_dict` calls it before reading the keys.) The earlier spelling is a ConfigError naming
+        the key that replaced it; the earlier copies of the rollout sampler's keys name GRPO's, which the
+        filter samples with."""
+        _moved_keys(data, prefix, {"edits_per_kind": f"{prefix}edit_per_kind"})
+        for key in ("num_steps", "noise_level"):
+            if key in data:
+                raise ConfigError(f"{prefix}{key}: this key was removed; the filter samples its candidates with "
+                                  f"GRPO's rollout sampler: write grpo.rollout.{key} instead")
+
+
+def subsection(factory: type, doc: str, **defaults: Any) -> Any:
+    """A nested config subsection of type ``factory`` whose default instance takes ``defaults`` (a stage's
+    own defaults of a class several stages share)."""
+    return field(default_factory=lambda: factory(**defaults), metadata={"doc": doc, "bounds": {}})
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer and how the trained network runs forward and backward (grpo.optim, opd.optim)."""
+
+    lr: float = param(1e-4, "AdamW learning rate.", gt=0)
+    weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
+    grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
+    ema_decay: float = param(0.0, "EMA of the weights that are evaluated and saved (0: off).", ge=0, lt=1)
+    zero_stage: int = param(
+        0, "0: plain PyTorch (DDP across processes); 1, 2, 3: DeepSpeed ZeRO partitions the optimizer states, "
+        "+ gradients, + weights across the data-parallel ranks (the production path for full-parameter training "
+        "of large models; needs DeepSpeed, requirements/gpu.txt). The update is the same at every stage.",
+        ge=0, le=3, added=True)
+    gradient_checkpointing: bool = param(
+        False, "Recompute the trained network's activations in the backward instead of keeping them (diffusers' "
+        "per-block checkpointing for the pretrained families, torch.utils.checkpoint per block for shapes): the "
+        "same update, one more forward of the trained part.", added=True)
+    micro_batch: int | None = param(
+        None, "Trajectories per forward / backward (GRPO: of the policy; OPD: of the student and of each "
+        "teacher): a batch's rows run in parts of this many (each part holds micro_batch x the steps trained per "
+        "trajectory states, x 2 for OPD's CFG branches) and their gradients accumulate, weighted so the update "
+        "is the whole batch's. null: the whole batch in one forward.", ge=1, cap=BATCH_MAX, added=True)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The iterations of a training loop and what runs every so many of them (grpo.loop, opd.loop)."""
+
+    iterations: int = param(200, "Iterations (rollouts or student samples, then the update).", ge=1)
+    eval_every: int = param(25, "Score the held-out monitor sets every N iterations (GRPO: the hacking monitor).",
+                            ge=1)
+    monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
+    checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1, operational=True)
+    grid_every: int = param(100, "Image grid of the monitor prompts every N iterations.", ge=1, operational=True)
+
+
+@dataclass(frozen=True)
+class TimestepsConfig:
+    """Which steps of each trajectory the loss is taken at (opd.timesteps; grpo.timesteps adds a window)."""
+
+    mode: Literal["subset", "all"] = param(
+        "subset", "subset: K steps per trajectory (OPD scales its loss by N/K); all: all N.")
+    per_trajectory: int = param(2, "subset: K steps per trajectory.", ge=1)
+
+
+@dataclass(frozen=True)
+class WindowTimestepsConfig(TimestepsConfig):
+    """GRPO's trained steps: K per trajectory, drawn from a window of the schedule (grpo.timesteps)."""
+
+    fraction: float = param(
+        0.5, "subset: steps are drawn from a window this share of the schedule wide (see start).", gt=0, le=1)
+    start: float = param(
+        0.0, "subset: the window begins this share into the schedule (0: the noisiest steps; 0.5 with fraction "
+        "0.5: the second half).", ge=0, lt=1, added=True)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """GRPO's rollout sampler (grpo.rollout): the SDE sampler of the trained trajectories, and of the prompt
+    filter's candidate samples, whose reward spread is what GRPO will see."""
+
+    num_steps: int = param(10, "Sampler steps (N).", ge=1, cap=STEPS_MAX)
+    noise_level: float = param(0.7, "SDE noise level a.", gt=0)
+    guidance_scale: float = param(3.0, "CFG scale (cfg_mode none ignores it).", ge=1)
+    cfg_mode: Literal["hybrid", "both", "none"] = param(
+        "hybrid",
+        "hybrid: guided rollouts, objective on the conditional branch; both: objective on the guided "
+        "velocity; none: unguided rollouts and objective.",
+    )
+    micro_batch: int | None = param(
+        None, "Trajectories per sampling forward (twice that many rows under CFG) and per VAE decode of a rollout "
+        "chunk: its prompts x group_size rows are sampled in parts of at most this many. The noise is drawn for "
+        "the whole chunk, so the rollouts are the same (up to float differences of smaller batches). null: the "
+        "whole chunk in one forward per step.", ge=1, cap=BATCH_MAX, added=True)
+
+
+# the keys an earlier config gave flat in grpo / opd: where each one is now (below the section)
+_MOVED_TO_SUBSECTIONS = {
+    **{key: f"optim.{key}" for key in ("lr", "weight_decay", "grad_clip", "ema_decay", "zero_stage",
+                                       "gradient_checkpointing", "micro_batch")},
+    **{key: f"loop.{key}" for key in ("iterations", "eval_every", "monitor_per_category", "checkpoint_every",
+                                      "grid_every")},
+    "timesteps_per_trajectory": "timesteps.per_trajectory",
+}
+_GRPO_MOVED = {**_MOVED_TO_SUBSECTIONS, "timestep_fraction": "timesteps.fraction",
+               "timestep_start": "timesteps.start",
+               **{key: f"rollout.{key}" for key in ("num_steps", "noise_level", "guidance_scale", "cfg_mode")},
+               "rollout_micro_batch": "rollout.micro_batch"}
+
+
+def _check_flat_keys(data: dict, prefix: str, moved: dict[str, str]) -> None:
+    """An earlier config's flat key of grpo / opd (``moved``: key -> its path below the section) is a
+    ConfigError naming the new key; so is ``timesteps`` given as the earlier string."""
+    _moved_keys(data, prefix, {key: f"{prefix}{new}" for key, new in moved.items()})
+    if isinstance(data.get("timesteps"), str):
+        raise ConfigError(f"{prefix}timesteps: {_shown(data['timesteps'])} is the earlier shape; timesteps is now a "
+                          f"subsection: write {prefix}timesteps.mode: {_clip(data['timesteps'])}")
+
 
 @dataclass(frozen=True)
 class GRPOConfig:
@@ -403,27 +654,17 @@ class GRPOConfig:
 
     seed: int = param(303, "Seed of prompt draws and rollout noise (per iteration, so resumes replay exactly).", ge=0,
                      le=SEED_MAX)
-    iterations: int = param(200, "Rollout + update iterations.", ge=1)
+    loop: LoopConfig = subsection(LoopConfig, "Iterations, and the monitor, checkpoint and grid intervals.")
+    algorithm: str = param("grpo", "The registered reward algorithm the GRPO stages train with "
+                           "(flowrl/rl/algorithms.py; grpo: Flow-GRPO, and Mix-RL on both tasks).", added=True)
     prompts_per_iteration: int = param(8, "Prompt groups per iteration.", ge=1, cap=BATCH_MAX)
     group_size: int = param(8, "Samples per prompt (G).", ge=2, cap=BATCH_MAX)
-    num_steps: int = param(10, "Rollout sampler steps (N).", ge=1, cap=STEPS_MAX)
-    noise_level: float = param(0.7, "SDE noise level a of the rollouts.", gt=0)
-    guidance_scale: float = param(3.0, "Rollout CFG scale (cfg_mode none ignores it).", ge=1)
-    cfg_mode: Literal["hybrid", "both", "none"] = param(
-        "hybrid",
-        "hybrid: guided rollouts, objective on the conditional branch; both: objective on the guided "
-        "velocity; none: unguided rollouts and objective.",
-    )
-    timesteps: Literal["subset", "all"] = param("subset", "Train on K early steps per trajectory, or on all N.")
-    timestep_fraction: float = param(
-        0.5, "subset: steps are drawn from a window this share of the schedule wide (see timestep_start).",
-        gt=0, le=1)
-    timestep_start: float = param(
-        0.0, "subset: the window begins this share into the schedule (0: the noisiest steps; "
-        "0.5 with fraction 0.5: the second half).", ge=0, lt=1, added=True)
-    timesteps_per_trajectory: int = param(2, "subset: K steps trained per trajectory.", ge=1)
-    lr: float = param(1e-4, "AdamW learning rate.", gt=0)
-    weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
+    rollout: RolloutConfig = subsection(
+        RolloutConfig, "The rollout sampler: steps, SDE noise, CFG and sampling micro-batch (the prompt filter "
+        "samples its candidates with it too).")
+    timesteps: WindowTimestepsConfig = subsection(
+        WindowTimestepsConfig, "The K early steps (subset) trained per trajectory, or all N.")
+    optim: OptimConfig = subsection(OptimConfig, "AdamW, EMA, ZeRO, and the forward / backward's memory knobs.")
     clip_range: float = param(1e-3, "PPO clip range of the ratio.", gt=0)
     advantage_clip: float = param(5.0, "Advantages are clipped to +- this.", gt=0)
     kl_coef: float = param(0.0, "Weight of the closed-form KL to the reference (base) policy.", ge=0)
@@ -438,36 +679,15 @@ class GRPOConfig:
         "the mean over all KL steps of each step's weight times its KL. Needs kl_coef > 0, kl_anchor_steps > 0 "
         "and timesteps: subset.",
         ge=0, added=True)
-    grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
     minibatches: int = param(1, "Optimizer steps per iteration (the rollouts split evenly).", ge=1)
     epochs: int = param(
         1, "Passes over each iteration's rollouts (PPO epochs), each split into `minibatches` in a new order: "
         "epochs x minibatches optimizer steps per iteration. Past the first step the ratio leaves 1 and the clip "
         "range starts to bind.", ge=1, added=True)
-    ema_decay: float = param(0.0, "EMA of the weights that are evaluated and saved (0: off).", ge=0, lt=1)
     trainable: tuple[str, ...] = param(
         (), "Shell-style patterns over the trained network's parameter names (e.g. 'blocks.*.qkv.*'): only the "
         "parameters matching one are trained, the rest stay at the base's values. Empty: all are trained. A "
         "pattern matching no parameter is an error. Needs zero_stage 0.", added=True)
-    zero_stage: int = param(
-        0, "0: plain PyTorch (DDP across processes); 1, 2, 3: DeepSpeed ZeRO partitions the optimizer states, "
-        "+ gradients, + weights across the data-parallel ranks (the production path for full-parameter training "
-        "of large models; needs DeepSpeed, requirements/gpu.txt). The update is the same at every stage.",
-        ge=0, le=3, added=True)
-    gradient_checkpointing: bool = param(
-        False, "Recompute the trained network's activations in the backward instead of keeping them (diffusers' "
-        "per-block checkpointing for qwen_image, torch.utils.checkpoint per block for shapes): the same update, "
-        "one more forward of the trained part.", added=True)
-    micro_batch: int | None = param(
-        None, "Trajectories per forward / backward: each minibatch's rows run in parts of this many (each part "
-        "holds micro_batch x the steps trained per trajectory states) and their gradients accumulate, weighted so "
-        "the update is the whole minibatch's. null: the whole minibatch in one forward.", ge=1, cap=BATCH_MAX,
-        added=True)
-    rollout_micro_batch: int | None = param(
-        None, "Trajectories per sampling forward (twice that many rows under CFG) and per VAE decode of a rollout "
-        "chunk: its prompts x group_size rows are sampled in parts of at most this many. The noise is drawn for "
-        "the whole chunk, so the rollouts are the same (up to float differences of smaller batches). null: the "
-        "whole chunk in one forward per step.", ge=1, cap=BATCH_MAX, added=True)
     reference_device: Literal["same", "cpu"] = param(
         "same", "Full-parameter training with kl_coef > 0: where the frozen copy of the base that the KL compares "
         "against lives: same (the policy's device) or cpu (off the GPU; its forwards run on the CPU, slowly). With "
@@ -485,18 +705,14 @@ class GRPOConfig:
     balance_categories: bool = param(
         False, "Draw every category (edit kind) of the curated set equally often, however many prompts it kept "
         "(with replacement; sampling_weights then scale each category's share).", added=True)
-    eval_every: int = param(25, "Hacking monitor: judge score of a fixed held-out set every N iterations.", ge=1)
     monitor_reward: str | None = param(
         None, "qwen_image (no judge): the reward_model artifact's scorer that watches the held-out prompts, by its "
         "directory name (pairwise, or pointwise_CRITERION of a criterion the composite gives no weight). It must "
         "not be one the policy is trained on, or the monitor cannot see hacking.", added=True)
-    monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
     hacking_threshold: float = param(
         0.05, "Warn when the held-out score falls this much below its best while the training reward rose.", gt=0
     )
     stop_on_hacking: bool = param(False, "Stop the run (keeping the best checkpoint) when hacking is seen.")
-    checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1, operational=True)
-    grid_every: int = param(100, "Image grid of fixed prompts every N iterations.", ge=1, operational=True)
     reward_chunks: int = param(2, "Rollouts are generated in this many chunks; chunk i is scored while i+1 is sampled.", ge=1)
     reward_backend: Literal["inprocess", "server"] = param(
         "inprocess",
@@ -519,6 +735,16 @@ class GRPOConfig:
         "(0.5 s doubling, at most 10 s) before the iteration fails with a clear error; the last checkpoint is kept.",
         ge=0, added=True, operational=True)
 
+    @staticmethod
+    def check_data_shape(data: dict, prefix: str) -> None:
+        """(:func:`from_dict` calls it before reading the keys.) A key of the earlier flat shape is a
+        ConfigError naming the key that replaced it."""
+        _check_flat_keys(data, prefix, _GRPO_MOVED)
+
+
+# the keys of opd in an earlier config: where each one is now
+_OPD_MOVED = {"mix_rl": "pipeline.mix_rl", "offpolicy_ablation": "pipeline.offpolicy_ablation"}
+
 
 @dataclass(frozen=True)
 class OPDConfig:
@@ -526,7 +752,10 @@ class OPDConfig:
 
     seed: int = param(404, "Seed of prompt draws and of the student's initial noise (per iteration).", ge=0,
                      le=SEED_MAX)
-    iterations: int = param(150, "Sample + update iterations.", ge=1)
+    loop: LoopConfig = subsection(LoopConfig, "Iterations, and the monitor, checkpoint and grid intervals.",
+                                  iterations=150)
+    algorithm: str = param("opd", "The registered distillation algorithm of the stage (flowrl/rl/algorithms.py).",
+                           added=True)
     prompts_per_iteration: int = param(32, "Prompts (one trajectory each) per iteration, over both tasks.", ge=1,
                                         cap=BATCH_MAX)
     t2i_fraction: float = param(0.5, "Share of each iteration's prompts drawn from the T2I set (the rest: edit).",
@@ -547,42 +776,38 @@ class OPDConfig:
         cap=STEPS_MAX
     )
     guidance_scale: float | None = param(None, "CFG scale of those trajectories (null: sampler.guidance_scale).", ge=1)
-    timesteps: Literal["all", "subset"] = param("subset", "Match at all N visited states, or K of them (scaled N/K).")
-    timesteps_per_trajectory: int = param(4, "subset: K visited states matched per trajectory.", ge=1)
-    lr: float = param(1e-4, "AdamW learning rate.", gt=0)
-    weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
-    grad_clip: float = param(1.0, "Gradient norm clip.", gt=0)
-    ema_decay: float = param(0.0, "EMA of the weights that are evaluated and saved (0: off).", ge=0, lt=1)
-    zero_stage: int = param(
-        0, "0: plain PyTorch (DDP across processes); 1, 2, 3: DeepSpeed ZeRO partitions the optimizer states, "
-        "+ gradients, + weights across the data-parallel ranks (the production path for full-parameter training "
-        "of large models; needs DeepSpeed, requirements/gpu.txt). The update is the same at every stage.",
-        ge=0, le=3, added=True)
-    gradient_checkpointing: bool = param(
-        False, "Recompute the student's activations in the backward instead of keeping them (as grpo's): the same "
-        "update, one more forward of the student.", added=True)
-    micro_batch: int | None = param(
-        None, "Trajectories per forward / backward of the student and of each teacher (each part holds micro_batch "
-        "x 2 x the matched states per trajectory); gradients accumulate, weighted so the update is the whole "
-        "batch's. null: each task's batch in one forward.", ge=1, cap=BATCH_MAX, added=True)
+    timesteps: TimestepsConfig = subsection(
+        TimestepsConfig, "Match at K of the N visited states (subset, the loss scaled N/K) or at all N.",
+        per_trajectory=4)
+    optim: OptimConfig = subsection(OptimConfig, "AdamW, EMA, ZeRO, and the forward / backward's memory knobs.")
     states_per_forward: int | None = param(
         None, "(trajectory, matched state) pairs per forward / backward of the student and of each teacher (each "
         "part holds 2 x states_per_forward rows: both CFG branches of each pair), below one trajectory. With "
         "micro_batch it splits each micro_batch part further (a forward holds at most min(states_per_forward, "
         "micro_batch x matched states) pairs). Gradients accumulate, weighted so the update and the reported losses "
         "are the whole batch's. null: parts of whole trajectories (micro_batch).", ge=1, cap=BATCH_MAX, added=True)
-    eval_every: int = param(25, "Judge score of the held-out monitor sets every N iterations.", ge=1)
-    monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
-    checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1, operational=True)
-    grid_every: int = param(100, "Image grid of the monitor prompts every N iterations.", ge=1, operational=True)
     teacher_devices: tuple[str, ...] = param(
         (), "qwen_image: TEACHER=DEVICE entries placing a teacher's transformer on its own device (cuda:1, ...) or "
         "offloading it to cpu; others share the student's device. Teachers share the student's frozen VAE and "
         "text encoder. With LoRA a teacher named here is loaded as its whole merged transformer on that device; "
         "one not named is an adapter on the student's transformer when it was trained with LoRA on the same "
         "pretrained weights (else its whole transformer, on the student's device).", added=True)
-    offpolicy_ablation: bool = param(False, "Pipeline: also run the off-policy ablation (stage opd_offpolicy).")
-    mix_rl: bool = param(False, "Pipeline: also run the Mix-RL baseline (grpo --task mixed, stage grpo_mixed).")
+
+    @staticmethod
+    def check_data_shape(data: dict, prefix: str) -> None:
+        """(:func:`from_dict` calls it before reading the keys.) A key of the earlier shape is a ConfigError
+        naming the key that replaced it."""
+        _check_flat_keys(data, prefix, _MOVED_TO_SUBSECTIONS)
+        _moved_keys(data, prefix, _OPD_MOVED)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Which optional branches the post-training pipeline runs (read when it starts; no stage's results
+    depend on them)."""
+
+    offpolicy_ablation: bool = param(False, "Also run the off-policy OPD ablation (stage opd_offpolicy).")
+    mix_rl: bool = param(False, "Also run the Mix-RL baseline (grpo --task mixed, stage grpo_mixed).")
 
 
 @dataclass(frozen=True)
@@ -684,6 +909,7 @@ class FlowRLConfig:
     filter: FilterConfig = section(FilterConfig, "Stage filter_prompts.")
     grpo: GRPOConfig = section(GRPOConfig, "Stages grpo_t2i, grpo_edit and grpo_mixed (Mix-RL).")
     opd: OPDConfig = section(OPDConfig, "Stage opd (and opd_offpolicy).")
+    pipeline: PipelineConfig = section(PipelineConfig, "Optional branches of the post-training pipeline.")
     bench: BenchConfig = section(BenchConfig, "Stage bench.")
     launch: LaunchConfig = section(LaunchConfig, "How the tasks run on a cluster (read at registration).")
 
@@ -807,7 +1033,7 @@ def read_config_text(path: Path) -> str:
 
 
 def parse_overrides(entries: typing.Sequence[str], flag: str = "--set") -> dict[str, Any]:
-    """``["annotate.seed=7", "grpo.cfg_mode=both"]`` -> nested plain data ``{"annotate": {"seed": 7}, ...}``;
+    """``["annotate.seed=7", "grpo.rollout.cfg_mode=both"]`` -> nested plain data ``{"annotate": {"seed": 7}, ...}``;
     each value is read as YAML (``[a, b]`` is a list, ``null`` None). A malformed entry is a ConfigError
     naming ``flag``."""
     out: dict[str, Any] = {}
@@ -939,6 +1165,7 @@ def category_weights(entries: tuple[str, ...], key: str) -> dict[str, float]:
 
 def check_consistency(config: FlowRLConfig) -> None:
     """Rules that involve more than one key."""
+    # long: a flat list of independent rules, each a few lines naming its keys; read top to bottom
     _check_names(config)
     m = config.model
     if m.shapes.width % m.shapes.heads:
@@ -967,32 +1194,33 @@ def check_consistency(config: FlowRLConfig) -> None:
                 raise ConfigError(f"reward_model.{key}: unknown criterion {_shown(name)} (alignment, quality, "
                                   "fidelity)")
     g = config.grpo
-    if g.timesteps == "subset":
+    ts = g.timesteps
+    if ts.mode == "subset":
         from flowrl.rl.rollout import timestep_window  # the one definition of the window (imports torch)
 
-        if g.timestep_start + g.timestep_fraction > 1 + 1e-9:
+        if ts.start + ts.fraction > 1 + 1e-9:
             raise ConfigError(
-                f"grpo.timestep_start: {g.timestep_start} + grpo.timestep_fraction {g.timestep_fraction} "
+                f"grpo.timesteps.start: {ts.start} + grpo.timesteps.fraction {ts.fraction} "
                 "is past the end of the schedule (at most 1)"
             )
-        lo, hi = timestep_window(g.num_steps, g.timestep_fraction, g.timestep_start)
-        if g.timesteps_per_trajectory > hi - lo:
+        lo, hi = timestep_window(g.rollout.num_steps, ts.fraction, ts.start)
+        if ts.per_trajectory > hi - lo:
             raise ConfigError(
-                f"grpo.timesteps_per_trajectory: {g.timesteps_per_trajectory} is more than the {hi - lo} steps in "
-                f"the window [{lo}, {hi}) that grpo.timestep_start = {g.timestep_start} and "
-                f"grpo.timestep_fraction = {g.timestep_fraction} cut from grpo.num_steps = {g.num_steps}"
+                f"grpo.timesteps.per_trajectory: {ts.per_trajectory} is more than the {hi - lo} steps in "
+                f"the window [{lo}, {hi}) that grpo.timesteps.start = {ts.start} and "
+                f"grpo.timesteps.fraction = {ts.fraction} cut from grpo.rollout.num_steps = {g.rollout.num_steps}"
             )
-    if g.kl_anchor_coef is not None and (g.kl_coef <= 0 or g.kl_anchor_steps <= 0 or g.timesteps != "subset"):
+    if g.kl_anchor_coef is not None and (g.kl_coef <= 0 or g.kl_anchor_steps <= 0 or ts.mode != "subset"):
         raise ConfigError(
             f"grpo.kl_anchor_coef: {g.kl_anchor_coef} weighs the KL on anchor steps, and there are none: it needs "
             f"grpo.kl_coef > 0 (got {g.kl_coef}), grpo.kl_anchor_steps > 0 (got {g.kl_anchor_steps}) and "
-            f"grpo.timesteps: subset (got {g.timesteps})"
+            f"grpo.timesteps.mode: subset (got {ts.mode})"
         )
-    if g.trainable and g.zero_stage > 0:
+    if g.trainable and g.optim.zero_stage > 0:
         raise ConfigError(
-            f"grpo.trainable: {_shown(list(g.trainable))} trains a subset of the parameters, which grpo.zero_stage = "
-            f"{g.zero_stage} does not support (its checkpoints hold AdamW moments for every parameter); use "
-            "zero_stage 0 or leave trainable empty"
+            f"grpo.trainable: {_shown(list(g.trainable))} trains a subset of the parameters, which "
+            f"grpo.optim.zero_stage = {g.optim.zero_stage} does not support (its checkpoints hold AdamW moments for "
+            "every parameter); use zero_stage 0 or leave trainable empty"
         )
     if g.reward_url is not None and g.reward_token_env and "@" in g.reward_url.split("://", 1)[-1].split("/", 1)[0]:
         raise ConfigError("grpo.reward_url: carries user:password credentials and grpo.reward_token_env names a "
@@ -1017,9 +1245,9 @@ def check_consistency(config: FlowRLConfig) -> None:
         )
     o = config.opd
     opd_steps = o.num_steps or config.sampler.num_steps
-    if o.timesteps == "subset" and o.timesteps_per_trajectory > opd_steps:
+    if o.timesteps.mode == "subset" and o.timesteps.per_trajectory > opd_steps:
         raise ConfigError(
-            f"opd.timesteps_per_trajectory: {o.timesteps_per_trajectory} is more than the {opd_steps} steps of "
+            f"opd.timesteps.per_trajectory: {o.timesteps.per_trajectory} is more than the {opd_steps} steps of "
             "the student's trajectories (opd.num_steps, or sampler.num_steps when it is null)"
         )
     name_value_pairs(o.routes, "opd.routes", "SELECTOR=TEACHER")
@@ -1043,6 +1271,14 @@ def check_consistency(config: FlowRLConfig) -> None:
     from flowrl.models.families import family_of  # the models import this module: imported here
 
     family_of(config).check_config(config)  # the family's own rules (qwen_image: weights, prompt files, judge)
+    from flowrl.rewards.registry import check_rewards
+
+    check_rewards(config)  # each reward component's scorer type exists, for this family
+    from flowrl.rl.algorithms import algorithm
+
+    # the registered algorithms (built in, or registered before the config loads)
+    algorithm(config.grpo.algorithm, "reward", multitask=config.pipeline.mix_rl)
+    algorithm(config.opd.algorithm, "distill")
 
 
 def _check_names(config: FlowRLConfig) -> None:
@@ -1067,12 +1303,13 @@ def _check_lora(config: FlowRLConfig) -> None:
     if not lora.target_modules:
         raise ConfigError("model.qwen_image.lora.target_modules: name at least one linear layer (or set rank 0)")
     for section in ("grpo", "opd"):
-        stage = getattr(config, section).zero_stage
+        stage = getattr(config, section).optim.zero_stage
         if stage == 3:
             raise ConfigError(
-                f"{section}.zero_stage: 3 with LoRA (model.qwen_image.lora.rank {lora.rank}): ZeRO-3 would partition "
-                "the adapters while the frozen base they sit in stays whole on every rank; use zero_stage 0 (DDP) "
-                "or 1-2 (the adapters' AdamW states and gradients partitioned), or rank 0 for full-parameter ZeRO-3")
+                f"{section}.optim.zero_stage: 3 with LoRA (model.qwen_image.lora.rank {lora.rank}): ZeRO-3 would "
+                "partition the adapters while the frozen base they sit in stays whole on every rank; use zero_stage 0 "
+                "(DDP) or 1-2 (the adapters' AdamW states and gradients partitioned), or rank 0 for full-parameter "
+                "ZeRO-3")
     if config.grpo.trainable:
         raise ConfigError(f"grpo.trainable: {_shown(list(config.grpo.trainable))} selects transformer weights to "
                           "train, and "
@@ -1153,11 +1390,16 @@ def check_launch(config: FlowRLConfig) -> None:
                               "read it; upload the file and give its URI (s3://...)")
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data, validating every key."""
+def from_dict(cls: type, data: Any, prefix: str = "", defaults: Any = None) -> Any:
+    """Build dataclass ``cls`` from plain data, validating every key. ``defaults``: the instance whose
+    values the keys not given keep (a subsection's default, with its stage's own defaults); None: the
+    class's defaults."""
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {_show(data)}")
+    check_shape = getattr(cls, "check_data_shape", None)  # a section whose keys changed shape says what to write
+    if check_shape is not None:
+        check_shape(data, prefix)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(map(str, set(data) - set(fields)))
     if unknown:
@@ -1167,8 +1409,13 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
-        values[name] = _convert(hints[name], value, f"{prefix}{name}", fields[name].metadata)
-    return cls(**values)
+        f = fields[name]
+        if dataclasses.is_dataclass(hints[name]) and f.default_factory is not dataclasses.MISSING:
+            # a subsection: the keys given replace those of its default instance
+            values[name] = from_dict(hints[name], value, f"{prefix}{name}.", f.default_factory())
+        else:
+            values[name] = _convert(hints[name], value, f"{prefix}{name}", f.metadata)
+    return cls(**values) if defaults is None else dataclasses.replace(defaults, **values)
 
 
 def _convert(tp: Any, value: Any, key: str, meta: Any) -> Any:
@@ -1289,15 +1536,23 @@ def _shown(value: Any) -> str:
     return text
 
 
-def describe_fields(cls: type = FlowRLConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key path, default, doc) for every leaf field: the config reference."""
+def describe_fields(cls: type = FlowRLConfig, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(key path, default, doc) for every leaf field: the config reference. ``defaults``: the instance
+    whose values are the defaults shown (a subsection's, with its stage's own defaults); None: the
+    class's."""
     rows = []
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.default_factory is not dataclasses.MISSING):
             sub = typing.get_type_hints(cls)[f.name]
-            rows.extend(describe_fields(sub, f"{prefix}{f.name}."))
+            given = getattr(defaults, f.name) if defaults is not None else f.default_factory()
+            rows.extend(describe_fields(sub, f"{prefix}{f.name}.", given))
         else:
-            rows.append((f"{prefix}{f.name}", repr(f.default), f.metadata.get("doc", "")))
+            default = getattr(defaults, f.name) if defaults is not None else f.default
+            rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("doc", "")))
+            hint = typing.get_type_hints(cls)[f.name]
+            item = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+            if item and dataclasses.is_dataclass(item[0]):  # a list of entries: each entry's keys
+                rows.extend(describe_fields(item[0], f"{prefix}{f.name}[]."))
     return rows
 
 

@@ -244,7 +244,7 @@ class Setting:
     text_encoder_device: str = "same"
     teachers_on_cpu: tuple[str, ...] = ()
     shared_rewards: bool = False  # grpo.reward_url or grpo.reward_gpus: the reward models on GPUs of their own
-    rollout_micro_batch: int | None = None  # grpo: trajectories of one sampling forward
+    rollout_micro_batch: int | None = None  # grpo.rollout.micro_batch: trajectories of one sampling forward
     decode_batch: int | None = None  # model.qwen_image.decode_batch: images the VAE decodes at once
     states_per_forward: int | None = None  # opd: (trajectory, state) pairs of one forward
     reward_gpus: int = 0  # grpo.reward_gpus of the configured setting (0 with reward_url or co-located)
@@ -254,16 +254,16 @@ class Setting:
     def flags(self, stage: str, qwen: bool = True) -> list[str]:
         """``--set KEY=VALUE`` arguments that give a config this setting (``URL``: the shared reward
         server's base URL, which only the deployment knows); ``qwen`` False leaves out the qwen_image keys."""
-        out = [f"{stage}.zero_stage={self.zero_stage}",
-               f"{stage}.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
-               f"{stage}.micro_batch={'null' if self.micro_batch is None else self.micro_batch}"]
+        out = [f"{stage}.optim.zero_stage={self.zero_stage}",
+               f"{stage}.optim.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
+               f"{stage}.optim.micro_batch={'null' if self.micro_batch is None else self.micro_batch}"]
         if qwen:
             out = [f"model.qwen_image.lora.rank={self.lora_rank}", *out,
                    f"model.qwen_image.text_encoder_device={self.text_encoder_device}",
                    f"model.qwen_image.decode_batch={_null(self.decode_batch)}"]
         if stage == "grpo":
             out.append(f"grpo.reference_device={self.reference_device}")
-            out.append(f"grpo.rollout_micro_batch={_null(self.rollout_micro_batch)}")
+            out.append(f"grpo.rollout.micro_batch={_null(self.rollout_micro_batch)}")
             if not self.reward_url:
                 out.append(f"grpo.reward_gpus={(self.reward_gpus or 'N') if self.shared_rewards else 0}")
         if stage == "opd":
@@ -383,6 +383,8 @@ def model_state(network: Network, setting: Setting, gpus: int, w: int, ema: bool
     against one of everything at once with CUDA's foreach kernels), gloo's reduce-scatter copies its input
     and its all-gather its output (NCCL works in place), and rank 0's host copy of the final weights lands
     in the same memory."""
+    # long: one branch per engine (torch DDP, ZeRO-1/2, ZeRO-3) and per phase, each stating which
+    # tensors that engine holds; splitting it would separate the cases that must be compared
     g, p, zero, cpu = gpus, network.parameters, setting.zero_stage, platform == "cpu"
     out = {k: {} for k in ("resident", "setup", "backward", "reduction", "step", "checkpoint", "export")}
     res = out["resident"]
@@ -444,6 +446,8 @@ def model_state(network: Network, setting: Setting, gpus: int, w: int, ema: bool
 
 def estimate(workload: Workload, setting: Setting, gpus: int, platform: str = "cuda") -> Estimate:
     """Per-rank bytes of ``workload`` under ``setting`` on ``gpus`` data-parallel ranks."""
+    # long: one term of per-rank memory after another (states, reference, teachers, activations,
+    # phases), each a line or two; a table in code, read top to bottom against the docs' memory model
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
     if setting.zero_stage not in (0, 1, 2, 3):
@@ -651,12 +655,11 @@ def scorer_dtype() -> str:
 
 
 def composite_scorers(config, task: str) -> int:
-    """Reward models the task's composite loads (flowrl.rewards.production): every component of the
-    ``rewards.<task>`` section that the reward_model stage trains a pointwise scorer for."""
-    criteria = config.reward_model.t2i_criteria if task == "t2i" else config.reward_model.edit_criteria
-    names = {"instruction" if task == "edit" and c == "alignment" else c for c in criteria}
-    section = config.rewards.t2i if task == "t2i" else config.rewards.edit
-    return sum(1 for f in dataclasses.fields(section) if f.name in names)
+    """Reward models the task's composite loads: its components whose scorer type is a model
+    (flowrl/rewards/registry.py)."""
+    from flowrl.rewards.registry import model_scorer_count
+
+    return model_scorer_count(config, task)
 
 
 def _tokens(config, task: str) -> tuple[int, int]:
@@ -681,16 +684,16 @@ def configured_setting(config, stage: str) -> Setting:
         teachers = tuple(n for n, d in name_value_pairs(section.teacher_devices, "opd.teacher_devices") if d == "cpu")
     g = config.grpo
     return Setting(
-        zero_stage=section.zero_stage,
-        gradient_checkpointing=bool(getattr(section, "gradient_checkpointing", False)),
-        micro_batch=getattr(section, "micro_batch", None),
+        zero_stage=section.optim.zero_stage,
+        gradient_checkpointing=section.optim.gradient_checkpointing,
+        micro_batch=section.optim.micro_batch,
         reference_device=getattr(g, "reference_device", "same") if stage == "grpo" else "same",
         teachers_on_cpu=teachers,
         shared_rewards=stage == "grpo" and g.reward_backend == "server" and (
             g.reward_url is not None or getattr(g, "reward_gpus", 0) > 0),
         reward_gpus=getattr(g, "reward_gpus", 0) if stage == "grpo" else 0,
         reward_url=stage == "grpo" and g.reward_backend == "server" and g.reward_url is not None,
-        rollout_micro_batch=getattr(g, "rollout_micro_batch", None) if stage == "grpo" else None,
+        rollout_micro_batch=g.rollout.micro_batch if stage == "grpo" else None,
         states_per_forward=getattr(section, "states_per_forward", None) if stage == "opd" else None,
         **family_of(config).memory_setting(config))  # LoRA, text encoder, decode and monitor batches
 
@@ -703,21 +706,22 @@ def stage_workloads(config, gpus: int) -> dict[str, Workload]:
     g, o = config.grpo, config.opd
     routes = sorted({route.split("=", 1)[1].strip() for route in o.routes})
     opd_steps = o.num_steps or config.sampler.num_steps
-    matched = o.timesteps_per_trajectory if o.timesteps == "subset" else opd_steps
-    grpo_steps = g.timesteps_per_trajectory + (g.kl_anchor_steps if g.kl_coef > 0 else 0) \
-        if g.timesteps == "subset" else g.num_steps
-    grpo_steps *= 2 if g.cfg_mode == "both" else 1
+    matched = o.timesteps.per_trajectory if o.timesteps.mode == "subset" else opd_steps
+    grpo_steps = g.timesteps.per_trajectory + (g.kl_anchor_steps if g.kl_coef > 0 else 0) \
+        if g.timesteps.mode == "subset" else g.rollout.num_steps
+    grpo_steps *= 2 if g.rollout.cfg_mode == "both" else 1
     per_rank = max(1, g.prompts_per_iteration // gpus)
     grpo_rows = max(1, per_rank * g.group_size // g.minibatches)
-    sample = max(1, per_rank // g.reward_chunks) * g.group_size * (1 if g.cfg_mode == "none" else 2)
+    sample = max(1, per_rank // g.reward_chunks) * g.group_size * (1 if g.rollout.cfg_mode == "none" else 2)
     opd_rows = max(1, math.ceil(o.prompts_per_iteration * max(o.t2i_fraction, 1 - o.t2i_fraction) / gpus))
     common, grpo, opd = family_of(config).planner_figures(config, per_rank, opd_rows)
     return {
         "grpo": Workload("grpo", train_trajectories=grpo_rows, rows_per_trajectory=grpo_steps, sample_rows=sample,
-                         sample_unit=1 if g.cfg_mode == "none" else 2, kl=g.kl_coef > 0, ema=g.ema_decay > 0,
+                         sample_unit=1 if g.rollout.cfg_mode == "none" else 2, kl=g.kl_coef > 0,
+                         ema=g.optim.ema_decay > 0,
                          **grpo, **common),
         "opd": Workload("opd", train_trajectories=opd_rows, rows_per_trajectory=2 * matched, sample_rows=2 * opd_rows,
-                        sample_unit=2, teachers=tuple(routes), ema=o.ema_decay > 0, **opd, **common),
+                        sample_unit=2, teachers=tuple(routes), ema=o.optim.ema_decay > 0, **opd, **common),
     }
 
 

@@ -5,6 +5,8 @@ them, and minimises the velocity loss ``||v_theta(x_t, t, c) - (eps - x_0)||^2``
 with ``t`` drawn logit-normal (more weight to mid-noise). The prompt is
 dropped with probability ``cond_dropout`` so the null branch used by CFG is
 trained too; for edits only the text is dropped, the source stays.
+The steps run on the shared trainer loop (:class:`Pretrainer`), which
+checkpoints them and resumes a stopped run.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from flowrl.config import BaseConfig
-from flowrl.rl.ema import EMA
+from flowrl.models import CheckpointError
 from flowrl.models.base import Condition, FlowModel
 from flowrl.models.shapes_dit import ShapesFlowModel
+from flowrl.rl.engine import TorchEngine
+from flowrl.rl.trainer import Checkpoints, LoopSettings, LoopTrainer, TrainResult
 from flowrl.shapes.edits import EDIT_KINDS, sample_edit
 from flowrl.shapes.prompts import T2I_CATEGORIES, sample_t2i
 from flowrl.shapes.render import render_batch
@@ -80,6 +83,91 @@ def lr_at(step: int, cfg: BaseConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+TRAIN_METRICS = ("train/loss", "train/grad_norm", "train/lr", "train/images_per_s")  # what the tracker gets
+
+
+class Pretrainer(LoopTrainer):
+    """Flow-matching pretraining on the shared loop: one iteration is one
+    optimizer step (AdamW with betas (0.9, 0.99) through the plain engine,
+    which clips the gradient's global norm), the learning rate set from
+    :func:`lr_at` before it and the EMA updated after it.
+
+    The examples and the noise come from two random streams seeded once and
+    running across steps (a numpy generator for the grammar, a torch one for
+    ``t``, noise and prompt dropout); checkpoints hold their states
+    (:meth:`extra_state`), so a resumed run draws what the uninterrupted one
+    would have. The tracker gets the training metrics every
+    ``cfg.log_every`` steps and after the last, at the step's index."""
+
+    def __init__(self, model: ShapesFlowModel, cfg: BaseConfig, resolution: int, seed: int, *,
+                 checkpoints: Checkpoints | None = None, config_hash: str = ""):
+        net = model.net
+        net.train()
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        engine = TorchEngine.of(net, optimizer, cfg.grad_clip)
+        ema = engine.make_ema(cfg.ema_decay) if cfg.ema_decay > 0 else None
+        settings = LoopSettings(iterations=cfg.steps, eval_every=cfg.steps, checkpoint_every=cfg.checkpoint_every,
+                                name="base", tracked="train/loss")
+        super().__init__(model, net, engine, ema, settings, checkpoints=checkpoints, config_hash=config_hash)
+        self.cfg, self.resolution = cfg, resolution
+        self._start, self._seen = None, 0  # images per second since this process's first step
+
+    def step(self, iteration: int) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        if self._start is None:
+            self._start = time.perf_counter()
+        batch = draw_batch(self.rng, cfg.batch_size, cfg.edit_fraction, self.resolution)
+        x0 = model.encode_images(batch.targets)
+        t = logit_normal_t(len(batch.prompts), self.gen)
+        noise = torch.randn(x0.shape, generator=self.gen)
+        lr = lr_at(iteration, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = _step_loss(model, batch, x0, t, noise, cfg.cond_dropout, self.gen)
+        self.engine.zero_grad()
+        self.engine.backward(loss)
+        grad_norm = self.engine.step()
+        if self.ema is not None:
+            self.ema.update(self.module)
+        self._seen += len(batch.prompts)
+        rate = self._seen / (time.perf_counter() - self._start)
+        return {"train/loss": loss.item(), "train/grad_norm": grad_norm, "train/lr": lr, "train/images_per_s": rate}
+
+    def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.4f}", "img_s": f"{metrics['train/images_per_s']:.0f}"}
+
+    def extra_state(self) -> dict:
+        return {"numpy_rng": self.rng.bit_generator.state, "torch_generator": self.gen.get_state()}
+
+    def load_extra_state(self, extra: dict) -> None:
+        try:
+            self.rng.bit_generator.state = extra["numpy_rng"]
+            self.gen.set_state(extra["torch_generator"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"base checkpoint: unusable random-stream state ({str(exc)[:200]})") from None
+
+    def train(self, log_metrics: Callable[[dict[str, float], int], None] | None = None, progress: bool = True,
+              stop_after: int | None = None) -> TrainResult:
+        every, last = self.cfg.log_every, self.cfg.steps - 1
+
+        def logged(metrics: dict[str, float], done: int) -> None:
+            step = done - 1  # the loop counts the steps done; the tracker gets the step's index
+            if step % every == 0 or step == last:
+                log_metrics({key: metrics[key] for key in TRAIN_METRICS}, step)
+
+        return super().train(logged if log_metrics is not None else None, progress, stop_after)
+
+    def trained_model(self) -> ShapesFlowModel:
+        """The model holding the weights to save: the EMA copy when ``cfg.ema_decay`` > 0, else the
+        trained one (in eval mode)."""
+        self.module.eval()
+        if self.ema is None:
+            return self.model
+        return ShapesFlowModel(self.ema.shadow, cfg_renorm=self.model.cfg_renorm_dim is not None)
+
+
 def pretrain(
     model: ShapesFlowModel,
     cfg: BaseConfig,
@@ -88,41 +176,11 @@ def pretrain(
     log: Callable[[dict[str, float], int], None] | None = None,
     progress: bool = True,
 ) -> ShapesFlowModel:
-    """Train ``model`` in place; return the model holding the weights to save
+    """Train ``model`` in place (no checkpoints); return the model holding the weights to save
     (the EMA copy when ``cfg.ema_decay`` > 0)."""
-    net = model.net
-    net.train()
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    ema = EMA(net, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    bar = tqdm(range(cfg.steps), desc="base", disable=not progress, mininterval=2.0)
-    start, seen = time.perf_counter(), 0
-    for step in bar:
-        batch = draw_batch(rng, cfg.batch_size, cfg.edit_fraction, resolution)
-        x0 = model.encode_images(batch.targets)
-        t = logit_normal_t(len(batch.prompts), gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = _step_loss(model, batch, x0, t, noise, cfg.cond_dropout, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.update(net)
-        seen += len(batch.prompts)
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            rate = seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
-            if log is not None:
-                log({"train/loss": loss.item(), "train/grad_norm": float(grad_norm),
-                     "train/lr": lr_at(step, cfg), "train/images_per_s": rate}, step)
-    net.eval()
-    if ema is None:
-        return model
-    return ShapesFlowModel(ema.shadow, cfg_renorm=model.cfg_renorm_dim is not None)
+    trainer = Pretrainer(model, cfg, resolution, seed)
+    trainer.train(log, progress=progress)
+    return trainer.trained_model()
 
 
 def _step_loss(model, batch: TrainingBatch, x0, t, noise, cond_dropout: float, gen) -> torch.Tensor:

@@ -8,8 +8,8 @@ them from one parquet file per task (``filter.t2i_prompts``,
     str, non-empty: the T2I prompt or the edit instruction.
 ``category``
     str, non-empty: the prompt's category (T2I) or edit kind. It picks the
-    per-category reward weights (``rewards.t2i_categories`` /
-    ``rewards.edit_kinds``; other names get the default weights) and groups
+    per-category reward weights (the ``categories`` of each ``rewards.t2i`` /
+    ``rewards.edit`` component; other names get the default weights) and groups
     the filter's per-category statistics and quantile cuts.
 ``source_image`` (edit files only)
     bytes of the source image in any format PIL reads (PNG, JPEG, WebP, ...).

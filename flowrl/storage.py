@@ -141,7 +141,7 @@ class Manifest:
 # through the config values (hashed separately) or not at all. A change to
 # them that does alter outputs must come with a config change.
 CODE_VERSION_EXCLUDED = frozenset({"flowrl.config", "flowrl.storage", "flowrl.tracking", "flowrl.cli",
-                                   "flowrl.machine"})
+                                   "flowrl.machine", "flowrl.stages.registry"})
 
 
 def _module_file(name: str) -> Path | None:

@@ -46,34 +46,37 @@ class ImageSpec:
     buildargs: tuple[tuple[str, str], ...] = ()  # fixed build arguments; part of the tag
 
 
-# Every image, parents before children. The CUDA base comes in two flavours from one Dockerfile:
-# `runtime` for the stages that only run models, `devel` (nvcc, g++, Python headers) under the
-# training images, whose DeepSpeed ops are compiled (images/train-base.Dockerfile).
+def _stage_registry():
+    """flowrl/stages/registry.py, loaded by path: it imports only the standard library, so naming the
+    images needs neither flowrl's dependencies nor torch."""
+    import importlib.util
+
+    name = "flowrl_stage_registry"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "flowrl" / "stages" / "registry.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+STAGES = _stage_registry().STAGES
+
+# Every image, parents before children: the shared bases, then one per stage of the registry
+# (images/<stage>.Dockerfile, built FROM the base the stage names). The CUDA base comes in two
+# flavours from one Dockerfile: `runtime` for the stages that only run models, `devel` (nvcc, g++,
+# Python headers) under the training images, whose DeepSpeed ops are compiled
+# (images/train-base.Dockerfile).
 IMAGES: dict[str, ImageSpec] = {
     "cuda-base": ImageSpec("images/cuda-base.Dockerfile", buildargs=(("CUDA_FLAVOR", "runtime"),)),
     "cuda-devel": ImageSpec("images/cuda-base.Dockerfile", buildargs=(("CUDA_FLAVOR", "devel"),)),
     "train-base": ImageSpec("images/train-base.Dockerfile", "cuda-devel"),
-    "base": ImageSpec("images/base.Dockerfile", "cuda-base"),
-    "annotate": ImageSpec("images/annotate.Dockerfile", "cuda-base"),
-    "reward_model": ImageSpec("images/reward_model.Dockerfile", "cuda-base"),
-    "filter_prompts": ImageSpec("images/filter_prompts.Dockerfile", "cuda-base"),
-    "grpo": ImageSpec("images/grpo.Dockerfile", "train-base"),
-    "opd": ImageSpec("images/opd.Dockerfile", "train-base"),
-    "bench": ImageSpec("images/bench.Dockerfile", "cuda-base"),
+    **{stage.image: ImageSpec(f"images/{stage.image}.Dockerfile", stage.image_parent) for stage in STAGES},
 }
 
 # The image each Flyte task runs in, by the name the task gives it (`default`: the light tasks that
 # validate configs and pass references, on the runtime base).
-STAGE_IMAGES: dict[str, str] = {
-    "default": "cuda-base",
-    "base": "base",
-    "annotate": "annotate",
-    "reward_model": "reward_model",
-    "filter_prompts": "filter_prompts",
-    "grpo": "grpo",
-    "opd": "opd",
-    "bench": "bench",
-}
+STAGE_IMAGES: dict[str, str] = {"default": "cuda-base", **{stage.name: stage.image for stage in STAGES}}
 
 
 class MissingImageSource(FileNotFoundError):

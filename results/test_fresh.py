@@ -39,7 +39,7 @@ def test_grpo_results_are_fresh():
     for task in ("t2i", "edit"):
         assert results[task]["config_hash"] == config.section_hash(*SECTIONS), \
             f"results/grpo_shapes.json[{task}] is stale: make results/grpo_shapes.json"
-        assert results[task]["metrics"]["iterations"] == config.grpo.iterations, task
+        assert results[task]["metrics"]["iterations"] == config.grpo.loop.iterations, task
 
 
 def test_opd_results_are_fresh():

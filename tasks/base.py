@@ -50,6 +50,7 @@ def fail_pipeline_run(config: FlyteFile, err: Optional[FlyteError] = None) -> No
 @stage_task("base", retries=1, cache=stage_cache("base"))
 def base(config: FlyteFile, parent_run: str) -> StageArtifact:
     cfg = load_config(config.download())
-    result = run_base(cfg, tracker=tracker_for(cfg, parent_run))
+    # a retried pod continues from the newest complete checkpoint (base.checkpoint_every)
+    result = run_base(cfg, resume=True, tracker=tracker_for(cfg, parent_run))
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
     return StageArtifact.of(result)

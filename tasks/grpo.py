@@ -4,7 +4,7 @@ Run under Flyte's Elastic plugin: ``launch.grpo.procs`` worker processes per nod
 ``launch.grpo.nodes`` nodes, DDP or ZeRO across them (see :mod:`flowrl.rl.distributed`). Both are
 read from the config at registration and serialized into the task (:mod:`tasks.launch`). A retry
 resumes from the run's newest complete checkpoint in the artifact store, so a preempted pod loses at
-most ``grpo.checkpoint_every`` iterations.
+most ``grpo.loop.checkpoint_every`` iterations.
 """
 
 from flytekit.types.file import FlyteFile

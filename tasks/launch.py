@@ -26,6 +26,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -38,21 +39,18 @@ from flytekit.core.python_auto_container import PythonAutoContainerTask
 from flytekit.core.tracker import TrackedInstance, extract_task_module
 from flytekit.exceptions.user import FlyteUserException
 
-from flowrl.config import TRAINING_STAGES, FlowRLConfig, LaunchConfig, load_config, secret_requests
+from flowrl.config import FlowRLConfig, LaunchConfig, load_config, secret_requests
 from flowrl.models.families import family_of
+from flowrl.stages.registry import STAGES, TRAINING_STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # each task's defaults where the config leaves a value null: image, cpu, memory, GPUs, disk
+# ("default": the light tasks that validate configs and pass references; each stage's from the registry)
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "default": {"image": "default", "cpu": "1", "mem": "2Gi", "gpus": 0},
-    "base": {"image": "base", "cpu": "2", "mem": "8Gi", "gpus": 0},
-    "annotate": {"image": "annotate", "cpu": "4", "mem": "32Gi", "gpus": 1},
-    "reward_model": {"image": "reward_model", "cpu": "8", "mem": "64Gi", "gpus": 1},
-    "filter_prompts": {"image": "filter_prompts", "cpu": "4", "mem": "32Gi", "gpus": 1},
-    "grpo": {"image": "grpo", "cpu": "8", "mem": "64Gi", "gpus": None},
-    "opd": {"image": "opd", "cpu": "8", "mem": "64Gi", "gpus": None},
-    "bench": {"image": "bench", "cpu": "4", "mem": "64Gi", "gpus": 1, "disk": "100Gi"},
+    **{s.name: {"image": s.image, "cpu": s.resources.cpu, "mem": s.resources.mem, "gpus": s.resources.gpus,
+                **({"disk": s.resources.disk} if s.resources.disk else {})} for s in STAGES},
 }
 
 
@@ -242,6 +240,8 @@ def user_error_boundary(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        if not logging.getLogger().handlers:  # the library's progress messages reach the task's log, as on the CLI
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
             return fn(*args, **kwargs)
         except Exception as exc:

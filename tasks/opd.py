@@ -18,9 +18,9 @@ Switches = NamedTuple("Switches", [("mix_rl", bool), ("offpolicy", bool)])
 
 @stage_task("default")
 def branch_switches(config: FlyteFile) -> Switches:
-    """Which optional branches the config turns on (opd.mix_rl, opd.offpolicy_ablation)."""
-    o = load_config(config.download()).opd
-    return Switches(mix_rl=o.mix_rl, offpolicy=o.offpolicy_ablation)
+    """Which optional branches the config turns on (pipeline.mix_rl, pipeline.offpolicy_ablation)."""
+    p = load_config(config.download()).pipeline
+    return Switches(mix_rl=p.mix_rl, offpolicy=p.offpolicy_ablation)
 
 
 @stage_task("default")

@@ -11,5 +11,7 @@ from tasks.types import StageArtifact, stage_cache, tracker_for
 @stage_task("reward_model", retries=1, cache=stage_cache("reward_model"))
 def reward_model(config: FlyteFile, parent_run: str, annotations: StageArtifact) -> StageArtifact:
     cfg = load_config(config.download())
-    result = run_reward_model(cfg, annotations.uri, tracker=tracker_for(cfg, parent_run))
+    # with reward_model.checkpoint_every set, a retried pod continues each scorer from its newest checkpoint
+    result = run_reward_model(cfg, annotations.uri, resume=cfg.reward_model.checkpoint_every is not None,
+                              tracker=tracker_for(cfg, parent_run))
     return StageArtifact.of(result)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from flowrl.stages.common import flat_metrics
+from flowrl.stages.registry import STAGE_NAMES, stage
 
 
 @dataclass
@@ -61,21 +62,21 @@ def flyte_execution_id() -> str | None:
 # the grpo section reruns GRPO and what consumes its artifacts (OPD, bench) and nothing else. A stage
 # whose config names files outside the store (prompt files, labels, weights) adds their content stamps
 # (its input_stamps), so new content at the same path is a cache miss too.
-STAGE_MODULES = ("base", "annotate", "reward_model", "filter_prompts", "grpo", "opd", "bench")
+STAGE_MODULES = STAGE_NAMES  # one per-stage config each, in the registry's order (flowrl.stages.registry)
 
 
 def stage_config_key(module: str, config) -> str:
-    """The cache hash of ``config`` (a FlyteFile) as stage module ``module`` sees it."""
+    """The cache hash of ``config`` (a FlyteFile) as stage ``module`` (a registry name) sees it."""
     import importlib
 
     from flowrl.config import load_config
 
-    stage = importlib.import_module(f"flowrl.stages.{module}")
+    declared = stage(module)
     loaded = load_config(config.download())
-    key = f"{module}:{loaded.section_hash(*stage.SECTIONS, 'run.artifact_root')}"
+    key = f"{module}:{loaded.section_hash(*declared.sections, 'run.artifact_root')}"
     # what the config names outside the artifact store (prompt files, labels, pretrained weights), by
     # content: new rows or weights at the same path rerun the stage
-    stamps = getattr(stage, "input_stamps", lambda _: {})(loaded)
+    stamps = getattr(importlib.import_module(declared.module), "input_stamps", lambda _: {})(loaded)
     if stamps:
         key += ":" + hashlib.sha256(json.dumps(stamps, sort_keys=True).encode()).hexdigest()[:16]
     return key
@@ -100,4 +101,4 @@ def stage_cache(module: str):
 
     from flowrl.storage import code_version
 
-    return Cache(version=code_version(f"flowrl.stages.{module}"), ignored_inputs=("parent_run",))
+    return Cache(version=code_version(stage(module).module), ignored_inputs=("parent_run",))

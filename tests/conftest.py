@@ -25,13 +25,18 @@ def user_env(**extra: str) -> dict[str, str]:
 def write_config(tmp_path: Path, scenario: str = "smoke.yaml", **overrides) -> Path:
     """A copy of configs/<scenario> with artifacts and tracking under tmp_path.
 
-    ``overrides`` are section -> {key: value} dicts merged into the YAML.
+    ``overrides`` are section -> {key: value} dicts merged into the YAML; a subsection of grpo / opd
+    (loop, optim, timesteps) is merged into the file's key by key, any other value replaces the file's.
     """
     data = yaml.safe_load((ROOT / "configs" / scenario).read_text())
     data["run"]["artifact_root"] = str(tmp_path / "artifacts")
     data["run"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
+        current = data.setdefault(section, {})
+        for key, value in values.items():
+            if section in ("grpo", "opd") and isinstance(value, dict) and isinstance(current.get(key), dict):
+                value = {**current[key], **value}
+            current[key] = value
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -37,7 +37,7 @@ def test_yaml_maps_one_to_one():
         ({"base": {"lrr": 1}}, "base.lrr: unknown key"),
         ({"bogus": {}}, "bogus: unknown key"),
         ({"model": {"shapes": {"depth": "six"}}}, "model.shapes.depth: expected int >= 1, got 'six'"),
-        ({"model": {"family": "sdxl"}}, "model.family: expected one of ['shapes', 'qwen_image'], got 'sdxl'"),
+        ({"model": {"family": "sdxl"}}, "model.family: expected one of ['shapes', 'qwen_image', 'sd3'], got 'sdxl'"),
         ({"world": {"resolution": 48}}, "world.resolution: expected one of [32, 64], got 48"),
         ({"sampler": {"cfg_renorm": "yes"}}, "sampler.cfg_renorm: expected bool, got 'yes'"),
         ({"base": 3}, "base: expected a mapping, got 3"),
@@ -109,25 +109,26 @@ def test_section_hash_tracks_only_its_sections():
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("grpo:\n  num_steps: 10\n  timestep_fraction: 0.2\n  timesteps_per_trajectory: 3\n",
-         "grpo.timesteps_per_trajectory: 3 is more than the 2 steps"),
-        ("grpo:\n  timestep_start: 0.6\n  timestep_fraction: 0.5\n", "grpo.timestep_start: 0.6 \\+ grpo.timestep_fraction"),
-        ("grpo:\n  timestep_start: 1.0\n", "grpo.timestep_start"),
+        ("grpo:\n  rollout: {num_steps: 10}\n  timesteps:\n    fraction: 0.2\n    per_trajectory: 3\n",
+         "grpo.timesteps.per_trajectory: 3 is more than the 2 steps"),
+        ("grpo:\n  timesteps: {start: 0.6, fraction: 0.5}\n",
+         "grpo.timesteps.start: 0.6 \\+ grpo.timesteps.fraction"),
+        ("grpo:\n  timesteps: {start: 1.0}\n", "grpo.timesteps.start"),
         ("grpo:\n  prompts_per_iteration: 6\n  reward_chunks: 4\n", "grpo.reward_chunks: 4 does not divide"),
         ("grpo:\n  prompts_per_iteration: 6\n  reward_chunks: 1\n  minibatches: 4\n", "grpo.minibatches: 4 does not divide"),
-        ("grpo:\n  cfg_mode: sometimes\n", "grpo.cfg_mode"),
+        ("grpo:\n  rollout: {cfg_mode: sometimes}\n", "grpo.rollout.cfg_mode"),
         ("filter:\n  threshold_mode: quantile\n  threshold: 1.5\n", "filter.threshold: a quantile must be below 1"),
-        ("grpo:\n  zero_stage: 4\n", "grpo.zero_stage"),
+        ("grpo:\n  optim: {zero_stage: 4}\n", "grpo.optim.zero_stage"),
         ("filter:\n  threshold_scope: per_cat\n", "filter.threshold_scope"),
         ("grpo:\n  balance_categories: maybe\n", "grpo.balance_categories"),
         ("annotate:\n  degradations: []\n", "annotate.degradations: name at least one"),
         ("annotate:\n  degradations: [noise, tint]\n", "annotate.degradations\\[1\\]: expected one of"),
         ("grpo:\n  kl_anchor_coef: 3.0\n", "grpo.kl_anchor_coef: 3.0 weighs the KL on anchor steps, and there are none"),
-        ("grpo:\n  kl_coef: 0.1\n  kl_anchor_steps: 4\n  timesteps: all\n  kl_anchor_coef: 1.0\n",
-         "grpo.timesteps: subset \\(got all\\)"),
+        ("grpo:\n  kl_coef: 0.1\n  kl_anchor_steps: 4\n  timesteps: {mode: all}\n  kl_anchor_coef: 1.0\n",
+         "grpo.timesteps.mode: subset \\(got all\\)"),
         ("grpo:\n  kl_coef: 0.1\n  kl_anchor_steps: 4\n  kl_anchor_coef: -1.0\n", "grpo.kl_anchor_coef"),
-        ("grpo:\n  trainable: ['blocks.*']\n  zero_stage: 2\n",
-         "grpo.trainable: \\['blocks.\\*'\\] trains a subset of the parameters, which grpo.zero_stage = 2"),
+        ("grpo:\n  trainable: ['blocks.*']\n  optim: {zero_stage: 2}\n",
+         "grpo.trainable: \\['blocks.\\*'\\] trains a subset of the parameters, which grpo.optim.zero_stage = 2"),
     ],
 )
 def test_rl_cross_key_rules(tmp_path, text, message):
@@ -140,8 +141,9 @@ def test_rl_cross_key_rules(tmp_path, text, message):
 def test_overrides_replace_single_keys_of_the_file():
     path = CONFIGS / "shapes.yaml"
     plain = load_config(path)
-    changed = load_config(path, ["annotate.degradations=[noise, color_cast]", "grpo.iterations=7", "grpo.reward_url=null"])
-    assert changed.annotate.degradations == ("noise", "color_cast") and changed.grpo.iterations == 7
+    changed = load_config(path, ["annotate.degradations=[noise, color_cast]", "grpo.loop.iterations=7",
+                                 "grpo.reward_url=null"])
+    assert changed.annotate.degradations == ("noise", "color_cast") and changed.grpo.loop.iterations == 7
     assert changed.grpo.reward_url is None
     assert changed.grpo.group_size == plain.grpo.group_size and changed.base == plain.base
     assert changed.section_hash("annotate") != plain.section_hash("annotate")

@@ -188,10 +188,10 @@ def test_a_huge_seed_in_the_file_is_refused(tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("base.steps=1180591620717411303424", "base.steps"),  # no stated upper bound: the generic one
     ("bench.bootstrap=-5", "bench.bootstrap"),
-    ("grpo.iterations=0", "grpo.iterations"),
+    ("grpo.loop.iterations=0", "grpo.loop.iterations"),
     ("base.steps=true", "base.steps"),
     ("base.steps=3.0", "base.steps"),
-    ("grpo.cfg_mode=1", "grpo.cfg_mode"),
+    ("grpo.rollout.cfg_mode=1", "grpo.rollout.cfg_mode"),
     ("world.resolution=32.0", "world.resolution"),
     ("world.resolution=10000000", "world.resolution"),
     ("model.qwen_image.height=10000000", "model.qwen_image.height"),
@@ -211,7 +211,7 @@ def test_counts_and_sizes_out_of_range_are_refused(tmp_path, override, key):
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1e999"])
-@pytest.mark.parametrize("key", ["base.lr", "grpo.noise_level", "sampler.shift", "bench.tie_tolerance",
+@pytest.mark.parametrize("key", ["base.lr", "grpo.rollout.noise_level", "sampler.shift", "bench.tie_tolerance",
                                  "filter.threshold", "launch.gpu_mem_gib", "grpo.kl_anchor_coef"])
 def test_non_finite_floats_are_refused(tmp_path, key, value):
     path = write(tmp_path, (ROOT / "configs" / "smoke.yaml").read_text())

@@ -80,7 +80,7 @@ def test_pyflyte_runs_the_whole_pipeline_on_s3_tracked_by_the_server(mlflow_serv
     stages = ("base", "annotate", "reward_model", "filter_prompts_t2i", "filter_prompts_edit", "grpo_t2i", "grpo_edit",
               "opd", "opd_offpolicy", "grpo_mixed", "bench")
     assert {s.split(".")[0] for s in uris if s.endswith(".checkpoints")} == {
-        "grpo_t2i", "grpo_edit", "grpo_mixed", "opd", "opd_offpolicy"}  # training checkpoints are artifacts too
+        "base", "grpo_t2i", "grpo_edit", "grpo_mixed", "opd", "opd_offpolicy"}  # training checkpoints are artifacts too
     assert {s for s in uris if not s.endswith(".checkpoints")} == set(stages)
     assert all(len(uris[stage]) == 1 for stage in stages), uris  # each stage ran and committed once
     for uri in (u for versions in uris.values() for u in versions):  # every artifact reads back whole, checked

@@ -323,7 +323,7 @@ def test_task_requests_count_every_process_loading_its_models():
     them to their GPU, on top of their base footprint; under ZeRO rank 0 also gathers the final weights."""
     from flowrl.config import load_config
 
-    config = load_config(QWEN_YAML, ["model.qwen_image.lora.rank=0", "grpo.zero_stage=3",
+    config = load_config(QWEN_YAML, ["model.qwen_image.lora.rank=0", "grpo.optim.zero_stage=3",
                                      "model.qwen_image.text_encoder_device=same", "grpo.reward_url=http://rm:1", "grpo.reward_gpus=0"])
     workload = stage_workloads(config, 8)["grpo"]
     requests, setting = task_requests(config, "grpo", 8, 2000.0)

@@ -3,6 +3,7 @@ continues the run's checkpoints; `--resume` says what it resumed from, or that i
 
 import dataclasses
 import logging
+import typing
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from flowrl.config import FlowRLConfig, from_dict, load_config
 from flowrl.rl.trainer import Checkpoints, LoopSettings, LoopTrainer
 from flowrl.stages import grpo as grpo_stage
 from flowrl.stages import opd as opd_stage
+from flowrl.stages import reward_model as reward_model_stage
 from flowrl.stages.base import SECTIONS as BASE_SECTIONS
 from flowrl.stages.common import stage_version
 from flowrl.storage import ArtifactStore
@@ -23,39 +25,51 @@ OPERATIONAL = [
     ("grpo.reward_timeout_s", 5.0),
     ("grpo.reward_token_env", "FLOWRL_REWARD_TOKEN"),
     ("grpo.reward_gpus", 3),
-    ("grpo.checkpoint_every", 7),
-    ("grpo.grid_every", 3),
-    ("opd.checkpoint_every", 7),
-    ("opd.grid_every", 3),
+    ("grpo.loop.checkpoint_every", 7),
+    ("grpo.loop.grid_every", 3),
+    ("opd.loop.checkpoint_every", 7),
+    ("opd.loop.grid_every", 3),
     ("base.log_every", 7),
+    ("base.checkpoint_every", 7),
+    ("reward_model.checkpoint_every", 7),
 ]
 # keys that change a stage's result (micro-batching and recomputation only up to float rounding: they stay in)
 RESULT = [
-    ("grpo.lr", 3e-4),
+    ("grpo.optim.lr", 3e-4),
     ("grpo.reward_backend", "server"),
     ("grpo.reward_chunks", 1),
-    ("grpo.eval_every", 3),
-    ("grpo.micro_batch", 2),
-    ("grpo.rollout_micro_batch", 2),
-    ("grpo.gradient_checkpointing", True),
+    ("grpo.loop.eval_every", 3),
+    ("grpo.optim.micro_batch", 2),
+    ("grpo.rollout.micro_batch", 2),
+    ("grpo.optim.gradient_checkpointing", True),
     ("grpo.reference_device", "cpu"),
-    ("opd.micro_batch", 2),
+    ("opd.optim.micro_batch", 2),
     ("opd.states_per_forward", 2),
     ("opd.teacher_devices", ("t2i_teacher=cpu",)),
 ]
-STAGE_SECTIONS = {"grpo": grpo_stage.SECTIONS, "opd": opd_stage.SECTIONS, "base": BASE_SECTIONS}
+STAGE_SECTIONS = {"grpo": grpo_stage.SECTIONS, "opd": opd_stage.SECTIONS, "base": BASE_SECTIONS,
+                  "reward_model": reward_model_stage.SECTIONS}
 
 
-def _changed(config: FlowRLConfig, key: str, value) -> FlowRLConfig:
-    section, name = key.split(".")
-    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{name: value})})
+def _changed(config, key: str, value):
+    """``config`` with the value at the dotted ``key`` (a section's key, or a subsection's) replaced."""
+    name, _, rest = key.partition(".")
+    inner = _changed(getattr(config, name), rest, value) if rest else value
+    return dataclasses.replace(config, **{name: inner})
+
+
+def _value(config, key: str):
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def _operational_keys(cls=FlowRLConfig, prefix="") -> set[str]:
     keys = set()
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):  # a section
-            keys |= _operational_keys(f.default_factory, f"{prefix}{f.name}.")
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[f.name]):  # a section
+            keys |= _operational_keys(hints[f.name], f"{prefix}{f.name}.")
         elif f.metadata.get("operational"):
             keys.add(f"{prefix}{f.name}")
     return keys
@@ -71,10 +85,10 @@ def test_the_operational_keys_are_the_listed_ones():
 def test_an_operational_key_leaves_the_stage_version_alone(scenario, key, value):
     config = load_config(ROOT / "configs" / scenario)
     other = _changed(config, key, value)
-    assert getattr(getattr(other, key.split(".")[0]), key.split(".")[1]) == value
+    assert _value(other, key) == value
     sections = STAGE_SECTIONS[key.split(".")[0]]
     assert other.section_hash(*sections) == config.section_hash(*sections)
-    stage = {"grpo": "grpo_t2i", "opd": "opd", "base": "base"}[key.split(".")[0]]
+    stage = {"grpo": "grpo_t2i", "opd": "opd", "base": "base", "reward_model": "reward_model"}[key.split(".")[0]]
     inputs = {"base": "file:///a/base/v1"}
     assert stage_version(stage, other, sections, inputs, code="c") == stage_version(stage, config, sections, inputs,
                                                                                       code="c")
@@ -150,7 +164,7 @@ def upstream(tmp_path_factory):
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("resume")
-    path = write_config(root, grpo={"iterations": 3, "checkpoint_every": 2, "eval_every": 4, "grid_every": 4})
+    path = write_config(root, grpo={"loop": {"iterations": 3, "checkpoint_every": 2, "eval_every": 4, "grid_every": 4}})
     config = load_config(path)
     base = run_base(config, progress=False)
     rm = run_reward_model(config, run_annotate(config, base.uri).uri)
@@ -177,7 +191,7 @@ def test_grpo_resumes_its_checkpoint_after_the_reward_retries_change(upstream, t
     assert [i for i, _ in checkpoints.complete()] == [2]
 
     overrides = ["grpo.reward_retries=9", "grpo.reward_timeout_s=5", "grpo.reward_token_env=FLOWRL_RESUME_TOKEN",
-                 "grpo.checkpoint_every=1"]
+                 "grpo.loop.checkpoint_every=1"]
     changed = load_config(path, overrides)
     assert changed.grpo.reward_retries == 9 != config.grpo.reward_retries
     assert stage_version("grpo_t2i", changed, grpo_stage.SECTIONS, inputs) == version

@@ -256,7 +256,7 @@ def test_a_stage_run_logs_its_sections_and_its_inputs_as_datasets(tmp_path):
         pass
     run = MlflowClient(uri).get_run(tracker.run_id)
     assert set(run.data.params) == set(section_params(config.to_dict(), SECTIONS))
-    assert "grpo.lr" not in run.data.params and "reward_model.steps" in run.data.params
+    assert "grpo.optim.lr" not in run.data.params and "reward_model.steps" in run.data.params
     logged = {next(t.value for t in d.tags if t.key == "flowrl.input"): d.dataset for d in run.inputs.dataset_inputs}
     assert set(logged) == {"annotations", "labels"}  # "t2i" names no data
     manifest = read_manifest(annotations)

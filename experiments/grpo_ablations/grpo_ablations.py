@@ -43,7 +43,7 @@ and seed).
 ``--table windows``: the T2I levers for 400 iterations with the K = 2 trained
 steps drawn from the first half of the 10-step schedule (``first_half``, the
 default), its first 30 % (``first_30pct``), all of it (``whole_schedule``)
-or its second half (``second_half``, ``grpo.timestep_start: 0.5``); and
+or its second half (``second_half``, ``grpo.timesteps.start: 0.5``); and
 ``first_half_group16``, 16 samples per prompt on 4 prompts per iteration
 (the same 64 samples), so that rare right answers appear in more groups.
 
@@ -52,8 +52,9 @@ The later tables (``ema``, ``hold_fidelity``, ``kl_long``, ``edit_window``,
 variant; the comment above each table's definition below says what it varies.
 
 A variant with ``filter`` keys runs the filter_prompts stage itself (same
-base and reward models; a normal artifact, reused when it exists) and trains
-on what that keeps; the others train on ``--prompts``.
+base and reward models, sampling at the config file's rollout steps and noise
+level: :func:`filter_view`; a normal artifact, reused when it exists) and
+trains on what that keeps; the others train on ``--prompts``.
 
 ``--set KEY=VALUE`` (repeatable) overrides a grpo key for every variant, and
 ``--variants`` picks a subset. Each run writes a normal grpo artifact under
@@ -213,8 +214,63 @@ def with_section(config: FlowRLConfig, section: str, overrides: dict) -> FlowRLC
     return dataclasses.replace(config, **{section: from_dict(type(current), merged, f"{section}.")})
 
 
+def with_reward_weights(config: FlowRLConfig, weights: dict) -> FlowRLConfig:
+    """``config`` with the weights of named reward components replaced (a variant's ``{"t2i": {"fidelity":
+    1.0}}``: rewards.t2i's component fidelity weighs 1.0), validated like a config file."""
+    rewards = dataclasses.asdict(config.rewards)
+    for task, by_name in weights.items():
+        if task not in rewards or not isinstance(by_name, dict):
+            raise ConfigError(f"rewards.{task}: expected {{component: weight}} for one of {sorted(rewards)}")
+        names = [c["name"] for c in rewards[task]]
+        for name, weight in by_name.items():
+            if name not in names:
+                raise ConfigError(f"rewards.{task}.{name}: no such component (components: {', '.join(names)})")
+            rewards[task][names.index(name)]["weight"] = weight
+    return dataclasses.replace(config, rewards=from_dict(type(config.rewards), rewards, "rewards."))
+
+
+# The tables (and their committed results) name grpo keys as the section had them flat when they were recorded;
+# these are where those keys live now (grpo.optim, grpo.loop, grpo.timesteps, grpo.rollout).
+_NESTED = {
+    **{key: ("optim", key) for key in ("lr", "weight_decay", "grad_clip", "ema_decay", "zero_stage",
+                                       "gradient_checkpointing", "micro_batch")},
+    **{key: ("loop", key) for key in ("iterations", "eval_every", "monitor_per_category", "checkpoint_every",
+                                      "grid_every")},
+    "timesteps": ("timesteps", "mode"), "timestep_fraction": ("timesteps", "fraction"),
+    "timestep_start": ("timesteps", "start"), "timesteps_per_trajectory": ("timesteps", "per_trajectory"),
+    **{key: ("rollout", key) for key in ("num_steps", "noise_level", "guidance_scale", "cfg_mode")},
+    "rollout_micro_batch": ("rollout", "micro_batch"),
+}
+
+
+def nested_grpo_keys(keys: dict) -> dict:
+    """A table's grpo keys (flat, as recorded) in the section's shape: ``{"iterations": 400}`` ->
+    ``{"loop": {"iterations": 400}}``; other keys as they are."""
+    out: dict = {}
+    for key, value in keys.items():
+        if key in _NESTED and not isinstance(value, dict):
+            sub, name = _NESTED[key]
+            out[sub] = {**out.get(sub, {}), name: value}
+        elif isinstance(value, dict):  # a subsection given nested: merged into a copy, never into the caller's
+            out[key] = {**out.get(key, {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
 def with_grpo(config: FlowRLConfig, overrides: dict) -> FlowRLConfig:
-    return with_section(config, "grpo", overrides)
+    return with_section(config, "grpo", nested_grpo_keys(overrides))
+
+
+def filter_view(config: FlowRLConfig, variant: FlowRLConfig) -> FlowRLConfig:
+    """The config a variant's prompt filtering runs on: the variant's, its rollout sampler's steps and noise
+    level those of ``config`` (the table's config file, before --set and variant keys). The tables were
+    recorded when the filter had its own copies of those two keys, which no variant or --set changed
+    (first_30pct_kl03_noise1 raises GRPO's noise level, and its filter sampled at the file's), so the
+    curated prompts stay those the committed results trained on."""
+    rollout = dataclasses.replace(variant.grpo.rollout, num_steps=config.grpo.rollout.num_steps,
+                                  noise_level=config.grpo.rollout.noise_level)
+    return dataclasses.replace(variant, grpo=dataclasses.replace(variant.grpo, rollout=rollout))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -262,11 +318,11 @@ def main(argv: list[str] | None = None) -> dict:
         variant = with_grpo(config, {**common, **grpo_keys})
         rewards_keys = specs[name].get("rewards", {})
         if rewards_keys:
-            variant = with_section(variant, "rewards", rewards_keys)
+            variant = with_reward_weights(variant, rewards_keys)
         prompts, filter_metrics = args.prompts, None
         if filter_keys:
             variant = with_section(variant, "filter", filter_keys)
-            filtered = run_filter_prompts(variant, args.task, args.base, args.reward_model,
+            filtered = run_filter_prompts(filter_view(config, variant), args.task, args.base, args.reward_model,
                                           output_root=args.artifacts, tracker=NullTracker())
             prompts, filter_metrics = filtered.uri, filtered.metrics
         result = run_grpo(variant, args.task, args.base, args.reward_model, prompts,

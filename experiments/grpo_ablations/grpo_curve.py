@@ -3,7 +3,7 @@
 Not a test: it measures, it does not assert. The GRPO issue asks for +0.20 T2I
 alignment; docs/design.md (The shapes world) says that if this needs more than the 10-minute
 budget, reach it and report the gain-over-time curve. The run's own held-out
-monitor (10 prompts per category every ``grpo.eval_every`` iterations) is too
+monitor (10 prompts per category every ``grpo.loop.eval_every`` iterations) is too
 noisy to read a curve from, so this judges the base and each complete
 checkpoint of the run (``<stage>.checkpoints/<version>-<iteration>``) with the
 deployment sampler on the same held-out sets as the stage's final evaluation

@@ -39,8 +39,8 @@ def _check_variant(name: str, entry: dict, table: dict, grpo_keys: dict, config,
     assert entry["grpo"] == grpo_keys, name
     delta = entry["judge"][headline] - table["base"][headline]
     assert abs(entry["headline_delta"] - delta) < 1e-9 and entry["wall_s"] > 0, name
-    iterations = grpo_keys.get("iterations", config.grpo.iterations)
-    eval_every = grpo_keys.get("eval_every", config.grpo.eval_every)
+    iterations = grpo_keys.get("iterations", config.grpo.loop.iterations)
+    eval_every = grpo_keys.get("eval_every", config.grpo.loop.eval_every)
     assert [m[0] for m in entry["monitor"]] == list(range(0, iterations + 1, eval_every)), name
 
 

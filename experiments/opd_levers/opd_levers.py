@@ -63,13 +63,13 @@ ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = {
     "config": {},
     "rollout_10steps": {"num_steps": 10},
-    "match_2states": {"timesteps_per_trajectory": 2},
-    "rollout_10steps_match_2states": {"num_steps": 10, "timesteps_per_trajectory": 2},
+    "match_2states": {"timesteps": {"per_trajectory": 2}},
+    "rollout_10steps_match_2states": {"num_steps": 10, "timesteps": {"per_trajectory": 2}},
 }
 TABLES = {"levers": VARIANTS}
 # The opd keys each table's variants are applied over (then the variant's own): the levers table was made on the
 # section with K = 4 matched states, before the shipped config took ``match_2states`` (K = 2).
-LEVERS_BASE = {"timesteps_per_trajectory": 4}
+LEVERS_BASE = {"timesteps": {"per_trajectory": 4}}
 TABLE_BASE = {"levers": LEVERS_BASE}
 
 

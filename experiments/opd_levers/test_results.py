@@ -38,7 +38,8 @@ def test_opd_levers_vary_the_named_keys_and_the_shipped_section_is_the_one_withi
         assert row["opd"] == VARIANTS[name] and row["threads"] == 2 and not row["reused"], name
         for task in ("t2i", "edit"):
             assert abs(row["deltas"][task] - (row["judge"][HEADLINE[task]] - table["base"][HEADLINE[task]])) < 1e-9
-        assert [m[0] for m in row["monitor"]] == list(range(0, config.opd.iterations + 1, config.opd.eval_every))
+        loop = config.opd.loop
+        assert [m[0] for m in row["monitor"]] == list(range(0, loop.iterations + 1, loop.eval_every))
     # what the README claims: the old section over the budget, the shipped one within it, in the CLI and the pipeline
     assert table["variants"]["config"]["wall_s"] > 480.0 >= table["variants"]["match_2states"]["wall_s"]
     pipeline = table["pipeline"]

@@ -57,8 +57,8 @@ def probe(config_path: str, base: str, reward_model: str, per_category: int, gro
     set_torch_threads(threads if threads is not None else config.run.torch_threads)
     model = load_policy(base, config, "t2i")
     reward = load_shapes_rewards(config, reward_model)["t2i"]
-    g = config.grpo
-    settings = RolloutSettings(g.num_steps, g.noise_level, g.guidance_scale, g.cfg_mode)
+    r = config.grpo.rollout
+    settings = RolloutSettings(r.num_steps, r.noise_level, r.guidance_scale, r.cfg_mode)
     examples = make_t2i_set(seed, per_category, split="train")
     by_category: dict[str, list] = {}
     per_batch = 16

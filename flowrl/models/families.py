@@ -93,11 +93,15 @@ class ModelFamily(abc.ABC):
 
     name: str = ""
     has_judge: bool = False
+    #: one model serves both tasks (load_task_views gives the same object twice), so a teacher of either
+    #: task sits behind the same view
+    one_model_for_tasks: bool = False
     from_pretrained: bool = False
     prompt_files: bool = False
     model_keys: bool = False
-    #: the import path of the reward server's composite factory (flowrl/rewards/server.py)
-    reward_factory: str = ""
+    #: the import path of the reward server's composite factory (flowrl/rewards/server.py): one for every
+    #: family, which builds the config's reward components (flowrl/rewards/registry.py)
+    reward_factory: str = "flowrl.rewards.registry:served_composite"
 
     # ------------------------------------------------------------------ the model and its network
 
@@ -139,6 +143,20 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def load_frozen_network(self, directory: Path, config: FlowRLConfig, task: str) -> torch.nn.Module:
         """A model artifact's trainable network alone (not yet placed or frozen)."""
+
+    # ------------------------------------------------------------------ published weights (from_pretrained)
+
+    def pretrained_sources(self, config: FlowRLConfig) -> dict[str, tuple[str, str]]:
+        """{task: (config key, weights directory or hub id)} of the published weights the base stage of a
+        ``from_pretrained`` family validates and references."""
+        raise NotImplementedError(f"model family {self.name!r} references no published weights (it is not "
+                                  "from_pretrained, or does not implement this method)")
+
+    def validate_pretrained(self, path: str, task: str) -> dict[str, Any]:
+        """A summary of a local weights directory for ``task`` (its components), read without loading the
+        weights; FileNotFoundError / ValueError naming what is wrong."""
+        raise NotImplementedError(f"model family {self.name!r} references no published weights (it is not "
+                                  "from_pretrained, or does not implement this method)")
 
     # ------------------------------------------------------------------ facts the stages ask for
 
@@ -184,7 +202,7 @@ class ShapesFamily(ModelFamily):
     """The shapes world's small pixel-space DiT (flowrl/models/shapes_dit.py), pretrained by the base stage."""
 
     has_judge = True
-    reward_factory = "flowrl.rewards.shapes_rewards:served_composite"
+    one_model_for_tasks = True
 
     def owns(self, model):
         from flowrl.models.shapes_dit import ShapesFlowModel
@@ -252,7 +270,6 @@ class QwenImageFamily(ModelFamily):
     from_pretrained = True
     prompt_files = True
     model_keys = True
-    reward_factory = "flowrl.rewards.production:served_composite"
 
     def owns(self, model):
         from flowrl.models.qwen_image import QwenImageModel
@@ -275,6 +292,17 @@ class QwenImageFamily(ModelFamily):
         # a trained artifact's transformer replaces the pretrained one, which is then never loaded
         trained = _artifact_transformer(directory, config) if (directory / QWEN_TRANSFORMER).is_dir() else None
         return self._pipeline(path, task, config, trained)
+
+    def pretrained_sources(self, config):
+        q = config.model.qwen_image
+        edit_key = "edit_pretrained" if q.edit_pretrained else "pretrained"
+        return {"t2i": ("model.qwen_image.pretrained", q.pretrained),
+                "edit": (f"model.qwen_image.{edit_key}", getattr(q, edit_key))}
+
+    def validate_pretrained(self, path, task):
+        from flowrl.models.qwen_image import validate_pretrained
+
+        return validate_pretrained(path, task=task)
 
     def check_policy(self, directory, config):
         for task in ("t2i", "edit"):
@@ -346,6 +374,8 @@ class QwenImageFamily(ModelFamily):
         q = config.model.qwen_image
         if not q.pretrained:
             raise ConfigError("model.qwen_image.pretrained: required when model.family is qwen_image")
+        if config.reward_model.backbone != "vlm":
+            raise ConfigError("reward_model.backbone: the qwen_image family scores with the vlm backbone")
         for key in ("height", "width"):
             if getattr(q, key) % 16:
                 raise ConfigError(f"model.qwen_image.{key}: expected a multiple of 16, got {getattr(q, key)}")
@@ -375,3 +405,6 @@ class QwenImageFamily(ModelFamily):
         from flowrl.planner import qwen_image_figures
 
         return qwen_image_figures(config, per_rank, opd_rows)
+
+
+import flowrl.models.sd3  # noqa: E402,F401  (registers the sd3 family)

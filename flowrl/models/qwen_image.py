@@ -270,6 +270,8 @@ class QwenImageModel:
         keeps it in host memory and runs it on ``device`` (:meth:`move_text_encoder`), so it
         never occupies the accelerator between calls, not even at load time.
         """
+        # long: each component is loaded, checked against the task and placed in turn; the steps share
+        # the arguments and are clearer in order than spread over helpers
         from diffusers import (
             AutoencoderKLQwenImage,
             FlowMatchEulerDiscreteScheduler,

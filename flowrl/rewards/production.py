@@ -1,15 +1,10 @@
-"""Production composite rewards, built from a reward_model artifact of VLM scorers.
+"""Production rewards: the lazily loaded VLM scorers, where they run, and the held-out monitor.
 
-The components are the task's pointwise scorers in the artifact (directories
-``<task>/pointwise_<criterion>``): T2I ``alignment``, ``quality``,
-``fidelity``; edit ``instruction`` (the edit alignment scorer) and any other
-edit criterion under its own name. Weights come from ``config.rewards`` as in
-the shapes world; a component the config names with a positive weight but the
-artifact lacks is an error, a weight of 0 drops it.
-
-Prompts carry free-form categories (the prompt files'), so the composite's
-``categorize`` looks each prompt up in the table the filter stage wrote;
-prompts outside it get the default weights.
+The composites themselves are built by :func:`flowrl.rewards.registry.load_rewards` from
+``config.rewards`` (a ``learned`` component of a ``vlm`` reward model is a :class:`LazyVLMScorer`);
+:func:`load_production_rewards` and :func:`served_composite` are that function under their earlier
+names. Prompts carry free-form categories (the prompt files'), so the composite looks each prompt up
+in the table the filter stage wrote; prompts outside it get the default weights.
 
 Where the scorers run: each loads on first use, in :data:`SCORER_DTYPE`, on
 the process's GPU (:func:`flowrl.models.local_device`) unless it is given a
@@ -21,7 +16,6 @@ its model after every call.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 from pathlib import Path
 
@@ -31,10 +25,6 @@ from flowrl.config import ConfigError, FlowRLConfig
 from flowrl.rewards.composite import CompositeReward
 from flowrl.rewards.shapes_rewards import ScorerReward
 from flowrl.storage import ArtifactError, fetch
-
-# what a scorer directory's criterion is called as a composite component, per task
-_COMPONENT = {("edit", "alignment"): "instruction"}
-
 
 # The dtype the stages load the VLM scorers in (flowrl.planner.scorer_dtype reads it): bfloat16 halves
 # the fp32 footprint (a Qwen2.5-VL-7B scorer: 15.5 GiB instead of 31); the five level logits are read in
@@ -120,56 +110,14 @@ def scorer_devices(count: int, device_count: int, first: int = 0) -> list[str]:
     return [f"cuda:{first + i % (device_count - first)}" for i in range(count)]
 
 
-def scorer_directories(local: Path, task: str) -> dict[str, Path]:
-    """{component name: directory} of the task's pointwise scorers in an artifact."""
-    found = {}
-    for directory in sorted((local / task).glob("pointwise_*")):
-        criterion = directory.name.removeprefix("pointwise_")
-        found[_COMPONENT.get((task, criterion), criterion)] = directory
-    return found
-
-
-def _weights(section: object, key: str, present: set[str]) -> dict[str, float]:
-    weights = dataclasses.asdict(section)
-    for name, weight in weights.items():
-        if weight > 0 and name not in present:
-            raise ConfigError(
-                f"{key}.{name}: weight {weight} but the reward_model artifact has no {name} scorer for this task "
-                f"(it has {sorted(present)}); set the weight to 0 or train that criterion"
-            )
-    return {name: w for name, w in weights.items() if name in present}
-
-
 def load_production_rewards(config: FlowRLConfig, reward_model_uri: str, task: str,
                             categories: dict[str, str], *, spread: bool = False,
                             first_device: int = 0) -> CompositeReward:
-    """The ``task`` composite over the artifact's VLM scorers; ``categories``
-    maps each prompt to its category for the per-category weights. ``spread``:
-    the scorers go round-robin over the visible GPUs from ``first_device`` on (a
-    reward server on GPUs of its own; the filter's GPUs after the policy's)
-    instead of each onto the process's GPU."""
-    if config.reward_model.backbone != "vlm":
-        raise ConfigError("reward_model.backbone: the qwen_image family scores with the vlm backbone")
-    local = Path(fetch(reward_model_uri))
-    directories = scorer_directories(local, task)
-    if not directories:
-        raise ArtifactError(f"{reward_model_uri}: no {task} pointwise scorer (reward_model.{task}_criteria)")
-    r = config.rewards
-    default_section, overrides, key = (r.t2i, r.t2i_categories, "rewards.t2i") if task == "t2i" else (
-        r.edit, r.edit_kinds, "rewards.edit")
-    default = _weights(default_section, key, set(directories))
-    by_category = {
-        f.name: _weights(getattr(overrides, f.name), f"{key}_{'categories' if task == 't2i' else 'kinds'}.{f.name}",
-                         set(directories))
-        for f in dataclasses.fields(overrides) if getattr(overrides, f.name) is not None
-    }
-    devices = scorer_devices(len(default), torch.cuda.device_count(), first_device) if spread \
-        else [None] * len(default)
-    components = {name: ScorerReward(LazyVLMScorer(directories[name], device=device), name, batch_size=8)
-                  for name, device in zip(default, devices)}
-    table = dict(categories)
-    return CompositeReward(components=components, weights=by_category, categorize=lambda p: table.get(p, ""),
-                           default_weights=default)
+    """:func:`flowrl.rewards.registry.load_rewards` with the prompts' ``categories`` (its earlier name)."""
+    from flowrl.rewards.registry import load_rewards
+
+    return load_rewards(config, reward_model_uri, task, categories=categories, spread=spread,
+                        first_device=first_device)
 
 
 def load_monitor_scorer(reward_model_uri: str, task: str, name: str, composite: CompositeReward) -> ScorerReward:
@@ -180,8 +128,8 @@ def load_monitor_scorer(reward_model_uri: str, task: str, name: str, composite: 
     if not directory.is_dir():
         have = sorted(p.name for p in (local / task).iterdir() if p.is_dir()) if (local / task).is_dir() else []
         raise ConfigError(f"grpo.monitor_reward: {reward_model_uri} has no {task} scorer {name!r} (it has {have})")
-    trained_on = {d.name for n, d in scorer_directories(local, task).items() if n in composite.component_names}
-    if name in trained_on:
+    trained_on = {(d.parent.name, d.name) for d in map(_scorer_directory, composite.components.values()) if d}
+    if (task, name) in trained_on:
         raise ConfigError(f"grpo.monitor_reward: {name!r} is part of the {task} composite GRPO trains on; a monitor "
                           "that the policy optimises cannot see hacking (use pairwise, or an unweighted criterion)")
     return ScorerReward(LazyVLMScorer(directory), name, batch_size=8)
@@ -192,16 +140,15 @@ def prompt_categories(*frames) -> dict[str, str]:
     return {p: c for frame in frames for p, c in zip(frame["prompt"], frame["category"])}
 
 
+def _scorer_directory(reward: object) -> Path | None:
+    """The saved scorer directory behind a composite component (None for a scorer without one)."""
+    directory = getattr(getattr(reward, "backbone", None), "directory", None)
+    return Path(directory) if directory is not None else None
+
+
 def served_composite(config: dict, reward_model_uri: str, task: str, prompts_uri: str,
                      spread: bool = False) -> CompositeReward:
-    """Reward-server factory for the production composite (config as plain data); the categories
-    come from the filter_prompts artifact ``prompts_uri`` (too many to pass on a command line).
-    ``spread``: a server on GPUs of its own places the scorers round-robin over them."""
-    import pandas as pd
+    """Reward-server factory, kept for its import path: :func:`flowrl.rewards.registry.served_composite`."""
+    from flowrl.rewards.registry import served_composite as served
 
-    from flowrl.config import from_dict
-
-    local = Path(fetch(prompts_uri))
-    frames = [pd.read_parquet(f) for f in (local / "prompts.parquet", local / "heldout.parquet") if f.is_file()]
-    return load_production_rewards(from_dict(FlowRLConfig, config), reward_model_uri, task,
-                                   prompt_categories(*frames), spread=spread)
+    return served(config, reward_model_uri, task, prompts_uri, spread=spread)

@@ -89,7 +89,7 @@ def edit_candidates(
 
 
 def draw_candidates(
-    rng: np.random.Generator, t2i_per_category: int, edits_per_kind: int, resolution: int,
+    rng: np.random.Generator, t2i_per_category: int, edit_per_kind: int, resolution: int,
     degradations: tuple[str, ...] = DEFAULT_DEGRADATIONS,
 ) -> list[Candidates]:
     """Rendered candidates for fresh prompts of every category and edit kind."""
@@ -98,7 +98,7 @@ def draw_candidates(
         out += [t2i_candidates(rng, sample_t2i(rng, category), resolution, degradations)
                 for _ in range(t2i_per_category)]
     for kind in EDIT_KINDS:
-        out += [edit_candidates(rng, sample_edit(rng, kind), resolution, degradations) for _ in range(edits_per_kind)]
+        out += [edit_candidates(rng, sample_edit(rng, kind), resolution, degradations) for _ in range(edit_per_kind)]
     return out
 
 

@@ -17,9 +17,12 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
+from flowrl.models import CheckpointError
 from flowrl.rewards.annotations import decode_png
 from flowrl.rewards.backbone import ScoreBackbone
 from flowrl.rewards.losses import bradley_terry_loss, expected_score
+from flowrl.rl.engine import TorchEngine
+from flowrl.rl.trainer import Checkpoints, LoopSettings, LoopTrainer, TrainResult
 
 PREFERENCE_VALUE = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
@@ -132,6 +135,63 @@ def pairwise_step_loss(backbone: ScoreBackbone, data: PairwiseData, idx: torch.T
     return bradley_terry_loss(reward_a, reward_b, data.preference[idx])
 
 
+class ScorerTrainer(LoopTrainer):
+    """Reward-model training on the shared loop: one iteration is one AdamW
+    step on ``step_loss(row indices)``, rows drawn with replacement from one
+    torch stream seeded once (its state is kept in checkpoints, so a resumed
+    run draws what the uninterrupted one would have). The tracker gets the
+    loss every ``log_every`` steps, at the step's index."""
+
+    def __init__(self, backbone: ScoreBackbone, step_loss: Callable[[torch.Tensor], torch.Tensor], n_rows: int, *,
+                 steps: int, batch_size: int, lr: float, seed: int, weight_decay: float = 0.01,
+                 grad_clip: float = 1.0, log_every: int = 50, checkpoints: Checkpoints | None = None,
+                 checkpoint_every: int | None = None, config_hash: str = "", name: str = "reward_model"):
+        self.gen = torch.Generator().manual_seed(seed)
+        engine = TorchEngine(backbone, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
+        settings = LoopSettings(iterations=steps, eval_every=steps, checkpoint_every=checkpoint_every or steps,
+                                name=name, tracked="train/loss")
+        super().__init__(None, backbone, engine, None, settings, checkpoints=checkpoints, config_hash=config_hash)
+        self.step_loss, self.n_rows, self.batch_size, self.log_every = step_loss, n_rows, batch_size, log_every
+
+    def step(self, iteration: int) -> dict[str, float]:
+        loss = self.step_loss(_rows(self.n_rows, self.batch_size, self.gen))
+        self.engine.zero_grad()
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"train/loss": loss.item()}
+
+    def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.4f}"}
+
+    def extra_state(self) -> dict:
+        return {"torch_generator": self.gen.get_state()}
+
+    def load_extra_state(self, extra: dict) -> None:
+        try:
+            self.gen.set_state(extra["torch_generator"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.loop.name} checkpoint: unusable random-stream state ({str(exc)[:200]})"
+                                  ) from None
+
+    def train(self, log_metrics: Callable[[dict[str, float], int], None] | None = None, progress: bool = False,
+              stop_after: int | None = None) -> TrainResult:
+        every = self.log_every
+
+        def logged(metrics: dict[str, float], done: int) -> None:
+            if (done - 1) % every == 0:  # the loop counts the steps done; the tracker gets the step's index
+                log_metrics({"train/loss": metrics["train/loss"]}, done - 1)
+
+        return super().train(logged if log_metrics is not None else None, progress, stop_after)
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        """Nothing: the backbone is trained in place and holds the weights (no copy of a VLM's)."""
+        return {}
+
+    def losses(self) -> list[float]:
+        """The loss of every step so far (a resumed run's from its checkpoint on)."""
+        return [entry["train/loss"] for entry in self.state.history]
+
+
 def fit(
     backbone: ScoreBackbone,
     step_loss: Callable[[torch.Tensor], torch.Tensor],
@@ -141,22 +201,16 @@ def fit(
     batch_size: int,
     lr: float,
     seed: int,
+    weight_decay: float = 0.01,
+    grad_clip: float = 1.0,
     log: Callable[[dict[str, float], int], None] | None = None,
 ) -> list[float]:
-    """AdamW on ``step_loss(row indices)``; returns the loss per step."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(backbone.parameters(), lr=lr, weight_decay=0.01)
-    losses = []
-    for step in range(steps):
-        loss = step_loss(_rows(n_rows, batch_size, gen))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if log is not None and step % 50 == 0:
-            log({"train/loss": loss.item()}, step)
-    return losses
+    """AdamW on ``step_loss(row indices)`` (:class:`ScorerTrainer` without checkpoints); returns the
+    loss per step."""
+    trainer = ScorerTrainer(backbone, step_loss, n_rows, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                            weight_decay=weight_decay, grad_clip=grad_clip)
+    trainer.train(log, progress=False)
+    return trainer.losses()
 
 
 @torch.no_grad()

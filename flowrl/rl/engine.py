@@ -662,7 +662,7 @@ def make_engine(model: FlowModel, module: torch.nn.Module, *, lr: float, weight_
     ``ema``: whether the run keeps an EMA, which every engine supports (build it with the
     engine's ``make_ema``: under ZeRO it is sharded like the optimizer state)."""
     if trainable and zero_stage > 0:
-        raise ValueError(f"{where}.trainable with {where}.zero_stage = {zero_stage}: a subset of the parameters "
+        raise ValueError(f"{where}.trainable with {where}.optim.zero_stage = {zero_stage}: a subset of the parameters "
                          "is trained with zero_stage 0 only (the full-format loading of the ZeRO engines "
                          "expects AdamW moments for every parameter)")
     trained = freeze_except(module, trainable, where)

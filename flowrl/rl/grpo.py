@@ -10,7 +10,7 @@ PPO-clipped step (plus the optional closed-form KL to the reference policy).
 With ``micro_batch`` each minibatch's rows run through the network in parts
 whose gradients accumulate, each weighted by its share of the rows, so the
 step is the one the whole minibatch in one forward would take. With
-``rollout_micro_batch`` the sampling forwards and the decoding of a chunk run in
+``rollout.micro_batch`` the sampling forwards and the decoding of a chunk run in
 parts of that many trajectories; the noise is drawn for the whole chunk, so the
 rollouts are the same.
 
@@ -34,6 +34,7 @@ from flowrl.models.base import Condition, FlowModel
 from flowrl.models.lora import enable_gradient_checkpointing
 from flowrl.rewards.base import RewardScores
 from flowrl.rewards.client import RewardClientError
+from flowrl.rl.algorithms import register_algorithm
 from flowrl.rl.distributed import mean_across_ranks
 from flowrl.rl.engine import make_engine
 from flowrl.rl.objectives import anchored_kl_term, gaussian_kl, group_advantages, ppo_clip_loss
@@ -41,6 +42,7 @@ from flowrl.rl.rollout import (
     RolloutSettings,
     Rollouts,
     rollout,
+    rollout_settings,
     select_anchor_steps,
     select_timesteps,
     step_log_probs,
@@ -71,8 +73,8 @@ class PromptSet:
 
 
 def settings_of(cfg: GRPOConfig) -> RolloutSettings:
-    return RolloutSettings(cfg.num_steps, cfg.noise_level, cfg.guidance_scale, cfg.cfg_mode,
-                           micro_batch=cfg.rollout_micro_batch)
+    """The rollout sampler's settings (grpo.rollout)."""
+    return rollout_settings(cfg.rollout)
 
 
 def cat_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
@@ -146,10 +148,12 @@ class TaskData:
 
 
 def loop_settings(cfg: GRPOConfig, name: str = "grpo") -> LoopSettings:
-    return LoopSettings(cfg.iterations, cfg.eval_every, cfg.checkpoint_every, cfg.hacking_threshold,
+    loop = cfg.loop
+    return LoopSettings(loop.iterations, loop.eval_every, loop.checkpoint_every, cfg.hacking_threshold,
                         cfg.stop_on_hacking, name=name, tracked="train/reward")
 
 
+@register_algorithm("grpo", kind="reward", multitask=True)
 class GRPOTrainer(LoopTrainer):
     """GRPO on one task, or on several at once (Mix-RL).
 
@@ -190,12 +194,13 @@ class GRPOTrainer(LoopTrainer):
             self.tasks = {t: TaskData(prompts[t], rewards[t], weights[t]) for t in prompts}
         else:
             self.tasks = {"": TaskData(prompts, rewards, weights)}
-        if cfg.gradient_checkpointing:  # before the engine wraps the module
-            enable_gradient_checkpointing(module, "grpo.gradient_checkpointing")
-        engine = make_engine(model, module, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                             zero_stage=cfg.zero_stage, ema=cfg.ema_decay > 0, where="grpo",
+        opt = cfg.optim
+        if opt.gradient_checkpointing:  # before the engine wraps the module
+            enable_gradient_checkpointing(module, "grpo.optim.gradient_checkpointing")
+        engine = make_engine(model, module, lr=opt.lr, weight_decay=opt.weight_decay, grad_clip=opt.grad_clip,
+                             zero_stage=opt.zero_stage, ema=opt.ema_decay > 0, where="grpo",
                              trainable=cfg.trainable)
-        ema = engine.make_ema(cfg.ema_decay) if cfg.ema_decay > 0 else None  # sharded under ZeRO
+        ema = engine.make_ema(opt.ema_decay) if opt.ema_decay > 0 else None  # sharded under ZeRO
         super().__init__(model, module, engine, ema, loop_settings(cfg), monitor, checkpoints, config_hash)
         if cfg.prompts_per_iteration % (cfg.reward_chunks * self.world):
             raise ValueError(
@@ -267,7 +272,8 @@ class GRPOTrainer(LoopTrainer):
 
     def _micro_batches(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``rows`` in the parts that run through the network one at a time (all at once by default)."""
-        return (rows,) if self.cfg.micro_batch is None else torch.split(rows, self.cfg.micro_batch)
+        micro = self.cfg.optim.micro_batch
+        return (rows,) if micro is None else torch.split(rows, micro)
 
     def _task_step(self, out: IterationOutput, rows: torch.Tensor, steps: torch.Tensor, n_trained: int,
                    share: float, last: bool) -> dict[str, float]:
@@ -290,19 +296,18 @@ class GRPOTrainer(LoopTrainer):
         return stats
 
     def update(self, outs: dict[str, IterationOutput], iteration: int) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, ts = self.cfg, self.cfg.timesteps
         gen = seeded_generator(cfg.seed, iteration, stream=1)
         plans = []
         for out in outs.values():
             ro = out.rollouts
             # drawn for the global batch and sliced, so the update does not depend on the number of ranks
-            steps = select_timesteps(ro.batch_size * self.world, cfg.num_steps, cfg.timesteps,
-                                     cfg.timestep_fraction, cfg.timesteps_per_trajectory, gen,
-                                     start=cfg.timestep_start)
+            steps = select_timesteps(ro.batch_size * self.world, cfg.rollout.num_steps, ts.mode, ts.fraction,
+                                     ts.per_trajectory, gen, start=ts.start)
             anchors = select_anchor_steps(
-                ro.batch_size * self.world, cfg.num_steps, cfg.timestep_fraction,
-                cfg.kl_anchor_steps if cfg.timesteps == "subset" and cfg.kl_coef > 0 else 0, gen,
-                start=cfg.timestep_start)
+                ro.batch_size * self.world, cfg.rollout.num_steps, ts.fraction,
+                cfg.kl_anchor_steps if ts.mode == "subset" and cfg.kl_coef > 0 else 0, gen,
+                start=ts.start)
             local = slice(self.rank * ro.batch_size, (self.rank + 1) * ro.batch_size)
             n_trained = steps.shape[1]
             steps = torch.cat([steps[local], anchors[local]], dim=1)  # anchors: KL only

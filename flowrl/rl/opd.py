@@ -52,6 +52,7 @@ from flowrl.config import OPDConfig, name_value_pairs
 from flowrl.models import trainable_module
 from flowrl.models.base import Condition, FlowModel
 from flowrl.models.lora import enable_gradient_checkpointing
+from flowrl.rl.algorithms import register_algorithm
 from flowrl.rl.distributed import mean_across_ranks
 from flowrl.rl.engine import make_engine
 from flowrl.rl.grpo import PromptSet, draw_prompts
@@ -168,6 +169,7 @@ def task_counts(total: int, fractions: dict[str, float]) -> dict[str, int]:
     return counts
 
 
+@register_algorithm("opd", kind="distill")
 class OPDTrainer(LoopTrainer):
     """Velocity-matching distillation of ``teachers`` into ``model``.
 
@@ -194,12 +196,14 @@ class OPDTrainer(LoopTrainer):
         config_hash: str = "",
         task_models: dict[str, FlowModel] | None = None,
     ):
-        if cfg.gradient_checkpointing:  # before the engine wraps the module
-            enable_gradient_checkpointing(module, "opd.gradient_checkpointing")
-        engine = make_engine(model, module, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-                             zero_stage=cfg.zero_stage, ema=cfg.ema_decay > 0, where="opd")
-        ema = engine.make_ema(cfg.ema_decay) if cfg.ema_decay > 0 else None  # sharded under ZeRO
-        settings = LoopSettings(cfg.iterations, cfg.eval_every, cfg.checkpoint_every, name="opd", tracked="train/loss")
+        opt, loop = cfg.optim, cfg.loop
+        if opt.gradient_checkpointing:  # before the engine wraps the module
+            enable_gradient_checkpointing(module, "opd.optim.gradient_checkpointing")
+        engine = make_engine(model, module, lr=opt.lr, weight_decay=opt.weight_decay, grad_clip=opt.grad_clip,
+                             zero_stage=opt.zero_stage, ema=opt.ema_decay > 0, where="opd")
+        ema = engine.make_ema(opt.ema_decay) if opt.ema_decay > 0 else None  # sharded under ZeRO
+        settings = LoopSettings(loop.iterations, loop.eval_every, loop.checkpoint_every, name="opd",
+                                tracked="train/loss")
         super().__init__(model, module, engine, ema, settings, monitor, checkpoints, config_hash)
         self.teachers, self.cfg, self.prompts, self.routes = teachers, cfg, prompts, routes
         if cfg.num_steps is None:
@@ -244,7 +248,7 @@ class OPDTrainer(LoopTrainer):
             sigmas = student.schedule(cfg.num_steps, self.shift)
             noise = noise.reshape(len(texts), *student.latent_shape())
             steps, scale = self._select_steps(len(texts), step_gen)
-            if cfg.timesteps == "subset":  # drawn for the global batch, so ranks do not change the update
+            if cfg.timesteps.mode == "subset":  # drawn for the global batch, so ranks do not change the update
                 steps = steps[self.rank * len(texts) : (self.rank + 1) * len(texts)]
             if cfg.states == "on_policy":
                 self.module.eval()
@@ -261,9 +265,9 @@ class OPDTrainer(LoopTrainer):
     # ------------------------------------------------------------------ update
     def _select_steps(self, rows: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
         n = self.cfg.num_steps
-        if self.cfg.timesteps == "all":
+        if self.cfg.timesteps.mode == "all":
             return torch.arange(n).expand(rows, n).clone(), 1.0
-        k = self.cfg.timesteps_per_trajectory
+        k = self.cfg.timesteps.per_trajectory
         return torch.rand(rows * self.world, n, generator=gen).argsort(dim=1)[:, :k], n / k
 
     def _velocities(self, model: FlowModel, batch: DistillBatch, rows: torch.Tensor):
@@ -289,7 +293,8 @@ class OPDTrainer(LoopTrainer):
 
     def _micro_batches(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``rows`` in the parts that run through a network one at a time (all at once by default)."""
-        return (rows,) if self.cfg.micro_batch is None else torch.split(rows, self.cfg.micro_batch)
+        micro = self.cfg.optim.micro_batch
+        return (rows,) if micro is None else torch.split(rows, micro)
 
     def _pair_parts(self, rows: torch.Tensor, states: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The (trajectory, state) pairs of ``rows`` in the parts that run one at a time with

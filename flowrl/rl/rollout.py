@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from flowrl.config import RolloutConfig
 from flowrl.models.base import Condition, FlowModel
 from flowrl.sampling import cfg_velocity, gaussian_log_prob, largest_sigma_below_one, sample, sde_step_mean
 
@@ -45,6 +46,13 @@ class RolloutSettings:
     @property
     def guided(self) -> bool:
         return self.cfg_mode != "none" and self.guidance_scale != 1.0
+
+
+def rollout_settings(config: RolloutConfig) -> RolloutSettings:
+    """The settings of the rollout sampler ``config`` (grpo.rollout): GRPO's rollouts and the prompt filter's
+    candidate samples."""
+    return RolloutSettings(config.num_steps, config.noise_level, config.guidance_scale, config.cfg_mode,
+                           micro_batch=config.micro_batch)
 
 
 @dataclass(frozen=True)
@@ -137,8 +145,9 @@ def select_timesteps(
     lo, hi = timestep_window(num_steps, fraction, start)
     if k > hi - lo:
         raise ValueError(
-            f"grpo.timesteps_per_trajectory = {k} is more than the {hi - lo} steps in the window "
-            f"[{lo}, {hi}) of a {num_steps}-step schedule (fraction {fraction}, start {start})"
+            f"grpo.timesteps.per_trajectory = {k} is more than the {hi - lo} steps in the window "
+            f"[{lo}, {hi}) of a {num_steps}-step schedule (grpo.rollout.num_steps {num_steps}, "
+            f"grpo.timesteps.fraction {fraction}, grpo.timesteps.start {start})"
         )
     scores = torch.rand(batch, hi - lo, generator=generator)
     return lo + scores.argsort(dim=1)[:, :k]

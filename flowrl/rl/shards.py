@@ -347,6 +347,8 @@ class FullCheckpoint:
 def consolidate(directory: str | Path) -> FullCheckpoint:
     """Assemble the full format from the rank files of one sharded checkpoint
     (a local directory, as :func:`flowrl.storage.fetch` returns it)."""
+    # long: validation of every rank file, then the assembly of trained fragments, frozen pieces and
+    # optimizer states from them: one pass over the same open files
     from safetensors import safe_open
 
     directory = Path(directory)

@@ -172,14 +172,19 @@ class Checkpoints:
         optimizer_state: dict,
         ema: EMA | None,
         config_hash: str,
+        extra: dict | None = None,
     ) -> str:
-        """Commit full weights and a torch AdamW state dict (what every engine reads and writes)."""
+        """Commit full weights and a torch AdamW state dict (what every engine reads and writes);
+        ``extra`` (tensors and plain containers) goes into ``trainer.pt`` beside the optimizer."""
         with tempfile.TemporaryDirectory(prefix="flowrl-ckpt-") as tmp:
             tmp = Path(tmp)
             save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / _WEIGHTS)
             if ema is not None:
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / _EMA)
-            torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / _TRAINER)
+            trainer = {"optimizer": optimizer_state, "torch_rng": torch.get_rng_state()}
+            if extra is not None:
+                trainer["extra"] = extra
+            torch.save(trainer, tmp / _TRAINER)
             (tmp / _STATE).write_text(json.dumps(state.__dict__, sort_keys=True))
             return self.store.commit(
                 tmp, stage=self.stage, version=self._name(state.iteration), config_hash=config_hash,
@@ -279,8 +284,11 @@ class Checkpoints:
     ) -> TrainerState:
         return self.load_into(uri, TorchEngine.of(module, optimizer), ema)
 
-    def load_into(self, uri: str, engine: TorchEngine, ema: EMA | ShardedEMA | None) -> TrainerState:
+    def load_into(self, uri: str, engine: TorchEngine, ema: EMA | ShardedEMA | None,
+                  extra: Callable[[dict], None] | None = None) -> TrainerState:
         """Restore a checkpoint into ``engine`` (collective under ZeRO: every rank calls it).
+        ``extra``, when given, receives the checkpoint's extra state (:meth:`save_payload`), which
+        it must then hold (full format only).
 
         A sharded checkpoint loads into the ZeRO engine layout that wrote it (each rank reads its
         own shard), or into one plain process (assembled in memory, as ``flowrl consolidate``
@@ -288,9 +296,11 @@ class Checkpoints:
         checkpoint loads into any engine."""
         local = fetch(uri, fs=self.store.fs) if "://" in uri else fetch(uri)
         if (local / SHARDED).is_file():
+            if extra is not None:
+                raise CheckpointError(f"{uri}: a sharded checkpoint holds no extra trainer state")
             return self._load_sharded(uri, local, engine, ema)
         state = read_trainer_state(local / _STATE, _named_iteration(uri))  # the small files first
-        trainer = read_trainer_file(local / _TRAINER, ("optimizer",))
+        trainer = read_trainer_file(local / _TRAINER, ("optimizer",) + (("extra",) if extra is not None else ()))
         engine.load_full_state_dict(_load_weights(local / _WEIGHTS))
         if ema is not None:
             if not (local / _EMA).is_file():
@@ -301,6 +311,8 @@ class Checkpoints:
                 ema.load_state_dict(_load_weights(local / _EMA))
         engine.load_optimizer_state(trainer["optimizer"])
         torch.set_rng_state(trainer["torch_rng"])
+        if extra is not None:
+            extra(trainer["extra"])
         return state
 
     def _load_sharded(self, uri: str, local: Path, engine: TorchEngine, ema) -> TrainerState:
@@ -471,6 +483,15 @@ class LoopTrainer(abc.ABC):
     def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"s/it": f"{metrics['time/iteration_s']:.2f}"}
 
+    def extra_state(self) -> dict | None:
+        """What else a resumed run must restore to replay the uninterrupted one (e.g. random
+        streams that run across iterations), tensors and plain containers; saved in each
+        checkpoint's ``trainer.pt``. None: nothing. Plain engine only."""
+        return None
+
+    def load_extra_state(self, extra: dict) -> None:
+        """Restore what :meth:`extra_state` returned when the checkpoint was written."""
+
     # ------------------------------------------------------------------ resume
     def resume(self) -> bool:
         """Load the newest complete checkpoint of this run, if there is one. Rank 0 logs what it
@@ -488,7 +509,8 @@ class LoopTrainer(abc.ABC):
                 log.warning("%s: --resume: no checkpoint of version %s in %s; starting fresh from iteration 0",
                             stage, self.checkpoints.version, self.checkpoints.store.root)
             return False
-        self.state = self.checkpoints.load_into(uri, self.engine, self.ema)
+        self.state = self.checkpoints.load_into(
+            uri, self.engine, self.ema, self.load_extra_state if self.extra_state() is not None else None)
         for entry in self.state.monitor:  # rebuild the monitor's memory
             for key, watch in self.hacking.items():
                 if key in entry:
@@ -520,10 +542,13 @@ class LoopTrainer(abc.ABC):
     def _checkpoint(self) -> None:
         if self.checkpoints is not None:
             if self.engine.sharded:  # every rank writes its own shard; rank 0 commits
+                if self.extra_state() is not None:
+                    raise TypeError(f"{type(self).__name__}: extra trainer state is kept by the plain engine only")
                 self.checkpoints.save_sharded(self.state, self.engine, self.ema, self.config_hash)
             elif self.rank == 0:
                 self.checkpoints.save_payload(self.state, self.engine.full_state_dict(),
-                                              self.engine.optimizer_state(), self.ema, self.config_hash)
+                                              self.engine.optimizer_state(), self.ema, self.config_hash,
+                                              self.extra_state())
         barrier()
 
     def final_weights(self) -> dict[str, torch.Tensor]:

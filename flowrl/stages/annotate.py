@@ -17,13 +17,14 @@ from flowrl.models import load_checkpoint
 from flowrl.rewards.shapes_annotators import annotator_pool
 from flowrl.rewards.shapes_dataset import Candidates, add_model_samples, annotate, draw_candidates
 from flowrl.stages.common import StageResult, commit_stage, committed_result, stage_context
+from flowrl.stages.registry import stage_sections
 from flowrl.shapes.render import to_tensor
 from flowrl.rewards.annotations import load_annotations
 from flowrl.storage import content_stamps, fetch, read_manifest, sha256_file
 from flowrl.tracking import Tracker
 
 STAGE = "annotate"
-SECTIONS = ("run.seed", "world", "sampler", "annotate")
+SECTIONS = stage_sections(STAGE)
 
 
 def input_stamps(config: FlowRLConfig) -> dict[str, str]:
@@ -71,7 +72,7 @@ def run_annotate(
     with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
         a = config.annotate
         rng = np.random.default_rng([config.run.seed, a.seed])
-        candidates = draw_candidates(rng, a.t2i_per_category, a.edits_per_kind, config.world.resolution,
+        candidates = draw_candidates(rng, a.t2i_per_category, a.edit_per_kind, config.world.resolution,
                                      a.degradations)
         if a.model_samples:
             candidates = add_model_samples(candidates, _model_samples(model, candidates, config))

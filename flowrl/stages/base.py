@@ -16,14 +16,18 @@ from PIL import Image
 from flowrl.config import FlowRLConfig
 from flowrl.models import CheckpointError, count_parameters, create_model, save_checkpoint
 from flowrl.models.families import family_of
-from flowrl.models.qwen_image import validate_pretrained, weights_fingerprint
-from flowrl.pretrain import pretrain
-from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
+from flowrl.models.qwen_image import weights_fingerprint
+from flowrl.pretrain import Pretrainer
+from flowrl.rl.trainer import Checkpoints
+from flowrl.stages.common import (StageResult, commit_stage, committed_result, flat_metrics, run_trainer,
+                                  stage_context)
+from flowrl.stages.registry import stage_sections
+from flowrl.storage import ArtifactStore
 from flowrl.tracking import Tracker
 from flowrl.weights import is_store_uri, local_weights
 
 STAGE = "base"
-SECTIONS = ("run.seed", "world", "model", "sampler", "eval", "base")
+SECTIONS = stage_sections(STAGE)
 
 
 def input_stamps(config: FlowRLConfig) -> dict[str, str]:
@@ -39,9 +43,14 @@ def run_base(
     output_root: str | None = None,
     tracker: Tracker | None = None,
     progress: bool = True,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> StageResult:
     """Run the stage and commit its artifact; returns where it is (an
-    identical earlier run's artifact is returned as is)."""
+    identical earlier run's artifact is returned as is). Pretraining keeps
+    checkpoints every ``base.checkpoint_every`` steps; ``resume`` continues
+    from this version's newest one. ``stop_after`` ends training after that
+    many steps without committing, as a kill would (tests)."""
     if family_of(config).from_pretrained:
         return _reference_pretrained(config, output_root, tracker)
     done = committed_result(STAGE, config, SECTIONS, {}, output_root)
@@ -52,10 +61,13 @@ def run_base(
 
         start = time.perf_counter()
         model = create_model(config, seed=config.run.seed)
-        trained = pretrain(
-            model, config.base, config.world.resolution, config.run.seed,
-            log=ctx.tracker.log_metrics, progress=progress,
-        )
+        store = ArtifactStore(output_root or config.run.artifact_root)
+        trainer = Pretrainer(model, config.base, config.world.resolution, config.run.seed,
+                             checkpoints=Checkpoints(store, STAGE, ctx.version),
+                             config_hash=config.section_hash(*SECTIONS))
+        run_trainer(trainer, ctx.tracker, stage=STAGE, iterations=config.base.steps, resume=resume,
+                    progress=progress, stop_after=stop_after)
+        trained = trainer.trained_model()
         train_s = time.perf_counter() - start
         report = evaluate_shapes(trained, config)
         metrics = {
@@ -76,7 +88,8 @@ def _mirrored(sources: dict[str, str], keys: dict[str, str], config: FlowRLConfi
               output_root: str | None) -> dict[str, str]:
     """With the artifacts in object storage (a cluster run), each hub id becomes the URI of its mirror
     in the store (:func:`flowrl.weights.mirror`): downloaded from the hub once per commit, then read by
-    every stage and retry from the store. Local artifact roots keep the hub's own cache."""
+    every stage and retry from the store. Local artifact roots keep the hub's own cache. ``keys``: the
+    config key each task's source comes from."""
     from flowrl.storage import ArtifactStore
     from flowrl.weights import is_hub_id, mirror
 
@@ -84,25 +97,26 @@ def _mirrored(sources: dict[str, str], keys: dict[str, str], config: FlowRLConfi
     if "://" not in root or root.startswith("file://"):
         return sources
     store = ArtifactStore(root)
-    return {task: mirror(source, store, f"model.qwen_image.{keys[task]}") if is_hub_id(source) else source
+    return {task: mirror(source, store, keys[task]) if is_hub_id(source) else source
             for task, source in sources.items()}
 
 
 def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker: Tracker | None) -> StageResult:
-    """Validate production weights and write a reference to them."""
-    q = config.model.qwen_image
-    keys = {"t2i": "pretrained", "edit": "edit_pretrained" if q.edit_pretrained else "pretrained"}
+    """Validate the family's published weights and write a reference to them."""
+    family = family_of(config)
+    keyed = family.pretrained_sources(config)
+    keys = {task: key for task, (key, _) in keyed.items()}
     try:
-        sources = _mirrored({task: getattr(q, key) for task, key in keys.items()}, keys, config, output_root)
-        local = {task: local_weights(sources[task], f"model.qwen_image.{keys[task]}") for task in keys}
+        sources = _mirrored({task: source for task, (_, source) in keyed.items()}, keys, config, output_root)
+        local = {task: local_weights(sources[task], keys[task]) for task in keys}
     except FileNotFoundError as exc:
         raise CheckpointError(str(exc)) from None
     summaries = {}
     for task, path in local.items():
         try:
-            summaries[task] = validate_pretrained(path, task=task)
+            summaries[task] = family.validate_pretrained(path, task)
         except (FileNotFoundError, ValueError) as exc:
-            raise CheckpointError(f"model.qwen_image.{keys[task]}: {exc}") from None
+            raise CheckpointError(f"{keys[task]}: {exc}") from None
     # the weights are this stage's inputs: a changed checkpoint at the same path is a new version
     # (a mirror by its URI in the store, not by where this machine cached it)
     inputs = {f"pretrained.{task}": f"{sources[task] if is_store_uri(sources[task]) else path}#{weights_fingerprint(path)}"
@@ -111,12 +125,12 @@ def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker
     if done is not None:
         return done
     with stage_context(STAGE, config, SECTIONS, inputs, tracker=tracker) as ctx:
-        reference = {"family": "qwen_image", "pretrained": sources, "resolved": inputs, "components": summaries}
+        reference = {"family": family.name, "pretrained": sources, "resolved": inputs, "components": summaries}
         (ctx.staging / "reference.json").write_text(json.dumps(reference, indent=2, sort_keys=True, default=str))
         metrics = {
             f"{task}/{name}/num_parameters": info["num_parameters"]
             for task, summary in summaries.items()
-            for name, info in summary["components"].items()
+            for name, info in summary.get("components", {}).items()
             if "num_parameters" in info
         }
         ctx.tracker.log_metrics(metrics)

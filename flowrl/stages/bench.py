@@ -28,6 +28,7 @@ beats the current holder's.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 import time
@@ -57,11 +58,14 @@ from flowrl.models import check_policy, load_policy
 from flowrl.models.families import family_of
 from flowrl.report import ReportData, write_report
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
+from flowrl.stages.registry import stage_sections
 from flowrl.storage import content_stamps, fetch, file_uri, read_manifest, sha256_file
 from flowrl.tracking import Tracker
 
+log = logging.getLogger(__name__)
+
 STAGE = "bench"
-SECTIONS = ("run.seed", "world", "sampler", "bench")  # production adds the model section (_model_key)
+SECTIONS = stage_sections(STAGE)  # production adds the model section (_model_key) to its inputs
 
 
 def input_stamps(config: FlowRLConfig) -> dict[str, str]:
@@ -117,6 +121,8 @@ def run_bench(
     """Bench ``models`` ({name: artifact URI}) and write the report. ``reward_model``:
     the reward_model stage's artifact, used (and required) when ``bench.scorer`` is
     ``reward_models``."""
+    # long: the bench's flow in order: inputs and cache, each model sampled and scored, the votes,
+    # the arenas and the report; each step is short and they share the per-model results
     _check_models(config, models)
     production = not family_of(config).has_judge
     inputs = {f"model_{name}": uri for name, uri in models.items()}
@@ -170,13 +176,13 @@ def run_bench(
             images[name] = _spilled(sampled, Path(spill) / name) if production else sampled
             del sampled
             per_model_s[name] = time.perf_counter() - t0
-            print(f"bench: {name} sampled in {per_model_s[name]:.1f} s", flush=True)
+            log.info("bench: %s sampled in %.1f s", name, per_model_s[name])
         scores = {}
         for name in names:
             t0 = time.perf_counter()
             scores[name] = scorer(bench, images[name])
             per_model_s[name] = round(per_model_s[name] + time.perf_counter() - t0, 1)
-            print(f"bench: {name} scored ({scorer.name})", flush=True)
+            log.info("bench: %s scored (%s)", name, scorer.name)
         table = {name: pillars(scores[name], bench) for name in names}
         battles = arena_battles(scores, config.bench.tie_tolerance, scorer.primary_tolerance)
         sources = {arena: "judge" if isinstance(scorer, ShapesJudgeScorer) else "reward models" for arena in ARENAS}
@@ -238,7 +244,7 @@ def run_bench(
         for path in written:
             ctx.tracker.log_artifact(path, subdir="report")
         result = commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)
-    print(f"bench: report at {file_uri(result.uri, 'report.html')}", flush=True)
+    log.info("bench: report at %s", file_uri(result.uri, 'report.html'))
     return result
 
 

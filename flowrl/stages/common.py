@@ -13,6 +13,7 @@ from flowrl.config import FlowRLConfig
 from flowrl.machine import machine_summary
 from flowrl.models import set_torch_threads, trainable_module
 from flowrl.redact import install_redaction
+from flowrl.stages.registry import stage_of
 from flowrl.storage import ArtifactStore, StagingDir, artifact_version, code_version
 from flowrl.tracking import REGISTERED_ROLES, NullTracker, Tracker, make_tracker
 
@@ -37,14 +38,9 @@ class StageResult:
 
 
 def stage_module(stage: str) -> str:
-    """The module under flowrl.stages that runs ``stage``: the longest
-    underscore-joined prefix of the name that is one ("grpo_t2i" -> grpo)."""
-    parts = stage.split("_")
-    for end in range(len(parts), 0, -1):
-        name = "_".join(parts[:end])
-        if (Path(__file__).parent / f"{name}.py").is_file():
-            return f"flowrl.stages.{name}"
-    raise ValueError(f"no module under flowrl/stages runs stage {stage!r}")
+    """The module under flowrl.stages that runs the artifacts named ``stage`` ("grpo_t2i" -> grpo), as
+    the stage registry says (:func:`flowrl.stages.registry.stage_of`)."""
+    return stage_of(stage).module
 
 
 def stage_code_version(stage: str) -> str:

@@ -1,11 +1,11 @@
 """Stage `filter_prompts`: prompt range filtering for one task.
 
-For each candidate prompt the base model samples a group with the GRPO
-rollout sampler; the task's composite reward scores it; prompts whose
-intra-group reward range (max - min) clears the threshold are kept. A group
-whose rewards barely differ gives GRPO almost no signal (its advantages are
-noise), so filtering spends the rollout budget where there is something to
-learn.
+For each candidate prompt the base model samples a group of
+``filter.group_size`` with GRPO's rollout sampler (``grpo.rollout``); the
+task's composite reward scores it; prompts whose intra-group reward range
+(max - min) clears the threshold are kept. A group whose rewards barely
+differ gives GRPO almost no signal (its advantages are noise), so filtering
+spends the rollout budget where there is something to learn.
 
 Candidates: the shapes grammar, or for ``qwen_image`` the task's prompt file
 (:mod:`flowrl.prompt_files`), less its held-out share, written unscored as
@@ -32,13 +32,14 @@ import torch
 from flowrl.config import FlowRLConfig
 from flowrl.plots import new_figure, png_of
 from flowrl.config import ConfigError
-from flowrl.models import load_checkpoint, load_policy
 from flowrl.models.families import family_of
 from flowrl.prompt_files import decode_sources, heldout_mask, load_prompt_file
 from flowrl.rewards.annotations import png_bytes
 from flowrl.rewards.composite import CompositeReward
-from flowrl.rewards.shapes_rewards import load_shapes_rewards
-from flowrl.rl.rollout import RolloutSettings, rollout
+from flowrl.rewards.registry import load_rewards
+from flowrl.rl.rollout import rollout, rollout_settings
+from flowrl.stages.policy import place_text_encoders
+from flowrl.stages.registry import stage_sections
 from flowrl.rl.trainer import seeded_generator
 from flowrl.shapes.edits import EDIT_KINDS, sample_edit
 from flowrl.shapes.prompts import T2I_CATEGORIES, sample_t2i
@@ -49,7 +50,7 @@ from flowrl.tracking import Tracker
 
 STAGE = "filter_prompts"
 HELDOUT_FILE = "heldout.parquet"
-SECTIONS = ("run.seed", "world", "grpo.guidance_scale", "grpo.cfg_mode", "filter", "rewards")
+SECTIONS = stage_sections(STAGE)
 
 
 def input_stamps(config: FlowRLConfig) -> dict[str, str]:
@@ -74,7 +75,7 @@ def candidate_prompts(config: FlowRLConfig, task: str) -> pd.DataFrame:
                     rows.append({"prompt": example.prompt, "category": category, "source_image": None})
     else:
         for kind in EDIT_KINDS:
-            for _ in range(f.edits_per_kind):
+            for _ in range(f.edit_per_kind):
                 example = sample_edit(rng, kind)
                 source = render_scene(example.source, config.world.resolution)
                 rows.append({"prompt": example.instruction, "category": kind, "source_image": png_bytes(source)})
@@ -84,9 +85,8 @@ def candidate_prompts(config: FlowRLConfig, task: str) -> pd.DataFrame:
 @torch.no_grad()
 def group_statistics(model, reward: CompositeReward, frame: pd.DataFrame, config: FlowRLConfig) -> pd.DataFrame:
     """Sample a group per prompt and add its reward statistics to the frame."""
-    f, g = config.filter, config.grpo
-    settings = RolloutSettings(f.num_steps, f.noise_level, g.guidance_scale, g.cfg_mode,
-                               micro_batch=g.rollout_micro_batch)  # the same samples, fewer rows a forward
+    f = config.filter
+    settings = rollout_settings(config.grpo.rollout)  # GRPO's rollout sampler: the spread GRPO will see
     sources = decode_sources(frame)
     per_batch = max(1, f.batch_size // f.group_size)
     totals, firsts = [], []
@@ -160,20 +160,30 @@ def run_filter_prompts(
     output_root: str | None = None,
     tracker: Tracker | None = None,
 ) -> StageResult:
+    """Score every candidate prompt's group of base-model samples with the task's composite reward and keep
+    the prompts whose rewards spread. The candidates are the shapes grammar's, or for a family with prompt
+    files the file's rows less a held-out share, written beside the curated set as ``heldout.parquet``."""
     if task not in ("t2i", "edit"):
         raise ValueError(f"task must be t2i or edit, got {task!r}")
-    if family_of(config).prompt_files:
-        return _filter_prompt_file(config, task, base_uri, reward_model_uri, output_root, tracker)
+    family = family_of(config)
     inputs = {"base": base_uri, "reward_model": reward_model_uri, "task": task}
+    candidates = heldout = categories = None
+    if family.prompt_files:  # every row checked before any model loads
+        candidates, heldout, inputs["prompts"] = _prompt_file_candidates(config, task)
+        categories = {p: c for rows in (candidates, heldout) for p, c in zip(rows["prompt"], rows["category"])}
     stage = f"{STAGE}_{task}"
     done = committed_result(stage, config, SECTIONS, inputs, output_root)
     if done is not None:
         return done
-    model = load_checkpoint(fetch(base_uri), expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
-    reward = load_shapes_rewards(config, reward_model_uri)[task]
+    model = family.load_policy(fetch(base_uri), config, task)
+    place_text_encoders(config, [model])  # where the text encoder runs, as in GRPO
+    # the scorers on the task's GPUs after the policy's (launch.filter_prompts.gpus > 1), else beside it
+    reward = load_rewards(config, reward_model_uri, task, categories=categories,
+                          spread=torch.cuda.is_available() and torch.cuda.device_count() > 1, first_device=1)
     with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
-        frame = group_statistics(model, reward, candidate_prompts(config, task), config)
-        return _cut_and_commit(ctx, config, task, frame, stage, inputs, output_root)
+        frame = group_statistics(model, reward, candidate_prompts(config, task) if candidates is None else candidates,
+                                 config)
+        return _cut_and_commit(ctx, config, task, frame, stage, inputs, output_root, heldout=heldout)
 
 
 def _cut_and_commit(ctx, config: FlowRLConfig, task: str, frame: pd.DataFrame, stage: str, inputs: dict,
@@ -206,39 +216,17 @@ def _cut_and_commit(ctx, config: FlowRLConfig, task: str, frame: pd.DataFrame, s
     return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
 
 
-def _filter_prompt_file(config: FlowRLConfig, task: str, base_uri: str, reward_model_uri: str,
-                        output_root: str | None, tracker: Tracker | None) -> StageResult:
-    """Production: the candidates are a prompt file's rows (flowrl/prompt_files.py), less a held-out share
-    written beside the curated set as ``heldout.parquet``."""
-    from flowrl.rewards.production import load_production_rewards
-
+def _prompt_file_candidates(config: FlowRLConfig, task: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(the prompt file's candidate rows, its held-out share, the file's stamp as a stage input)
+    (flowrl/prompt_files.py): every row is checked here."""
     key = f"filter.{task}_prompts"
     path = getattr(config.filter, f"{task}_prompts")
     if not path:
-        raise ConfigError(f"{key}: required when model.family is qwen_image (the candidate prompt file)")
-    q = config.model.qwen_image
-    candidates = load_prompt_file(path, task, key, (q.height, q.width))  # every row checked before any model loads
-    heldout = heldout_mask(candidates, config.filter.heldout_fraction, config.run.seed)
-    inputs = {"base": base_uri, "reward_model": reward_model_uri, "task": task,
-              "prompts": f"{path}#{candidates.attrs['sha256'][:16]}"}
-    stage = f"{STAGE}_{task}"
-    done = committed_result(stage, config, SECTIONS, inputs, output_root)
-    if done is not None:
-        return done
-    from flowrl.stages.grpo import place_text_encoders
-
-    model = load_policy(fetch(base_uri), config, task)
-    place_text_encoders(config, [model])  # model.qwen_image.text_encoder_device, as in GRPO
-    # the scorers on the task's GPUs after the policy's (launch.filter_prompts.gpus > 1), else beside it
-    reward = load_production_rewards(config, reward_model_uri, task,
-                                     dict(zip(candidates["prompt"], candidates["category"])),
-                                     spread=torch.cuda.is_available() and torch.cuda.device_count() > 1,
-                                     first_device=1)
-    with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
-        train = candidates[~heldout].reset_index(drop=True)
-        frame = group_statistics(model, reward, train, config)
-        return _cut_and_commit(ctx, config, task, frame, stage, inputs, output_root,
-                               heldout=candidates[heldout].reset_index(drop=True))
+        raise ConfigError(f"{key}: required when model.family is {config.model.family} (the candidate prompt file)")
+    rows = load_prompt_file(path, task, key, family_of(config).image_size(config))
+    heldout = heldout_mask(rows, config.filter.heldout_fraction, config.run.seed)
+    return (rows[~heldout].reset_index(drop=True), rows[heldout].reset_index(drop=True),
+            f"{path}#{rows.attrs['sha256'][:16]}")
 
 
 def check_prompt_tasks(uris: dict[str, str]) -> None:

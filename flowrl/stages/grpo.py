@@ -17,8 +17,6 @@ teacher per category on the held-out evaluation sets) and ``grid.png``.
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import os
 import time
@@ -28,23 +26,15 @@ import torch
 from PIL import Image
 
 from flowrl.config import ConfigError, FlowRLConfig
-from flowrl.plots import new_figure, png_of
-from flowrl.evaluation import evaluate_shapes, generate, heldout_sample, image_grid, reward_evaluation, to_uint8
-from flowrl.models import (
-    load_checkpoint, load_policy, save_checkpoint, save_policy, trainable_module, trained_state,
-)
-from flowrl.models.base import Condition, FlowModel
+from flowrl.evaluators import MONITOR_SEED_OFFSET, evaluator_for
 from flowrl.models.families import family_of
-from flowrl.models.lora import STUDENT, AdapterView, add_adapter, lora_settings, save_lora_policy
-from flowrl.rewards.shapes_rewards import load_shapes_rewards
+from flowrl.plots import new_figure, png_of
+from flowrl.prompt_files import decode_sources
+from flowrl.rewards.registry import load_rewards, load_task_rewards
+from flowrl.rl.algorithms import algorithm
 from flowrl.rl.distributed import dist_info
-from flowrl.rl.engine import trainable_attr
 from flowrl.rl.grpo import GRPOTrainer, LocalRewards, PromptSet
 from flowrl.rl.trainer import Checkpoints
-from flowrl.shapes import judge
-from flowrl.shapes.edits import make_edit_set
-from flowrl.shapes.prompts import make_t2i_set
-from flowrl.shapes.render import render_batch
 from flowrl.stages.common import (
     StageResult,
     commit_stage,
@@ -57,58 +47,15 @@ from flowrl.stages.common import (
     trained_model,
     write_history,
 )
-from flowrl.prompt_files import decode_sources
 from flowrl.stages.filter_prompts import check_prompt_tasks, load_heldout_set, load_prompt_set
+from flowrl.stages.policy import trainable_policy
+from flowrl.stages.registry import stage_sections
 from flowrl.storage import ArtifactStore, fetch
 from flowrl.tracking import Tracker
 
-SECTIONS = ("run.seed", "world", "sampler", "eval", "grpo", "rewards")
-MONITOR_SEED_OFFSET = 7919  # the monitor set is drawn apart from the evaluation set
+SECTIONS = stage_sections("grpo")
 HEADLINE = {"t2i": "t2i/alignment", "edit": "edit/accuracy", "mixed": "mean of t2i/alignment and edit/accuracy"}
-
-
-def monitor_for(config: FlowRLConfig, task: str, tracker: Tracker, per_category: int | None = None,
-                grid_every: int | None = None):
-    """The judge on a fixed held-out prompt set, with the deployment sampler.
-
-    ``task`` t2i or edit: ``heldout`` is that task's headline metric; ``mixed``
-    (Mix-RL, OPD): both sets, ``heldout`` the mean of the two headlines,
-    each also given under its task's name."""
-    seed = config.eval.seed + MONITOR_SEED_OFFSET
-    n = per_category or config.grpo.monitor_per_category
-    grid_every = grid_every or config.grpo.grid_every
-    res = config.world.resolution
-    tasks = ("t2i", "edit") if task == "mixed" else (task,)
-    t2i_items = make_t2i_set(seed, n) if "t2i" in tasks else []
-    edit_items = make_edit_set(seed, n) if "edit" in tasks else []
-    sources = render_batch([e.source for e in edit_items], res) if edit_items else None
-
-    def monitor(model, iteration: int) -> dict[str, float]:
-        scores, grids = {}, []
-        if t2i_items:
-            seeds = [seed * 1_000_003 + i for i in range(len(t2i_items))]
-            images = generate(model, [e.prompt for e in t2i_items], seeds, config.sampler,
-                              batch_size=config.eval.batch_size)
-            m = judge.evaluate(t2i_specs=[e.spec for e in t2i_items], t2i_images=to_uint8(images))
-            scores["t2i"], scores["t2i_fidelity"] = m["t2i/alignment"], m["t2i/fidelity"]
-            grids.append(images[:: max(1, len(t2i_items) // 12)][:12])
-        if edit_items:
-            seeds = [seed * 1_000_003 + i for i in range(len(edit_items))]
-            images = generate(model, [e.instruction for e in edit_items], seeds, config.sampler, sources=sources,
-                              batch_size=config.eval.batch_size)
-            m = judge.evaluate(edit_specs=[e.spec for e in edit_items], edit_sources=to_uint8(sources),
-                               edit_outputs=to_uint8(images))
-            scores["edit"], scores["edit_fidelity"] = m["edit/accuracy"], m["edit/fidelity"]
-            grids.append(images[:: max(1, len(edit_items) // 12)][:12])
-        if iteration % grid_every == 0:
-            for name, images in zip(tasks, grids):
-                tracker.log_image(image_grid(to_uint8(images), 12, scale=4), f"monitor/grid_{name}_{iteration:06d}.png")
-        if task != "mixed":
-            return {"heldout": scores[task], "fidelity": scores[f"{task}_fidelity"]}
-        return {"heldout": (scores["t2i"] + scores["edit"]) / 2, "t2i": scores["t2i"], "edit": scores["edit"],
-                "fidelity": (scores["t2i_fidelity"] + scores["edit_fidelity"]) / 2}
-
-    return monitor
+__all__ = ["run_grpo", "MONITOR_SEED_OFFSET", "SECTIONS", "HEADLINE"]
 
 
 def model_key(config: FlowRLConfig) -> dict[str, str]:
@@ -116,46 +63,6 @@ def model_key(config: FlowRLConfig) -> dict[str, str]:
     train, and the base URI carries it only while the base is rerun with the same config; an input of the
     stage's version (as the bench's). A shapes checkpoint carries its model."""
     return family_of(config).model_key(config)
-
-
-def frozen_copy(module: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
-    """A frozen (eval, no grad) copy of ``module`` on ``device``, made one tensor at a time: the
-    module's own device never holds a second copy of its weights."""
-    memo: dict[int, torch.Tensor] = {}
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        moved = tensor.detach().to(device, copy=True)
-        memo[id(tensor)] = torch.nn.Parameter(moved, requires_grad=False) if isinstance(
-            tensor, torch.nn.Parameter) else moved
-    return copy.deepcopy(module, memo).to(device).requires_grad_(False).eval()
-
-
-class OffloadedModel:
-    """A frozen model whose network lives on another device (the CPU): inputs move there, velocities
-    come back to the caller's device. Only what the GRPO objective calls (:meth:`velocity`)."""
-
-    def __init__(self, model: FlowModel, device: str | torch.device):
-        self.model, self.device = model, torch.device(device)
-        self.cfg_renorm_dim = model.cfg_renorm_dim
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        return self.model.velocity(x.to(self.device), t.to(self.device), cond.to(self.device)).to(x.device)
-
-
-def offloaded_reference(model: FlowModel, module: torch.nn.Module, device: str) -> OffloadedModel:
-    """The frozen KL reference of full-parameter training with ``grpo.reference_device: cpu``: a copy of
-    the starting weights of ``module`` (``model``'s trained network) made on ``device``, run there."""
-    view = copy.copy(model)
-    setattr(view, trainable_attr(model, module), frozen_copy(module, device))
-    return OffloadedModel(view, device)
-
-
-def place_text_encoders(config: FlowRLConfig, models) -> None:
-    """``model.qwen_image.text_encoder_device``: cpu moves each view's text encoder off the accelerator;
-    offload keeps it in host memory and has each prompt encoding run it on the accelerator."""
-    where = config.model.qwen_image.text_encoder_device
-    if where != "same":
-        for model in models:
-            model.move_text_encoder("cpu", offload=where == "offload")
 
 
 def _curves_png(history: list[dict], monitor: list[dict], task: str, heldout_label: str | None = None) -> bytes:
@@ -303,18 +210,13 @@ def run_grpo(
     Mix-RL baseline: ``prompts_uri`` {"t2i": uri, "edit": uri}, each prompt
     scored by its own task's composite, every iteration drawing
     ``grpo.prompts_per_iteration`` groups from each task (the budget of the
-    two teachers together)."""
-    if task not in ("t2i", "edit", "mixed"):
-        raise ValueError(f"task must be t2i, edit or mixed, got {task!r}")
-    tasks = ("t2i", "edit") if task == "mixed" else (task,)
-    if task == "mixed":
-        if not isinstance(prompts_uri, dict) or set(prompts_uri) != set(tasks):
-            raise ValueError("task mixed: prompts must be {'t2i': uri, 'edit': uri}")
-        uris = dict(prompts_uri)
-    else:
-        if isinstance(prompts_uri, dict):
-            raise ValueError(f"task {task}: prompts is one filter_prompts artifact, not a mapping")
-        uris = {task: prompts_uri}
+    two teachers together). Every model family takes the same path: the family
+    loads and saves the policy, the evaluator (the judge, or a held-out reward
+    model) watches training and scores base against teacher."""
+    # long: the stage's one flow in order (inputs and cache, checks, setup, training, commit), with the
+    # training closure that ranks other than 0 run too; its parts live in the helpers below
+    uris = _task_prompts(task, prompts_uri)
+    tasks = tuple(uris)
     stage = f"grpo_{task}"
     inputs = {"base": base_uri, "reward_model": reward_model_uri}
     inputs.update({"prompts": uris[task]} if task != "mixed" else {f"prompts_{t}": uris[t] for t in tasks})
@@ -324,49 +226,42 @@ def run_grpo(
         return done
     check_prompt_tasks(uris)  # the cheap checks of user input before any work
     reward_token(config)
-    if family_of(config).from_pretrained:
-        if task == "mixed":
-            raise ConfigError("grpo --task mixed (Mix-RL) runs on the shapes family only: on qwen_image it would need "
-                             "the T2I and edit pipeline views of one transformer in one trainer; set opd.mix_rl: false")
-        return _run_grpo_pretrained(config, task, base_uri, reward_model_uri, uris[task], stage, inputs,
-                                    output_root=output_root, tracker=tracker, resume=resume, progress=progress,
-                                    stop_after=stop_after)
+    family = family_of(config)
+    if task == "mixed" and family.from_pretrained:
+        raise ConfigError("grpo --task mixed (Mix-RL) runs on the shapes family only: on a pretrained family it "
+                          "would need the T2I and edit pipeline views of one network in one trainer; set "
+                          "pipeline.mix_rl: false")
     g = config.grpo
+    trainer_class = algorithm(g.algorithm, "reward", multitask=task == "mixed").trainer
     base_dir = fetch(base_uri)
-    model = load_checkpoint(base_dir, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
-    reference = None
-    if g.kl_coef > 0:
-        reference = copy.deepcopy(model) if g.reference_device == "same" else offloaded_reference(
-            model, model.net, g.reference_device)
-    prompt_sets = {}
-    for t in tasks:
-        frame = load_prompt_set(uris[t])
-        prompt_sets[t] = PromptSet(list(frame["prompt"]), list(frame["category"]), decode_sources(frame))
-    composites = load_shapes_rewards(config, reward_model_uri)
-    scale = None
-    if g.calibrate:
-        scale = {}
-        for t in tasks:  # categories (T2I) and kinds (edit) never share a name
-            scale.update(json.loads((fetch(uris[t]) / "metrics.json").read_text())["calibration"])
+    curated = {t: load_prompt_set(uris[t]) for t in tasks}
+    composites = task_rewards(config, reward_model_uri, uris, curated)
+    evaluator = evaluator_for(config, tasks, reward_model_uri=reward_model_uri, composites=composites,
+                              heldout=None if family.has_judge else {t: load_heldout_set(uris[t]) for t in tasks})
+    policy = trainable_policy(config, family.load_policy(base_dir, config, tasks[0]), seed=g.seed)
+    model = policy.model
+    reference = policy.reference(g.reference_device) if g.kl_coef > 0 else None
+    prompt_sets = prompt_sets_of(curated)
+    scale = _calibration(uris) if g.calibrate else None
     store = ArtifactStore(output_root or config.run.artifact_root)
     version = stage_version(stage, config, SECTIONS, inputs)
     rank, _ = dist_info()
-    backends = {t: _reward_backend(config, t, composites[t], reward_model_uri) for t in tasks}
-    rewards = {t: b[0] for t, b in backends.items()}
+    backends = {t: _reward_backend(config, t, composites[t], reward_model_uri, uris[t]) for t in tasks}
+
+    def one_or_all(values: dict):  # one task's own, or Mix-RL's {task: ...}
+        return values if task == "mixed" else values[task]
 
     def train(tracker_: Tracker) -> tuple[GRPOTrainer, object]:
-        if task == "mixed":
-            prompts_arg, rewards_arg = prompt_sets, rewards
-            weights_arg = {t: composites[t].weight_matrix for t in tasks}
-        else:
-            prompts_arg, rewards_arg, weights_arg = prompt_sets[task], rewards[task], composites[task].weight_matrix
-        trainer = GRPOTrainer(
-            model, model.net, reference, g, prompts_arg, rewards_arg, weights_arg,
-            monitor=monitor_for(config, task, tracker_),
+        trainer = trainer_class(
+            model, policy.module, reference, g, one_or_all(prompt_sets),
+            one_or_all({t: b[0] for t, b in backends.items()}),
+            one_or_all({t: c.weight_matrix for t, c in composites.items()}),
+            monitor=evaluator.monitor(tracker_, lambda m: {t: m for t in tasks}, g.loop.monitor_per_category,
+                                      g.loop.grid_every),
             checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
             category_scale=scale,
         )
-        result = run_trainer(trainer, tracker_, stage=stage, iterations=g.iterations, resume=resume,
+        result = run_trainer(trainer, tracker_, stage=stage, iterations=g.loop.iterations, resume=resume,
                              progress=progress, stop_after=stop_after)
         return trainer, result
 
@@ -377,13 +272,10 @@ def run_grpo(
             start = time.perf_counter()
             trainer, result = train(ctx.tracker)
             train_s = time.perf_counter() - start
-            model = trained_model(trainer, model, result)
-            report = evaluate_shapes(model, config)
-            base_metrics = json.loads((base_dir / "metrics.json").read_text())
-            rows = comparison(base_metrics, report.metrics, task)
-            metrics = _teacher_metrics(task, trainer, rows, train_s, start)
-            save_checkpoint(model, ctx.staging)
-            _write_outputs(ctx, trainer, rows, task, report.grid, metrics)
+            trained = trained_model(trainer, model, result)
+            rows, grid = _base_against_teacher(config, task, policy, evaluator, trained, base_dir, ctx.staging)
+            metrics = {**_teacher_metrics(task, trainer, rows, train_s, start), **evaluator.provenance(stage)}
+            _write_outputs(ctx, trainer, rows, task, grid, metrics, evaluator.heldout_label())
             return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
     finally:
         for submitter, sidecar in backends.values():
@@ -392,101 +284,57 @@ def run_grpo(
                 sidecar.stop()
 
 
-# --------------------------------------------------------------------------- qwen_image: no judge
+def _task_prompts(task: str, prompts_uri: str | dict[str, str]) -> dict[str, str]:
+    """{task: filter_prompts artifact} of a GRPO run on ``task`` (both tasks for ``mixed``)."""
+    if task not in ("t2i", "edit", "mixed"):
+        raise ValueError(f"task must be t2i, edit or mixed, got {task!r}")
+    if task == "mixed":
+        if not isinstance(prompts_uri, dict) or set(prompts_uri) != {"t2i", "edit"}:
+            raise ValueError("task mixed: prompts must be {'t2i': uri, 'edit': uri}")
+        return {t: prompts_uri[t] for t in ("t2i", "edit")}
+    if isinstance(prompts_uri, dict):
+        raise ValueError(f"task {task}: prompts is one filter_prompts artifact, not a mapping")
+    return {task: prompts_uri}
 
 
-def _run_grpo_pretrained(config: FlowRLConfig, task: str, base_uri: str, reward_model_uri: str, prompts_uri: str,
-                         stage: str, inputs: dict, *, output_root, tracker, resume, progress, stop_after) -> StageResult:
-    """GRPO of a pretrained family (qwen_image): the same trainer, with the production
-    composite of VLM scorers, and a held-out reward model where the shapes world has its judge:
-    it watches the filter's held-out prompts for hacking and scores base against teacher."""
-    from flowrl.rewards.production import (
-        ReleasedAfterScoring, load_monitor_scorer, load_production_rewards, prompt_categories,
-    )
+def prompt_sets_of(curated: dict) -> dict[str, PromptSet]:
+    """{task: PromptSet} of curated prompt frames (filter_prompts' kept rows)."""
+    return {t: PromptSet(list(f["prompt"]), list(f["category"]), decode_sources(f)) for t, f in curated.items()}
 
-    g = config.grpo
-    base_dir = fetch(base_uri)
-    curated, heldout = load_prompt_set(prompts_uri), load_heldout_set(prompts_uri)
-    composite = load_production_rewards(config, reward_model_uri, task, prompt_categories(curated, heldout))
-    watcher = load_monitor_scorer(reward_model_uri, task, g.monitor_reward, composite)
-    model = load_policy(base_dir, config, task)
-    place_text_encoders(config, [model])
-    lora = lora_settings(config)
-    if lora is not None:  # adapters train; the base is the transformer with them off
-        network = model.transformer
-        add_adapter(network, lora, seed=g.seed)
-        module = AdapterView(network, STUDENT)
-        base_view = model.with_transformer(AdapterView(network, None))
-        model = model.with_transformer(module)
-        reference = base_view if g.kl_coef > 0 else None
-    else:
-        module = trainable_module(model)
-        reference = None
-        if g.kl_coef > 0:
-            reference = model.with_transformer(copy.deepcopy(module).requires_grad_(False).eval()) if (
-                g.reference_device == "same") else offloaded_reference(model, module, g.reference_device)
-    prompt_set = PromptSet(list(curated["prompt"]), list(curated["category"]), decode_sources(curated))
-    scale = json.loads((fetch(prompts_uri) / "metrics.json").read_text())["calibration"] if g.calibrate else None
-    store = ArtifactStore(output_root or config.run.artifact_root)
-    version = stage_version(stage, config, SECTIONS, inputs)
-    rank, _ = dist_info()
-    submitter, sidecar = _reward_backend(config, task, composite, reward_model_uri, prompts_uri)
-    monitor_rows = heldout_sample(heldout, g.monitor_per_category)
-    eval_rows = heldout_sample(heldout, config.eval.t2i_per_category if task == "t2i" else config.eval.edit_per_kind)
-    seed = config.eval.seed + MONITOR_SEED_OFFSET
 
-    def monitor_with(tracker_: Tracker):
-        def monitor(model_, iteration: int) -> dict[str, float]:  # the watcher is loaded for the call only
-            scores, grid = reward_evaluation(model_, monitor_rows, {"heldout": ReleasedAfterScoring(watcher)},
-                                             config.sampler, seed, config.eval.batch_size)
-            if iteration % g.grid_every == 0:
-                tracker_.log_image(grid, f"monitor/grid_{task}_{iteration:06d}.png")
-            return {"heldout": scores["heldout"]}
-        return monitor
+def _calibration(uris: dict[str, str]) -> dict[str, float]:
+    """The filter's per-category advantage scales (``grpo.calibrate``) of every task's prompts; T2I
+    categories and edit kinds never share a name."""
+    scale = {}
+    for uri in uris.values():
+        scale.update(json.loads((fetch(uri) / "metrics.json").read_text())["calibration"])
+    return scale
 
-    def train(tracker_: Tracker):
-        trainer = GRPOTrainer(
-            model, module, reference, g, prompt_set, submitter, composite.weight_matrix,
-            monitor=monitor_with(tracker_), checkpoints=Checkpoints(store, stage, version),
-            config_hash=config.section_hash(*SECTIONS), category_scale=scale,
-        )
-        result = run_trainer(trainer, tracker_, stage=stage, iterations=g.iterations, resume=resume,
-                             progress=progress, stop_after=stop_after)
-        return trainer, result
 
-    # the final evaluation loads one scorer at a time
-    scorers = {name: ReleasedAfterScoring(r) for name, r in {**dict(composite.components),
-                                                             g.monitor_reward: watcher}.items()}
-    try:
-        if rank != 0:
-            return follow_rank0(config, store, stage, version, train)
-        with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
-            start = time.perf_counter()
-            trainer, result = train(ctx.tracker)
-            train_s = time.perf_counter() - start
-            model = trained_model(trainer, model, result)
-            teacher_scores, grid = reward_evaluation(model, eval_rows, scorers, config.sampler, config.eval.seed,
-                                                     config.eval.batch_size)
-            if lora is not None:  # the base is the transformer with adapters off; exporting merges them, last
-                base_scores, _ = reward_evaluation(base_view, eval_rows, scorers, config.sampler, config.eval.seed,
-                                                   config.eval.batch_size)
-                save_lora_policy(network, ctx.staging, base_dir)
-            else:
-                save_policy(model, ctx.staging, base_dir)
-                # the base on the same prompts and seeds: its weights back into the same module (no second copy)
-                trainable_module(model).load_state_dict(trained_state(base_dir, config, task))
-                base_scores, _ = reward_evaluation(model, eval_rows, scorers, config.sampler, config.eval.seed,
-                                                   config.eval.batch_size)
-            rows = {f"{task}/{k}": {"base": base_scores[k], "teacher": teacher_scores[k],
-                                    "delta": teacher_scores[k] - base_scores[k]} for k in sorted(base_scores)}
-            metrics = {
-                **_teacher_metrics(task, trainer, rows, train_s, start),
-                "scored_by": {"components": list(composite.component_names), "heldout": g.monitor_reward},
-                "heldout_prompts": len(eval_rows),
-            }
-            _write_outputs(ctx, trainer, rows, task, grid, metrics, f"held-out {g.monitor_reward} reward")
-            return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
-    finally:
-        submitter.close()
-        if sidecar is not None:
-            sidecar.stop()
+def _base_against_teacher(config: FlowRLConfig, task: str, policy, evaluator, trained, base_dir,
+                          staging) -> tuple[dict, np.ndarray]:
+    """The comparison rows of base and teacher on the evaluator's held-out prompts, and the teacher's
+    grid; writes the teacher artifact into ``staging`` on the way (with LoRA, after the base is scored
+    with the adapters off: the export merges them). A base that recorded its scores is not scored again."""
+    tasks = evaluator.tasks
+    teacher, grid = evaluator.evaluate({t: trained for t in tasks})
+    base = evaluator.recorded(base_dir) if evaluator.records_base else None
+    if base is None and policy.lora:
+        base, _ = evaluator.evaluate({t: policy.base_view for t in tasks})
+    policy.save(trained, staging, base_dir)
+    if base is None:
+        base, _ = evaluator.evaluate({t: policy.base_model(trained, base_dir, config, task) for t in tasks})
+    return comparison(base, teacher, task), grid
+
+
+def task_rewards(config: FlowRLConfig, reward_model_uri: str, uris: dict[str, str], curated: dict) -> dict:
+    """{task: the composite reward GRPO optimises} for the tasks of ``uris`` (filter_prompts artifacts).
+    A family with prompt files weighs each prompt by the category its curated or held-out row gives;
+    the shapes grammar names its own."""
+    if family_of(config).prompt_files:
+        from flowrl.rewards.production import prompt_categories
+
+        return {t: load_rewards(config, reward_model_uri, t,
+                                categories=prompt_categories(curated[t], load_heldout_set(uris[t]))) for t in uris}
+    composites = load_task_rewards(config, reward_model_uri)  # both tasks over one fetch, in their usual order
+    return {t: composites[t] for t in uris}

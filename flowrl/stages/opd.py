@@ -27,22 +27,18 @@ import time
 import numpy as np
 from PIL import Image
 
-from flowrl.config import FlowRLConfig
-from flowrl.evaluation import evaluate_shapes
-from flowrl.config import ConfigError, name_value_pairs, safe_name
-from flowrl.models import (
-    load_checkpoint, load_frozen_network, load_task_views, pretrained_path, save_checkpoint, save_policy,
-    trainable_module,
-)
+from flowrl.config import ConfigError, FlowRLConfig, name_value_pairs, safe_name
+from flowrl.evaluators import evaluator_for
+from flowrl.models import load_frozen_network, pretrained_path
 from flowrl.models.families import family_of
-from flowrl.models.lora import (
-    ADAPTER_DIR, STUDENT, AdapterView, add_adapter, load_adapter, lora_settings, save_lora_policy,
-)
+from flowrl.models.lora import ADAPTER_DIR, AdapterView, load_adapter
 from flowrl.models.qwen_image import same_component
 from flowrl.plots import new_figure, png_of
+from flowrl.prompt_files import decode_sources
+from flowrl.rl.algorithms import algorithm
 from flowrl.rl.distributed import dist_info
 from flowrl.rl.grpo import PromptSet
-from flowrl.rl.opd import OPDTrainer, parse_routes
+from flowrl.rl.opd import parse_routes
 from flowrl.rl.trainer import Checkpoints
 from flowrl.stages.common import (
     StageResult,
@@ -56,16 +52,16 @@ from flowrl.stages.common import (
     trained_model,
     write_history,
 )
-from flowrl.evaluation import heldout_sample, reward_evaluation
-from flowrl.prompt_files import decode_sources
 from flowrl.stages.filter_prompts import check_prompt_tasks, load_heldout_set, load_prompt_set
-from flowrl.stages.grpo import MONITOR_SEED_OFFSET, model_key, monitor_for, place_text_encoders
+from flowrl.stages.grpo import model_key, task_rewards
+from flowrl.stages.policy import Policy, trainable_policy
+from flowrl.stages.registry import stage_sections
 from flowrl.storage import ArtifactError, ArtifactStore, fetch
 from flowrl.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("run.seed", "world", "sampler", "eval", "opd")
+SECTIONS = stage_sections("opd")
 TASKS = ("t2i", "edit")
 HEADLINE = {"t2i": "t2i/alignment", "edit": "edit/accuracy"}
 
@@ -157,79 +153,11 @@ def run_opd(
     if done is not None:
         return done
     check_prompt_tasks(prompts_uris)
-    if family_of(config).from_pretrained:
-        return _run_opd_pretrained(config, base_uri, teacher_uris, prompts_uris, stage, inputs, routes, init_name,
-                                   output_root=output_root, tracker=tracker, resume=resume, progress=progress,
-                                   stop_after=stop_after)
-    base_dir = fetch(base_uri)
-    model = load_checkpoint(fetch(teacher_uris[init_name]) if init_name else base_dir, expected_family="shapes",
-                            cfg_renorm=config.sampler.cfg_renorm)
-    teacher_dirs = {name: fetch(uri) for name, uri in teacher_uris.items()}
-    teachers = {name: load_checkpoint(d, expected_family="shapes", cfg_renorm=config.sampler.cfg_renorm)
-                for name, d in teacher_dirs.items()}
-    prompt_sets = {}
-    for task in TASKS:
-        frame = load_prompt_set(prompts_uris[task])
-        prompt_sets[task] = PromptSet(list(frame["prompt"]), list(frame["category"]), decode_sources(frame))
-        if not len(prompt_sets[task]):
-            raise ArtifactError(f"{prompts_uris[task]}: no kept {task} prompts")
-    store = ArtifactStore(output_root or config.run.artifact_root)
-    version = stage_version(stage, config, SECTIONS, inputs)
-    rank, _ = dist_info()
-    guidance = o.guidance_scale if o.guidance_scale is not None else config.sampler.guidance_scale
-
-    resolved = dataclasses.replace(o, num_steps=o.num_steps or config.sampler.num_steps)
-
-    def train(tracker_: Tracker):
-        trainer = OPDTrainer(
-            model, model.net, teachers, resolved, prompt_sets, routes, {"t2i": o.t2i_fraction, "edit": 1 - o.t2i_fraction},
-            guidance_scale=guidance, shift=config.sampler.shift,
-            monitor=monitor_for(config, "mixed", tracker_, o.monitor_per_category, o.grid_every),
-            checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
-        )
-        result = run_trainer(trainer, tracker_, stage=stage, iterations=o.iterations, resume=resume,
-                             progress=progress, stop_after=stop_after)
-        return trainer, result
-
-    if rank != 0:
-        return follow_rank0(config, store, stage, version, train)
-    with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
-        start = time.perf_counter()
-        trainer, result = train(ctx.tracker)
-        train_s = time.perf_counter() - start
-        model = trained_model(trainer, model, result)
-        report = evaluate_shapes(model, config)
-        models = {"base": judge_metrics(base_dir)}
-        models.update({name: judge_metrics(d) for name, d in teacher_dirs.items()})
-        models["student"] = report.metrics
-        kept = {}
-        for task in TASKS:  # the teacher bound to each task, on that task's headline metric
-            teacher = routes[task]
-            key = HEADLINE[task]
-            if key in models[teacher] and key in models["base"]:
-                kept[f"{teacher} ({key})"] = gain_kept(models["base"], models[teacher], report.metrics, key)
-        metrics = {
-            "states": o.states,
-            "init": o.init,
-            "iterations": trainer.state.iteration,
-            "train_s": round(train_s, 1),
-            "wall_s": round(time.perf_counter() - start, 1),
-            "student": report.metrics,
-            "gain_kept": kept,
-            "final_loss": float(np.mean([h["train/loss"] for h in trainer.state.history[-10:]])),
-            "monitor": trainer.state.monitor,
-        }
-        save_checkpoint(model, ctx.staging)
-        write_history(ctx.staging, trainer.state)
-        (ctx.staging / "curves.png").write_bytes(_curves_png(trainer.state.history, trainer.state.monitor))
-        (ctx.staging / "table.md").write_text(table_markdown(models, kept))
-        Image.fromarray(report.grid).save(ctx.staging / "grid.png")
-        ctx.tracker.log_metrics(flat_metrics({"student": report.metrics}))
-        ctx.tracker.log_image(report.grid, "grid.png")
-        return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
+    return _distil(config, base_uri, teacher_uris, prompts_uris, stage, inputs, routes, init_name,
+                   output_root=output_root, tracker=tracker, resume=resume, progress=progress, stop_after=stop_after)
 
 
-# --------------------------------------------------------------------------- qwen_image: no judge
+# --------------------------------------------------------------------------- every family
 
 
 def _teacher_tasks(teacher_uris: dict[str, str]) -> dict[str, str]:
@@ -261,97 +189,119 @@ def _adapter_on(teacher_dir, task: str, base_dir) -> bool:
     return ours == theirs or same_component(ours, theirs, "transformer")
 
 
-def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[str, str],
-                        prompts_uris: dict[str, str], stage: str, inputs: dict, routes: dict[str, str],
-                        init_name: str | None, *, output_root, tracker, resume, progress, stop_after) -> StageResult:
-    """OPD of a pretrained family (qwen_image): one student transformer behind a T2I and an
-    edit pipeline view; each teacher's transformer (frozen, on its own device if placed there)
-    behind the student's frozen VAE and text encoder. The held-out reward model of GRPO
-    (``grpo.monitor_reward``) watches both tasks' held-out prompts and scores the student."""
-    from flowrl.rewards.production import (
-        ReleasedAfterScoring, load_monitor_scorer, load_production_rewards, prompt_categories,
-    )
-
-    o = config.opd
-    store = ArtifactStore(output_root or config.run.artifact_root)
-    devices = dict(name_value_pairs(o.teacher_devices, "opd.teacher_devices", "TEACHER=DEVICE"))
+def _teacher_placement(config: FlowRLConfig, teacher_uris: dict[str, str]) -> tuple[dict, dict]:
+    """({teacher: device} of ``opd.teacher_devices``, {teacher: the task whose view it sits behind}),
+    checked before any model loads: a family whose one model serves both tasks puts every teacher
+    behind it; the others read the task each teacher's GRPO run trained."""
+    devices = dict(name_value_pairs(config.opd.teacher_devices, "opd.teacher_devices", "TEACHER=DEVICE"))
     unknown = sorted(set(devices) - set(teacher_uris))
     if unknown:
         raise ConfigError(f"opd.teacher_devices: no teacher named {unknown[0]!r} (given: {', '.join(teacher_uris)})")
-    teacher_task = _teacher_tasks(teacher_uris)
-    reward_model_uri = _reward_model_of(teacher_uris, store)
-    curated = {t: load_prompt_set(prompts_uris[t]) for t in TASKS}
-    heldout = {t: load_heldout_set(prompts_uris[t]) for t in TASKS}
-    watchers, scorers = {}, {}
-    for t in TASKS:
-        composite = load_production_rewards(config, reward_model_uri, t, prompt_categories(curated[t], heldout[t]))
-        # each loaded for its call only: one on the GPU at a time (the monitor's, the final evaluation's)
-        watchers[t] = ReleasedAfterScoring(load_monitor_scorer(reward_model_uri, t, config.grpo.monitor_reward,
-                                                               composite))
-        scorers[t] = {name: ReleasedAfterScoring(r) for name, r in dict(composite.components).items()}
-        scorers[t][config.grpo.monitor_reward] = watchers[t]
-    base_dir = fetch(base_uri)
-    views = load_task_views(fetch(teacher_uris[init_name]) if init_name else base_dir, config)
-    place_text_encoders(config, list(views.values()))
-    lora = lora_settings(config)
-    network = views["t2i"].transformer
-    if lora is not None:  # a fresh adapter on the starting transformer trains, behind both task views
-        add_adapter(network, lora, seed=o.seed)
-        module = AdapterView(network, STUDENT)
-        views = {t: view.with_transformer(module) for t, view in views.items()}
-    model, module = views["t2i"], trainable_module(views["t2i"])
+    if family_of(config).one_model_for_tasks:
+        return devices, {name: "t2i" for name in teacher_uris}
+    return devices, _teacher_tasks(teacher_uris)
+
+
+def _teachers(config: FlowRLConfig, policy: Policy, views: dict, teacher_uris: dict[str, str], base_dir,
+              init_name: str | None, devices: dict[str, str], teacher_task: dict[str, str]) -> dict:
+    """{name: the teacher's model}: its network behind the student's view of the task it was trained on
+    (frozen, on the device ``opd.teacher_devices`` names, else the student's). A LoRA teacher of the
+    student's own pretrained network is only its adapter, loaded beside the student's."""
+    home = str(next(policy.module.parameters()).device)  # the student's device
     teachers = {}
     for name, uri in teacher_uris.items():
         teacher_dir, task = fetch(uri), teacher_task[name]
-        if lora is not None and name not in devices and init_name is None and _adapter_on(
-                teacher_dir, task, base_dir):
-            load_adapter(network, teacher_dir / ADAPTER_DIR, name)  # costs its adapter only
-            teachers[name] = views[task].with_transformer(AdapterView(network, name))
-            log.info("opd: teacher %s is its LoRA adapter on the student's transformer", name)
+        if policy.lora and name not in devices and init_name is None and _adapter_on(teacher_dir, task, base_dir):
+            load_adapter(policy.network, teacher_dir / ADAPTER_DIR, name)  # costs its adapter only
+            teachers[name] = policy.family.with_trainable(views[task], AdapterView(policy.network, name))
+            log.info("opd: teacher %s is its LoRA adapter on the student's network", name)
         else:
-            teachers[name] = views[task].with_transformer(
-                load_frozen_network(teacher_dir, config, task, devices.get(name)))
-            log.info("opd: teacher %s is its whole transformer (on %s)", name, devices.get(name, "the student's device"))
-    prompt_sets = {}
+            network = load_frozen_network(teacher_dir, config, task, devices.get(name, home))
+            teachers[name] = policy.family.with_trainable(views[task], network)
+            log.info("opd: teacher %s is its whole network (on %s)", name, devices.get(name, home))
+    return teachers
+
+
+def _evaluator(config: FlowRLConfig, teacher_uris: dict[str, str], prompts_uris: dict[str, str], curated: dict,
+               store: ArtifactStore):
+    """The judge, or the reward models the teachers were trained against on the same held-out prompts and
+    seeds."""
+    if family_of(config).has_judge:
+        return evaluator_for(config, TASKS)
+    _teacher_tasks(teacher_uris)  # a teacher that is no GRPO artifact is named as such, first
+    reward_model_uri = _reward_model_of(teacher_uris, store)
+    return evaluator_for(config, TASKS, reward_model_uri=reward_model_uri,
+                         composites=task_rewards(config, reward_model_uri, prompts_uris, curated),
+                         heldout={t: load_heldout_set(prompts_uris[t]) for t in TASKS})
+
+
+def _scoreboard(evaluator, base_dir, teacher_uris: dict[str, str], student: dict, routes: dict[str, str]):
+    """({"base", each teacher, "student": scores}, {teacher (headline): share of its gain the student kept}):
+    the teachers' scores as they recorded them, the base's as it recorded them or else as the teachers did."""
+    recorded = {name: evaluator.recorded(fetch(uri)) for name, uri in teacher_uris.items()}
+    for name, scores in recorded.items():
+        if scores is None:
+            raise ArtifactError(f"{teacher_uris[name]}: teacher {name!r} recorded no {evaluator.name} scores of "
+                                "itself (not a GRPO artifact)")
+    base = evaluator.recorded(base_dir)
+    if base is None:  # the teachers recorded the base's scores beside their own
+        base = {k: v for uri in teacher_uris.values()
+                for k, v in json.loads((fetch(uri) / "metrics.json").read_text())["base"].items()}
+    models = {"base": base, **recorded, "student": student}
+    kept = {}
+    for t in TASKS:  # the teacher bound to each task, on that task's headline metric
+        teacher, key = routes[t], evaluator.headline(t)
+        if key in models[teacher] and key in models["base"]:
+            kept[f"{teacher} ({key})"] = gain_kept(models["base"], models[teacher], student, key)
+    return models, kept
+
+
+def _distil(config: FlowRLConfig, base_uri: str, teacher_uris: dict[str, str], prompts_uris: dict[str, str],
+            stage: str, inputs: dict, routes: dict[str, str], init_name: str | None, *, output_root, tracker,
+            resume, progress, stop_after) -> StageResult:
+    """OPD for every model family: one student network behind a view of each task (one model serves both on
+    shapes), each teacher's network behind the student's view of its task; the evaluator (the judge, or the
+    teachers' held-out reward model) watches both tasks' held-out prompts and scores the student."""
+    # long: the stage's one flow in order (setup, the training closure other ranks run too, commit); its
+    # parts are the helpers above
+    o = config.opd
+    trainer_class = algorithm(o.algorithm, "distill").trainer
+    family = family_of(config)
+    store = ArtifactStore(output_root or config.run.artifact_root)
+    devices, teacher_task = _teacher_placement(config, teacher_uris)
+    curated = {t: load_prompt_set(prompts_uris[t]) for t in TASKS}
     for t in TASKS:
-        prompt_sets[t] = PromptSet(list(curated[t]["prompt"]), list(curated[t]["category"]),
-                                   decode_sources(curated[t]))
-        if not len(prompt_sets[t]):
+        if not len(curated[t]):
             raise ArtifactError(f"{prompts_uris[t]}: no kept {t} prompts")
+    evaluator = _evaluator(config, teacher_uris, prompts_uris, curated, store)
+    base_dir = fetch(base_uri)
+    loaded = family.load_task_views(fetch(teacher_uris[init_name]) if init_name else base_dir, config)
+    policy = trainable_policy(config, loaded["t2i"], seed=o.seed, views=loaded)
+    views = policy.views(loaded)
+    model = policy.model
+    teachers = _teachers(config, policy, views, teacher_uris, base_dir, init_name, devices, teacher_task)
+    prompt_sets = {t: PromptSet(list(f["prompt"]), list(f["category"]), decode_sources(f)) for t, f in curated.items()}
     version = stage_version(stage, config, SECTIONS, inputs)
     rank, _ = dist_info()
     guidance = o.guidance_scale if o.guidance_scale is not None else config.sampler.guidance_scale
     resolved = dataclasses.replace(o, num_steps=o.num_steps or config.sampler.num_steps)
-    monitor_rows = {t: heldout_sample(heldout[t], o.monitor_per_category) for t in TASKS}
-    per_task = {"t2i": config.eval.t2i_per_category, "edit": config.eval.edit_per_kind}
-    eval_rows = {t: heldout_sample(heldout[t], per_task[t]) for t in TASKS}
-    seed = config.eval.seed + MONITOR_SEED_OFFSET  # the same monitor draws as the teachers'
 
     def task_views(model_) -> dict:
         """Both task views of ``model_`` (the trainer's model, or ZeRO-3's plain copy of it)."""
-        return views if model_ is model else {"t2i": model_, "edit": views["edit"].with_transformer(
-            trainable_module(model_))}
-
-    def monitor_with(tracker_: Tracker):
-        def monitor(model_, iteration: int) -> dict[str, float]:
-            scores = {}
-            for t, view in task_views(model_).items():
-                result, grid = reward_evaluation(view, monitor_rows[t], {"heldout": watchers[t]}, config.sampler,
-                                                 seed, config.eval.batch_size)
-                scores[t] = result["heldout"]
-                if iteration % o.grid_every == 0:
-                    tracker_.log_image(grid, f"monitor/grid_{t}_{iteration:06d}.png")
-            return {"heldout": (scores["t2i"] + scores["edit"]) / 2, **scores}
-        return monitor
+        if model_ is model:
+            return views
+        module = family.trainable_module(model_)
+        return {t: model_ if v is model else family.with_trainable(v, module) for t, v in views.items()}
 
     def train(tracker_: Tracker):
-        trainer = OPDTrainer(
-            model, module, teachers, resolved, prompt_sets, routes, {"t2i": o.t2i_fraction, "edit": 1 - o.t2i_fraction},
-            guidance_scale=guidance, shift=config.sampler.shift, monitor=monitor_with(tracker_),
+        trainer = trainer_class(
+            model, policy.module, teachers, resolved, prompt_sets, routes,
+            {"t2i": o.t2i_fraction, "edit": 1 - o.t2i_fraction}, guidance_scale=guidance, shift=config.sampler.shift,
+            monitor=evaluator.monitor(tracker_, task_views, o.loop.monitor_per_category, o.loop.grid_every),
             checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
             task_models=views,
         )
-        result = run_trainer(trainer, tracker_, stage=stage, iterations=o.iterations, resume=resume,
+        result = run_trainer(trainer, tracker_, stage=stage, iterations=o.loop.iterations, resume=resume,
                              progress=progress, stop_after=stop_after)
         return trainer, result
 
@@ -362,27 +312,13 @@ def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[
         trainer, result = train(ctx.tracker)
         train_s = time.perf_counter() - start
         trained = trained_model(trainer, model, result)
-        student, grids = {}, []
-        for t, view in task_views(trained).items():
-            scores, grid = reward_evaluation(view, eval_rows[t], scorers[t], config.sampler, config.eval.seed,
-                                             config.eval.batch_size)
-            student.update({f"{t}/{k}": v for k, v in scores.items()})
-            grids.append(grid)
-        recorded = {name: json.loads((fetch(uri) / "metrics.json").read_text()) for name, uri in teacher_uris.items()}
-        models = {"base": {k: v for m in recorded.values() for k, v in m["base"].items()}}
-        models.update({name: m["teacher"] for name, m in recorded.items()})
-        models["student"] = student
-        headline = {t: f"{t}/{config.grpo.monitor_reward}" for t in TASKS}
-        kept = {}
-        for t in TASKS:
-            teacher = routes[t]
-            if headline[t] in models[teacher] and headline[t] in models["base"]:
-                kept[f"{teacher} ({headline[t]})"] = gain_kept(models["base"], models[teacher], student, headline[t])
+        student, grid = evaluator.evaluate(task_views(trained))
+        models, kept = _scoreboard(evaluator, base_dir, teacher_uris, student, routes)
+        headline = {t: evaluator.headline(t) for t in TASKS}
         metrics = {
             "states": o.states,
             "init": o.init,
-            "scored_by": config.grpo.monitor_reward,
-            "reward_model": reward_model_uri,
+            **evaluator.provenance(stage),
             "iterations": trainer.state.iteration,
             "train_s": round(train_s, 1),
             "wall_s": round(time.perf_counter() - start, 1),
@@ -391,15 +327,11 @@ def _run_opd_pretrained(config: FlowRLConfig, base_uri: str, teacher_uris: dict[
             "final_loss": float(np.mean([h["train/loss"] for h in trainer.state.history[-10:]])),
             "monitor": trainer.state.monitor,
         }
-        if lora is not None:
-            save_lora_policy(network, ctx.staging, base_dir)  # merges the adapter: the network's last use
-        else:
-            save_policy(trained, ctx.staging, base_dir)
+        policy.save(trained, ctx.staging, base_dir)
         write_history(ctx.staging, trainer.state)
         (ctx.staging / "curves.png").write_bytes(_curves_png(trainer.state.history, trainer.state.monitor, headline,
-                                                             config.grpo.monitor_reward))
+                                                             evaluator.name))
         (ctx.staging / "table.md").write_text(table_markdown(models, kept))
-        grid = np.concatenate([g[:, : min(x.shape[1] for x in grids)] for g in grids], axis=0)
         Image.fromarray(grid).save(ctx.staging / "grid.png")
         ctx.tracker.log_metrics(flat_metrics({"student": student}))
         ctx.tracker.log_image(grid, "grid.png")

@@ -27,7 +27,7 @@ from flowrl.rewards.training import (
     PREFERENCE_VALUE,
     PairwiseData,
     PointwiseData,
-    fit,
+    ScorerTrainer,
     ordering_accuracy,
     pairwise_step_loss,
     pointwise_step_loss,
@@ -38,12 +38,14 @@ from flowrl.rewards.training import (
 )
 from flowrl.shapes.edits import parse_edit
 from flowrl.shapes.prompts import parse_t2i
+from flowrl.rl.trainer import Checkpoints
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
-from flowrl.storage import fetch
+from flowrl.stages.registry import stage_sections
+from flowrl.storage import ArtifactStore, fetch
 from flowrl.tracking import Tracker
 
 STAGE = "reward_model"
-SECTIONS = ("run.seed", "world", "reward_model")
+SECTIONS = stage_sections(STAGE)
 _JUDGE_AS_ANNOTATOR = Annotator("judge", bias=0.0, noise=0.0)
 
 
@@ -123,7 +125,27 @@ def _held_out_metrics(scorer, split_p, split_q, criterion: str, judge: bool) -> 
     return metrics
 
 
-def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pairs: pd.DataFrame) -> dict:
+def _fit(ctx, config: FlowRLConfig, scorer: ScoreBackbone, step_loss, n_rows: int, steps: int, name: str, log,
+         output_root: str | None, resume: bool) -> None:
+    """Train ``scorer`` on the shared loop with the reward_model section's optimizer settings; with
+    ``checkpoint_every`` set, each scorer (``name``) checkpoints as a run of its own, and ``resume``
+    continues it from its newest checkpoint (a finished one is loaded as it is)."""
+    r = config.reward_model
+    checkpoints = None
+    if r.checkpoint_every is not None:
+        store = ArtifactStore(output_root or config.run.artifact_root)
+        checkpoints = Checkpoints(store, STAGE, f"{ctx.version}-{name.replace('/', '-')}")
+    trainer = ScorerTrainer(scorer, step_loss, n_rows, steps=steps, batch_size=r.batch_size, lr=r.lr,
+                            seed=config.run.seed, weight_decay=r.weight_decay, grad_clip=r.grad_clip,
+                            checkpoints=checkpoints, checkpoint_every=r.checkpoint_every,
+                            config_hash=config.section_hash(*SECTIONS), name=name)
+    if resume:
+        trainer.resume()
+    trainer.train(log, progress=False)
+
+
+def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pairs: pd.DataFrame,
+                output_root: str | None = None, resume: bool = False) -> dict:
     r = config.reward_model
     seed = config.run.seed
     split_p = split_annotations(points[points.task == task].reset_index(drop=True),
@@ -147,8 +169,8 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
         scorer = _new_scorer(config, task, criterion, seed)
         data = PointwiseData.from_frame(split_p.train, criterion)
         steps = r.steps if criterion == "alignment" else r.easy_steps
-        fit(scorer, lambda idx: pointwise_step_loss(scorer, data, idx), len(data.prompts),
-            steps=steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)
+        _fit(ctx, config, scorer, lambda idx: pointwise_step_loss(scorer, data, idx), len(data.prompts), steps,
+             f"{task}/pointwise_{criterion}", log, output_root, resume)
         scorer.save(ctx.staging / task / f"pointwise_{criterion}")
         metrics[f"pointwise_{criterion}"] = {**_held_out_metrics(scorer, split_p, split_q, criterion, judge),
                                              "train_s": round(time.perf_counter() - start, 1)}
@@ -156,8 +178,8 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
         start = time.perf_counter()
         scorer = _new_scorer(config, task, "alignment", seed)
         data = PairwiseData.from_frame(split_q.train)
-        fit(scorer, lambda idx: pairwise_step_loss(scorer, data, idx), len(data.prompts),
-            steps=r.steps, batch_size=r.batch_size, lr=r.lr, seed=seed, log=log)
+        _fit(ctx, config, scorer, lambda idx: pairwise_step_loss(scorer, data, idx), len(data.prompts), r.steps,
+             f"{task}/pairwise", log, output_root, resume)
         scorer.save(ctx.staging / task / "pairwise")
         metrics["pairwise"] = {**_held_out_metrics(scorer, split_p, split_q, "alignment", judge),
                                "train_s": round(time.perf_counter() - start, 1)}
@@ -170,7 +192,11 @@ def run_reward_model(
     *,
     output_root: str | None = None,
     tracker: Tracker | None = None,
+    resume: bool = False,
 ) -> StageResult:
+    """Train and evaluate every reward model and commit them; ``resume`` (with
+    ``reward_model.checkpoint_every`` set) continues each scorer's training from
+    its newest checkpoint."""
     inputs = {"annotations": annotations_uri}
     done = committed_result(STAGE, config, SECTIONS, inputs, output_root, tracker)
     if done is not None:
@@ -190,6 +216,6 @@ def run_reward_model(
                              "pairwise": pair_report.rows - pair_report.kept},
         }
         for task in ("t2i", "edit"):
-            metrics[task] = _train_task(ctx, config, task, points, pairs)
+            metrics[task] = _train_task(ctx, config, task, points, pairs, output_root, resume)
         ctx.tracker.log_metrics(flat_metrics(metrics))
         return commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)

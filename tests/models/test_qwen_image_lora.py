@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from flowrl.config import ConfigError, GRPOConfig, QwenImageLoraConfig  # noqa: E402
+from flowrl.config import (ConfigError, GRPOConfig, LoopConfig, OptimConfig, QwenImageLoraConfig,  # noqa: E402
+                           RolloutConfig, WindowTimestepsConfig)
 from flowrl.models.lora import (  # noqa: E402
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, QWEN_IMAGE_ATTENTION, STUDENT, AdapterView, add_adapter, adapter_layout,
     adapter_parameters, export_merged, load_adapter, save_adapter,
@@ -156,15 +157,15 @@ def test_bad_lora_settings_are_refused_naming_the_key(tiny, tmp_path):
     base = {"model": {"family": "qwen_image", "qwen_image": {"pretrained": str(tiny), "lora": {"rank": 8}}},
             "filter": {"t2i_prompts": "a.parquet", "edit_prompts": "b.parquet"},
             "bench": {"scorer": "reward_models", "t2i_prompts": "c.parquet", "edit_prompts": "d.parquet"},
-            "grpo": {"monitor_reward": "pairwise", "zero_stage": 0}, "opd": {"zero_stage": 0}}
+            "grpo": {"monitor_reward": "pairwise", "optim": {"zero_stage": 0}}, "opd": {"optim": {"zero_stage": 0}}}
     config = load_config(write_config(tmp_path, scenario="qwen_image.yaml", **base))
     assert config.model.qwen_image.lora.rank == 8 and config.model.qwen_image.lora.alpha is None
     zero2 = load_config(write_config(tmp_path, scenario="qwen_image.yaml", **{**base, "grpo": {
-        **base["grpo"], "zero_stage": 2}}))
-    assert zero2.grpo.zero_stage == 2  # the adapters' optimizer states partitioned: allowed
+        **base["grpo"], "optim": {"zero_stage": 2}}}))
+    assert zero2.grpo.optim.zero_stage == 2  # the adapters' optimizer states partitioned: allowed
     for section, values, message in (
-            ("grpo", {"zero_stage": 3}, r"grpo.zero_stage: 3 with LoRA"),
-            ("opd", {"zero_stage": 3}, r"opd.zero_stage: 3 with LoRA"),
+            ("grpo", {"optim": {"zero_stage": 3}}, r"grpo.optim.zero_stage: 3 with LoRA"),
+            ("opd", {"optim": {"zero_stage": 3}}, r"opd.optim.zero_stage: 3 with LoRA"),
             ("grpo", {"trainable": ["transformer_blocks.*"]}, r"grpo.trainable: .* only the adapters train"),
             ("grpo", {"reference_device": "cpu"}, r"grpo.reference_device: cpu places the full-parameter")):
         with pytest.raises(ConfigError, match=message):
@@ -178,12 +179,14 @@ def test_bad_lora_settings_are_refused_naming_the_key(tiny, tmp_path):
 # --------------------------------------------------------------------------- GRPO with LoRA
 
 
-def _grpo_cfg(**overrides) -> GRPOConfig:
-    settings = dict(iterations=2, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
-                    timesteps_per_trajectory=1, reward_chunks=1, lr=1e-2, kl_coef=0.1, checkpoint_every=1,
-                    eval_every=100)
+def _grpo_cfg(optim=None, timesteps=None, loop=None, rollout=None, **overrides) -> GRPOConfig:
+    """``optim``, ``timesteps``, ``loop``, ``rollout``: keys of those subsections of grpo over the test's own."""
+    settings = dict(prompts_per_iteration=2, group_size=2, reward_chunks=1, kl_coef=0.1)
     settings.update(overrides)
-    return GRPOConfig(**settings)
+    return GRPOConfig(**settings, rollout=RolloutConfig(**{"num_steps": 2, **(rollout or {})}),
+                      loop=LoopConfig(**{"iterations": 2, "checkpoint_every": 1, "eval_every": 100, **(loop or {})}),
+                      timesteps=WindowTimestepsConfig(**{"fraction": 1.0, "per_trajectory": 1, **(timesteps or {})}),
+                      optim=OptimConfig(**{"lr": 1e-2, **(optim or {})}))
 
 
 def _lora_trainer(tiny, cfg, checkpoints=None):
@@ -213,7 +216,8 @@ def test_grpo_with_lora_under_deepspeed_zero_2_takes_the_plain_update(tiny):
     pytest.importorskip("deepspeed")
     results = {}
     for zero in (0, 2):
-        trainer, _ = _lora_trainer(tiny, _grpo_cfg(zero_stage=zero, lr=1e-3, checkpoint_every=100))
+        trainer, _ = _lora_trainer(tiny, _grpo_cfg(optim={"zero_stage": zero, "lr": 1e-3},
+                                                   loop={"checkpoint_every": 100}))
         results[zero] = trainer.train(progress=False), trainer.state.history
     (plain, plain_history), (sharded, sharded_history) = results[0], results[2]
     assert plain.module_state.keys() == sharded.module_state.keys()
@@ -277,9 +281,9 @@ def test_grpo_and_opd_stages_train_adapters_and_commit_merged_transformers(produ
             "dtype": "float32"}
     lora = _qwen_config(root / "lora", labels, weights, vlm, prompts,
                         model={"qwen_image": {**qwen, "lora": {"rank": 4}, "text_encoder_device": "cpu"}},
-                        grpo={"micro_batch": 1, "gradient_checkpointing": True},
-                        opd={"teacher_devices": [], "micro_batch": 1, "gradient_checkpointing": True,
-                             "ema_decay": 0.5})
+                        grpo={"optim": {"micro_batch": 1, "gradient_checkpointing": True}},
+                        opd={"teacher_devices": [],
+                             "optim": {"micro_batch": 1, "gradient_checkpointing": True, "ema_decay": 0.5}})
     lora_base = run_base(lora, progress=False)
     teachers = {f"{t}_teacher": run_grpo(lora, t, lora_base.uri, rm.uri, filtered[t].uri, progress=False)
                 for t in ("t2i", "edit")}
@@ -304,7 +308,7 @@ def test_grpo_and_opd_stages_train_adapters_and_commit_merged_transformers(produ
         student = run_opd(lora, lora_base.uri, {k: v.uri for k, v in teachers.items()},
                           {t: filtered[t].uri for t in ("t2i", "edit")}, progress=False)
     for name in teachers:
-        assert f"opd: teacher {name} is its LoRA adapter on the student's transformer" in caplog.text
+        assert f"opd: teacher {name} is its LoRA adapter on the student's network" in caplog.text
     assert student.metrics["iterations"] == 2
     local = fetch(student.uri)
     assert {"adapter", "transformer", "reference.json"} <= {p.name for p in local.iterdir()}
@@ -331,8 +335,8 @@ def _ddp_update(tiny: str, micro: bool) -> dict[str, torch.Tensor]:
     from tests.rl.ddp_update import _task_batch
 
     rank, world = dist_info()
-    cfg = _grpo_cfg(prompts_per_iteration=LORA_DDP_PROMPTS, num_steps=3, timesteps_per_trajectory=2, lr=1e-3,
-                    micro_batch=1 if micro else None, gradient_checkpointing=micro)
+    cfg = _grpo_cfg(prompts_per_iteration=LORA_DDP_PROMPTS, rollout={"num_steps": 3}, timesteps={"per_trajectory": 2},
+                    optim={"lr": 1e-3, "micro_batch": 1 if micro else None, "gradient_checkpointing": micro})
     policy, module, base = lora_views(tiny)
     trainer = GRPOTrainer(policy, module, base, cfg, PromptSet(PROMPTS, ["x"] * 4, None), Brightness(),
                           lambda prompts: torch.ones(len(prompts), 1))

@@ -15,7 +15,7 @@ import torch
 
 from flowrl.config import ConfigError, FlowRLConfig, QwenImageModelConfig, _hash_payload, from_dict
 from flowrl.models.qwen_image import QwenImageModel, module_tensors, set_module_tensors
-from flowrl.stages.grpo import place_text_encoders
+from flowrl.stages.policy import place_text_encoders
 from tests.models.tiny_qwen_image import build_tiny_qwen_image
 
 HEIGHT, WIDTH = 32, 64

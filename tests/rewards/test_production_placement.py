@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flowrl.config import FlowRLConfig, RewardModelConfig
-from flowrl.rewards import production
+from flowrl.rewards import registry
 from flowrl.rewards.production import (
     SCORER_DTYPE, LazyVLMScorer, ReleasedAfterScoring, load_production_rewards, scorer_devices,
 )
@@ -137,7 +137,7 @@ def test_a_reward_server_spreads_the_composite_over_its_gpus(checkpoint, tmp_pat
     """spread (served_composite on a sidecar with grpo.reward_gpus): scorer i on cuda:(i % GPUs);
     without it each scorer loads on the process's GPU, decided at load time."""
     local = _artifact(tmp_path / "rm", checkpoint)
-    monkeypatch.setattr(production, "fetch", lambda uri: local)
+    monkeypatch.setattr(registry, "fetch", lambda uri: local)
     config = dataclasses.replace(FlowRLConfig(), reward_model=RewardModelConfig(backbone="vlm",
                                                                                 vlm_pretrained="unused"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

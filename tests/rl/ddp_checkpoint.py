@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from safetensors.torch import save_file  # noqa: E402
 
-from flowrl.config import GRPOConfig  # noqa: E402
+from flowrl.config import GRPOConfig, LoopConfig, OptimConfig, RolloutConfig, WindowTimestepsConfig  # noqa: E402
 from flowrl.rewards.base import RewardScores  # noqa: E402
 from flowrl.rl.distributed import dist_info, init_from_env, shutdown  # noqa: E402
 from flowrl.rl.grpo import GRPOTrainer, LocalRewards, PromptSet, settings_of  # noqa: E402
@@ -67,8 +67,9 @@ def _monitor(cfg, calls):
 
 
 def _fixed(out: Path, zero: int, rank: int, world: int) -> None:
-    cfg = GRPOConfig(prompts_per_iteration=4, group_size=3, num_steps=3, timestep_fraction=1.0,
-                     timesteps_per_trajectory=2, reward_chunks=1, lr=1e-2, zero_stage=zero, ema_decay=0.5)
+    cfg = GRPOConfig(prompts_per_iteration=4, group_size=3, rollout=RolloutConfig(num_steps=3),
+                     timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=2), reward_chunks=1,
+                     optim=OptimConfig(lr=1e-2, zero_stage=zero, ema_decay=0.5))
     model, calls = tiny_model(), []
     trainer = GRPOTrainer(model, model.net, None, cfg, PromptSet(PROMPTS, ["x"] * 4, None), rewards=None,
                           weights=lambda prompts: torch.ones(len(prompts), 1), monitor=_monitor(cfg, calls))
@@ -125,9 +126,10 @@ class _Recording(GRPOTrainer):
 
 
 def _run(out: Path, zero: int, store: str, stop_after=None, resume=False, record=False):
-    cfg = GRPOConfig(iterations=3, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
-                     timesteps_per_trajectory=1, eval_every=1, reward_chunks=1, lr=1e-2, checkpoint_every=1,
-                     zero_stage=zero, ema_decay=0.5)
+    cfg = GRPOConfig(loop=LoopConfig(iterations=3, eval_every=1, checkpoint_every=1), prompts_per_iteration=2,
+                     group_size=2, rollout=RolloutConfig(num_steps=2),
+                     timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=1),
+                     reward_chunks=1, optim=OptimConfig(lr=1e-2, zero_stage=zero, ema_decay=0.5))
     model, calls = tiny_model(), []
     rewards = LocalRewards(Brightness())
     cls = _Recording if record else GRPOTrainer

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from safetensors.torch import save_file  # noqa: E402
 
-from flowrl.config import GRPOConfig  # noqa: E402
+from flowrl.config import GRPOConfig, OptimConfig, RolloutConfig, TimestepsConfig, WindowTimestepsConfig  # noqa: E402
 from flowrl.rl.distributed import dist_info, init_from_env, shutdown  # noqa: E402
 from flowrl.rl.grpo import GRPOTrainer, IterationOutput, PromptSet, settings_of  # noqa: E402
 from flowrl.rl.objectives import group_advantages  # noqa: E402
@@ -52,8 +52,9 @@ def main(out: str, mode: str = "single", zero_stage: str = "0") -> None:
     torch.set_num_threads(1)
     init_from_env()
     rank, world = dist_info()
-    cfg = GRPOConfig(prompts_per_iteration=4, group_size=GROUP, num_steps=3, timestep_fraction=1.0,
-                     timesteps_per_trajectory=2, reward_chunks=1, lr=1e-3, zero_stage=int(zero_stage),
+    cfg = GRPOConfig(prompts_per_iteration=4, group_size=GROUP, rollout=RolloutConfig(num_steps=3),
+                     timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=2), reward_chunks=1,
+                     optim=OptimConfig(lr=1e-3, zero_stage=int(zero_stage)),
                      trainable=SUBSET if mode == "subset" else ())
     model = tiny_model()
     if mode == "opd":
@@ -62,8 +63,9 @@ def main(out: str, mode: str = "single", zero_stage: str = "0") -> None:
 
         sources = torch.rand(len(EDITS), 3, 32, 32, generator=torch.Generator().manual_seed(9))
         trainer = OPDTrainer(model, model.net, {"t": tiny_model(seed=1)},
-                             OPDConfig(prompts_per_iteration=8, num_steps=3, timesteps_per_trajectory=2, lr=1e-3,
-                                       zero_stage=int(zero_stage)),
+                             OPDConfig(prompts_per_iteration=8, num_steps=3,
+                                       timesteps=TimestepsConfig(per_trajectory=2),
+                                       optim=OptimConfig(lr=1e-3, zero_stage=int(zero_stage))),
                              {"t2i": PromptSet(PROMPTS, ["x"] * 4, None), "edit": PromptSet(EDITS, ["y"] * 4, sources)},
                              {"t2i": "t", "edit": "t"}, {"t2i": 0.5, "edit": 0.5}, guidance_scale=3.0)
         trainer.step(0)

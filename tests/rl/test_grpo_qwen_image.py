@@ -8,7 +8,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from flowrl.config import GRPOConfig
+from flowrl.config import GRPOConfig, LoopConfig, OptimConfig, RolloutConfig, WindowTimestepsConfig
 from flowrl.models.qwen_image import QwenImageModel
 from flowrl.rewards.base import RewardScores
 from flowrl.rl.grpo import GRPOTrainer, PromptSet
@@ -35,9 +35,11 @@ def tiny(tmp_path_factory):
 
 def _train(tiny, zero: int):
     model = QwenImageModel.from_pretrained(tiny, task="t2i", height=HEIGHT, width=WIDTH)
-    cfg = GRPOConfig(iterations=2, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
-                     timesteps_per_trajectory=1, reward_chunks=1, lr=1e-3, kl_coef=0.0, checkpoint_every=100,
-                     zero_stage=zero)
+    cfg = GRPOConfig(loop=LoopConfig(iterations=2, checkpoint_every=100), prompts_per_iteration=2, group_size=2,
+                     rollout=RolloutConfig(num_steps=2),
+                     timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=1),
+                     reward_chunks=1,
+                     optim=OptimConfig(lr=1e-3, zero_stage=zero), kl_coef=0.0)
     trainer = GRPOTrainer(model, model.transformer, None, cfg, PromptSet(PROMPTS, ["a", "b"], None), Brightness(),
                           lambda prompts: torch.ones(len(prompts), 1))
     try:

@@ -89,8 +89,8 @@ def test_with_unequal_step_kls_the_terms_differ_by_at_most_the_spread_of_dt():
 def test_shipped_qwen_image_kl_coef_is_flow_grpos_beta():
     config = load_config(ROOT / "configs" / "qwen_image.yaml")
     g, q = config.grpo, config.model.qwen_image
-    assert g.timesteps == "subset" and g.kl_anchor_steps == 0  # the KL averages over the trained window only
-    dts = qwen_image_window_dts(g.num_steps, g.timestep_fraction, g.timestep_start, q.height, q.width)
+    assert g.timesteps.mode == "subset" and g.kl_anchor_steps == 0  # the KL averages over the trained window only
+    dts = qwen_image_window_dts(g.rollout.num_steps, g.timesteps.fraction, g.timesteps.start, q.height, q.width)
     expected = flow_grpo_equivalent_kl_coef(FLOW_GRPO_BETA, dts)
     assert g.kl_coef == pytest.approx(expected, rel=1e-3)
 

@@ -1,5 +1,5 @@
-"""Memory knobs that must not change the update: micro-batches (grpo/opd.micro_batch), gradient
-checkpointing (grpo/opd.gradient_checkpointing) and the KL reference offloaded to the CPU
+"""Memory knobs that must not change the update: micro-batches (grpo/opd.optim.micro_batch), gradient
+checkpointing (grpo/opd.optim.gradient_checkpointing) and the KL reference offloaded to the CPU
 (grpo.reference_device), on the shapes model and on the tiny Qwen-Image transformer.
 
 Each test takes the same update twice on the same rollouts and compares the accumulated gradient
@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowrl.config import ConfigError, GRPOConfig, OPDConfig
+from flowrl.config import (ConfigError, GRPOConfig, OPDConfig, OptimConfig, RolloutConfig, TimestepsConfig,
+                           WindowTimestepsConfig)
 from flowrl.rl.grpo import GRPOTrainer, PromptSet
 from flowrl.rl.opd import OPDTrainer
 from tests.rl.conftest import tiny_model
@@ -34,10 +35,13 @@ def _assert_same(a: dict, b: dict) -> None:
         torch.testing.assert_close(b[key], value, atol=1e-7, rtol=1e-5)
 
 
-def _grpo_shapes(mixed: bool = False, **overrides):
-    """One GRPO update of the tiny shapes model on fixed rollouts (12 rows per task): (gradient, metrics)."""
-    cfg = GRPOConfig(prompts_per_iteration=4, group_size=3, num_steps=3, timestep_fraction=1.0,
-                     timesteps_per_trajectory=2, reward_chunks=1, lr=1e-3, grad_clip=NO_CLIP, **overrides)
+def _grpo_shapes(mixed: bool = False, optim: dict | None = None, rollout: dict | None = None, **overrides):
+    """One GRPO update of the tiny shapes model on fixed rollouts (12 rows per task): (gradient, metrics).
+    ``optim``, ``rollout``: keys of grpo.optim, grpo.rollout over the test's own."""
+    cfg = GRPOConfig(prompts_per_iteration=4, group_size=3,
+                     rollout=RolloutConfig(**{"num_steps": 3, **(rollout or {})}),
+                     timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=2), reward_chunks=1,
+                     optim=OptimConfig(**{"lr": 1e-3, "grad_clip": NO_CLIP, **(optim or {})}), **overrides)
     model = tiny_model()
     reference = tiny_model(seed=2) if cfg.kl_coef > 0 else None  # a reference that differs: the KL is not zero
     if mixed:
@@ -58,10 +62,11 @@ def _grpo_shapes(mixed: bool = False, **overrides):
 def test_grpo_micro_batches_take_the_whole_minibatch_update(mode):
     """12 rows in parts of 5, 5 and 2 (uneven: each part must weigh its rows), with the KL to a reference,
     with the guided objective (cfg_mode both), and with two tasks accumulating into one step."""
-    settings = {"hybrid_kl": dict(kl_coef=0.5), "both": dict(cfg_mode="both"), "mixed": dict(kl_coef=0.5)}[mode]
+    settings = {"hybrid_kl": dict(kl_coef=0.5), "both": dict(rollout={"cfg_mode": "both"}),
+                "mixed": dict(kl_coef=0.5)}[mode]
     mixed = mode == "mixed"
     whole, whole_metrics = _grpo_shapes(mixed, **settings)
-    parts, part_metrics = _grpo_shapes(mixed, micro_batch=5, **settings)
+    parts, part_metrics = _grpo_shapes(mixed, optim={"micro_batch": 5}, **settings)
     _assert_same(whole, parts)
     for key in ("train/loss", "train/kl", "train/clip_fraction", "train/ratio_dev"):
         assert part_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-5, abs=1e-7), key  # the loss: ~0
@@ -75,21 +80,22 @@ def test_grpo_gradient_checkpointing_on_the_shapes_blocks_takes_the_same_update(
     from flowrl.models.lora import enable_gradient_checkpointing
 
     names = list(model.net.state_dict())
-    enable_gradient_checkpointing(model.net, "grpo.gradient_checkpointing")
+    enable_gradient_checkpointing(model.net, "grpo.optim.gradient_checkpointing")
     assert all(type(b).__name__ == "CheckpointedBlock" for b in model.net.blocks)
     assert list(model.net.state_dict()) == names  # parameter names (checkpoints, trainable patterns) unchanged
-    recomputed, again = _grpo_shapes(kl_coef=0.5, gradient_checkpointing=True, micro_batch=4)
+    recomputed, again = _grpo_shapes(kl_coef=0.5, optim={"gradient_checkpointing": True, "micro_batch": 4})
     _assert_same(whole, recomputed)
     assert again["train/loss"] == pytest.approx(metrics["train/loss"], rel=1e-5)
-    with pytest.raises(ValueError, match="opd.gradient_checkpointing: Linear has neither"):
-        enable_gradient_checkpointing(torch.nn.Linear(2, 2), "opd.gradient_checkpointing")
+    with pytest.raises(ValueError, match="opd.optim.gradient_checkpointing: Linear has neither"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2), "opd.optim.gradient_checkpointing")
 
 
-def _opd_shapes(**overrides):
+def _opd_shapes(**optim):
+    """One OPD update of the tiny shapes model; ``optim``: keys of opd.optim."""
     sources = torch.rand(len(EDITS), 3, 32, 32, generator=torch.Generator().manual_seed(9))
     model = tiny_model()
-    cfg = OPDConfig(prompts_per_iteration=8, num_steps=3, timesteps_per_trajectory=2, lr=1e-3, grad_clip=NO_CLIP,
-                    **overrides)
+    cfg = OPDConfig(prompts_per_iteration=8, num_steps=3, timesteps=TimestepsConfig(per_trajectory=2),
+                    optim=OptimConfig(lr=1e-3, grad_clip=NO_CLIP, **optim))
     trainer = OPDTrainer(model, model.net, {"a": tiny_model(seed=1), "b": tiny_model(seed=3)}, cfg,
                          {"t2i": PromptSet(PROMPTS, ["x", "x", "z", "z"], None),
                           "edit": PromptSet(EDITS, ["y"] * 4, sources)},
@@ -111,14 +117,14 @@ def test_micro_batch_must_be_positive_naming_the_key(tmp_path):
     from tests.conftest import write_config
 
     for section in ("grpo", "opd"):
-        with pytest.raises(ConfigError, match=rf"{section}.micro_batch: expected int >= 1, got 0"):
-            load_config(write_config(tmp_path, **{section: {"micro_batch": 0}}))
+        with pytest.raises(ConfigError, match=rf"{section}.optim.micro_batch: expected int >= 1, got 0"):
+            load_config(write_config(tmp_path, **{section: {"optim": {"micro_batch": 0}}}))
     with pytest.raises(ConfigError, match=r"grpo.reference_device: expected one of \['same', 'cpu'\]"):
         load_config(write_config(tmp_path, grpo={"reference_device": "gpu"}))
 
 
 def test_an_offloaded_reference_is_a_frozen_copy_on_its_device_and_gives_the_same_kl():
-    from flowrl.stages.grpo import OffloadedModel, frozen_copy, offloaded_reference
+    from flowrl.stages.policy import OffloadedModel, frozen_copy, offloaded_reference
 
     model = tiny_model()
     copied = frozen_copy(model.net, "cpu")
@@ -130,8 +136,9 @@ def test_an_offloaded_reference_is_a_frozen_copy_on_its_device_and_gives_the_sam
     kept, _ = _grpo_shapes(kl_coef=0.5)
 
     def offloaded_grads():
-        cfg = GRPOConfig(prompts_per_iteration=4, group_size=3, num_steps=3, timestep_fraction=1.0,
-                         timesteps_per_trajectory=2, reward_chunks=1, lr=1e-3, grad_clip=NO_CLIP, kl_coef=0.5)
+        cfg = GRPOConfig(prompts_per_iteration=4, group_size=3, rollout=RolloutConfig(num_steps=3),
+                         timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=2), reward_chunks=1,
+                         optim=OptimConfig(lr=1e-3, grad_clip=NO_CLIP), kl_coef=0.5)
         policy = tiny_model()
         base = tiny_model(seed=2)
         trainer = GRPOTrainer(policy, policy.net, offloaded_reference(base, base.net, "cpu"), cfg,
@@ -152,13 +159,13 @@ def tiny_qwen(tmp_path_factory):
     return build_tiny_qwen_image(tmp_path_factory.mktemp("micro_qwen"), task="t2i")
 
 
-def _grpo_qwen(tiny, offload: bool = False, **overrides):
+def _grpo_qwen(tiny, offload: bool = False, **optim):
     from flowrl.models.qwen_image import QwenImageModel
-    from flowrl.stages.grpo import offloaded_reference
+    from flowrl.stages.policy import offloaded_reference
 
-    cfg = GRPOConfig(prompts_per_iteration=4, group_size=3, num_steps=3, timestep_fraction=1.0,
-                     timesteps_per_trajectory=2, reward_chunks=1, lr=1e-3, grad_clip=NO_CLIP, kl_coef=0.5,
-                     **overrides)
+    cfg = GRPOConfig(prompts_per_iteration=4, group_size=3, rollout=RolloutConfig(num_steps=3),
+                     timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=2), reward_chunks=1,
+                     optim=OptimConfig(lr=1e-3, grad_clip=NO_CLIP, **optim), kl_coef=0.5)
     model = QwenImageModel.from_pretrained(tiny, task="t2i", height=32, width=32)
     reference = QwenImageModel.from_pretrained(tiny, task="t2i", height=32, width=32)
     with torch.no_grad():  # a reference that differs from the policy: the KL term has a gradient

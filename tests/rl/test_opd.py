@@ -3,6 +3,7 @@ point, the unbiased step subset, off-policy states, routing, and a loss that
 falls on a smoke setting."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -21,9 +22,13 @@ EDIT = PromptSet(["make the red circle blue", "remove the blue square"], ["recol
                  torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
 
 
-def _trainer(student, teachers, routes=None, **overrides):
-    cfg = OPDConfig(**{"prompts_per_iteration": 4, "num_steps": 3, "timesteps_per_trajectory": 2, "lr": 1e-3,
-                       **overrides})
+def _trainer(student, teachers, routes=None, timesteps=None, loop=None, **overrides):
+    """``timesteps``, ``loop``: keys of those subsections of opd over the test's own (and OPD's defaults)."""
+    defaults = OPDConfig()
+    cfg = OPDConfig(**{"prompts_per_iteration": 4, "num_steps": 3, **overrides},
+                    timesteps=dataclasses.replace(defaults.timesteps, **{"per_trajectory": 2, **(timesteps or {})}),
+                    optim=dataclasses.replace(defaults.optim, lr=1e-3),
+                    loop=dataclasses.replace(defaults.loop, **(loop or {})))
     routes = routes or {"t2i": "t", "edit": "e"}
     return OPDTrainer(student, student.net, teachers, cfg, {"t2i": T2I, "edit": EDIT}, routes,
                       {"t2i": 0.5, "edit": 0.5}, guidance_scale=3.0)
@@ -69,7 +74,7 @@ def test_student_equal_to_its_only_teacher_has_zero_loss_and_gradient(states):
 
 def test_subset_of_steps_is_an_unbiased_estimate_of_the_full_sum():
     student, teacher = tiny_model(seed=0), tiny_model(seed=1)
-    trainer = _trainer(student, {"t": teacher, "e": teacher}, timesteps_per_trajectory=1)
+    trainer = _trainer(student, {"t": teacher, "e": teacher}, timesteps={"per_trajectory": 1})
     errors = torch.tensor([1.0, 2.0, 7.0])  # per-step squared errors of one trajectory
     gen = torch.Generator().manual_seed(0)
     draws = []
@@ -77,7 +82,7 @@ def test_subset_of_steps_is_an_unbiased_estimate_of_the_full_sum():
         steps, scale = trainer._select_steps(1, gen)
         draws.append(scale * errors[steps[0]].sum().item())
     assert np.mean(draws) == pytest.approx(errors.sum().item(), rel=0.05)
-    full = _trainer(student, {"t": teacher, "e": teacher}, timesteps="all")
+    full = _trainer(student, {"t": teacher, "e": teacher}, timesteps={"mode": "all"})
     steps, scale = full._select_steps(2, gen)
     assert scale == 1.0 and steps.tolist() == [[0, 1, 2], [0, 1, 2]]
 
@@ -163,8 +168,8 @@ def test_task_counts_split_by_fraction():
 
 def test_loss_falls_on_a_smoke_setting():
     student, teacher = tiny_model(seed=0), tiny_model(seed=1)
-    trainer = _trainer(student, {"t": teacher, "e": teacher}, iterations=40, prompts_per_iteration=8,
-                       timesteps="all", checkpoint_every=1000)
+    trainer = _trainer(student, {"t": teacher, "e": teacher}, loop={"iterations": 40, "checkpoint_every": 1000},
+                       prompts_per_iteration=8, timesteps={"mode": "all"})
     state = trainer.train(progress=False).state
     losses = [h["train/loss"] for h in state.history]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses

@@ -3,6 +3,7 @@ student transformer behind a T2I and an edit pipeline view, a T2I teacher and
 an edit teacher, two iterations of two steps (docs/design.md, Invariants)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -37,9 +38,13 @@ def _student(tiny):
     return t2i, edit
 
 
-def _trainer(student_t2i, student_edit, teachers, **overrides):
-    cfg = OPDConfig(**{"iterations": 2, "prompts_per_iteration": 2, "num_steps": 2, "timesteps": "all",
-                       "lr": 1e-3, "checkpoint_every": 100, **overrides})
+def _trainer(student_t2i, student_edit, teachers, optim=None, **overrides):
+    """``optim``: keys of opd.optim over the test's own."""
+    defaults = OPDConfig()
+    cfg = OPDConfig(**{"prompts_per_iteration": 2, "num_steps": 2, **overrides},
+                    loop=dataclasses.replace(defaults.loop, iterations=2, checkpoint_every=100),
+                    timesteps=dataclasses.replace(defaults.timesteps, mode="all"),
+                    optim=dataclasses.replace(defaults.optim, **{"lr": 1e-3, **(optim or {})}))
     sources = torch.rand(2, 3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(1))
     prompts = {"t2i": PromptSet(["a red circle left of a blue square", "two green triangles"], ["a", "b"], None),
                "edit": PromptSet(["make the circle purple", "remove the square"], ["c", "d"], sources)}
@@ -87,7 +92,7 @@ def test_qwen_image_student_under_deepspeed_zero_takes_the_plain_update(tiny, ze
         "edit_teacher": _perturbed(QwenImageModel.from_pretrained(tiny, task="edit", height=HEIGHT, width=WIDTH), 2),
     }
     plain = _trainer(*_student(tiny), teachers).train(progress=False)
-    trainer = _trainer(*_student(tiny), teachers, zero_stage=zero)
+    trainer = _trainer(*_student(tiny), teachers, optim={"zero_stage": zero})
     try:
         assert trainer.engine.zero_stage == zero
         sharded = trainer.train(progress=False)

@@ -1,5 +1,5 @@
 """opd.states_per_forward: OPD's forwards over parts of (trajectory, matched state) pairs, below one
-trajectory, take the whole batch's update and report its losses; with opd.micro_batch the pairs are cut
+trajectory, take the whole batch's update and report its losses; with opd.optim.micro_batch the pairs are cut
 within each trajectory part. On the shapes model and on the tiny Qwen-Image transformer.
 
 Each test takes the same update twice on the same rollouts and compares the accumulated gradient (the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowrl.config import ConfigError, OPDConfig, _hash_payload
+from flowrl.config import ConfigError, OPDConfig, OptimConfig, TimestepsConfig, _hash_payload
 from flowrl.rl.grpo import PromptSet
 from flowrl.rl.opd import OPDTrainer, pair_parts
 from tests.rl.conftest import tiny_model
@@ -34,15 +34,15 @@ def _rows_per_forward(module: torch.nn.Module, seen: list[int]):
     return module.register_forward_pre_hook(record, with_kwargs=True)
 
 
-def _opd_shapes(**overrides):
+def _opd_shapes(optim=None, **overrides):
     """One OPD update of the tiny shapes model, two tasks of 4 trajectories with K = 2 matched states each,
     the T2I rows split over two teachers: (gradient, weights after the step, metrics, rows of each student
     forward of the update, rows of each teacher forward)."""
     sources = torch.rand(len(EDITS), 3, 32, 32, generator=torch.Generator().manual_seed(9))
     model = tiny_model()
     teachers = {"a": tiny_model(seed=1), "b": tiny_model(seed=3)}
-    cfg = OPDConfig(prompts_per_iteration=8, num_steps=3, timesteps_per_trajectory=2, lr=1e-3, grad_clip=NO_CLIP,
-                    **overrides)
+    cfg = OPDConfig(prompts_per_iteration=8, num_steps=3, timesteps=TimestepsConfig(per_trajectory=2),
+                    optim=OptimConfig(**{"lr": 1e-3, "grad_clip": NO_CLIP, **(optim or {})}), **overrides)
     trainer = OPDTrainer(model, model.net, teachers, cfg,
                          {"t2i": PromptSet(PROMPTS, ["x", "x", "z", "z"], None),
                           "edit": PromptSet(EDITS, ["y"] * 4, sources)},
@@ -108,12 +108,12 @@ def test_states_per_forward_takes_the_whole_batch_update(whole, per_forward):
 def test_states_per_forward_cuts_within_each_micro_batch(whole):
     """micro_batch 3 trajectories (parts of 3 and 1 per task) with states_per_forward 4: the 6 pairs of
     the first part in 4 + 2, the last trajectory's 2 on their own; the same update."""
-    both = _opd_shapes(micro_batch=3, states_per_forward=4)
+    both = _opd_shapes(optim={"micro_batch": 3}, states_per_forward=4)
     _assert_same_update(whole, both)
     assert both[3] == [8, 4, 4] * 2
     assert _opd_shapes(states_per_forward=4)[3] == [8, 8] * 2  # without micro_batch: 4 + 4 pairs per task
     # a states_per_forward beyond a micro-batch's pairs leaves micro_batch's parts as they are
-    assert _opd_shapes(micro_batch=3, states_per_forward=100)[3] == [12, 4] * 2
+    assert _opd_shapes(optim={"micro_batch": 3}, states_per_forward=100)[3] == [12, 4] * 2
 
 
 def test_unset_keeps_today_s_path(monkeypatch):
@@ -121,7 +121,7 @@ def test_unset_keeps_today_s_path(monkeypatch):
         raise AssertionError("the pair path ran with states_per_forward unset")
 
     monkeypatch.setattr(OPDTrainer, "_pair_velocities", refuse)
-    _, _, metrics, student_rows, _ = _opd_shapes(micro_batch=3)
+    _, _, metrics, student_rows, _ = _opd_shapes(optim={"micro_batch": 3})
     assert student_rows == [12, 4] * 2 and metrics["train/loss"] > 0
     assert "states_per_forward" not in _hash_payload(OPDConfig())  # earlier section hashes stay valid
     assert _hash_payload(OPDConfig(states_per_forward=2))["states_per_forward"] == 2
@@ -157,7 +157,7 @@ def _opd_qwen(tiny, **overrides):
         "edit_teacher": _perturbed(QwenImageModel.from_pretrained(tiny, task="edit", height=HEIGHT, width=WIDTH), 2),
     }
     student_t2i, student_edit = _student(tiny)
-    trainer = _trainer(student_t2i, student_edit, teachers, num_steps=3, grad_clip=NO_CLIP, **overrides)
+    trainer = _trainer(student_t2i, student_edit, teachers, num_steps=3, optim={"grad_clip": NO_CLIP}, **overrides)
     batches = trainer.collect(0)
     rows: list[int] = []
     hook = _rows_per_forward(student_t2i.transformer, rows)

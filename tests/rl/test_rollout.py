@@ -46,7 +46,7 @@ def test_subset_timesteps_come_from_the_noisy_start_and_are_distinct():
     assert idx.shape == (64, 2) and idx.max() < 5 and (idx[:, 0] != idx[:, 1]).all()
     assert set(idx.flatten().tolist()) == {0, 1, 2, 3, 4}
     assert select_timesteps(3, 10, "all", 0.5, 2, torch.Generator()).tolist() == [list(range(10))] * 3
-    with pytest.raises(ValueError, match="timesteps_per_trajectory"):
+    with pytest.raises(ValueError, match="timesteps.per_trajectory"):
         select_timesteps(3, 10, "subset", 0.2, 3, torch.Generator())
 
 

@@ -1,4 +1,4 @@
-"""grpo.rollout_micro_batch: a rollout chunk sampled (and decoded) in parts of
+"""grpo.rollout.micro_batch: a rollout chunk sampled (and decoded) in parts of
 at most that many trajectories is the rollout of the whole chunk at once: the
 noise is drawn for the whole chunk in the same order, only the forwards are
 split. On the shapes model, on the tiny Qwen-Image pipeline (t2i and edit)
@@ -11,7 +11,8 @@ import dataclasses
 import pytest
 import torch
 
-from flowrl.config import ConfigError, FlowRLConfig, GRPOConfig, from_dict
+from flowrl.config import (ConfigError, FlowRLConfig, GRPOConfig, LoopConfig, OptimConfig, RolloutConfig,
+                           WindowTimestepsConfig, from_dict)
 from flowrl.models.base import FlowModel
 from flowrl.rewards.base import RewardScores
 from flowrl.rl.grpo import GRPOTrainer, LocalRewards, PromptSet, settings_of
@@ -159,9 +160,10 @@ class _Brightness:
 
 
 def _grpo_iteration(rollout_micro_batch):
-    cfg = GRPOConfig(iterations=1, prompts_per_iteration=4, group_size=3, num_steps=3, timestep_fraction=1.0,
-                     timesteps_per_trajectory=2, reward_chunks=2, lr=1e-2, kl_coef=0.0, checkpoint_every=100,
-                     eval_every=100, rollout_micro_batch=rollout_micro_batch)
+    cfg = GRPOConfig(loop=LoopConfig(iterations=1, checkpoint_every=100, eval_every=100), prompts_per_iteration=4,
+                     group_size=3, rollout=RolloutConfig(num_steps=3, micro_batch=rollout_micro_batch),
+                     timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=2), reward_chunks=2,
+                     optim=OptimConfig(lr=1e-2), kl_coef=0.0)
     model = tiny_model()
     rewards = LocalRewards(_Brightness())
     prompts = PromptSet(["a red circle", "a blue square", "two green triangles", "a yellow star"], list("abcd"), None)
@@ -196,14 +198,15 @@ def test_grpo_iteration_with_rollout_parts_is_the_same_iteration():
 
 def test_the_key_reaches_the_rollout_settings_and_is_validated():
     assert settings_of(GRPOConfig()).micro_batch is None
-    assert settings_of(GRPOConfig(rollout_micro_batch=3)).micro_batch == 3
-    assert from_dict(FlowRLConfig, {"grpo": {"rollout_micro_batch": 2}}).grpo.rollout_micro_batch == 2
-    with pytest.raises((ConfigError, ValueError), match="rollout_micro_batch"):
-        from_dict(FlowRLConfig, {"grpo": {"rollout_micro_batch": 0}})
+    assert settings_of(GRPOConfig(rollout=RolloutConfig(micro_batch=3))).micro_batch == 3
+    assert from_dict(FlowRLConfig, {"grpo": {"rollout": {"micro_batch": 2}}}).grpo.rollout.micro_batch == 2
+    with pytest.raises(ConfigError, match=r"grpo.rollout.micro_batch: expected int >= 1"):
+        from_dict(FlowRLConfig, {"grpo": {"rollout": {"micro_batch": 0}}})
     # at its default the key leaves the section hash alone (results keyed before it existed stay valid)
     base = from_dict(FlowRLConfig, {})
-    assert from_dict(FlowRLConfig, {"grpo": {"rollout_micro_batch": None}}).section_hash("grpo") == \
-        base.section_hash("grpo")
+    for section in ("grpo", "grpo.rollout"):
+        assert from_dict(FlowRLConfig, {"grpo": {"rollout": {"micro_batch": None}}}).section_hash(section) == \
+            base.section_hash(section)
 
 
 @pytest.mark.parametrize("guided", [True, False])

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from flowrl.config import GRPOConfig
+from flowrl.config import GRPOConfig, LoopConfig, OptimConfig, RolloutConfig, WindowTimestepsConfig
 from flowrl.rl.grpo import GRPOTrainer, LocalRewards, PromptSet
 from flowrl.rl.trainer import (
     Checkpoints,
@@ -76,9 +76,10 @@ class _ConstantReward:
 
 
 def test_stop_on_hacking_stops_and_keeps_the_state():
-    cfg = GRPOConfig(iterations=6, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
-                     timesteps_per_trajectory=1, eval_every=1, reward_chunks=1, stop_on_hacking=True,
-                     hacking_threshold=0.01)
+    cfg = GRPOConfig(loop=LoopConfig(iterations=6, eval_every=1), prompts_per_iteration=2, group_size=2,
+                     rollout=RolloutConfig(num_steps=2),
+                     timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=1), reward_chunks=1,
+                     stop_on_hacking=True, hacking_threshold=0.01)
     scores = iter([0.5, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1])  # held-out: best at iteration 1, then a collapse
     model = tiny_model()
     rewards = LocalRewards(_ConstantReward())
@@ -102,8 +103,10 @@ def test_stop_on_hacking_stops_and_keeps_the_state():
 
 
 def test_fidelity_collapse_is_hacking_even_when_alignment_rises():
-    cfg = GRPOConfig(iterations=4, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
-                     timesteps_per_trajectory=1, eval_every=1, reward_chunks=1, hacking_threshold=0.02)
+    cfg = GRPOConfig(loop=LoopConfig(iterations=4, eval_every=1), prompts_per_iteration=2, group_size=2,
+                     rollout=RolloutConfig(num_steps=2),
+                     timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=1), reward_chunks=1,
+                     hacking_threshold=0.02)
     readings = iter([(0.5, 0.96), (0.55, 0.95), (0.6, 0.90), (0.65, 0.85), (0.7, 0.80)])
     model = tiny_model()
     rewards = LocalRewards(_ConstantReward())
@@ -124,9 +127,11 @@ def test_epochs_pass_over_the_same_rollouts_again_and_the_clip_then_binds():
     exactly 1, later ones do not, so a clip range below their deviation clips. One epoch is the old update."""
 
     def run(epochs, clip_range=1e-6):
-        cfg = GRPOConfig(iterations=1, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
-                         timesteps_per_trajectory=1, eval_every=100, reward_chunks=1, minibatches=2, epochs=epochs,
-                         lr=1e-2, clip_range=clip_range)
+        cfg = GRPOConfig(loop=LoopConfig(iterations=1, eval_every=100), prompts_per_iteration=2, group_size=2,
+                         rollout=RolloutConfig(num_steps=2),
+                         timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=1),
+                         reward_chunks=1,
+                         minibatches=2, epochs=epochs, optim=OptimConfig(lr=1e-2), clip_range=clip_range)
         model = tiny_model()
         rewards = LocalRewards(_ConstantReward())
         trainer = GRPOTrainer(model, model.net, None, cfg,
@@ -172,9 +177,11 @@ def test_anchor_kl_weight_reaches_the_loss_and_leaves_the_measured_kl_alone():
     unweighted update."""
 
     def run(anchor_coef):
-        cfg = GRPOConfig(iterations=1, prompts_per_iteration=2, group_size=2, num_steps=4, timestep_fraction=0.5,
-                         timesteps_per_trajectory=1, kl_coef=0.5, kl_anchor_steps=2, kl_anchor_coef=anchor_coef,
-                         eval_every=100, reward_chunks=1)
+        cfg = GRPOConfig(loop=LoopConfig(iterations=1, eval_every=100), prompts_per_iteration=2, group_size=2,
+                         rollout=RolloutConfig(num_steps=4),
+                         timesteps=WindowTimestepsConfig(fraction=0.5, per_trajectory=1),
+                         kl_coef=0.5,
+                         kl_anchor_steps=2, kl_anchor_coef=anchor_coef, reward_chunks=1)
         model = tiny_model()
         rewards = LocalRewards(_FlatReward())
         trainer = GRPOTrainer(model, model.net, tiny_model(seed=1), cfg,
@@ -301,9 +308,10 @@ def test_trainable_patterns_train_only_the_matching_parameters_and_resume_exactl
     pattern = "blocks.*.qkv.*"
 
     def trainer_for(root, trainable=(pattern,)):
-        cfg = GRPOConfig(iterations=2, prompts_per_iteration=2, group_size=2, num_steps=2, timestep_fraction=1.0,
-                         timesteps_per_trajectory=1, eval_every=100, reward_chunks=1, lr=1e-2, checkpoint_every=1,
-                         trainable=trainable)
+        cfg = GRPOConfig(loop=LoopConfig(iterations=2, eval_every=100, checkpoint_every=1), prompts_per_iteration=2,
+                         group_size=2, rollout=RolloutConfig(num_steps=2),
+                         timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=1),
+                         reward_chunks=1, optim=OptimConfig(lr=1e-2), trainable=trainable)
         model = tiny_model()
         rewards = LocalRewards(_ConstantReward())
         trainer = GRPOTrainer(model, model.net, None, cfg,

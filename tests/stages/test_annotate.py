@@ -21,7 +21,7 @@ def test_annotate_writes_valid_datasets_with_lineage(smoke_config):
     pointwise, report = load_annotations(local / "pointwise.parquet", "pointwise")
     pairwise, _ = load_annotations(local / "pairwise.parquet", "pairwise")
     a = config.annotate
-    prompts = 6 * a.t2i_per_category + 4 * a.edits_per_kind
+    prompts = 6 * a.t2i_per_category + 4 * a.edit_per_kind
     images_per_prompt = 4 + a.model_samples
     assert len(pointwise) == prompts * images_per_prompt * a.labels_per_image
     assert len(pairwise) == prompts * a.pairs_per_prompt

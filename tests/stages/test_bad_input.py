@@ -47,8 +47,8 @@ CONFIG_CASES = [
     ("wrong type", {"base": {"lr": "fast"}}, "base.lr"),
     ("out of range", {"grpo": {"group_size": 0}}, "grpo.group_size"),
     ("section not a mapping", {"grpo": [1, 2]}, "grpo"),
-    ("unknown choice", {"grpo": {"cfg_mode": "sometimes"}}, "grpo.cfg_mode"),
-    ("unknown family", {"model": {"family": "sd3"}}, "model.family"),
+    ("unknown choice", {"grpo": {"rollout": {"cfg_mode": "sometimes"}}}, "grpo.rollout.cfg_mode"),
+    ("unknown family", {"model": {"family": "sdxl"}}, "model.family"),
     ("bad bench scorer", {"bench": {"scorer": "vibes"}}, "bench.scorer"),
     ("empty anchor", {"bench": {"anchor": ""}}, "bench.anchor"),
 ]

@@ -53,7 +53,7 @@ def _wait_for_checkpoints(proc, out, n: int) -> None:
 
 def _config(tmp_path, port: int, timeout_s: float, retries: int):
     return write_config(tmp_path, grpo={
-        "iterations": ITERATIONS, "checkpoint_every": 2, "eval_every": ITERATIONS, "reward_backend": "server",
+        "loop": {"iterations": ITERATIONS, "checkpoint_every": 2, "eval_every": ITERATIONS}, "reward_backend": "server",
         "reward_url": f"http://127.0.0.1:{port}", "reward_timeout_s": timeout_s, "reward_retries": retries,
     })
 
@@ -142,7 +142,8 @@ def test_non_finite_rewards_stop_the_run_naming_the_step_and_the_last_checkpoint
             done.set_result(scores)
             return done
 
-    path = write_config(tmp_path, grpo={"iterations": ITERATIONS, "checkpoint_every": 2, "eval_every": ITERATIONS})
+    path = write_config(tmp_path, grpo={"loop": {"iterations": ITERATIONS, "checkpoint_every": 2,
+                                                         "eval_every": ITERATIONS}})
     config = load_config(path)
     stage_cfg = config.grpo
     monkeypatch.setattr(stage, "LocalRewards", PoisonedAt)

@@ -55,13 +55,13 @@ def test_grpo_trains_and_writes_a_teacher(upstream, task):
     local = fetch(result.uri)
     load_checkpoint(local, expected_family="shapes")
     m = result.metrics
-    assert m["iterations"] == config.grpo.iterations and m["task"] == task
+    assert m["iterations"] == config.grpo.loop.iterations and m["task"] == task
     headline = "t2i/alignment" if task == "t2i" else "edit/accuracy"
     assert headline in m["base"] and headline in m["teacher"]
     # the monitor ran at iteration 0 and every eval_every iterations
     assert [e["iteration"] for e in m["monitor"]] == [0, 2, 4]
     history = json.loads((local / "history.json").read_text())["history"]
-    assert len(history) == config.grpo.iterations
+    assert len(history) == config.grpo.loop.iterations
     assert all(abs(h["train/ratio_dev"]) < 1.0 for h in history)
     for name in ("curves.png", "grid.png"):
         assert (local / name).read_bytes()[:4] == b"\x89PNG"
@@ -118,8 +118,9 @@ def test_rewards_through_a_sidecar_reward_server(upstream, tmp_path):
     import dataclasses
 
     _, config, base, rm, prompts = upstream
-    served = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, reward_backend="server", iterations=2))
-    local = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, iterations=2))
+    two = dataclasses.replace(config.grpo.loop, iterations=2)
+    served = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, reward_backend="server", loop=two))
+    local = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, loop=two))
     remote = run_grpo(served, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "s"),
                       progress=False)
     inproc = run_grpo(local, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "l"),
@@ -160,7 +161,7 @@ def test_opd_distils_both_teachers_into_a_student(upstream, teachers, states):
         "base": base.uri, "teacher_t2i_teacher": teachers["t2i_teacher"],
         "teacher_edit_teacher": teachers["edit_teacher"], "prompts_edit": uris["edit"], "prompts_t2i": uris["t2i"]}
     m = result.metrics
-    assert m["states"] == states and m["iterations"] == config.opd.iterations
+    assert m["states"] == states and m["iterations"] == config.opd.loop.iterations
     assert [e["iteration"] for e in m["monitor"]] == [0, 2, 4]
     history = json.loads((local / "history.json").read_text())["history"]
     assert all(h["train/loss"] > 0 for h in history)
@@ -205,7 +206,7 @@ def test_opd_bad_inputs_fail_before_any_work(upstream, teachers):
 
 
 def test_zero3_run_resumes_exactly_and_matches_plain_pytorch(upstream, tmp_path):
-    """grpo.zero_stage 3 in one process (DeepSpeed's CPU accelerator, a process group of one): the
+    """grpo.optim.zero_stage 3 in one process (DeepSpeed's CPU accelerator, a process group of one): the
     whole loop (rollouts through the partitioned weights, monitor on a gathered copy, checkpoints
     assembled from the partitions) gives a run that a kill + resume reproduces bit for bit and
     that equals plain PyTorch's to float precision."""
@@ -216,7 +217,8 @@ def test_zero3_run_resumes_exactly_and_matches_plain_pytorch(upstream, tmp_path)
     import os
 
     _, config, base, rm, prompts = upstream
-    zero = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, zero_stage=3))
+    zero = dataclasses.replace(config, grpo=dataclasses.replace(
+        config.grpo, optim=dataclasses.replace(config.grpo.optim, zero_stage=3)))
     linear, local_rank = torch.nn.functional.linear, os.environ.get("LOCAL_RANK")
     plain = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "p"),
                      progress=False)
@@ -239,7 +241,7 @@ def test_zero3_run_resumes_exactly_and_matches_plain_pytorch(upstream, tmp_path)
 
 
 def test_two_process_zero3_grpo_stage_ends_where_ddp_does(upstream, tmp_path):
-    """`torchrun --nproc_per_node 2 -m flowrl.cli grpo` with grpo.zero_stage 3 (rollouts through
+    """`torchrun --nproc_per_node 2 -m flowrl.cli grpo` with grpo.optim.zero_stage 3 (rollouts through
     partitioned weights on both ranks, the monitor on rank 0's gathered copy, checkpoints assembled
     from both ranks' partitions) trains the teacher DDP trains with the same two processes (each
     rank draws its own rollout noise, so one process would sample other trajectories)."""
@@ -256,7 +258,7 @@ def test_two_process_zero3_grpo_stage_ends_where_ddp_does(upstream, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     runs = {}
     for zero in (0, 3):
-        path = write_config(tmp_path / str(zero), grpo={"zero_stage": zero, "reward_chunks": 1})
+        path = write_config(tmp_path / str(zero), grpo={"optim": {"zero_stage": zero}, "reward_chunks": 1})
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), "-m", "flowrl.cli", "grpo", "--config", str(path), "--task", "t2i",
                "--base", base.uri, "--reward-model", rm.uri, "--prompts", prompts["t2i"].uri,
@@ -283,7 +285,7 @@ def test_two_process_zero3_grpo_stage_ends_where_ddp_does(upstream, tmp_path):
     for zero in (0, 3):
         (uri,) = (tmp_path / str(zero) / "out" / "grpo_t2i.checkpoints").glob("*-0000002")
         model = load_checkpoint(fetch(base.uri), expected_family="shapes")
-        engine = TorchEngine(model.net, lr=config.grpo.lr, weight_decay=0.0, grad_clip=1.0)
+        engine = TorchEngine(model.net, lr=config.grpo.optim.lr, weight_decay=0.0, grad_clip=1.0)
         state = Checkpoints(ArtifactStore(str(tmp_path)), "grpo_t2i", "x").load_into(str(uri), engine, None)
         assert state.iteration == 2
         loaded.append((engine.full_state_dict(), engine.optimizer_state()["state"]))

@@ -63,8 +63,8 @@ def _same(a: str, b: str) -> None:
 def longer(upstream, tmp_path_factory):
     """The smoke config with 8 GRPO / OPD iterations, checkpoints every 2."""
     root = tmp_path_factory.mktemp("preempt")
-    path = write_config(root, grpo={"iterations": ITERATIONS, "checkpoint_every": 2, "eval_every": 4},
-                        opd={"iterations": ITERATIONS, "checkpoint_every": 2, "eval_every": 4})
+    path = write_config(root, grpo={"loop": {"iterations": ITERATIONS, "checkpoint_every": 2, "eval_every": 4}},
+                        opd={"loop": {"iterations": ITERATIONS, "checkpoint_every": 2, "eval_every": 4}})
     return root, path, load_config(path)
 
 
@@ -113,7 +113,7 @@ def test_a_flyte_retry_of_the_grpo_task_resumes_to_the_uninterrupted_run(upstrea
     root, _, config = longer
     whole = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(root / "whole"),
                      progress=False)
-    path = write_config(tmp_path, grpo={"iterations": ITERATIONS, "checkpoint_every": 2, "eval_every": 4})
+    path = write_config(tmp_path, grpo={"loop": {"iterations": ITERATIONS, "checkpoint_every": 2, "eval_every": 4}})
     out = tmp_path / "artifacts"  # the config's run.artifact_root, where the task writes
     argv = ["grpo", "--config", str(path), "--task", "t2i", "--base", base.uri, "--reward-model", rm.uri,
             "--prompts", prompts["t2i"].uri, "--no-tracking"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flowrl.config import ConfigError, load_config
+from flowrl.config import ConfigError, load_config, merge_data
 from flowrl.models import CheckpointError, load_policy, trainable_module
 from flowrl.prompt_files import PromptFileError, heldout_mask, load_prompt_file
 from flowrl.stages.annotate import run_annotate
@@ -79,26 +79,25 @@ def _qwen_config(root, labels: dict[str, str], weights, vlm, prompts: dict[str, 
         reward_model={"backbone": "vlm", "vlm_pretrained": str(vlm), "vlm_rationale": False, "steps": 2,
                       "easy_steps": 1, "batch_size": 2, "lr": 1e-4, "t2i_criteria": ["alignment"],
                       "edit_criteria": ["alignment"], "pairwise": True},
-        rewards={"t2i": {"alignment": 1.0, "quality": 0.0, "fidelity": 0.0},
-                 "edit": {"instruction": 1.0, "identity": 0.0}},
+        rewards={"t2i": [{"name": "alignment", "scorer": "learned", "weight": 1.0}],
+                 "edit": [{"name": "instruction", "scorer": "learned", "criterion": "alignment", "weight": 1.0}]},
         filter={"t2i_prompts": prompts["t2i"], "edit_prompts": prompts["edit"], "heldout_fraction": 0.3,
-                "group_size": 2, "num_steps": 2, "batch_size": 8, "threshold": 0.25},
-        grpo={"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "num_steps": 2, "guidance_scale": 2.0,
-              "timestep_fraction": 1.0, "timesteps_per_trajectory": 1, "lr": 1e-3, "kl_coef": 0.1,
-              "minibatches": 1, "zero_stage": 0, "reward_chunks": 1, "reward_backend": "inprocess",
-              "reward_gpus": 0,
-              "eval_every": 1, "monitor_per_category": 1, "monitor_reward": "pairwise", "checkpoint_every": 100,
-              "grid_every": 1, "balance_categories": False},
-        opd={"iterations": 2, "prompts_per_iteration": 2, "num_steps": 2, "guidance_scale": 2.0, "timesteps": "all",
-             "lr": 1e-3, "ema_decay": 0.0, "zero_stage": 0, "eval_every": 1, "monitor_per_category": 1,
-             "checkpoint_every": 100, "grid_every": 1, "teacher_devices": ["edit_teacher=cpu"]},
+                "group_size": 2, "batch_size": 8, "threshold": 0.25},
+        grpo={"loop": {"iterations": 2, "eval_every": 1, "monitor_per_category": 1, "checkpoint_every": 100,
+                       "grid_every": 1},
+              "prompts_per_iteration": 2, "group_size": 2, "rollout": {"num_steps": 2, "guidance_scale": 2.0},
+              "timesteps": {"fraction": 1.0, "per_trajectory": 1}, "optim": {"lr": 1e-3, "zero_stage": 0},
+              "kl_coef": 0.1, "minibatches": 1, "reward_chunks": 1, "reward_backend": "inprocess",
+              "reward_gpus": 0, "monitor_reward": "pairwise", "balance_categories": False},
+        opd={"loop": {"iterations": 2, "eval_every": 1, "monitor_per_category": 1, "checkpoint_every": 100,
+                      "grid_every": 1},
+             "prompts_per_iteration": 2, "num_steps": 2, "guidance_scale": 2.0, "timesteps": {"mode": "all"},
+             "optim": {"lr": 1e-3, "ema_decay": 0.0, "zero_stage": 0}, "teacher_devices": ["edit_teacher=cpu"]},
         bench={"scorer": "reward_models", "t2i_prompts": prompts["bench_t2i"], "edit_prompts": prompts["bench_edit"],
                "t2i_per_category": 2, "edit_per_kind": 2, "batch_size": 4, "bootstrap": 50, "grid_items": 3,
                "scorers": BENCH_SCORERS},
     )
-    for section, values in overrides.items():
-        sections[section] = {**sections.get(section, {}), **values}
-    return load_config(write_config(root, scenario="qwen_image.yaml", **sections))
+    return load_config(write_config(root, scenario="qwen_image.yaml", **merge_data(sections, overrides)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -254,13 +253,14 @@ def test_prompt_file_rows_are_checked_and_repeats_dropped(tmp_path):
 
 
 def test_grpo_stage_under_deepspeed_zero_2_ends_where_plain_pytorch_ends(production):
-    """The production setting (grpo.zero_stage 2) through the stage: same committed transformer
+    """The production setting (grpo.optim.zero_stage 2) through the stage: same committed transformer
     as the plain run to a few percent of one Adam step (ZeRO sums gradients in another order)."""
     import dataclasses
 
     _, config, base, rm, filtered, _ = production
     plain = run_grpo(config, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
-    zero = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, zero_stage=2))
+    zero = dataclasses.replace(config, grpo=dataclasses.replace(
+        config.grpo, optim=dataclasses.replace(config.grpo.optim, zero_stage=2)))
     sharded = run_grpo(zero, "t2i", base.uri, rm.uri, filtered["t2i"].uri, progress=False)
     assert sharded.version != plain.version
     a = trainable_module(load_policy(fetch(plain.uri), config, "t2i")).state_dict()

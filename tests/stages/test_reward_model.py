@@ -59,16 +59,15 @@ def test_composite_rewards_from_the_artifact(annotations):
 
     import torch
 
-    from flowrl.config import T2IWeights
     from flowrl.rewards import RewardModel
     from flowrl.rewards.shapes_rewards import load_shapes_rewards
     from flowrl.shapes import make_edit_set, make_t2i_set, render_batch
 
     config, annotated = annotations
     result = run_reward_model(config, annotated.uri)
-    counting = T2IWeights(alignment=2.0, quality=0.0, fidelity=1.0)
-    config = dataclasses.replace(config, rewards=dataclasses.replace(
-        config.rewards, t2i_categories=dataclasses.replace(config.rewards.t2i_categories, counting=counting)))
+    counting = {"alignment": 2.0, "quality": 0.0, "fidelity": 1.0}  # counting prompts weigh the parts otherwise
+    t2i = tuple(dataclasses.replace(c, categories=(f"counting={counting[c.name]}",)) for c in config.rewards.t2i)
+    config = dataclasses.replace(config, rewards=dataclasses.replace(config.rewards, t2i=t2i))
     rewards = load_shapes_rewards(config, result.uri)
     assert all(isinstance(r, RewardModel) for r in rewards.values())
     t2i = make_t2i_set(3, 1)
