@@ -1323,7 +1323,6 @@ def _check_lora(config: FlowRLConfig) -> None:
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
 _ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_PART = re.compile(r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
-TRAINING_STAGES = ("grpo", "opd")  # the stages that run torchrun workers (Flyte Elastic / PyTorchJob)
 
 
 def secret_requests(entries: tuple[str, ...], key: str = "launch.secrets") -> list[tuple[str, str, str]]:
@@ -1351,9 +1350,11 @@ def is_local_path(value: str) -> bool:
 
 def check_launch(config: FlowRLConfig) -> None:
     """The launch section, and the rule that a remote scenario names no file on the submitter's disk."""
+    from flowrl.stages.registry import STAGE_NAMES, TRAINING_STAGES  # the standard library only
+
     launch = config.launch
     secret_requests(launch.secrets)
-    for stage in ("base", "annotate", "reward_model", "filter_prompts", "grpo", "opd", "bench"):
+    for stage in STAGE_NAMES:
         sec: StageLaunchConfig = getattr(launch, stage)
         for name in ("cpu", "mem", "disk"):
             value = getattr(sec, name)

@@ -59,11 +59,11 @@ def offloaded_reference(model: FlowModel, module: torch.nn.Module, device: str) 
 def place_text_encoders(config: FlowRLConfig, models) -> None:
     """``model.qwen_image.text_encoder_device``: cpu moves each view's text encoder off the accelerator;
     offload keeps it in host memory and has each prompt encoding run it on the accelerator."""
-    where = config.model.qwen_image.text_encoder_device
+    movable = [m for m in models if hasattr(m, "move_text_encoder")]  # Qwen-Image's key; others have none
+    where = config.model.qwen_image.text_encoder_device if movable else "same"
     if where != "same":
-        for model in models:
-            if hasattr(model, "move_text_encoder"):  # the key is Qwen-Image's; other families have no such encoder
-                model.move_text_encoder("cpu", offload=where == "offload")
+        for model in movable:
+            model.move_text_encoder("cpu", offload=where == "offload")
 
 
 @dataclass

@@ -153,8 +153,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "filter_prompts", "run_filter_prompts",
-        ("run.seed", "world", "model.family", "sampler.cfg_renorm", "reward_model", "grpo.rollout", "filter",
-         "rewards"),
+        ("run.seed", "world", "model", "sampler.cfg_renorm", "reward_model", "grpo.rollout", "filter", "rewards"),
         "keep the prompts whose base-model rewards spread within a group",
         Resources(cpu="4", mem="32Gi", gpus=1), artifacts=("filter_prompts_t2i", "filter_prompts_edit"),
         cli=(Arg("--task", None, param="task", required=True, choices=("t2i", "edit")), _BASE, _REWARD_MODEL),

@@ -249,3 +249,13 @@ def test_cli_tasks_and_images_are_built_from_the_registry():
              "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'flowrl', 'flytekit')))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out
+
+
+def test_the_launch_section_has_one_entry_per_registered_stage():
+    """The config schema names each stage's launch settings; the registry is the list they must match."""
+    import dataclasses
+
+    from flowrl.config import LaunchConfig, StageLaunchConfig
+
+    stages = [f.name for f in dataclasses.fields(LaunchConfig) if f.type in (StageLaunchConfig, "StageLaunchConfig")]
+    assert tuple(stages) == registry.STAGE_NAMES
