@@ -677,7 +677,7 @@ class GRPOConfig:
     kl_anchor_coef: float | None = param(
         None, "Weight of the KL on the anchor steps (null: kl_coef, as on the trained steps); the loss's KL term is "
         "the mean over all KL steps of each step's weight times its KL. Needs kl_coef > 0, kl_anchor_steps > 0 "
-        "and timesteps: subset.",
+        "and timesteps.mode: subset.",
         ge=0, added=True)
     minibatches: int = param(1, "Optimizer steps per iteration (the rollouts split evenly).", ge=1)
     epochs: int = param(
@@ -687,7 +687,7 @@ class GRPOConfig:
     trainable: tuple[str, ...] = param(
         (), "Shell-style patterns over the trained network's parameter names (e.g. 'blocks.*.qkv.*'): only the "
         "parameters matching one are trained, the rest stay at the base's values. Empty: all are trained. A "
-        "pattern matching no parameter is an error. Needs zero_stage 0.", added=True)
+        "pattern matching no parameter is an error. Needs optim.zero_stage 0.", added=True)
     reference_device: Literal["same", "cpu"] = param(
         "same", "Full-parameter training with kl_coef > 0: where the frozen copy of the base that the KL compares "
         "against lives: same (the policy's device) or cpu (off the GPU; its forwards run on the CPU, slowly). With "
@@ -1220,7 +1220,7 @@ def check_consistency(config: FlowRLConfig) -> None:
         raise ConfigError(
             f"grpo.trainable: {_shown(list(g.trainable))} trains a subset of the parameters, which "
             f"grpo.optim.zero_stage = {g.optim.zero_stage} does not support (its checkpoints hold AdamW moments for "
-            "every parameter); use zero_stage 0 or leave trainable empty"
+            "every parameter); use grpo.optim.zero_stage 0 or leave trainable empty"
         )
     if g.reward_url is not None and g.reward_token_env and "@" in g.reward_url.split("://", 1)[-1].split("/", 1)[0]:
         raise ConfigError("grpo.reward_url: carries user:password credentials and grpo.reward_token_env names a "
@@ -1307,7 +1307,7 @@ def _check_lora(config: FlowRLConfig) -> None:
         if stage == 3:
             raise ConfigError(
                 f"{section}.optim.zero_stage: 3 with LoRA (model.qwen_image.lora.rank {lora.rank}): ZeRO-3 would "
-                "partition the adapters while the frozen base they sit in stays whole on every rank; use zero_stage 0 "
+                "partition the adapters while the frozen base they sit in stays whole on every rank; use optim.zero_stage 0 "
                 "(DDP) or 1-2 (the adapters' AdamW states and gradients partitioned), or rank 0 for full-parameter "
                 "ZeRO-3")
     if config.grpo.trainable:

@@ -141,6 +141,24 @@ def check_rewards(config: FlowRLConfig) -> None:
                                   f"{component.criterion!r}); leave it out")
             if kind.check is not None:
                 kind.check(component, key, task, config)
+        _check_grammar_categories(config, task)
+
+
+def _check_grammar_categories(config: FlowRLConfig, task: str) -> None:
+    """A family without prompt files takes its categories from the shapes grammar: per-category weights
+    must name one of them (prompt files' categories are checked when the filter reads the file)."""
+    from flowrl.models.families import family_of
+
+    if family_of(config).prompt_files:
+        return
+    from flowrl.shapes.edits import EDIT_KINDS
+    from flowrl.shapes.prompts import T2I_CATEGORIES
+
+    known = T2I_CATEGORIES if task == "t2i" else EDIT_KINDS
+    unknown = sorted(set(config.rewards.weights(task)[1]) - set(known))
+    if unknown:
+        raise ConfigError(f"rewards.{task}: weights for category {unknown[0]!r}, which no {task} prompt has "
+                          f"(categories: {', '.join(known)})")
 
 
 def model_scorer_count(config: FlowRLConfig, task: str) -> int:

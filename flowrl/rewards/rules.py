@@ -34,8 +34,7 @@ class JpegCompressibility:
     def __init__(self, name: str = "compressibility", quality: int = 95, sign: float = 1.0):
         if not 1 <= quality <= 95:
             raise ValueError(f"JPEG quality must be in 1..95, got {quality}")
-        self.name, self.quality, self.sign = name, quality, sign
-        self.score_range = None
+        self.name, self.quality, self.sign = name, quality, sign  # unbounded below: no score_range
 
     def score(self, images: torch.Tensor, prompts: list[str], sources: torch.Tensor | None = None) -> torch.Tensor:
         from flowrl.evaluation import to_uint8

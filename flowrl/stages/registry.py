@@ -170,7 +170,8 @@ STAGES: tuple[Stage, ...] = (
              _RESUME),
     ),
     Stage(
-        "opd", "run_opd", ("run.seed", "world", "model", "sampler", "eval", "opd"),
+        "opd", "run_opd", ("run.seed", "world", "model", "sampler", "eval", "reward_model", "grpo.monitor_reward", "opd",
+                           "rewards"),
         "on-policy distillation of the task teachers into one student",
         Resources(cpu="8", mem="64Gi", gpus=None), artifacts=("opd", "opd_offpolicy"),
         image_parent="train-base", training=True, progress=True,
@@ -184,7 +185,7 @@ STAGES: tuple[Stage, ...] = (
              _RESUME),
     ),
     Stage(
-        "bench", "run_bench", ("run.seed", "world", "model.family", "sampler", "bench"),
+        "bench", "run_bench", ("run.seed", "world", "model.family", "sampler", "reward_model", "bench", "rewards"),
         "pillar scores, T2I and edit arenas, and the report for any set of models",
         Resources(cpu="4", mem="64Gi", gpus=1, disk="100Gi"),
         cli=(Arg("--model", "a model artifact (base, grpo, opd) by name; repeat per model; bench.anchor names the "

@@ -335,10 +335,10 @@ def test_a_learned_scorer_the_artifact_lacks_names_the_component(tmp_path, shape
 
 @pytest.mark.bad_input
 def test_categories_are_checked_against_the_prompts(shapes_artifact, vlm_artifact, caplog):
-    shapes = load_config(CONFIGS / "smoke.yaml", ["rewards.t2i=[{name: alignment, categories: [countng=2]}]"])
+    # a shapes config names a category its grammar lacks: refused when it loads (flowrl validate), before any stage
     with pytest.raises(ConfigError, match=r"rewards.t2i: weights for category 'countng', which no t2i prompt has "
                                           r"\(categories: single_object"):
-        load_rewards(shapes, str(shapes_artifact), "t2i")
+        load_config(CONFIGS / "smoke.yaml", ["rewards.t2i=[{name: alignment, categories: [countng=2]}]"])
     qwen = load_config(CONFIGS / "qwen_image.yaml")
     with pytest.raises(ValueError, match="reads its prompts from prompt files; pass categories"):
         load_rewards(qwen, str(vlm_artifact), "t2i")
@@ -354,3 +354,4 @@ def test_the_planner_counts_the_model_scorers():
     qwen = load_config(CONFIGS / "qwen_image.yaml")
     assert registry.model_scorer_count(qwen, "t2i") == 3 and registry.model_scorer_count(qwen, "edit") == 1
     assert registry.model_scorer_count(FlowRLConfig(), "edit") == 1  # identity loads no model
+
