@@ -93,3 +93,14 @@ class FlowModel(Protocol):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, *latent] -> images [B, 3, H, W] in [0, 1]."""
+
+
+def unwrap_network(net: torch.nn.Module) -> torch.nn.Module:
+    """The network behind its wrappers: DDP or DeepSpeed (``module``) and a LoRA adapter view (``network``,
+    :mod:`flowrl.models.lora`), however deeply nested."""
+    while True:
+        inner = getattr(net, "network", None)
+        inner = inner if isinstance(inner, torch.nn.Module) else getattr(net, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return net
+        net = inner

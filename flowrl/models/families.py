@@ -87,6 +87,16 @@ def family_of_model(model: FlowModel) -> "ModelFamily":
     raise TypeError(f"{type(model).__name__} is the model of no registered family ({', '.join(_REGISTRY)})")
 
 
+def save_referencing_policy(model: FlowModel, network: torch.nn.Module, directory: Path, base_dir: Path | None) -> None:
+    """A model artifact of a family built on published weights: the base artifact's reference to them, and
+    the trained ``network`` (diffusers ``save_pretrained``, safetensors) beside it."""
+    if base_dir is None or not (Path(base_dir) / QWEN_REFERENCE).is_file():
+        raise CheckpointError(f"saving a {type(model).__name__} needs the base artifact's {QWEN_REFERENCE}")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / QWEN_REFERENCE).write_bytes((Path(base_dir) / QWEN_REFERENCE).read_bytes())
+    network.save_pretrained(str(directory / QWEN_TRANSFORMER), safe_serialization=True)
+
+
 class ModelFamily(abc.ABC):
     """One model family. Subclasses implement every method; the class attributes are documented in the
     module docstring."""
@@ -148,15 +158,13 @@ class ModelFamily(abc.ABC):
 
     def pretrained_sources(self, config: FlowRLConfig) -> dict[str, tuple[str, str]]:
         """{task: (config key, weights directory or hub id)} of the published weights the base stage of a
-        ``from_pretrained`` family validates and references."""
-        raise NotImplementedError(f"model family {self.name!r} references no published weights (it is not "
-                                  "from_pretrained, or does not implement this method)")
+        ``from_pretrained`` family validates and references; none for a family the base stage pretrains."""
+        return {}
 
     def validate_pretrained(self, path: str, task: str) -> dict[str, Any]:
         """A summary of a local weights directory for ``task`` (its components), read without loading the
         weights; FileNotFoundError / ValueError naming what is wrong."""
-        raise NotImplementedError(f"model family {self.name!r} references no published weights (it is not "
-                                  "from_pretrained, or does not implement this method)")
+        raise ValueError(f"model family {self.name!r} names no published weights to validate")
 
     # ------------------------------------------------------------------ facts the stages ask for
 
@@ -325,11 +333,7 @@ class QwenImageFamily(ModelFamily):
             path, subfolder="transformer", torch_dtype=_DTYPES[config.model.qwen_image.dtype]).state_dict()
 
     def save_policy(self, model, directory, base_dir):
-        if base_dir is None or not (Path(base_dir) / QWEN_REFERENCE).is_file():
-            raise CheckpointError(f"saving a {type(model).__name__} needs the base artifact's {QWEN_REFERENCE}")
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / QWEN_REFERENCE).write_bytes((Path(base_dir) / QWEN_REFERENCE).read_bytes())
-        self.trainable_module(model).save_pretrained(str(directory / QWEN_TRANSFORMER), safe_serialization=True)
+        save_referencing_policy(model, self.trainable_module(model), directory, base_dir)
 
     def load_task_views(self, directory, config):
         from flowrl.models.qwen_image import same_component

@@ -38,7 +38,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from flowrl.models.base import Condition
+from flowrl.models.base import Condition, unwrap_network
 from flowrl.sampling import flow_match_sigmas, qwen_image_mu
 
 T2I_PROMPT_TEMPLATE = (
@@ -371,13 +371,7 @@ class QwenImageModel:
     def network(self) -> torch.nn.Module:
         """The diffusers transformer behind ``transformer``, which may be a wrapper: DDP or DeepSpeed
         (``module``), or a LoRA adapter view (``network``, :mod:`flowrl.models.lora`)."""
-        net = self.transformer
-        while True:
-            inner = getattr(net, "network", None)
-            inner = inner if isinstance(inner, torch.nn.Module) else getattr(net, "module", None)
-            if not isinstance(inner, torch.nn.Module):
-                return net
-            net = inner
+        return unwrap_network(self.transformer)
 
     @property
     def device(self) -> torch.device:

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from flowrl.config import ConfigError
-from flowrl.models import _DTYPES, QWEN_REFERENCE, QWEN_TRANSFORMER, CheckpointError, local_device, pretrained_path
-from flowrl.models.base import Condition
-from flowrl.models.families import ModelFamily, register_family
+from flowrl.models import _DTYPES, QWEN_TRANSFORMER, CheckpointError, local_device, pretrained_path
+from flowrl.models.base import Condition, unwrap_network
+from flowrl.models.families import ModelFamily, register_family, save_referencing_policy
 from flowrl.sampling import qwen_image_mu, shift_sigmas
 
 # --------------------------------------------------------------------------- pure helpers
@@ -175,13 +175,7 @@ class SD3Model:
     def network(self) -> torch.nn.Module:
         """The diffusers transformer behind ``transformer`` (unwrapping DDP / DeepSpeed ``module`` and a
         LoRA adapter view's ``network``)."""
-        net = self.transformer
-        while True:
-            inner = getattr(net, "network", None)
-            inner = inner if isinstance(inner, torch.nn.Module) else getattr(net, "module", None)
-            if not isinstance(inner, torch.nn.Module):
-                return net
-            net = inner
+        return unwrap_network(self.transformer)
 
     @property
     def device(self) -> torch.device:
@@ -356,11 +350,7 @@ class SD3Family(ModelFamily):
                                                      torch_dtype=_DTYPES[_settings(config).dtype]).state_dict()
 
     def save_policy(self, model, directory, base_dir):
-        if base_dir is None or not (Path(base_dir) / QWEN_REFERENCE).is_file():
-            raise CheckpointError(f"saving a {type(model).__name__} needs the base artifact's {QWEN_REFERENCE}")
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / QWEN_REFERENCE).write_bytes((Path(base_dir) / QWEN_REFERENCE).read_bytes())
-        self.trainable_module(model).save_pretrained(str(directory / QWEN_TRANSFORMER), safe_serialization=True)
+        save_referencing_policy(model, self.trainable_module(model), directory, base_dir)
 
     def load_task_views(self, directory, config):
         return {"t2i": self.load_policy(directory, config, "t2i")}  # no edit view: the family has no edit task

@@ -13,7 +13,7 @@ import time
 
 from PIL import Image
 
-from flowrl.config import FlowRLConfig
+from flowrl.config import ConfigError, FlowRLConfig
 from flowrl.models import CheckpointError, count_parameters, create_model, save_checkpoint
 from flowrl.models.families import family_of
 from flowrl.models.qwen_image import weights_fingerprint
@@ -105,6 +105,8 @@ def _reference_pretrained(config: FlowRLConfig, output_root: str | None, tracker
     """Validate the family's published weights and write a reference to them."""
     family = family_of(config)
     keyed = family.pretrained_sources(config)
+    if not keyed:
+        raise ConfigError(f"model.family: {family.name} builds on published weights but names none")
     keys = {task: key for task, (key, _) in keyed.items()}
     try:
         sources = _mirrored({task: source for task, (_, source) in keyed.items()}, keys, config, output_root)
