@@ -22,7 +22,8 @@ EDIT_PROMPTS = pe=$$($(FLOWRL) filter-prompts $(SHAPES) --task edit --base $$bas
 
 .PHONY: venv browser run test test-gpu gpu-check base bench images package clean experiments-test results-check \
 	results/base_shapes.json results/reward_model_shapes.json results/grpo_shapes.json results/opd_shapes.json \
-	results/bench_shapes.json results/reliability.json results/rerun_shapes.json results/planner_validation.json
+	results/bench_shapes.json results/reliability.json results/rerun_shapes.json results/planner_validation.json \
+	results/perf.json
 
 $(STAMP): requirements/cpu.txt requirements/gpu.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -181,3 +182,10 @@ bench: venv
 	$(PY) -m bench.reward_server --output results/reward_server_bench.json
 	$(PY) -m bench.grpo --output results/grpo_bench.json
 	$(PY) -m bench.rerun --output results/rerun_bench.json
+	$(PY) -m bench.perf --output results/perf.json
+
+# Every part of results/perf.json (bench/perf.py): the micro ratios `make bench` writes, a cold and a cached run of
+# the shapes pipeline in a scratch directory (stage times, peak memory) and the test suite's time. About an hour on
+# 2 cores; run it on a quiet machine, since other work skews every time it records.
+results/perf.json: venv
+	$(PY) -m bench.perf --output $@ --parts micro,run,tests --config configs/shapes.yaml --test-workers $(TEST_WORKERS)

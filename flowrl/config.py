@@ -623,6 +623,11 @@ class RolloutConfig:
         "chunk: its prompts x group_size rows are sampled in parts of at most this many. The noise is drawn for "
         "the whole chunk, so the rollouts are the same (up to float differences of smaller batches). null: the "
         "whole chunk in one forward per step.", ge=1, cap=BATCH_MAX, added=True)
+    compile: bool = param(
+        False, "Sample with the policy's network compiled by torch.compile (inductor; one compilation per "
+        "batch shape, tens of seconds on a CPU). The same function up to float rounding, so the "
+        "rollout/training ratio before an update is 1 only to that rounding; the training forward stays eager.",
+        added=True)
 
 
 # the keys an earlier config gave flat in grpo / opd: where each one is now (below the section)

@@ -105,7 +105,9 @@ class Pretrainer(LoopTrainer):
         net.train()
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        # foreach: the multi-tensor AdamW (bit-identical to the per-tensor loop on the CPU, faster)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
+                                      foreach=True)
         engine = TorchEngine.of(net, optimizer, cfg.grad_clip)
         ema = engine.make_ema(cfg.ema_decay) if cfg.ema_decay > 0 else None
         settings = LoopSettings(iterations=cfg.steps, eval_every=cfg.steps, checkpoint_every=cfg.checkpoint_every,

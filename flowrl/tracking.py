@@ -18,7 +18,6 @@ import re
 import subprocess
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -154,14 +153,52 @@ def _file_input(value: str) -> tuple[str, str] | None:
     return (match["path"], match["sha"]) if match else None
 
 
+def _source_of(uri: str):
+    """MLflow's dataset source for ``uri``. A local path or ``file://`` URI is named as MLflow's
+    ``local`` source outright: left to MLflow to resolve, it matches the local source registered for
+    both spellings and MLflow warns that the source is ambiguous. Other schemes (s3, gs, http...)
+    have one source each, which MLflow resolves."""
+    from urllib.parse import urlsplit
+
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json, resolve_dataset_source
+
+    if urlsplit(uri).scheme in ("", "file"):
+        return get_dataset_source_from_json(json.dumps({"uri": uri}), "local")
+    return resolve_dataset_source(uri)
+
+
 def _dataset_source(uri: str) -> tuple[str, str]:
     """(source_type, source JSON) of a dataset at ``uri``, as MLflow's dataset sources write them."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-    with warnings.catch_warnings():  # a local path matches two equivalent sources; MLflow warns and picks one
-        warnings.simplefilter("ignore")
-        source = resolve_dataset_source(uri)
+    source = _source_of(uri)
     return source._get_source_type(), redact(source.to_json())
+
+
+def _column_type(dtype) -> str | None:
+    """The MLflow column type of a pandas / numpy dtype (32-bit MLflow ``integer`` for the integers it
+    holds, else ``long``), or None for a kind MLflow has no column type for."""
+    kind, size = getattr(dtype, "kind", "O"), getattr(dtype, "itemsize", 8)
+    if kind in "iu":
+        return "integer" if size < 4 or (kind == "i" and size == 4) else "long"
+    if kind == "f":
+        return "float" if size <= 4 else "double"
+    return {"b": "boolean", "O": "string", "U": "string", "M": "datetime"}.get(kind)
+
+
+def declared_schema(frame) -> dict:
+    """The MLflow column schema of a table the stage wrote, declared from its dtypes: every column
+    is required (a stage writes no missing values), integers stay integers. (MLflow's own inference
+    warns on every integer column that it could not hold a missing value.) A column of another kind
+    is left out of the schema."""
+    from mlflow.types import ColSpec, DataType, Schema
+
+    columns = []
+    for name, dtype in frame.dtypes.items():
+        kind = _column_type(dtype)
+        if kind is None:
+            log.debug("column %s (%s): left out of the logged schema", name, dtype)
+            continue
+        columns.append(ColSpec(DataType[kind], str(name), required=True))
+    return {"mlflow_colspec": Schema(columns).to_dict()}
 
 
 def input_dataset(name: str, value: str):
@@ -360,24 +397,28 @@ class MLflowTracker:
     def _log_datasets(self, stage: str) -> None:
         """The stage's prompt / annotation tables as MLflow datasets of its run
         (source: the artifact URI; image columns left out of the logged schema)."""
-        import mlflow.data
         import pandas as pd
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from flowrl.storage import read_manifest
 
         run = self.client.get_run(self._run_id)
         uri = run.data.tags.get("flowrl.artifact_uri")
         if run.info.status != "FINISHED" or not uri:
             return
         inputs = []
+        checksums = {path: str(meta.get("sha256", "")) for path, meta in read_manifest(uri).files.items()}
         for name in _dataset_files(stage):
             source = file_uri(uri, name)
             frame = pd.read_parquet(source)
             frame = frame[[c for c in frame.columns if frame[c].dtype != object or c in ("prompt", "category")]]
-            with warnings.catch_warnings():  # a local path matches two equivalent sources; MLflow warns
-                warnings.simplefilter("ignore")
-                dataset = mlflow.data.from_pandas(frame, source=source,
-                                                  name=f"{stage}/{name.removesuffix('.parquet')}")
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "output")]))
+            # the source named (not guessed from the path), the schema declared (not inferred), the digest
+            # the file's checksum in the manifest: MLflow's own pandas dataset warns on each of the three
+            source_type, source_json = _dataset_source(source)
+            entity = Dataset(name=f"{stage}/{name.removesuffix('.parquet')}", digest=checksums.get(name, "")[:32],
+                             source_type=source_type, source=source_json, schema=json.dumps(declared_schema(frame)),
+                             profile=json.dumps({"num_rows": len(frame), "num_elements": int(frame.size)}))
+            inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", "output")]))
         self.client.log_inputs(self._run_id, datasets=inputs)
 
     def start_pipeline(self, config, pipeline: str, tags: dict[str, str] | None = None) -> str:

@@ -1,6 +1,5 @@
 """Flyte tasks for config validation and stage `base`."""
 
-import json
 from typing import Optional
 
 from flytekit.types.error import FlyteError
@@ -10,7 +9,8 @@ from flowrl.config import load_config
 from flowrl.models.families import family_of
 from flowrl.stages.base import run_base
 from tasks.launch import stage_task
-from tasks.types import STAGE_MODULES, StageArtifact, StageConfigs, flyte_execution_id, stage_cache, tracker_for
+from tasks.types import (STAGE_MODULES, StageArtifact, StageConfigs, flyte_execution_id, show_progress, stage_cache,
+                         tracker_for)
 
 
 @stage_task("default")
@@ -51,6 +51,6 @@ def fail_pipeline_run(config: FlyteFile, err: Optional[FlyteError] = None) -> No
 def base(config: FlyteFile, parent_run: str) -> StageArtifact:
     cfg = load_config(config.download())
     # a retried pod continues from the newest complete checkpoint (base.checkpoint_every)
-    result = run_base(cfg, resume=True, tracker=tracker_for(cfg, parent_run))
-    print(json.dumps(result.metrics, indent=2, sort_keys=True))
+    # its headline metrics are logged by the stage as it ends (flowrl.stages.common.log_stage_summary)
+    result = run_base(cfg, resume=True, tracker=tracker_for(cfg, parent_run), progress=show_progress())
     return StageArtifact.of(result)

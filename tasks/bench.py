@@ -11,7 +11,7 @@ from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from tasks.launch import stage_task
-from tasks.types import StageArtifact, stage_cache, tracker_for
+from tasks.types import StageArtifact, show_progress, stage_cache, tracker_for
 
 
 def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
@@ -33,7 +33,8 @@ def bench(
     loaded = load_config(config.download())
     # the reward models score the bench only when bench.scorer says so (production: no judge there)
     scorer_rm = reward_model.uri if loaded.bench.scorer == "reward_models" else None
-    result = run_bench(loaded, models, reward_model=scorer_rm, tracker=tracker_for(loaded, parent_run))
+    result = run_bench(loaded, models, reward_model=scorer_rm, tracker=tracker_for(loaded, parent_run),
+                       progress=show_progress())
     Deck("Bench report", report_files(result.uri)["report.html"].decode())
     return StageArtifact.of(result)
 

@@ -11,7 +11,7 @@ from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from tasks.launch import check_workers, stage_task
-from tasks.types import StageArtifact, stage_cache, tracker_for
+from tasks.types import StageArtifact, show_progress, stage_cache, tracker_for
 
 
 @stage_task("grpo", retries=2, cache=stage_cache("grpo"))
@@ -25,8 +25,8 @@ def grpo(
     with process_group():
         cfg = load_config(config.download())
         check_workers("grpo", cfg)
-        result = run_grpo(cfg, task_name, base.uri, reward_model.uri, prompts.uri, resume=True, progress=False,
-                          tracker=tracker_for(cfg, parent_run))
+        result = run_grpo(cfg, task_name, base.uri, reward_model.uri, prompts.uri, resume=True,
+                          progress=show_progress(), tracker=tracker_for(cfg, parent_run))
     return StageArtifact.of(result)
 
 
@@ -43,5 +43,5 @@ def grpo_mixed(
         cfg = load_config(config.download())
         check_workers("grpo", cfg)
         result = run_grpo(cfg, "mixed", base.uri, reward_model.uri, {"t2i": t2i_prompts.uri, "edit": edit_prompts.uri},
-                          resume=True, progress=False, tracker=tracker_for(cfg, parent_run))
+                          resume=True, progress=show_progress(), tracker=tracker_for(cfg, parent_run))
     return StageArtifact.of(result)

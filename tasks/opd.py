@@ -11,7 +11,7 @@ from flytekit.types.file import FlyteFile
 
 from flowrl.config import load_config
 from tasks.launch import check_workers, stage_task
-from tasks.types import StageArtifact, stage_cache, tracker_for
+from tasks.types import StageArtifact, show_progress, stage_cache, tracker_for
 
 Switches = NamedTuple("Switches", [("mix_rl", bool), ("offpolicy", bool)])
 
@@ -43,7 +43,7 @@ def opd(
         result = run_opd(
             cfg, base.uri,
             {"t2i_teacher": t2i_teacher.uri, "edit_teacher": edit_teacher.uri},
-            {"t2i": t2i_prompts.uri, "edit": edit_prompts.uri}, states=states, resume=True, progress=False,
+            {"t2i": t2i_prompts.uri, "edit": edit_prompts.uri}, states=states, resume=True, progress=show_progress(),
             tracker=tracker_for(cfg, parent_run),
         )
     return StageArtifact.of(result)

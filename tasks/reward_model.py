@@ -5,7 +5,7 @@ from flytekit.types.file import FlyteFile
 from flowrl.config import load_config
 from flowrl.stages.reward_model import run_reward_model
 from tasks.launch import stage_task
-from tasks.types import StageArtifact, stage_cache, tracker_for
+from tasks.types import StageArtifact, show_progress, stage_cache, tracker_for
 
 
 @stage_task("reward_model", retries=1, cache=stage_cache("reward_model"))
@@ -13,5 +13,5 @@ def reward_model(config: FlyteFile, parent_run: str, annotations: StageArtifact)
     cfg = load_config(config.download())
     # with reward_model.checkpoint_every set, a retried pod continues each scorer from its newest checkpoint
     result = run_reward_model(cfg, annotations.uri, resume=cfg.reward_model.checkpoint_every is not None,
-                              tracker=tracker_for(cfg, parent_run))
+                              tracker=tracker_for(cfg, parent_run), progress=show_progress())
     return StageArtifact.of(result)

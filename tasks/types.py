@@ -39,6 +39,13 @@ def tracker_for(config, parent_run: str):
     return make_tracker(config, parent_run_id=parent_run or None, flyte_execution_id=flyte_execution_id())
 
 
+def show_progress() -> bool:
+    """Whether a stage task draws progress bars: in a local execution (``make run``, ``pyflyte run`` without
+    ``--remote``), where they reach a terminal, yes; in a cluster pod, whose log is a file read later, no
+    (each stage still logs its summary line when it ends, and its metrics go to MLflow as it runs)."""
+    return flyte_execution_id() is None
+
+
 def flyte_execution_id() -> str | None:
     """``project:domain:name`` of this Flyte execution; None in a local run (whose id is the placeholder
     local:local:local) or outside a Flyte context (a worker process)."""

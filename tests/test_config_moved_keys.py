@@ -96,7 +96,7 @@ def test_the_shipped_configs_give_the_moved_keys_their_values():
     assert shapes.opd.loop.iterations == 200 and shapes.opd.loop.eval_every == 50
     assert shapes.opd.optim == OptimConfig(lr=1e-4, ema_decay=0.95)
     assert shapes.opd.timesteps == TimestepsConfig(mode="subset", per_trajectory=2)
-    assert shapes.pipeline.mix_rl and shapes.pipeline.offpolicy_ablation
+    assert not shapes.pipeline.mix_rl and not shapes.pipeline.offpolicy_ablation  # the default run: the recipe only
     assert shapes.annotate.edit_per_kind == 300
     smoke = load_config(ROOT / "configs" / "smoke.yaml")
     assert smoke.grpo.timesteps.fraction == 0.7 and smoke.opd.optim.lr == 1e-3 and smoke.opd.loop.iterations == 4

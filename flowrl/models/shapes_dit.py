@@ -73,9 +73,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x [B, H, L, Dh] by per-token angles [L, Dh/2]."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # [B, H, L, Dh/2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    """Rotate consecutive pairs of x [..., L, Dh] by per-token angles (cos, sin [L, Dh/2]):
+    ``(x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)``.
+
+    Computed as ``x * cos' + swap(x) * sin'`` with the tables repeated per pair and the sine's sign
+    folded in (``sin' = (-sin, sin)``): the same products and sums, so the same bits as the pairwise
+    form, in four whole-tensor operations instead of strided halves and a stack."""
+    cos2 = cos.repeat_interleave(2, dim=-1)  # [L, Dh]
+    sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)  # [L, Dh]
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x2, x1) in each pair
+    return x * cos2 + swapped * sin2
 
 
 def shapes_parameter_count(config: ShapesModelConfig, resolution: int) -> int:
@@ -118,8 +125,9 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c))[:, None].chunk(6, -1)
         x = self.norm1(h) * (1 + scale1) + shift1
         b, length, d = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, L, D/H]
+        qkv = self.qkv(x).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:2], cos, sin)  # queries and keys rotated together: [B, H, L, D/H] each
+        v = qkv[2]
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, D/H]
         h = h + gate1 * self.proj(att.transpose(1, 2).reshape(b, length, d))
         x = self.norm2(h) * (1 + scale2) + shift2
@@ -155,14 +163,17 @@ class ShapesDiT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def _patchify(self, img: torch.Tensor) -> torch.Tensor:
-        # [B, C, H, W] -> [B, N, C * p * p]
-        p = self.config.patch
-        return F.unfold(img, kernel_size=p, stride=p).transpose(1, 2)
+        # [B, C, H, W] -> [B, N, C * p * p], patches row-major, features (channel, row, column): F.unfold's
+        # layout with stride = kernel, as a view and one copy (exact, and several times faster than unfold)
+        p, g = self.config.patch, self.grid
+        b, c = img.shape[:2]
+        return img.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
 
     def _unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        # [B, N, C * p * p] -> [B, C, H, W]
-        p = self.config.patch
-        return F.fold(tokens.transpose(1, 2), self.resolution, kernel_size=p, stride=p)
+        # [B, N, C * p * p] -> [B, C, H, W], the inverse of _patchify (F.fold's result for disjoint patches)
+        p, g = self.config.patch, self.grid
+        b, c = tokens.shape[0], tokens.shape[2] // (p * p)
+        return tokens.reshape(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, g * p, g * p)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, source: torch.Tensor | None
@@ -188,7 +199,8 @@ class ShapesDiT(nn.Module):
         h = h[:, n_text : n_text + image.shape[1]]  # image tokens only
         shift, scale = self.out_modulation(F.silu(c))[:, None].chunk(2, -1)
         out = self.patch_out(self.norm_out(h) * (1 + scale) + shift)  # [B, N, C' p p]
-        pred = self.conv_out(self._unpatchify(out))  # [B, 3, H, W]
+        # channels-last input: oneDNN's convolution skips its layout conversions (same values)
+        pred = self.conv_out(self._unpatchify(out).contiguous(memory_format=torch.channels_last))  # [B, 3, H, W]
         if self.config.prediction == "v":
             return pred
         tb = t.clamp(min=_MIN_T_FOR_X_PRED)[:, None, None, None]

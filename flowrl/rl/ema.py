@@ -35,8 +35,9 @@ class EMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         if self.shadow is not None:
-            for avg, cur in zip(self.shadow.parameters(), module.parameters()):
-                avg.lerp_(cur, 1.0 - self.decay)
+            # one multi-tensor kernel for all parameters: the same lerp, bit for bit, without a Python loop
+            torch._foreach_lerp_(list(self.shadow.parameters()), [p.detach() for p in module.parameters()],
+                                 1.0 - self.decay)
             return
         for name, param in module.named_parameters():
             if name in self.averages:

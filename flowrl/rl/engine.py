@@ -68,7 +68,8 @@ class TorchEngine:
     def __init__(self, module: torch.nn.Module, *, lr: float, weight_decay: float, grad_clip: float,
                  optimizer: torch.optim.Optimizer | None = None):
         self.module, self.grad_clip = module, grad_clip
-        self.optimizer = optimizer or torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizer = optimizer or torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay,
+                                                        foreach=True)
         self.rank, self.world = dist_info()
         self._ddp = None
         self._views: dict[int, FlowModel] = {}
@@ -115,7 +116,8 @@ class TorchEngine:
 
     def step(self) -> float:
         """Clip the gradient's global norm, take the AdamW step; returns the norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        # multi-tensor norm and scaling (foreach): the same values as the per-tensor loop, fewer kernel launches
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip, foreach=True)
         self.optimizer.step()
         return float(norm)
 

@@ -20,12 +20,14 @@ consistency every GRPO run relies on (tested for every mode).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from flowrl.config import RolloutConfig
+from flowrl.models import trainable_module
 from flowrl.models.base import Condition, FlowModel
 from flowrl.sampling import cfg_velocity, gaussian_log_prob, largest_sigma_below_one, sample, sde_step_mean
 
@@ -42,6 +44,7 @@ class RolloutSettings:
     # trajectories per sampling forward (x2 under CFG) and per decode; None: the whole chunk at once.
     # The noise is drawn for the whole chunk either way, so the rollouts do not depend on it.
     micro_batch: int | None = None
+    compile: bool = False  # sample with the network compiled by torch.compile (grpo.rollout.compile)
 
     @property
     def guided(self) -> bool:
@@ -52,7 +55,21 @@ def rollout_settings(config: RolloutConfig) -> RolloutSettings:
     """The settings of the rollout sampler ``config`` (grpo.rollout): GRPO's rollouts and the prompt filter's
     candidate samples."""
     return RolloutSettings(config.num_steps, config.noise_level, config.guidance_scale, config.cfg_mode,
-                           micro_batch=config.micro_batch)
+                           micro_batch=config.micro_batch, compile=config.compile)
+
+
+# compiled networks by the eager one they wrap (weakly: a network dropped by its stage frees its graphs)
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def compiled_view(model: FlowModel) -> FlowModel:
+    """``model`` with its network compiled by torch.compile, compiled once per network and reused (the
+    compiled module reads the same parameters, so updates of the eager one reach it)."""
+    net = trainable_module(model)
+    compiled = _COMPILED.get(net)
+    if compiled is None:
+        compiled = _COMPILED[net] = torch.compile(net, dynamic=False)
+    return model.with_trainable(compiled)
 
 
 @dataclass(frozen=True)
@@ -94,17 +111,19 @@ def rollout(
 ) -> Rollouts:
     """Sample ``group_size`` SDE trajectories for each of ``prompts`` (sources: one per prompt).
 
-    The prompts of all rows are encoded in one call (their padded length is the
+    The prompts are encoded in one call, once each (their padded length is the
     batch's, so the parts of ``settings.micro_batch`` share one condition);
     sampling forwards and decoding run in parts of ``settings.micro_batch`` rows."""
     rows = [p for p in prompts for _ in range(group_size)]
     group_ids = torch.arange(len(prompts)).repeat_interleave(group_size)
     row_sources = None if sources is None else sources.repeat_interleave(group_size, dim=0)
-    cond = model.encode_prompts(rows, row_sources)
+    # each prompt (with its source) is encoded once and its G rows share the encoding: the text encoder
+    # costs one pass per prompt, not one per trajectory
+    cond = model.encode_prompts(list(prompts), sources).index(group_ids)
     null_cond = model.null_condition(cond) if settings.guided else None
     sigmas = model.schedule(settings.num_steps, settings.shift)
     traj = sample(
-        model, cond, sigmas, null_cond=null_cond, guidance_scale=settings.guidance_scale if settings.guided else 1.0,
+        compiled_view(model) if settings.compile else model, cond, sigmas, null_cond=null_cond, guidance_scale=settings.guidance_scale if settings.guided else 1.0,
         renorm_dim=model.cfg_renorm_dim, noise_level=settings.noise_level, generator=generator,
         micro_batch=settings.micro_batch,
     )

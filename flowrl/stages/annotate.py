@@ -16,7 +16,7 @@ from flowrl.evaluation import generate, to_uint8
 from flowrl.models import load_checkpoint
 from flowrl.rewards.shapes_annotators import annotator_pool
 from flowrl.rewards.shapes_dataset import Candidates, add_model_samples, annotate, draw_candidates
-from flowrl.stages.common import StageResult, commit_stage, committed_result, stage_context
+from flowrl.stages.common import StageResult, commit_stage, committed_result, progress_bar, stage_context
 from flowrl.stages.registry import stage_sections
 from flowrl.shapes.render import to_tensor
 from flowrl.rewards.annotations import load_annotations
@@ -35,22 +35,33 @@ def input_stamps(config: FlowRLConfig) -> dict[str, str]:
     return content_stamps(paths)
 
 
-def _model_samples(model, candidates: list[Candidates], config: FlowRLConfig) -> list[list[np.ndarray]]:
-    """``annotate.model_samples`` deployment-sampler images per prompt, in order."""
-    k = config.annotate.model_samples
+def _model_samples(model, candidates: list[Candidates], config: FlowRLConfig,
+                   progress: bool = False) -> list[list[np.ndarray]]:
+    """``annotate.model_samples`` deployment-sampler images per prompt, in order. Sampled one
+    ``eval.batch_size`` batch per :func:`generate` call (its batches, each image on its own seed),
+    so the bar moves per batch and the images are those of one call over all rows."""
+    k, batch = config.annotate.model_samples, config.eval.batch_size
     samples: list[list[np.ndarray]] = [[] for _ in candidates]
-    for offset, task in enumerate(("t2i", "edit")):
-        rows = [i for i, c in enumerate(candidates) if c.task == task for _ in range(k)]
-        if not rows:
-            continue
-        seeds = [config.annotate.seed * 1_000_003 + offset * 500_000 + j for j in range(len(rows))]
-        sources = to_tensor(np.stack([candidates[i].source for i in rows])) if task == "edit" else None
-        images = generate(
-            model, [candidates[i].prompt for i in rows], seeds, config.sampler,
-            sources=sources, batch_size=config.eval.batch_size,
-        )
-        for i, image in zip(rows, to_uint8(images)):
-            samples[i].append(image)
+    rows_of = {task: [i for i, c in enumerate(candidates) if c.task == task for _ in range(k)]
+               for task in ("t2i", "edit")}
+    bar = progress_bar(desc="annotate: model samples", total=sum(len(r) for r in rows_of.values()), enabled=progress,
+                       unit="img")
+    with bar:
+        for offset, task in enumerate(("t2i", "edit")):
+            rows = rows_of[task]
+            if not rows:
+                continue
+            seeds = [config.annotate.seed * 1_000_003 + offset * 500_000 + j for j in range(len(rows))]
+            sources = to_tensor(np.stack([candidates[i].source for i in rows])) if task == "edit" else None
+            for start in range(0, len(rows), batch):
+                part = slice(start, start + batch)
+                images = generate(
+                    model, [candidates[i].prompt for i in rows[part]], seeds[part], config.sampler,
+                    sources=None if sources is None else sources[part], batch_size=batch,
+                )
+                for i, image in zip(rows[part], to_uint8(images)):
+                    samples[i].append(image)
+                bar.update(len(rows[part]))
     return samples
 
 
@@ -60,7 +71,10 @@ def run_annotate(
     *,
     output_root: str | None = None,
     tracker: Tracker | None = None,
+    progress: bool = True,
 ) -> StageResult:
+    """Build (or, with ``annotate.pointwise_path``, import) the annotation datasets and commit them;
+    ``progress``: bars over the model samples and the labelled candidates."""
     a = config.annotate
     if a.pointwise_path is not None:
         return _import_labels(config, base_uri, output_root, tracker)
@@ -75,9 +89,11 @@ def run_annotate(
         candidates = draw_candidates(rng, a.t2i_per_category, a.edit_per_kind, config.world.resolution,
                                      a.degradations)
         if a.model_samples:
-            candidates = add_model_samples(candidates, _model_samples(model, candidates, config))
+            candidates = add_model_samples(candidates, _model_samples(model, candidates, config, progress))
         pool = annotator_pool(rng, a.annotators, a.bias_std, (a.noise_min, a.noise_max))
-        pointwise, pairwise = annotate(candidates, pool, rng, a.labels_per_image, a.pairs_per_prompt)
+        # the annotators read the candidates in order, once: the bar counts them as they go
+        with progress_bar(candidates, desc="annotate: labels", enabled=progress, unit="prompt") as labelled:
+            pointwise, pairwise = annotate(labelled, pool, rng, a.labels_per_image, a.pairs_per_prompt)
         pointwise.to_parquet(ctx.staging / "pointwise.parquet")
         pairwise.to_parquet(ctx.staging / "pairwise.parquet")
         metrics = _summary(pointwise, pairwise)

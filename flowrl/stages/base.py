@@ -9,6 +9,7 @@ lineage) point at exactly them.
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from PIL import Image
@@ -25,6 +26,8 @@ from flowrl.stages.registry import stage_sections
 from flowrl.storage import ArtifactStore
 from flowrl.tracking import Tracker
 from flowrl.weights import is_store_uri, local_weights
+
+log = logging.getLogger(__name__)
 
 STAGE = "base"
 SECTIONS = stage_sections(STAGE)
@@ -69,6 +72,7 @@ def run_base(
                     progress=progress, stop_after=stop_after)
         trained = trainer.trained_model()
         train_s = time.perf_counter() - start
+        log.info("base: trained in %.0f s; scoring it with the judge on the held-out sets", train_s)
         report = evaluate_shapes(trained, config)
         metrics = {
             **report.metrics,

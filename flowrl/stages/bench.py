@@ -57,7 +57,8 @@ from flowrl.evaluation import to_uint8
 from flowrl.models import check_policy, load_policy
 from flowrl.models.families import family_of
 from flowrl.report import ReportData, write_report
-from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
+from flowrl.stages.common import (StageResult, commit_stage, committed_result, flat_metrics, progress_bar,
+                                  stage_context)
 from flowrl.stages.registry import stage_sections
 from flowrl.storage import content_stamps, fetch, file_uri, read_manifest, sha256_file
 from flowrl.tracking import Tracker
@@ -117,10 +118,11 @@ def run_bench(
     reward_model: str | None = None,
     output_root: str | None = None,
     tracker: Tracker | None = None,
+    progress: bool = True,
 ) -> StageResult:
     """Bench ``models`` ({name: artifact URI}) and write the report. ``reward_model``:
     the reward_model stage's artifact, used (and required) when ``bench.scorer`` is
-    ``reward_models``."""
+    ``reward_models``. ``progress``: bars over the models as they are sampled, then scored."""
     # long: the bench's flow in order: inputs and cache, each model sampled and scored, the votes,
     # the arenas and the report; each step is short and they share the per-model results
     _check_models(config, models)
@@ -168,7 +170,8 @@ def run_bench(
         e_cols = _grid_columns(len(bench.edit_instructions), config.bench.grid_items)
         # every model samples first, one loaded at a time; the scorers load after the last one
         images, t2i_grid, edit_grid, per_model_s = {}, {}, {}, {}
-        for name in names:
+        quiet = logging.DEBUG if progress else logging.INFO  # a line per model where no bar shows the models
+        for name in progress_bar(names, desc="bench: sample", enabled=progress, unit="model"):
             t0 = time.perf_counter()
             # each task's own model: the base artifact's edit model is the edit pipeline, not the T2I one
             sampled = sample_bench(partial(load_policy, dirs[name], config), bench, config, release=_release_memory)
@@ -176,13 +179,13 @@ def run_bench(
             images[name] = _spilled(sampled, Path(spill) / name) if production else sampled
             del sampled
             per_model_s[name] = time.perf_counter() - t0
-            log.info("bench: %s sampled in %.1f s", name, per_model_s[name])
+            log.log(quiet, "bench: %s sampled in %.1f s", name, per_model_s[name])
         scores = {}
-        for name in names:
+        for name in progress_bar(names, desc="bench: score", enabled=progress, unit="model"):
             t0 = time.perf_counter()
             scores[name] = scorer(bench, images[name])
             per_model_s[name] = round(per_model_s[name] + time.perf_counter() - t0, 1)
-            log.info("bench: %s scored (%s)", name, scorer.name)
+            log.log(quiet, "bench: %s scored (%s)", name, scorer.name)
         table = {name: pillars(scores[name], bench) for name in names}
         battles = arena_battles(scores, config.bench.tie_tolerance, scorer.primary_tolerance)
         sources = {arena: "judge" if isinstance(scorer, ShapesJudgeScorer) else "reward models" for arena in ARENAS}

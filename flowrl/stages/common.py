@@ -1,13 +1,17 @@
-"""What every stage shares: seeding, the artifact version, commit and tracking."""
+"""What every stage shares: seeding, the artifact version, commit and tracking, progress bars and
+the summary line each stage logs when it ends."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import logging
 import os
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from flowrl.config import FlowRLConfig
 from flowrl.machine import machine_summary
@@ -16,6 +20,8 @@ from flowrl.redact import install_redaction
 from flowrl.stages.registry import stage_of
 from flowrl.storage import ArtifactStore, StagingDir, artifact_version, code_version
 from flowrl.tracking import REGISTERED_ROLES, NullTracker, Tracker, make_tracker
+
+log = logging.getLogger(__name__)
 
 # committed_result's default: callers that pass no tracker register nothing
 _NOT_REGISTERED = NullTracker()
@@ -82,6 +88,7 @@ def committed_result(
     run_id = manifest.extra.get("mlflow_run_id")
     if stage in REGISTERED_ROLES and int(os.environ.get("RANK", "0")) == 0:
         (tracker if tracker is not None else make_tracker(config)).register_artifact(stage, config, uri, run_id)
+    log_stage_summary(stage, metrics, None, uri)
     return StageResult(stage, version, uri, run_id, metrics, reused=True)
 
 
@@ -94,6 +101,7 @@ class StageContext:
     tracker: Tracker
     version: str
     code: str
+    started: float = field(default_factory=time.perf_counter)  # when the stage's run opened (its wall time)
 
 
 @contextmanager
@@ -142,7 +150,66 @@ def commit_stage(
         code=ctx.code,
     )
     ctx.tracker.set_tags({"flowrl.artifact_uri": uri})
+    log_stage_summary(stage, metrics, time.perf_counter() - ctx.started, uri)
     return StageResult(stage=stage, version=ctx.version, uri=uri, run_id=run_id, metrics=metrics)
+
+
+# The metrics a user looks at first when a stage ends, by stage (flat keys as :func:`flat_metrics` writes
+# them; ``*`` matches any part, ``/`` included), in the order shown. A stage's artifacts share its
+# entry (grpo_t2i, grpo_edit and grpo_mixed: grpo's); keys a run lacks are left out.
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "base": ("t2i/alignment", "edit/accuracy", "fidelity", "parameters", "train_s", "*/num_parameters"),
+    "annotate": ("t2i/pointwise_rows", "edit/pointwise_rows", "t2i/pairwise_rows", "edit/pairwise_rows",
+                 "*/skipped_rows"),
+    "reward_model": ("*/pointwise_alignment/spearman", "*/pointwise_alignment/pairwise_accuracy",
+                     "*/pairwise/pairwise_accuracy", "skipped_rows/*"),
+    "filter_prompts": ("kept", "candidates", "threshold", "heldout"),
+    "grpo": ("base/*/alignment", "teacher/*/alignment", "base/*/accuracy", "teacher/*/accuracy",
+             "final_train_reward", "iterations"),
+    "opd": ("base/*/alignment", "student/*/alignment", "base/*/accuracy", "student/*/accuracy", "iterations"),
+    "bench": ("models/*/pillars/overall",),
+}
+HEADLINE_LIMIT = 10  # at most this many numbers on the line
+
+
+def headline_metrics(stage: str, metrics: dict) -> dict[str, float]:
+    """The headline numbers of a stage's metrics (:data:`HEADLINE_METRICS`; ``stage`` an artifact name
+    such as ``grpo_t2i``), at most :data:`HEADLINE_LIMIT`, each key once."""
+    flat = flat_metrics(metrics)
+    patterns = HEADLINE_METRICS.get(stage_of(stage).name, ())
+    chosen: dict[str, float] = {}
+    for pattern in patterns:
+        for key in sorted(k for k in flat if fnmatch.fnmatchcase(k, pattern)):
+            chosen.setdefault(key, flat[key])
+    return dict(list(chosen.items())[:HEADLINE_LIMIT])
+
+
+def stage_summary(stage: str, metrics: dict, wall_s: float | None, uri: str | None = None) -> str:
+    """One line: the stage, its wall time (None: reused, nothing ran), its headline metrics and its artifact."""
+    done = "reused" if wall_s is None else f"done in {wall_s:.0f} s"
+    numbers = ", ".join(f"{key} {_number(value)}" for key, value in headline_metrics(stage, metrics).items())
+    return f"stage {stage} {done}: {numbers or 'no headline metrics'}" + (f" ({uri})" if uri else "")
+
+
+def _number(value: float) -> str:
+    """A count as an integer, anything else with four significant digits."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+
+
+def log_stage_summary(stage: str, metrics: dict, wall_s: float | None, uri: str | None = None) -> None:
+    """Log :func:`stage_summary` at INFO, once per stage (rank 0 under torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("%s", stage_summary(stage, metrics, wall_s, uri))
+
+
+def progress_bar(iterable: Iterable | None = None, *, desc: str, total: int | None = None, enabled: bool = True,
+                 unit: str = "it"):
+    """A tqdm bar over a stage's main loop, like the training loops' (labelled ``desc``, redrawn at most
+    every 2 s); nothing when ``enabled`` is False or on a rank other than 0."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, mininterval=2.0,
+                disable=not enabled or int(os.environ.get("RANK", "0")) != 0)
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:

@@ -44,7 +44,8 @@ from flowrl.rl.trainer import seeded_generator
 from flowrl.shapes.edits import EDIT_KINDS, sample_edit
 from flowrl.shapes.prompts import T2I_CATEGORIES, sample_t2i
 from flowrl.shapes.render import render_scene
-from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
+from flowrl.stages.common import (StageResult, commit_stage, committed_result, flat_metrics, progress_bar,
+                                  stage_context)
 from flowrl.storage import ArtifactError, content_stamps, fetch, read_manifest
 from flowrl.tracking import Tracker
 
@@ -83,21 +84,25 @@ def candidate_prompts(config: FlowRLConfig, task: str) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def group_statistics(model, reward: CompositeReward, frame: pd.DataFrame, config: FlowRLConfig) -> pd.DataFrame:
-    """Sample a group per prompt and add its reward statistics to the frame."""
+def group_statistics(model, reward: CompositeReward, frame: pd.DataFrame, config: FlowRLConfig,
+                     progress: bool = False, desc: str = STAGE) -> pd.DataFrame:
+    """Sample a group per prompt and add its reward statistics to the frame; ``progress``: a bar
+    (labelled ``desc``) over the candidate prompts as their batches are scored."""
     f = config.filter
     settings = rollout_settings(config.grpo.rollout)  # GRPO's rollout sampler: the spread GRPO will see
     sources = decode_sources(frame)
     per_batch = max(1, f.batch_size // f.group_size)
     totals, firsts = [], []
-    for b, start in enumerate(range(0, len(frame), per_batch)):
-        stop = min(start + per_batch, len(frame))
-        src = None if sources is None else sources[start:stop]
-        ro = rollout(model, list(frame["prompt"][start:stop]), f.group_size, settings,
-                     seeded_generator(f.seed, b), src)
-        scores = reward.score_components(ro.images, ro.prompts, ro.sources)
-        totals.append(scores.total.reshape(-1, f.group_size))
-        firsts.append(next(iter(scores.components.values())).reshape(-1, f.group_size))
+    with progress_bar(desc=desc, total=len(frame), enabled=progress, unit="prompt") as bar:
+        for b, start in enumerate(range(0, len(frame), per_batch)):
+            stop = min(start + per_batch, len(frame))
+            src = None if sources is None else sources[start:stop]
+            ro = rollout(model, list(frame["prompt"][start:stop]), f.group_size, settings,
+                         seeded_generator(f.seed, b), src)
+            scores = reward.score_components(ro.images, ro.prompts, ro.sources)
+            totals.append(scores.total.reshape(-1, f.group_size))
+            firsts.append(next(iter(scores.components.values())).reshape(-1, f.group_size))
+            bar.update(stop - start)
     total, first = (torch.cat(parts).float().cpu().numpy() for parts in (totals, firsts))
     out = frame.copy()
     out["reward_mean"] = total.mean(axis=1)
@@ -159,10 +164,12 @@ def run_filter_prompts(
     *,
     output_root: str | None = None,
     tracker: Tracker | None = None,
+    progress: bool = True,
 ) -> StageResult:
     """Score every candidate prompt's group of base-model samples with the task's composite reward and keep
     the prompts whose rewards spread. The candidates are the shapes grammar's, or for a family with prompt
-    files the file's rows less a held-out share, written beside the curated set as ``heldout.parquet``."""
+    files the file's rows less a held-out share, written beside the curated set as ``heldout.parquet``.
+    ``progress``: a bar over the candidates."""
     if task not in ("t2i", "edit"):
         raise ValueError(f"task must be t2i or edit, got {task!r}")
     family = family_of(config)
@@ -182,7 +189,7 @@ def run_filter_prompts(
                           spread=torch.cuda.is_available() and torch.cuda.device_count() > 1, first_device=1)
     with stage_context(stage, config, SECTIONS, inputs, tracker=tracker) as ctx:
         frame = group_statistics(model, reward, candidate_prompts(config, task) if candidates is None else candidates,
-                                 config)
+                                 config, progress, desc=stage)
         return _cut_and_commit(ctx, config, task, frame, stage, inputs, output_root, heldout=heldout)
 
 

@@ -141,13 +141,13 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "annotate", "run_annotate", ("run.seed", "world", "sampler", "eval.batch_size", "annotate"),
         "build the annotation datasets (simulated annotators on the shapes world)",
-        Resources(cpu="4", mem="32Gi", gpus=1),
+        Resources(cpu="4", mem="32Gi", gpus=1), progress=True,
         cli=(_BASE,),
     ),
     Stage(
         "reward_model", "run_reward_model", ("run.seed", "world", "model.family", "reward_model"),
         "train the reward models on the annotation datasets",
-        Resources(cpu="8", mem="64Gi", gpus=1),
+        Resources(cpu="8", mem="64Gi", gpus=1), progress=True,
         cli=(Arg("--annotations", "the annotate stage's artifact", param="annotations_uri", required=True,
                  metavar=_URI), _RESUME),
     ),
@@ -155,7 +155,7 @@ STAGES: tuple[Stage, ...] = (
         "filter_prompts", "run_filter_prompts",
         ("run.seed", "world", "model", "sampler.cfg_renorm", "reward_model", "grpo.rollout", "filter", "rewards"),
         "keep the prompts whose base-model rewards spread within a group",
-        Resources(cpu="4", mem="32Gi", gpus=1), artifacts=("filter_prompts_t2i", "filter_prompts_edit"),
+        Resources(cpu="4", mem="32Gi", gpus=1), artifacts=("filter_prompts_t2i", "filter_prompts_edit"), progress=True,
         cli=(Arg("--task", None, param="task", required=True, choices=("t2i", "edit")), _BASE, _REWARD_MODEL),
     ),
     Stage(
@@ -187,7 +187,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "bench", "run_bench", ("run.seed", "world", "model.family", "sampler", "reward_model", "bench", "rewards"),
         "pillar scores, T2I and edit arenas, and the report for any set of models",
-        Resources(cpu="4", mem="64Gi", gpus=1, disk="100Gi"),
+        Resources(cpu="4", mem="64Gi", gpus=1, disk="100Gi"), progress=True,
         cli=(Arg("--model", "a model artifact (base, grpo, opd) by name; repeat per model; bench.anchor names the "
                  "base", param="models", kind="named", required=True, append=True, metavar="NAME=URI"),
              Arg("--votes", "parquet of human votes (arena, prompt, model_a, model_b, winner); they replace the "

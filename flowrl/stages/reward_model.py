@@ -126,10 +126,11 @@ def _held_out_metrics(scorer, split_p, split_q, criterion: str, judge: bool) -> 
 
 
 def _fit(ctx, config: FlowRLConfig, scorer: ScoreBackbone, step_loss, n_rows: int, steps: int, name: str, log,
-         output_root: str | None, resume: bool) -> None:
+         output_root: str | None, resume: bool, progress: bool = False) -> None:
     """Train ``scorer`` on the shared loop with the reward_model section's optimizer settings; with
     ``checkpoint_every`` set, each scorer (``name``) checkpoints as a run of its own, and ``resume``
-    continues it from its newest checkpoint (a finished one is loaded as it is)."""
+    continues it from its newest checkpoint (a finished one is loaded as it is). ``progress``: the
+    loop's bar, labelled ``name``."""
     r = config.reward_model
     checkpoints = None
     if r.checkpoint_every is not None:
@@ -141,11 +142,11 @@ def _fit(ctx, config: FlowRLConfig, scorer: ScoreBackbone, step_loss, n_rows: in
                             config_hash=config.section_hash(*SECTIONS), name=name)
     if resume:
         trainer.resume()
-    trainer.train(log, progress=False)
+    trainer.train(log, progress=progress)
 
 
 def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pairs: pd.DataFrame,
-                output_root: str | None = None, resume: bool = False) -> dict:
+                output_root: str | None = None, resume: bool = False, progress: bool = False) -> dict:
     r = config.reward_model
     seed = config.run.seed
     split_p = split_annotations(points[points.task == task].reset_index(drop=True),
@@ -170,7 +171,7 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
         data = PointwiseData.from_frame(split_p.train, criterion)
         steps = r.steps if criterion == "alignment" else r.easy_steps
         _fit(ctx, config, scorer, lambda idx: pointwise_step_loss(scorer, data, idx), len(data.prompts), steps,
-             f"{task}/pointwise_{criterion}", log, output_root, resume)
+             f"{task}/pointwise_{criterion}", log, output_root, resume, progress)
         scorer.save(ctx.staging / task / f"pointwise_{criterion}")
         metrics[f"pointwise_{criterion}"] = {**_held_out_metrics(scorer, split_p, split_q, criterion, judge),
                                              "train_s": round(time.perf_counter() - start, 1)}
@@ -179,7 +180,7 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
         scorer = _new_scorer(config, task, "alignment", seed)
         data = PairwiseData.from_frame(split_q.train)
         _fit(ctx, config, scorer, lambda idx: pairwise_step_loss(scorer, data, idx), len(data.prompts), r.steps,
-             f"{task}/pairwise", log, output_root, resume)
+             f"{task}/pairwise", log, output_root, resume, progress)
         scorer.save(ctx.staging / task / "pairwise")
         metrics["pairwise"] = {**_held_out_metrics(scorer, split_p, split_q, "alignment", judge),
                                "train_s": round(time.perf_counter() - start, 1)}
@@ -193,10 +194,11 @@ def run_reward_model(
     output_root: str | None = None,
     tracker: Tracker | None = None,
     resume: bool = False,
+    progress: bool = True,
 ) -> StageResult:
     """Train and evaluate every reward model and commit them; ``resume`` (with
     ``reward_model.checkpoint_every`` set) continues each scorer's training from
-    its newest checkpoint."""
+    its newest checkpoint. ``progress``: one bar per scorer, named after it."""
     inputs = {"annotations": annotations_uri}
     done = committed_result(STAGE, config, SECTIONS, inputs, output_root, tracker)
     if done is not None:
@@ -216,6 +218,6 @@ def run_reward_model(
                              "pairwise": pair_report.rows - pair_report.kept},
         }
         for task in ("t2i", "edit"):
-            metrics[task] = _train_task(ctx, config, task, points, pairs, output_root, resume)
+            metrics[task] = _train_task(ctx, config, task, points, pairs, output_root, resume, progress)
         ctx.tracker.log_metrics(flat_metrics(metrics))
         return commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)
