@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -43,6 +44,8 @@ def show_progress() -> bool:
     """Whether a stage task draws progress bars: in a local execution (``make run``, ``pyflyte run`` without
     ``--remote``), where they reach a terminal, yes; in a cluster pod, whose log is a file read later, no
     (each stage still logs its summary line when it ends, and its metrics go to MLflow as it runs)."""
+    if os.environ.get("FLYTE_INTERNAL_EXECUTION_ID"):  # set in every pod Flyte starts (workers included)
+        return False
     return flyte_execution_id() is None
 
 

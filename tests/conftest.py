@@ -55,6 +55,75 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def upstream(tmp_path_factory):
+    """The smoke config's base, annotations, reward models and filtered prompt sets: built once per session
+    (per xdist worker) for every test that reads them (the stage tests, the production chain)."""
+    import torch
+
+    from flowrl.config import load_config
+    from flowrl.stages.annotate import run_annotate
+    from flowrl.stages.base import run_base
+    from flowrl.stages.filter_prompts import run_filter_prompts
+    from flowrl.stages.reward_model import run_reward_model
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("grpo")
+    config = load_config(write_config(root))
+    base = run_base(config, progress=False)
+    rm = run_reward_model(config, run_annotate(config, base.uri).uri)
+    prompts = {task: run_filter_prompts(config, task, base.uri, rm.uri) for task in ("t2i", "edit")}
+    return root, config, base, rm, prompts
+
+
+@pytest.fixture(scope="session")
+def teachers(upstream):
+    from flowrl.stages.grpo import run_grpo
+
+    _, config, base, rm, prompts = upstream
+    return {f"{task}_teacher": run_grpo(config, task, base.uri, rm.uri, prompts[task].uri, progress=False).uri
+            for task in ("t2i", "edit")}
+
+
+@pytest.fixture(scope="session")
+def production(tmp_path_factory, upstream):
+    """The production family (qwen_image) on tiny random components: base, VLM reward models and filtered
+    prompt sets, built once per session for tests/stages/test_production_path.py and the LoRA chain of
+    tests/models/test_qwen_image_lora.py (each stage run of a test under its own directory or config)."""
+    import torch
+    from transformers import Qwen2VLImageProcessorPil
+
+    from flowrl.stages.annotate import run_annotate
+    from flowrl.stages.base import run_base
+    from flowrl.stages.filter_prompts import run_filter_prompts
+    from flowrl.stages.reward_model import run_reward_model
+    from flowrl.storage import fetch
+    from tests.models.tiny_qwen_image import build_text_encoder, build_tiny_qwen_image, build_tokenizer
+    from tests.stages.test_production_path import _prompt_files, _qwen_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny components train and score single-threaded (as on a CI core)
+    try:
+        _, shapes_config, shapes_base, _, _ = upstream
+        labels_dir = fetch(run_annotate(shapes_config, shapes_base.uri).uri)  # cached: the smoke labels as "human" ones
+        labels = {k: str(labels_dir / f"{k}.parquet") for k in ("pointwise", "pairwise")}
+        root = tmp_path_factory.mktemp("production")
+        weights = build_tiny_qwen_image(root / "qwen-tiny", task="edit")
+        vlm = root / "vlm-tiny"
+        tokenizer = build_tokenizer()
+        tokenizer.save_pretrained(vlm)
+        build_text_encoder(tokenizer, seed=1).save_pretrained(vlm)
+        Qwen2VLImageProcessorPil().save_pretrained(vlm)
+        prompts = _prompt_files(root)
+        config = _qwen_config(root, labels, weights, vlm, prompts)
+        base = run_base(config, progress=False)
+        rm = run_reward_model(config, run_annotate(config, base.uri).uri)
+        filtered = {task: run_filter_prompts(config, task, base.uri, rm.uri) for task in ("t2i", "edit")}
+    finally:
+        torch.set_num_threads(threads)
+    return root, config, base, rm, filtered, (labels, weights, vlm, prompts)
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """An S3 API server (moto) on loopback for this test session; yields the
     URI of an empty bucket and points boto3 / s3fs / MLflow at the server

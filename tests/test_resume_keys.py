@@ -155,21 +155,14 @@ def test_resume_names_the_checkpoint_and_its_iteration(tmp_path, caplog):
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """Smoke base, reward model and T2I prompts, in a store of their own."""
-    from flowrl.stages.annotate import run_annotate
-    from flowrl.stages.base import run_base
-    from flowrl.stages.filter_prompts import run_filter_prompts
-    from flowrl.stages.reward_model import run_reward_model
-
-    torch.set_num_threads(1)
+def upstream(upstream, tmp_path_factory):
+    """The session's smoke base, reward model and T2I prompts (tests/conftest.py), with a config of 3 GRPO
+    iterations in the same store: base to filtering hash none of the grpo keys, so their artifacts are these."""
+    _, shared, base, rm, prompts = upstream
     root = tmp_path_factory.mktemp("resume")
-    path = write_config(root, grpo={"loop": {"iterations": 3, "checkpoint_every": 2, "eval_every": 4, "grid_every": 4}})
-    config = load_config(path)
-    base = run_base(config, progress=False)
-    rm = run_reward_model(config, run_annotate(config, base.uri).uri)
-    prompts = run_filter_prompts(config, "t2i", base.uri, rm.uri)
-    return path, config, base, rm, prompts
+    path = write_config(root, run={"artifact_root": shared.run.artifact_root, "tracking_uri": shared.run.tracking_uri},
+                        grpo={"loop": {"iterations": 3, "checkpoint_every": 2, "eval_every": 4, "grid_every": 4}})
+    return path, load_config(path), base, rm, prompts["t2i"]
 
 
 def test_grpo_resumes_its_checkpoint_after_the_reward_retries_change(upstream, tmp_path, caplog, capsys):

@@ -20,7 +20,6 @@ consistency every GRPO run relies on (tested for every mode).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,17 +57,19 @@ def rollout_settings(config: RolloutConfig) -> RolloutSettings:
                            micro_batch=config.micro_batch, compile=config.compile)
 
 
-# compiled networks by the eager one they wrap (weakly: a network dropped by its stage frees its graphs)
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+# the attribute of a network holding its compiled graph: kept in the network's __dict__ (not as a
+# registered submodule, which would enter its state dict), so it goes when the network goes
+_COMPILED_ATTR = "_flowrl_compiled"
 
 
 def compiled_view(model: FlowModel) -> FlowModel:
     """``model`` with its network compiled by torch.compile, compiled once per network and reused (the
     compiled module reads the same parameters, so updates of the eager one reach it)."""
     net = trainable_module(model)
-    compiled = _COMPILED.get(net)
+    compiled = net.__dict__.get(_COMPILED_ATTR)
     if compiled is None:
-        compiled = _COMPILED[net] = torch.compile(net, dynamic=False)
+        compiled = torch.compile(net, dynamic=False)
+        object.__setattr__(net, _COMPILED_ATTR, compiled)  # bypasses Module.__setattr__: no submodule
     return model.with_trainable(compiled)
 
 

@@ -643,7 +643,7 @@ class LoopTrainer(abc.ABC):
             if self.monitor is not None and (iteration + 1) % loop.eval_every == 0:
                 entry = self._monitor_step(iteration + 1, log_metrics)
                 postfix["judge"] = f"{entry['heldout']:.3f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(postfix, refresh=False)  # drawn with the bar's next update (every 2 s at most)
             if (iteration + 1) % loop.checkpoint_every == 0 or iteration + 1 == loop.iterations:
                 self._checkpoint()
             if self.state.stopped:

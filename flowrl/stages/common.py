@@ -197,9 +197,16 @@ def _number(value: float) -> str:
 
 
 def log_stage_summary(stage: str, metrics: dict, wall_s: float | None, uri: str | None = None) -> None:
-    """Log :func:`stage_summary` at INFO, once per stage (rank 0 under torchrun)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        log.info("%s", stage_summary(stage, metrics, wall_s, uri))
+    """Log :func:`stage_summary` at INFO, once per stage (rank 0 under torchrun). It runs after the stage
+    committed its artifact: a summary that cannot be formed is logged at DEBUG, never fails the stage."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        line = stage_summary(stage, metrics, wall_s, uri)
+    except Exception as exc:  # noqa: BLE001 - the stage is done; its summary line is a courtesy
+        log.debug("no summary line for stage %s: %s", stage, exc)
+        return
+    log.info("%s", line)
 
 
 def progress_bar(iterable: Iterable | None = None, *, desc: str, total: int | None = None, enabled: bool = True,

@@ -49,7 +49,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():  # module scope: the production chain below (tests/stages/test_production_path.py) asks for it
+def one_thread():  # the tiny components train single-threaded (as on a CI core)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -258,8 +258,7 @@ def test_grpo_with_lora_resumes_exactly_from_adapter_only_checkpoints(tiny, tmp_
 
 # --------------------------------------------------------------------------- the stages
 
-from tests.stages.conftest import upstream  # noqa: E402,F401  (the production chain's shapes upstream)
-from tests.stages.test_production_path import _qwen_config, production  # noqa: E402,F401
+from tests.stages.test_production_path import _qwen_config  # noqa: E402  (production: tests/conftest.py)
 
 
 @pytest.mark.slow

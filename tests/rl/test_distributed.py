@@ -41,6 +41,20 @@ def _run(out, mode, zero=0, processes=1):
     return load_file(out)
 
 
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The one-process update of each mode, run once per module: the one-process side is plain PyTorch
+    whatever ZeRO stage the two-process side takes, so the cases of one mode compare against one run."""
+    done = {}
+
+    def update(mode):
+        if mode not in done:
+            done[mode] = _run(tmp_path_factory.mktemp(f"single-{mode}") / "one.safetensors", mode)
+        return done[mode]
+
+    return update
+
+
 def _assert_same_update(a, b):
     from tests.rl.conftest import tiny_model
 
@@ -58,12 +72,12 @@ def _assert_same_update(a, b):
 
 @pytest.mark.parametrize("mode, zero", [("single", 0), ("subset", 0), ("mixed", 0), ("opd", 0),
                                         ("single", 3), ("mixed", 2), ("opd", 3)])
-def test_two_processes_take_the_single_process_update(tmp_path, mode, zero):
+def test_two_processes_take_the_single_process_update(tmp_path, single_process, mode, zero):
     """GRPO on one task, on one task training only the blocks' qkv weights (grpo.trainable), on two
     tasks at once (Mix-RL: a backward per task, reduced on the last), and one OPD iteration (the
     student's trajectories, both tasks); zero 0 is DDP, 2 and 3 DeepSpeed ZeRO, against plain PyTorch
     in one process."""
-    single = _run(tmp_path / "one.safetensors", mode)
+    single = single_process(mode)
     double = _run(tmp_path / "two.safetensors", mode, zero, processes=2)
     # ZeRO steps flat partitions: a parameter no batch reached (the source branch in T2I) has zero
     # moments there and none in plain AdamW; both leave it where it was
@@ -81,11 +95,11 @@ def test_two_processes_take_the_single_process_update(tmp_path, mode, zero):
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_zero_checkpoint_state_resumes_the_same_run(tmp_path, zero):
+def test_zero_checkpoint_state_resumes_the_same_run(tmp_path, single_process, zero):
     """Under ZeRO the engine assembles full weights and AdamW moments from the ranks' partitions
     (the checkpoint format of every engine); a trainer on fresh weights that loads them takes
     exactly the next update of the run they came from, and both equal plain PyTorch's."""
-    plain = _run(tmp_path / "one.safetensors", "resume")
+    plain = single_process("resume")
     sharded = _run(tmp_path / "two.safetensors", "resume", zero, processes=2)
     for tensors in (plain, sharded):
         for key in (k for k in tensors if k.startswith("a.")):

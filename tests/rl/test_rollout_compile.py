@@ -36,10 +36,11 @@ def test_compiled_rollouts_match_eager_ones_and_follow_weight_updates():
     with torch.no_grad():
         new = step_log_probs(model, b, rows, steps, eager).log_probs
     assert (torch.exp(new - b.old_log_probs) - 1).abs().max() < 1e-4
-    graph = rollout_module._COMPILED[model.net]
+    graph = model.net.__dict__[rollout_module._COMPILED_ATTR]
     with torch.no_grad():  # an "update": the compiled graph must see it
         model.net.conv_out.bias.add_(0.5)
     a2, b2 = both()
-    assert rollout_module._COMPILED[model.net] is graph  # compiled once, reused
+    assert model.net.__dict__[rollout_module._COMPILED_ATTR] is graph  # compiled once, reused
+    assert not any("_flowrl_compiled" in k or "_orig_mod" in k for k in model.net.state_dict())  # not a submodule
     assert not torch.allclose(a2.states, a.states, atol=1e-3)  # the update changed the rollouts
     torch.testing.assert_close(b2.states, a2.states, atol=1e-4, rtol=1e-4)

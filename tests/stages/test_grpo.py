@@ -98,8 +98,8 @@ def test_gain_over_time_judges_the_base_and_every_checkpoint(upstream, tmp_path)
 
 def test_killed_run_resumes_to_the_uninterrupted_result(upstream, tmp_path):
     root, config, base, rm, prompts = upstream
-    whole = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "a"),
-                     progress=False)
+    # the uninterrupted run is the t2i teacher of these inputs (reused where another test made it)
+    whole = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, progress=False)
     with pytest.raises(InterruptedError):  # "killed" after iteration 3; the last checkpoint is at 2
         run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "b"),
                  progress=False, stop_after=3)
@@ -177,7 +177,7 @@ def test_opd_resume_replays_the_uninterrupted_run(upstream, teachers, tmp_path):
 
     _, config, base, _, prompts = upstream
     uris = {task: prompts[task].uri for task in ("t2i", "edit")}
-    whole = run_opd(config, base.uri, teachers, uris, output_root=str(tmp_path / "a"), progress=False)
+    whole = run_opd(config, base.uri, teachers, uris, progress=False)  # the student of these inputs
     with pytest.raises(InterruptedError):
         run_opd(config, base.uri, teachers, uris, output_root=str(tmp_path / "b"), progress=False, stop_after=3)
     resumed = run_opd(config, base.uri, teachers, uris, output_root=str(tmp_path / "b"), progress=False, resume=True)
@@ -220,8 +220,7 @@ def test_zero3_run_resumes_exactly_and_matches_plain_pytorch(upstream, tmp_path)
     zero = dataclasses.replace(config, grpo=dataclasses.replace(
         config.grpo, optim=dataclasses.replace(config.grpo.optim, zero_stage=3)))
     linear, local_rank = torch.nn.functional.linear, os.environ.get("LOCAL_RANK")
-    plain = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "p"),
-                     progress=False)
+    plain = run_grpo(config, "t2i", base.uri, rm.uri, prompts["t2i"].uri, progress=False)  # the t2i teacher
     whole = run_grpo(zero, "t2i", base.uri, rm.uri, prompts["t2i"].uri, output_root=str(tmp_path / "a"),
                      progress=False)
     assert not dist.is_initialized()  # the engine's own group of one is gone with the run

@@ -17,12 +17,10 @@ from PIL import Image
 from flowrl.config import ConfigError, load_config, merge_data
 from flowrl.models import CheckpointError, load_policy, trainable_module
 from flowrl.prompt_files import PromptFileError, heldout_mask, load_prompt_file
-from flowrl.stages.annotate import run_annotate
 from flowrl.stages.base import run_base
 from flowrl.stages.filter_prompts import load_heldout_set, load_prompt_set, run_filter_prompts
 from flowrl.stages.grpo import run_grpo
 from flowrl.stages.opd import run_opd
-from flowrl.stages.reward_model import run_reward_model
 from flowrl.storage import fetch
 from tests.conftest import write_config
 
@@ -107,31 +105,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def production(tmp_path_factory, upstream, one_thread):
-    """base, reward models and filtered prompt sets of the production family."""
-    from transformers import Qwen2VLImageProcessorPil
-
-    from tests.models.tiny_qwen_image import build_text_encoder, build_tiny_qwen_image, build_tokenizer
-
-    _, shapes_config, shapes_base, _, _ = upstream
-    labels_dir = fetch(run_annotate(shapes_config, shapes_base.uri).uri)  # cached: the smoke labels as "human" ones
-    labels = {k: str(labels_dir / f"{k}.parquet") for k in ("pointwise", "pairwise")}
-    root = tmp_path_factory.mktemp("production")
-    weights = build_tiny_qwen_image(root / "qwen-tiny", task="edit")
-    vlm = root / "vlm-tiny"
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(vlm)
-    build_text_encoder(tokenizer, seed=1).save_pretrained(vlm)
-    Qwen2VLImageProcessorPil().save_pretrained(vlm)
-    prompts = _prompt_files(root)
-    config = _qwen_config(root, labels, weights, vlm, prompts)
-    base = run_base(config, progress=False)
-    rm = run_reward_model(config, run_annotate(config, base.uri).uri)
-    filtered = {task: run_filter_prompts(config, task, base.uri, rm.uri) for task in ("t2i", "edit")}
-    return root, config, base, rm, filtered, (labels, weights, vlm, prompts)
 
 
 def test_prompt_files_are_filtered_with_a_held_out_share_that_is_never_trained_on(production):
