@@ -531,8 +531,12 @@ def test_suite(args) -> dict[str, object]:
     wall = time.perf_counter() - start
     last = (proc.stdout.strip().splitlines() or [""])[-1]
     if proc.returncode != 0:  # a failing suite's time is no measurement of the suite
+        fd, log_path = tempfile.mkstemp(prefix="flowrl-perf-tests-", suffix=".log")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(proc.stdout + proc.stderr)
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise RuntimeError(f"the test suite failed ({proc.returncode}: {last}); test_suite_s not written")
+        raise RuntimeError(f"the test suite failed ({proc.returncode}: {last}); test_suite_s not written; "
+                           f"its whole output: {log_path}")
     return {
         "test_suite_s": round(wall, 1),
         "test_suite": {"workers": args.test_workers, "returncode": proc.returncode, "summary": last,

@@ -84,10 +84,11 @@ def algorithm(name: str, kind: str, *, multitask: bool = False) -> Algorithm:
     _builtin()
     key = _KEYS[kind]
     found = _REGISTRY.get(name)
+    shown = repr(name) if len(repr(name)) <= 80 else f"{repr(name)[:60]}... ({len(name)} characters)"
     if found is None or found.kind != kind:
         what = "is not a registered algorithm" if found is None else f"is a {found.kind} algorithm"
-        raise ConfigError(f"{key}: {name!r} {what} (the {kind} algorithms: {', '.join(algorithm_names(kind))})")
+        raise ConfigError(f"{key}: {shown} {what} (the {kind} algorithms: {', '.join(algorithm_names(kind))})")
     if multitask and not found.multitask:
-        raise ConfigError(f"{key}: {name!r} trains one task at a time; Mix-RL (grpo --task mixed, pipeline.mix_rl) "
+        raise ConfigError(f"{key}: {shown} trains one task at a time; Mix-RL (grpo --task mixed, pipeline.mix_rl) "
                           "needs a multitask algorithm")
     return found

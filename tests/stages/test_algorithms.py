@@ -66,3 +66,13 @@ def test_a_registered_algorithm_is_what_the_grpo_stage_trains_with(upstream, sca
     with pytest.raises(ConfigError, match="needs a multitask algorithm"):
         run_grpo(chosen, "mixed", base.uri, rm.uri, {t: prompts[t].uri for t in ("t2i", "edit")},
                  output_root=str(tmp_path), progress=False)
+
+
+@pytest.mark.bad_input
+def test_a_huge_algorithm_name_is_refused_with_a_short_message():
+    from flowrl.config import ConfigError
+    from flowrl.rl.algorithms import algorithm
+
+    with pytest.raises(ConfigError, match=r"opd\.algorithm: 'xxx.*\(20000 characters\) is not a registered") as err:
+        algorithm("x" * 20000, "distill")
+    assert len(str(err.value)) < 300
