@@ -165,7 +165,7 @@ results/reliability.json: venv
 # The studies beside the product (experiments/<study>/: script, study.mk, results, README.md): each results file is a
 # target of its study.mk, e.g. `make experiments/grpo_ablations/results/grpo_levers.json` (fidelity_probe's recipe
 # uses CAST_SET and ARTIFACT_OF of grpo_ablations' fragment).
-STUDIES := grpo_ablations opd_levers fidelity_probe t2i_reward_probe edit_reward_probe refactor_parity
+STUDIES := grpo_ablations opd_levers fidelity_probe t2i_reward_probe edit_reward_probe refactor_parity algorithms
 include $(foreach s,$(STUDIES),experiments/$(s)/study.mk)
 
 # The checks of the studies' committed results (experiments/*/test_results.py; not part of `make test`).

@@ -94,11 +94,16 @@ def _hash_payload(value: Any) -> Any:
         return {
             name: _hash_payload(item)
             for name, (item, f) in items.items()
-            if not (f.metadata.get("added") and item == f.default)
+            if not (f.metadata.get("added") and item == _field_default(f))
         }
     if isinstance(value, (list, tuple)):
         return [_hash_payload(v) for v in value]
     return value
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (a subsection's: a fresh default instance)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def section(factory: type, doc: str) -> Any:
@@ -543,10 +548,11 @@ class FilterConfig:
                                   f"GRPO's rollout sampler: write grpo.rollout.{key} instead")
 
 
-def subsection(factory: type, doc: str, **defaults: Any) -> Any:
+def subsection(factory: type, doc: str, *, added: bool = False, **defaults: Any) -> Any:
     """A nested config subsection of type ``factory`` whose default instance takes ``defaults`` (a stage's
-    own defaults of a class several stages share)."""
-    return field(default_factory=lambda: factory(**defaults), metadata={"doc": doc, "bounds": {}})
+    own defaults of a class several stages share). ``added``: as :func:`param`'s, for a whole subsection
+    added later (left out of the hash while it equals its default instance)."""
+    return field(default_factory=lambda: factory(**defaults), metadata={"doc": doc, "bounds": {}, "added": added})
 
 
 @dataclass(frozen=True)
@@ -583,6 +589,12 @@ class LoopConfig:
     monitor_per_category: int = param(10, "Monitor prompts per category / edit kind.", ge=1)
     checkpoint_every: int = param(50, "Checkpoint to the artifact store every N iterations.", ge=1, operational=True)
     grid_every: int = param(100, "Image grid of the monitor prompts every N iterations.", ge=1, operational=True)
+    time_budget_s: float | None = param(
+        None, "Stop after the iteration in which the iterations' own seconds (monitor evaluations and checkpoints "
+        "not counted) reach this, keeping what was trained (the run records why it stopped; the monitor scores "
+        "the last iteration). For comparisons on an equal wall-clock budget; a run it stops depends on the "
+        "machine's speed, so a resume does not replay it. null: run every iteration.", gt=0,
+        operational=True, added=True)
 
 
 @dataclass(frozen=True)
@@ -628,6 +640,76 @@ class RolloutConfig:
         "batch shape, tens of seconds on a CPU). The same function up to float rounding, so the "
         "rollout/training ratio before an update is 1 only to that rounding; the training forward stays eager.",
         added=True)
+    dynamics: Literal["flow", "dance", "cps"] = param(
+        "flow", "The stochastic transition of an SDE step (noise level a): flow: Flow-GRPO's SDE, sigma_t = "
+        "a sqrt(t / (1 - t)); dance: DanceGRPO's, the same SDE with a constant sigma_t = a; cps: coefficient-"
+        "preserving sampling, std t' sin(a pi / 2), which needs a <= 1 and whose last step (into t = 0) is "
+        "deterministic, never trained nor a KL anchor.", added=True)
+    sde_steps: int | None = param(
+        None, "Only this many consecutive steps (the SDE window, W) are stochastic; the rest are ODE steps "
+        "(ode_solver), as in MixGRPO. GRPO then trains grpo.timesteps.per_trajectory steps drawn from the window "
+        "of the iteration (which replaces grpo.timesteps.fraction and start) and takes its KL anchor steps from "
+        "outside it. null: every step is stochastic.", ge=1, cap=STEPS_MAX, added=True)
+    sde_start: int = param(
+        0, "With sde_steps: the window's first step (0: the noisiest) at iteration 0.", ge=0, cap=STEPS_MAX,
+        added=True)
+    sde_slide_every: int | None = param(
+        None, "With sde_steps: the window moves one step later (towards the clean end) every this many "
+        "iterations: at iteration i (from 0) it starts at min(sde_start + i // sde_slide_every, num_steps - "
+        "sde_steps), and stays at the last position once there. null: a fixed window.", ge=1, added=True)
+    ode_solver: Literal["euler", "ab2"] = param(
+        "euler", "With sde_steps: the solver of the deterministic steps outside the window: euler, or ab2 "
+        "(second-order Adams-Bashforth in t on the velocity, one forward per step like euler; its first step "
+        "and the first after a stochastic one are euler steps).", added=True)
+
+    def __post_init__(self) -> None:
+        key = "grpo.rollout"
+        if self.dynamics == "cps" and self.noise_level > 1:
+            raise ConfigError(f"{key}.noise_level: {self.noise_level} is above 1, and {key}.dynamics: cps needs a "
+                              "noise level in (0, 1] (its std is t' sin(a pi / 2))")
+        if self.sde_steps is None:
+            for name, default in (("sde_start", 0), ("sde_slide_every", None), ("ode_solver", "euler")):
+                if getattr(self, name) != default:
+                    raise ConfigError(f"{key}.{name}: {getattr(self, name)} places or solves around an SDE window, "
+                                      f"and {key}.sde_steps is null (every step is stochastic); set "
+                                      f"{key}.sde_steps or drop {key}.{name}")
+        elif self.sde_start + self.sde_steps > self.num_steps:
+            raise ConfigError(f"{key}.sde_steps: a window of {self.sde_steps} steps from {key}.sde_start "
+                              f"{self.sde_start} is past the end of the {self.num_steps}-step schedule "
+                              f"({key}.num_steps)")
+
+
+@dataclass(frozen=True)
+class NFTConfig:
+    """DiffusionNFT's own settings (grpo.nft; used with grpo.algorithm: nft, flowrl/rl/nft.py): the rollouts'
+    sampler noise, the noised copies of each clean sample the loss is taken on, the implicit policies' strength
+    and the soft update of the sampling policy."""
+
+    noise_level: float = param(
+        0.0, "Noise level of the rollout sampler that draws the clean samples (0: the deterministic ODE "
+        "sampler; > 0: the SDE of grpo.rollout.noise_level's form). Steps, guidance and micro-batch are "
+        "grpo.rollout's.", ge=0, added=True)
+    timesteps_per_sample: int = param(
+        2, "Noise levels t per clean sample (K): each sample is noised K times, each with fresh noise, and the "
+        "loss is the mean over all of them.", ge=1, cap=STEPS_MAX, added=True)
+    timestep_mode: Literal["schedule", "uniform"] = param(
+        "schedule", "schedule: each t is one of the rollout schedule's noisy sigmas within [t_min, t_max], "
+        "uniformly; uniform: t uniform in [t_min, t_max).", added=True)
+    t_min: float = param(0.0, "Lowest noise level t trained.", ge=0, lt=1, added=True)
+    t_max: float = param(1.0, "Highest noise level t trained (above t_min).", gt=0, le=1, added=True)
+    beta: float = param(
+        1.0, "Strength of the implicit policies v+- = v_old +- beta (v - v_old) the loss fits to the positive and "
+        "the negative samples.", gt=0, added=True)
+    adv_max: float = param(
+        5.0, "The advantage that maps to certainty: a sample's optimality probability is "
+        "r = 0.5 + 0.5 clip(A / adv_max, -1, 1).", gt=0, added=True)
+    adaptive_weight: bool = param(
+        True, "Weigh each term in x0-prediction space by the inverse of its detached mean absolute x0 error "
+        "(DiffusionNFT's adaptive weighting); false: the plain squared velocity error.", added=True)
+    decay_rate: float = param(
+        0.001, "Soft update of the sampling policy after iteration i: theta_old <- eta theta_old + (1 - eta) theta "
+        "with eta = min(decay_rate i, decay_max) (0: theta_old follows theta exactly).", ge=0, added=True)
+    decay_max: float = param(0.5, "The cap of eta (see decay_rate).", ge=0, lt=1, added=True)
 
 
 # the keys an earlier config gave flat in grpo / opd: where each one is now (below the section)
@@ -670,7 +752,16 @@ class GRPOConfig:
     timesteps: WindowTimestepsConfig = subsection(
         WindowTimestepsConfig, "The K early steps (subset) trained per trajectory, or all N.")
     optim: OptimConfig = subsection(OptimConfig, "AdamW, EMA, ZeRO, and the forward / backward's memory knobs.")
+    nft: NFTConfig = subsection(
+        NFTConfig, "DiffusionNFT (algorithm: nft): rollout noise, the noise levels trained, the implicit policies' "
+        "strength and the soft update of the sampling policy.", added=True)
     clip_range: float = param(1e-3, "PPO clip range of the ratio.", gt=0)
+    ratio_norm: bool = param(
+        False, "GRPO-Guard's ratio normalisation: the clipped objective reads, per trained step, the log-ratio "
+        "times the step's std plus the squared mean shift over twice the std (centred on 0 at every step, its "
+        "spread no longer divided by the step's noise; flowrl.rl.objectives.guard_log_ratio). The rollouts keep "
+        "each step's mean for it (one more latent per step in memory). Before an update the ratio is still 1.",
+        added=True)
     advantage_clip: float = param(5.0, "Advantages are clipped to +- this.", gt=0)
     kl_coef: float = param(0.0, "Weight of the closed-form KL to the reference (base) policy.", ge=0)
     kl_anchor_steps: int = param(
@@ -1168,6 +1259,33 @@ def category_weights(entries: tuple[str, ...], key: str) -> dict[str, float]:
     return out
 
 
+def _check_sde_window(g: GRPOConfig) -> None:
+    """With an SDE window (grpo.rollout.sde_steps), GRPO trains K of its stochastic steps at every
+    iteration: K must fit the fewest it ever holds (cps's last step, once inside, is not stochastic)."""
+    r, ts = g.rollout, g.timesteps
+    if r.sde_steps is None:
+        if r.dynamics == "cps" and ts.mode == "subset":
+            from flowrl.rl.rollout import timestep_window
+
+            lo, hi = timestep_window(r.num_steps, ts.fraction, ts.start)
+            if hi == r.num_steps and ts.per_trajectory > hi - lo - 1:
+                raise ConfigError(
+                    f"grpo.timesteps.per_trajectory: {ts.per_trajectory} is more than the {hi - lo - 1} stochastic "
+                    f"steps in the window [{lo}, {hi}) (grpo.timesteps.fraction {ts.fraction}, start {ts.start}): "
+                    "with grpo.rollout.dynamics: cps the last step is deterministic")
+        return
+    reaches_end = r.sde_slide_every is not None or r.sde_start + r.sde_steps == r.num_steps
+    fewest = r.sde_steps - (1 if r.dynamics == "cps" and reaches_end else 0)
+    needed = ts.per_trajectory if ts.mode == "subset" else 1
+    if needed > fewest:
+        cps = " (with grpo.rollout.dynamics: cps the last step, inside the window, is deterministic)" \
+            if fewest < r.sde_steps else ""
+        raise ConfigError(
+            f"grpo.timesteps.per_trajectory: {ts.per_trajectory} steps to train, and the SDE window of "
+            f"grpo.rollout.sde_steps = {r.sde_steps} holds {fewest} stochastic step(s){cps}; lower "
+            "grpo.timesteps.per_trajectory or widen grpo.rollout.sde_steps")
+
+
 def check_consistency(config: FlowRLConfig) -> None:
     """Rules that involve more than one key."""
     # long: a flat list of independent rules, each a few lines naming its keys; read top to bottom
@@ -1200,7 +1318,8 @@ def check_consistency(config: FlowRLConfig) -> None:
                                   "fidelity)")
     g = config.grpo
     ts = g.timesteps
-    if ts.mode == "subset":
+    _check_sde_window(g)
+    if ts.mode == "subset" and g.rollout.sde_steps is None:
         from flowrl.rl.rollout import timestep_window  # the one definition of the window (imports torch)
 
         if ts.start + ts.fraction > 1 + 1e-9:
@@ -1240,6 +1359,12 @@ def check_consistency(config: FlowRLConfig) -> None:
     if g.reward_gpus and config.launch.grpo.gpus == 0:
         raise ConfigError(f"grpo.reward_gpus: {g.reward_gpus} GPUs after the training processes' GPUs, and "
                           "launch.grpo.gpus is 0 (CPU workers); set grpo.reward_gpus to 0")
+    if g.nft.t_min >= g.nft.t_max:
+        raise ConfigError(f"grpo.nft.t_min: {g.nft.t_min} must be below grpo.nft.t_max {g.nft.t_max}")
+    if g.algorithm == "nft" and g.optim.zero_stage > 0:
+        raise ConfigError(
+            f"grpo.optim.zero_stage: {g.optim.zero_stage} with grpo.algorithm nft, whose sampling policy (a whole "
+            "copy of the trained weights, in its checkpoints) is kept by the plain engine only; use zero_stage 0")
     if g.prompts_per_iteration % g.reward_chunks:
         raise ConfigError(
             f"grpo.reward_chunks: {g.reward_chunks} does not divide grpo.prompts_per_iteration {g.prompts_per_iteration}"

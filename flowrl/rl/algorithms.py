@@ -16,7 +16,8 @@ Kinds, and the constructor each kind's stage calls:
   prompts, routes, task_fractions, guidance_scale=, shift=, monitor=, checkpoints=, config_hash=,
   task_models=)`` as :class:`~flowrl.rl.opd.OPDTrainer` takes them.
 
-Registered today: ``grpo`` (reward, multitask: GRPO and, on both tasks at once, Mix-RL) and ``opd`` (distill).
+Registered today: ``grpo`` (reward, multitask: GRPO and, on both tasks at once, Mix-RL), ``opd`` (distill) and
+``nft`` (reward, one task at a time: DiffusionNFT, forward-process RL on the clean samples, :mod:`flowrl.rl.nft`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = ["Algorithm", "KINDS", "register_algorithm", "algorithm", "algorithm_n
 
 KINDS = ("reward", "distill")
 #: the modules whose trainers register the built-in algorithms (imported on the first lookup)
-BUILTIN = ("flowrl.rl.grpo", "flowrl.rl.opd")
+BUILTIN = ("flowrl.rl.grpo", "flowrl.rl.opd", "flowrl.rl.nft")
 _KEYS = {"reward": "grpo.algorithm", "distill": "opd.algorithm"}
 _REGISTRY: dict[str, "Algorithm"] = {}
 T = TypeVar("T", bound=type)

@@ -20,6 +20,7 @@ resumed from a checkpoint replays exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from concurrent.futures import Future
@@ -37,10 +38,11 @@ from flowrl.rewards.client import RewardClientError
 from flowrl.rl.algorithms import register_algorithm
 from flowrl.rl.distributed import mean_across_ranks
 from flowrl.rl.engine import make_engine
-from flowrl.rl.objectives import anchored_kl_term, gaussian_kl, group_advantages, ppo_clip_loss
+from flowrl.rl.objectives import anchored_kl_term, gaussian_kl, group_advantages, guard_log_ratio, ppo_clip_loss
 from flowrl.rl.rollout import (
     RolloutSettings,
     Rollouts,
+    excluded_steps,
     rollout,
     rollout_settings,
     select_anchor_steps,
@@ -73,8 +75,9 @@ class PromptSet:
 
 
 def settings_of(cfg: GRPOConfig) -> RolloutSettings:
-    """The rollout sampler's settings (grpo.rollout)."""
-    return rollout_settings(cfg.rollout)
+    """The rollout sampler's settings (grpo.rollout); the rollouts keep their transition means when
+    GRPO-Guard's ratio compares against them (grpo.ratio_norm)."""
+    return dataclasses.replace(rollout_settings(cfg.rollout), keep_means=cfg.ratio_norm)
 
 
 def cat_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
@@ -102,6 +105,9 @@ def cat_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
         sigmas=parts[0].sigmas,
         old_log_probs=torch.cat([p.old_log_probs for p in parts]),
         images=torch.cat([p.images for p in parts]),
+        stochastic=parts[0].stochastic,  # the chunks of one iteration share its SDE window
+        window=parts[0].window,
+        old_means=None if parts[0].old_means is None else torch.cat([p.old_means for p in parts]),
     )
 
 
@@ -150,7 +156,7 @@ class TaskData:
 def loop_settings(cfg: GRPOConfig, name: str = "grpo") -> LoopSettings:
     loop = cfg.loop
     return LoopSettings(loop.iterations, loop.eval_every, loop.checkpoint_every, cfg.hacking_threshold,
-                        cfg.stop_on_hacking, name=name, tracked="train/reward")
+                        cfg.stop_on_hacking, name=name, tracked="train/reward", time_budget_s=loop.time_budget_s)
 
 
 @register_algorithm("grpo", kind="reward", multitask=True)
@@ -221,6 +227,8 @@ class GRPOTrainer(LoopTrainer):
 
     # ------------------------------------------------------------------ one iteration
     def _collect_task(self, task: TaskData, index: int, iteration: int, gen: torch.Generator) -> IterationOutput:
+        """One task's rollouts, rewards and advantages; the rollouts use the iteration's SDE window
+        (grpo.rollout.sde_steps), which they carry to the update."""
         cfg = self.cfg
         # task 0 draws with the run's seed, so a single-task run is unchanged by the multi-task path
         chosen = draw_prompts(task.prompts, cfg.prompts_per_iteration, cfg.seed + 1_000_003 * index, iteration,
@@ -232,7 +240,7 @@ class GRPOTrainer(LoopTrainer):
             idx = chosen[c * per_chunk : (c + 1) * per_chunk]
             sources = None if task.prompts.sources is None else task.prompts.sources[torch.as_tensor(idx)]
             part = rollout(self.model, [task.prompts.prompts[i] for i in idx], cfg.group_size, self.settings,
-                           gen, sources)
+                           gen, sources, iteration=iteration)
             futures.append(task.rewards.submit(part.images, part.prompts, part.sources))  # scored while we sample on
             parts.append(part)
         scores = [f.result() for f in futures]
@@ -258,8 +266,13 @@ class GRPOTrainer(LoopTrainer):
         cfg, ro = self.cfg, out.rollouts
         new = step_log_probs(self.train_model, ro, rows, steps[rows], self.settings)
         trained = steps[rows][:, :n_trained]
-        loss, diag = ppo_clip_loss(new.log_probs[:, :n_trained], ro.old_log_probs[rows[:, None], trained],
-                                   out.advantages[rows], cfg.clip_range)
+        old = ro.old_log_probs[rows[:, None], trained]
+        log_ratio = None
+        if cfg.ratio_norm:  # GRPO-Guard: the log-ratio centred and rescaled per step
+            log_ratio = guard_log_ratio(new.log_probs[:, :n_trained], old, new.means[:, :n_trained],
+                                        ro.old_means[rows[:, None], trained], new.stds[:, :n_trained])
+        loss, diag = ppo_clip_loss(new.log_probs[:, :n_trained], old, out.advantages[rows], cfg.clip_range,
+                                   log_ratio=log_ratio)
         kl = torch.zeros(())
         if self.reference is not None and cfg.kl_coef > 0:
             with torch.no_grad():
@@ -301,13 +314,16 @@ class GRPOTrainer(LoopTrainer):
         plans = []
         for out in outs.values():
             ro = out.rollouts
-            # drawn for the global batch and sliced, so the update does not depend on the number of ranks
+            # drawn for the global batch and sliced, so the update does not depend on the number of ranks;
+            # with an SDE window the trained steps come from the window the rollouts were sampled with,
+            # the anchors from outside it, neither from a zero-noise step
+            excluded = excluded_steps(self.settings)
             steps = select_timesteps(ro.batch_size * self.world, cfg.rollout.num_steps, ts.mode, ts.fraction,
-                                     ts.per_trajectory, gen, start=ts.start)
+                                     ts.per_trajectory, gen, start=ts.start, window=ro.window, excluded=excluded)
             anchors = select_anchor_steps(
                 ro.batch_size * self.world, cfg.rollout.num_steps, ts.fraction,
                 cfg.kl_anchor_steps if ts.mode == "subset" and cfg.kl_coef > 0 else 0, gen,
-                start=ts.start)
+                start=ts.start, window=ro.window, excluded=excluded)
             local = slice(self.rank * ro.batch_size, (self.rank + 1) * ro.batch_size)
             n_trained = steps.shape[1]
             steps = torch.cat([steps[local], anchors[local]], dim=1)  # anchors: KL only

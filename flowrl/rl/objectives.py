@@ -50,14 +50,16 @@ def group_advantages(
 
 
 def ppo_clip_loss(
-    logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+    log_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate, mean over rows and trained steps.
 
-    logp_new, logp_old: [B, S] (S trained steps per row); advantages: [B].
+    logp_new, logp_old: [B, S] (S trained steps per row); advantages: [B]. ``log_ratio`` [B, S], when
+    given, replaces ``logp_new - logp_old`` (e.g. :func:`guard_log_ratio`).
     Returns the loss and detached diagnostics (clip fraction, ratio spread).
     """
-    ratio = torch.exp(logp_new - logp_old)
+    ratio = torch.exp(logp_new - logp_old if log_ratio is None else log_ratio)
     adv = advantages[:, None].to(ratio.dtype)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
@@ -68,6 +70,26 @@ def ppo_clip_loss(
             "ratio_dev": (ratio - 1.0).abs().max(),
         }
     return loss, stats
+
+
+def guard_log_ratio(
+    logp_new: torch.Tensor, logp_old: torch.Tensor, mean_new: torch.Tensor, mean_old: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """GRPO-Guard's normalised log-ratio of Gaussian steps: [R, S] from log-probs [R, S], transition means
+    [R, S, *latent] and the transition std [R, S].
+
+    With the sample ``x' = mean_old + std z`` and ``d = mean_new - mean_old``, the per-element log-ratio our
+    log-probs give is ``(z . d) / (std D) - |d|^2 / (2 std^2 D)`` (D latent elements): its second term biases
+    the ratio below 1 (most at the low-noise steps, where std is small), and the first scales as 1 / std,
+    so a fixed clip range binds at different strengths per step. Multiplying by ``std`` and adding back the
+    bias, ``std (logp_new - logp_old) + mean(d^2) / (2 std)``, leaves ``(z . d) / D``: centred on 0 for every
+    step, its spread set by how far the mean moved, not by the step's noise. Equal to 0 wherever the means
+    agree (before an update), so the ratio is still exactly 1 there; its gradient is ``std`` times the plain
+    one's, the step reweighting of GRPO-Guard."""
+    moved = ((mean_new - mean_old.to(mean_new.dtype)) ** 2).flatten(2).mean(dim=2)  # [R, S]
+    std = std.to(logp_new.dtype)
+    return std * (logp_new - logp_old) + moved / (2.0 * std)
 
 
 def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

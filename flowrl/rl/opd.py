@@ -203,7 +203,7 @@ class OPDTrainer(LoopTrainer):
                              zero_stage=opt.zero_stage, ema=opt.ema_decay > 0, where="opd")
         ema = engine.make_ema(opt.ema_decay) if opt.ema_decay > 0 else None  # sharded under ZeRO
         settings = LoopSettings(loop.iterations, loop.eval_every, loop.checkpoint_every, name="opd",
-                                tracked="train/loss")
+                                tracked="train/loss", time_budget_s=loop.time_budget_s)
         super().__init__(model, module, engine, ema, settings, monitor, checkpoints, config_hash)
         self.teachers, self.cfg, self.prompts, self.routes = teachers, cfg, prompts, routes
         if cfg.num_steps is None:

@@ -15,6 +15,12 @@ mode (docs/design.md, Math):
 :func:`step_log_probs` recomputes a chosen subset of those steps with the
 training code path; before any update it reproduces the stored values, the
 consistency every GRPO run relies on (tested for every mode).
+
+The stochastic transition is one of :data:`flowrl.sampling.DYNAMICS` (flow,
+dance, cps; grpo.rollout.dynamics). With ``sde_steps`` set only a window of
+that many consecutive steps is stochastic (MixGRPO); the other steps are ODE
+steps, their stored old log-prob 0, and they are never trained
+(:func:`sde_window` places the window, fixed or sliding with the iteration).
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ import torch
 from flowrl.config import RolloutConfig
 from flowrl.models import trainable_module
 from flowrl.models.base import Condition, FlowModel
-from flowrl.sampling import cfg_velocity, gaussian_log_prob, largest_sigma_below_one, sample, sde_step_mean
+from flowrl.sampling import (
+    cfg_velocity,
+    largest_sigma_below_one,
+    sample,
+    step_log_prob,
+    transition,
+    zero_noise_steps,
+)
 
 CFGMode = Literal["hybrid", "both", "none"]
 
@@ -44,17 +57,57 @@ class RolloutSettings:
     # The noise is drawn for the whole chunk either way, so the rollouts do not depend on it.
     micro_batch: int | None = None
     compile: bool = False  # sample with the network compiled by torch.compile (grpo.rollout.compile)
+    dynamics: str = "flow"  # the stochastic transition: flow, dance or cps (flowrl.sampling.transition)
+    sde_steps: int | None = None  # width W of the window of stochastic steps; None: every step
+    sde_start: int = 0  # the window's first step (at iteration 0)
+    sde_slide_every: int | None = None  # the window moves one step later every this many iterations; None: fixed
+    ode_solver: str = "euler"  # the solver of the steps outside the window: euler or ab2
+    keep_means: bool = False  # the rollouts keep each step's old transition mean (GRPO-Guard, grpo.ratio_norm)
 
     @property
     def guided(self) -> bool:
         return self.cfg_mode != "none" and self.guidance_scale != 1.0
+
+    def window(self, iteration: int = 0) -> tuple[int, int] | None:
+        """The SDE window [lo, hi) of ``iteration`` (:func:`sde_window`); None: every step is stochastic."""
+        if self.sde_steps is None:
+            return None
+        return sde_window(self.num_steps, self.sde_steps, self.sde_start, self.sde_slide_every, iteration)
+
+
+def sde_window(
+    num_steps: int, sde_steps: int | None, start: int, slide_every: int | None, iteration: int
+) -> tuple[int, int]:
+    """The steps [lo, hi) a rollout of ``iteration`` (counted from 0) runs stochastically.
+
+    ``sde_steps`` None: all N. Fixed (``slide_every`` None): [start, start + W). Sliding
+    (MixGRPO): the window starts at ``start`` and moves one step later (towards the clean end of
+    the schedule) every ``slide_every`` iterations, i.e. lo = start + iteration // slide_every,
+    and stays at the last position N - W once it gets there."""
+    if sde_steps is None:
+        return 0, num_steps
+    if not 1 <= sde_steps <= num_steps:
+        raise ValueError(f"sde_steps must be in [1, {num_steps}] for a {num_steps}-step schedule, got {sde_steps}")
+    if not 0 <= start <= num_steps - sde_steps:
+        raise ValueError(f"an SDE window of {sde_steps} steps starting at step {start} does not fit a "
+                         f"{num_steps}-step schedule")
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    lo = start
+    if slide_every is not None:
+        if slide_every < 1:
+            raise ValueError(f"slide_every must be >= 1, got {slide_every}")
+        lo = min(start + iteration // slide_every, num_steps - sde_steps)
+    return lo, lo + sde_steps
 
 
 def rollout_settings(config: RolloutConfig) -> RolloutSettings:
     """The settings of the rollout sampler ``config`` (grpo.rollout): GRPO's rollouts and the prompt filter's
     candidate samples."""
     return RolloutSettings(config.num_steps, config.noise_level, config.guidance_scale, config.cfg_mode,
-                           micro_batch=config.micro_batch, compile=config.compile)
+                           micro_batch=config.micro_batch, compile=config.compile, dynamics=config.dynamics,
+                           sde_steps=config.sde_steps, sde_start=config.sde_start,
+                           sde_slide_every=config.sde_slide_every, ode_solver=config.ode_solver)
 
 
 # the attribute of a network holding its compiled graph: kept in the network's __dict__ (not as a
@@ -84,8 +137,12 @@ class Rollouts:
     null_cond: Condition | None
     states: torch.Tensor  # [B, N + 1, *latent]
     sigmas: torch.Tensor  # [N + 1]
-    old_log_probs: torch.Tensor  # [B, N] what the objective's ratio divides by
+    old_log_probs: torch.Tensor  # [B, N] what the objective's ratio divides by (0 at the ODE steps)
     images: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    stochastic: torch.Tensor | None = None  # [N] bool: the steps that drew noise (None: all of them)
+    window: tuple[int, int] | None = None  # the SDE window [lo, hi) they were sampled with (None: every step)
+    # with settings.keep_means: the transition means the old log-probs were taken under, [B, N, *latent]
+    old_means: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -98,6 +155,8 @@ class Rollouts:
             sources=None if self.sources is None else self.sources[rows], cond=self.cond.index(rows),
             null_cond=None if self.null_cond is None else self.null_cond.index(rows), states=self.states[rows],
             sigmas=self.sigmas, old_log_probs=self.old_log_probs[rows], images=self.images[rows],
+            stochastic=self.stochastic, window=self.window,
+            old_means=None if self.old_means is None else self.old_means[rows],
         )
 
 
@@ -109,12 +168,15 @@ def rollout(
     settings: RolloutSettings,
     generator: torch.Generator,
     sources: torch.Tensor | None = None,
+    iteration: int = 0,
 ) -> Rollouts:
     """Sample ``group_size`` SDE trajectories for each of ``prompts`` (sources: one per prompt).
 
     The prompts are encoded in one call, once each (their padded length is the
     batch's, so the parts of ``settings.micro_batch`` share one condition);
-    sampling forwards and decoding run in parts of ``settings.micro_batch`` rows."""
+    sampling forwards and decoding run in parts of ``settings.micro_batch`` rows.
+    ``iteration``: whose SDE window (``settings.window``) the rollouts use; the
+    window and the steps that drew noise are kept in the result for the update."""
     rows = [p for p in prompts for _ in range(group_size)]
     group_ids = torch.arange(len(prompts)).repeat_interleave(group_size)
     row_sources = None if sources is None else sources.repeat_interleave(group_size, dim=0)
@@ -123,16 +185,20 @@ def rollout(
     cond = model.encode_prompts(list(prompts), sources).index(group_ids)
     null_cond = model.null_condition(cond) if settings.guided else None
     sigmas = model.schedule(settings.num_steps, settings.shift)
+    window = settings.window(iteration)
     traj = sample(
         compiled_view(model) if settings.compile else model, cond, sigmas, null_cond=null_cond, guidance_scale=settings.guidance_scale if settings.guided else 1.0,
         renorm_dim=model.cfg_renorm_dim, noise_level=settings.noise_level, generator=generator,
-        micro_batch=settings.micro_batch,
+        micro_batch=settings.micro_batch, dynamics=settings.dynamics, sde_window=window,
+        ode_solver=settings.ode_solver, keep_means=settings.keep_means,
     )
     old = traj.log_probs if settings.cfg_mode == "both" else traj.cond_log_probs
+    old_means = traj.means if settings.cfg_mode == "both" else traj.cond_means
     return Rollouts(
         prompts=rows, group_ids=group_ids, sources=row_sources, cond=cond, null_cond=null_cond,
         states=traj.states, sigmas=sigmas, old_log_probs=old, images=decode_in_parts(model, traj.final,
                                                                                       settings.micro_batch),
+        stochastic=traj.stochastic, window=window, old_means=old_means,
     )
 
 
@@ -153,38 +219,69 @@ def timestep_window(num_steps: int, fraction: float, start: float = 0.0) -> tupl
     return lo, min(num_steps, lo + width)
 
 
+def _trained_range(
+    num_steps: int, fraction: float, start: float, window: tuple[int, int] | None
+) -> tuple[int, int]:
+    """The steps [lo, hi) training draws from: the SDE window when there is one, else the timestep window."""
+    return window if window is not None else timestep_window(num_steps, fraction, start)
+
+
 def select_timesteps(
     batch: int, num_steps: int, mode: Literal["subset", "all"], fraction: float, k: int, generator: torch.Generator,
-    start: float = 0.0,
+    start: float = 0.0, *, window: tuple[int, int] | None = None, excluded: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """[B, S] step indices to train per trajectory: all N, or K distinct ones
-    drawn uniformly from the window of ``timestep_window`` (by default the
-    first ceil(fraction N), the noisiest)."""
-    if mode == "all":
+    """[B, S] step indices to train per trajectory: all of them, or K distinct
+    ones drawn uniformly from the window of ``timestep_window`` (by default the
+    first ceil(fraction N), the noisiest).
+
+    ``window``: the SDE window [lo, hi) of the rollouts, which then replaces the
+    timestep window (fraction and start are not read): only its steps drew
+    noise. ``excluded``: steps never trained (zero-noise steps, which have no
+    density); ``all`` then means every other step of the range."""
+    if mode == "all" and window is None and not excluded:
         return torch.arange(num_steps).expand(batch, num_steps).clone()
-    lo, hi = timestep_window(num_steps, fraction, start)
-    if k > hi - lo:
-        raise ValueError(
-            f"grpo.timesteps.per_trajectory = {k} is more than the {hi - lo} steps in the window "
-            f"[{lo}, {hi}) of a {num_steps}-step schedule (grpo.rollout.num_steps {num_steps}, "
-            f"grpo.timesteps.fraction {fraction}, grpo.timesteps.start {start})"
-        )
-    scores = torch.rand(batch, hi - lo, generator=generator)
-    return lo + scores.argsort(dim=1)[:, :k]
+    lo, hi = (0, num_steps) if mode == "all" and window is None else _trained_range(num_steps, fraction, start, window)
+    candidates = torch.tensor([n for n in range(lo, hi) if n not in excluded], dtype=torch.long)
+    if mode == "all":
+        if len(candidates) == 0:
+            raise ValueError(f"no stochastic step to train in [{lo}, {hi}) of a {num_steps}-step schedule")
+        return candidates.expand(batch, len(candidates)).clone()
+    if k > len(candidates):
+        if window is not None:
+            where = (f"the {len(candidates)} stochastic steps of the SDE window [{lo}, {hi}) of a {num_steps}-step "
+                     "schedule (grpo.rollout.sde_steps, grpo.rollout.sde_start, grpo.rollout.dynamics)")
+        else:
+            where = (f"the {len(candidates)} steps in the window [{lo}, {hi}) of a {num_steps}-step schedule "
+                     f"(grpo.rollout.num_steps {num_steps}, grpo.timesteps.fraction {fraction}, "
+                     f"grpo.timesteps.start {start})")
+        raise ValueError(f"grpo.timesteps.per_trajectory = {k} is more than {where}")
+    scores = torch.rand(batch, len(candidates), generator=generator)
+    return candidates[scores.argsort(dim=1)[:, :k]]
 
 
 def select_anchor_steps(
-    batch: int, num_steps: int, fraction: float, k: int, generator: torch.Generator, start: float = 0.0
+    batch: int, num_steps: int, fraction: float, k: int, generator: torch.Generator, start: float = 0.0, *,
+    window: tuple[int, int] | None = None, excluded: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """[B, k] distinct steps per trajectory from the part of the schedule the
-    subset never trains (outside ``timestep_window``); [B, 0] if none."""
-    lo, hi = timestep_window(num_steps, fraction, start)
-    rest = torch.tensor([n for n in range(num_steps) if not lo <= n < hi], dtype=torch.long)
+    subset never trains (outside ``timestep_window``, or outside the SDE
+    ``window`` when there is one: there the rollouts took ODE steps, and the
+    KL of the two policies' Gaussian transitions at the stored states still
+    measures how far their velocities drifted apart), less the ``excluded``
+    (zero-noise) steps, whose KL has no finite value; [B, 0] if none."""
+    lo, hi = _trained_range(num_steps, fraction, start, window)
+    rest = torch.tensor([n for n in range(num_steps) if not lo <= n < hi and n not in excluded], dtype=torch.long)
     k = min(k, len(rest))
     if k <= 0:
         return torch.zeros(batch, 0, dtype=torch.long)
     scores = torch.rand(batch, len(rest), generator=generator)
     return rest[scores.argsort(dim=1)[:, :k]]
+
+
+def excluded_steps(settings: RolloutSettings) -> tuple[int, ...]:
+    """The steps of ``settings``' schedule never trained nor used as KL anchors: those whose
+    transition has std 0 under its dynamics (cps's last step)."""
+    return zero_noise_steps(settings.num_steps, settings.dynamics)
 
 
 @dataclass(frozen=True)
@@ -202,7 +299,10 @@ def step_log_probs(
     settings: RolloutSettings,
 ) -> StepLogProbs:
     """Log-probs of the stored transitions ``steps`` [R, S] of trajectories
-    ``rows`` [R] under ``model`` now, in one batched forward (with grad)."""
+    ``rows`` [R] under ``model`` now, in one batched forward (with grad), under
+    ``settings.dynamics``. At a step the rollout took by ODE it is the density
+    the stochastic transition would give the stored next state (what a KL
+    anchor step compares); at a zero-noise step it is 0."""
     r, s = steps.shape
     flat_rows = rows[:, None].expand(r, s).reshape(-1)
     flat_steps = steps.reshape(-1)
@@ -217,8 +317,9 @@ def step_log_probs(
         ).guided
     else:
         v = model.velocity(x, t, cond)
-    step = sde_step_mean(x, v, t, t_next, settings.noise_level, largest_sigma_below_one(rollouts.sigmas))
-    logp = gaussian_log_prob(x_next, step.mean, step.std)
+    step = transition(settings.dynamics, x, v, t, t_next, settings.noise_level,
+                      largest_sigma_below_one(rollouts.sigmas))
+    logp = step_log_prob(x_next, step.mean, step.std)  # 0 at a zero-noise step, which has no density
     return StepLogProbs(
         log_probs=logp.reshape(r, s), means=step.mean.reshape(r, s, *x.shape[1:]), stds=step.std.reshape(r, s)
     )

@@ -420,6 +420,9 @@ class LoopSettings:
     stop_on_hacking: bool = False
     name: str = "train"  # progress bar label
     tracked: str = "train/reward"  # training score logged beside the monitor (and checked for hacking)
+    # stop once the iterations' own seconds (monitor evaluations and checkpoints not counted) reach this;
+    # None: no limit. Wall-clock, so a run it stops is not replayable by a resume: an operational setting
+    time_budget_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -584,11 +587,16 @@ class LoopTrainer(abc.ABC):
         return TrainingStopped(f"{self.loop.name}: stopped at iteration {iteration + 1} of {self.loop.iterations}: "
                                f"{cause}; nothing of this iteration was saved; {where}")
 
+    def train_seconds(self) -> float:
+        """Seconds spent in the iterations so far (their ``time/iteration_s``; monitor evaluations and
+        checkpoints are not counted): the clock ``time_budget_s`` and the monitor entries' ``train_s`` read."""
+        return float(sum(h.get("time/iteration_s", 0.0) for h in self.state.history))
+
     def _monitor_step(self, iteration: int, log_metrics=None) -> dict:
         scores = self._monitor_scores(iteration)  # one judge, same verdict everywhere
         recent = [h[self.loop.tracked] for h in self.state.history[-MONITOR_WINDOW:] if self.loop.tracked in h]
         tracked = float(np.mean(recent)) if recent else None
-        entry = {"iteration": iteration, "train_reward": tracked, **scores}
+        entry = {"iteration": iteration, "train_reward": tracked, "train_s": self.train_seconds(), **scores}
         self.state.monitor.append(entry)
         if log_metrics is not None and self.rank == 0:
             log_metrics({f"monitor/{k}": v for k, v in scores.items()}, iteration)
@@ -644,6 +652,13 @@ class LoopTrainer(abc.ABC):
                 entry = self._monitor_step(iteration + 1, log_metrics)
                 postfix["judge"] = f"{entry['heldout']:.3f}"
             bar.set_postfix(postfix, refresh=False)  # drawn with the bar's next update (every 2 s at most)
+            spent = self.train_seconds()
+            if loop.time_budget_s is not None and spent >= loop.time_budget_s and iteration + 1 < loop.iterations:
+                self.state.stopped = (f"time budget: {spent:.0f} s of training reached {loop.name}'s "
+                                      f"time_budget_s = {loop.time_budget_s:g} after {iteration + 1} iterations")
+                log.info("%s", self.state.stopped)
+                if self.monitor is not None and (iteration + 1) % loop.eval_every:
+                    self._monitor_step(iteration + 1, log_metrics)  # the curve ends where training did
             if (iteration + 1) % loop.checkpoint_every == 0 or iteration + 1 == loop.iterations:
                 self._checkpoint()
             if self.state.stopped:

@@ -15,6 +15,7 @@ both take the same second update (rank 0 writes both: ``a.*`` and ``b.*``).
 ZERO_STAGE 1-3 steps through DeepSpeed ZeRO instead of plain PyTorch / DDP.
 """
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -56,6 +57,12 @@ def main(out: str, mode: str = "single", zero_stage: str = "0") -> None:
                      timesteps=WindowTimestepsConfig(fraction=1.0, per_trajectory=2), reward_chunks=1,
                      optim=OptimConfig(lr=1e-3, zero_stage=int(zero_stage)),
                      trainable=SUBSET if mode == "subset" else ())
+    if mode == "variants":  # the algorithm variants at once: CPS on a sliding SDE window, AB2 outside it,
+        # GRPO-Guard's ratio, two epochs (the second compares against the rollouts' kept means)
+        cfg = dataclasses.replace(
+            cfg, rollout=RolloutConfig(num_steps=3, dynamics="cps", noise_level=0.9, sde_steps=2,
+                                       sde_slide_every=1, ode_solver="ab2"),
+            timesteps=WindowTimestepsConfig(per_trajectory=1), ratio_norm=True, epochs=2)
     model = tiny_model()
     if mode == "opd":
         from flowrl.config import OPDConfig

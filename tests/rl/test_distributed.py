@@ -70,7 +70,7 @@ def _assert_same_update(a, b):
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode, zero", [("single", 0), ("subset", 0), ("mixed", 0), ("opd", 0),
+@pytest.mark.parametrize("mode, zero", [("single", 0), ("subset", 0), ("mixed", 0), ("opd", 0), ("variants", 0),
                                         ("single", 3), ("mixed", 2), ("opd", 3)])
 def test_two_processes_take_the_single_process_update(tmp_path, single_process, mode, zero):
     """GRPO on one task, on one task training only the blocks' qkv weights (grpo.trainable), on two

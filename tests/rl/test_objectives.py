@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from flowrl.rl.objectives import anchored_kl_term, gaussian_kl, group_advantages, ppo_clip_loss
+from flowrl.rl.objectives import anchored_kl_term, gaussian_kl, group_advantages, guard_log_ratio, ppo_clip_loss
+from flowrl.sampling import gaussian_log_prob
 
 
 def test_advantages_hand_computed():
@@ -108,3 +109,56 @@ def test_shape_errors_name_the_argument():
         group_advantages(torch.zeros(4, 1), torch.ones(4, 1), torch.zeros(3))
     with pytest.raises(ValueError, match="weights"):
         group_advantages(torch.zeros(4, 2), torch.ones(4, 1), torch.zeros(4))
+
+
+def _step_log_probs(x_next, mean, std):
+    """[R, S] log-probs of [R, S, D] samples under [R, S, D] means and [R, S] stds (the trainers' density)."""
+    r, s = std.shape
+    return gaussian_log_prob(x_next.flatten(0, 1), mean.flatten(0, 1), std.flatten()).view(r, s)
+
+
+def test_guard_log_ratio_hand_computed():
+    # D = 2, std 0.5, sample (0.2, 0.1) drawn around mean_old 0; the new mean moved to (0.1, 0.1):
+    # plain log-ratio = mean((0.04 - 0.01), (0.01 - 0)) / (2 * 0.25) = 0.04; moved = mean(0.01, 0.01) = 0.01;
+    # guard = 0.5 * 0.04 + 0.01 / (2 * 0.5) = 0.03 = (z . d) / D with z = (0.4, 0.2), d = (0.1, 0.1)
+    x = torch.tensor([[[0.2, 0.1]]])
+    old, new = torch.zeros(1, 1, 2), torch.tensor([[[0.1, 0.1]]])
+    std = torch.tensor([[0.5]])
+    plain = _step_log_probs(x, new, std) - _step_log_probs(x, old, std)
+    assert plain.item() == pytest.approx(0.04, abs=1e-6)
+    guard = guard_log_ratio(_step_log_probs(x, new, std), _step_log_probs(x, old, std), new, old, std)
+    assert guard.item() == pytest.approx(0.03, abs=1e-6)
+
+
+def test_guard_log_ratio_is_centred_where_the_plain_one_is_biased():
+    gen = torch.Generator().manual_seed(0)
+    r, d = 4000, 16
+    std = torch.tensor([0.02, 0.5]).expand(r, 2)  # a low-noise and a high-noise step
+    old = torch.randn(r, 2, d, generator=gen)
+    new = old + 0.01 * torch.randn(r, 2, d, generator=gen)
+    x = old + std[..., None] * torch.randn(r, 2, d, generator=gen)
+    lp_new, lp_old = _step_log_probs(x, new, std), _step_log_probs(x, old, std)
+    plain, guard = lp_new - lp_old, guard_log_ratio(lp_new, lp_old, new, old, std)
+    # plain: mean -|d|^2 / (2 std^2 D) = -0.01^2 / (2 * 0.02^2) = -0.125 at the low-noise step
+    assert plain[:, 0].mean().item() == pytest.approx(-0.125, rel=0.1)
+    for step in range(2):  # guard: centred at both steps, with the same spread |d| / D = 0.01 / 4
+        assert abs(guard[:, step].mean().item()) < 4 * 0.0025 / math.sqrt(r)
+        assert guard[:, step].std().item() == pytest.approx(0.0025, rel=0.1)
+
+
+def test_guard_ratio_is_one_before_an_update_and_reweights_the_gradient_by_std():
+    gen = torch.Generator().manual_seed(1)
+    old = torch.randn(3, 2, 5, generator=gen)
+    std = torch.tensor([[0.1, 0.4]]).expand(3, 2)
+    x = old + std[..., None] * torch.randn(3, 2, 5, generator=gen)
+    lp_old = _step_log_probs(x, old, std)
+    adv = torch.tensor([1.0, -0.5, 0.3])
+    grads = {}
+    for guard in (False, True):
+        mean = old.clone().requires_grad_(True)
+        lp_new = _step_log_probs(x, mean, std)
+        log_ratio = guard_log_ratio(lp_new, lp_old, mean, old, std) if guard else None
+        loss, stats = ppo_clip_loss(lp_new, lp_old, adv, 0.2, log_ratio=log_ratio)
+        assert stats["ratio_dev"].item() == 0.0
+        (grads[guard],) = torch.autograd.grad(loss, mean)
+    torch.testing.assert_close(grads[True], grads[False] * std[..., None])

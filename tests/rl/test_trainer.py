@@ -346,3 +346,53 @@ def test_trainable_patterns_train_only_the_matching_parameters_and_resume_exactl
 
     with pytest.raises(ValueError, match=r"grpo.trainable: 'blocks.\*.qkvv' matches no parameter of ShapesDiT"):
         trainer_for(tmp_path / "typo", ("blocks.*.qkv.*", "blocks.*.qkvv"))
+
+
+class _Slow(LoopTrainer):
+    """Iterations that take a known time on a fake clock (``clock``, advanced 0.06 s by each step and
+    read by the loop in place of time.perf_counter), with a monitor counting its calls."""
+
+    clock = [0.0]
+
+    def __init__(self, iterations, budget, checkpoints=None, eval_every=2):
+        module = torch.nn.Linear(2, 2)
+        self.evaluated = []
+        super().__init__(None, module, torch.optim.SGD(module.parameters(), lr=0.1), None,
+                         LoopSettings(iterations=iterations, eval_every=eval_every, checkpoint_every=100,
+                                      name="slow", time_budget_s=budget),
+                         monitor=lambda model, it: self.evaluated.append(it) or {"heldout": 0.5},
+                         checkpoints=checkpoints)
+
+    def step(self, iteration):
+        self.clock[0] += 0.06
+        return {"train/reward": 1.0}
+
+
+def test_a_time_budget_stops_after_the_iteration_that_reaches_it_and_scores_that_point(tmp_path, monkeypatch):
+    import flowrl.rl.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: _Slow.clock[0])
+    checkpoints = Checkpoints(ArtifactStore(str(tmp_path)), "slow", "run")
+    trainer = _Slow(iterations=50, budget=0.15, checkpoints=checkpoints)
+    trainer.train(progress=False)
+    # 0.06 s per iteration: the third reaches 0.15 s; monitor at 0, 2 (eval_every) and 3 (where it stopped)
+    assert trainer.state.iteration == 3
+    assert trainer.state.stopped.startswith("time budget:") and "time_budget_s = 0.15" in trainer.state.stopped
+    assert trainer.evaluated == [0, 2, 3]
+    assert [m["iteration"] for m in trainer.state.monitor] == [0, 2, 3]
+    train_s = [m["train_s"] for m in trainer.state.monitor]
+    assert train_s == pytest.approx([0.0, 0.12, 0.18])
+    assert checkpoints.latest().endswith("run-0000003")  # what was trained is kept
+    # no budget, or one the iterations never reach: every iteration runs and nothing is marked stopped
+    for budget in (None, 100.0):
+        whole = _Slow(iterations=3, budget=budget)
+        whole.train(progress=False)
+        assert whole.state.iteration == 3 and whole.state.stopped is None
+
+
+def test_time_budget_must_be_positive():
+    from flowrl.config import ConfigError, FlowRLConfig, from_dict
+
+    with pytest.raises(ConfigError, match=r"grpo\.loop\.time_budget_s"):
+        from_dict(FlowRLConfig, {"grpo": {"loop": {"time_budget_s": 0}}})
+    assert from_dict(FlowRLConfig, {"opd": {"loop": {"time_budget_s": 30}}}).opd.loop.time_budget_s == 30

@@ -20,8 +20,8 @@ def test_the_built_in_algorithms_are_registered_by_kind():
 
 
 def test_unknown_or_misplaced_algorithms_name_the_config_key():
-    with pytest.raises(ConfigError, match=r"grpo.algorithm: 'nft' is not a registered algorithm.*grpo"):
-        algorithm("nft", "reward")
+    with pytest.raises(ConfigError, match=r"grpo.algorithm: 'ppo' is not a registered algorithm.*grpo"):
+        algorithm("ppo", "reward")
     with pytest.raises(ConfigError, match=r"grpo.algorithm: 'opd' is a distill algorithm"):
         algorithm("opd", "reward")
     with pytest.raises(ConfigError, match=r"opd.algorithm: 'grpo' is a reward algorithm"):
