@@ -592,9 +592,9 @@ class LoopConfig:
     time_budget_s: float | None = param(
         None, "Stop after the iteration in which the iterations' own seconds (monitor evaluations and checkpoints "
         "not counted) reach this, keeping what was trained (the run records why it stopped; the monitor scores "
-        "the last iteration). For comparisons on an equal wall-clock budget; a run it stops depends on the "
-        "machine's speed, so a resume does not replay it. null: run every iteration.", gt=0,
-        operational=True, added=True)
+        "the last iteration). For comparisons on an equal wall-clock budget: where a run stops depends on the "
+        "machine's speed. Part of the stage's version when set (a cut-short run is never reused for a whole "
+        "one). null: run every iteration.", gt=0, added=True)
 
 
 @dataclass(frozen=True)
@@ -687,8 +687,8 @@ class NFTConfig:
 
     noise_level: float = param(
         0.0, "Noise level of the rollout sampler that draws the clean samples (0: the deterministic ODE "
-        "sampler; > 0: the SDE of grpo.rollout.noise_level's form). Steps, guidance and micro-batch are "
-        "grpo.rollout's.", ge=0, added=True)
+        "sampler; > 0: the SDE of grpo.rollout.dynamics on grpo.rollout's SDE window). Steps, guidance, ODE "
+        "solver and micro-batch are grpo.rollout's.", ge=0, added=True)
     timesteps_per_sample: int = param(
         2, "Noise levels t per clean sample (K): each sample is noised K times, each with fresh noise, and the "
         "loss is the mean over all of them.", ge=1, cap=STEPS_MAX, added=True)
@@ -1263,6 +1263,9 @@ def _check_sde_window(g: GRPOConfig) -> None:
     """With an SDE window (grpo.rollout.sde_steps), GRPO trains K of its stochastic steps at every
     iteration: K must fit the fewest it ever holds (cps's last step, once inside, is not stochastic)."""
     r, ts = g.rollout, g.timesteps
+    if r.dynamics == "cps" and r.num_steps == 1:
+        raise ConfigError("grpo.rollout.num_steps: 1 with grpo.rollout.dynamics: cps leaves no stochastic step "
+                          "(cps's step into t = 0 is deterministic); use 2 or more steps")
     if r.sde_steps is None:
         if r.dynamics == "cps" and ts.mode == "subset":
             from flowrl.rl.rollout import timestep_window
@@ -1361,6 +1364,8 @@ def check_consistency(config: FlowRLConfig) -> None:
                           "launch.grpo.gpus is 0 (CPU workers); set grpo.reward_gpus to 0")
     if g.nft.t_min >= g.nft.t_max:
         raise ConfigError(f"grpo.nft.t_min: {g.nft.t_min} must be below grpo.nft.t_max {g.nft.t_max}")
+    if g.algorithm == "nft" and g.ratio_norm:
+        raise ConfigError("grpo.ratio_norm: GRPO-Guard's ratio is GRPO's (grpo.algorithm grpo); nft has no ratio")
     if g.algorithm == "nft" and g.optim.zero_stage > 0:
         raise ConfigError(
             f"grpo.optim.zero_stage: {g.optim.zero_stage} with grpo.algorithm nft, whose sampling policy (a whole "

@@ -23,7 +23,8 @@ What the numbers mean:
 
 * ``judge_gain``: the judge's headline (T2I alignment, edit accuracy) of the trained policy minus the base's,
   on the evaluation split; ``judge_gain_stderr`` its standard error, sqrt(se_base^2 + se_trained^2) (the two
-  scores' own standard errors over the split's items, taken as independent: an upper bound for a paired one).
+  scores' own standard errors over the split's items, taken as independent; a paired one, smaller when the two
+  models tend to get the same items right, would need the per-item scores).
 * ``reward_gain``: the mean training reward over the last 10 iterations minus that over the first 10 (each
   variant's own samples: an ODE sampler's rewards, as DiffusionNFT's, sit at another level than an SDE's, so
   compare the gains, not the levels).
@@ -81,14 +82,30 @@ def _gain_to(monitor: list[dict], target: float) -> float | None:
 
 def hacking_gap(monitor: list[dict], history_rewards: list[float]) -> float:
     """How far the held-out score ended below its best while the training reward ended above its value
-    there (the 10-iteration mean the monitor records); 0 when either did not happen."""
+    there (the 10-iteration mean the monitor records; at iteration 0, before any training reward, the mean
+    of the first 10 iterations' rewards: the base's own level); 0 when either did not happen."""
+    def reward_at(entry: dict) -> float | None:
+        if entry["train_reward"] is None and entry["iteration"] == 0 and history_rewards:
+            return sum(history_rewards[:10]) / len(history_rewards[:10])
+        return entry["train_reward"]
+
     best = max(monitor, key=lambda e: e["heldout"])
     last = monitor[-1]
-    if best is last or best["train_reward"] is None or last["train_reward"] is None:
+    if best is last or reward_at(best) is None or reward_at(last) is None:
         return 0.0
     fell = best["heldout"] - last["heldout"]
-    rose = last["train_reward"] - best["train_reward"]
+    rose = reward_at(last) - reward_at(best)
     return round(float(fell), 4) if fell > 0 and rose > 0 else 0.0
+
+
+def monitor_curve(monitor: list[dict], history: list[dict]) -> list[dict]:
+    """The monitor entries with ``train_s``, the training seconds (the iterations' own, as the budget counts
+    them) spent before each evaluation."""
+    spent = [0.0]
+    for h in history:
+        spent.append(spent[-1] + h["time/iteration_s"])
+    return [{"train_s": round(spent[e["iteration"]], 2),
+             **{k: e[k] for k in ("iteration", "heldout", "train_reward", "fidelity") if k in e}} for e in monitor]
 
 
 def summary_of(entry: dict, task: str) -> dict:
@@ -137,20 +154,18 @@ def run(args) -> dict:
                           output_root=args.artifacts, tracker=NullTracker(), progress=False)
         m = result.metrics
         base = m["base"]
-        history = json.loads((Path(result.uri) / "history.json").read_text()) if (
-            Path(result.uri) / "history.json").is_file() else None
-        rewards = [h["train/reward"] for h in history["history"]] if history else []
+        history = json.loads((Path(result.uri) / "history.json").read_text())["history"]
+        rewards = [h["train/reward"] for h in history]
         table[name] = {
             "grpo": VARIANTS[name],
             "base": m["base"],
             "judge": m["teacher"],
             "train_rewards": rewards,
-            "monitor": [{k: e[k] for k in ("iteration", "train_s", "heldout", "train_reward", "fidelity")
-                         if k in e} for e in m["monitor"]],
+            "monitor": monitor_curve(m["monitor"], history),
             "iterations": m["iterations"],
             "stopped_early": m["stopped_early"],
             # the loop's own clock (iterations only), what the budget is measured in
-            "train_s": round(float(m["monitor"][-1]["train_s"]), 1),
+            "train_s": round(sum(h["time/iteration_s"] for h in history), 1),
             "stage_train_s": m["train_s"],  # the training call, monitor evaluations included
             "wall_s": m["wall_s"],
             "artifact": _relative(result.uri),

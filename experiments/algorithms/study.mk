@@ -22,4 +22,5 @@ results/algorithms_shapes.json: venv
 		$$run --variants dance_sde mixgrpo grpo_guard & second=$$!; \
 		wait $$first; wait $$second; \
 	done; \
-	$(PY) -m experiments.algorithms.algorithms summarize --runs $(ALG_RUNS) --output $@
+	$(PY) -m experiments.algorithms.algorithms summarize --runs $(ALG_RUNS) --output $@; \
+	rm -f $(ALG_RUNS:.json=.lock)

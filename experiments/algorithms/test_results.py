@@ -52,3 +52,28 @@ def test_runs_share_inputs_and_budget_and_match_the_summary(results, runs, task)
         assert entry["stopped_early"].startswith("time budget"), name
         assert budget <= entry["train_s"] < budget * 1.2, name
         assert summary_of(entry, task) == results["variants"][name][task], name
+
+
+def test_the_summary_keys_on_a_hand_made_run():
+    from experiments.algorithms.algorithms import hacking_gap, monitor_curve
+
+    history = [{"time/iteration_s": 2.0, "train/reward": r} for r in (0.1, 0.1, 0.3, 0.5)]
+    monitor = [{"iteration": 0, "heldout": 0.50, "train_reward": None, "fidelity": 0.9},
+               {"iteration": 2, "heldout": 0.62, "train_reward": 0.1},
+               {"iteration": 4, "heldout": 0.58, "train_reward": 0.25}]
+    curve = monitor_curve(monitor, history)
+    assert [e["train_s"] for e in curve] == [0.0, 4.0, 8.0]
+    entry = {"base": {"t2i/alignment": 0.5, "t2i/alignment_stderr": 0.03, "fidelity": 0.95},
+             "judge": {"t2i/alignment": 0.6, "t2i/alignment_stderr": 0.04, "fidelity": 0.94},
+             "train_rewards": [h["train/reward"] for h in history], "monitor": curve, "train_s": 8.0,
+             "iterations": 4}
+    s = summary_of(entry, "t2i")
+    assert s["judge_gain"] == pytest.approx(0.1) and s["judge_gain_stderr"] == pytest.approx(0.05)
+    assert s["fidelity_delta"] == pytest.approx(-0.01) and s["reward_gain"] == 0.0  # < 10 iterations: same mean
+    assert s["wall_to_0_10_s"] == 4.0 and s["wall_to_0_15_s"] is None and s["best_monitor_gain"] == pytest.approx(0.12)
+    assert s["hacking_gap"] == pytest.approx(0.04)  # the judge fell 0.04 from its best while the reward rose
+    # the judge only fell from the base's score while the reward rose: the gap counts from iteration 0
+    falling = [{"iteration": 0, "heldout": 0.5, "train_reward": None}, {"iteration": 4, "heldout": 0.4,
+                                                                        "train_reward": 0.6}]
+    assert hacking_gap(falling, [0.1] * 4) == pytest.approx(0.1)
+    assert hacking_gap(falling, [0.9] * 4) == 0.0  # the reward fell too: not hacking

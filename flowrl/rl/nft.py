@@ -243,8 +243,10 @@ class NFTTrainer(LoopTrainer):
 
     # ------------------------------------------------------------------ sampling (with theta_old)
     @torch.no_grad()
-    def _sample(self, prompts: list[str], sources: torch.Tensor | None, gen: torch.Generator):
-        """(rows' condition, clean latents, images) of ``group_size`` samples per prompt."""
+    def _sample(self, prompts: list[str], sources: torch.Tensor | None, gen: torch.Generator,
+                window: tuple[int, int] | None = None):
+        """(rows' condition, clean latents, images) of ``group_size`` samples per prompt; the sampler is the
+        rollout's (grpo.rollout: dynamics, SDE window of the iteration, ODE solver) at ``nft.noise_level``."""
         s, group = self.settings, self.cfg.group_size
         group_ids = torch.arange(len(prompts)).repeat_interleave(group)
         cond = self.model.encode_prompts(list(prompts), sources).index(group_ids)
@@ -252,7 +254,8 @@ class NFTTrainer(LoopTrainer):
         traj = sample(compiled_view(self.model) if s.compile else self.model, cond, self.sigmas,
                       null_cond=null_cond, guidance_scale=s.guidance_scale if s.guided else 1.0,
                       renorm_dim=self.model.cfg_renorm_dim, noise_level=self.cfg.nft.noise_level,
-                      generator=gen, micro_batch=s.micro_batch)
+                      generator=gen, micro_batch=s.micro_batch, dynamics=s.dynamics, sde_window=window,
+                      ode_solver=s.ode_solver)
         latents = traj.final
         return cond, latents, decode_in_parts(self.model, latents, s.micro_batch)
 
@@ -270,7 +273,7 @@ class NFTTrainer(LoopTrainer):
             idx = chosen[c * per_chunk : (c + 1) * per_chunk]
             prompts = [task.prompts.prompts[i] for i in idx]
             sources = None if task.prompts.sources is None else task.prompts.sources[torch.as_tensor(idx)]
-            cond, x0, images = self._sample(prompts, sources, gen)
+            cond, x0, images = self._sample(prompts, sources, gen, self.settings.window(iteration))
             rows = [p for p in prompts for _ in range(cfg.group_size)]
             row_sources = None if sources is None else sources.repeat_interleave(cfg.group_size, dim=0)
             futures.append(task.rewards.submit(images, rows, row_sources))  # scored while the next chunk samples

@@ -85,8 +85,9 @@ def guard_log_ratio(
     so a fixed clip range binds at different strengths per step. Multiplying by ``std`` and adding back the
     bias, ``std (logp_new - logp_old) + mean(d^2) / (2 std)``, leaves ``(z . d) / D``: centred on 0 for every
     step, its spread set by how far the mean moved, not by the step's noise. Equal to 0 wherever the means
-    agree (before an update), so the ratio is still exactly 1 there; its gradient is ``std`` times the plain
-    one's, the step reweighting of GRPO-Guard."""
+    agree (before an update), so the ratio is still exactly 1 there, and there its gradient is ``std`` times
+    the plain one's, the step reweighting of GRPO-Guard. (Centred exactly when the sample was drawn around
+    ``mean_old``; under hybrid CFG it was drawn around the guided mean, which adds a term in that offset.)"""
     moved = ((mean_new - mean_old.to(mean_new.dtype)) ** 2).flatten(2).mean(dim=2)  # [R, S]
     std = std.to(logp_new.dtype)
     return std * (logp_new - logp_old) + moved / (2.0 * std)

@@ -589,14 +589,27 @@ class LoopTrainer(abc.ABC):
 
     def train_seconds(self) -> float:
         """Seconds spent in the iterations so far (their ``time/iteration_s``; monitor evaluations and
-        checkpoints are not counted): the clock ``time_budget_s`` and the monitor entries' ``train_s`` read."""
+        checkpoints are not counted): the clock ``time_budget_s`` reads."""
         return float(sum(h.get("time/iteration_s", 0.0) for h in self.state.history))
+
+    def _over_budget(self, iteration: int) -> bool:
+        """Whether the time budget ends the run after ``iteration``, decided by rank 0 for every rank (each
+        rank's clock differs a little: they must all stop after the same iteration). Sets ``state.stopped``."""
+        budget = self.loop.time_budget_s
+        if budget is None or self.state.stopped or iteration + 1 >= self.loop.iterations:
+            return False
+        spent = broadcast(self.train_seconds() if self.rank == 0 else None)
+        if spent < budget:
+            return False
+        self.state.stopped = (f"time budget: {spent:.0f} s of training reached {self.loop.name}'s time_budget_s = "
+                              f"{budget:g} after {iteration + 1} iterations")
+        return True
 
     def _monitor_step(self, iteration: int, log_metrics=None) -> dict:
         scores = self._monitor_scores(iteration)  # one judge, same verdict everywhere
         recent = [h[self.loop.tracked] for h in self.state.history[-MONITOR_WINDOW:] if self.loop.tracked in h]
         tracked = float(np.mean(recent)) if recent else None
-        entry = {"iteration": iteration, "train_reward": tracked, "train_s": self.train_seconds(), **scores}
+        entry = {"iteration": iteration, "train_reward": tracked, **scores}
         self.state.monitor.append(entry)
         if log_metrics is not None and self.rank == 0:
             log_metrics({f"monitor/{k}": v for k, v in scores.items()}, iteration)
@@ -632,7 +645,8 @@ class LoopTrainer(abc.ABC):
                    disable=not progress or self.rank != 0, initial=self.state.iteration, total=loop.iterations,
                    mininterval=2.0)
         for iteration in bar:
-            if stop_after is not None and iteration >= stop_after:
+            # a run that stopped early (hacking, time budget) and was resumed from that checkpoint is done
+            if self.state.stopped or (stop_after is not None and iteration >= stop_after):
                 break
             start = time.perf_counter()
             try:
@@ -652,10 +666,7 @@ class LoopTrainer(abc.ABC):
                 entry = self._monitor_step(iteration + 1, log_metrics)
                 postfix["judge"] = f"{entry['heldout']:.3f}"
             bar.set_postfix(postfix, refresh=False)  # drawn with the bar's next update (every 2 s at most)
-            spent = self.train_seconds()
-            if loop.time_budget_s is not None and spent >= loop.time_budget_s and iteration + 1 < loop.iterations:
-                self.state.stopped = (f"time budget: {spent:.0f} s of training reached {loop.name}'s "
-                                      f"time_budget_s = {loop.time_budget_s:g} after {iteration + 1} iterations")
+            if self._over_budget(iteration):
                 log.info("%s", self.state.stopped)
                 if self.monitor is not None and (iteration + 1) % loop.eval_every:
                     self._monitor_step(iteration + 1, log_metrics)  # the curve ends where training did

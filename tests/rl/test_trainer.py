@@ -380,9 +380,13 @@ def test_a_time_budget_stops_after_the_iteration_that_reaches_it_and_scores_that
     assert trainer.state.stopped.startswith("time budget:") and "time_budget_s = 0.15" in trainer.state.stopped
     assert trainer.evaluated == [0, 2, 3]
     assert [m["iteration"] for m in trainer.state.monitor] == [0, 2, 3]
-    train_s = [m["train_s"] for m in trainer.state.monitor]
-    assert train_s == pytest.approx([0.0, 0.12, 0.18])
+    assert trainer.train_seconds() == pytest.approx(0.18)
     assert checkpoints.latest().endswith("run-0000003")  # what was trained is kept
+    # resumed from that checkpoint (the stage died before committing), the run is already done
+    again = _Slow(iterations=50, budget=0.15, checkpoints=checkpoints)
+    assert again.resume() and again.state.iteration == 3
+    again.train(progress=False)
+    assert again.state.iteration == 3 and again.evaluated == []
     # no budget, or one the iterations never reach: every iteration runs and nothing is marked stopped
     for budget in (None, 100.0):
         whole = _Slow(iterations=3, budget=budget)
@@ -396,3 +400,9 @@ def test_time_budget_must_be_positive():
     with pytest.raises(ConfigError, match=r"grpo\.loop\.time_budget_s"):
         from_dict(FlowRLConfig, {"grpo": {"loop": {"time_budget_s": 0}}})
     assert from_dict(FlowRLConfig, {"opd": {"loop": {"time_budget_s": 30}}}).opd.loop.time_budget_s == 30
+    # a budget is part of the stage's version (a cut-short run is never reused for a whole one); none leaves
+    # the version of a config that never named the key as it was
+    default = from_dict(FlowRLConfig, {})
+    budgeted = from_dict(FlowRLConfig, {"grpo": {"loop": {"time_budget_s": 30}}})
+    unset = from_dict(FlowRLConfig, {"grpo": {"loop": {"time_budget_s": None}}})
+    assert budgeted.section_hash("grpo") != default.section_hash("grpo") == unset.section_hash("grpo")
