@@ -80,16 +80,39 @@ def settings_of(cfg: GRPOConfig) -> RolloutSettings:
     return dataclasses.replace(rollout_settings(cfg.rollout), keep_means=cfg.ratio_norm)
 
 
+def cat_cond(conds: list[Condition | None]) -> Condition | None:
+    """The rows of several conditions (of one encoder) in order; None for absent ones."""
+    if conds[0] is None:
+        return None
+    if len(conds) == 1:
+        return conds[0]
+    tensors = {k: torch.cat([c.tensors[k] for c in conds]) for k in conds[0].tensors}
+    return Condition(tensors, dict(conds[0].extras))
+
+
+def scored_advantages(
+    scores: Sequence[RewardScores], task: "TaskData", prompts: list[str], categories: list[str],
+    group_ids: torch.Tensor, category_scale: dict[str, float], advantage_clip: float,
+) -> tuple[RewardScores, torch.Tensor]:
+    """The chunks' reward scores joined in row order, and each row's advantage: per-component group
+    normalisation weighted by the task's weights of its prompt, times its category's scale (if any),
+    clipped to +- ``advantage_clip``. Rows: ``prompts``, ``categories``, ``group_ids`` [B]."""
+    names = list(scores[0].components)
+    joined = RewardScores(
+        total=torch.cat([s.total for s in scores]),
+        components={n: torch.cat([s.components[n] for s in scores]) for n in names},
+    )
+    components = torch.stack([joined.components[n] for n in names], dim=1)  # [B, K]
+    adv = group_advantages(components, task.weights(prompts), group_ids)
+    if category_scale:
+        adv = adv * torch.tensor([category_scale.get(c, 1.0) for c in categories])
+    return joined, adv.clamp(-advantage_clip, advantage_clip)
+
+
 def cat_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
     """Join chunks; group ids are renumbered so groups stay distinct."""
     if len(parts) == 1:
         return parts[0]
-
-    def cat_cond(conds: list[Condition | None]) -> Condition | None:
-        if conds[0] is None:
-            return None
-        tensors = {k: torch.cat([c.tensors[k] for c in conds]) for k in conds[0].tensors}
-        return Condition(tensors, dict(conds[0].extras))
 
     offset, ids = 0, []
     for part in parts:
@@ -245,17 +268,9 @@ class GRPOTrainer(LoopTrainer):
             parts.append(part)
         scores = [f.result() for f in futures]
         ro = cat_rollouts(parts)
-        names = list(scores[0].components)
-        joined = RewardScores(
-            total=torch.cat([s.total for s in scores]),
-            components={n: torch.cat([s.components[n] for s in scores]) for n in names},
-        )
         categories = [task.prompts.categories[i] for i in chosen for _ in range(cfg.group_size)]
-        components = torch.stack([joined.components[n] for n in names], dim=1)  # [B, K]
-        adv = group_advantages(components, task.weights(ro.prompts), ro.group_ids)
-        if self.category_scale:
-            adv = adv * torch.tensor([self.category_scale.get(c, 1.0) for c in categories])
-        adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
+        joined, adv = scored_advantages(scores, task, ro.prompts, categories, ro.group_ids, self.category_scale,
+                                        cfg.advantage_clip)
         return IterationOutput(ro, joined, adv, categories)
 
     def collect(self, iteration: int) -> dict[str, IterationOutput]:

@@ -70,8 +70,16 @@ from flowrl.rl.algorithms import register_algorithm
 from flowrl.rl.distributed import mean_across_ranks
 from flowrl.rl.ema import EMA
 from flowrl.rl.engine import make_engine
-from flowrl.rl.grpo import PromptSet, RewardSubmitter, TaskData, draw_prompts, loop_settings, settings_of
-from flowrl.rl.objectives import group_advantages
+from flowrl.rl.grpo import (
+    PromptSet,
+    RewardSubmitter,
+    TaskData,
+    cat_cond,
+    draw_prompts,
+    loop_settings,
+    scored_advantages,
+    settings_of,
+)
 from flowrl.rl.rollout import compiled_view, decode_in_parts
 from flowrl.rl.trainer import Checkpoints, LoopTrainer, seeded_generator
 from flowrl.sampling import sample
@@ -168,12 +176,6 @@ class NFTBatch:
     @property
     def batch_size(self) -> int:
         return len(self.prompts)
-
-
-def _cat_conditions(conds: list[Condition]) -> Condition:
-    if len(conds) == 1:
-        return conds[0]
-    return Condition({k: torch.cat([c.tensors[k] for c in conds]) for k in conds[0].tensors}, dict(conds[0].extras))
 
 
 def _row_generator(seed: int, iteration: int, row: int) -> torch.Generator:
@@ -280,18 +282,12 @@ class NFTTrainer(LoopTrainer):
             conds.append(cond)
             latents.append(x0)
         scores = [f.result() for f in futures]
-        names = list(scores[0].components)
-        joined = RewardScores(total=torch.cat([s.total for s in scores]),
-                              components={n: torch.cat([s.components[n] for s in scores]) for n in names})
         prompts = [task.prompts.prompts[i] for i in chosen for _ in range(cfg.group_size)]
         categories = [task.prompts.categories[i] for i in chosen for _ in range(cfg.group_size)]
         group_ids = torch.arange(len(chosen)).repeat_interleave(cfg.group_size)
-        components = torch.stack([joined.components[n] for n in names], dim=1)  # [B, K]
-        adv = group_advantages(components, task.weights(prompts), group_ids)
-        if self.category_scale:
-            adv = adv * torch.tensor([self.category_scale.get(c, 1.0) for c in categories])
-        adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
-        return NFTBatch(prompts, group_ids, _cat_conditions(conds), torch.cat(latents), joined, adv,
+        joined, adv = scored_advantages(scores, task, prompts, categories, group_ids, self.category_scale,
+                                        cfg.advantage_clip)
+        return NFTBatch(prompts, group_ids, cat_cond(conds), torch.cat(latents), joined, adv,
                         first_row=self.rank * len(prompts))
 
     # ------------------------------------------------------------------ the update
