@@ -102,31 +102,41 @@ results/reward_model_shapes.json: venv
 	annotations=$$($(VENV)/bin/flowrl annotate --config configs/shapes.yaml --base $$base | tail -1) && \
 	$(VENV)/bin/flowrl reward-model --config configs/shapes.yaml --annotations $$annotations --results $@
 
-# The committed GRPO measurement (results/grpo_shapes.json, one key per task); upstream stages are
-# reused from artifacts/ when they are already there.
+# The committed GRPO measurement (results/grpo_shapes.json, one key per task: the teachers, which with
+# configs/shapes.yaml's two annotation rounds are the round-2 runs); upstream stages are reused from artifacts/.
 results/grpo_shapes.json: venv
 	set -eo pipefail; \
-	$(REWARD_CHAIN); \
-	for task in t2i edit; do \
-		prompts=$$($(FLOWRL) filter-prompts $(SHAPES) --task $$task --base $$base --reward-model $$rm | tail -1); \
-		$(FLOWRL) grpo $(SHAPES) --task $$task --base $$base --reward-model $$rm --prompts $$prompts \
-			--results $@ --results-key $$task; \
-	done
+	$(TEACHERS); \
+	$(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt --round 2 --init $$t1 \
+		--results $@ --results-key t2i; \
+	$(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe --round 2 --init $$e1 \
+		--results $@ --results-key edit
 
-# Every stage of the shapes run through the CLI (each reused from artifacts/ when complete); leaves
-# `models` holding the six --model NAME=URI flags of the compared models.
+# Every stage of the shapes run through the CLI (each reused from artifacts/ when complete), as the workflow
+# runs it with configs/shapes.yaml's pipeline.annotation_rounds: 2: GRPO round 1 on the first reward models,
+# the second annotation round on its samples, the refreshed reward models (`rm` from then on), GRPO round 2.
+# TEACHERS leaves `tt` / `te` holding the teachers (and `t1` / `e1` their first rounds); DEFAULT_MODELS leaves
+# `models` holding the --model NAME=URI flags of the default run's four models, ALL_MODELS those of all six
+# (with the Mix-RL baseline and off-policy OPD, which the default run leaves out).
 TEACHERS = $(REWARD_CHAIN); \
 	$(T2I_PROMPTS); \
 	$(EDIT_PROMPTS); \
-	tt=$$($(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt | tail -1); \
-	te=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe | tail -1)
-ALL_MODELS = $(TEACHERS); \
+	t1=$$($(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt --round 1 | tail -1); \
+	e1=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe --round 1 | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base --previous $$ann --policies t2i=$$t1 edit=$$e1 | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann --init $$rm | tail -1); \
+	tt=$$($(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt --round 2 \
+		--init $$t1 | tail -1); \
+	te=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe --round 2 \
+		--init $$e1 | tail -1)
+DEFAULT_MODELS = $(TEACHERS); \
 	teachers="--teacher t2i_teacher=$$tt --teacher edit_teacher=$$te --prompts t2i=$$pt edit=$$pe"; \
 	on=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers | tail -1); \
+	models="--model base=$$base --model t2i_teacher=$$tt --model edit_teacher=$$te --model student=$$on"
+ALL_MODELS = $(DEFAULT_MODELS); \
 	off=$$($(FLOWRL) opd $(SHAPES) --base $$base $$teachers --states off_policy | tail -1); \
 	mix=$$($(FLOWRL) grpo $(SHAPES) --task mixed --base $$base --reward-model $$rm --prompts t2i=$$pt edit=$$pe | tail -1); \
-	models="--model base=$$base --model t2i_teacher=$$tt --model edit_teacher=$$te --model mix_rl=$$mix \
-		--model student=$$on --model student_offpolicy=$$off"
+	models="$$models --model mix_rl=$$mix --model student_offpolicy=$$off"
 
 # The committed OPD comparison (results/opd_shapes.json): every upstream stage is reused from
 # artifacts/ when it is already there; then OPD (on- and off-policy), Mix-RL, and the judge on all six models.
@@ -141,7 +151,7 @@ results/opd_shapes.json: venv
 results/bench_shapes.json: venv
 	$(MAKE) run CONFIG=configs/shapes.yaml
 	set -eo pipefail; \
-	$(ALL_MODELS); \
+	$(DEFAULT_MODELS); \
 	$(FLOWRL) bench $(SHAPES) $$models --results $@ --report-dir results
 
 # The memory planner against measured memory (results/planner_validation.json): for each memory mode (LoRA as
@@ -165,7 +175,8 @@ results/reliability.json: venv
 # The studies beside the product (experiments/<study>/: script, study.mk, results, README.md): each results file is a
 # target of its study.mk, e.g. `make experiments/grpo_ablations/results/grpo_levers.json` (fidelity_probe's recipe
 # uses CAST_SET and ARTIFACT_OF of grpo_ablations' fragment).
-STUDIES := grpo_ablations opd_levers fidelity_probe t2i_reward_probe edit_reward_probe refactor_parity algorithms
+STUDIES := grpo_ablations opd_levers fidelity_probe t2i_reward_probe edit_reward_probe refactor_parity algorithms \
+	mixrl_vs_student
 include $(foreach s,$(STUDIES),experiments/$(s)/study.mk)
 
 # The checks of the studies' committed results (experiments/*/test_results.py; not part of `make test`).

@@ -9,7 +9,8 @@ b wins and 0.5 for a tie (half a win each way). Under Bradley-Terry,
 
 The small Gaussian prior keeps the fit finite when a model wins (or loses)
 every battle, where the plain likelihood has no maximum; with any mixed
-record its pull is negligible. Ratings are on the Elo scale,
+record its pull is negligible. Where it is not, the rating is the prior's and
+its bootstrap interval too narrow: :func:`unanimous_pairs` names those pairs. Ratings are on the Elo scale,
 ``rating = anchor_rating + 400 / ln(10) * (s - s_anchor)``, so a 400-point gap
 means 10:1 odds and the anchor model (the base) sits at ``anchor_rating``.
 The fit sees only the per-pair totals, so the order of battles cannot
@@ -57,6 +58,42 @@ def battle_totals(battles: Sequence[Battle], index: dict[str, int]) -> tuple[np.
         games[i, j] += 1.0
         games[j, i] += 1.0
     return wins, games
+
+
+def unanimous_pairs(wins: np.ndarray, games: np.ndarray, models: Sequence[str]) -> list[dict]:
+    """Each model that won, or lost, every one of its battles against some opponent.
+
+    ``wins`` and ``games`` are :func:`battle_totals` (a tie is half a win each way, so a pair with
+    a single tie is not unanimous). Such a pair's rating gap has no maximum-likelihood value from
+    their own battles: the fit's prior decides how far apart they sit, and a bootstrap over
+    battles redraws the same one-sided record, so their intervals come out too narrow. One entry
+    per model and opponent, ``{"model", "opponent", "outcome": "won_all" | "lost_all", "battles"}``,
+    in the order of ``models``; pairs that never met are left out."""
+    models = list(models)
+    if wins.shape != games.shape or wins.shape != (len(models), len(models)):
+        raise ValueError(f"unanimous_pairs: expected two {len(models)} x {len(models)} totals, got "
+                         f"{wins.shape} and {games.shape}")
+    flags = []
+    for i, model in enumerate(models):
+        for j, opponent in enumerate(models):
+            played = games[i, j]
+            if i == j or played <= 0:
+                continue
+            if np.isclose(wins[i, j], played):
+                outcome = "won_all"
+            elif np.isclose(wins[i, j], 0.0):
+                outcome = "lost_all"
+            else:
+                continue
+            flags.append({"model": model, "opponent": opponent, "outcome": outcome, "battles": int(round(played))})
+    return flags
+
+
+def arena_flags(battles: Sequence[Battle], models: Sequence[str]) -> list[dict]:
+    """:func:`unanimous_pairs` of one arena's battles."""
+    models = list(models)
+    wins, games = battle_totals(battles, {name: i for i, name in enumerate(models)})
+    return unanimous_pairs(wins, games, models)
 
 
 def bradley_terry(wins: np.ndarray, games: np.ndarray, prior: float = 1e-2, iterations: int = 100) -> np.ndarray:

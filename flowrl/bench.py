@@ -360,3 +360,114 @@ def win_rates(battles: list[Battle], models: list[str]) -> np.ndarray:
     won, played = battle_totals(battles, {m: i for i, m in enumerate(models)})
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(played > 0, won / played, np.nan)
+
+
+# --------------------------------------------------------------------------- gains against the anchor
+
+
+def paired_gain(model_scores, anchor_scores, replicates: int, confidence: float,
+                rng: np.random.Generator) -> dict[str, float]:
+    """The gain of a model over the anchor on the same items, with a paired bootstrap interval.
+
+    ``delta`` is the mean per-item difference ``model - anchor``. Each replicate draws ``n`` item
+    indices with replacement and applies the same draw to both models (so an item that is hard for
+    both stays hard for both, and its difficulty cancels in the difference); the interval is the
+    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` percentiles of the replicates' mean
+    differences. ``stderr`` is the paired standard error ``sd(differences) / sqrt(n)`` (NaN for one
+    item). With ``replicates`` 0 the interval collapses to ``delta``.
+    """
+    model = np.asarray(model_scores, dtype=np.float64)
+    anchor = np.asarray(anchor_scores, dtype=np.float64)
+    if model.ndim != 1 or model.shape != anchor.shape:
+        raise ValueError(f"paired_gain: expected two 1-d score arrays over the same items, got shapes "
+                         f"{model.shape} and {anchor.shape}")
+    if len(model) == 0:
+        raise ValueError("paired_gain: no items")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"paired_gain: confidence must lie strictly between 0 and 1, got {confidence}")
+    if replicates < 0:
+        raise ValueError(f"paired_gain: replicates must be >= 0, got {replicates}")
+    diff = model - anchor
+    n = len(diff)
+    delta = float(diff.mean())
+    stderr = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    if replicates == 0:
+        return {"delta": delta, "ci_low": delta, "ci_high": delta, "stderr": stderr}
+    drawn = rng.integers(0, n, size=(replicates, n))
+    means = diff[drawn].mean(axis=1)
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"delta": delta, "ci_low": float(low), "ci_high": float(high), "stderr": stderr}
+
+
+def gain_items(scores: ItemScores) -> dict[str, np.ndarray]:
+    """The per-item arrays whose means are the four pillars (on the 0-1 scale): fidelity runs over
+    the T2I images and then the edits, as its pillar does."""
+    return {
+        "t2i_alignment": scores.t2i_correct,
+        "edit_accuracy": scores.edit_correct,
+        "identity": scores.edit_identity,
+        "fidelity": np.concatenate([scores.t2i_fidelity, scores.edit_fidelity]),
+    }
+
+
+def bench_gains(scores: dict[str, ItemScores], anchor: str, replicates: int, confidence: float, seed: int
+                ) -> dict[str, dict[str, dict[str, float]]]:
+    """model -> pillar -> :func:`paired_gain` against ``anchor`` (every model but the anchor).
+
+    Each pillar has its own generator, seeded from ``seed`` and the pillar's position, so every
+    model's interval for that pillar uses the same item draws and the result does not depend on
+    which models are benched or in what order."""
+    if anchor not in scores:
+        raise ValueError(f"bench gains: the anchor {anchor!r} has no scores (models: {', '.join(scores)})")
+    base = gain_items(scores[anchor])
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, s in scores.items():
+        if name == anchor:
+            continue
+        items = gain_items(s)
+        out[name] = {pillar: paired_gain(items[pillar], base[pillar], replicates, confidence,
+                                         np.random.default_rng([seed, k]))
+                     for k, pillar in enumerate(PILLARS)}
+    return out
+
+
+def group_gains(scores: dict[str, ItemScores], bench: BenchSet, anchor: str, replicates: int, confidence: float,
+                seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """model -> ``t2i_alignment/<category>`` or ``edit_accuracy/<kind>`` -> :func:`paired_gain` against
+    ``anchor`` on that group's items alone (keys as in :func:`pillars`), every model but the anchor."""
+    if anchor not in scores:
+        raise ValueError(f"bench gains: the anchor {anchor!r} has no scores (models: {', '.join(scores)})")
+    groups = []
+    for prefix, field, labels in (("t2i_alignment", "t2i_correct", bench.t2i_categories),
+                                  ("edit_accuracy", "edit_correct", bench.edit_kinds)):
+        labels = np.asarray(labels)
+        groups += [(f"{prefix}/{label}", field, labels == label) for label in dict.fromkeys(labels)]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, s in scores.items():
+        if name == anchor:
+            continue
+        out[name] = {key: paired_gain(getattr(s, field)[mask], getattr(scores[anchor], field)[mask], replicates,
+                                      confidence, np.random.default_rng([seed, len(PILLARS) + k]))
+                     for k, (key, field, mask) in enumerate(groups)}
+    return out
+
+
+def two_task_difference(a: ItemScores, b: ItemScores, replicates: int, confidence: float,
+                        rng: np.random.Generator) -> dict[str, float]:
+    """Model ``a``'s two-task mean (T2I alignment and edit accuracy weighed equally, 0-1) minus ``b``'s,
+    with a paired bootstrap interval: each replicate resamples the T2I items and the edit items apart
+    (each task keeps its size) and applies the same draw to both models. ``stderr`` combines the two
+    tasks' paired standard errors."""
+    t2i = np.asarray(a.t2i_correct, np.float64) - np.asarray(b.t2i_correct, np.float64)
+    edit = np.asarray(a.edit_correct, np.float64) - np.asarray(b.edit_correct, np.float64)
+    if len(t2i) < 2 or len(edit) < 2:
+        raise ValueError(f"two_task_difference: needs two items or more per task, got {len(t2i)} T2I and "
+                         f"{len(edit)} edit items")
+    delta = 0.5 * (t2i.mean() + edit.mean())
+    stderr = 0.5 * np.sqrt(t2i.var(ddof=1) / len(t2i) + edit.var(ddof=1) / len(edit))
+    means = 0.5 * (t2i[rng.integers(0, len(t2i), (replicates, len(t2i)))].mean(1)
+                   + edit[rng.integers(0, len(edit), (replicates, len(edit)))].mean(1))
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail]) if replicates else (delta, delta)
+    return {"delta": float(delta), "ci_low": float(low), "ci_high": float(high), "stderr": float(stderr)}

@@ -271,7 +271,7 @@ def _named_flags(args) -> dict[str, tuple]:
     stage = by_command(args.command)
     flags = {}
     for arg in stage.cli if stage is not None else ():
-        if arg.kind == "named":
+        if arg.kind == "named" and getattr(args, arg.dest) is not None:  # an optional one left out: None
             flags[arg.flag] = (getattr(args, arg.dest), arg.flag, *((arg.names,) if arg.names else ()))
         elif arg.kind == "task_uris" and args.task == "mixed":
             flags[arg.flag] = (getattr(args, arg.dest), arg.flag, arg.names)
@@ -420,11 +420,23 @@ def _command_line() -> str:
     """This run's command line for a results file, with the credentials of any URL in it masked."""
     from flowrl.redact import redact_url
 
-    return redact_url(" ".join(["flowrl", *sys.argv[1:]]))
+    return redact_url(" ".join(["flowrl", *(_relative_arg(arg) for arg in sys.argv[1:])]))
+
+
+def _relative_arg(arg: str) -> str:
+    """A command-line word with a local path under the working directory made relative to it (also the
+    URI of a NAME=URI flag), so a results file holds no checkout's absolute path."""
+    from flowrl.stages.common import relative_uri
+
+    name, sep, value = arg.rpartition("=") if "=" in arg and not arg.startswith("-") else ("", "", arg)
+    if not value.startswith(("/", "file://")):
+        return arg
+    return f"{name}{sep}{relative_uri(value)}"
 
 
 def write_results(path: str, args, result, wall_s: float) -> None:
     """A committed results file: the stage's metrics.json plus how it was made."""
+    from flowrl.stages.common import relative_uri
     from flowrl.storage import read_manifest
 
     manifest = read_manifest(result.uri)
@@ -434,7 +446,7 @@ def write_results(path: str, args, result, wall_s: float) -> None:
         "code_version": manifest.code_version,  # what made the artifact (the source may change mid-run)
         "version": result.version,
         "reused": result.reused,
-        "artifact_uri": result.uri,
+        "artifact_uri": relative_uri(result.uri),
         "wall_s_total": round(wall_s, 1),
         "machine": machine_info(),
         "metrics": result.metrics,

@@ -295,6 +295,24 @@ Degradation = Literal["noise", "blur", "blotches", "color_cast"]
 
 
 @dataclass(frozen=True)
+class PolicyRoundConfig:
+    """The second annotation round (pipeline.annotation_rounds: 2): fresh prompts with samples of the first
+    round's RL policies, labelled by the same simulated annotators."""
+
+    seed: int = param(707, "Seed of the round's prompts and labels (disjoint use from annotate.seed).", ge=0,
+                      le=SEED_MAX)
+    t2i_per_category: int = param(100, "Fresh T2I prompts per category, each with samples of the T2I policy.", ge=1)
+    edit_per_kind: int = param(100, "Fresh edit instructions per kind, each with samples of the edit policy.", ge=1)
+    model_samples: int = param(2, "Samples of the task's round-1 RL policy per prompt.", ge=1)
+    rendered: bool = param(
+        True, "Also show the annotators the rendered candidates of round 1's kind (clean, contradicting, "
+        "degraded), so the pairs compare policy samples with known-good and known-bad images.")
+    degradations: tuple[Degradation, ...] | None = param(
+        None, "The faults of this round's degraded candidates (names as annotate.degradations); null: "
+        "annotate.degradations.")
+
+
+@dataclass(frozen=True)
 class AnnotateConfig:
     """Stage `annotate`: candidate images and simulated annotators (shapes world)."""
 
@@ -318,6 +336,11 @@ class AnnotateConfig:
         "The degraded candidates' faults, one drawn per image: noise, blur (texture), blotches (stray blobs), "
         "color_cast (object pixels moved off their palette colour). A reward model only learns to see the faults "
         "its annotators were shown.", added=True)
+    policy_round: PolicyRoundConfig = field(
+        default_factory=PolicyRoundConfig, metadata={
+            "doc": "The second annotation round, on samples of the first round's RL checkpoints (run when "
+                   "pipeline.annotation_rounds is 2; the first round's artifact does not depend on it).",
+            "bounds": {}, "added": True})
 
     @staticmethod
     def check_data_shape(data: dict, prefix: str) -> None:
@@ -361,6 +384,15 @@ class RewardModelConfig:
     t2i_criteria: tuple[str, ...] = param(("alignment", "quality", "fidelity"), "Likert columns with a T2I pointwise model.")
     edit_criteria: tuple[str, ...] = param(("alignment",), "Likert columns with an edit pointwise model.")
     pairwise: bool = param(True, "Also train the pairwise (Bradley-Terry) model per task, for comparison.")
+    augment: tuple[Literal["mirror", "palette"], ...] = param(
+        (), "Label-preserving variants of the training rows (shapes backbone): mirror (the picture flipped left "
+        "to right, 'left' and 'right' swapped in the prompt), palette (the colours relabelled alike in the "
+        "picture and the words). A variant whose prompt is held out (an unseen or bench text) is not used.",
+        added=True)
+    refresh_steps: int = param(
+        500, "The refreshed reward model (second annotation round): optimizer steps of every scorer, each "
+        "starting from the first round's weights, on both rounds' rows (0: the first round's weights "
+        "unchanged). The first round's artifact does not depend on it.", ge=0, added=True)
 
 
 @dataclass(frozen=True, repr=False)
@@ -383,6 +415,12 @@ class RewardComponent:
         (), "CATEGORY=WEIGHT entries: this component's weight for prompts of that category (a T2I category or an "
         "edit kind; qwen_image: the prompt files' categories) instead of `weight`. A category named by one "
         "component takes the other components' `weight`.")
+    gate: str | None = param(
+        None, "Name of another component of the same task whose score, mapped onto [0, 1] through its score "
+        "range ((level - 1) / 4 for a learned Likert scorer, clipped), multiplies this component's score row by "
+        "row; the product is logged and weighted as `<name>_gated`, the raw score is still logged (weight 0). "
+        "A gate is itself ungated. E.g. identity gated by instruction: keeping the source pays only as far as "
+        "the instruction was carried out. null: ungated.", added=True)
 
     def __repr__(self) -> str:  # the YAML flow form, as the config reference shows the defaults
         keys = [f"name: {self.name}", f"scorer: {self.scorer}"]
@@ -391,6 +429,8 @@ class RewardComponent:
         keys.append(f"weight: {self.weight}")
         if self.categories:
             keys.append(f"categories: [{', '.join(self.categories)}]")
+        if self.gate is not None:
+            keys.append(f"gate: {self.gate}")
         return "{" + ", ".join(keys) + "}"
 
     @staticmethod
@@ -429,7 +469,7 @@ _DEFAULT_T2I = (
 )
 _DEFAULT_EDIT = (
     RewardComponent(name="instruction", scorer="learned", criterion="alignment", weight=1.0),
-    RewardComponent(name="identity", scorer="identity", weight=0.5),
+    RewardComponent(name="identity", scorer="identity", weight=0.5, gate="instruction"),
 )
 # what a weight of the earlier mapping shape (rewards.t2i: {alignment: 1.0, ...}) became, for its error message
 _OLD_COMPONENT = {"instruction": ("learned", "alignment"), "identity": ("identity", None)}
@@ -447,6 +487,42 @@ class RewardsConfig:
     def __post_init__(self) -> None:
         for task in REWARD_TASKS:
             self.weights(task)  # names, categories and weights checked now, naming the key
+            self.gates(task)
+
+    def gates(self, task: str) -> dict[str, str]:
+        """{gated component: its gate} of ``task``, in component order. ConfigError naming
+        ``rewards.<task>[i].gate`` for a gate that names the component itself, a component not in this
+        task's list (one of the other task's included), a gated component (gates do not chain), or a
+        gated component whose logged name ``<name>_gated`` is another component's name."""
+        key = f"rewards.{task}"
+        components = getattr(self, task)
+        names = [c.name for c in components]
+        gated = {c.name for c in components if c.gate is not None}
+        out = {}
+        for i, component in enumerate(components):
+            gate = component.gate
+            if gate is None:
+                continue
+            where = f"{key}[{i}].gate"
+            if not isinstance(gate, str) or not gate:
+                raise ConfigError(f"{where}: expected the name of another component of {key}, got {_shown(gate)}")
+            if gate == component.name:
+                raise ConfigError(f"{where}: component {_shown(gate)} cannot gate itself")
+            if gate not in names:
+                others = [c.name for t in REWARD_TASKS if t != task for c in getattr(self, t)]
+                where_else = " (a component of another task: a gate must score the same rows)" \
+                    if gate in others else ""
+                raise ConfigError(f"{where}: no component {_shown(gate)} in {key}{where_else}; components are "
+                                  f"{names}")
+            if gate in gated:
+                raise ConfigError(f"{where}: component {_shown(gate)} is gated itself; a gate must be ungated "
+                                  "(gates do not chain)")
+            column = f"{component.name}_gated"
+            if column in names:
+                raise ConfigError(f"{where}: the gated score is logged as {_shown(column)}, which is the name of "
+                                  f"another component of {key}; rename one of them")
+            out[component.name] = gate
+        return out
 
     def weights(self, task: str) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """(default weights, {category: weights}) of ``task``'s components, each a {component: weight} in
@@ -742,6 +818,10 @@ class GRPOConfig:
     seed: int = param(303, "Seed of prompt draws and rollout noise (per iteration, so resumes replay exactly).", ge=0,
                      le=SEED_MAX)
     loop: LoopConfig = subsection(LoopConfig, "Iterations, and the monitor, checkpoint and grid intervals.")
+    round1_iterations: int = param(
+        80, "pipeline.annotation_rounds 2: the first GRPO round's iterations (from the base); the second round "
+        "continues its weights for loop.iterations minus these, scored by the refreshed reward model, and "
+        "loop.time_budget_s is split in the same proportion. Unused with one round.", ge=1, added=True)
     algorithm: str = param("grpo", "The registered reward algorithm the GRPO stages train with "
                            "(flowrl/rl/algorithms.py; grpo: Flow-GRPO, and Mix-RL on both tasks).", added=True)
     prompts_per_iteration: int = param(8, "Prompt groups per iteration.", ge=1, cap=BATCH_MAX)
@@ -904,6 +984,11 @@ class PipelineConfig:
 
     offpolicy_ablation: bool = param(False, "Also run the off-policy OPD ablation (stage opd_offpolicy).")
     mix_rl: bool = param(False, "Also run the Mix-RL baseline (grpo --task mixed, stage grpo_mixed).")
+    annotation_rounds: Literal[1, 2] = param(
+        1, "1: annotate -> reward_model -> GRPO. 2: GRPO stops after grpo.round1_iterations, its checkpoints' "
+        "samples are annotated (annotate.policy_round), the reward models are refreshed on both rounds' rows "
+        "(reward_model.refresh_steps) and GRPO continues from them for the remaining iterations; OPD and the "
+        "bench read the second round's teachers and reward models.", added=True)
 
 
 @dataclass(frozen=True)
@@ -923,9 +1008,11 @@ class BenchConfig:
         0.05, "Arena: when both images are equally correct, a secondary score (fidelity for T2I, identity for "
         "edits) gap above this decides; else a tie. With scorer reward_models the primary (alignment) score, "
         "being continuous, also decides only beyond this gap.", ge=0)
-    bootstrap: int = param(1000, "Bootstrap resamples of the battles for the Elo intervals.", ge=0)
-    confidence: float = param(0.95, "Coverage of the Elo intervals.", gt=0, lt=1)
-    grid_items: int = param(6, "Prompts (and edits) shown in the report's image grids.", ge=1)
+    bootstrap: int = param(1000, "Bootstrap resamples: of the battles for the Elo intervals, and of the bench items "
+                           "for the paired intervals of each model's gain over the anchor.", ge=0)
+    confidence: float = param(0.95, "Coverage of the Elo intervals and of the gain intervals.", gt=0, lt=1)
+    grid_items: int = param(6, "Prompts (and edits) shown in the report's overall image grids, and per T2I category "
+                            "and edit kind in each category's grid.", ge=1)
     t2i_prompts: str | None = param(
         None, "qwen_image: the T2I bench prompt file (parquet with prompt and category, the schema of "
         "filter.t2i_prompts). No prompt of it may occur in the filter or annotation files (checked). The first "
@@ -1310,6 +1397,11 @@ def check_consistency(config: FlowRLConfig) -> None:
     r = config.reward_model
     if r.backbone == "vlm" and not r.vlm_pretrained:
         raise ConfigError("reward_model.vlm_pretrained: required when reward_model.backbone is vlm")
+    if r.augment and (r.backbone != "shapes" or m.family != "shapes"):
+        raise ConfigError(
+            f"reward_model.augment: {_shown(list(r.augment))} rewrites shapes-world prompts and pictures; it needs "
+            f"reward_model.backbone: shapes and model.family: shapes (got {r.backbone}, {m.family})"
+        )
     if r.width % r.heads or (r.width // r.heads) % 4:
         raise ConfigError(
             f"reward_model.heads: {r.heads} must divide reward_model.width {r.width} into heads of a multiple of 4"

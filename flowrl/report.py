@@ -1,11 +1,16 @@
 """The bench report: ``report.md``, a self-contained ``report.html`` and PNGs.
 
 Everything is rendered from one :class:`ReportData`: the pillar table with
-deltas against the anchor (base) model, the Elo ratings per arena with their
-intervals (a table and a bar chart with error bars), the head-to-head win
-rates, the training curves of the RL and distillation runs whose artifacts
-carry a ``history.json``, and image grids of the same prompts and seeds
-across models. The HTML embeds its images as data URIs, so it can be mailed
+deltas against the anchor (base) model, each model's gain over the anchor with
+a paired bootstrap interval over bench items (per pillar, and per T2I category
+and edit kind with its standard error), the Elo ratings per arena with their
+intervals (a table and a bar chart with error bars; a model that won or lost
+every battle against some opponent is marked, its rating being set by the
+fit's prior), the head-to-head win rates, the training curves of the RL and
+distillation runs whose artifacts carry a ``history.json`` (and, per RL run,
+its training reward beside the held-out judge: the hacking gap), and image
+grids of the same prompts and seeds across models, overall and per T2I
+category and edit kind. The HTML embeds its images as data URIs, so it can be mailed
 or attached to a tracking run as one file.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +38,21 @@ PILLAR_TITLES = {
     "fidelity": "Fidelity",
 }
 ARENA_TITLES = {"t2i": "T2I arena", "edit": "Edit arena"}
+OUTCOME_TEXT = {"won_all": "won all", "lost_all": "lost all"}
+FLAG_MARK = "\u2020"  # the dagger beside a rating set by the prior
+ABOVE, BELOW = "\u25b2", "\u25bc"  # an interval entirely above / below zero
 _COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+
+
+@dataclass
+class Grid:
+    """One image grid: a column per item (its prompt or instruction), a row per model (same seeds in
+    every row), a source row first for edits; ``marks`` (model -> [K] bool) frames the scorer's verdict."""
+
+    columns: list[str]
+    rows: dict[str, np.ndarray]
+    sources: np.ndarray | None = None
+    marks: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -52,6 +72,15 @@ class ReportData:
     # "t2i" / "edit" -> model -> [K] bool: whether the scorer judged each grid image correct (framed green / red)
     grid_marks: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # lines shown under the title (how it was measured)
+    # model -> pillar -> {"delta", "ci_low", "ci_high", "stderr"} against the anchor, 0-1 scale
+    # (flowrl.bench.bench_gains); model -> "t2i_alignment/<category>" | "edit_accuracy/<kind>" -> the same
+    gains: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    group_gains: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    confidence: float = 0.95  # coverage of the gains' intervals
+    # arena -> [{"model", "opponent", "outcome": won_all | lost_all, "battles"}] (flowrl.arena.arena_flags)
+    arena_flags: dict[str, list[dict]] = field(default_factory=dict)
+    # "t2i" / "edit" -> category or kind -> its grid
+    category_grids: dict[str, dict[str, Grid]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- figures
@@ -134,6 +163,83 @@ def curves_png(data: ReportData) -> bytes | None:
     return png_of(fig)
 
 
+def rl_runs(data: ReportData) -> list[str]:
+    """The benched models whose history is an RL run's (a training reward) with held-out monitor scores."""
+    out = []
+    for model in data.models:
+        h = data.histories.get(model) or {}
+        history, monitor = h.get("history") or [], h.get("monitor") or []
+        if any("train/reward" in row for row in history) and any(m.get("heldout") is not None for m in monitor):
+            out.append(model)
+    return out
+
+
+def _align_zero(left, right) -> None:
+    """Give two y-axes of one panel their zero at the same height, so two changes since the start
+    read against one baseline."""
+    limits = []
+    for ax in (left, right):
+        lo, hi = ax.get_ylim()
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if hi - lo <= 0:
+            lo, hi = -1.0, 1.0
+        limits.append((-lo, hi))
+    share = min(max(neg / (neg + pos) for neg, pos in limits), 0.9)  # the zero's height from below
+    share = max(share, 0.1)
+    for ax, (neg, pos) in zip((left, right), limits):
+        if neg / (neg + pos) < share:
+            neg = share / (1 - share) * pos
+        else:
+            pos = neg * (1 - share) / share
+        ax.set_ylim(-neg, pos)
+
+
+def reward_judge_png(data: ReportData) -> bytes | None:
+    """Per RL run, one panel: its training reward (10-iteration mean, change since the first such
+    mean, right axis) against the held-out judge score and fidelity (change since iteration 0, left
+    axis), both against iteration, zeros aligned. A reward that climbs while the judge stays flat or
+    fidelity falls is the hacking gap. None when no benched model is an RL run with a monitor."""
+    from matplotlib.ticker import MaxNLocator
+
+    runs = rl_runs(data)
+    if not runs:
+        return None
+    cols = min(3, len(runs))
+    rows = math.ceil(len(runs) / cols)
+    fig, _ = new_figure(4.6 * cols, 3.4 * rows)
+    fig.clear()
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax, model in zip(axes, runs):
+        history, monitor = data.histories[model]["history"], data.histories[model]["monitor"]
+        rewards = [row["train/reward"] for row in history if "train/reward" in row]
+        x, smooth = _smooth(rewards)
+        right = ax.twinx()
+        right.plot(x, smooth - smooth[0], color="#4c72b0", label="training reward (right)")
+        right.set_ylabel("reward change", fontsize=8, color="#4c72b0")
+        points = [m for m in monitor if m.get("heldout") is not None]
+        its = [m["iteration"] for m in points]
+        ax.plot(its, [m["heldout"] - points[0]["heldout"] for m in points], "o-", ms=3, color="#c44e52",
+                label="held-out judge (left)")
+        with_fidelity = [m for m in points if m.get("fidelity") is not None]
+        if with_fidelity:
+            ax.plot([m["iteration"] for m in with_fidelity],
+                    [m["fidelity"] - with_fidelity[0]["fidelity"] for m in with_fidelity], "s--", ms=2.5,
+                    color="#55a868", label="held-out fidelity (left)")
+        ax.axhline(0.0, color="#888", lw=0.7)
+        ax.set_ylabel("judge change since it. 0", fontsize=8)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _align_zero(ax, right)
+        judge_gain = points[-1]["heldout"] - points[0]["heldout"]
+        ax.set_title(f"{model}: reward {smooth[-1] - smooth[0]:+.3g}, judge {judge_gain:+.3f}", fontsize=9)
+        handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+        labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
+        right.legend(handles, labels, fontsize=7, loc="upper left", framealpha=0.8)  # the top axes: drawn last
+    for ax in axes[len(runs):]:
+        ax.set_visible(False)
+    return png_of(fig)
+
+
 def _wrap(text: str, width: int = 16) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text
 
@@ -198,16 +304,80 @@ def breakdown_rows(data: ReportData, prefix: str) -> tuple[list[str], list[list[
     return header, rows
 
 
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def gain_cell(gain: dict[str, float]) -> str:
+    """``+0.084 [+0.031, +0.139]``, then a mark when the whole interval is above (or below) zero."""
+    cell = f"{_signed(gain['delta'])} [{_signed(gain['ci_low'])}, {_signed(gain['ci_high'])}]"
+    if gain["ci_low"] > 0:
+        return f"{cell} {ABOVE}"
+    if gain["ci_high"] < 0:
+        return f"{cell} {BELOW}"
+    return cell
+
+
+def gain_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
+    """Per model (the anchor left out), per pillar: its gain over the anchor with the paired interval."""
+    header = ["model", *(PILLAR_TITLES[k] for k in PILLARS)]
+    rows = [[m, *(gain_cell(data.gains[m][k]) if k in data.gains[m] else "-" for k in PILLARS)]
+            for m in data.models if m in data.gains]
+    return header, rows
+
+
+def _stderr_cell(gain: dict[str, float]) -> str:
+    """``+0.050 ± 0.030``, marked when the delta is below zero by more than its standard error."""
+    stderr = gain.get("stderr")
+    if stderr is None or not math.isfinite(stderr):
+        return f"{_signed(gain['delta'])} \u00b1 n/a"
+    cell = f"{_signed(gain['delta'])} \u00b1 {stderr:.3f}"
+    return f"{cell} {BELOW}" if gain["delta"] < -stderr else cell
+
+
+def group_gain_rows(data: ReportData, prefix: str) -> tuple[list[str], list[list[str]]]:
+    """Per model (the anchor left out), per T2I category (``t2i_alignment``) or edit kind
+    (``edit_accuracy``): its gain over the anchor with the paired standard error."""
+    models = [m for m in data.models if m in data.group_gains]
+    keys = list(dict.fromkeys(k for m in models for k in data.group_gains[m] if k.startswith(prefix + "/")))
+    header = ["model", *(k.split("/", 1)[1] for k in keys)]
+    rows = [[m, *(_stderr_cell(data.group_gains[m][k]) if k in data.group_gains[m] else "-" for k in keys)]
+            for m in models]
+    return header, rows
+
+
+def _flagged(data: ReportData, arena: str) -> set[str]:
+    return {f["model"] for f in data.arena_flags.get(arena, [])}
+
+
 def elo_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
+    """Elo per model and arena; a rating set by the prior (:func:`flag_notes`) carries a dagger."""
     header = ["model", *(f"{ARENA_TITLES[a]} Elo [95 % interval]" for a in ARENAS)]
     rows = []
     for model in data.models:
         cells = []
         for arena in ARENAS:
             r = data.ratings[arena][model]
-            cells.append(f"{r.rating:.0f} [{r.ci_low:.0f}, {r.ci_high:.0f}]")
+            mark = f" {FLAG_MARK}" if model in _flagged(data, arena) else ""
+            cells.append(f"{r.rating:.0f} [{r.ci_low:.0f}, {r.ci_high:.0f}]{mark}")
         rows.append([model, *cells])
     return header, rows
+
+
+def flag_notes(data: ReportData) -> list[str]:
+    """One line per arena with flagged models: who won or lost all of their battles against whom."""
+    lines = []
+    for arena in ARENAS:
+        flags = data.arena_flags.get(arena, [])
+        if not flags:
+            continue
+        by_model: dict[str, list[str]] = {}
+        for f in flags:
+            by_model.setdefault(f["model"], []).append(
+                f"{OUTCOME_TEXT[f['outcome']]} {f['battles']} battles against {f['opponent']}")
+        parts = "; ".join(f"{model}: {', '.join(texts)}" for model, texts in by_model.items())
+        lines.append(f"{FLAG_MARK} {ARENA_TITLES[arena]}: rating set by the prior, its interval too narrow: {parts}.")
+    return lines
 
 
 def win_rate_rows(data: ReportData, arena: str) -> tuple[list[str], list[list[str]]]:
@@ -231,6 +401,72 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+# --------------------------------------------------------------------------- the recipe's claims
+
+# (teacher, its task's pillar); the student must keep RETAINED of each teacher's gain on that pillar
+RECIPE_TEACHERS = (("t2i_teacher", "t2i_alignment"), ("edit_teacher", "edit_accuracy"))
+RECIPE_STUDENT = "student"
+MIN_GAIN, MAX_LOSS, RETAINED = 0.10, 0.02, 0.9
+
+
+def recipe_checks(data: ReportData) -> list[dict]:
+    """The recipe's claims, each checked on this bench's own numbers: every teacher gains at least
+    MIN_GAIN on its task's pillar with its interval above 0 and loses at most MAX_LOSS of fidelity (the
+    edit teacher also of identity, and no edit kind below the anchor by more than its standard error);
+    the student keeps RETAINED of each teacher's gain and rates above the anchor in both arenas (the
+    lower end of its Elo interval). One dict per claim: claim, measured, target, met. Claims about
+    models the bench did not score are left out."""
+    checks: list[dict] = []
+    gains = data.gains
+
+    def gain_text(g: dict) -> str:
+        return f"{g['delta']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+
+    for teacher, pillar in RECIPE_TEACHERS:
+        if teacher not in gains:
+            continue
+        g = gains[teacher][pillar]
+        checks.append({"claim": f"{teacher}: {pillar} gain, interval above 0", "measured": gain_text(g),
+                       "target": f">= {MIN_GAIN:+.2f}, low end > 0",
+                       "met": g["delta"] >= MIN_GAIN and g["ci_low"] > 0})
+        kept = ("fidelity", "identity") if teacher == "edit_teacher" else ("fidelity",)
+        for name in kept:
+            g = gains[teacher][name]
+            checks.append({"claim": f"{teacher}: {name} kept", "measured": f"{g['delta']:+.3f}",
+                           "target": f">= {-MAX_LOSS:+.2f}", "met": g["delta"] >= -MAX_LOSS})
+        if teacher == "edit_teacher" and teacher in data.group_gains:
+            kinds = {k.split("/", 1)[1]: v for k, v in data.group_gains[teacher].items()
+                     if k.startswith("edit_accuracy/")}
+            below = [k for k, v in kinds.items() if v["stderr"] == v["stderr"] and v["delta"] < -v["stderr"]]
+            checks.append({"claim": f"{teacher}: no edit kind below {data.anchor} by more than its standard error",
+                           "measured": ", ".join(f"{k} {v['delta']:+.2f}" for k, v in kinds.items()),
+                           "target": "none below", "met": not below})
+    if RECIPE_STUDENT in gains:
+        for teacher, pillar in RECIPE_TEACHERS:
+            if teacher not in gains:
+                continue
+            teacher_gain, student_gain = gains[teacher][pillar]["delta"], gains[RECIPE_STUDENT][pillar]["delta"]
+            share = student_gain / teacher_gain if teacher_gain > 0 else float("nan")
+            checks.append({"claim": f"{RECIPE_STUDENT}: share of {teacher}'s {pillar} gain",
+                           "measured": f"{student_gain:+.3f} of {teacher_gain:+.3f} ({share:.0%})"
+                           if share == share else f"{student_gain:+.3f} of {teacher_gain:+.3f}",
+                           "target": f">= {RETAINED:.0%}", "met": bool(share == share and share >= RETAINED)})
+        for arena, ratings in data.ratings.items():
+            if RECIPE_STUDENT not in ratings or data.anchor not in ratings:
+                continue
+            r, a = ratings[RECIPE_STUDENT], ratings[data.anchor]
+            checks.append({"claim": f"{RECIPE_STUDENT}: {ARENA_TITLES.get(arena, arena)} Elo above {data.anchor}",
+                           "measured": f"{r.rating:.0f} [{r.ci_low:.0f}, {r.ci_high:.0f}]",
+                           "target": f"low end > {a.rating:.0f}",
+                           "met": r.ci_low > a.rating})
+    return checks
+
+
+def recipe_rows(data: ReportData) -> tuple[list[str], list[list[str]]]:
+    rows = [[c["claim"], c["measured"], c["target"], "yes" if c["met"] else "NO"] for c in recipe_checks(data)]
+    return ["claim", "measured", "target", "met"], rows
+
+
 # --------------------------------------------------------------------------- documents
 
 
@@ -243,20 +479,62 @@ def _sections(data: ReportData) -> list[tuple[str, str, object]]:
         f"battles (400/ln 10 scale, `{data.anchor}` pinned at 1000, ties half a win each way), with 95 % "
         "intervals from a bootstrap over battles.")))
     out.append(("table", "Pillars", pillar_rows(data)))
+    if data.gains:
+        level = f"{100 * data.confidence:g} %"
+        out.append(("table", f"Gains over {data.anchor} (paired bootstrap {level} intervals over bench items)",
+                    gain_rows(data)))
+        out.append(("text", "", (
+            f"Each pillar on the 0-1 scale (the table above divided by 100): the mean per-item difference to "
+            f"`{data.anchor}` on the same items and seeds, and its {level} interval from resampling the items, "
+            f"the same draw for both models. {ABOVE}: the whole interval above 0; {BELOW}: below 0.")))
+    checks = recipe_rows(data)
+    if checks[1]:
+        out.append(("table", "The recipe's claims on this bench", checks))
     out.append(("table", "T2I alignment by category", breakdown_rows(data, "t2i_alignment")))
     out.append(("table", "Edit accuracy by kind", breakdown_rows(data, "edit_accuracy")))
+    if data.group_gains:
+        out.append(("table", f"T2I alignment gain over {data.anchor} by category (\u00b1 paired standard error)",
+                    group_gain_rows(data, "t2i_alignment")))
+        out.append(("table", f"Edit accuracy gain over {data.anchor} by kind (\u00b1 paired standard error)",
+                    group_gain_rows(data, "edit_accuracy")))
+        out.append(("text", "", f"0-1 scale. {BELOW}: below `{data.anchor}` by more than its standard error."))
     out.append(("table", "Arena ratings", elo_rows(data)))
+    for line in flag_notes(data):
+        out.append(("text", "", line))
     out.append(("image", "Elo per arena", "elo.png"))
     for arena in ARENAS:
         out.append(("table", f"{ARENA_TITLES[arena]}: head-to-head win rate", win_rate_rows(data, arena)))
     if data.histories:
         out.append(("image", "Training curves", "curves.png"))
+    if rl_runs(data):
+        out.append(("image", "Reward vs judge during training", "rl_curves.png"))
     framed = " (frame: green = judged correct, red = not)"
     out.append(("image", "T2I: same prompts and seeds across models" + (framed if "t2i" in data.grid_marks else ""),
                 "grid_t2i.png"))
     out.append(("image", "Edits: source, then each model's result" + (framed if "edit" in data.grid_marks else ""),
                 "grid_edit.png"))
+    for task, label in (("t2i", "T2I, category"), ("edit", "Edits, kind")):
+        for group, name in grid_files(data, task).items():
+            grid = data.category_grids[task][group]
+            title = f"{label} {group}: same prompts and seeds across models"
+            out.append(("image", title + (framed if grid.marks else ""), name))
     return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-").lower() or "group"
+
+
+def grid_files(data: ReportData, task: str) -> dict[str, str]:
+    """{category or kind: PNG file name} of a task's per-group grids, names unique and file-safe."""
+    names: dict[str, str] = {}
+    for group in data.category_grids.get(task, {}):
+        stem = f"grid_{task}_{_slug(group)}"
+        name, k = f"{stem}.png", 2
+        while name in names.values():
+            name, k = f"{stem}-{k}.png", k + 1
+        names[group] = name
+    return names
 
 
 def render_markdown(data: ReportData) -> str:
@@ -301,8 +579,10 @@ def render_html(data: ReportData, images: dict[str, bytes]) -> str:
             parts.append(f"<h2>{html.escape(title)}</h2>")
         if kind == "text":
             text = html.escape(str(payload))
+            parts.append("<p>")
             for i, chunk in enumerate(text.split("`")):
                 parts.append(f"<code>{chunk}</code>" if i % 2 else chunk)
+            parts.append("</p>")
         elif kind == "table":
             parts.append(html_table(*payload))
         else:
@@ -323,9 +603,16 @@ def write_report(data: ReportData, directory: str | Path) -> list[Path]:
         "grid_t2i.png": grid_png(prompts, t2i_rows, marks=data.grid_marks.get("t2i")),
         "grid_edit.png": grid_png(instructions, edit_rows, sources, marks=data.grid_marks.get("edit")),
     }
+    for task in ("t2i", "edit"):
+        for group, name in grid_files(data, task).items():
+            grid = data.category_grids[task][group]
+            images[name] = grid_png(grid.columns, grid.rows, grid.sources, marks=grid.marks)
     curves = curves_png(data)
     if curves is not None:
         images["curves.png"] = curves
+    rl_curves = reward_judge_png(data)
+    if rl_curves is not None:
+        images["rl_curves.png"] = rl_curves
     written = []
     for name, png in images.items():
         (directory / name).write_bytes(png)

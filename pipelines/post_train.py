@@ -1,20 +1,27 @@
 """The post-training workflow:
 base -> annotate -> reward_model -> filter_prompts (t2i || edit) -> GRPO (t2i || edit) -> OPD -> bench,
-with the optional Mix-RL baseline and off-policy OPD ablation switched by config (both benched when they ran)."""
+with the optional Mix-RL baseline and off-policy OPD ablation switched by config (both benched when they ran).
+
+With ``pipeline.annotation_rounds: 2`` GRPO runs in two rounds around a second annotation round:
+GRPO round 1 (grpo.round1_iterations) -> annotate (the round-1 policies' samples, added to the first
+round's rows) -> reward_model refreshed from the first round's -> GRPO round 2 from the round-1
+weights (the rest of grpo.loop.iterations); OPD, the bench and the report read round 2's teachers
+and reward models. Mix-RL, the baseline trained from the base on both tasks, is scored by the final
+reward models (the refreshed ones with two rounds): it gets no annotation round of its own samples."""
 
 from typing import NamedTuple
 
 from flytekit import conditional, workflow
 from flytekit.types.file import FlyteFile
 
-from tasks.annotate import annotate
+from tasks.annotate import annotate, annotate_policies, annotation_rounds, passed_on
 from tasks.base import base, fail_pipeline_run, start_pipeline_run, validate_config
 from tasks.bench import bench, finish_pipeline_run
 from tasks.filter_prompts import filter_prompts
-from tasks.grpo import grpo, grpo_mixed
+from tasks.grpo import grpo, grpo_continued, grpo_mixed
 from tasks.opd import branch_switches, opd, skipped
 from tasks.reference import artifact_at
-from tasks.reward_model import reward_model
+from tasks.reward_model import reward_model, reward_model_refresh
 from tasks.types import StageArtifact
 
 Models = NamedTuple("Models", [
@@ -28,17 +35,51 @@ def post_train(config: FlyteFile) -> Models:
     checked = validate_config(config=config)  # one config per stage, each cached on its own sections
     run = start_pipeline_run(config=checked.base)  # the MLflow run every stage's run nests under
     switches = branch_switches(config=checked.opd)
+    rounds = annotation_rounds(config=checked.annotate)
     base_model = base(config=checked.base, parent_run=run)
     annotations = annotate(config=checked.annotate, parent_run=run, base=base_model)
-    rewards = reward_model(config=checked.reward_model, parent_run=run, annotations=annotations)
+    first_rewards = reward_model(config=checked.reward_model, parent_run=run, annotations=annotations)
     t2i_prompts = filter_prompts(config=checked.filter_prompts, parent_run=run, task_name="t2i", base=base_model,
-                                 reward_model=rewards)
+                                 reward_model=first_rewards)
     edit_prompts = filter_prompts(config=checked.filter_prompts, parent_run=run, task_name="edit", base=base_model,
-                                  reward_model=rewards)
-    t2i = grpo(config=checked.grpo, parent_run=run, task_name="t2i", base=base_model, reward_model=rewards,
-               prompts=t2i_prompts)
-    edit = grpo(config=checked.grpo, parent_run=run, task_name="edit", base=base_model, reward_model=rewards,
-                prompts=edit_prompts)
+                                  reward_model=first_rewards)
+    # one round: the whole loop; two: its first grpo.round1_iterations
+    first_t2i = grpo(config=checked.grpo, parent_run=run, task_name="t2i", base=base_model,
+                     reward_model=first_rewards, prompts=t2i_prompts, rl_round=rounds.first_grpo_round)
+    first_edit = grpo(config=checked.grpo, parent_run=run, task_name="edit", base=base_model,
+                      reward_model=first_rewards, prompts=edit_prompts, rl_round=rounds.first_grpo_round)
+    more_annotations = (
+        conditional("annotation_round_2")
+        .if_(rounds.two.is_true())
+        .then(annotate_policies(config=checked.annotate, parent_run=run, base=base_model, previous=annotations,
+                                t2i_policy=first_t2i, edit_policy=first_edit))
+        .else_()
+        .then(skipped(stage="annotate_round2"))
+    )
+    rewards = (
+        conditional("reward_model_refresh")
+        .if_(rounds.two.is_true())
+        .then(reward_model_refresh(config=checked.reward_model, parent_run=run, annotations=more_annotations,
+                                   init=first_rewards))
+        .else_()
+        .then(passed_on(artifact=first_rewards))
+    )
+    t2i = (
+        conditional("grpo_t2i_round_2")
+        .if_(rounds.two.is_true())
+        .then(grpo_continued(config=checked.grpo, parent_run=run, task_name="t2i", base=base_model,
+                             reward_model=rewards, prompts=t2i_prompts, init=first_t2i))
+        .else_()
+        .then(passed_on(artifact=first_t2i))
+    )
+    edit = (
+        conditional("grpo_edit_round_2")
+        .if_(rounds.two.is_true())
+        .then(grpo_continued(config=checked.grpo, parent_run=run, task_name="edit", base=base_model,
+                             reward_model=rewards, prompts=edit_prompts, init=first_edit))
+        .else_()
+        .then(passed_on(artifact=first_edit))
+    )
     student = opd(config=checked.opd, parent_run=run, base=base_model, t2i_teacher=t2i, edit_teacher=edit,
                   t2i_prompts=t2i_prompts, edit_prompts=edit_prompts, states="on_policy")
     offpolicy = (
@@ -60,8 +101,8 @@ def post_train(config: FlyteFile) -> Models:
     benched = bench(config=checked.bench, parent_run=run, base=base_model, t2i_teacher=t2i, edit_teacher=edit,
                     mix_rl=mix, student=student, student_offpolicy=offpolicy, reward_model=rewards)
     report = finish_pipeline_run(config=checked.bench, parent_run=run, bench=benched,
-                                 outputs=[base_model, annotations, rewards, t2i_prompts, edit_prompts, t2i, edit, mix,
-                                          student, offpolicy])
+                                 outputs=[base_model, annotations, first_rewards, t2i_prompts, edit_prompts, first_t2i,
+                                          first_edit, more_annotations, rewards, t2i, edit, mix, student, offpolicy])
     return Models(t2i_teacher=t2i, edit_teacher=edit, student=student, student_offpolicy=offpolicy, mix_rl=mix,
                   bench=benched, report=report)
 

@@ -19,6 +19,13 @@ def bench_models(**artifacts: StageArtifact) -> dict[str, str]:
     return {name: artifact.uri for name, artifact in artifacts.items() if artifact.uri}
 
 
+def pipeline_headline(metrics: dict[str, float]) -> dict[str, float]:
+    """The bench numbers the pipeline's MLflow run carries (of the flat metrics of the bench artifact):
+    each model's overall score, every Elo rating with its interval, and each gain over the anchor."""
+    return {k: v for k, v in metrics.items()
+            if k.endswith("/pillars/overall") or k.startswith(("arenas/", "gains/"))}
+
+
 # production: one generator loaded at a time (a Qwen-Image pipeline passes through host memory on
 # loading), each model's images spilled to local disk until the VLM scorers read them
 @stage_task("bench", retries=1, enable_deck=True, cache=stage_cache("bench"))
@@ -54,7 +61,7 @@ def finish_pipeline_run(config: FlyteFile, parent_run: str, bench: StageArtifact
 
     require_published({a.stage: a.uri for a in [*outputs, bench]})
     loaded = load_config(config.download())
-    headline = {k: v for k, v in bench.metrics.items() if k.endswith("/pillars/overall") or "/arenas/" in k}
+    headline = pipeline_headline(bench.metrics)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for name, data in report_files(bench.uri).items():

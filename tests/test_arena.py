@@ -124,3 +124,43 @@ def test_judge_battles_pair_every_model_on_every_prompt():
     assert base_student == [0.0, 0.5, 0.5]
     with pytest.raises(ValueError, match="one length"):
         judge_battles({"a": np.zeros(2), "b": np.zeros(3)}, {"a": np.zeros(2), "b": np.zeros(3)})
+
+
+def test_unanimous_pairs_flag_who_won_or_lost_every_battle_against_whom():
+    """a beat b in all 3 battles; a and c split theirs (a tie counts half each way, so a c-b record of
+    one win and one tie is not unanimous for either); d met nobody."""
+    from flowrl.arena import arena_flags
+
+    battles = [Battle("a", "b", 1.0), Battle("b", "a", 0.0), Battle("a", "b", 1.0),
+               Battle("a", "c", 1.0), Battle("c", "a", 1.0), Battle("c", "b", 1.0), Battle("b", "c", 0.5)]
+    flags = arena_flags(battles, ["a", "b", "c", "d"])
+    assert flags == [{"model": "a", "opponent": "b", "outcome": "won_all", "battles": 3},
+                     {"model": "b", "opponent": "a", "outcome": "lost_all", "battles": 3}]
+    # one more battle that b wins clears the pair; a single tie alone is not unanimous either
+    assert arena_flags(battles + [Battle("b", "a", 1.0)], ["a", "b", "c", "d"]) == []
+    assert arena_flags([Battle("a", "b", 0.5)], ["a", "b"]) == []
+    # ties beside wins keep the record mixed: won 2 of 3 with a tie is not all
+    assert arena_flags([Battle("a", "b", 1.0), Battle("a", "b", 1.0), Battle("a", "b", 0.5)], ["a", "b"]) == []
+
+
+def test_a_flagged_rating_is_set_by_the_prior():
+    """The pair the flag names is the pair whose gap the prior decides: with a weaker prior the unanimous
+    winner's rating runs away, while a mixed record stays where it was."""
+    from flowrl.arena import arena_flags
+
+    unanimous = [Battle("base", "x", 0.0)] * 20
+    mixed = [Battle("base", "y", 0.0)] * 15 + [Battle("base", "y", 1.0)] * 5
+    battles = unanimous + mixed
+    assert [(f["model"], f["outcome"]) for f in arena_flags(battles, ["base", "x", "y"])] == [
+        ("base", "lost_all"), ("x", "won_all")]
+    strong = fit_elo(battles, ["base", "x", "y"], "base", bootstrap=0, prior=1e-2)
+    weak = fit_elo(battles, ["base", "x", "y"], "base", bootstrap=0, prior=1e-4)
+    assert weak["x"].rating - strong["x"].rating > 300
+    assert abs(weak["y"].rating - strong["y"].rating) < 5
+
+
+def test_unanimous_pairs_checks_the_totals_shape():
+    from flowrl.arena import unanimous_pairs
+
+    with pytest.raises(ValueError, match="3 x 3"):
+        unanimous_pairs(np.zeros((2, 2)), np.zeros((2, 2)), ["a", "b", "c"])

@@ -78,7 +78,108 @@ def test_report_without_training_histories_leaves_the_curves_out(tmp_path):
     history = {"history": [{"train/reward": 0.1 * i, "train/loss": 1.0} for i in range(20)],
                "monitor": [{"iteration": 0, "heldout": 0.4}, {"iteration": 20, "heldout": 0.5}]}
     written = {p.name for p in write_report(_data({"student": history}), tmp_path / "with")}
-    assert "curves.png" in written and "## Training curves" in (tmp_path / "with" / "report.md").read_text()
+    md = (tmp_path / "with" / "report.md").read_text()
+    assert {"curves.png", "rl_curves.png"} <= written and "## Training curves" in md
+    assert "## Reward vs judge during training\n\n![Reward vs judge during training](rl_curves.png)" in md
+    # an OPD run (a loss, no reward) has training curves but no reward-vs-judge panel
+    opd = {"history": [{"train/loss": 1.0 / (i + 1)} for i in range(20)], "monitor": history["monitor"]}
+    written = {p.name for p in write_report(_data({"student": opd}), tmp_path / "opd")}
+    assert "curves.png" in written and "rl_curves.png" not in written
+
+
+def _gain(delta, low, high, stderr=0.02):
+    return {"delta": delta, "ci_low": low, "ci_high": high, "stderr": stderr}
+
+
+def test_gains_table_shows_each_interval_and_marks_those_above_zero():
+    from flowrl.report import ABOVE, BELOW, gain_rows
+
+    data = _data()
+    data.gains = {"student": {"t2i_alignment": _gain(0.084, 0.031, 0.139), "edit_accuracy": _gain(0.02, -0.01, 0.05),
+                              "identity": _gain(0.0, 0.0, 0.0, 0.0), "fidelity": _gain(-0.04, -0.07, -0.01)}}
+    header, rows = gain_rows(data)
+    assert header == ["model", "T2I alignment", "Edit accuracy", "Identity", "Fidelity"]
+    assert rows == [["student", f"+0.084 [+0.031, +0.139] {ABOVE}", "+0.020 [-0.010, +0.050]",
+                     "+0.000 [+0.000, +0.000]", f"-0.040 [-0.070, -0.010] {BELOW}"]]  # the anchor has no row
+    md = render_markdown(data)
+    assert "## Gains over base (paired bootstrap 95 % intervals over bench items)" in md
+    assert f"| student | +0.084 [+0.031, +0.139] {ABOVE} |" in md
+
+
+def test_gains_by_category_mark_a_kind_below_the_anchor_by_more_than_its_stderr(tmp_path):
+    from flowrl.report import BELOW, group_gain_rows
+
+    data = _data()
+    data.group_gains = {"student": {"t2i_alignment/colors": _gain(0.1, 0.0, 0.2, 0.05),
+                                    "edit_accuracy/add": _gain(-0.06, -0.1, 0.0, 0.05),
+                                    "edit_accuracy/move": _gain(-0.04, -0.1, 0.0, 0.05),
+                                    "edit_accuracy/recolor": _gain(0.5, 0.5, 0.5, float("nan"))}}
+    assert group_gain_rows(data, "t2i_alignment") == (["model", "colors"], [["student", "+0.100 \u00b1 0.050"]])
+    header, rows = group_gain_rows(data, "edit_accuracy")
+    assert header == ["model", "add", "move", "recolor"]
+    assert rows == [["student", f"-0.060 \u00b1 0.050 {BELOW}", "-0.040 \u00b1 0.050", "+0.500 \u00b1 n/a"]]
+    md = render_markdown(data)
+    assert "## Edit accuracy gain over base by kind (\u00b1 paired standard error)" in md
+    write_report(data, tmp_path)
+    assert (tmp_path / "report.html").read_text().count("<table>") == 8  # the six, then gains by category and by kind
+
+
+def test_elo_table_marks_a_rating_set_by_the_prior_with_its_reason():
+    from flowrl.report import FLAG_MARK
+
+    data = _data()
+    data.arena_flags = {"t2i": [{"model": "student", "opponent": "base", "outcome": "won_all", "battles": 50},
+                                {"model": "base", "opponent": "student", "outcome": "lost_all", "battles": 50}],
+                        "edit": []}
+    md = render_markdown(data)
+    assert f"| student | 1100 [1050, 1150] {FLAG_MARK} | 1100 [1050, 1150] |" in md
+    assert (f"{FLAG_MARK} T2I arena: rating set by the prior, its interval too narrow: student: won all 50 battles "
+            "against base; base: lost all 50 battles against student.") in md
+    assert "Edit arena: rating set" not in md
+
+
+def test_reward_vs_judge_panels_from_a_real_history_shape(tmp_path):
+    """Monitor entries as GRPO writes them (iteration 0 without a training reward, fidelity beside the
+    judge): one panel per RL run, in the report."""
+    import io
+
+    from PIL import Image
+
+    from flowrl.report import reward_judge_png, rl_runs
+
+    rng = np.random.default_rng(0)
+    history = {"history": [{"train/reward": 6.0 + 0.01 * i + 0.05 * rng.standard_normal(), "train/loss": 0.1}
+                           for i in range(120)],
+               "monitor": [{"iteration": 0, "train_reward": None, "heldout": 0.45, "fidelity": 0.97}]
+               + [{"iteration": i, "train_reward": 6.0 + 0.01 * i, "heldout": 0.45 + 0.001 * i, "fidelity": 0.96,
+                   **({"hacking": "fidelity fell"} if i == 120 else {})} for i in range(10, 130, 10)]}
+    data = _data({"base": history, "student": history})
+    assert rl_runs(data) == ["base", "student"]
+    png = reward_judge_png(data)
+    width, height = Image.open(io.BytesIO(png)).size
+    assert width > 2 * height  # two panels side by side
+    assert reward_judge_png(_data()) is None
+
+
+def test_per_category_grids_are_their_own_sections(tmp_path):
+    from flowrl.report import Grid, grid_files
+
+    data = _data()
+    img = np.zeros((2, 8, 8, 3), np.uint8)
+    data.category_grids = {
+        "t2i": {"colors": Grid(["a red circle", "a blue square"], {m: img for m in data.models},
+                               marks={m: np.array([True, False]) for m in data.models}),
+                "two objects": Grid(["a", "b"], {m: img for m in data.models})},
+        "edit": {"add": Grid(["add a circle", "add a square"], {m: img for m in data.models}, sources=img)}}
+    assert grid_files(data, "t2i") == {"colors": "grid_t2i_colors.png", "two objects": "grid_t2i_two-objects.png"}
+    written = {p.name for p in write_report(data, tmp_path)}
+    assert {"grid_t2i_colors.png", "grid_t2i_two-objects.png", "grid_edit_add.png"} <= written
+    md = (tmp_path / "report.md").read_text()
+    assert ("## T2I, category colors: same prompts and seeds across models (frame: green = judged correct, "
+            "red = not)\n\n![T2I, category colors: same prompts and seeds across models (frame: green = judged "
+            "correct, red = not)](grid_t2i_colors.png)") in md
+    assert "## Edits, kind add: same prompts and seeds across models\n" in md
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == 6
 
 
 def test_grid_frames_each_image_by_its_judgement():
@@ -107,3 +208,39 @@ def test_grid_frames_each_image_by_its_judgement():
     md = render_markdown(data)
     assert "## T2I: same prompts and seeds across models (frame: green = judged correct, red = not)" in md
     assert "## Edits: source, then each model's result\n" in md
+
+
+def test_the_recipe_claims_are_checked_on_the_bench_numbers():
+    from flowrl.report import recipe_checks
+
+    data = _data()
+    data.gains = {
+        "t2i_teacher": {"t2i_alignment": _gain(0.12, 0.05, 0.19), "edit_accuracy": _gain(0.0, -0.02, 0.02),
+                        "identity": _gain(0.0, 0.0, 0.0), "fidelity": _gain(-0.01, -0.02, 0.0)},
+        "edit_teacher": {"t2i_alignment": _gain(0.0, -0.02, 0.02), "edit_accuracy": _gain(0.11, -0.01, 0.2),
+                         "identity": _gain(-0.03, -0.05, -0.01), "fidelity": _gain(0.0, -0.01, 0.01)},
+        "student": {"t2i_alignment": _gain(0.11, 0.04, 0.18), "edit_accuracy": _gain(0.09, 0.01, 0.17),
+                    "identity": _gain(0.0, 0.0, 0.0), "fidelity": _gain(0.0, 0.0, 0.0)},
+    }
+    data.group_gains = {"edit_teacher": {"edit_accuracy/add": _gain(-0.06, -0.1, 0.0, 0.05),
+                                         "edit_accuracy/move": _gain(0.2, 0.1, 0.3, 0.05)}}
+    data.ratings = {"t2i": {"base": Rating(1000, 1000, 1000), "student": Rating(1040, 1010, 1070)},
+                    "edit": {"base": Rating(1000, 1000, 1000), "student": Rating(1020, 995, 1045)}}
+    met = {c["claim"]: c["met"] for c in recipe_checks(data)}
+    assert met == {
+        "t2i_teacher: t2i_alignment gain, interval above 0": True,
+        "t2i_teacher: fidelity kept": True,
+        "edit_teacher: edit_accuracy gain, interval above 0": False,  # its interval reaches below 0
+        "edit_teacher: fidelity kept": True,
+        "edit_teacher: identity kept": False,  # -0.03 is past the 0.02 allowed
+        "edit_teacher: no edit kind below base by more than its standard error": False,  # add: -0.06 +- 0.05
+        "student: share of t2i_teacher's t2i_alignment gain": True,  # 0.11 of 0.12
+        "student: share of edit_teacher's edit_accuracy gain": False,  # 0.09 of 0.11 is 82 %
+        "student: T2I arena Elo above base": True,
+        "student: Edit arena Elo above base": False,  # its interval starts at 995
+    }
+    data.gains = {"student": data.gains["student"]}  # the report's tables list the models it benched
+    md = render_markdown(data)
+    assert "## The recipe's claims on this bench" in md and "| student: T2I arena Elo above base | 1040 [1010, 1070]" in md
+    data.gains = {}
+    assert recipe_checks(data) == [] and "recipe's claims" not in render_markdown(data)

@@ -140,6 +140,10 @@ def test_every_task_names_its_image_resources_and_secrets(bundle):
         "tasks.grpo.grpo_mixed": ("grpo", "8"), "tasks.opd.opd": ("opd", "4"), "tasks.opd.branch_switches": ("default", None),
         "tasks.opd.skipped": ("default", None), "tasks.bench.bench": ("bench", "1"),
         "tasks.bench.finish_pipeline_run": ("default", None), "tasks.reference.artifact_at": ("default", None),
+        # the second annotation round (pipeline.annotation_rounds: 2) and its switch
+        "tasks.annotate.annotation_rounds": ("default", None), "tasks.annotate.passed_on": ("default", None),
+        "tasks.annotate.annotate_policies": ("annotate", "1"),
+        "tasks.reward_model.reward_model_refresh": ("reward_model", "1"), "tasks.grpo.grpo_continued": ("grpo", "8"),
     }
     assert set(tasks) == set(expected)
     for name, (image, gpus) in expected.items():

@@ -7,6 +7,17 @@ not use that sum directly but normalises each component within a prompt group
 first, ``A_i = sum_k w_k(category) (R_k,i - mean_k) / (std_k + eps)``
 (docs/design.md, Math), which is why :meth:`CompositeReward.weight_matrix`
 hands out the per-row weights and ``score_components`` the raw parts.
+
+Gates. A component may be gated by another component of the same composite
+(``gates = {gated: gate}``, the config's ``gate`` key): its score is multiplied
+row by row by the gate's score mapped onto [0, 1] (:func:`gate_factor`). The
+product is an extra column ``<gated>_gated`` appended after the components; it
+carries the gated component's weights, while the raw column stays (weight 0)
+so the tracker sees both. The shapes edit reward gates identity by the
+instruction score: without the gate, returning the source unchanged earns full
+identity reward whatever the instruction asked, a reward a policy learns to
+collect; with it, keeping the rest of the scene pays only as far as the
+instruction was carried out.
 """
 
 from __future__ import annotations
@@ -44,6 +55,56 @@ def _weight_row(where: str, weights: Mapping[str, float], names: tuple[str, ...]
     return row
 
 
+def gate_factor(scores: torch.Tensor, score_range: tuple[float, float]) -> torch.Tensor:
+    """A gate component's scores [B] as factors in [0, 1]: 0 up to the middle of its range, then rising
+    linearly to 1 at the top, ``(score - mid) / (high - mid)`` clipped.
+
+    A learned Likert scorer (range (1, 5)) gives ``(level - 3) / 2``: an instruction the scorer thinks was
+    not carried out (level 3 or less) shuts the gated component off, a sure "done" (level 5) passes it
+    whole. Below the middle the factor is flat on purpose: in a GRPO group where no sample carried the
+    instruction out, a factor that still rose with the gate's score would keep paying the samples that
+    changed least (an unchanged copy of the source first) for the identity they preserve.
+    """
+    low, high = (float(v) for v in score_range)
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise ValueError(f"a gate's score_range must be finite with high > low, got {score_range!r}")
+    mid = (low + high) / 2
+    return ((scores - mid) / (high - mid)).clamp(0.0, 1.0)
+
+
+def gated_name(name: str) -> str:
+    """The column under which component ``name``'s gated score is weighted and logged."""
+    return f"{name}_gated"
+
+
+def _checked_gates(gates: Mapping[str, str], components: Mapping[str, object]) -> dict[str, tuple[float, float]]:
+    """{gate: its score range} after checking ``gates`` ({gated component: gate component}): both name
+    components, a component does not gate itself, a gate is not gated, the gated column's name is free,
+    and the gate's model declares a finite ``score_range``."""
+    ranges = {}
+    for gated, gate in gates.items():
+        where = f"gates[{gated!r}]"
+        for name in (gated, gate):
+            if name not in components:
+                raise ValueError(f"{where}: unknown component {name!r}; components are {list(components)}")
+        if gated == gate:
+            raise ValueError(f"{where}: a component cannot gate itself")
+        if gate in gates:
+            raise ValueError(f"{where}: gate {gate!r} is gated itself; gates do not chain")
+        if gated_name(gated) in components:
+            raise ValueError(f"{where}: column {gated_name(gated)!r} is already a component's name")
+        score_range = getattr(components[gate], "score_range", None)
+        if score_range is None:
+            raise ValueError(f"{where}: gate {gate!r} ({type(components[gate]).__name__}) declares no score_range, "
+                             "so its scores cannot be mapped onto [0, 1]")
+        try:
+            gate_factor(torch.zeros(1), score_range)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: gate {gate!r}: {error}") from None
+        ranges[gate] = tuple(float(v) for v in score_range)
+    return ranges
+
+
 def _checked_scores(name: str, scores: object, batch: int, device: torch.device) -> torch.Tensor:
     """A component's [B] float scores, or an error naming the component."""
     if not isinstance(scores, torch.Tensor):
@@ -65,14 +126,21 @@ class CompositeReward:
     maps component names to weights, categories missing from ``weights`` use
     ``default_weights``, and a component missing from a row's weights weighs
     0 (it is still computed and logged). Weights are checked once, here.
+
+    ``gates``: {gated component: gate component} (module docstring). The
+    columns (``component_names``, ``weight_matrix``, the logged components)
+    are the components in order, then ``<gated>_gated`` per gate in the order
+    of ``gates``; a gated component's weight moves to its gated column.
     """
 
     components: Mapping[str, RewardModel]
     weights: Mapping[str, Mapping[str, float]]
     categorize: Callable[[str], str]
     default_weights: Mapping[str, float]
+    gates: Mapping[str, str] = field(default_factory=dict)
     _rows: Mapping[str, tuple[float, ...]] = field(init=False, repr=False)
     _default_row: tuple[float, ...] = field(init=False, repr=False)
+    _gate_ranges: Mapping[str, tuple[float, float]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.components:
@@ -81,29 +149,42 @@ class CompositeReward:
             if not isinstance(model, RewardModel):
                 raise TypeError(f"reward component {name!r} ({type(model).__name__}) lacks score / score_components")
         names = tuple(self.components)
-        rows = {category: _weight_row(f"weights[{category!r}]", row, names) for category, row in self.weights.items()}
+        gates = dict(self.gates)
+        ranges = _checked_gates(gates, self.components)
+
+        def columns(where: str, weights: Mapping[str, float]) -> tuple[float, ...]:
+            row = dict(zip(names, _weight_row(where, weights, names)))
+            gated = tuple(row[name] for name in gates)
+            for name in gates:
+                row[name] = 0.0  # the raw score is logged, its weight moves to the gated column
+            return tuple(row.values()) + gated
+
+        rows = {category: columns(f"weights[{category!r}]", row) for category, row in self.weights.items()}
         # Private copies so the frozen object cannot change under a caller's dict.
         object.__setattr__(self, "components", MappingProxyType(dict(self.components)))
         frozen_weights = {category: MappingProxyType(dict(row)) for category, row in self.weights.items()}
         object.__setattr__(self, "weights", MappingProxyType(frozen_weights))
         object.__setattr__(self, "default_weights", MappingProxyType(dict(self.default_weights)))
+        object.__setattr__(self, "gates", MappingProxyType(gates))
+        object.__setattr__(self, "_gate_ranges", MappingProxyType(ranges))
         object.__setattr__(self, "_rows", MappingProxyType(rows))
-        object.__setattr__(self, "_default_row", _weight_row("default_weights", self.default_weights, names))
+        object.__setattr__(self, "_default_row", columns("default_weights", self.default_weights))
 
     @property
     def component_names(self) -> tuple[str, ...]:
-        """Component names in the column order of ``weight_matrix``."""
-        return tuple(self.components)
+        """Column names in the order of ``weight_matrix``: the components, then each gated column."""
+        return tuple(self.components) + tuple(gated_name(name) for name in self.gates)
 
     def weight_matrix(self, prompts: list[str]) -> torch.Tensor:
-        """[B, K] float32: row i holds the weights of ``categorize(prompts[i])``, in component order."""
+        """[B, K] float32: row i holds the weights of ``categorize(prompts[i])``, in column order."""
         rows = [self._rows.get(self.categorize(prompt), self._default_row) for prompt in prompts]
-        return torch.tensor(rows, dtype=torch.float32).reshape(len(prompts), len(self.components))
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(prompts), len(self.component_names))
 
     def score_components(
         self, images: torch.Tensor, prompts: list[str], sources: torch.Tensor | None = None
     ) -> RewardScores:
-        """Run each component once; total [B] = per-row weighted sum of the components [B]."""
+        """Run each component once; total [B] = per-row weighted sum of the columns [B] (the components'
+        raw scores, then each gated score)."""
         batch = images.shape[0]
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompts for {batch} images")
@@ -113,6 +194,8 @@ class CompositeReward:
             name: _checked_scores(name, model.score(images, prompts, sources), batch, images.device)
             for name, model in self.components.items()
         }
+        for name, gate in self.gates.items():
+            scores[gated_name(name)] = scores[name] * gate_factor(scores[gate], self._gate_ranges[gate])
         stacked = torch.stack(list(scores.values()), dim=1)  # [B, K]
         total = (weights * stacked).sum(dim=1)  # [B]
         return RewardScores(total=total, components=scores)

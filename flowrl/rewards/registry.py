@@ -1,7 +1,9 @@
 """Scorer types by name, and the one function that builds a task's composite reward from the config.
 
 ``config.rewards.<task>`` lists the composite's components (:class:`flowrl.config.RewardComponent`):
-a name, a scorer type, a weight and per-category weights. The scorer type is a name in this module's
+a name, a scorer type, a weight, per-category weights and optionally a ``gate`` (another component of
+the same task whose score, mapped onto [0, 1], multiplies this one's: see
+:mod:`flowrl.rewards.composite`). The scorer type is a name in this module's
 registry; each type builds one component's reward model from the reward_model artifact. Every model
 family goes through :func:`load_rewards`; what differs between them is which scorer types exist for
 it and how its prompts are put into categories.
@@ -219,7 +221,8 @@ def _build(config: FlowRLConfig, artifact: _Artifact, task: str, categories: dic
         request = ScorerRequest(component, f"rewards.{task}[{i}]", task, config, artifact.uri, devices.get(i),
                                 artifact)
         built[component.name] = kind.build(request)
-    return CompositeReward(components=built, weights=by_category, categorize=categorize, default_weights=default)
+    return CompositeReward(components=built, weights=by_category, categorize=categorize, default_weights=default,
+                           gates=config.rewards.gates(task))
 
 
 def load_rewards(config: FlowRLConfig, reward_model_uri: str, task: str, *, categories: dict[str, str] | None = None,

@@ -6,6 +6,22 @@ into a Likert level through its own bias and noise, and compares two images
 in the priority order consistency > structural distortion > texture >
 aesthetics, with its own noise, so the labels are human-like: consistent on
 average, wrong sometimes, and never a copy of the judge.
+
+Instruction adherence of an edit (:func:`edit_latents`), as a person rating
+"did it do what was asked" reads it:
+
+- carried out: the named object's postcondition holds and the object count is
+  the target's -> 1. Drift of an object the instruction leaves alone (it
+  changed colour, shape or cell) does not lower this latent: the instruction
+  was carried out, and identity preservation is what pays for the drift.
+- carried out with a side effect: the postcondition holds but the count is
+  off (an object vanished or an extra one appeared) ->
+  ``PARTIAL_ALIGNMENT`` times the share of untouched source objects kept
+  unchanged, so a blank canvas for "remove the X" earns nothing.
+- not carried out: the named object's postcondition fails -> 0, whatever
+  else is kept. This covers the source returned unchanged and an edit
+  applied to the wrong object; neither earns partial credit, so a policy
+  cannot collect instruction reward by copying its source.
 """
 
 from __future__ import annotations
@@ -17,12 +33,15 @@ import numpy as np
 
 from flowrl.shapes import judge
 from flowrl.shapes.detect import DetectedScene, Reading, read_images
-from flowrl.shapes.edits import EditSpec
+from flowrl.shapes.edits import EditSpec, moved_cell
 from flowrl.shapes.prompts import T2ISpec
 
 # The texture and structure halves of the judge's fidelity, with its scales.
 _TEXTURE_TERMS = ("background", "color")
 _STRUCTURE_TERMS = ("strays", "shapes")
+# Instruction adherence of an edit whose instruction was carried out but which also added or removed
+# another object, scaled by the share of untouched objects kept (see the module docstring).
+PARTIAL_ALIGNMENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -64,13 +83,43 @@ def t2i_latents(reading: Reading, spec: T2ISpec) -> Latents:
     return Latents(alignment, _term_score(terms, _TEXTURE_TERMS), _term_score(terms, _STRUCTURE_TERMS))
 
 
+def instruction_done(source: DetectedScene, output: DetectedScene, spec: EditSpec) -> bool:
+    """The named object's postcondition holds in ``output``, whatever happened to the other objects.
+
+    remove: no object of the named colour and shape is left; recolor: none is left and one of the new
+    colour sits in its cell; move: exactly one is left, in the destination cell; add: one more of them
+    than the source holds, one in a cell the source left empty. An unchanged output fails every kind.
+    """
+    named = [o for o in output.objects if (o.color, o.shape) == (spec.color, spec.shape)]
+    if spec.kind == "add":
+        taken = {o.cell for o in source.objects}
+        before = sum((o.color, o.shape) == (spec.color, spec.shape) for o in source.objects)
+        return len(named) == before + 1 and any(o.cell not in taken for o in named)
+    referenced = [o for o in source.objects if (o.color, o.shape) == (spec.color, spec.shape)]
+    if len(referenced) != 1:
+        raise ValueError(f"source must show exactly one {spec.color} {spec.shape}, the reading has "
+                         f"{len(referenced)}")
+    cell = referenced[0].cell
+    if spec.kind == "remove":
+        return not named
+    if spec.kind == "recolor":
+        return not named and any((o.color, o.shape, o.cell) == (spec.new_color, spec.shape, cell)
+                                 for o in output.objects)
+    return len(named) == 1 and named[0].cell == moved_cell(cell, str(spec.direction))
+
+
+def edit_alignment(source: DetectedScene, output: DetectedScene, spec: EditSpec) -> float:
+    """Instruction adherence in [0, 1] by the rule of the module docstring."""
+    if judge.edit_correct_scenes(source, output, spec):
+        return 1.0
+    if not instruction_done(source, output, spec):
+        return 0.0
+    return PARTIAL_ALIGNMENT * judge.identity_scenes(source, output, spec)
+
+
 def edit_latents(source: Reading, output: Reading, spec: EditSpec) -> Latents:
     terms = judge.fidelity_terms_of(output)
-    if judge.edit_correct_scenes(source.scene, output.scene, spec):
-        alignment = 1.0
-    else:
-        # partial credit: the untouched objects are where they were
-        alignment = 0.4 * judge.identity_scenes(source.scene, output.scene, spec)
+    alignment = edit_alignment(source.scene, output.scene, spec)
     return Latents(alignment, _term_score(terms, _TEXTURE_TERMS), _term_score(terms, _STRUCTURE_TERMS))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,7 @@ from scipy.stats import spearmanr
 
 from flowrl.models import CheckpointError
 from flowrl.rewards.annotations import decode_png
+from flowrl.rewards.augment import augment_batch
 from flowrl.rewards.backbone import ScoreBackbone
 from flowrl.rewards.losses import bradley_terry_loss, expected_score
 from flowrl.rl.engine import TorchEngine
@@ -120,11 +121,19 @@ def _sub(x: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if x is None else x[idx]
 
 
-def pointwise_step_loss(backbone: ScoreBackbone, data: PointwiseData, idx: torch.Tensor) -> torch.Tensor:
+def pointwise_step_loss(backbone: ScoreBackbone, data: PointwiseData, idx: torch.Tensor,
+                        generator: torch.Generator | None = None, augment: Sequence[str] = (),
+                        allowed: Callable[[str], bool] | None = None) -> torch.Tensor:
+    """The pointwise loss on rows ``idx``; with ``augment`` kinds (:mod:`flowrl.rewards.augment`), each
+    row is first replaced by a random label-preserving variant drawn from ``generator``, whose prompt
+    ``allowed`` accepts."""
     rationales = None if data.rationales is None else [data.rationales[i] for i in idx]
-    return backbone.training_loss(
-        data.images[idx], [data.prompts[i] for i in idx], rationales, data.labels[idx], _sub(data.sources, idx)
-    )
+    images, prompts, sources = data.images[idx], [data.prompts[i] for i in idx], _sub(data.sources, idx)
+    if augment:
+        if generator is None:
+            raise ValueError("augmented rows need the trainer's random generator")
+        images, prompts, sources = augment_batch(images, prompts, sources, generator, augment, allowed)
+    return backbone.training_loss(images, prompts, rationales, data.labels[idx], sources)
 
 
 def pairwise_step_loss(backbone: ScoreBackbone, data: PairwiseData, idx: torch.Tensor) -> torch.Tensor:
@@ -140,21 +149,25 @@ class ScorerTrainer(LoopTrainer):
     step on ``step_loss(row indices)``, rows drawn with replacement from one
     torch stream seeded once (its state is kept in checkpoints, so a resumed
     run draws what the uninterrupted one would have). The tracker gets the
-    loss every ``log_every`` steps, at the step's index."""
+    loss every ``log_every`` steps, at the step's index. With ``pass_generator``, ``step_loss`` is
+    called as ``step_loss(rows, generator)`` and may draw from that same stream (augmentations)."""
 
     def __init__(self, backbone: ScoreBackbone, step_loss: Callable[[torch.Tensor], torch.Tensor], n_rows: int, *,
                  steps: int, batch_size: int, lr: float, seed: int, weight_decay: float = 0.01,
                  grad_clip: float = 1.0, log_every: int = 50, checkpoints: Checkpoints | None = None,
-                 checkpoint_every: int | None = None, config_hash: str = "", name: str = "reward_model"):
+                 checkpoint_every: int | None = None, config_hash: str = "", name: str = "reward_model",
+                 pass_generator: bool = False):
         self.gen = torch.Generator().manual_seed(seed)
         engine = TorchEngine(backbone, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
         settings = LoopSettings(iterations=steps, eval_every=steps, checkpoint_every=checkpoint_every or steps,
                                 name=name, tracked="train/loss")
         super().__init__(None, backbone, engine, None, settings, checkpoints=checkpoints, config_hash=config_hash)
         self.step_loss, self.n_rows, self.batch_size, self.log_every = step_loss, n_rows, batch_size, log_every
+        self.pass_generator = pass_generator
 
     def step(self, iteration: int) -> dict[str, float]:
-        loss = self.step_loss(_rows(self.n_rows, self.batch_size, self.gen))
+        rows = _rows(self.n_rows, self.batch_size, self.gen)
+        loss = self.step_loss(rows, self.gen) if self.pass_generator else self.step_loss(rows)
         self.engine.zero_grad()
         self.engine.backward(loss)
         self.engine.step()
@@ -246,3 +259,23 @@ def spearman_ceiling(reference: np.ndarray, seed: int = 0) -> float:
     scale = np.ptp(values) or 1.0
     jitter = np.random.default_rng(seed).uniform(0.0, 1e-9 * scale, size=values.shape)
     return float(spearmanr(values + jitter, values).statistic)
+
+
+def label_reliability(labels: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """(split-half Spearman r of two labels of the same image, mean labels per image) over the images
+    with at least two labels: how far two annotators agree on one image."""
+    pairs = np.array([row[:2] for row in labels if len(row) >= 2], dtype=np.float64)
+    if len(pairs) < 3:
+        raise ValueError(f"{len(pairs)} images with two labels or more; the annotators' agreement needs 3")
+    return float(spearmanr(pairs[:, 0], pairs[:, 1]).statistic), float(np.mean([len(row) for row in labels]))
+
+
+def label_spearman_ceiling(labels: Sequence[Sequence[float]]) -> float:
+    """What a perfect scorer (one that knows each image's expected label) reaches in Spearman with the
+    images' mean labels, estimated from the annotators' agreement: with split-half r of single labels and
+    k labels per image, the mean label's reliability is k r / (1 + (k - 1) r) (Spearman-Brown) and its
+    correlation with the expected label the square root of that. 0 when the labels do not agree at all."""
+    r, k = label_reliability(labels)
+    if not np.isfinite(r) or r <= 0:
+        return 0.0
+    return float(np.sqrt(k * r / (1.0 + (k - 1.0) * r)))

@@ -16,10 +16,19 @@ in a filter or annotation file, and scores each pillar with the source
 ``bench.scorers`` names (reward-model scorers; SSIM for identity).
 
 Outputs: ``bench.json`` (per model the pillars and overall; per arena the
-Elo rating and interval of every model), ``scores.parquet`` (every model's
-per-item scores), ``battles.parquet``, and the report: ``report.md``,
-``report.html`` (self-contained) and its PNGs. Each model's training curves
-come from the ``history.json`` its artifact carries (GRPO and OPD runs).
+Elo rating and interval of every model; ``gains``: per model but the anchor
+and per pillar, the gain over the anchor on the 0-1 scale with a paired
+bootstrap interval over bench items, ``{delta, ci_low, ci_high, stderr}``;
+``gains_by_category``: the same per ``t2i_alignment/<category>`` and
+``edit_accuracy/<kind>``; ``arena_flags``: per arena the models that won or
+lost every battle against some opponent, whose rating the fit's prior sets;
+``two_task``: each model's mean of T2I alignment and edit accuracy and every
+pair's difference ``a-b`` with a paired bootstrap interval),
+``scores.parquet`` (every model's per-item scores), ``battles.parquet``, and
+the report: ``report.md``, ``report.html`` (self-contained) and its PNGs.
+Each model's training curves come from the ``history.json`` its artifact
+carries (GRPO and OPD runs). Local artifact paths under the working
+directory are recorded relative to it.
 When a model named ``student`` is benched, the ``champion`` alias of the
 registered model ``<run.name>-student`` moves to it if its overall score
 beats the current holder's.
@@ -38,27 +47,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flowrl.arena import Battle, validate_votes
+from flowrl.arena import Battle, arena_flags, validate_votes
 from flowrl.bench import (
     ARENAS,
     BenchImages,
+    BenchSet,
     FileBenchScorer,
+    ItemScores,
     RewardModelScorer,
     ShapesJudgeScorer,
     arena_battles,
     arena_ratings,
+    bench_gains,
     bench_set,
+    group_gains,
     pillars,
     sample_bench,
+    two_task_difference,
     win_rates,
 )
 from flowrl.config import ConfigError, FlowRLConfig, pillar_sources
 from flowrl.evaluation import to_uint8
 from flowrl.models import check_policy, load_policy
 from flowrl.models.families import family_of
-from flowrl.report import ReportData, write_report
+from flowrl.report import Grid, ReportData, write_report
 from flowrl.stages.common import (StageResult, commit_stage, committed_result, flat_metrics, progress_bar,
-                                  stage_context)
+                                  relative_uri, stage_context)
 from flowrl.stages.registry import stage_sections
 from flowrl.storage import content_stamps, fetch, file_uri, read_manifest, sha256_file
 from flowrl.tracking import Tracker
@@ -85,7 +99,8 @@ def _model_key(config: FlowRLConfig) -> dict[str, str]:
     return family_of(config).model_key(config)
 
 
-REPORT_FILES = ("report.md", "report.html", "elo.png", "curves.png", "grid_t2i.png", "grid_edit.png")
+REPORT_FILES = ("report.md", "report.html", "elo.png", "curves.png", "rl_curves.png", "grid_t2i.png", "grid_edit.png")
+GROUP_GRIDS = re.compile(r"^grid_(t2i|edit)_[A-Za-z0-9_-]+\.png$")  # the per-category and per-kind grids
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -103,6 +118,50 @@ def _check_models(config: FlowRLConfig, models: dict[str, str]) -> None:
 def _grid_columns(n: int, k: int) -> list[int]:
     """``k`` item indices spread evenly over ``n`` (one per category when they divide)."""
     return sorted({i * n // k for i in range(min(k, n))})
+
+
+def _group_columns(labels: list[str], k: int) -> dict[str, list[int]]:
+    """{category: up to ``k`` indices of its items, spread evenly over them}, categories in bench order."""
+    labels = np.asarray(labels)
+    out = {}
+    for label in dict.fromkeys(labels.tolist()):
+        items = np.flatnonzero(labels == label)
+        out[label] = [int(items[i]) for i in _grid_columns(len(items), k)]
+    return out
+
+
+GRID_PIXELS = 256  # the per-category grids keep every k-th pixel of larger images, to at most this many a side
+
+
+def _thumbnails(images: np.ndarray) -> np.ndarray:
+    """[K, H, W, 3] -> a strided copy at most :data:`GRID_PIXELS` a side (a production bench's grids hold
+    hundreds of images; a grid cell shows about 150 pixels)."""
+    step = max(1, -(-max(images.shape[1:3]) // GRID_PIXELS))
+    return np.ascontiguousarray(images[:, ::step, ::step])
+
+
+def _category_grids(bench: BenchSet, columns: dict[str, dict[str, list[int]]],
+                    images: dict[str, dict[str, dict[str, np.ndarray]]], scores: dict[str, ItemScores],
+                    marked: bool) -> dict[str, dict[str, Grid]]:
+    """task -> category (or kind) -> its grid: the same items and seeds in every model's row, the sources
+    first for edits, framed by the judge's verdict when ``marked``."""
+    texts = {"t2i": bench.t2i_prompts, "edit": bench.edit_instructions}
+    correct = {"t2i": "t2i_correct", "edit": "edit_correct"}
+    out: dict[str, dict[str, Grid]] = {}
+    for task, groups in columns.items():
+        out[task] = {}
+        for group, cols in groups.items():
+            rows = {name: images[task][name][group] for name in images[task]}
+            marks = ({name: getattr(scores[name], correct[task])[cols] >= 0.5 for name in rows} if marked else None)
+            sources = to_uint8(bench.sources[cols]) if task == "edit" else None
+            out[task][group] = Grid([texts[task][i] for i in cols], rows, sources, marks)
+    return out
+
+
+def _rounded(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Gains for bench.json: 4 decimals, an undefined standard error (one item) as null."""
+    return {model: {key: {field: round(value, 4) if np.isfinite(value) else None for field, value in gain.items()}
+                    for key, gain in by_key.items()} for model, by_key in table.items()}
 
 
 def _history(model_dir) -> dict | None:
@@ -168,14 +227,20 @@ def run_bench(
         start = time.perf_counter()
         t_cols = _grid_columns(len(bench.t2i_prompts), config.bench.grid_items)
         e_cols = _grid_columns(len(bench.edit_instructions), config.bench.grid_items)
+        group_cols = {"t2i": _group_columns(bench.t2i_categories, config.bench.grid_items),
+                      "edit": _group_columns(bench.edit_kinds, config.bench.grid_items)}
         # every model samples first, one loaded at a time; the scorers load after the last one
         images, t2i_grid, edit_grid, per_model_s = {}, {}, {}, {}
+        group_images: dict[str, dict[str, dict[str, np.ndarray]]] = {"t2i": {}, "edit": {}}
         quiet = logging.DEBUG if progress else logging.INFO  # a line per model where no bar shows the models
         for name in progress_bar(names, desc="bench: sample", enabled=progress, unit="model"):
             t0 = time.perf_counter()
             # each task's own model: the base artifact's edit model is the edit pipeline, not the T2I one
             sampled = sample_bench(partial(load_policy, dirs[name], config), bench, config, release=_release_memory)
             t2i_grid[name], edit_grid[name] = sampled.t2i[t_cols].copy(), sampled.edit[e_cols].copy()
+            for task in group_images:
+                part = getattr(sampled, task)
+                group_images[task][name] = {g: _thumbnails(part[cols]) for g, cols in group_cols[task].items()}
             images[name] = _spilled(sampled, Path(spill) / name) if production else sampled
             del sampled
             per_model_s[name] = time.perf_counter() - t0
@@ -192,6 +257,12 @@ def run_bench(
         for arena, arena_votes in vote_battles.items():
             battles[arena], sources[arena] = arena_votes, "human votes"
         ratings = arena_ratings(battles, names, config)
+        settings = config.bench
+        gains = _rounded(bench_gains(scores, settings.anchor, settings.bootstrap, settings.confidence, settings.seed))
+        by_category = _rounded(group_gains(scores, bench, settings.anchor, settings.bootstrap, settings.confidence,
+                                           settings.seed))
+        flags = {arena: arena_flags(battles[arena], names) for arena in ARENAS}
+        two_task = _two_task(scores, names, settings)
         data = ReportData(
             title="flowrl bench",
             models=names,
@@ -214,6 +285,11 @@ def run_bench(
                 f"Scores: {scorer.name}. Battles: T2I {sources['t2i']}, edit {sources['edit']}.",
                 "Models: " + ", ".join(f"{n} ({read_manifest(models[n]).stage})" for n in names) + ".",
             ],
+            gains=gains,
+            group_gains=by_category,
+            confidence=settings.confidence,
+            arena_flags=flags,
+            category_grids=_category_grids(bench, group_cols, group_images, scores, marked=not production),
         )
         written = write_report(data, ctx.staging)
         pd.DataFrame(
@@ -229,12 +305,19 @@ def run_bench(
             "items": {"t2i": len(bench.t2i_prompts), "edit": len(bench.edit_instructions)},
             "scorer": scorer.name,
             "battle_sources": sources,
-            "models": {name: {"artifact_uri": models[name], "pillars": table[name],
+            "models": {name: {"artifact_uri": relative_uri(models[name]), "pillars": table[name],
                               "sample_and_score_s": per_model_s[name]} for name in names},
             "arenas": {arena: {name: {"rating": round(r.rating, 1), "ci_low": round(r.ci_low, 1),
                                       "ci_high": round(r.ci_high, 1)} for name, r in ratings[arena].items()}
                        for arena in ARENAS},
+            "arena_flags": flags,
             "battles": {arena: len(battles[arena]) for arena in ARENAS},
+            "gains": gains,
+            "gains_by_category": by_category,
+            "two_task": two_task,
+            "gains_bootstrap": {"anchor": settings.anchor, "replicates": settings.bootstrap,
+                                "confidence": settings.confidence,
+                                "scale": "0-1", "resampled": "bench items, the same draw for both models"},
             "wall_s": round(time.perf_counter() - start, 1),
         }
         if "student" in models:  # the registry's champion alias follows the best student benched so far
@@ -278,6 +361,22 @@ def _spilled(images: BenchImages, directory: Path) -> BenchImages:
     return BenchImages(**arrays)
 
 
+def _two_task(scores: dict, names: list[str], settings) -> dict:
+    """Each model's two-task mean (T2I alignment and edit accuracy weighed equally, 0-1) and, for every
+    pair of models ``a-b`` (``a`` listed first), the difference with its paired bootstrap interval
+    (:func:`flowrl.bench.two_task_difference`): how the student compares with Mix-RL, one model trained
+    on both tasks with the same budget."""
+    means = {n: round(0.5 * (float(np.mean(scores[n].t2i_correct)) + float(np.mean(scores[n].edit_correct))), 4)
+             for n in names}
+    differences = {}
+    for i, a in enumerate(names):
+        for j, b in enumerate(names[i + 1:], start=i + 1):
+            rng = np.random.default_rng([settings.seed, 1000 + i, j])
+            d = two_task_difference(scores[a], scores[b], settings.bootstrap, settings.confidence, rng)
+            differences[f"{a}-{b}"] = {k: round(v, 4) for k, v in d.items()}
+    return {"means": means, "differences": differences}
+
+
 def _item_scores(scores, k: int) -> dict[str, float]:
     n = len(scores.t2i_correct)
     if k < n:
@@ -289,6 +388,8 @@ def _item_scores(scores, k: int) -> dict[str, float]:
 
 
 def report_files(uri: str) -> dict[str, bytes]:
-    """The report files of a bench artifact (those present), checksums verified."""
+    """The report files of a bench artifact (those present, the per-category grids too), checksums verified."""
     local = fetch(uri)
-    return {name: (local / name).read_bytes() for name in REPORT_FILES if (local / name).is_file()}
+    names = [name for name in REPORT_FILES if (local / name).is_file()]
+    names += sorted(p.name for p in local.iterdir() if p.is_file() and GROUP_GRIDS.match(p.name))
+    return {name: (local / name).read_bytes() for name in names}

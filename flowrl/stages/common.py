@@ -262,3 +262,14 @@ def trained_model(trainer, model, result):
     model = trainer.engine.plain_model(model)
     trainable_module(model).load_state_dict(result.module_state)
     return model
+
+
+def relative_uri(uri: str) -> str:
+    """A local artifact path under the working directory, relative to it (a results file names the
+    repository's files, not the checkout's absolute place); anything else as given."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    try:
+        return Path(uri.removeprefix("file://")).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return uri

@@ -17,6 +17,7 @@ teacher per category on the held-out evaluation sets) and ``grid.png``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flowrl.config import ConfigError, FlowRLConfig
+from flowrl.config import SEED_MAX, ConfigError, FlowRLConfig
 from flowrl.evaluators import MONITOR_SEED_OFFSET, evaluator_for
 from flowrl.models.families import family_of
+from flowrl.models.lora import lora_settings
 from flowrl.plots import new_figure, png_of
 from flowrl.prompt_files import decode_sources
 from flowrl.rewards.registry import load_rewards, load_task_rewards
@@ -50,7 +52,7 @@ from flowrl.stages.common import (
 from flowrl.stages.filter_prompts import check_prompt_tasks, load_heldout_set, load_prompt_set
 from flowrl.stages.policy import trainable_policy
 from flowrl.stages.registry import stage_sections
-from flowrl.storage import ArtifactStore, fetch
+from flowrl.storage import ArtifactError, ArtifactStore, fetch, read_manifest
 from flowrl.tracking import Tracker
 
 SECTIONS = stage_sections("grpo")
@@ -205,6 +207,8 @@ def run_grpo(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    init_uri: str | None = None,
+    rl_round: int | None = None,
 ) -> StageResult:
     """GRPO on ``task`` (t2i, edit) from its curated prompts; ``mixed`` is the
     Mix-RL baseline: ``prompts_uri`` {"t2i": uri, "edit": uri}, each prompt
@@ -212,15 +216,26 @@ def run_grpo(
     ``grpo.prompts_per_iteration`` groups from each task (the budget of the
     two teachers together). Every model family takes the same path: the family
     loads and saves the policy, the evaluator (the judge, or a held-out reward
-    model) watches training and scores base against teacher."""
+    model) watches training and scores base against teacher.
+
+    Two rounds around a second annotation round (``pipeline.annotation_rounds: 2``): ``rl_round`` 1
+    trains the first ``grpo.round1_iterations`` iterations from the base; ``rl_round`` 2 starts the
+    policy from ``init_uri`` (the first round's artifact of the task) and trains the remaining
+    iterations, the KL reference and the comparison staying the base (:func:`round_config`)."""
     # long: the stage's one flow in order (inputs and cache, checks, setup, training, commit), with the
     # training closure that ranks other than 0 run too; its parts live in the helpers below
     uris = _task_prompts(task, prompts_uri)
     tasks = tuple(uris)
     stage = f"grpo_{task}"
+    config = round_config(config, rl_round, init_uri)
     inputs = {"base": base_uri, "reward_model": reward_model_uri}
     inputs.update({"prompts": uris[task]} if task != "mixed" else {f"prompts_{t}": uris[t] for t in tasks})
     inputs.update(model_key(config))
+    if rl_round is not None:
+        inputs["round"] = str(rl_round)
+    if init_uri is not None:
+        _check_init(init_uri, stage, base_uri, config)
+        inputs["init"] = init_uri
     done = committed_result(stage, config, SECTIONS, inputs, output_root, tracker)
     if done is not None:
         return done
@@ -238,9 +253,9 @@ def run_grpo(
     composites = task_rewards(config, reward_model_uri, uris, curated)
     evaluator = evaluator_for(config, tasks, reward_model_uri=reward_model_uri, composites=composites,
                               heldout=None if family.has_judge else {t: load_heldout_set(uris[t]) for t in tasks})
-    policy = trainable_policy(config, family.load_policy(base_dir, config, tasks[0]), seed=g.seed)
+    policy, reference = policy_and_reference(config, family, base_dir, tasks[0],
+                                             None if init_uri is None else fetch(init_uri))
     model = policy.model
-    reference = policy.reference(g.reference_device) if g.kl_coef > 0 else None
     prompt_sets = prompt_sets_of(curated)
     scale = _calibration(uris) if g.calibrate else None
     store = ArtifactStore(output_root or config.run.artifact_root)
@@ -275,6 +290,8 @@ def run_grpo(
             trained = trained_model(trainer, model, result)
             rows, grid = _base_against_teacher(config, task, policy, evaluator, trained, base_dir, ctx.staging)
             metrics = {**_teacher_metrics(task, trainer, rows, train_s, start), **evaluator.provenance(stage)}
+            if rl_round is not None or init_uri is not None:
+                metrics.update(round=rl_round or 0, init=init_uri or "")
             _write_outputs(ctx, trainer, rows, task, grid, metrics, evaluator.heldout_label())
             return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
     finally:
@@ -282,6 +299,62 @@ def run_grpo(
             submitter.close()
             if sidecar is not None:
                 sidecar.stop()
+
+
+ROUND_SEED_OFFSET = 7_919  # the second round draws its prompts and noise from grpo.seed plus this
+
+
+def round_config(config: FlowRLConfig, rl_round: int | None, init_uri: str | None) -> FlowRLConfig:
+    """``config`` as one GRPO round runs it (its version hashes it). No round: the whole loop, with
+    ``grpo.round1_iterations`` at its default (the hash leaves it out). Round 1: the first
+    ``round1_iterations`` iterations; round 2: the rest, on a seed of its own (not replaying the first
+    round's prompt draws and noise). A set ``loop.time_budget_s`` is split in the same proportion."""
+    g = config.grpo
+    if rl_round is None:
+        default = type(g)().round1_iterations
+        return dataclasses.replace(config, grpo=dataclasses.replace(g, round1_iterations=default))
+    if rl_round not in (1, 2):
+        raise ConfigError(f"grpo: round must be 1 or 2, got {rl_round!r}")
+    if rl_round == 2 and init_uri is None:
+        raise ConfigError("grpo --round 2 continues the first round's policy: give its artifact with --init")
+    if rl_round == 1 and init_uri is not None:
+        raise ConfigError("grpo --round 1 starts from the base: it takes no --init")
+    total, first = g.loop.iterations, g.round1_iterations
+    if first >= total:
+        raise ConfigError(f"grpo.round1_iterations = {first} must be below grpo.loop.iterations = {total}, which "
+                          "the two rounds share")
+    share = first / total if rl_round == 1 else (total - first) / total
+    budget = None if g.loop.time_budget_s is None else g.loop.time_budget_s * share
+    loop = dataclasses.replace(g.loop, iterations=first if rl_round == 1 else total - first, time_budget_s=budget)
+    seed = g.seed if rl_round == 1 else (g.seed + ROUND_SEED_OFFSET) % (SEED_MAX + 1)
+    return dataclasses.replace(config, grpo=dataclasses.replace(g, loop=loop, seed=seed))
+
+
+def _check_init(init_uri: str, stage: str, base_uri: str, config: FlowRLConfig) -> None:
+    """``init_uri`` must be a committed artifact of this GRPO stage trained from ``base_uri`` (the KL
+    reference and the comparison stay that base); checked before any model loads."""
+    manifest = read_manifest(init_uri)
+    if manifest.stage != stage:
+        raise ArtifactError(f"grpo --init {init_uri}: an artifact of stage {manifest.stage}, where a {stage} "
+                            "artifact was expected")
+    if manifest.inputs.get("base") != base_uri:
+        raise ArtifactError(f"grpo --init {init_uri}: trained from the base {manifest.inputs.get('base')}, not "
+                            f"from {base_uri}; a later round must keep the base its KL reference is")
+    if lora_settings(config) is not None:
+        raise ConfigError("grpo --init: continuing a LoRA run (model.qwen_image.lora) is not supported; the "
+                          "adapter would start fresh. Train one round (pipeline.annotation_rounds: 1)")
+
+
+def policy_and_reference(config: FlowRLConfig, family, base_dir, task: str, init_dir=None):
+    """(the policy to train, the frozen KL reference or None): both the base's, or with ``init_dir``
+    (a GRPO artifact of the task) the policy starts from its weights while the reference stays the
+    base (made before the init weights are loaded)."""
+    g = config.grpo
+    policy = trainable_policy(config, family.load_policy(base_dir, config, task), seed=g.seed)
+    reference = policy.reference(g.reference_device) if g.kl_coef > 0 else None
+    if init_dir is not None:
+        policy.module.load_state_dict(family.trained_state(init_dir, config, task))
+    return policy, reference
 
 
 def _task_prompts(task: str, prompts_uri: str | dict[str, str]) -> dict[str, str]:

@@ -44,12 +44,13 @@ class Arg:
     kind: str = "value"  # value | named | task_uris
     required: bool = False
     metavar: str | None = None
-    choices: tuple[str, ...] | None = None
+    choices: tuple[Any, ...] | None = None
     nargs: int | str | None = None
     append: bool = False  # repeatable (action="append")
     store_true: bool = False
     default: Any = None
     names: tuple[str, ...] = ()
+    type: Callable[[str], Any] | None = None  # converts the value as argparse's ``type`` does
 
     def __post_init__(self) -> None:
         if self.kind not in ("value", "named", "task_uris"):
@@ -69,7 +70,7 @@ class Arg:
             kwargs["required"] = True
         if self.append:
             kwargs["action"] = "append"
-        for key in ("metavar", "choices", "nargs"):
+        for key in ("metavar", "choices", "nargs", "type"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)
         return kwargs
@@ -142,14 +143,23 @@ STAGES: tuple[Stage, ...] = (
         "annotate", "run_annotate", ("run.seed", "world", "sampler", "eval.batch_size", "annotate"),
         "build the annotation datasets (simulated annotators on the shapes world)",
         Resources(cpu="4", mem="32Gi", gpus=1), progress=True,
-        cli=(_BASE,),
+        cli=(_BASE,
+             Arg("--previous", "second annotation round: the first round's annotate artifact, whose rows the new "
+                 "artifact keeps (with --policies)", param="previous_uri", metavar=_URI),
+             Arg("--policies", "second annotation round: the first round's GRPO artifacts whose samples are "
+                 "annotated (annotate.policy_round): t2i=URI edit=URI", param="policy_uris", kind="named", nargs=2,
+                 metavar="TASK=URI", names=("t2i", "edit"))),
     ),
     Stage(
         "reward_model", "run_reward_model", ("run.seed", "world", "model.family", "reward_model"),
         "train the reward models on the annotation datasets",
         Resources(cpu="8", mem="64Gi", gpus=1), progress=True,
         cli=(Arg("--annotations", "the annotate stage's artifact", param="annotations_uri", required=True,
-                 metavar=_URI), _RESUME),
+                 metavar=_URI),
+             Arg("--init", "refresh: a reward_model artifact every scorer starts from, trained "
+                 "reward_model.refresh_steps steps on --annotations (the second annotation round's)",
+                 param="init_uri", metavar=_URI),
+             _RESUME),
     ),
     Stage(
         "filter_prompts", "run_filter_prompts",
@@ -167,6 +177,11 @@ STAGES: tuple[Stage, ...] = (
              Arg("--prompts", "the filter_prompts stage's artifact of the task; mixed: t2i=URI edit=URI",
                  param="prompts_uri", kind="task_uris", required=True, nargs="+", metavar=_URI,
                  names=("t2i", "edit")),
+             Arg("--round", "two GRPO rounds around a second annotation round: 1 trains the first "
+                 "grpo.round1_iterations iterations from the base, 2 the rest from --init", param="rl_round",
+                 type=int, choices=(1, 2)),
+             Arg("--init", "round 2: the first round's GRPO artifact of the task, whose weights the policy starts "
+                 "from (the KL reference stays --base)", param="init_uri", metavar=_URI),
              _RESUME),
     ),
     Stage(

@@ -3,21 +3,25 @@
 Per task, one pointwise scorer per configured Likert criterion (reward =
 expected level) and, for comparison, one pairwise (Bradley-Terry) scorer on
 the preference pairs. Metrics on held-out annotation groups (new images of
-prompts seen in training) and on unseen prompts: ordering accuracy on the
-judge's preference between two images of the same prompt, and Spearman
-correlation of the reward with the judge's latent score (shapes world; with
-human labels, with the mean label and the annotated preference).
+prompts seen in training) and on unseen prompts: Spearman correlation of the
+reward with the annotators' mean label per image and ordering accuracy on
+their preferences, each beside the ceiling a perfect scorer of those noisy
+labels reaches; in the shapes world the same against the judge's latent
+scores (``judge_*``), for evaluation only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from flowrl.config import ConfigError, FlowRLConfig
+from flowrl.config import ConfigError, FlowRLConfig, RewardModelConfig
 from flowrl.models.families import family_of
 from flowrl.rewards.annotations import AnnotationError, decode_png, load_annotations
 from flowrl.rewards.backbone import ScoreBackbone
@@ -32,16 +36,18 @@ from flowrl.rewards.training import (
     pairwise_step_loss,
     pointwise_step_loss,
     rewards_of,
+    label_spearman_ceiling,
     spearman,
     spearman_ceiling,
     split_annotations,
 )
 from flowrl.shapes.edits import parse_edit
 from flowrl.shapes.prompts import parse_t2i
+from flowrl.shapes.splits import bench_texts
 from flowrl.rl.trainer import Checkpoints
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
 from flowrl.stages.registry import stage_sections
-from flowrl.storage import ArtifactStore, fetch
+from flowrl.storage import ArtifactError, ArtifactStore, fetch, read_manifest
 from flowrl.tracking import Tracker
 
 STAGE = "reward_model"
@@ -50,12 +56,29 @@ _JUDGE_AS_ANNOTATOR = Annotator("judge", bias=0.0, noise=0.0)
 
 
 def _judge_latents(frame: pd.DataFrame, image_column: str) -> list[Latents]:
-    """The judge's latents of each row's image (held-out evaluation only)."""
-    images = np.stack([decode_png(b) for b in frame[image_column]])
-    if frame["task"].iloc[0] == "t2i":
-        return latents_for(images, [parse_t2i(p) for p in frame["prompt"]])
-    sources = np.stack([decode_png(b) for b in frame["source_image"]])
-    return latents_for(images, [parse_edit(p) for p in frame["prompt"]], sources)
+    """The judge's latents of each row's image (held-out evaluation only). Every scorer of a task is
+    evaluated on the same held-out rows, so the latents of one set of rows are computed once and kept
+    (a few, keyed by a digest of the rows' images, sources and prompts)."""
+    digest = hashlib.sha256()
+    for column in (image_column, "source_image", "prompt"):
+        for value in frame[column]:
+            digest.update(b"\0" if value is None else value if isinstance(value, bytes) else str(value).encode())
+    key = digest.hexdigest()
+    if key not in _LATENTS:
+        images = np.stack([decode_png(b) for b in frame[image_column]])
+        if frame["task"].iloc[0] == "t2i":
+            latents = latents_for(images, [parse_t2i(p) for p in frame["prompt"]])
+        else:
+            sources = np.stack([decode_png(b) for b in frame["source_image"]])
+            latents = latents_for(images, [parse_edit(p) for p in frame["prompt"]], sources)
+        while len(_LATENTS) >= _LATENTS_KEPT:
+            _LATENTS.pop(next(iter(_LATENTS)))
+        _LATENTS[key] = latents
+    return _LATENTS[key]
+
+
+_LATENTS: dict[str, list[Latents]] = {}
+_LATENTS_KEPT = 8  # a task's held-out and unseen images and pairs (a and b), with room to spare
 
 
 def _reference(points: pd.DataFrame, pairs: pd.DataFrame, criterion: str, judge: bool):
@@ -74,26 +97,50 @@ def _reference(points: pd.DataFrame, pairs: pd.DataFrame, criterion: str, judge:
     return unique, scores, torch.tensor(prefs)
 
 
+def _label_ceiling(points: pd.DataFrame, unique: pd.DataFrame, mean_labels: np.ndarray, criterion: str,
+                   judge_scores: np.ndarray | None) -> float:
+    """The Spearman a perfect scorer reaches with the mean labels: with a judge, that of the judge's latent
+    score (every annotator's expected level rises with it, so it ranks images as their expected label
+    does); without one, estimated from two annotators' agreement on the same image."""
+    if judge_scores is not None:
+        return spearman(torch.from_numpy(judge_scores), mean_labels)
+    labels = points.groupby("image", sort=False)[criterion].apply(list).reindex(unique["image"]).tolist()
+    try:
+        return label_spearman_ceiling(labels)
+    except ValueError:  # one label per image: the agreement cannot be estimated
+        return float("nan")
+
+
 @torch.no_grad()
 def _evaluate(
     scorer: ScoreBackbone, points: pd.DataFrame, pairs: pd.DataFrame, criterion: str, judge: bool
 ) -> dict[str, float]:
-    """Spearman with the reference ``criterion`` score; ordering accuracy on the reference preferences."""
+    """Spearman with the annotators' mean ``criterion`` label per image and ordering accuracy on their
+    preferences, each beside its ceiling; in the shapes world also the same against the judge
+    (``judge_*``), which the annotators' labels estimate with noise."""
     scorer.eval()
-    unique, reference_scores, judged = _reference(points, pairs, criterion, judge)
+    unique = points.drop_duplicates("image").reset_index(drop=True)
+    mean_labels = points.groupby("image", sort=False)[criterion].mean().reindex(unique["image"]).to_numpy()
     data = PointwiseData.from_frame(unique, criterion)
     rewards = rewards_of(scorer, data.images, data.prompts, data.sources)
     pair_data = PairwiseData.from_frame(pairs)
     reward_a = rewards_of(scorer, pair_data.images_a, pair_data.prompts, pair_data.sources)
     reward_b = rewards_of(scorer, pair_data.images_b, pair_data.prompts, pair_data.sources)
-    return {
-        "reference": "judge" if judge else "labels",
-        "spearman": spearman(rewards, reference_scores),
-        "spearman_ceiling": spearman_ceiling(reference_scores),
-        "pairwise_accuracy": ordering_accuracy(reward_a, reward_b, judged),
-        "heldout_images": float(len(unique)),
-        "heldout_pairs": float(len(pairs)),
-    }
+    out = {"reference": "labels", "spearman": spearman(rewards, mean_labels)}
+    judge_out: dict[str, float] = {}
+    judge_scores = None
+    if judge:
+        _, judge_scores, judged = _reference(points, pairs, criterion, judge=True)
+        judge_out = {
+            "judge_spearman": spearman(rewards, judge_scores),
+            "judge_spearman_ceiling": spearman_ceiling(judge_scores),
+            "judge_pairwise_accuracy": ordering_accuracy(reward_a, reward_b, judged),
+        }
+    out["spearman_ceiling"] = _label_ceiling(points, unique, mean_labels, criterion, judge_scores)
+    labelled = torch.tensor([PREFERENCE_VALUE[p] for p in pairs["preference"]])
+    out["pairwise_accuracy"] = ordering_accuracy(reward_a, reward_b, labelled) if (labelled != 0.5).any() \
+        else float("nan")
+    return {**out, **judge_out, "heldout_images": float(len(unique)), "heldout_pairs": float(len(pairs))}
 
 
 # the VLM scorer's name for what the shapes annotations call "alignment" on edits
@@ -113,6 +160,56 @@ def _new_scorer(config: FlowRLConfig, task: str, criterion: str, seed: int) -> S
         )
         return scorer.train()
     return ShapesScorer(ScorerArch(width=r.width, depth=r.depth, heads=r.heads), config.world.resolution)
+
+
+def _init_scorer(config: FlowRLConfig, task: str, criterion: str, name: str, init_dir) -> ScoreBackbone:
+    """The first round's scorer ``task/name`` of the ``init`` artifact (``init_dir``), set up to train on."""
+    r = config.reward_model
+    directory = init_dir / task / name
+    if r.backbone == "vlm":
+        from flowrl.rewards.vlm import CRITERIA, QwenVLScorer
+
+        criterion_name = _VLM_CRITERIA.get((task, criterion), criterion)
+        return QwenVLScorer.from_pretrained(str(directory), criterion=criterion_name,
+                                            criterion_description=CRITERIA[criterion_name],
+                                            rationale=r.vlm_rationale).train()
+    scorer = ShapesScorer.load(directory)
+    wanted = ScorerArch(width=r.width, depth=r.depth, heads=r.heads)
+    if scorer.arch != wanted or scorer.resolution != config.world.resolution:
+        raise ConfigError(f"reward_model --init: the scorer {directory} is {scorer.arch} at resolution "
+                          f"{scorer.resolution}, the config asks for {wanted} at world.resolution "
+                          f"{config.world.resolution} (reward_model.width / depth / heads)")
+    return scorer.train()
+
+
+def _scorer_names(config: FlowRLConfig, task: str) -> list[tuple[str, str]]:
+    """(directory, criterion) of every scorer the stage trains for ``task``, in training order."""
+    r = config.reward_model
+    criteria = r.t2i_criteria if task == "t2i" else r.edit_criteria
+    return [(f"pointwise_{c}", c) for c in criteria] + ([("pairwise", "alignment")] if r.pairwise else [])
+
+
+def _check_init(config: FlowRLConfig, init_uri: str):
+    """The local copy of the ``init`` artifact, checked before any training: a reward_model artifact
+    holding every scorer this config trains (ArtifactError naming what is wrong)."""
+    made_by = read_manifest(init_uri).stage
+    if made_by != STAGE:
+        raise ArtifactError(f"reward_model --init {init_uri}: an artifact of stage {made_by}, where a reward_model "
+                            "artifact was expected")
+    local = fetch(init_uri)
+    missing = [f"{task}/{name}" for task in ("t2i", "edit") for name, _ in _scorer_names(config, task)
+               if not (local / task / name).is_dir()]
+    if missing:
+        raise ArtifactError(f"reward_model --init {init_uri}: no scorer {', '.join(missing)} to start from (the "
+                            "config trains them; the init artifact was made with other criteria)")
+    return local
+
+
+def first_round_config(config: FlowRLConfig) -> FlowRLConfig:
+    """``config`` as a reward model trained from scratch sees it: ``reward_model.refresh_steps`` at its
+    default, which the hash leaves out, so that model's version does not depend on it."""
+    default = RewardModelConfig().refresh_steps
+    return dataclasses.replace(config, reward_model=dataclasses.replace(config.reward_model, refresh_steps=default))
 
 
 def _held_out_metrics(scorer, split_p, split_q, criterion: str, judge: bool) -> dict:
@@ -139,14 +236,25 @@ def _fit(ctx, config: FlowRLConfig, scorer: ScoreBackbone, step_loss, n_rows: in
     trainer = ScorerTrainer(scorer, step_loss, n_rows, steps=steps, batch_size=r.batch_size, lr=r.lr,
                             seed=config.run.seed, weight_decay=r.weight_decay, grad_clip=r.grad_clip,
                             checkpoints=checkpoints, checkpoint_every=r.checkpoint_every,
-                            config_hash=config.section_hash(*SECTIONS), name=name)
+                            config_hash=config.section_hash(*SECTIONS), name=name, pass_generator=True)
     if resume:
         trainer.resume()
     trainer.train(log, progress=progress)
 
 
+def _training_texts(task: str, split) -> Callable[[str], bool]:
+    """Which prompt texts an augmented training row may carry: none held out for the unseen-prompt
+    metrics, none of the bench's share of the grammar (no stage trains on those)."""
+    held = set(split.unseen["prompt"]) | (set(split.heldout["prompt"]) - set(split.train["prompt"]))
+    bench = {text for texts in bench_texts(task).values() for text in texts}
+    return lambda text: text not in held and text not in bench
+
+
 def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pairs: pd.DataFrame,
-                output_root: str | None = None, resume: bool = False, progress: bool = False) -> dict:
+                output_root: str | None = None, resume: bool = False, progress: bool = False,
+                init_dir=None) -> dict:
+    """Train (or with ``init_dir``, refresh for ``reward_model.refresh_steps`` steps from the first
+    round's weights) and evaluate every scorer of ``task``."""
     r = config.reward_model
     seed = config.run.seed
     split_p = split_annotations(points[points.task == task].reset_index(drop=True),
@@ -162,25 +270,35 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
         )
     criteria = r.t2i_criteria if task == "t2i" else r.edit_criteria
     judge = family_of(config).has_judge  # only the shapes world has a judge
+    allowed = _training_texts(task, split_p)
     log = lambda metrics, step: ctx.tracker.log_metrics({f"{task}/{k}": v for k, v in metrics.items()}, step)
     metrics: dict = {"split": {name: {"pointwise": len(getattr(split_p, name)), "pairwise": len(getattr(split_q, name))}
                                for name in ("train", "heldout", "unseen")}}
+    def start_of(name: str, criterion: str) -> ScoreBackbone:
+        if init_dir is not None:
+            return _init_scorer(config, task, criterion, name, init_dir)
+        return _new_scorer(config, task, criterion, seed)
+
+    def fit(scorer, step_loss, n_rows: int, steps: int, name: str) -> None:
+        steps = r.refresh_steps if init_dir is not None else steps
+        if steps:  # a refresh of 0 steps keeps the first round's weights
+            _fit(ctx, config, scorer, step_loss, n_rows, steps, f"{task}/{name}", log, output_root, resume, progress)
+
     for criterion in criteria:
         start = time.perf_counter()
-        scorer = _new_scorer(config, task, criterion, seed)
+        scorer = start_of(f"pointwise_{criterion}", criterion)
         data = PointwiseData.from_frame(split_p.train, criterion)
         steps = r.steps if criterion == "alignment" else r.easy_steps
-        _fit(ctx, config, scorer, lambda idx: pointwise_step_loss(scorer, data, idx), len(data.prompts), steps,
-             f"{task}/pointwise_{criterion}", log, output_root, resume, progress)
+        fit(scorer, lambda idx, gen: pointwise_step_loss(scorer, data, idx, gen, r.augment, allowed),
+            len(data.prompts), steps, f"pointwise_{criterion}")
         scorer.save(ctx.staging / task / f"pointwise_{criterion}")
         metrics[f"pointwise_{criterion}"] = {**_held_out_metrics(scorer, split_p, split_q, criterion, judge),
                                              "train_s": round(time.perf_counter() - start, 1)}
     if r.pairwise:
         start = time.perf_counter()
-        scorer = _new_scorer(config, task, "alignment", seed)
+        scorer = start_of("pairwise", "alignment")
         data = PairwiseData.from_frame(split_q.train)
-        _fit(ctx, config, scorer, lambda idx: pairwise_step_loss(scorer, data, idx), len(data.prompts), r.steps,
-             f"{task}/pairwise", log, output_root, resume, progress)
+        fit(scorer, lambda idx, gen: pairwise_step_loss(scorer, data, idx), len(data.prompts), r.steps, "pairwise")
         scorer.save(ctx.staging / task / "pairwise")
         metrics["pairwise"] = {**_held_out_metrics(scorer, split_p, split_q, "alignment", judge),
                                "train_s": round(time.perf_counter() - start, 1)}
@@ -193,13 +311,23 @@ def run_reward_model(
     *,
     output_root: str | None = None,
     tracker: Tracker | None = None,
+    init_uri: str | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> StageResult:
     """Train and evaluate every reward model and commit them; ``resume`` (with
     ``reward_model.checkpoint_every`` set) continues each scorer's training from
-    its newest checkpoint. ``progress``: one bar per scorer, named after it."""
+    its newest checkpoint. ``progress``: one bar per scorer, named after it.
+    ``init_uri``: a reward_model artifact each scorer starts from instead of fresh weights, trained
+    ``reward_model.refresh_steps`` steps (the refresh after a second annotation round); the held-out
+    and unseen splits follow the same rule, so the first round's held-out rows stay held out."""
     inputs = {"annotations": annotations_uri}
+    if init_uri is None:
+        config = first_round_config(config)
+        init_dir = None
+    else:
+        init_dir = _check_init(config, init_uri)
+        inputs["init"] = init_uri
     done = committed_result(STAGE, config, SECTIONS, inputs, output_root, tracker)
     if done is not None:
         return done
@@ -218,6 +346,6 @@ def run_reward_model(
                              "pairwise": pair_report.rows - pair_report.kept},
         }
         for task in ("t2i", "edit"):
-            metrics[task] = _train_task(ctx, config, task, points, pairs, output_root, resume, progress)
+            metrics[task] = _train_task(ctx, config, task, points, pairs, output_root, resume, progress, init_dir)
         ctx.tracker.log_metrics(flat_metrics(metrics))
         return commit_stage(ctx, STAGE, SECTIONS, inputs, metrics, output_root)

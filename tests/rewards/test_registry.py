@@ -167,10 +167,10 @@ def test_a_scorer_type_a_family_lacks_fails_at_load():
 def test_the_config_reference_documents_each_component_key():
     rows = {key: (default, doc) for key, default, doc in describe_fields()}
     for task in ("t2i", "edit"):
-        for key in ("name", "scorer", "criterion", "weight", "categories"):
+        for key in ("name", "scorer", "criterion", "weight", "categories", "gate"):
             assert rows[f"rewards.{task}[].{key}"][1], (task, key)
     assert rows["rewards.edit"][0] == ("({name: instruction, scorer: learned, criterion: alignment, weight: 1.0}, "
-                                       "{name: identity, scorer: identity, weight: 0.5})")
+                                       "{name: identity, scorer: identity, weight: 0.5, gate: instruction})")
     assert "rewards.t2i_categories" not in rows and "rewards.t2i.alignment" not in rows
 
 
@@ -220,8 +220,9 @@ def test_a_type_restricted_to_other_families_is_refused(brightness_type, monkeyp
 # --------------------------------------------------------------------------- composites as before
 
 
-def _reference_shapes(local: Path) -> dict[str, CompositeReward]:
-    """The shapes composites as the loader before the registry built them from the default weights."""
+def _reference_shapes(local: Path, edit_gates: dict[str, str]) -> dict[str, CompositeReward]:
+    """The shapes composites as the loader before the registry built them from the default weights, the
+    edit composite with ``edit_gates``."""
     def load(task, name):
         return ScorerReward(ShapesScorer.load(local / task / f"pointwise_{name}"), name)
 
@@ -230,7 +231,7 @@ def _reference_shapes(local: Path) -> dict[str, CompositeReward]:
                                                                        "fidelity": 0.5})
     edit = CompositeReward(components={"instruction": load("edit", "alignment"), "identity": ShapesIdentityScorer()},
                            weights={}, categorize=shapes_category,
-                           default_weights={"instruction": 1.0, "identity": 0.5})
+                           default_weights={"instruction": 1.0, "identity": 0.5}, gates=edit_gates)
     return {"t2i": t2i, "edit": edit}
 
 
@@ -243,7 +244,7 @@ def test_the_shapes_composites_are_todays_bit_for_bit(name, shapes_artifact):
     built = load_shapes_rewards(config, str(shapes_artifact))
     after = torch.rand(4)
     torch.manual_seed(0)
-    reference = _reference_shapes(shapes_artifact)
+    reference = _reference_shapes(shapes_artifact, config.rewards.gates("edit"))
     assert torch.equal(after, torch.rand(4))
     assert list(built) == ["t2i", "edit"]
     for task, (images, prompts, sources) in zip(("t2i", "edit"), _shapes_batches()):
@@ -251,7 +252,8 @@ def test_the_shapes_composites_are_todays_bit_for_bit(name, shapes_artifact):
         assert new.component_names == old.component_names
         assert [type(c) for c in new.components.values()] == [type(c) for c in old.components.values()]
         assert dict(new.default_weights) == dict(old.default_weights) and dict(new.weights) == {}
-        assert list(new.default_weights) == list(new.component_names)
+        assert list(new.default_weights) == list(new.components)
+        assert dict(new.gates) == dict(old.gates)
         assert new.categorize is shapes_category
         assert [getattr(c, "batch_size", None) for c in new.components.values()] == \
             [getattr(c, "batch_size", None) for c in old.components.values()]

@@ -3,6 +3,7 @@ partition kept away from every training set, and bad inputs."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -51,22 +52,59 @@ def test_bench_scores_every_model_and_fits_both_arenas(benched):
     assert len(battles) == 3 * 20 and set(battles.outcome) <= {0.0, 0.5, 1.0}
 
 
+def test_bench_records_gains_flags_and_relative_paths(benched):
+    """``gains``: every model but the anchor, each pillar's paired gain on the 0-1 scale, its delta the
+    difference of the pillars; ``gains_by_category`` per T2I category and edit kind; ``arena_flags``: the
+    unanimous pairs of each arena's battles; artifact paths under the working directory relative to it."""
+    from flowrl.arena import Battle, arena_flags
+
+    config, models, result = benched
+    m = result.metrics
+    assert set(m["gains"]) == set(models) - {"base"}
+    for name, gains in m["gains"].items():
+        assert set(gains) == set(PILLARS)
+        for pillar, g in gains.items():
+            assert set(g) == {"delta", "ci_low", "ci_high", "stderr"}
+            assert g["ci_low"] <= g["delta"] <= g["ci_high"], (name, pillar)
+            expected = (m["models"][name]["pillars"][pillar] - m["models"]["base"]["pillars"][pillar]) / 100
+            assert g["delta"] == pytest.approx(expected, abs=1e-3), (name, pillar)
+        assert set(m["gains_by_category"][name]) == (
+            {f"t2i_alignment/{c}" for c in grammar("t2i")} | {f"edit_accuracy/{k}" for k in grammar("edit")})
+    assert m["gains_bootstrap"]["replicates"] == config.bench.bootstrap
+    battles = pd.read_parquet(fetch(result.uri) / "battles.parquet")
+    for arena in ("t2i", "edit"):
+        rows = battles[battles.arena == arena]
+        expected = arena_flags([Battle(a, b, o) for a, b, o in zip(rows.model_a, rows.model_b, rows.outcome)],
+                               list(models))
+        assert m["arena_flags"][arena] == expected
+    for name, uri in models.items():
+        recorded = m["models"][name]["artifact_uri"]
+        assert not recorded.startswith("/") or not uri.startswith(str(Path.cwd())), recorded
+        assert (Path.cwd() / recorded).resolve() == Path(uri).resolve()
+
+
 def test_bench_writes_the_report(benched):
     _, models, result = benched
     local = fetch(result.uri)
     for name in REPORT_FILES:
         assert (local / name).is_file(), name
-    for name in ("elo.png", "curves.png", "grid_t2i.png", "grid_edit.png"):
-        assert (local / name).read_bytes()[:4] == b"\x89PNG"
+    groups = [f"grid_t2i_{c}.png" for c in grammar("t2i")] + [f"grid_edit_{k}.png" for k in grammar("edit")]
+    for name in ("elo.png", "curves.png", "rl_curves.png", "grid_t2i.png", "grid_edit.png", *groups):
+        assert (local / name).read_bytes()[:4] == b"\x89PNG", name
     md = (local / "report.md").read_text()
     for heading in ("## Pillars", "## Arena ratings", "## T2I alignment by category", "## Edit accuracy by kind",
-                    "## Training curves", "![Elo per arena](elo.png)"):
+                    "## Training curves", "![Elo per arena](elo.png)", "## Reward vs judge during training",
+                    "## Gains over base (paired bootstrap 95 % intervals over bench items)",
+                    "## T2I, category counting: same prompts and seeds", "## Edits, kind recolor: same prompts"):
         assert heading in md
     for name in models:
         assert f"| {name} |" in md
     html = (local / "report.html").read_text()
-    assert html.count("<table>") == 6 and html.count("data:image/png;base64,") == 4
+    assert html.count("<table>") == 9 and html.count("data:image/png;base64,") == 5 + len(groups)
     assert "src='elo.png'" not in html  # self-contained
+    from flowrl.stages.bench import report_files
+
+    assert set(report_files(result.uri)) >= {"rl_curves.png", *groups}  # --report-dir copies them all
 
 
 def test_same_weights_under_two_names_tie_every_battle(upstream):
@@ -203,9 +241,14 @@ def test_report_renders_in_a_real_browser(benched, tmp_path):
     found = re.search(r'<pre id="flowrl-check">(.*?)</pre>', run.stdout)
     assert found, f"the check script did not run (rc {run.returncode}): {run.stderr[-2000:]}"
     out = json.loads(found.group(1).replace("&quot;", '"'))
-    assert out["images"] == 4 and out["decoded"] == 4
-    assert out["tables"] == 6 and all(rows == len(models) for rows in out["rows"])
-    assert {"Pillars", "Arena ratings", "Elo per arena", "Training curves"} <= set(out["headings"])
+    images = 5 + len(grammar("t2i")) + len(grammar("edit"))  # elo, both curves, two overall grids, one per group
+    assert out["images"] == images and out["decoded"] == images
+    # the gains tables have a row per model but the anchor (the second, and the two by category and kind)
+    assert out["tables"] == 9
+    assert out["rows"] == [len(models), len(models) - 1, len(models), len(models), len(models) - 1,
+                           len(models) - 1, len(models), len(models), len(models)]
+    assert {"Pillars", "Arena ratings", "Elo per arena", "Training curves",
+            "Reward vs judge during training"} <= set(out["headings"])
 
 
 def test_bench_moves_the_champion_alias_only_to_a_better_student(upstream, teachers, tmp_path):
@@ -241,3 +284,53 @@ def test_reward_models_score_the_bench_through_the_same_path(upstream, teachers,
         assert p["t2i_alignment"] not in (0.0, 100.0)  # continuous scores, not the judge's 0/1
     judged = run_bench(config, models, output_root=str(tmp_path / "judge")).metrics
     assert judged["models"]["base"]["pillars"] != m["models"]["base"]["pillars"]
+
+
+def test_relative_uri_names_local_artifacts_under_the_working_directory_relatively(tmp_path, monkeypatch):
+    from flowrl.stages.common import relative_uri
+
+    (tmp_path / "artifacts" / "base" / "v1").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert relative_uri(str(tmp_path / "artifacts" / "base" / "v1")) == "artifacts/base/v1"
+    assert relative_uri(f"file://{tmp_path}/artifacts/base/v1") == "artifacts/base/v1"
+    assert relative_uri("artifacts/base/v1") == "artifacts/base/v1"
+    assert relative_uri("/elsewhere/base/v1") == "/elsewhere/base/v1"
+    assert relative_uri("s3://bucket/base/v1") == "s3://bucket/base/v1"
+
+
+def test_a_results_command_line_names_local_paths_relatively(tmp_path, monkeypatch):
+    import sys
+
+    from flowrl.cli import _command_line
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["flowrl", "bench", "--model", f"base={tmp_path}/artifacts/base/v1",
+                                      "--annotations", f"{tmp_path}/artifacts/annotate/v2", "--results",
+                                      "results/b.json", "--model", "t=s3://bucket/grpo/v3", "/elsewhere/x"])
+    assert _command_line() == ("flowrl bench --model base=artifacts/base/v1 --annotations artifacts/annotate/v2 "
+                               "--results results/b.json --model t=s3://bucket/grpo/v3 /elsewhere/x")
+
+
+def test_the_pipeline_run_carries_overall_scores_ratings_and_gains():
+    from flowrl.stages.common import flat_metrics
+    from tasks.bench import pipeline_headline
+
+    metrics = {"models": {"base": {"pillars": {"overall": 50.0, "identity": 60.0}, "sample_and_score_s": 3.0}},
+               "arenas": {"t2i": {"base": {"rating": 1000.0, "ci_low": 990.0, "ci_high": 1010.0}}},
+               "gains": {"student": {"fidelity": {"delta": -0.01, "ci_low": -0.02, "ci_high": 0.0, "stderr": None}}},
+               "wall_s": 9.0}
+    assert pipeline_headline(flat_metrics(metrics)) == {
+        "models/base/pillars/overall": 50.0, "arenas/t2i/base/rating": 1000.0, "arenas/t2i/base/ci_low": 990.0,
+        "arenas/t2i/base/ci_high": 1010.0, "gains/student/fidelity/delta": -0.01,
+        "gains/student/fidelity/ci_low": -0.02, "gains/student/fidelity/ci_high": 0.0}
+
+
+def test_grid_thumbnails_keep_small_images_and_stride_large_ones():
+    from flowrl.stages.bench import GRID_PIXELS, _thumbnails
+
+    small = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)
+    assert np.array_equal(_thumbnails(small), small)
+    large = np.zeros((1, 1024, 600, 3), np.uint8)
+    large[0, ::4, ::4] = 255  # the pixels a stride of 4 keeps
+    thumb = _thumbnails(large)
+    assert thumb.shape == (1, GRID_PIXELS, 150, 3) and (thumb == 255).all()

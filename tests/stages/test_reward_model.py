@@ -82,7 +82,7 @@ def test_composite_rewards_from_the_artifact(annotations):
     sources = render_batch([e.source for e in edits], 32)
     targets = render_batch([e.target for e in edits], 32)
     edit_scores = rewards["edit"].score_components(targets, [e.instruction for e in edits], sources)
-    assert set(edit_scores.components) == {"instruction", "identity"}
+    assert set(edit_scores.components) == {"instruction", "identity", "identity_gated"}
     assert torch.all(edit_scores.components["identity"] == 1.0)  # the exact targets keep every untouched object
 
 
