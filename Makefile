@@ -95,12 +95,15 @@ clean:
 results/base_shapes.json: venv
 	$(VENV)/bin/flowrl base --config configs/shapes.yaml --results $@
 
-# The committed measurement of the reward models (results/reward_model_shapes.json):
-# base and annotations are reused from artifacts/ when they are already there.
+# The committed measurement of the reward models (results/reward_model_shapes.json): `round1`, trained on the
+# first annotation round, which filters the prompts and scores GRPO round 1; `refreshed`, those models refreshed on
+# both rounds, which score GRPO round 2, OPD's teachers and the bench. Every stage is reused from artifacts/
+# when it is complete there (after a `make run`, nothing is trained).
 results/reward_model_shapes.json: venv
-	base=$$($(VENV)/bin/flowrl base --config configs/shapes.yaml --no-progress | tail -1) && \
-	annotations=$$($(VENV)/bin/flowrl annotate --config configs/shapes.yaml --base $$base | tail -1) && \
-	$(VENV)/bin/flowrl reward-model --config configs/shapes.yaml --annotations $$annotations --results $@
+	set -eo pipefail; rm -f $@; \
+	$(TEACHERS); \
+	$(FLOWRL) reward-model $(SHAPES) --annotations $$ann1 --results $@ --results-key round1; \
+	$(FLOWRL) reward-model $(SHAPES) --annotations $$ann --init $$rm1 --results $@ --results-key refreshed
 
 # The committed GRPO measurement (results/grpo_shapes.json, one key per task: the teachers, which with
 # configs/shapes.yaml's two annotation rounds are the round-2 runs); upstream stages are reused from artifacts/.
@@ -115,16 +118,18 @@ results/grpo_shapes.json: venv
 # Every stage of the shapes run through the CLI (each reused from artifacts/ when complete), as the workflow
 # runs it with configs/shapes.yaml's pipeline.annotation_rounds: 2: GRPO round 1 on the first reward models,
 # the second annotation round on its samples, the refreshed reward models (`rm` from then on), GRPO round 2.
-# TEACHERS leaves `tt` / `te` holding the teachers (and `t1` / `e1` their first rounds); DEFAULT_MODELS leaves
+# TEACHERS leaves `tt` / `te` holding the teachers (`t1` / `e1` their first rounds, `ann1` / `rm1` the first
+# round's annotations and reward models); DEFAULT_MODELS leaves
 # `models` holding the --model NAME=URI flags of the default run's four models, ALL_MODELS those of all six
 # (with the Mix-RL baseline and off-policy OPD, which the default run leaves out).
 TEACHERS = $(REWARD_CHAIN); \
 	$(T2I_PROMPTS); \
 	$(EDIT_PROMPTS); \
+	ann1=$$ann; rm1=$$rm; \
 	t1=$$($(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt --round 1 | tail -1); \
 	e1=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe --round 1 | tail -1); \
-	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base --previous $$ann --policies t2i=$$t1 edit=$$e1 | tail -1); \
-	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann --init $$rm | tail -1); \
+	ann=$$($(FLOWRL) annotate $(SHAPES) --base $$base --previous $$ann1 --policies t2i=$$t1 edit=$$e1 | tail -1); \
+	rm=$$($(FLOWRL) reward-model $(SHAPES) --annotations $$ann --init $$rm1 | tail -1); \
 	tt=$$($(FLOWRL) grpo $(SHAPES) --task t2i --base $$base --reward-model $$rm --prompts $$pt --round 2 \
 		--init $$t1 | tail -1); \
 	te=$$($(FLOWRL) grpo $(SHAPES) --task edit --base $$base --reward-model $$rm --prompts $$pe --round 2 \

@@ -363,6 +363,9 @@ class RewardModelConfig:
     width: int = param(96, "Scorer width.", ge=8, cap=MODEL_WIDTH_MAX)
     depth: int = param(4, "Scorer transformer blocks.", ge=1, cap=MODEL_DEPTH_MAX)
     heads: int = param(4, "Scorer attention heads.", ge=1)
+    stem: int = param(0, "Channels of the shapes scorer's convolutional stem (two 3x3 convolutions before the "
+                      "patches: local texture and colour features); 0: the patches' pixels only.", ge=0, le=64,
+                      added=True)
     steps: int = param(2000, "Optimizer steps of the alignment and pairwise models.", ge=1)
     easy_steps: int = param(
         1000, "Optimizer steps of the quality and fidelity models (texture and structure learn much faster).", ge=1
@@ -417,8 +420,8 @@ class RewardComponent:
         "component takes the other components' `weight`.")
     gate: str | None = param(
         None, "Name of another component of the same task whose score, mapped onto [0, 1] through its score "
-        "range ((level - 1) / 4 for a learned Likert scorer, clipped), multiplies this component's score row by "
-        "row; the product is logged and weighted as `<name>_gated`, the raw score is still logged (weight 0). "
+        "range (0 up to the middle of the range, then rising linearly to 1 at the top: (level - 3) / 2 for a "
+        "learned Likert scorer, 0 at level 3 or less), multiplies this component's score row by row; the product is logged and weighted as `<name>_gated`, the raw score is still logged (weight 0). "
         "A gate is itself ungated. E.g. identity gated by instruction: keeping the source pays only as far as "
         "the instruction was carried out. null: ungated.", added=True)
 
@@ -1397,10 +1400,14 @@ def check_consistency(config: FlowRLConfig) -> None:
     r = config.reward_model
     if r.backbone == "vlm" and not r.vlm_pretrained:
         raise ConfigError("reward_model.vlm_pretrained: required when reward_model.backbone is vlm")
-    if r.augment and (r.backbone != "shapes" or m.family != "shapes"):
+    a = config.annotate
+    if a.policy_round.seed == a.seed:
+        raise ConfigError(f"annotate.policy_round.seed: {a.seed} is annotate.seed too; the second round would draw "
+                          "the first round's prompts and scenes again")
+    if r.augment and r.backbone != "shapes":  # (the family's part is checked by the stage: family_of)
         raise ConfigError(
             f"reward_model.augment: {_shown(list(r.augment))} rewrites shapes-world prompts and pictures; it needs "
-            f"reward_model.backbone: shapes and model.family: shapes (got {r.backbone}, {m.family})"
+            f"reward_model.backbone: shapes (got {r.backbone})"
         )
     if r.width % r.heads or (r.width // r.heads) % 4:
         raise ConfigError(

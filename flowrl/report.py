@@ -409,6 +409,10 @@ RECIPE_STUDENT = "student"
 MIN_GAIN, MAX_LOSS, RETAINED = 0.10, 0.02, 0.9
 
 
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def recipe_checks(data: ReportData) -> list[dict]:
     """The recipe's claims, each checked on this bench's own numbers: every teacher gains at least
     MIN_GAIN on its task's pillar with its interval above 0 and loses at most MAX_LOSS of fidelity (the
@@ -437,7 +441,7 @@ def recipe_checks(data: ReportData) -> list[dict]:
         if teacher == "edit_teacher" and teacher in data.group_gains:
             kinds = {k.split("/", 1)[1]: v for k, v in data.group_gains[teacher].items()
                      if k.startswith("edit_accuracy/")}
-            below = [k for k, v in kinds.items() if v["stderr"] == v["stderr"] and v["delta"] < -v["stderr"]]
+            below = [k for k, v in kinds.items() if _finite(v.get("stderr")) and v["delta"] < -v["stderr"]]
             checks.append({"claim": f"{teacher}: no edit kind below {data.anchor} by more than its standard error",
                            "measured": ", ".join(f"{k} {v['delta']:+.2f}" for k, v in kinds.items()),
                            "target": "none below", "met": not below})

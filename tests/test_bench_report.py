@@ -244,3 +244,15 @@ def test_the_recipe_claims_are_checked_on_the_bench_numbers():
     assert "## The recipe's claims on this bench" in md and "| student: T2I arena Elo above base | 1040 [1010, 1070]" in md
     data.gains = {}
     assert recipe_checks(data) == [] and "recipe's claims" not in render_markdown(data)
+
+
+def test_a_kind_with_one_item_has_no_standard_error_and_is_not_called_below():
+    from flowrl.report import recipe_checks
+
+    data = _data()
+    data.gains = {"edit_teacher": {"t2i_alignment": _gain(0.0, 0.0, 0.0), "edit_accuracy": _gain(0.2, 0.1, 0.3),
+                                   "identity": _gain(0.0, 0.0, 0.0), "fidelity": _gain(0.0, 0.0, 0.0)}}
+    data.group_gains = {"edit_teacher": {"edit_accuracy/add": _gain(-1.0, -1.0, -1.0, None),  # rounded NaN
+                                         "edit_accuracy/move": _gain(-0.5, -0.5, -0.5, float("nan"))}}
+    met = {c["claim"]: c["met"] for c in recipe_checks(data)}
+    assert met["edit_teacher: no edit kind below base by more than its standard error"]

@@ -177,3 +177,10 @@ def test_a_key_added_later_leaves_the_hash_alone_at_its_default():
 
     assert "sampling_weights" not in _hash_payload(config.grpo)
     assert _hash_payload(other.grpo)["sampling_weights"] == ["move=3"]
+
+
+def test_the_second_annotation_round_draws_prompts_of_its_own(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("annotate:\n  seed: 5\n  policy_round:\n    seed: 5\n")
+    with pytest.raises(ConfigError, match="annotate.policy_round.seed: 5 is annotate.seed too"):
+        load_config(path)

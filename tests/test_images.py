@@ -442,6 +442,10 @@ def test_image_flags_override_the_task_images(bundle):
         "tasks.annotate.annotate": ("annotate", 1), "tasks.reward_model.reward_model": ("reward-model", 1),
         "tasks.filter_prompts.filter_prompts": ("filter-prompts", 1), "tasks.grpo.grpo": ("grpo", 2),
         "tasks.grpo.grpo_mixed": ("grpo", 2), "tasks.opd.opd": ("opd", 2), "tasks.bench.bench": ("bench", 1),
+        # the second annotation round and its switch
+        "tasks.annotate.annotation_rounds": ("cuda-base", 0), "tasks.annotate.passed_on": ("cuda-base", 0),
+        "tasks.annotate.annotate_policies": ("annotate", 1),
+        "tasks.reward_model.reward_model_refresh": ("reward-model", 1), "tasks.grpo.grpo_continued": ("grpo", 2),
     }
     assert set(tasks) == set(expected)
     for name, (image, retries) in expected.items():
@@ -468,12 +472,19 @@ def test_bundle_workflow_edges(bundle):
     by_id = {n.id: task_of(n) for n in nodes}
     edges = set()
     for node in nodes:
-        for binding in node.inputs:
+        bindings = list(node.inputs)
+        if node.HasField("branch_node"):  # a conditional's data flows into its `then` node
+            bindings += list(node.branch_node.if_else.case.then_node.inputs)
+        for binding in bindings:
             promise = binding.binding.promise
             if promise.node_id in by_id:
                 edges.add((by_id[promise.node_id], by_id[node.id]))
+    # GRPO round 1 -> the second annotation round -> refreshed reward models -> GRPO round 2 (each a conditional
+    # on pipeline.annotation_rounds, named here by its `then` task) -> OPD
     for edge in [("base", "annotate"), ("annotate", "reward_model"), ("reward_model", "filter_prompts"),
-                 ("filter_prompts", "grpo"), ("grpo", "opd"), ("opd", "bench"), ("base", "bench")]:
+                 ("filter_prompts", "grpo"), ("grpo", "annotate_policies"), ("annotate_policies", "reward_model_refresh"),
+                 ("reward_model_refresh", "grpo_continued"), ("grpo", "grpo_continued"), ("grpo_continued", "opd"),
+                 ("opd", "bench"), ("base", "bench")]:
         assert edge in edges, (edge, sorted(edges))
     assert path.stat().st_size > 0
 

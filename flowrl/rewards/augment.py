@@ -29,6 +29,12 @@ PERMUTATIONS: tuple[tuple[int, ...], ...] = tuple(itertools.permutations(range(l
 _MIRRORED = {"left": "right", "right": "left"}
 # a pixel whose best ink amount is below this is background (white, or a faint tint of it)
 INK_FLOOR = 0.1
+# a picture with an ink pixel this far (RGB distance, 0-1 units) from its nearest ink is not recoloured: its
+# colours are not one palette colour plus a fault, and a permuted ink could read as another colour
+MAX_RESIDUAL = 0.25
+# a recolouring that would push a channel past black or white by more than this (1/255 per channel) loses part
+# of the fault it carries (a cast on a channel near 0 or 255), so the picture keeps its colours
+CLIP_TOLERANCE = 1.0 / 255
 
 
 def _inks() -> torch.Tensor:
@@ -44,30 +50,53 @@ def ink_decomposition(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     inks = _inks().to(images)  # [C, 3]
     white = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device)[:, None, None] / 255.0
     deficit = white - images  # [B, 3, H, W]
-    # least-squares amount of each ink, clipped to what a pixel can hold
-    amount = torch.einsum("bchw,kc->bkhw", deficit, inks) / (inks * inks).sum(-1)[None, :, None, None]
-    amount = amount.clamp(0.0, 1.0)  # [B, C, H, W]
-    residual = deficit[:, None] - amount[:, :, None] * inks[None, :, :, None, None]  # [B, C, 3, H, W]
-    best = residual.square().sum(2).argmin(1)  # [B, H, W]
-    pick = best[:, None, None].expand(-1, 1, 3, -1, -1)
-    chosen_residual = residual.gather(1, pick)[:, 0]  # [B, 3, H, W]
+    # least-squares amount of each ink, clipped to what a pixel can hold; the squared residual of ink k is
+    # |d|^2 - 2 a_k (d . ink_k) + a_k^2 |ink_k|^2, so no [B, C, 3, H, W] tensor is needed to pick the best
+    dots = torch.einsum("bchw,kc->bkhw", deficit, inks)  # [B, C, H, W]
+    norms = (inks * inks).sum(-1)[None, :, None, None]
+    amount = (dots / norms).clamp(0.0, 1.0)
+    squared = amount * (amount * norms - 2.0 * dots)  # the residual's squared norm less |d|^2
+    best = squared.argmin(1)  # [B, H, W]
     chosen_amount = amount.gather(1, best[:, None])[:, 0]  # [B, H, W]
+    chosen_residual = deficit - chosen_amount[:, None] * inks[best].permute(0, 3, 1, 2)  # [B, 3, H, W]
     return best, chosen_amount, chosen_residual
+
+
+def _recolored(images: torch.Tensor, permutations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images`` [B, 3, H, W] recoloured row by row, row b's palette colour i painted as colour
+    ``permutations[b, i]`` (background pixels, under INK_FLOOR of any ink, as they are), and [B] bool: which
+    rows keep what a person sees in them (:func:`recolorable`)."""
+    inks = _inks().to(images)
+    colour, amount, residual = ink_decomposition(images)
+    white = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device)[:, None, None] / 255.0
+    new_colour = permutations.gather(1, colour.flatten(1)).view_as(colour)  # [B, H, W]
+    raw = white - amount[:, None] * inks[new_colour].permute(0, 3, 1, 2) - residual
+    ink = (amount >= INK_FLOOR)[:, None]
+    clipped = torch.where(ink, (raw - raw.clamp(0.0, 1.0)).abs(), torch.zeros_like(raw)).flatten(1).amax(1)
+    stray = torch.where(ink[:, 0], residual.square().sum(1), torch.zeros_like(amount)).flatten(1).amax(1)
+    keeps = (clipped <= CLIP_TOLERANCE) & (stray <= MAX_RESIDUAL**2)  # (squared norms: a sum is faster than a norm)
+    return torch.where(ink, raw.clamp(0.0, 1.0), images), keeps
+
+
+def _permutation_rows(permutation: Sequence[int], rows: int, device) -> torch.Tensor:
+    perm = torch.as_tensor(list(permutation), dtype=torch.long, device=device)
+    if sorted(perm.tolist()) != list(range(len(COLOR_NAMES))):
+        raise ValueError(f"not a permutation of the {len(COLOR_NAMES)} palette colours: {list(permutation)}")
+    return perm[None].expand(rows, -1)
 
 
 def recolor_images(images: torch.Tensor, permutation: Sequence[int]) -> torch.Tensor:
     """``images`` [B, 3, H, W] in [0, 1] with palette colour i painted as colour permutation[i]; pixels
-    with less than INK_FLOOR of any ink (the background) are left as they are."""
-    perm = torch.as_tensor(list(permutation), dtype=torch.long, device=images.device)
-    if sorted(perm.tolist()) != list(range(len(COLOR_NAMES))):
-        raise ValueError(f"not a permutation of the {len(COLOR_NAMES)} palette colours: {list(permutation)}")
-    inks = _inks().to(images)
-    colour, amount, residual = ink_decomposition(images)
-    white = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device)[:, None, None] / 255.0
-    new_ink = inks[perm[colour]].permute(0, 3, 1, 2)  # [B, 3, H, W]
-    recolored = white - amount[:, None] * new_ink - residual
-    keep = (amount < INK_FLOOR)[:, None]
-    return torch.where(keep, images, recolored.clamp(0.0, 1.0))
+    with less than INK_FLOOR of any ink (the background) are left as they are. :func:`recolorable` says
+    which pictures keep their label under this."""
+    return _recolored(images, _permutation_rows(permutation, images.shape[0], images.device))[0]
+
+
+def recolorable(images: torch.Tensor, permutation: Sequence[int]) -> torch.Tensor:
+    """[B] bool: whether recolouring each picture keeps what a person sees in it: every ink pixel lies
+    within MAX_RESIDUAL of its ink (a colour and a fault, not a colour between two), and the recoloured
+    pixels stay inside the colour range (up to CLIP_TOLERANCE), so no part of a fault is cut off."""
+    return _recolored(images, _permutation_rows(permutation, images.shape[0], images.device))[1]
 
 
 def recolor_text(text: str, permutation: Sequence[int]) -> str:
@@ -92,7 +121,8 @@ def augment_batch(
     """One random variant per row: with ``"mirror"`` in ``kinds`` each row is mirrored with probability
     1/2, with ``"palette"`` its colours are relabelled by a uniformly drawn permutation (the identity
     included). A variant whose prompt ``allowed`` refuses (a text held out from training) is replaced by
-    the row's mirror alone if that is allowed, else by the row as it is. Draws come from ``generator``
+    the row's mirror alone if that is allowed, else by the row as it is; a row whose pictures are not
+    :func:`recolorable` keeps its colours. Draws come from ``generator``
     only, two per row whatever ``kinds`` holds, so the stream is the same across settings."""
     n = images.shape[0]
     flips = (torch.rand(n, generator=generator) < 0.5).tolist()
@@ -118,12 +148,18 @@ def augment_batch(
             sources[rows] = sources[rows].flip(-1)
         for r in rows:
             out_prompts[r] = mirror_text(out_prompts[r])
-    for index in sorted({perm for _, perm in plans if perm}):
-        rows = [r for r, (_, perm) in enumerate(plans) if perm == index]
-        perm = PERMUTATIONS[index]
-        images[rows] = recolor_images(images[rows], perm)
-        if sources is not None:
-            sources[rows] = recolor_images(sources[rows], perm)
-        for r in rows:
-            out_prompts[r] = recolor_text(out_prompts[r], perm)
+    index = torch.tensor([perm for _, perm in plans], dtype=torch.long)
+    if not bool((index > 0).any()):
+        return images, out_prompts, sources
+    table = torch.tensor(PERMUTATIONS, dtype=torch.long, device=images.device)[index.to(images.device)]  # [B, C]
+    recolored, keeps = _recolored(images, table)
+    if sources is not None:
+        recolored_sources, source_keeps = _recolored(sources, table)
+        keeps &= source_keeps
+    chosen = keeps & (index.to(keeps.device) > 0)  # rows whose recolouring keeps their label; the others as they are
+    images = torch.where(chosen[:, None, None, None], recolored, images)
+    if sources is not None:
+        sources = torch.where(chosen[:, None, None, None], recolored_sources, sources)
+    for r in chosen.nonzero()[:, 0].tolist():
+        out_prompts[r] = recolor_text(out_prompts[r], PERMUTATIONS[plans[r][1]])
     return images, out_prompts, sources

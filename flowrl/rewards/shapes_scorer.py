@@ -34,6 +34,7 @@ class ScorerArch:
     depth: int = 3
     heads: int = 4
     patch: int = 8
+    stem: int = 0  # channels of a convolutional stem before the patches (0: none, pixels only)
 
 
 class ShapesScorer(nn.Module):
@@ -44,7 +45,11 @@ class ShapesScorer(nn.Module):
         self.arch, self.resolution = arch, resolution
         width, patch = arch.width, arch.patch
         grid = resolution // patch
-        self.image_in = nn.Linear(3 * patch * patch, width)
+        # a small convolutional stem gives each patch local texture and colour features (noise, blur, a colour
+        # cast) that one linear map of its pixels into `width` numbers cannot keep
+        self.stem = None if not arch.stem else nn.Sequential(
+            nn.Conv2d(3, arch.stem, 3, padding=1), nn.GELU(), nn.Conv2d(arch.stem, arch.stem, 3, padding=1), nn.GELU())
+        self.image_in = nn.Linear((3 + arch.stem) * patch * patch, width)
         self.source_in = nn.Linear(2 * 3 * patch * patch, width)  # source patch and its change
         self.image_pos = nn.Parameter(torch.randn(1, grid * grid, width) * 0.02)
         self.word = nn.Embedding(len(vocab.VOCAB), width, padding_idx=0)
@@ -63,6 +68,14 @@ class ShapesScorer(nn.Module):
         p = self.arch.patch
         return F.unfold(images * 2 - 1, kernel_size=p, stride=p).transpose(1, 2)
 
+    def _image_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """The scored image's patches: its pixels and, with a stem, the stem's features at every pixel."""
+        if self.stem is None:
+            return self._patches(images)
+        x = images * 2 - 1
+        p = self.arch.patch
+        return F.unfold(torch.cat([x, self.stem(x)], dim=1), kernel_size=p, stride=p).transpose(1, 2)
+
     def level_logits(
         self, images: torch.Tensor, prompts: list[str], sources: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -70,7 +83,7 @@ class ShapesScorer(nn.Module):
         text_mask = tokens != 0
         text = self.word(tokens) + self.text_pos  # [B, T, D]
         pooled = masked_mean(text, text_mask)  # [B, D]
-        image = self.image_in(self._patches(images)) + self.image_pos  # [B, N, D]
+        image = self.image_in(self._image_patches(images)) + self.image_pos  # [B, N, D]
         parts, n_images = [text, image], 1
         if sources is not None:
             # each source token also sees what changed in its cell: the cell-wise difference is

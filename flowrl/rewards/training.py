@@ -96,6 +96,11 @@ class Split:
     unseen: pd.DataFrame  # prompts no training row has
 
 
+def is_unseen_prompt(prompt: str, unseen_prompt_fraction: float, seed: int) -> bool:
+    """Whether the split rule holds ``prompt`` out as an unseen prompt (whatever data holds it)."""
+    return _unit_hash(seed, "prompt:" + str(prompt)) < unseen_prompt_fraction
+
+
 def split_annotations(frame: pd.DataFrame, heldout_fraction: float, unseen_prompt_fraction: float, seed: int) -> Split:
     """Three disjoint parts. A prompt text goes to ``unseen`` with probability
     ``unseen_prompt_fraction``; of the rest, a group goes to ``heldout`` with
@@ -103,7 +108,7 @@ def split_annotations(frame: pd.DataFrame, heldout_fraction: float, unseen_promp
     the pointwise and pairwise frames of one dataset split the same way. When
     no group's draw falls under the fraction (tiny data), the group with the
     lowest draw is held out."""
-    unseen = frame["prompt"].astype(str).map(lambda k: _unit_hash(seed, "prompt:" + k) < unseen_prompt_fraction)
+    unseen = frame["prompt"].astype(str).map(lambda k: is_unseen_prompt(k, unseen_prompt_fraction, seed))
     draws = split_keys(frame).map(lambda k: _unit_hash(seed, "group:" + k))
     held = (draws < heldout_fraction) & ~unseen
     rest = draws[~unseen]

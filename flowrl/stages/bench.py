@@ -36,6 +36,7 @@ beats the current holder's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -361,6 +362,11 @@ def _spilled(images: BenchImages, directory: Path) -> BenchImages:
     return BenchImages(**arrays)
 
 
+def _name_words(name: str) -> list[int]:
+    """A model name as seed words: a pair's draws do not depend on which other models are benched."""
+    return [int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")]
+
+
 def _two_task(scores: dict, names: list[str], settings) -> dict:
     """Each model's two-task mean (T2I alignment and edit accuracy weighed equally, 0-1) and, for every
     pair of models ``a-b`` (``a`` listed first), the difference with its paired bootstrap interval
@@ -371,7 +377,7 @@ def _two_task(scores: dict, names: list[str], settings) -> dict:
     differences = {}
     for i, a in enumerate(names):
         for j, b in enumerate(names[i + 1:], start=i + 1):
-            rng = np.random.default_rng([settings.seed, 1000 + i, j])
+            rng = np.random.default_rng([settings.seed, *_name_words(a), *_name_words(b)])
             d = two_task_difference(scores[a], scores[b], settings.bootstrap, settings.confidence, rng)
             differences[f"{a}-{b}"] = {k: round(v, 4) for k, v in d.items()}
     return {"means": means, "differences": differences}

@@ -43,6 +43,7 @@ from flowrl.stages.common import (
     committed_result,
     flat_metrics,
     follow_rank0,
+    relative_uri,
     run_trainer,
     stage_context,
     stage_version,
@@ -291,7 +292,7 @@ def run_grpo(
             rows, grid = _base_against_teacher(config, task, policy, evaluator, trained, base_dir, ctx.staging)
             metrics = {**_teacher_metrics(task, trainer, rows, train_s, start), **evaluator.provenance(stage)}
             if rl_round is not None or init_uri is not None:
-                metrics.update(round=rl_round or 0, init=init_uri or "")
+                metrics.update(round=rl_round or 0, init=relative_uri(init_uri) if init_uri else "")
             _write_outputs(ctx, trainer, rows, task, grid, metrics, evaluator.heldout_label())
             return commit_stage(ctx, stage, SECTIONS, inputs, metrics, output_root)
     finally:
@@ -310,6 +311,8 @@ def round_config(config: FlowRLConfig, rl_round: int | None, init_uri: str | Non
     ``round1_iterations`` iterations; round 2: the rest, on a seed of its own (not replaying the first
     round's prompt draws and noise). A set ``loop.time_budget_s`` is split in the same proportion."""
     g = config.grpo
+    if rl_round is None and init_uri is not None:
+        raise ConfigError("grpo --init continues a first round's policy: give --round 2 with it")
     if rl_round is None:
         default = type(g)().round1_iterations
         return dataclasses.replace(config, grpo=dataclasses.replace(g, round1_iterations=default))
@@ -337,6 +340,9 @@ def _check_init(init_uri: str, stage: str, base_uri: str, config: FlowRLConfig) 
     if manifest.stage != stage:
         raise ArtifactError(f"grpo --init {init_uri}: an artifact of stage {manifest.stage}, where a {stage} "
                             "artifact was expected")
+    if str(manifest.inputs.get("round", "1")) != "1":
+        raise ArtifactError(f"grpo --init {init_uri}: not a first-round run (round {manifest.inputs.get('round')}); "
+                            "round 2 continues round 1")
     if manifest.inputs.get("base") != base_uri:
         raise ArtifactError(f"grpo --init {init_uri}: trained from the base {manifest.inputs.get('base')}, not "
                             f"from {base_uri}; a later round must keep the base its KL reference is")

@@ -36,13 +36,16 @@ from flowrl.rewards.training import (
     pairwise_step_loss,
     pointwise_step_loss,
     rewards_of,
+    is_unseen_prompt,
     label_spearman_ceiling,
     spearman,
     spearman_ceiling,
     split_annotations,
 )
 from flowrl.shapes.edits import parse_edit
-from flowrl.shapes.prompts import parse_t2i
+from flowrl.shapes import perturb
+from flowrl.shapes.prompts import T2I_CATEGORIES, parse_t2i, sample_t2i
+from flowrl.shapes.render import render_scene, to_tensor
 from flowrl.shapes.splits import bench_texts
 from flowrl.rl.trainer import Checkpoints
 from flowrl.stages.common import StageResult, commit_stage, committed_result, flat_metrics, stage_context
@@ -81,30 +84,68 @@ _LATENTS: dict[str, list[Latents]] = {}
 _LATENTS_KEPT = 8  # a task's held-out and unseen images and pairs (a and b), with room to spare
 
 
+CAST_PROBE_SCENES = 96
+
+
+@torch.no_grad()
+def colour_cast_probe(scorer: ScoreBackbone, resolution: int, scenes: int = CAST_PROBE_SCENES,
+                      seed: int = 0) -> dict[str, float]:
+    """Whether ``scorer`` sees an off-palette colour cast (what RL policies drift into): on ``scenes``
+    correct renders of fresh T2I prompts, every category in turn, the share whose copy with a cast of
+    8-40 levels scores below the clean render, and the mean gap clean - cast (expected levels)."""
+    scorer.eval()
+    rng = np.random.default_rng([seed, scenes])
+    examples = [sample_t2i(rng, T2I_CATEGORIES[i % len(T2I_CATEGORIES)]) for i in range(scenes)]
+    clean = np.stack([render_scene(e.scene, resolution) for e in examples])
+    cast = np.stack([perturb.color_cast(image, rng, distance=float(rng.uniform(8.0, 40.0))) for image in clean])
+    prompts = [e.prompt for e in examples]
+    on_clean = rewards_of(scorer, to_tensor(clean), prompts, None)
+    on_cast = rewards_of(scorer, to_tensor(cast), prompts, None)
+    return {"scenes": float(scenes), "cast_below_clean": float((on_cast < on_clean).float().mean()),
+            "mean_gap": float((on_clean - on_cast).mean())}
+
+
+def _item_keys(frame: pd.DataFrame) -> pd.Series:
+    """One key per scored item: its prompt, image and source (the same picture under two prompts, such
+    as an identical render for "a circle" and "a red circle", is two items with their own labels)."""
+    def digest(value) -> str:
+        return hashlib.sha256(value).hexdigest()[:32] if isinstance(value, (bytes, bytearray)) else ""
+
+    return (frame["prompt"].astype(str) + "\0" + frame["image"].map(digest) + "\0"
+            + frame["source_image"].map(digest))
+
+
+def _unique_items(points: pd.DataFrame, criterion: str) -> tuple[pd.DataFrame, np.ndarray, list[list[float]]]:
+    """(one row per item, its mean ``criterion`` label, all its labels), items in first-seen order."""
+    keys = _item_keys(points)
+    unique = points.loc[~keys.duplicated()].reset_index(drop=True)
+    grouped = points[criterion].groupby(keys, sort=False)
+    order = keys.drop_duplicates()
+    return unique, grouped.mean().reindex(order).to_numpy(), grouped.apply(list).reindex(order).tolist()
+
+
 def _reference(points: pd.DataFrame, pairs: pd.DataFrame, criterion: str, judge: bool):
     """What the held-out rewards are compared with, per unique image and per
     pair: the judge (shapes world) or, without one, the human labels (mean
     level per image, the annotated preference)."""
-    unique = points.drop_duplicates("image").reset_index(drop=True)
+    unique, mean_labels, _ = _unique_items(points, criterion)
     if judge:
         scores = np.array([getattr(lat, criterion) for lat in _judge_latents(unique, "image")])
         lat_a, lat_b = _judge_latents(pairs, "image_a"), _judge_latents(pairs, "image_b")
         rng = np.random.default_rng(0)
         prefs = [PREFERENCE_VALUE[_JUDGE_AS_ANNOTATOR.prefer(a, b, rng)] for a, b in zip(lat_a, lat_b)]
     else:
-        scores = points.groupby("image", sort=False)[criterion].mean().reindex(unique["image"]).to_numpy()
+        scores = mean_labels
         prefs = [PREFERENCE_VALUE[p] for p in pairs["preference"]]
     return unique, scores, torch.tensor(prefs)
 
 
-def _label_ceiling(points: pd.DataFrame, unique: pd.DataFrame, mean_labels: np.ndarray, criterion: str,
-                   judge_scores: np.ndarray | None) -> float:
+def _label_ceiling(labels: list[list[float]], mean_labels: np.ndarray, judge_scores: np.ndarray | None) -> float:
     """The Spearman a perfect scorer reaches with the mean labels: with a judge, that of the judge's latent
     score (every annotator's expected level rises with it, so it ranks images as their expected label
     does); without one, estimated from two annotators' agreement on the same image."""
     if judge_scores is not None:
         return spearman(torch.from_numpy(judge_scores), mean_labels)
-    labels = points.groupby("image", sort=False)[criterion].apply(list).reindex(unique["image"]).tolist()
     try:
         return label_spearman_ceiling(labels)
     except ValueError:  # one label per image: the agreement cannot be estimated
@@ -119,8 +160,7 @@ def _evaluate(
     preferences, each beside its ceiling; in the shapes world also the same against the judge
     (``judge_*``), which the annotators' labels estimate with noise."""
     scorer.eval()
-    unique = points.drop_duplicates("image").reset_index(drop=True)
-    mean_labels = points.groupby("image", sort=False)[criterion].mean().reindex(unique["image"]).to_numpy()
+    unique, mean_labels, labels = _unique_items(points, criterion)
     data = PointwiseData.from_frame(unique, criterion)
     rewards = rewards_of(scorer, data.images, data.prompts, data.sources)
     pair_data = PairwiseData.from_frame(pairs)
@@ -136,7 +176,7 @@ def _evaluate(
             "judge_spearman_ceiling": spearman_ceiling(judge_scores),
             "judge_pairwise_accuracy": ordering_accuracy(reward_a, reward_b, judged),
         }
-    out["spearman_ceiling"] = _label_ceiling(points, unique, mean_labels, criterion, judge_scores)
+    out["spearman_ceiling"] = _label_ceiling(labels, mean_labels, judge_scores)
     labelled = torch.tensor([PREFERENCE_VALUE[p] for p in pairs["preference"]])
     out["pairwise_accuracy"] = ordering_accuracy(reward_a, reward_b, labelled) if (labelled != 0.5).any() \
         else float("nan")
@@ -159,7 +199,7 @@ def _new_scorer(config: FlowRLConfig, task: str, criterion: str, seed: int) -> S
             str(r.vlm_pretrained), criterion=name, criterion_description=CRITERIA[name], rationale=r.vlm_rationale
         )
         return scorer.train()
-    return ShapesScorer(ScorerArch(width=r.width, depth=r.depth, heads=r.heads), config.world.resolution)
+    return ShapesScorer(ScorerArch(width=r.width, depth=r.depth, heads=r.heads, stem=r.stem), config.world.resolution)
 
 
 def _init_scorer(config: FlowRLConfig, task: str, criterion: str, name: str, init_dir) -> ScoreBackbone:
@@ -174,7 +214,7 @@ def _init_scorer(config: FlowRLConfig, task: str, criterion: str, name: str, ini
                                             criterion_description=CRITERIA[criterion_name],
                                             rationale=r.vlm_rationale).train()
     scorer = ShapesScorer.load(directory)
-    wanted = ScorerArch(width=r.width, depth=r.depth, heads=r.heads)
+    wanted = ScorerArch(width=r.width, depth=r.depth, heads=r.heads, stem=r.stem)
     if scorer.arch != wanted or scorer.resolution != config.world.resolution:
         raise ConfigError(f"reward_model --init: the scorer {directory} is {scorer.arch} at resolution "
                           f"{scorer.resolution}, the config asks for {wanted} at world.resolution "
@@ -242,12 +282,15 @@ def _fit(ctx, config: FlowRLConfig, scorer: ScoreBackbone, step_loss, n_rows: in
     trainer.train(log, progress=progress)
 
 
-def _training_texts(task: str, split) -> Callable[[str], bool]:
-    """Which prompt texts an augmented training row may carry: none held out for the unseen-prompt
-    metrics, none of the bench's share of the grammar (no stage trains on those)."""
-    held = set(split.unseen["prompt"]) | (set(split.heldout["prompt"]) - set(split.train["prompt"]))
+def _training_texts(task: str, split, unseen_fraction: float, seed: int) -> Callable[[str], bool]:
+    """Which prompt texts an augmented training row may carry: none that the split rule holds out for
+    the unseen-prompt metrics (decided by the rule itself, so a text no annotation has yet, which a later
+    round may add, is refused too), none held out with all its groups, none of the bench's share of the
+    grammar (no stage trains on those)."""
+    held = set(split.heldout["prompt"]) - set(split.train["prompt"])
     bench = {text for texts in bench_texts(task).values() for text in texts}
-    return lambda text: text not in held and text not in bench
+    return lambda text: (text not in held and text not in bench
+                         and not is_unseen_prompt(text, unseen_fraction, seed))
 
 
 def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pairs: pd.DataFrame,
@@ -270,7 +313,7 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
         )
     criteria = r.t2i_criteria if task == "t2i" else r.edit_criteria
     judge = family_of(config).has_judge  # only the shapes world has a judge
-    allowed = _training_texts(task, split_p)
+    allowed = _training_texts(task, split_p, r.unseen_prompt_fraction, seed)
     log = lambda metrics, step: ctx.tracker.log_metrics({f"{task}/{k}": v for k, v in metrics.items()}, step)
     metrics: dict = {"split": {name: {"pointwise": len(getattr(split_p, name)), "pairwise": len(getattr(split_q, name))}
                                for name in ("train", "heldout", "unseen")}}
@@ -294,6 +337,9 @@ def _train_task(ctx, config: FlowRLConfig, task: str, points: pd.DataFrame, pair
         scorer.save(ctx.staging / task / f"pointwise_{criterion}")
         metrics[f"pointwise_{criterion}"] = {**_held_out_metrics(scorer, split_p, split_q, criterion, judge),
                                              "train_s": round(time.perf_counter() - start, 1)}
+        if judge and task == "t2i":
+            metrics[f"pointwise_{criterion}"]["colour_cast_probe"] = colour_cast_probe(
+                scorer, config.world.resolution)
     if r.pairwise:
         start = time.perf_counter()
         scorer = start_of("pairwise", "alignment")
@@ -321,6 +367,9 @@ def run_reward_model(
     ``init_uri``: a reward_model artifact each scorer starts from instead of fresh weights, trained
     ``reward_model.refresh_steps`` steps (the refresh after a second annotation round); the held-out
     and unseen splits follow the same rule, so the first round's held-out rows stay held out."""
+    if config.reward_model.augment and family_of(config).prompt_files:
+        raise ConfigError(f"reward_model.augment: {list(config.reward_model.augment)} rewrites prompts of the shapes "
+                          "grammar; this model family's prompts come from files")
     inputs = {"annotations": annotations_uri}
     if init_uri is None:
         config = first_round_config(config)

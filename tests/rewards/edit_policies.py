@@ -16,7 +16,7 @@ from flowrl.rewards.shapes_annotators import annotator_pool
 from flowrl.rewards.shapes_dataset import Candidates, annotate, edit_candidates
 from flowrl.rewards.shapes_scorer import ScorerArch, ShapesScorer
 from flowrl.rewards.training import PointwiseData, fit, pointwise_step_loss
-from flowrl.shapes.edits import DIRECTIONS, EDIT_KINDS, EditExample, moved_cell, sample_edit
+from flowrl.shapes.edits import EDIT_KINDS, EditExample, moved_cell, sample_edit
 from flowrl.shapes.render import render_scene
 from flowrl.shapes.scene import COLORS, GRID, SHAPES, Scene, ShapeObject
 

@@ -141,3 +141,47 @@ def test_augment_is_refused_outside_the_shapes_world(tmp_path):
     path.write_text("reward_model:\n  augment: [flip]\n")
     with pytest.raises(ConfigError, match="reward_model.augment"):
         load_config(path)
+
+
+def test_a_variant_of_a_faulty_picture_keeps_its_labels_or_is_not_made():
+    """Casts of 8-40 levels and noise on every permutation: a recoloured picture keeps what the annotators
+    see (its alignment exactly, its texture and structure latents closely); one whose fault would be
+    clipped at a channel's end keeps its colours."""
+    from flowrl.rewards.augment import recolorable
+
+    rng = np.random.default_rng(8)
+    examples = [sample_t2i(rng, "color_attr") for _ in range(12)]
+    pictures = []
+    for e in examples:
+        clean = render_scene(e.scene)
+        pictures.append(perturb.color_cast(clean, rng, distance=float(rng.uniform(8, 40))))
+        pictures.append(perturb.add_noise(clean, rng, std=0.05))
+    images = torch.stack([to_tensor(p) for p in pictures])
+    specs = [parse_t2i(e.prompt) for e in examples for _ in range(2)]
+    before = latents_for(_to_uint8(images), specs)
+    made = 0
+    for perm in PERMUTATIONS[1:]:
+        fit = recolorable(images, perm)
+        made += int(fit.sum())
+        rows = fit.nonzero()[:, 0].tolist()
+        recolored = recolor_images(images[rows], perm)
+        new_specs = [parse_t2i(recolor_text(examples[r // 2].prompt, perm)) for r in rows]
+        after = latents_for(_to_uint8(recolored), new_specs)
+        for r, lat in zip(rows, after):
+            assert lat.alignment == before[r].alignment, (perm, r)
+            # a fault keeps its size in RGB, and the judge measures it from the new palette colour, whose
+            # distance from white differs: the texture latent moves a little (the annotators' own noise is
+            # 0.3-0.7 Likert levels, about 0.08-0.18 of a latent)
+            assert abs(lat.quality - before[r].quality) < 0.1 and abs(lat.fidelity - before[r].fidelity) < 0.03, \
+                (perm, r, lat, before[r])
+    assert made > len(pictures) * len(PERMUTATIONS[1:]) // 4  # most variants are still made
+
+
+def test_a_picture_far_from_every_ink_is_not_recoloured():
+    from flowrl.rewards.augment import recolorable
+
+    image = torch.ones(1, 3, 8, 8)
+    image[0, :, 2:6, 2:6] = torch.tensor([0.5, 0.2, 0.6])[:, None, None]  # purple: between red and blue
+    assert not recolorable(image, PERMUTATIONS[5]).item()
+    clean = to_tensor(render_scene(sample_t2i(np.random.default_rng(9), "colors").scene))[None]
+    assert recolorable(clean, PERMUTATIONS[5]).item()

@@ -99,3 +99,25 @@ def test_spearman_ceiling_is_one_without_ties_and_low_with_many():
     # a perfect scorer that breaks the ties at random lands at the ceiling
     perfect = torch.from_numpy(tied + rng.uniform(0, 1e-6, 4000))
     assert spearman(perfect, tied) == pytest.approx(ceiling, abs=0.03)
+
+
+def test_a_scorer_with_a_convolutional_stem_scores_saves_and_loads(tmp_path):
+    import json
+
+    from flowrl.rewards.shapes_scorer import META, ScorerArch, ShapesScorer
+
+    torch.manual_seed(0)
+    scorer = ShapesScorer(ScorerArch(width=16, depth=1, heads=4, stem=4), 32).eval()
+    images = torch.rand(3, 3, 32, 32)
+    logits = scorer.level_logits(images, ["a red circle"] * 3)
+    assert logits.shape == (3, 5)
+    scorer.save(tmp_path / "s")
+    loaded = ShapesScorer.load(tmp_path / "s")
+    assert loaded.arch.stem == 4 and torch.equal(loaded.level_logits(images, ["a red circle"] * 3), logits)
+    # a scorer saved before the stem existed (no "stem" in its description) loads without one
+    plain = ShapesScorer(ScorerArch(width=16, depth=1, heads=4), 32)
+    plain.save(tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / META).read_text())
+    del meta["arch"]["stem"]
+    (tmp_path / "p" / META).write_text(json.dumps(meta))
+    assert ShapesScorer.load(tmp_path / "p").stem is None

@@ -100,7 +100,8 @@ def test_bench_writes_the_report(benched):
     for name in models:
         assert f"| {name} |" in md
     html = (local / "report.html").read_text()
-    assert html.count("<table>") == 9 and html.count("data:image/png;base64,") == 5 + len(groups)
+    # pillars, gains, the recipe's claims, the two breakdowns and their gains, Elo, two win-rate tables
+    assert html.count("<table>") == 10 and html.count("data:image/png;base64,") == 5 + len(groups)
     assert "src='elo.png'" not in html  # self-contained
     from flowrl.stages.bench import report_files
 
@@ -244,8 +245,9 @@ def test_report_renders_in_a_real_browser(benched, tmp_path):
     images = 5 + len(grammar("t2i")) + len(grammar("edit"))  # elo, both curves, two overall grids, one per group
     assert out["images"] == images and out["decoded"] == images
     # the gains tables have a row per model but the anchor (the second, and the two by category and kind)
-    assert out["tables"] == 9
-    assert out["rows"] == [len(models), len(models) - 1, len(models), len(models), len(models) - 1,
+    assert out["tables"] == 10
+    claims = 2 + 4  # the T2I teacher's gain and fidelity; the edit teacher's gain, fidelity, identity and kinds
+    assert out["rows"] == [len(models), len(models) - 1, claims, len(models), len(models), len(models) - 1,
                            len(models) - 1, len(models), len(models), len(models)]
     assert {"Pillars", "Arena ratings", "Elo per arena", "Training curves",
             "Reward vs judge during training"} <= set(out["headings"])

@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+import torch
 
 from flowrl.config import load_config
 from flowrl.rewards.annotations import AnnotationError
@@ -128,3 +129,61 @@ def test_without_a_judge_the_reference_is_the_human_labels(annotations):
     first = unique["image"].iloc[0]
     assert scores[0] == points.loc[points["image"] == first, "quality"].mean()
     assert prefs.tolist() == [{"a": 1.0, "b": 0.0, "tie": 0.5}[p] for p in pairs["preference"]]
+
+
+def test_an_item_is_its_prompt_image_and_source():
+    """The same picture under two prompts is two items with their own labels (metrics are per item)."""
+    from flowrl.stages.reward_model import _unique_items
+
+    frame = pd.DataFrame({"prompt": ["a circle", "a red circle", "a circle"], "image": [b"x", b"x", b"x"],
+                          "source_image": [None, None, None], "quality": [5, 3, 4]})
+    unique, means, labels = _unique_items(frame, "quality")
+    assert list(unique["prompt"]) == ["a circle", "a red circle"]
+    assert means.tolist() == [4.5, 3.0] and labels == [[5, 4], [3]]
+
+
+def test_augmented_rows_never_carry_a_text_the_split_rule_holds_out():
+    """Decided by the split's own rule, so a held-out text that no annotation holds yet (a later round may
+    add it) is refused too, as are the bench's texts."""
+    from flowrl.rewards.training import is_unseen_prompt, split_annotations
+    from flowrl.shapes.splits import bench_texts, grammar
+    from flowrl.stages.reward_model import _training_texts
+
+    texts = [t for group in grammar("t2i").values() for t in group]
+    bench = {t for group in bench_texts("t2i").values() for t in group}
+    unseen = [t for t in texts if is_unseen_prompt(t, 0.1, 0) and t not in bench]
+    kept = [t for t in texts if not is_unseen_prompt(t, 0.1, 0) and t not in bench]
+    assert unseen and kept
+    frame = pd.DataFrame({"prompt": kept[:6], "group": [f"g{i}" for i in range(6)]})
+    split = split_annotations(frame, 0.2, 0.1, 0)
+    allowed = _training_texts("t2i", split, 0.1, 0)
+    assert not any(allowed(t) for t in unseen)  # none of them is in the data
+    assert not any(allowed(t) for t in bench)
+    assert all(allowed(t) for t in split.train["prompt"])
+
+
+class _PaletteReader(torch.nn.Module):
+    """A hand-made scorer for the probe's test: level 5 for pure palette colours, lower the farther an
+    object pixel is from its nearest palette colour (what a scorer that sees casts does)."""
+
+    def level_logits(self, images, prompts, sources=None):
+        from flowrl.rewards.augment import ink_decomposition
+
+        _, amount, residual = ink_decomposition(images)
+        stray = torch.where(amount >= 0.1, residual.norm(dim=1), torch.zeros_like(amount)).flatten(1).amax(1)
+        level = 5.0 - 20.0 * stray  # [B]
+        return -(torch.arange(1, 6, dtype=images.dtype)[None] - level[:, None]).square()
+
+
+class _Constant(torch.nn.Module):
+    def level_logits(self, images, prompts, sources=None):
+        return torch.zeros(images.shape[0], 5)
+
+
+def test_the_colour_cast_probe_tells_a_scorer_that_sees_casts_from_one_that_does_not():
+    from flowrl.stages.reward_model import colour_cast_probe
+
+    seeing = colour_cast_probe(_PaletteReader(), 32, scenes=24)
+    assert seeing["cast_below_clean"] == 1.0 and seeing["mean_gap"] > 0.5 and seeing["scenes"] == 24
+    blind = colour_cast_probe(_Constant(), 32, scenes=24)
+    assert blind["cast_below_clean"] == 0.0 and blind["mean_gap"] == 0.0
