@@ -858,6 +858,14 @@ class GRPOConfig:
         "the mean over all KL steps of each step's weight times its KL. Needs kl_coef > 0, kl_anchor_steps > 0 "
         "and timesteps.mode: subset.",
         ge=0, added=True)
+    ptx_coef: float = param(
+        0.0, "Weight of the base's own flow-matching loss on fresh examples of the grammar's train split (drawn "
+        "as the base stage draws them: its edit_fraction and cond_dropout), added to every optimizer step: "
+        "PPO-ptx's pretraining mix. The RL prompts hold a few texts per kind; this keeps what the base learned "
+        "of all the others. Families whose base trains on a synthetic stream (shapes) only; 0: off.",
+        ge=0, added=True)
+    ptx_batch_size: int = param(32, "Examples in each optimizer step's pretraining-mix batch (ptx_coef > 0).",
+                                ge=1, cap=BATCH_MAX, added=True)
     minibatches: int = param(1, "Optimizer steps per iteration (the rollouts split evenly).", ge=1)
     epochs: int = param(
         1, "Passes over each iteration's rollouts (PPO epochs), each split into `minibatches` in a new order: "

@@ -198,3 +198,18 @@ def _step_loss(model, batch: TrainingBatch, x0, t, noise, cond_dropout: float, g
         cond = drop_prompts(model, model.encode_prompts(batch.prompts[n:], batch.sources), cond_dropout, gen)
         loss = loss + flow_matching_loss(model, x0[n:], cond, t[n:], noise[n:]) * ((total - n) / total)
     return loss
+
+
+def supervised_loss(model: FlowModel, batch_size: int, edit_fraction: float, cond_dropout: float, resolution: int,
+                    seed: int, iteration: int, stream: int) -> torch.Tensor:
+    """The pretraining loss on ``batch_size`` fresh examples of the grammar's train split, drawn as the base
+    stage draws them but from a stream fixed by (``seed``, ``iteration``, ``stream``): an RL step that adds
+    it (PPO-ptx's pretraining mix) replays the same examples and noise when resumed, whatever ran before."""
+    state = np.random.SeedSequence([seed, iteration, stream]).generate_state(4, dtype=np.uint32)
+    rng = np.random.default_rng(state[:2])
+    gen = torch.Generator().manual_seed(int(state[2]) << 32 | int(state[3]))
+    batch = draw_batch(rng, batch_size, edit_fraction, resolution)
+    x0 = model.encode_images(batch.targets)
+    t = logit_normal_t(len(batch.prompts), gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    return _step_loss(model, batch, x0, t, noise, cond_dropout, gen)

@@ -194,7 +194,10 @@ class GRPOTrainer(LoopTrainer):
     own reward, and takes one optimizer step per minibatch (of each epoch) over all of them
     (rows weighted equally). ``monitor(model, iteration)`` -> held-out
     metrics with the watched score under ``"heldout"``; ``category_scale``
-    multiplies the advantages of each category (the optional calibration).
+    multiplies the advantages of each category (the optional calibration);
+    ``supervised(model, iteration, stream)`` -> a supervised loss (the base's
+    own objective on fresh data), added to every optimizer step with weight
+    ``cfg.ptx_coef`` (PPO-ptx's pretraining mix).
     """
 
     fatal_errors = (RewardClientError,)  # the reward server gone past every retry ends the run cleanly
@@ -212,9 +215,12 @@ class GRPOTrainer(LoopTrainer):
         checkpoints: Checkpoints | None = None,
         config_hash: str = "",
         category_scale: dict[str, float] | None = None,
+        supervised: Callable[[FlowModel, int, int], torch.Tensor] | None = None,
     ):
         if cfg.kl_coef > 0 and reference is None:
             raise ValueError("grpo.kl_coef > 0 needs a reference model")
+        if cfg.ptx_coef > 0 and supervised is None:
+            raise ValueError("grpo.ptx_coef > 0 needs a supervised loss")
         if isinstance(prompts, dict):
             if not (isinstance(rewards, dict) and isinstance(weights, dict)) or not (
                 prompts.keys() == rewards.keys() == weights.keys()
@@ -238,6 +244,7 @@ class GRPOTrainer(LoopTrainer):
             )
         self.reference, self.cfg = reference, cfg
         self.category_scale = category_scale or {}
+        self.supervised = supervised if cfg.ptx_coef > 0 else None
         self.sampling_weights = category_weights(cfg.sampling_weights, "grpo.sampling_weights")
         self.settings = settings_of(cfg)
         self.train_model = self.engine.view(model)  # forward with the engine's gradient reduction
@@ -354,6 +361,11 @@ class GRPOTrainer(LoopTrainer):
             self.engine.zero_grad()
             rows_total = sum(len(plan[3][m]) for plan in plans)
             step_stats: dict[str, float] = {}
+            if self.supervised is not None:  # its own backward, reduced across ranks with the tasks' last one
+                with self.engine.accumulate(self.train_model, last=False):
+                    ptx = self.supervised(self.train_model, iteration, m * self.world + self.rank)
+                    self.engine.backward(ptx * cfg.ptx_coef)
+                step_stats["ptx"] = float(ptx.detach())
             for j, (out, steps, n_trained, chunks) in enumerate(plans):
                 share = len(chunks[m]) / rows_total
                 # several tasks: one backward per task (their conditions differ), gradients accumulate;
@@ -366,7 +378,7 @@ class GRPOTrainer(LoopTrainer):
                 self.ema.update(self.module)
             step_stats["grad_norm"] = float(grad_norm)
             for key, value in step_stats.items():
-                stats[key].append(value)
+                stats.setdefault(key, []).append(value)
         self.module.eval()
         metrics = {f"train/{k}": float(np.mean(v)) for k, v in stats.items()}
         metrics["train/reward"] = float(torch.cat([o.scores.total for o in outs.values()]).mean())

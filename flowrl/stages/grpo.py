@@ -249,6 +249,7 @@ def run_grpo(
                           "pipeline.mix_rl: false")
     g = config.grpo
     trainer_class = algorithm(g.algorithm, "reward", multitask=task == "mixed").trainer
+    supervised = _pretraining_mix(config, family, trainer_class)
     base_dir = fetch(base_uri)
     curated = {t: load_prompt_set(uris[t]) for t in tasks}
     composites = task_rewards(config, reward_model_uri, uris, curated)
@@ -275,7 +276,7 @@ def run_grpo(
             monitor=evaluator.monitor(tracker_, lambda m: {t: m for t in tasks}, g.loop.monitor_per_category,
                                       g.loop.grid_every),
             checkpoints=Checkpoints(store, stage, version), config_hash=config.section_hash(*SECTIONS),
-            category_scale=scale,
+            category_scale=scale, **({} if supervised is None else {"supervised": supervised}),
         )
         result = run_trainer(trainer, tracker_, stage=stage, iterations=g.loop.iterations, resume=resume,
                              progress=progress, stop_after=stop_after)
@@ -300,6 +301,28 @@ def run_grpo(
             submitter.close()
             if sidecar is not None:
                 sidecar.stop()
+
+
+def _pretraining_mix(config: FlowRLConfig, family, trainer_class):
+    """``grpo.ptx_coef``'s supervised loss (None when 0): the base's flow-matching objective on fresh
+    examples of the shapes grammar's train split. Refused where there is no such stream (a pretrained
+    family) or the algorithm's trainer takes no supervised term."""
+    g = config.grpo
+    if g.ptx_coef == 0:
+        return None
+    if family.from_pretrained:
+        raise ConfigError(f"grpo.ptx_coef = {g.ptx_coef}: the pretraining mix draws the base's training examples "
+                          f"from the shapes grammar; {config.model.family} has none: set it to 0")
+    if not issubclass(trainer_class, GRPOTrainer):
+        raise ConfigError(f"grpo.ptx_coef = {g.ptx_coef}: grpo.algorithm {g.algorithm!r} takes no pretraining "
+                          "mix: set it to 0")
+    from flowrl.pretrain import supervised_loss
+
+    def loss(model, iteration: int, stream: int):
+        return supervised_loss(model, g.ptx_batch_size, config.base.edit_fraction, config.base.cond_dropout,
+                               config.world.resolution, g.seed, iteration, stream)
+
+    return loss
 
 
 ROUND_SEED_OFFSET = 7_919  # the second round draws its prompts and noise from grpo.seed plus this

@@ -169,7 +169,8 @@ STAGES: tuple[Stage, ...] = (
         cli=(Arg("--task", None, param="task", required=True, choices=("t2i", "edit")), _BASE, _REWARD_MODEL),
     ),
     Stage(
-        "grpo", "run_grpo", ("run.seed", "world", "model", "sampler", "eval", "reward_model", "grpo", "rewards"),
+        "grpo", "run_grpo", ("run.seed", "world", "model", "sampler", "eval", "reward_model", "grpo", "rewards",
+                            "base.edit_fraction", "base.cond_dropout"),
         "GRPO from the base model on the curated prompts of one task (mixed: Mix-RL)",
         Resources(cpu="8", mem="64Gi", gpus=None), artifacts=("grpo_t2i", "grpo_edit", "grpo_mixed"),
         image_parent="train-base", training=True, progress=True,
