@@ -864,7 +864,9 @@ class GRPOConfig:
         "PPO-ptx's pretraining mix. The RL prompts hold a few texts per kind; this keeps what the base learned "
         "of all the others. Families whose base trains on a synthetic stream (shapes) only; 0: off.",
         ge=0, added=True)
-    ptx_batch_size: int = param(32, "Examples in each optimizer step's pretraining-mix batch (ptx_coef > 0).",
+    ptx_batch_size: int = param(32, "Examples in each optimizer step's pretraining-mix batch (ptx_coef > 0), "
+                                "split over the processes: its T2I and its edit rows (base.edit_fraction) must each "
+                                "be a multiple of their number.",
                                 ge=1, cap=BATCH_MAX, added=True)
     minibatches: int = param(1, "Optimizer steps per iteration (the rollouts split evenly).", ge=1)
     epochs: int = param(
@@ -1519,8 +1521,18 @@ def check_consistency(config: FlowRLConfig) -> None:
     from flowrl.rl.algorithms import algorithm
 
     # the registered algorithms (built in, or registered before the config loads)
-    algorithm(config.grpo.algorithm, "reward", multitask=config.pipeline.mix_rl)
+    trainer = algorithm(config.grpo.algorithm, "reward", multitask=config.pipeline.mix_rl).trainer
     algorithm(config.opd.algorithm, "distill")
+    if config.grpo.ptx_coef > 0:
+        from flowrl.rl.grpo import GRPOTrainer
+
+        if family_of(config).from_pretrained:
+            raise ConfigError(f"grpo.ptx_coef = {config.grpo.ptx_coef}: the pretraining mix draws the base's "
+                              f"training examples from the shapes grammar; {config.model.family} has none: set it "
+                              "to 0")
+        if not issubclass(trainer, GRPOTrainer):
+            raise ConfigError(f"grpo.ptx_coef = {config.grpo.ptx_coef}: grpo.algorithm {config.grpo.algorithm!r} "
+                              "takes no pretraining mix: set it to 0")
 
 
 def _check_names(config: FlowRLConfig) -> None:

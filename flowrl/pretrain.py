@@ -66,7 +66,11 @@ def flow_matching_loss(
 
 def drop_prompts(model: FlowModel, cond: Condition, p: float, generator: torch.Generator) -> Condition:
     """Replace each row's condition by its null counterpart with probability p."""
-    drop = torch.rand(cond.batch_size, generator=generator) < p  # [B]
+    return masked_null(model, cond, torch.rand(cond.batch_size, generator=generator) < p)
+
+
+def masked_null(model: FlowModel, cond: Condition, drop: torch.Tensor) -> Condition:
+    """``cond`` with the rows where ``drop`` [B] is true replaced by their null counterpart."""
     null = model.null_condition(cond)
     tensors = {}
     for key, value in cond.tensors.items():
@@ -201,15 +205,37 @@ def _step_loss(model, batch: TrainingBatch, x0, t, noise, cond_dropout: float, g
 
 
 def supervised_loss(model: FlowModel, batch_size: int, edit_fraction: float, cond_dropout: float, resolution: int,
-                    seed: int, iteration: int, stream: int) -> torch.Tensor:
+                    seed: int, iteration: int, stream: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """The pretraining loss on ``batch_size`` fresh examples of the grammar's train split, drawn as the base
-    stage draws them but from a stream fixed by (``seed``, ``iteration``, ``stream``): an RL step that adds
-    it (PPO-ptx's pretraining mix) replays the same examples and noise when resumed, whatever ran before."""
+    stage draws them (its T2I / edit mix, prompt dropout, logit-normal t) but from a stream fixed by
+    (``seed``, ``iteration``, ``stream``): an RL step that adds it (PPO-ptx's pretraining mix) replays the
+    same examples and noise when resumed. Every rank draws the whole batch and takes its ``1 / world`` of
+    the T2I rows and of the edit rows (so every rank runs the same forwards, as ZeRO-3's gathers need),
+    weighted so that the mean over ranks is the batch's mean loss: ``world`` processes take the step one
+    process takes. Both row counts must be multiples of ``world``."""
+    n_edit = int(round(batch_size * edit_fraction))
+    n_t2i = batch_size - n_edit
+    if n_t2i % world or n_edit % world:
+        raise ValueError(f"the pretraining batch's {n_t2i} T2I and {n_edit} edit rows do not split over {world} "
+                         "processes")
     state = np.random.SeedSequence([seed, iteration, stream]).generate_state(4, dtype=np.uint32)
     rng = np.random.default_rng(state[:2])
     gen = torch.Generator().manual_seed(int(state[2]) << 32 | int(state[3]))
     batch = draw_batch(rng, batch_size, edit_fraction, resolution)
-    x0 = model.encode_images(batch.targets)
-    t = logit_normal_t(len(batch.prompts), gen)
+    n = len(batch.prompts)
+    x0 = model.encode_images(batch.targets)  # [n, C, H, W]
+    t = logit_normal_t(n, gen)
     noise = torch.randn(x0.shape, generator=gen)
-    return _step_loss(model, batch, x0, t, noise, cond_dropout, gen)
+    drop = torch.rand(n, generator=gen) < cond_dropout
+    loss = torch.zeros(())
+    # T2I rows and edit rows as two forwards (different sequence lengths); each part's mean weighs its rows
+    for first, count in ((0, n_t2i), (n_t2i, n_edit)):
+        if count == 0:
+            continue
+        share = count // world
+        start, stop = first + rank * share, first + (rank + 1) * share
+        sources = batch.sources[start - n_t2i:stop - n_t2i] if first else None
+        cond = masked_null(model, model.encode_prompts(batch.prompts[start:stop], sources), drop[start:stop])
+        part = flow_matching_loss(model, x0[start:stop], cond, t[start:stop], noise[start:stop])
+        loss = loss + part * share
+    return loss * (world / n)

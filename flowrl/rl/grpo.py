@@ -195,9 +195,10 @@ class GRPOTrainer(LoopTrainer):
     (rows weighted equally). ``monitor(model, iteration)`` -> held-out
     metrics with the watched score under ``"heldout"``; ``category_scale``
     multiplies the advantages of each category (the optional calibration);
-    ``supervised(model, iteration, stream)`` -> a supervised loss (the base's
-    own objective on fresh data), added to every optimizer step with weight
-    ``cfg.ptx_coef`` (PPO-ptx's pretraining mix).
+    ``supervised(model, iteration, minibatch, rank, world)`` -> this rank's
+    share of a supervised loss (the base's own objective on fresh data, the
+    same batch however many ranks split it), added to every optimizer step
+    with weight ``cfg.ptx_coef`` (PPO-ptx's pretraining mix).
     """
 
     fatal_errors = (RewardClientError,)  # the reward server gone past every retry ends the run cleanly
@@ -215,7 +216,7 @@ class GRPOTrainer(LoopTrainer):
         checkpoints: Checkpoints | None = None,
         config_hash: str = "",
         category_scale: dict[str, float] | None = None,
-        supervised: Callable[[FlowModel, int, int], torch.Tensor] | None = None,
+        supervised: Callable[[FlowModel, int, int, int, int], torch.Tensor] | None = None,
     ):
         if cfg.kl_coef > 0 and reference is None:
             raise ValueError("grpo.kl_coef > 0 needs a reference model")
@@ -363,7 +364,7 @@ class GRPOTrainer(LoopTrainer):
             step_stats: dict[str, float] = {}
             if self.supervised is not None:  # its own backward, reduced across ranks with the tasks' last one
                 with self.engine.accumulate(self.train_model, last=False):
-                    ptx = self.supervised(self.train_model, iteration, m * self.world + self.rank)
+                    ptx = self.supervised(self.train_model, iteration, m, self.rank, self.world)
                     self.engine.backward(ptx * cfg.ptx_coef)
                 step_stats["ptx"] = float(ptx.detach())
             for j, (out, steps, n_trained, chunks) in enumerate(plans):

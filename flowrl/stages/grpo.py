@@ -249,7 +249,7 @@ def run_grpo(
                           "pipeline.mix_rl: false")
     g = config.grpo
     trainer_class = algorithm(g.algorithm, "reward", multitask=task == "mixed").trainer
-    supervised = _pretraining_mix(config, family, trainer_class)
+    supervised = _pretraining_mix(config)
     base_dir = fetch(base_uri)
     curated = {t: load_prompt_set(uris[t]) for t in tasks}
     composites = task_rewards(config, reward_model_uri, uris, curated)
@@ -303,24 +303,20 @@ def run_grpo(
                 sidecar.stop()
 
 
-def _pretraining_mix(config: FlowRLConfig, family, trainer_class):
+PTX_STREAM = 10_000  # the pretraining mix's draws: stream PTX_STREAM + minibatch of each iteration
+
+
+def _pretraining_mix(config: FlowRLConfig):
     """``grpo.ptx_coef``'s supervised loss (None when 0): the base's flow-matching objective on fresh
-    examples of the shapes grammar's train split. Refused where there is no such stream (a pretrained
-    family) or the algorithm's trainer takes no supervised term."""
+    examples of the shapes grammar's train split (where it is allowed: :func:`flowrl.config.check_consistency`)."""
     g = config.grpo
     if g.ptx_coef == 0:
         return None
-    if family.from_pretrained:
-        raise ConfigError(f"grpo.ptx_coef = {g.ptx_coef}: the pretraining mix draws the base's training examples "
-                          f"from the shapes grammar; {config.model.family} has none: set it to 0")
-    if not issubclass(trainer_class, GRPOTrainer):
-        raise ConfigError(f"grpo.ptx_coef = {g.ptx_coef}: grpo.algorithm {g.algorithm!r} takes no pretraining "
-                          "mix: set it to 0")
     from flowrl.pretrain import supervised_loss
 
-    def loss(model, iteration: int, stream: int):
+    def loss(model, iteration: int, minibatch: int, rank: int, world: int):
         return supervised_loss(model, g.ptx_batch_size, config.base.edit_fraction, config.base.cond_dropout,
-                               config.world.resolution, g.seed, iteration, stream)
+                               config.world.resolution, g.seed, iteration, PTX_STREAM + minibatch, rank, world)
 
     return loss
 

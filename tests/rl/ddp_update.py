@@ -63,6 +63,8 @@ def main(out: str, mode: str = "single", zero_stage: str = "0") -> None:
             cfg, rollout=RolloutConfig(num_steps=3, dynamics="cps", noise_level=0.9, sde_steps=2,
                                        sde_slide_every=1, ode_solver="ab2"),
             timesteps=WindowTimestepsConfig(per_trajectory=1), ratio_norm=True, epochs=2)
+    if mode == "ptx":  # the pretraining mix: each rank its share of one batch, reduced with the RL gradient
+        cfg = dataclasses.replace(cfg, ptx_coef=0.5, ptx_batch_size=8)
     model = tiny_model()
     if mode == "opd":
         from flowrl.config import OPDConfig
@@ -127,8 +129,13 @@ def _grpo_update(model, cfg, mode, rank, world):
         batch = {"t2i": _task_batch(model, cfg, PROMPTS, None, rank, world, 5),
                  "edit": _task_batch(model, cfg, EDITS, sources, rank, world, 6)}
     else:
+        from flowrl.pretrain import supervised_loss
+
+        def supervised(model_, iteration, minibatch, rank_, world_):
+            return supervised_loss(model_, cfg.ptx_batch_size, 0.5, 0.1, 32, 7, iteration, minibatch, rank_, world_)
+
         trainer = GRPOTrainer(model, model.net, None, cfg, PromptSet(PROMPTS, ["x"] * 4, None), rewards=None,
-                              weights=weights)
+                              weights=weights, supervised=supervised)
         batch = {"": _task_batch(model, cfg, PROMPTS, None, rank, world, 5)}
     trainer.update(batch, iteration=0)
     return trainer

@@ -71,10 +71,11 @@ def _assert_same_update(a, b):
 
 
 @pytest.mark.parametrize("mode, zero", [("single", 0), ("subset", 0), ("mixed", 0), ("opd", 0), ("variants", 0),
-                                        ("single", 3), ("mixed", 2), ("opd", 3)])
+                                        ("single", 3), ("mixed", 2), ("opd", 3), ("ptx", 0), ("ptx", 3)])
 def test_two_processes_take_the_single_process_update(tmp_path, single_process, mode, zero):
     """GRPO on one task, on one task training only the blocks' qkv weights (grpo.trainable), on two
-    tasks at once (Mix-RL: a backward per task, reduced on the last), and one OPD iteration (the
+    tasks at once (Mix-RL: a backward per task, reduced on the last), GRPO with the pretraining mix (each rank
+    its share of one batch, grpo.ptx_coef), and one OPD iteration (the
     student's trajectories, both tasks); zero 0 is DDP, 2 and 3 DeepSpeed ZeRO, against plain PyTorch
     in one process."""
     single = single_process(mode)
