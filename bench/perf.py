@@ -32,6 +32,7 @@ the commit (and whether the tree had uncommitted changes) and the date.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -328,7 +329,8 @@ def reward_latency(config, args) -> dict[str, object]:
     from flowrl.rl.grpo import GRPOTrainer, PromptSet
     from flowrl.shapes.prompts import make_t2i_set
 
-    g = config.grpo
+    # the pretraining mix (grpo.ptx_coef) adds the same work with or without reward latency: left out here
+    g = dataclasses.replace(config.grpo, ptx_coef=0.0)
     prompts, categories = shapes_prompts(make_t2i_set, max(g.prompts_per_iteration, 4))
     prompt_set = PromptSet(prompts, categories, None)
     per_request = g.prompts_per_iteration * g.group_size  # what the shapes stage sends: a whole submission

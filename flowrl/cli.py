@@ -381,6 +381,7 @@ def judge_models(config, models: dict[str, str], path: str) -> int:
     """One entry per model: the judge's held-out metrics of its weights, and the wall time of the stage that made it."""
     from flowrl.evaluation import evaluate_shapes
     from flowrl.models import load_checkpoint, set_torch_threads
+    from flowrl.stages.common import relative_uri
     from flowrl.storage import fetch, read_manifest
 
     set_torch_threads(config.run.torch_threads)
@@ -393,7 +394,7 @@ def judge_models(config, models: dict[str, str], path: str) -> int:
         m = evaluate_shapes(model, config).metrics
         made = json.loads((local / "metrics.json").read_text())
         entries[name] = {
-            "artifact_uri": uri,
+            "artifact_uri": relative_uri(uri),  # a results file names the repository's files relatively
             "stage": read_manifest(uri).stage,
             "t2i_alignment": m["t2i/alignment"],
             "t2i_alignment_per_category": {k.split("/")[-1]: v for k, v in m.items() if k.startswith("t2i/alignment/")},

@@ -26,20 +26,26 @@ def test_base_results_are_fresh():
 
 
 def test_reward_model_results_are_fresh():
-    from flowrl.stages.reward_model import SECTIONS
+    from flowrl.stages.reward_model import SECTIONS, first_round_config
 
-    assert _results("reward_model_shapes.json")["config_hash"] == _config().section_hash(*SECTIONS), \
-        "results/reward_model_shapes.json is stale: make results/reward_model_shapes.json"
+    results = _results("reward_model_shapes.json")
+    # a first-round model hashes the config without the refresh's steps (it does not depend on them)
+    for key, config in (("round1", first_round_config(_config())), ("refreshed", _config())):
+        assert results[key]["config_hash"] == config.section_hash(*SECTIONS), \
+            f"results/reward_model_shapes.json[{key}] is stale: make results/reward_model_shapes.json"
 
 
 def test_grpo_results_are_fresh():
-    from flowrl.stages.grpo import SECTIONS
+    from flowrl.stages.grpo import SECTIONS, round_config
 
     config, results = _config(), _results("grpo_shapes.json")
     for task in ("t2i", "edit"):
-        assert results[task]["config_hash"] == config.section_hash(*SECTIONS), \
+        m = results[task]["metrics"]
+        # a round of GRPO (configs/shapes.yaml runs two annotation rounds) hashes the config as that round runs it
+        run = round_config(config, m.get("round") or None, m.get("init") or None)
+        assert results[task]["config_hash"] == run.section_hash(*SECTIONS), \
             f"results/grpo_shapes.json[{task}] is stale: make results/grpo_shapes.json"
-        assert results[task]["metrics"]["iterations"] == config.grpo.loop.iterations, task
+        assert m["iterations"] == run.grpo.loop.iterations, task
 
 
 def test_opd_results_are_fresh():
