@@ -8,7 +8,8 @@ intervals (a table and a bar chart with error bars; a model that won or lost
 every battle against some opponent is marked, its rating being set by the
 fit's prior), the head-to-head win rates, the training curves of the RL and
 distillation runs whose artifacts carry a ``history.json`` (and, per RL run,
-its training reward beside the held-out judge: the hacking gap), and image
+its training reward beside the held-out judge: the hacking gap; a run trained
+in rounds shows them all, the refresh of its reward models marked), and image
 grids of the same prompts and seeds across models, overall and per T2I
 category and edit kind. The HTML embeds its images as data URIs, so it can be mailed
 or attached to a tracking run as one file.
@@ -68,7 +69,8 @@ class ReportData:
     battles: dict[str, int]  # arena -> number of battles
     t2i_grid: tuple[list[str], dict[str, np.ndarray]]  # (prompts, model -> [K, H, W, 3] uint8)
     edit_grid: tuple[list[str], np.ndarray, dict[str, np.ndarray]]  # (instructions, sources, model -> images)
-    histories: dict[str, dict] = field(default_factory=dict)  # model -> {"history": [...], "monitor": [...]}
+    # model -> {"history": [...], "monitor": [...]}, and for a run trained in rounds "rounds" (:func:`chain_rounds`)
+    histories: dict[str, dict] = field(default_factory=dict)
     # "t2i" / "edit" -> model -> [K] bool: whether the scorer judged each grid image correct (framed green / red)
     grid_marks: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # lines shown under the title (how it was measured)
@@ -124,8 +126,44 @@ def _smooth(values: list[float], window: int = 10) -> tuple[np.ndarray, np.ndarr
     return np.arange(window, len(values) + 1), np.convolve(values, np.ones(window) / window, mode="valid")
 
 
+def chain_rounds(rounds: list[dict]) -> dict:
+    """One history of a run trained in rounds from each round's ``history.json`` ({"history": [one row per
+    iteration], "monitor": [{"iteration", ...}]}), oldest first. Every round counts its iterations from 0,
+    so a round's rows follow the earlier rounds' and its monitor iterations are shifted by their iteration
+    count; ``"rounds": [{"round": 1, "start": 0}, {"round": 2, "start": N}, ...]`` records where each round
+    began. A later round's monitor keeps its iteration-0 point (the same policy as the previous round's
+    last one, scored again): a judge that moved between the two shows. One round: its history unchanged."""
+    if len(rounds) == 1:
+        return rounds[0]
+    history, monitor, starts = [], [], []
+    for entry in rounds:
+        start = len(history)
+        starts.append({"round": len(starts) + 1, "start": start})
+        history.extend(entry.get("history") or [])
+        monitor.extend({**point, "iteration": point["iteration"] + start} for point in entry.get("monitor") or [])
+    return {"history": history, "monitor": monitor, "rounds": starts}
+
+
+def round_starts(entry: dict) -> list[int]:
+    """The iteration at which each round of a history began: [0] for a run of one round."""
+    return [r["start"] for r in entry.get("rounds") or []] or [0]
+
+
+REFRESH_LABEL = "reward models refreshed"
+
+
+def _mark_rounds(ax, starts: list[int], color: str = "#666", label: bool = True) -> None:
+    """A dashed vertical line where each round after the first began (the reward models were retrained
+    there); with ``label``, the legend names them once."""
+    for k, start in enumerate(starts[1:]):
+        ax.axvline(start, color=color, ls="--", lw=0.9, label=REFRESH_LABEL if label and k == 0 else "_nolegend_")
+
+
 def curves_png(data: ReportData) -> bytes | None:
-    """GRPO training reward, OPD loss, and the held-out judge score of every run with a history."""
+    """GRPO training reward, OPD loss, and the held-out judge score of every run with a history. A run
+    trained in rounds (:func:`chain_rounds`) has its reward smoothed within each round, never across the
+    refresh of its reward models (a dashed line), each round at its own reward models' level
+    (:func:`reward_segments` with ``chained=False``)."""
     from matplotlib.ticker import MaxNLocator
 
     if not data.histories:
@@ -139,7 +177,10 @@ def curves_png(data: ReportData) -> bytes | None:
         color = _COLORS[i % len(_COLORS)]
         history, monitor = data.histories[model].get("history", []), data.histories[model].get("monitor", [])
         if history and "train/reward" in history[0]:  # a GRPO run
-            axes[0].plot(*_smooth([h["train/reward"] for h in history]), color=color, label=model)
+            starts = round_starts(data.histories[model])
+            for k, (x, mean) in enumerate(reward_segments(history, starts, chained=False)):
+                axes[0].plot(x, mean, color=color, label=model if k == 0 else "_nolegend_")
+            _mark_rounds(axes[0], starts, color, label=False)
         elif history and "train/loss" in history[0]:  # an OPD run
             axes[1].plot(*_smooth([h["train/loss"] for h in history]), color=color, label=model)
         if monitor:
@@ -194,11 +235,41 @@ def _align_zero(left, right) -> None:
         ax.set_ylim(-neg, pos)
 
 
+def reward_segments(history: list[dict], starts: list[int], window: int = 10,
+                    chained: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The training reward during a run, one (iteration, reward) curve per round (``starts``:
+    :func:`round_starts`). A round's reward comes from that round's reward models, whose scale differs
+    from the last round's, so each round is smoothed on its own (``window``-iteration mean, never across
+    a refresh). ``chained``: each round drawn as its change since its own first mean, shifted to begin
+    where the previous round's curve ended; else each round's means as they are. x: the iteration after
+    which each mean ends. Rounds without a reward are left out."""
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    level = 0.0
+    for start, end in zip(starts, [*starts[1:], len(history)]):
+        rewards = [row["train/reward"] for row in history[start:end] if "train/reward" in row]
+        if not rewards:
+            continue
+        x, smooth = _smooth(rewards, window)
+        if not chained:
+            out.append((x + start, smooth))
+            continue
+        change = smooth - smooth[0] + level
+        out.append((x + start, change))
+        level = float(change[-1])
+    return out
+
+
 def reward_judge_png(data: ReportData) -> bytes | None:
     """Per RL run, one panel: its training reward (10-iteration mean, change since the first such
     mean, right axis) against the held-out judge score and fidelity (change since iteration 0, left
     axis), both against iteration, zeros aligned. A reward that climbs while the judge stays flat or
-    fidelity falls is the hacking gap. None when no benched model is an RL run with a monitor."""
+    fidelity falls is the hacking gap. A run trained in rounds (:func:`chain_rounds`) shows all of
+    them: a dashed line where the reward models were refreshed, the reward's change per round, each
+    round's curve continuing from where the previous one ended (its scale is its own reward models';
+    :func:`reward_segments`), the judge and fidelity one series since iteration 0 of the first round.
+    For a family without a judge the held-out series is a reward model's score instead, and that reward
+    model is itself retrained at the refresh: across the dashed line the series compares two scorers,
+    so read its change within each round. None when no benched model is an RL run with a monitor."""
     from matplotlib.ticker import MaxNLocator
 
     runs = rl_runs(data)
@@ -211,11 +282,13 @@ def reward_judge_png(data: ReportData) -> bytes | None:
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
     for ax, model in zip(axes, runs):
         history, monitor = data.histories[model]["history"], data.histories[model]["monitor"]
-        rewards = [row["train/reward"] for row in history if "train/reward" in row]
-        x, smooth = _smooth(rewards)
+        starts = round_starts(data.histories[model])
+        segments = reward_segments(history, starts)
         right = ax.twinx()
-        right.plot(x, smooth - smooth[0], color="#4c72b0", label="training reward (right)")
-        right.set_ylabel("reward change", fontsize=8, color="#4c72b0")
+        for k, (x, change) in enumerate(segments):
+            right.plot(x, change, color="#4c72b0", label="training reward (right)" if k == 0 else "_nolegend_")
+        _mark_rounds(ax, starts)
+        right.set_ylabel("reward change" + (", per round" if len(starts) > 1 else ""), fontsize=8, color="#4c72b0")
         points = [m for m in monitor if m.get("heldout") is not None]
         its = [m["iteration"] for m in points]
         ax.plot(its, [m["heldout"] - points[0]["heldout"] for m in points], "o-", ms=3, color="#c44e52",
@@ -231,7 +304,7 @@ def reward_judge_png(data: ReportData) -> bytes | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         _align_zero(ax, right)
         judge_gain = points[-1]["heldout"] - points[0]["heldout"]
-        ax.set_title(f"{model}: reward {smooth[-1] - smooth[0]:+.3g}, judge {judge_gain:+.3f}", fontsize=9)
+        ax.set_title(f"{model}: reward {segments[-1][1][-1]:+.3g}, judge {judge_gain:+.3f}", fontsize=9)
         handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
         labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
         right.legend(handles, labels, fontsize=7, loc="upper left", framealpha=0.8)  # the top axes: drawn last

@@ -161,6 +161,65 @@ def test_reward_vs_judge_panels_from_a_real_history_shape(tmp_path):
     assert reward_judge_png(_data()) is None
 
 
+def _round(iterations, reward, judge, eval_every=10):
+    """A GRPO history.json of ``iterations`` iterations: a flat training reward at ``reward`` and the
+    judge at ``judge`` plus 0.001 per iteration, scored at 0 and every ``eval_every`` iterations."""
+    return {"history": [{"train/reward": reward, "train/loss": 0.1} for _ in range(iterations)],
+            "monitor": [{"iteration": i, "train_reward": None if i == 0 else reward, "heldout": judge + 0.001 * i,
+                         "fidelity": 0.96} for i in range(0, iterations + 1, eval_every)]}
+
+
+def test_two_rounds_chain_into_one_history_with_round_two_shifted():
+    """Round 2 counts from 0 again: its rows follow round 1's 30, its monitor iterations shift by 30, and
+    where it began is recorded. One round (or an OPD history) comes back as it was."""
+    from flowrl.report import chain_rounds, round_starts
+
+    first, second = _round(30, 6.0, 0.40), _round(20, 2.0, 0.43)
+    second["history"][0]["train/reward"] = 2.5
+    run = chain_rounds([first, second])
+    assert run["rounds"] == [{"round": 1, "start": 0}, {"round": 2, "start": 30}]
+    assert len(run["history"]) == 50 and run["history"][30]["train/reward"] == 2.5
+    assert [m["iteration"] for m in run["monitor"]] == [0, 10, 20, 30, 30, 40, 50]
+    assert run["monitor"][4] == {**second["monitor"][0], "iteration": 30}  # round 2's start, scored again
+    assert second["monitor"][0]["iteration"] == 0  # the inputs are left as they were
+    assert round_starts(run) == [0, 30]
+    opd = {"history": [{"train/loss": 1.0}], "monitor": [{"iteration": 0, "heldout": 0.4}]}
+    assert chain_rounds([first]) is first and chain_rounds([opd]) == opd and "rounds" not in opd
+    assert round_starts(first) == [0]
+
+
+def test_reward_changes_per_round_each_continuing_from_the_last():
+    """The refreshed reward models score on their own scale: round 2's curve is its own change (6 -> 2 is no
+    drop), smoothed within the round and begun where round 1's ended."""
+    from flowrl.report import reward_segments
+
+    rewards = [0.1 * i for i in range(30)] + [2.0 + 0.2 * i for i in range(20)]
+    history = [{"train/reward": r} for r in rewards]
+    (x1, y1), (x2, y2) = reward_segments(history, [0, 30], window=10)
+    np.testing.assert_array_equal(x1, np.arange(10, 31))  # the 10-iteration means of round 1 end at 10..30
+    np.testing.assert_array_equal(x2, np.arange(40, 51))  # round 2's at 30 + 10..20: none straddles the refresh
+    np.testing.assert_allclose(y1[[0, -1]], [0.0, 2.0])  # 0.1 per iteration over 20 means
+    np.testing.assert_allclose(y2[[0, -1]], [2.0, 2.0 + 0.2 * 10])  # from where round 1 ended, 0.2 per iteration
+    (x, y), = reward_segments(history[:30], [0])
+    np.testing.assert_array_equal(x, x1)
+    np.testing.assert_allclose(y, y1)
+    (a1, m1), (a2, m2) = reward_segments(history, [0, 30], window=10, chained=False)  # curves.png: the levels
+    np.testing.assert_array_equal(a2, x2)
+    np.testing.assert_allclose([m1[0], m1[-1], m2[0], m2[-1]], [0.45, 2.45, 2.9, 4.9])  # no mean mixes rounds
+
+
+def test_a_two_round_run_draws_its_reward_vs_judge_panel_and_curves(tmp_path):
+    from flowrl.report import chain_rounds, curves_png, reward_judge_png, rl_runs
+
+    run = chain_rounds([_round(30, 6.0, 0.40), _round(20, 2.0, 0.43)])
+    data = _data({"student": run, "base": _round(50, 6.0, 0.40)})
+    assert rl_runs(data) == ["base", "student"]
+    for png in (reward_judge_png(data), curves_png(data)):
+        assert png[:4] == b"\x89PNG"
+    written = {p.name for p in write_report(data, tmp_path)}
+    assert {"curves.png", "rl_curves.png"} <= written
+
+
 def test_per_category_grids_are_their_own_sections(tmp_path):
     from flowrl.report import Grid, grid_files
 

@@ -27,7 +27,10 @@ pair's difference ``a-b`` with a paired bootstrap interval),
 ``scores.parquet`` (every model's per-item scores), ``battles.parquet``, and
 the report: ``report.md``, ``report.html`` (self-contained) and its PNGs.
 Each model's training curves come from the ``history.json`` its artifact
-carries (GRPO and OPD runs). Local artifact paths under the working
+carries (GRPO and OPD runs); a second GRPO round's artifact names the first
+round's as its ``init`` input, looked up as ``<stage>/<version>`` in the
+store holding the second round, and the report shows the two rounds as one
+run (:func:`model_history`). Local artifact paths under the working
 directory are recorded relative to it.
 When a model named ``student`` is benched, the ``champion`` alias of the
 registered model ``<run.name>-student`` moves to it if its overall score
@@ -67,15 +70,16 @@ from flowrl.bench import (
     two_task_difference,
     win_rates,
 )
-from flowrl.config import ConfigError, FlowRLConfig, pillar_sources
+from flowrl.config import ConfigError, FlowRLConfig, clip_text, pillar_sources, shown_value
 from flowrl.evaluation import to_uint8
 from flowrl.models import check_policy, load_policy
 from flowrl.models.families import family_of
-from flowrl.report import Grid, ReportData, write_report
+from flowrl.report import Grid, ReportData, chain_rounds, write_report
 from flowrl.stages.common import (StageResult, commit_stage, committed_result, flat_metrics, progress_bar,
                                   relative_uri, stage_context)
 from flowrl.stages.registry import stage_sections
-from flowrl.storage import content_stamps, fetch, file_uri, read_manifest, sha256_file
+from flowrl.storage import (ArtifactError, ArtifactStore, Manifest, content_stamps, fetch, file_uri, input_identity,
+                            read_manifest, sha256_file, url_to_fs)
 from flowrl.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -165,9 +169,123 @@ def _rounded(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[st
                     for key, gain in by_key.items()} for model, by_key in table.items()}
 
 
-def _history(model_dir) -> dict | None:
-    path = model_dir / "history.json"
+HISTORY = "history.json"
+# an earlier round's history.json is read whole into memory: one larger than this is refused (a GRPO run's
+# is a few hundred bytes per iteration, so this is far above any real run's)
+MAX_HISTORY_BYTES = 64 * 2**20
+_NUMBERS = {"history": ("train/reward", "train/loss"), "monitor": ("heldout", "fidelity", "train_reward")}
+
+
+def _history(model_dir: Path) -> dict | None:
+    path = model_dir / HISTORY
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_history(data: object) -> dict:
+    """``data`` when it has the shape :func:`flowrl.stages.common.write_history` writes (an object whose
+    "history" is a list of objects and whose "monitor" is a list of objects, each with an integer
+    "iteration"; the metrics the report draws numbers or null), else ValueError saying what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{HISTORY} holds a JSON {type(data).__name__}, not an object")
+    for key, numbers in _NUMBERS.items():
+        rows = data.get(key)
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise ValueError(f'{HISTORY}: "{key}" is not a list of objects')
+        for index, row in enumerate(rows):
+            if key == "monitor" and not (isinstance(row.get("iteration"), int)
+                                         and not isinstance(row.get("iteration"), bool)):
+                raise ValueError(f'{HISTORY}: monitor point {index} has no integer "iteration"')
+            bad = [name for name in numbers if row.get(name) is not None and not _is_number(row[name])]
+            if bad:
+                raise ValueError(f'{HISTORY}: {key} entry {index}: "{bad[0]}" is not a number')
+    return data
+
+
+def _stored_history(uri: str, manifest: Manifest) -> dict | None:
+    """The ``history.json`` of the artifact at ``uri`` read on its own, not the whole checkpoint (a
+    pretrained model's weights are far larger), checked against its manifest, its size (at most
+    :data:`MAX_HISTORY_BYTES`) and its shape (:func:`_check_history`); None when it has none."""
+    meta = manifest.files.get(HISTORY)
+    if meta is None:
+        return None
+    if meta["bytes"] > MAX_HISTORY_BYTES:
+        raise ValueError(f"its {HISTORY} is {meta['bytes']} bytes, over the {MAX_HISTORY_BYTES} read")
+    fs, path = url_to_fs(file_uri(uri, HISTORY))
+    with fs.open(path, "rb") as handle:
+        blob = handle.read(MAX_HISTORY_BYTES + 1)  # no more than that, whatever the file has become
+    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise ArtifactError(f"{uri}: checksum mismatch for {HISTORY}")
+    return _check_history(json.loads(blob))
+
+
+def _store_root(uri: str) -> str:
+    """The root of the artifact store holding the artifact at ``uri`` (``<root>/<stage>/<version>``,
+    :meth:`flowrl.storage.ArtifactStore.uri`): ``uri`` less its last two parts."""
+    if "://" not in uri:
+        return str(Path(uri).resolve().parent.parent)
+    scheme, _, path = uri.partition("://")
+    parts = path.rstrip("/").split("/")
+    if len(parts) < 3:
+        raise ValueError(f"{uri} is not <store>/<stage>/<version>")
+    return f"{scheme}://{'/'.join(parts[:-2])}"
+
+
+def _first_round_uri(uri: str, manifest: Manifest, init: str) -> str:
+    """Where the first round that the artifact at ``uri`` (its ``manifest``) continues lies: its ``init``
+    input read as ``<stage>/<version>`` only (:func:`flowrl.storage.input_identity`, however the
+    pipeline spelled it) in the store that holds ``uri``, whatever other path, bucket or URL it names;
+    the stage must be the model's own. ValueError otherwise."""
+    tail = input_identity(init)
+    if not tail.startswith("artifact:"):
+        raise ValueError("not an artifact's <stage>/<version>")
+    stage, version = tail.removeprefix("artifact:").split("/")
+    if stage != manifest.stage or not re.fullmatch(r"[0-9a-f]{16}", version):
+        raise ValueError(f"not an artifact of the model's own stage {manifest.stage}")
+    return ArtifactStore(_store_root(uri)).uri(stage, version)
+
+
+def _earlier_round(uri: str) -> dict | None:
+    """The history of the first round that the artifact at ``uri`` continues when it is a second GRPO
+    round (its ``init`` input, :func:`_first_round_uri`); None when it has no init. None with a warning
+    when the init cannot be followed or read, is not a first round of the same stage, or has no
+    history: the report then shows the model's own round only, never a run with a round missing."""
+    shown = "?"
+    try:
+        manifest = read_manifest(uri)
+        init = manifest.inputs.get("init")
+        if not init:
+            return None
+        shown = shown_value(init)
+        first_uri = _first_round_uri(uri, manifest, init)
+        first = read_manifest(first_uri)
+        if first.stage != manifest.stage or first.inputs.get("round") != "1":
+            raise ValueError(f"not a first round of {manifest.stage} (stage {shown_value(first.stage)}, round "
+                             f"{shown_value(first.inputs.get('round'))})")
+        history = _stored_history(first_uri, first)
+        if history is None:
+            raise ValueError(f"it has no {HISTORY}")
+    # deliberately broad: a hostile or damaged earlier round (deep JSON: RecursionError; an fsspec
+    # backend's own errors) may only cost the report its first round, never the bench its results
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("bench: %s: its init %s cannot be shown (%s); showing the model's own training only",
+                    uri, shown, clip_text(" ".join(str(exc).split()), 300))
+        return None
+    return history
+
+
+def model_history(uri: str, model_dir: Path) -> dict | None:
+    """The training history the report shows for the model at ``uri`` (fetched to ``model_dir``): its own
+    ``history.json``, after the first round's when it is a second round's (:func:`_earlier_round`,
+    :func:`flowrl.report.chain_rounds`); None when its artifact carries no history."""
+    own = _history(model_dir)
+    if own is None:
+        return None
+    first = _earlier_round(uri)
+    return chain_rounds([own] if first is None else [first, own])
 
 
 def run_bench(
@@ -274,7 +392,7 @@ def run_bench(
             battles={arena: len(battles[arena]) for arena in ARENAS},
             t2i_grid=([bench.t2i_prompts[i] for i in t_cols], t2i_grid),
             edit_grid=([bench.edit_instructions[i] for i in e_cols], to_uint8(bench.sources[e_cols]), edit_grid),
-            histories={name: h for name, d in dirs.items() if (h := _history(d)) is not None},
+            histories={name: h for name, d in dirs.items() if (h := model_history(models[name], d)) is not None},
             # a frame marks the judge's verdict; continuous reward-model scores have no verdict to show
             grid_marks={} if production else {
                 "t2i": {n: scores[n].t2i_correct[t_cols] >= 0.5 for n in names},

@@ -125,8 +125,9 @@ def test_zero_ema_and_monitor_match_one_plain_process(zero_run, plain):
     for directory, weights in ((out, ours), (plain, theirs)):  # export_weights streams the same tensors
         streamed = load_file(directory / "export.safetensors")
         assert streamed.keys() == weights.keys() and all(torch.equal(streamed[k], v) for k, v in weights.items())
-    for key in theirs:
-        torch.testing.assert_close(ours[key], theirs[key], atol=2e-5, rtol=1e-4)
+    for key in theirs:  # sharded and whole sums round apart: up to 2.8e-5 on one weight of 6144 (Intel Xeon)
+        torch.testing.assert_close(ours[key], theirs[key], atol=5e-5, rtol=1e-4)
+        assert (ours[key] - theirs[key]).abs().mean() <= 2e-6, key  # and the bulk much closer
     scores, plain_scores = (json.loads((d / "fixed.json").read_text()) for d in (out, plain))
     for which in ("ema", "live"):
         for key, value in plain_scores[which].items():

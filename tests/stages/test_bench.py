@@ -313,6 +313,120 @@ def test_a_results_command_line_names_local_paths_relatively(tmp_path, monkeypat
                                "--results results/b.json --model t=s3://bucket/grpo/v3 /elsewhere/x")
 
 
+def _grpo_round(root: Path, version: str, history, init: str | None = None, stage: str = "grpo_t2i",
+                rnd: str | None = None, store: str = "artifacts") -> str:
+    """A committed ``stage`` artifact in ``root/store`` holding only ``history`` as its history.json;
+    ``init``: the artifact whose policy it continues (a second round's); ``rnd``: its round input."""
+    from flowrl.storage import ArtifactStore
+
+    staging = root / f"staging-{store}-{version}"
+    staging.mkdir(parents=True)
+    (staging / "history.json").write_text(json.dumps(history))
+    inputs = {"round": rnd or "1"} if init is None else {"round": rnd or "2", "init": init}
+    return ArtifactStore(str(root / store)).commit(staging, stage=stage, version=version, config_hash="x",
+                                                   inputs=inputs)
+
+
+def _round_history(iterations: int, reward: float) -> dict:
+    return {"history": [{"train/reward": reward}] * iterations,
+            "monitor": [{"iteration": 0, "heldout": 0.4}, {"iteration": iterations, "heldout": 0.5}]}
+
+
+def test_a_second_round_is_benched_after_the_first_it_continues(tmp_path, monkeypatch):
+    """The round-2 artifact's init is read as <stage>/<version> in the store holding round 2, however it
+    was recorded (relative to the working directory, or the absolute URI grpo records as given), and the
+    report gets both rounds: round 2's iterations after round 1's 3, where it began recorded."""
+    from flowrl.stages.bench import model_history
+    from flowrl.stages.common import relative_uri
+
+    monkeypatch.chdir(tmp_path)
+    first, second = _round_history(3, 1.0), _round_history(2, 5.0)
+    round1 = _grpo_round(tmp_path, "a" * 16, first)
+    assert round1.startswith("/") and not relative_uri(round1).startswith("/")
+    for version, init in (("b" * 16, relative_uri(round1)), ("c" * 16, round1)):
+        round2 = _grpo_round(tmp_path, version, second, init=init)
+        run = model_history(round2, fetch(round2))
+        assert run["rounds"] == [{"round": 1, "start": 0}, {"round": 2, "start": 3}], init
+        assert [row["train/reward"] for row in run["history"]] == [1.0, 1.0, 1.0, 5.0, 5.0]
+        assert [m["iteration"] for m in run["monitor"]] == [0, 3, 3, 5]
+    assert model_history(round1, fetch(round1)) == first  # one round: its own history.json, as it was
+
+
+def test_a_moved_store_still_finds_the_first_round(tmp_path, monkeypatch):
+    """The init recorded as an absolute path of the store's old place is re-rooted in the store holding
+    round 2, so a store moved (or copied) elsewhere still shows both rounds."""
+    from flowrl.stages.bench import model_history
+
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "old"
+    round1 = _grpo_round(old, "a" * 16, _round_history(3, 1.0))
+    round2 = _grpo_round(old, "b" * 16, _round_history(2, 5.0), init=round1)
+    (old / "artifacts").rename(tmp_path / "moved")
+    moved = str(tmp_path / "moved" / "grpo_t2i" / ("b" * 16))
+    assert not Path(round1).exists() and round2 != moved
+    assert model_history(moved, fetch(moved))["rounds"][-1] == {"round": 2, "start": 3}
+
+
+def test_an_init_that_cannot_be_followed_leaves_the_model_its_own_history(tmp_path, monkeypatch, caplog):
+    """An init outside the store (../.., an absolute path elsewhere, another store's artifact the model's
+    store lacks), missing, of another stage, not a first round, corrupt, too large, or with a history of
+    the wrong shape: the model's own round only, with a warning, never a run with a round missing and
+    never a bench that fails."""
+    import hashlib
+    import logging
+
+    import flowrl.stages.bench as bench_stage
+    from flowrl.storage import file_uri
+
+    monkeypatch.chdir(tmp_path)
+    own = _round_history(2, 5.0)
+    good = _grpo_round(tmp_path, "1" * 16, _round_history(3, 1.0))
+    corrupt = _grpo_round(tmp_path, "c" * 16, _round_history(3, 1.0))
+    Path(file_uri(corrupt, "history.json")).write_text("{}")
+    elsewhere = _grpo_round(tmp_path, "e" * 16, _round_history(3, 1.0), store="other")
+    other_stage = _grpo_round(tmp_path, "d" * 16, _round_history(3, 1.0), stage="grpo_edit")
+    second = _grpo_round(tmp_path, "2" * 16, _round_history(3, 1.0), init=good)
+    listed = _grpo_round(tmp_path, "3" * 16, [{"iteration": 0}])
+    no_iteration = _grpo_round(tmp_path, "4" * 16, {"history": [], "monitor": [{"heldout": 0.4}]})
+    bool_iteration = _grpo_round(tmp_path, "5" * 16, {"history": [], "monitor": [{"iteration": True}]})
+    deep = _grpo_round(tmp_path, "6" * 16, {"history": [], "monitor": []})
+    blob = ("[" * 100_000 + "]" * 100_000).encode()  # JSON nested past Python's recursion limit
+    Path(file_uri(deep, "history.json")).write_bytes(blob)
+    manifest_path = Path(deep) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["history.json"] = {"sha256": hashlib.sha256(blob).hexdigest(),
+                                         "bytes": len(blob)}
+    manifest_path.write_text(json.dumps(manifest))
+    big = _grpo_round(tmp_path, "7" * 16, _round_history(3, 1.0))
+    cases = [("../../x", "not an artifact's <stage>/<version>"),
+             ("/etc/passwd", "not an artifact's <stage>/<version>"),
+             (f"../../../{Path(good).name}", "not an artifact of the model's own stage"),  # stage ".."
+             (elsewhere, "no manifest.json"),  # re-rooted: this store has no such version
+             ("http://example.invalid/grpo_t2i/" + "9" * 16, "no manifest.json"),
+             (str(tmp_path / "gone"), "not an artifact's <stage>/<version>"),
+             (other_stage, "not an artifact of the model's own stage grpo_t2i"),
+             (good.replace("grpo_t2i/", "grpo_t2i.checkpoints/") + "-5", "not an artifact of the model's own stage"),
+             (second, "not a first round of grpo_t2i"),
+             (corrupt, "checksum mismatch"),
+             (listed, "holds a JSON list, not an object"),
+             (no_iteration, 'monitor point 0 has no integer "iteration"'),
+             (bool_iteration, 'monitor point 0 has no integer "iteration"'),
+             (deep, "cannot be shown"),
+             (big, "bytes, over the 100 read"),
+             ("x" * 5000 + "\n" * 50, "(5050 characters)")]  # a hostile value, cut short in the log line
+    for index, (init, why) in enumerate(cases):
+        uri = _grpo_round(tmp_path, f"{0xf000 + index:016x}", own, init=init)
+        monkeypatch.setattr(bench_stage, "MAX_HISTORY_BYTES", 100 if init == big else 64 * 2**20)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flowrl.stages.bench"):
+            assert bench_stage.model_history(uri, fetch(uri)) == own, why
+        assert why in caplog.text and "showing the model's own training only" in caplog.text, caplog.text
+        assert len(caplog.text) < 1500 and "\n" not in caplog.messages[0], caplog.text
+    monkeypatch.setattr(bench_stage, "MAX_HISTORY_BYTES", 64 * 2**20)
+    uri = _grpo_round(tmp_path, "abcdabcdabcdabcd", own, init=good)  # the same store, in reach
+    assert bench_stage.model_history(uri, fetch(uri))["rounds"][-1] == {"round": 2, "start": 3}
+
+
 def test_the_pipeline_run_carries_overall_scores_ratings_and_gains():
     from flowrl.stages.common import flat_metrics
     from tasks.bench import pipeline_headline
