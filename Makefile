@@ -182,7 +182,7 @@ results/reliability.json: venv
 # target of its study.mk, e.g. `make experiments/grpo_ablations/results/grpo_levers.json` (fidelity_probe's recipe
 # uses CAST_SET and ARTIFACT_OF of grpo_ablations' fragment).
 STUDIES := grpo_ablations opd_levers fidelity_probe t2i_reward_probe edit_reward_probe refactor_parity algorithms \
-	mixrl_vs_student
+	mixrl_vs_student reward_data_scaling
 include $(foreach s,$(STUDIES),experiments/$(s)/study.mk)
 
 # The checks of the studies' committed results (experiments/*/test_results.py; not part of `make test`).
