@@ -116,9 +116,11 @@ def commit_subset(annotations_uri: str, axis: str, fraction: float, config, root
 
 
 @torch.no_grad()
-def scorer_rows(reward_model_uri: str, annotations_uri: str, config, seed: int = 0) -> dict:
+def scorer_rows(reward_model_uri: str, annotations_uri: str, config, seed: int = 0, items: bool = False) -> dict:
     """Per scorer of SCORERS: the unseen-prompt and held-out Spearman with the mean labels, each with a 95 %
-    bootstrap interval over prompts (unseen) or groups (held out)."""
+    bootstrap interval over prompts (unseen) or groups (held out), and the reward of every unseen item (rounded to
+    1e-5 levels: the summary's intervals resample them, paired across shares). With ``items``, also each unseen
+    item's mean label and prompt (the same in every share)."""
     r = config.reward_model
     local, models = fetch(annotations_uri), fetch(reward_model_uri)
     points = pd.read_parquet(local / "pointwise.parquet")
@@ -135,6 +137,11 @@ def scorer_rows(reward_model_uri: str, annotations_uri: str, config, seed: int =
             row[name] = {"spearman": spearman(torch.from_numpy(rewards), mean_labels),
                          **bootstrap(rewards, mean_labels, unique[unit].astype(str).to_numpy(), seed),
                          "items": len(unique), "units": int(unique[unit].nunique())}
+            if name == "unseen":
+                row[name]["rewards"] = [round(float(v), 5) for v in rewards]
+                if items:
+                    row[name]["labels"] = [float(v) for v in mean_labels]
+                    row[name]["prompts"] = unique[unit].astype(str).tolist()
         out[f"{task}/{criterion}"] = row
     return out
 
@@ -169,7 +176,7 @@ def measure(args) -> dict:
         reward_model = run_reward_model(config, annotations, output_root=args.root, progress=False).uri
     stage_metrics = json.loads((fetch(reward_model) / "metrics.json").read_text())
     manifest = read_manifest(reward_model)
-    rows = scorer_rows(reward_model, annotations, config)
+    rows = scorer_rows(reward_model, annotations, config, items=axis == "whole")
     for task, criterion in SCORERS:
         stage = stage_metrics[task][f"pointwise_{criterion}"]
         row = rows[f"{task}/{criterion}"]

@@ -6,14 +6,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from experiments import provenance
-from experiments.reward_data_scaling.reward_data_scaling import SCORERS
+from experiments.reward_data_scaling.reward_data_scaling import BOOTSTRAP, SCORERS
 from flowrl.config import load_config
-from flowrl.rewards.training import is_unseen_prompt
+from flowrl.rewards.training import is_unseen_prompt, spearman
 from flowrl.shapes.splits import bench_texts, grammar
 
 AXES = ("texts", "groups")
+PER_ITEM = ("rewards", "labels", "prompts")  # kept in the points, not repeated in the summary
 
 
 def grammar_training_texts(task: str, unseen_fraction: float, seed: int) -> int:
@@ -32,12 +34,34 @@ def per_doubling(amounts: list[float], values: list[float]) -> float | None:
     return float(np.polyfit(x, np.asarray(values, float), 1)[0])
 
 
+def slope_interval(points: list[dict], whole: dict, axis: str, scorer: str, seed: int = 0) -> dict:
+    """A 95 % bootstrap interval of the unseen-prompt slope per doubling: the unseen prompts resampled with
+    replacement (each with all its items), the same draw for every share (their items are the same), the
+    Spearman of each share on the draw and the slope through them."""
+    items = whole["scorers"][scorer]["unseen"]
+    labels, prompts = np.asarray(items["labels"]), np.asarray(items["prompts"])
+    chosen = sorted((p for p in points if p["axis"] in (axis, "whole")), key=lambda p: p["fraction"])
+    task = scorer.split("/")[0]
+    kept = [p["training"][task][axis] for p in chosen]
+    rewards = [torch.tensor(p["scorers"][scorer]["unseen"]["rewards"]) for p in chosen]
+    names = np.unique(prompts)
+    members = [np.flatnonzero(prompts == n) for n in names]
+    rng = np.random.default_rng(seed)
+    slopes = []
+    for _ in range(BOOTSTRAP):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(names), len(names))])
+        slopes.append(per_doubling(kept, [spearman(r[idx], labels[idx]) for r in rewards]))
+    low, high = np.nanpercentile(slopes, [2.5, 97.5])
+    return {"ci_low": float(low), "ci_high": float(high)}
+
+
 def series(points: list[dict], axis: str, scorer: str) -> list[dict]:
     """The points of ``axis`` and the whole, by share, as one scorer's rows."""
     task = scorer.split("/")[0]
     chosen = sorted((p for p in points if p["axis"] in (axis, "whole")), key=lambda p: p["fraction"])
     return [{"fraction": p["fraction"], "texts": p["training"][task]["texts"], "groups": p["training"][task]["groups"],
-             "unseen": p["scorers"][scorer]["unseen"], "heldout": p["scorers"][scorer]["heldout"]} for p in chosen]
+             "unseen": {k: v for k, v in p["scorers"][scorer]["unseen"].items() if k not in PER_ITEM},
+             "heldout": p["scorers"][scorer]["heldout"]} for p in chosen]
 
 
 def summarize(paths: list[str], figure: str, config_path: str, argv: list[str] | None) -> dict:
@@ -60,6 +84,7 @@ def summarize(paths: list[str], figure: str, config_path: str, argv: list[str] |
             slope = per_doubling(kept, [r["unseen"]["spearman"] for r in rows])
             out["axes"][axis] = {
                 "points": rows, "unseen_per_doubling": slope,
+                "unseen_per_doubling_interval": slope_interval(points, whole, axis, name),
                 "heldout_per_doubling": per_doubling(kept, [r["heldout"]["spearman"] for r in rows]),
                 # at this slope, how many doublings of the axis would reach the target (None: it does not rise)
                 "doublings_to_target": (out["missed_by"] / slope) if slope and slope > 0 else None,

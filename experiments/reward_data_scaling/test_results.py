@@ -82,11 +82,13 @@ def test_the_summary_is_the_points(tmp_path):
 
 
 def test_the_readme_quotes_the_measured_numbers():
-    """Each scorer's whole-data Spearman and its per-doubling slope on each axis, as the README's table rounds
-    them, are the committed file's."""
+    """Each scorer's whole-data Spearman and its per-doubling slope on each axis with the slope's interval, as the
+    README's table rounds them, are the committed file's."""
     readme = (HERE / "README.md").read_text().split("## Result", 1)[1]
     for name, row in _load(RESULTS / "reward_data_scaling.json")["scorers"].items():
         line = next(line for line in readme.splitlines() if line.startswith(f"| {name} |"))
         assert f"{row['whole_unseen_spearman']:.2f}" in line, name
         for axis in AXES:
-            assert f"{row['axes'][axis]['unseen_per_doubling']:+.3f}" in line, (name, axis)
+            slope, interval = row["axes"][axis]["unseen_per_doubling"], row["axes"][axis]["unseen_per_doubling_interval"]
+            assert interval["ci_low"] <= slope <= interval["ci_high"], (name, axis)
+            assert f"{slope:+.3f} [{interval['ci_low']:+.3f}, {interval['ci_high']:+.3f}]" in line, (name, axis)
