@@ -146,18 +146,21 @@ def scorer_rows(reward_model_uri: str, annotations_uri: str, config, seed: int =
     return out
 
 
-def bootstrap(rewards: np.ndarray, labels: np.ndarray, units: np.ndarray, seed: int) -> dict:
-    """The 2.5 and 97.5 percentiles of the Spearman over resamples of the units (prompts or groups) with
-    replacement, each unit bringing all its items."""
+def percentile_interval(units: np.ndarray, statistic, seed: int) -> dict:
+    """The 2.5 and 97.5 percentiles of ``statistic(idx)`` over BOOTSTRAP resamples of the units (prompts or
+    groups) with replacement, ``idx`` holding every item of each drawn unit."""
     names = np.unique(units)
     members = [np.flatnonzero(units == n) for n in names]
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(BOOTSTRAP):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(names), len(names))])
-        values.append(spearman(torch.from_numpy(rewards[idx]), labels[idx]))
+    values = [statistic(np.concatenate([members[i] for i in rng.integers(0, len(names), len(names))]))
+              for _ in range(BOOTSTRAP)]
     low, high = np.nanpercentile(values, [2.5, 97.5])
     return {"ci_low": float(low), "ci_high": float(high)}
+
+
+def bootstrap(rewards: np.ndarray, labels: np.ndarray, units: np.ndarray, seed: int) -> dict:
+    """The Spearman's 95 % interval over resamples of the units, each bringing all its items."""
+    return percentile_interval(units, lambda idx: spearman(torch.from_numpy(rewards[idx]), labels[idx]), seed)
 
 
 def measure(args) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from experiments import provenance
-from experiments.reward_data_scaling.reward_data_scaling import BOOTSTRAP, SCORERS
+from experiments.reward_data_scaling.reward_data_scaling import SCORERS, percentile_interval
 from flowrl.config import load_config
 from flowrl.rewards.training import is_unseen_prompt, spearman
 from flowrl.shapes.splits import bench_texts, grammar
@@ -44,15 +44,8 @@ def slope_interval(points: list[dict], whole: dict, axis: str, scorer: str, seed
     task = scorer.split("/")[0]
     kept = [p["training"][task][axis] for p in chosen]
     rewards = [torch.tensor(p["scorers"][scorer]["unseen"]["rewards"]) for p in chosen]
-    names = np.unique(prompts)
-    members = [np.flatnonzero(prompts == n) for n in names]
-    rng = np.random.default_rng(seed)
-    slopes = []
-    for _ in range(BOOTSTRAP):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(names), len(names))])
-        slopes.append(per_doubling(kept, [spearman(r[idx], labels[idx]) for r in rewards]))
-    low, high = np.nanpercentile(slopes, [2.5, 97.5])
-    return {"ci_low": float(low), "ci_high": float(high)}
+    return percentile_interval(
+        prompts, lambda idx: per_doubling(kept, [spearman(r[idx], labels[idx]) for r in rewards]), seed)
 
 
 def series(points: list[dict], axis: str, scorer: str) -> list[dict]:
