@@ -48,6 +48,34 @@ def slope_interval(points: list[dict], whole: dict, axis: str, scorer: str, seed
         prompts, lambda idx: per_doubling(kept, [spearman(r[idx], labels[idx]) for r in rewards]), seed)
 
 
+def per_prompt(whole: dict, scorer: str) -> dict:
+    """Per unseen prompt of the whole data: its category, items, the Spearman within it, and the mean label and
+    mean reward (a gap between them is a calibration error across prompts, which the pooled Spearman pays for)."""
+    task = scorer.split("/")[0]
+    category_of = {text: category for category, texts in grammar(task).items() for text in texts}
+    items = whole["scorers"][scorer]["unseen"]
+    rewards, labels, prompts = (np.asarray(items[k]) for k in ("rewards", "labels", "prompts"))
+    out = {}
+    for prompt in np.unique(prompts):
+        m = prompts == prompt
+        out[str(prompt)] = {"category": category_of.get(str(prompt)), "items": int(m.sum()),
+                            "spearman": spearman(torch.from_numpy(rewards[m]), labels[m]),
+                            "mean_label": float(labels[m].mean()), "mean_reward": float(rewards[m].mean())}
+    return out
+
+
+def calibrated_per_prompt(whole: dict, scorer: str) -> float:
+    """The pooled unseen-prompt Spearman of the whole data had each prompt's rewards been shifted to its mean
+    label (a diagnostic that reads the labels: what calibration across prompts costs the pooled number)."""
+    items = whole["scorers"][scorer]["unseen"]
+    rewards, labels, prompts = (np.asarray(items[k]) for k in ("rewards", "labels", "prompts"))
+    shifted = rewards.copy()
+    for prompt in np.unique(prompts):
+        m = prompts == prompt
+        shifted[m] += labels[m].mean() - rewards[m].mean()
+    return spearman(torch.from_numpy(shifted), labels)
+
+
 def series(points: list[dict], axis: str, scorer: str) -> list[dict]:
     """The points of ``axis`` and the whole, by share, as one scorer's rows."""
     task = scorer.split("/")[0]
@@ -69,7 +97,8 @@ def summarize(paths: list[str], figure: str, config_path: str, argv: list[str] |
         name = f"{task}/{criterion}"
         row = whole["scorers"][name]
         out = {"whole_unseen_spearman": row["unseen"]["spearman"], "ceiling": row["ceiling"], "target": row["target"],
-               "missed_by": row["target"] - row["unseen"]["spearman"], "axes": {}}
+               "missed_by": row["target"] - row["unseen"]["spearman"], "unseen_prompts": per_prompt(whole, name),
+               "unseen_calibrated_per_prompt": calibrated_per_prompt(whole, name), "axes": {}}
         for axis in AXES:
             rows = series(points, axis, name)
             # per doubling of what the share kept (texts or groups: the nominal share rounds up per category or text)

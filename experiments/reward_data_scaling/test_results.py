@@ -76,6 +76,11 @@ def test_the_summary_is_the_points(tmp_path):
     again = summarize(paths, str(tmp_path / "figure.png"), str(ROOT / "configs" / "shapes.yaml"), None)
     assert again["scorers"] == committed["scorers"] and again["training_texts"] == committed["training_texts"]
     assert set(committed["scorers"]) == {f"{t}/{c}" for t, c in SCORERS}
+    for name, row in committed["scorers"].items():  # every unseen item belongs to one listed prompt
+        prompts = row["unseen_prompts"]
+        whole = _load(RESULTS / "points" / "whole.json")["scorers"][name]["unseen"]
+        assert sum(p["items"] for p in prompts.values()) == whole["items"] and len(prompts) == whole["units"], name
+        assert all(p["category"] is not None for p in prompts.values()), name
     for task, texts in committed["training_texts"].items():
         assert texts["trained_on"] == texts["grammar_allows"], task
     assert (RESULTS / "reward_data_scaling.png").stat().st_size > 10_000
