@@ -98,32 +98,26 @@ def subset_frames(points: pd.DataFrame, pairs: pd.DataFrame, axis: str, fraction
     return pd.concat(keep_points), pd.concat(keep_pairs), counts
 
 
-def commit_subset(annotations_uri: str, axis: str, fraction: float, config, root: str) -> tuple[str, dict]:
-    """A share of an annotate artifact, committed under ``root`` as an annotate artifact of its own."""
-    r = config.reward_model
-    local = fetch(annotations_uri)
-    points = pd.read_parquet(local / "pointwise.parquet")
-    pairs = pd.read_parquet(local / "pairwise.parquet")
-    sub_p, sub_q, counts = subset_frames(points, pairs, axis, fraction, r.heldout_fraction,
-                                         r.unseen_prompt_fraction, config.run.seed)
+def commit_subset(points: pd.DataFrame, pairs: pd.DataFrame, annotations_uri: str, axis: str, fraction: float,
+                  root: str) -> str:
+    """A share's rows of the annotate artifact ``annotations_uri``, committed under ``root`` as an annotate artifact
+    of its own."""
     parent = annotations_uri.rstrip("/").rsplit("/", 1)[-1]
     with tempfile.TemporaryDirectory() as tmp:
-        sub_p.to_parquet(Path(tmp) / "pointwise.parquet")
-        sub_q.to_parquet(Path(tmp) / "pairwise.parquet")
-        uri = ArtifactStore(root).commit(tmp, stage="annotate", version=f"{axis}-{fraction:g}-{parent}",
-                                         config_hash="reward_data_scaling", inputs={"annotations": annotations_uri})
-    return uri, counts
+        points.to_parquet(Path(tmp) / "pointwise.parquet")
+        pairs.to_parquet(Path(tmp) / "pairwise.parquet")
+        return ArtifactStore(root).commit(tmp, stage="annotate", version=f"{axis}-{fraction:g}-{parent}",
+                                          config_hash="reward_data_scaling", inputs={"annotations": annotations_uri})
 
 
 @torch.no_grad()
-def scorer_rows(reward_model_uri: str, annotations_uri: str, config, seed: int = 0, items: bool = False) -> dict:
+def scorer_rows(reward_model_uri: str, points: pd.DataFrame, config, seed: int = 0, items: bool = False) -> dict:
     """Per scorer of SCORERS: the unseen-prompt and held-out Spearman with the mean labels, each with a 95 %
     bootstrap interval over prompts (unseen) or groups (held out), and the reward of every unseen item (rounded to
     1e-5 levels: the summary's intervals resample them, paired across shares). With ``items``, also each unseen
-    item's mean label and prompt (the same in every share)."""
+    item's mean label and prompt (the same in every share). ``points``: the pointwise rows it trained on."""
     r = config.reward_model
-    local, models = fetch(annotations_uri), fetch(reward_model_uri)
-    points = pd.read_parquet(local / "pointwise.parquet")
+    models = fetch(reward_model_uri)
     out = {}
     for task, criterion in SCORERS:
         split = split_annotations(points[points.task == task].reset_index(drop=True), r.heldout_fraction,
@@ -168,18 +162,20 @@ def measure(args) -> dict:
     config = load_config(args.config, overrides)
     set_torch_threads(config.run.torch_threads)
     r = config.reward_model
-    if args.reward_model:  # the whole: the default run's reward models on every training row
-        axis, fraction, annotations, reward_model = "whole", 1.0, args.annotations, args.reward_model
-        local = fetch(annotations)
-        counts = subset_frames(pd.read_parquet(local / "pointwise.parquet"), pd.read_parquet(local / "pairwise.parquet"),
-                               "texts", 1.0, r.heldout_fraction, r.unseen_prompt_fraction, config.run.seed)[2]
+    local = fetch(args.annotations)
+    points, pairs = (pd.read_parquet(local / f"{kind}.parquet") for kind in ("pointwise", "pairwise"))
+    whole = args.reward_model is not None  # the default run's reward models on every training row
+    axis, fraction = ("whole", 1.0) if whole else (args.axis, args.fraction)
+    points, pairs, counts = subset_frames(points, pairs, "texts" if whole else axis, fraction, r.heldout_fraction,
+                                          r.unseen_prompt_fraction, config.run.seed)
+    if whole:
+        annotations, reward_model = args.annotations, args.reward_model
     else:
-        axis, fraction = args.axis, args.fraction
-        annotations, counts = commit_subset(args.annotations, axis, fraction, config, args.root)
+        annotations = commit_subset(points, pairs, args.annotations, axis, fraction, args.root)
         reward_model = run_reward_model(config, annotations, output_root=args.root, progress=False).uri
     stage_metrics = json.loads((fetch(reward_model) / "metrics.json").read_text())
     manifest = read_manifest(reward_model)
-    rows = scorer_rows(reward_model, annotations, config, items=axis == "whole")
+    rows = scorer_rows(reward_model, points, config, items=whole)
     for task, criterion in SCORERS:
         stage = stage_metrics[task][f"pointwise_{criterion}"]
         row = rows[f"{task}/{criterion}"]

@@ -34,12 +34,17 @@ def per_doubling(amounts: list[float], values: list[float]) -> float | None:
     return float(np.polyfit(x, np.asarray(values, float), 1)[0])
 
 
+def unseen_items(whole: dict, scorer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The whole data's unseen items for ``scorer``: (rewards, mean labels, prompts)."""
+    items = whole["scorers"][scorer]["unseen"]
+    return tuple(np.asarray(items[k]) for k in ("rewards", "labels", "prompts"))
+
+
 def slope_interval(points: list[dict], whole: dict, axis: str, scorer: str, seed: int = 0) -> dict:
     """A 95 % bootstrap interval of the unseen-prompt slope per doubling: the unseen prompts resampled with
     replacement (each with all its items), the same draw for every share (their items are the same), the
     Spearman of each share on the draw and the slope through them."""
-    items = whole["scorers"][scorer]["unseen"]
-    labels, prompts = np.asarray(items["labels"]), np.asarray(items["prompts"])
+    _, labels, prompts = unseen_items(whole, scorer)
     chosen = sorted((p for p in points if p["axis"] in (axis, "whole")), key=lambda p: p["fraction"])
     task = scorer.split("/")[0]
     kept = [p["training"][task][axis] for p in chosen]
@@ -53,8 +58,7 @@ def per_prompt(whole: dict, scorer: str) -> dict:
     mean reward (a gap between them is a calibration error across prompts, which the pooled Spearman pays for)."""
     task = scorer.split("/")[0]
     category_of = {text: category for category, texts in grammar(task).items() for text in texts}
-    items = whole["scorers"][scorer]["unseen"]
-    rewards, labels, prompts = (np.asarray(items[k]) for k in ("rewards", "labels", "prompts"))
+    rewards, labels, prompts = unseen_items(whole, scorer)
     out = {}
     for prompt in np.unique(prompts):
         m = prompts == prompt
@@ -67,8 +71,7 @@ def per_prompt(whole: dict, scorer: str) -> dict:
 def calibrated_per_prompt(whole: dict, scorer: str) -> float:
     """The pooled unseen-prompt Spearman of the whole data had each prompt's rewards been shifted to its mean
     label (a diagnostic that reads the labels: what calibration across prompts costs the pooled number)."""
-    items = whole["scorers"][scorer]["unseen"]
-    rewards, labels, prompts = (np.asarray(items[k]) for k in ("rewards", "labels", "prompts"))
+    rewards, labels, prompts = unseen_items(whole, scorer)
     shifted = rewards.copy()
     for prompt in np.unique(prompts):
         m = prompts == prompt
